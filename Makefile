@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make demo` (the local stack with a demo rollout) and
+# `make test` (lint, types, and the test suite). Both install everything into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint proto down clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/extproc demo
+
+down: $(VENV)/.installed
+	$(BIN)/extproc down
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+# Regenerate the telemetry schema code after editing proto/ (a test checks it is current).
+proto: $(VENV)/.installed
+	PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --mypy_out=. \
+		proto/extproc/telemetry/v1/event.proto
+
+clean:
+	rm -rf $(VENV) .extproc .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,407 @@
+"""The `extproc` command: a thin layer of verbs over library functions that return exit codes.
+
+Exit codes scripts can rely on: 0 success, 1 operational failure (a part did not start, Redis
+unreachable), 2 bad usage or bad input (invalid experiment file, unknown variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from extproc import stack, store
+from extproc.config import ConfigError, Experiment, load_experiment
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXAMPLE_EXPERIMENT = Path(__file__).parent / "data" / "experiment.yaml"
+
+
+def _err(msg: str) -> None:
+    print(f"extproc: {msg}", file=sys.stderr)
+
+
+def _experiment(path: str | None) -> tuple[Experiment, Path]:
+    p = Path(path) if path else EXAMPLE_EXPERIMENT
+    return load_experiment(p), p
+
+
+def _redis_url(ns: argparse.Namespace) -> str:
+    if getattr(ns, "redis_url", None):
+        return str(ns.redis_url)
+    st = stack.load_state(Path(ns.state_dir))
+    if st and st.get("endpoints", {}).get("redis"):
+        return str(st["endpoints"]["redis"])
+    return os.environ.get("REDIS_URL", store.DEFAULT_REDIS_URL)
+
+
+# --- verbs -----------------------------------------------------------------------------------
+
+
+def cmd_check(ns: argparse.Namespace) -> int:
+    exp, p = _experiment(ns.experiment)
+    print(f"{p}: ok: experiment {exp.name!r}, variants {exp.file_weights()}, stable {exp.stable!r}")
+    return EXIT_OK
+
+
+def cmd_envoy_config(ns: argparse.Namespace) -> int:
+    from extproc.envoy_config import EnvoyLayout, render
+
+    exp, _ = _experiment(ns.experiment)
+    layout = EnvoyLayout(
+        listen_host=ns.listen_host,
+        listen_port=ns.listen_port,
+        admin_port=ns.admin_port,
+        sidecar=ns.sidecar,
+    )
+    text = render(exp, layout)
+    if ns.output:
+        Path(ns.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from extproc.sidecar.server import Sidecar, SidecarSettings
+
+    exp, _ = _experiment(ns.experiment)
+    settings = SidecarSettings(listen=ns.listen, redis_url=_redis_url(ns), instance=ns.instance)
+    asyncio.run(Sidecar(exp, settings).run())
+    return EXIT_OK
+
+
+def cmd_mock_model(ns: argparse.Namespace) -> int:
+    from extproc import mockmodel
+
+    behaviour = mockmodel.behaviour_from_args(ns)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(mockmodel.serve(ns.host, ns.port, behaviour))
+    return EXIT_OK
+
+
+def cmd_up(ns: argparse.Namespace) -> int:
+    exp, p = _experiment(ns.experiment)
+    opts = stack.UpOptions(
+        experiment=exp,
+        experiment_path=p.resolve(),
+        state_dir=Path(ns.state_dir),
+        mock_models=ns.mock_models,
+        auto_ports=ns.ports == "auto",
+        ports=stack.Ports(
+            listener=ns.listen_port,
+            admin=ns.admin_port,
+            sidecar=ns.sidecar_port,
+            redis=ns.redis_port,
+        ),
+        redis_url=ns.redis_url or os.environ.get("REDIS_URL") or None,
+    )
+    state = stack.up(opts)
+    if ns.json:
+        print(json.dumps(state, indent=2))
+    else:
+        ep = state["endpoints"]
+        print(f"extproc stack is up (state in {ns.state_dir}/)")
+        print(f"  listener   {ep['listener']}   <- send OpenAI requests here")
+        print(f"  redis      {ep['redis']}")
+        print(f"  sidecar    {ep['sidecar']}")
+        for v, url in ep.get("models", {}).items():
+            print(f"  model      {url}   ({v} stand-in)")
+        print("Try:  extproc status   |   extproc down")
+    return EXIT_OK
+
+
+DEMO_MODELS = {
+    "stable": [
+        "--latency-ms",
+        "40",
+        "--latency-jitter-ms",
+        "15",
+        "--tokens-per-s",
+        "400",
+        "--completion-tokens",
+        "60",
+    ],
+    "canary": [
+        "--latency-ms",
+        "45",
+        "--latency-jitter-ms",
+        "15",
+        "--tokens-per-s",
+        "400",
+        "--completion-tokens",
+        "70",
+    ],
+}
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from extproc import demo
+
+    exp, p = _experiment(ns.experiment)
+    print("Starting the local stack: Redis, Envoy 1.40, the ext_proc sidecar, two model stand-ins")
+    opts = stack.UpOptions(
+        experiment=exp,
+        experiment_path=p.resolve(),
+        state_dir=Path(ns.state_dir),
+        mock_models=True,
+        auto_ports=ns.ports == "auto",
+        redis_url=os.environ.get("REDIS_URL") or None,
+        mock_args=DEMO_MODELS,
+    )
+    state = stack.up(opts)
+    listener = state["endpoints"]["listener"]
+    print(f"  listener {listener}   (state and logs in {ns.state_dir}/)")
+    ns.redis_url = state["endpoints"]["redis"]
+    ns.name, ns.window, ns.json = exp.name, 20_000, False
+
+    print(f"\n1. Multi-turn chats at the file's weights {exp.file_weights()}:")
+    print("   " + demo.timed_traffic(listener, ns.conversations, ns.turns))
+    cands = dict.fromkeys(exp.candidates[:1], 25.0)
+    weights = {**cands, exp.stable: 100 - sum(cands.values())}
+    print(
+        f"\n2. Ramping live: extproc experiment set-weights {exp.name} "
+        + " ".join(f"{k}={v:g}" for k, v in weights.items())
+    )
+    ns.weights = [f"{k}={v}" for k, v in weights.items()]
+    ns.reason, ns.actor = "demo ramp", "demo"
+    cmd_set_weights(ns)
+    print("   " + demo.timed_traffic(listener, ns.conversations, ns.turns))
+    print("\n3. What the sidecar recorded (extproc status):\n")
+    cmd_status(ns)
+    print(f"\nThe stack is still running: send requests to {listener}/v1/chat/completions,")
+    print("then `extproc status` to see them, and `extproc down` to stop everything.")
+    return EXIT_OK
+
+
+def cmd_down(ns: argparse.Namespace) -> int:
+    stopped = stack.down(Path(ns.state_dir))
+    print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    return EXIT_OK
+
+
+def _render_status(doc: dict[str, Any]) -> str:
+    lines = [f"experiment {doc['experiment']}  (stable: {doc.get('stable')})"]
+    routing = doc.get("routing") or {}
+    if routing:
+        w = ", ".join(f"{k} {v:g}%" for k, v in routing["weights"].items())
+        lines.append(f"weights    {w}   (version {routing['version']}: {routing['reason']})")
+    if doc.get("endpoints", {}).get("listener"):
+        lines.append(f"listener   {doc['endpoints']['listener']}")
+    head = (
+        f"{'variant':<12}{'requests':>9}{'err%':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
+        f"{'ttft p50':>10}{'tok in':>9}{'tok out':>9}"
+    )
+    lines += ["", head]
+
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    for name, v in doc["variants"].items():
+        err = "-" if v["error_rate"] is None else f"{100 * v['error_rate']:.1f}"
+        lat = v["latency_ms"]
+        lines.append(
+            f"{name:<12}{v['requests']:>9}{err:>7}{f(lat['p50']):>9}{f(lat['p95']):>9}"
+            f"{f(lat['p99']):>9}{f(v['ttft_ms']['p50']):>10}{v['prompt_tokens']:>9}"
+            f"{v['completion_tokens']:>9}"
+        )
+    lines.append(f"\n(latency, errors and tokens over the last {doc['window_events']} events)")
+    tele = doc.get("telemetry", {})
+    lines.append(
+        f"sidecars alive: {len(doc.get('sidecars', []))}, "
+        f"telemetry events dropped: {tele.get('dropped', 0)}"
+    )
+    return "\n".join(lines)
+
+
+async def _status_doc(ns: argparse.Namespace) -> dict[str, Any] | None:
+    from extproc import status
+
+    r = store.connect(_redis_url(ns))
+    try:
+        full = await status.full_status(r, ns.window)
+    finally:
+        await r.aclose()
+    names = list(full["experiments"])
+    st = stack.load_state(Path(ns.state_dir)) or {}
+    name = ns.name or st.get("experiment", {}).get("name") or (names[0] if names else None)
+    if name is None or name not in full["experiments"]:
+        return None
+    doc: dict[str, Any] = full["experiments"][name]
+    doc["endpoints"] = st.get("endpoints", {})
+    doc["sidecars"] = full["sidecars"]
+    doc["telemetry"] = full["telemetry"]
+    doc["experiments"] = names
+    return doc
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    doc = asyncio.run(_status_doc(ns))
+    if doc is None:
+        _err("no experiment found in Redis: is the stack up (`extproc up`)?")
+        return EXIT_FAIL
+    print(json.dumps(doc, indent=2) if ns.json else _render_status(doc))
+    return EXIT_OK
+
+
+def cmd_set_weights(ns: argparse.Namespace) -> int:
+    weights: dict[str, Any] = {}
+    for item in ns.weights:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            _err(f"{item!r}: expected VARIANT=PERCENT, e.g. canary=10")
+            return EXIT_USAGE
+
+    async def go() -> store.RoutingState:
+        r = store.connect(_redis_url(ns))
+        try:
+            definition = await store.get_definition(r, ns.name)
+            if definition is None:
+                raise ConfigError(ns.name, ["no such experiment in Redis"])
+            from extproc.config import parse_experiment
+
+            exp = parse_experiment(definition, f"experiment {ns.name}")
+            return await store.set_weights(r, exp, weights, reason=ns.reason, actor=ns.actor)
+        finally:
+            await r.aclose()
+
+    state = asyncio.run(go())
+    if ns.json:
+        print(json.dumps({"version": state.version, "weights": state.weights}))
+    else:
+        print(f"{ns.name}: routing version {state.version}: {state.weights}")
+    return EXIT_OK
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        default=str(stack.default_state_dir()),
+        help="folder of the local stack's state (default: $EXTPROC_STATE_DIR or .extproc)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=None,
+        help="Redis to use (default: the local stack's, else $REDIS_URL)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(
+        name: str, fn: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    exp_help = "experiment file (default: the bundled example)"
+    p = verb("up", cmd_up, "start the local stack: Redis, Envoy, the sidecar (and model stand-ins)")
+    p.add_argument("--experiment", help=exp_help)
+    p.add_argument(
+        "--mock-models",
+        action="store_true",
+        help="also start an OpenAI-compatible stand-in per variant",
+    )
+    p.add_argument(
+        "--ports",
+        choices=["default", "auto"],
+        default="default",
+        help="auto: pick free ports for everything",
+    )
+    p.add_argument("--listen-port", type=int, default=10000)
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--sidecar-port", type=int, default=50051)
+    p.add_argument("--redis-port", type=int, default=6390, help="port of the embedded Redis")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+
+    p = verb("demo", cmd_demo, "the local stack, model stand-ins and chat traffic, explained")
+    p.add_argument("--experiment", help=exp_help)
+    p.add_argument("--ports", choices=["default", "auto"], default="default")
+    p.add_argument("--conversations", type=int, default=60)
+    p.add_argument("--turns", type=int, default=5)
+    _common(p)
+
+    p = verb("down", cmd_down, "stop what `extproc up` started, and nothing else")
+    _common(p)
+
+    p = verb("status", cmd_status, "per-variant requests, latency, TTFT, errors, tokens, weights")
+    p.add_argument("name", nargs="?", help="experiment (default: the local stack's)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--window", type=int, default=20_000, help="recent events to summarise")
+    _common(p)
+
+    p = verb("serve", cmd_serve, "run the ext_proc sidecar in the foreground")
+    p.add_argument("--experiment", help=exp_help)
+    p.add_argument("--listen", default="127.0.0.1:50051", help="host:port or unix:/path")
+    p.add_argument("--instance", default="", help="replica name in Redis (default host-pid)")
+    _common(p)
+
+    p = verb("check", cmd_check, "validate an experiment file; every problem is listed")
+    p.add_argument("experiment", nargs="?", help=exp_help)
+
+    p = verb("envoy-config", cmd_envoy_config, "print the Envoy bootstrap for an experiment")
+    p.add_argument("--experiment", help=exp_help)
+    p.add_argument("--listen-host", default="0.0.0.0")
+    p.add_argument("--listen-port", type=int, default=10000)
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--sidecar", default="127.0.0.1:50051", help="host:port or unix:/path")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+
+    from extproc import mockmodel
+
+    p = verb("mock-model", cmd_mock_model, "run an OpenAI-compatible model stand-in")
+    mockmodel.add_arguments(p)
+
+    p = verb("experiment", lambda ns: EXIT_USAGE, "manage experiments")
+    esub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sw = esub.add_parser("set-weights", help="change the live weights (every replica follows)")
+    sw.set_defaults(fn=cmd_set_weights)
+    sw.add_argument("name")
+    sw.add_argument("weights", nargs="+", metavar="VARIANT=PERCENT")
+    sw.add_argument("--reason", default="set by operator")
+    sw.add_argument("--actor", default=os.environ.get("USER", "cli"))
+    sw.add_argument("--json", action="store_true")
+    _common(sw)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if ns.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    fn: Callable[[argparse.Namespace], int] = ns.fn
+    try:
+        return fn(ns)
+    except ConfigError as err:
+        _err(str(err))
+        return EXIT_USAGE
+    except stack.StackError as err:
+        _err(str(err))
+        return EXIT_FAIL
+    except (RedisError, OSError) as err:
+        _err(f"{type(err).__name__}: {err}")
+        return EXIT_FAIL

@@ -1,0 +1,246 @@
+"""The experiment file: typed, validated whole when loaded, compiled once.
+
+A bad experiment file must never reach a running sidecar half-understood, so loading reports every
+problem at once, each with its path in the file (``variants.canary.weight: must be 0..100``), and
+the sidecar keeps its last good configuration when a reload fails.
+
+Structure is checked by pydantic; rules that span fields (weights adding up to 100, the stable
+variant existing, lanes for several candidates) are checked separately on the raw data so that they
+are reported together with the structural errors instead of after them are fixed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from extproc.assignment import BUCKETS
+
+NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+HEADER_RE = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
+_WEIGHT_STEP = 100 / BUCKETS
+
+
+class ConfigError(Exception):
+    """An experiment file (or a routing change) that cannot be used; lists every problem."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VariantSpec(_Strict):
+    cluster: str = Field(min_length=1, description="Envoy cluster that serves this variant")
+    address: str | None = Field(
+        default=None, description="host:port of the model server, for generated Envoy configs"
+    )
+    weight: float = Field(ge=0, le=100, description="share of live traffic, in percent")
+    model: str | None = Field(default=None, description="model name, for reports")
+
+
+class ForcedRouting(_Strict):
+    enabled: bool = True
+    header: str = Field(default="x-experiment", pattern=HEADER_RE)
+    allow: list[str] = Field(default_factory=list, description="variants that may be forced")
+
+
+class EnvoySettings(_Strict):
+    request_timeout_s: float = Field(default=300, gt=0)
+    message_timeout_ms: int = Field(default=200, ge=1, le=10_000)
+
+
+class ExperimentSpec(_Strict):
+    name: str = Field(pattern=NAME_RE)
+    salt: str = Field(min_length=1, max_length=256)
+    strategy: Literal["canary", "ab", "shadow", "blue-green"] = "canary"
+    stable: str
+    variants: dict[str, VariantSpec] = Field(min_length=2)
+    sticky_keys: list[str] = Field(default=["x-conversation-id", "x-user-id"], min_length=1)
+    forced_routing: ForcedRouting = Field(default_factory=ForcedRouting)
+    envoy: EnvoySettings = Field(default_factory=EnvoySettings)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A validated experiment, with the variant order fixed once for bucket lanes."""
+
+    spec: ExperimentSpec
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def stable(self) -> str:
+        return self.spec.stable
+
+    @property
+    def variant_names(self) -> list[str]:
+        return list(self.spec.variants)
+
+    @property
+    def candidates(self) -> list[str]:
+        """Non-stable variants in file order: the order of their bucket lanes."""
+        return [v for v in self.spec.variants if v != self.spec.stable]
+
+    def file_weights(self) -> dict[str, float]:
+        return {name: v.weight for name, v in self.spec.variants.items()}
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.spec.model_dump(mode="json")
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _structural_problems(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        msg = e["msg"]
+        if e["type"] in ("greater_than_equal", "less_than_equal") and e["loc"][-1] == "weight":
+            msg = "must be 0..100"
+        elif e["type"] == "string_pattern_mismatch":
+            msg = f"{e['input']!r} is not a valid name (pattern {e['ctx']['pattern']})"
+        out.append(f"{_loc(e['loc'])}: {msg}")
+    return out
+
+
+def _weight_problems(weights: Mapping[str, Any], where: str) -> list[str]:
+    problems = []
+    numeric = {k: w for k, w in weights.items() if isinstance(w, int | float)}
+    for name, w in numeric.items():
+        if abs(round(w / _WEIGHT_STEP) * _WEIGHT_STEP - w) > 1e-9:
+            problems.append(f"{where}.{name}: weight {w} is finer than {_WEIGHT_STEP}%")
+    if len(numeric) == len(weights) and abs(sum(numeric.values()) - 100) > 1e-6:
+        problems.append(f"{where}: weights add up to {sum(numeric.values()):g}, must be 100")
+    return problems
+
+
+def lane_problems(stable: str, weights: Mapping[str, float], where: str) -> list[str]:
+    """Each candidate ramps inside its own lane of buckets, so it can hold at most 100/k percent.
+
+    Lanes are what make assignment monotone for every candidate at once: growing one candidate
+    never moves another candidate's conversations (see ``extproc.assignment``).
+    """
+    cands = [v for v in weights if v != stable]
+    if not cands:
+        return []
+    lane = 100 / len(cands)
+    return [
+        f"{where}.{name}: {weights[name]:g}% exceeds this candidate's lane of {lane:g}% "
+        f"({len(cands)} candidates share the non-stable buckets)"
+        for name in cands
+        if weights[name] > lane + 1e-9
+    ]
+
+
+def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
+    problems: list[str] = []
+    variants = raw.get("variants")
+    if not isinstance(variants, Mapping):
+        return problems
+    stable = raw.get("stable")
+    if isinstance(stable, str) and stable not in variants:
+        problems.append(f"stable: {stable!r} is not one of the variants {sorted(variants)}")
+    weights = {
+        n: v.get("weight") for n, v in variants.items() if isinstance(v, Mapping) and "weight" in v
+    }
+    if len(weights) == len(variants):
+        problems += _weight_problems(weights, "variants")
+        nums = {k: float(w) for k, w in weights.items() if isinstance(w, int | float)}
+        if isinstance(stable, str) and stable in variants and len(nums) == len(weights):
+            problems += lane_problems(stable, nums, "variants")
+    clusters: dict[str, str] = {}
+    for name, v in variants.items():
+        if not isinstance(v, Mapping):
+            continue
+        if not re.match(NAME_RE, str(name)):
+            problems.append(f"variants.{name}: not a valid variant name (pattern {NAME_RE})")
+        c = v.get("cluster")
+        if isinstance(c, str):
+            if c in clusters:
+                problems.append(f"variants.{name}.cluster: {c!r} is also used by {clusters[c]!r}")
+            clusters[c] = str(name)
+        addr = v.get("address")
+        if isinstance(addr, str) and not re.match(r"^[A-Za-z0-9_.-]+:\d{1,5}$", addr):
+            problems.append(f"variants.{name}.address: {addr!r} is not host:port")
+    keys = raw.get("sticky_keys")
+    if isinstance(keys, list):
+        for i, k in enumerate(keys):
+            if not isinstance(k, str) or not re.match(HEADER_RE, k):
+                problems.append(f"sticky_keys.{i}: {k!r} is not a lower-case header name")
+    forced = raw.get("forced_routing")
+    if isinstance(forced, Mapping) and isinstance(forced.get("allow"), list):
+        for i, a in enumerate(forced["allow"]):
+            if a not in variants:
+                problems.append(f"forced_routing.allow.{i}: {a!r} is not one of the variants")
+    return problems
+
+
+def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
+    """Validate a decoded experiment document; raise ConfigError listing every problem."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(source, ["(top level): must be a mapping of experiment settings"])
+    problems: list[str] = []
+    spec: ExperimentSpec | None = None
+    try:
+        spec = ExperimentSpec.model_validate(raw)
+    except ValidationError as err:
+        problems += _structural_problems(err)
+    problems += _semantic_problems(raw)
+    if problems or spec is None:
+        raise ConfigError(source, problems)
+    return Experiment(spec=spec, source=source)
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment file (YAML or JSON)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(str(p), [f"cannot read: {err.strerror}"]) from err
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(
+            str(p), [f"{where}not valid YAML ({getattr(err, 'problem', err)})"]
+        ) from err
+    return parse_experiment(raw, str(p))
+
+
+def validate_weights(experiment: Experiment, weights: Mapping[str, Any]) -> dict[str, float]:
+    """Check a routing change against the experiment; return the complete weight map."""
+    problems = []
+    unknown = sorted(set(weights) - set(experiment.variant_names))
+    if unknown:
+        problems.append(f"weights: unknown variant(s) {unknown}; valid: {experiment.variant_names}")
+    full: dict[str, float] = {}
+    for name in experiment.variant_names:
+        w = weights.get(name, 0)
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= 100:
+            problems.append(f"weights.{name}: must be 0..100")
+        else:
+            full[name] = float(w)
+    if not problems:
+        problems += _weight_problems(full, "weights")
+        problems += lane_problems(experiment.stable, full, "weights")
+    if problems:
+        raise ConfigError("routing change", problems)
+    return full

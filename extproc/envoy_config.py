@@ -1,0 +1,261 @@
+"""Generate the Envoy bootstrap for an experiment, built from Envoy's typed API messages.
+
+Building from the messages in ``xds-protos`` (rather than templating YAML) means a wrong field name
+or type fails here, in Python, before Envoy ever sees the file; tests also run
+``envoy --mode validate`` on every config generated or shipped.
+
+The request path, in filter order:
+
+1. early header mutation: drop any client-sent ``x-llm-variant`` before a route is chosen, so a
+   client can never pick its own variant, even when the sidecar is down;
+2. ext_proc ``route`` (blocking, request headers only): the sidecar sets ``x-llm-variant`` and
+   clears the route cache; on failure or timeout (``failure_mode_allow``) Envoy carries on with the
+   default route, which is the stable variant;
+3. ext_proc ``observe`` (``observability_mode``: Envoy sends and never waits): request and response
+   headers and the streamed response body, for telemetry;
+4. router: one route per variant matching ``x-llm-variant``, a default route to the stable
+   variant; each route echoes its variant on the response and strips the forcing header.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import yaml
+from envoy.config.bootstrap.v3.bootstrap_pb2 import Admin, Bootstrap
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.common.mutation_rules.v3.mutation_rules_pb2 import HeaderMutation
+from envoy.config.core.v3.address_pb2 import Address, Pipe, SocketAddress
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.config.core.v3.extension_pb2 import TypedExtensionConfig
+from envoy.config.core.v3.grpc_service_pb2 import GrpcService
+from envoy.config.core.v3.protocol_pb2 import (
+    Http1ProtocolOptions,
+    Http2ProtocolOptions,
+    KeepaliveSettings,
+)
+from envoy.config.endpoint.v3.endpoint_components_pb2 import (
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
+from envoy.config.listener.v3.listener_components_pb2 import Filter, FilterChain
+from envoy.config.listener.v3.listener_pb2 import Listener
+from envoy.config.route.v3.route_components_pb2 import (
+    HeaderMatcher,
+    Route,
+    RouteAction,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import ExternalProcessor
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.extensions.filters.http.router.v3.router_pb2 import Router
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm,
+)
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    header_mutation_pb2 as early,
+)
+from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
+from envoy.type.matcher.v3.string_pb2 import StringMatcher
+from google.protobuf import any_pb2, json_format
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+
+from extproc import headers as h
+from extproc.config import Experiment
+
+SIDECAR_CLUSTER = "extproc_sidecar"
+PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+@dataclass(frozen=True)
+class EnvoyLayout:
+    """Where things listen; the defaults are those of the local stack and docker-compose."""
+
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 10000
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9901
+    sidecar: str = "127.0.0.1:50051"  # host:port, or unix:/path
+    upstreams: dict[str, str] = field(default_factory=dict)  # variant -> host:port override
+
+
+def _any(msg: Message) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+def _ms(ms: int) -> Duration:
+    return Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def _address(target: str) -> Address:
+    if target.startswith("unix:"):
+        return Address(pipe=Pipe(path=target.removeprefix("unix:")))
+    host, _, port = target.rpartition(":")
+    return Address(socket_address=SocketAddress(address=host, port_value=int(port)))
+
+
+def _cluster(name: str, target: str, *, http2: bool, timeout_ms: int) -> Cluster:
+    is_ip_or_pipe = (
+        target.startswith("unix:") or target.rpartition(":")[0].replace(".", "").isdigit()
+    )
+    endpoint = LbEndpoint(endpoint=Endpoint(address=_address(target)))
+    opts = HttpProtocolOptions()
+    if http2:
+        opts.explicit_http_config.http2_protocol_options.CopyFrom(
+            Http2ProtocolOptions(
+                connection_keepalive=KeepaliveSettings(interval=_ms(30_000), timeout=_ms(5_000))
+            )
+        )
+    else:
+        opts.explicit_http_config.http_protocol_options.CopyFrom(Http1ProtocolOptions())
+    return Cluster(
+        name=name,
+        type=Cluster.STATIC if is_ip_or_pipe else Cluster.STRICT_DNS,
+        connect_timeout=_ms(timeout_ms),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=[endpoint])]
+        ),
+        typed_extension_protocol_options={PROTOCOL_OPTIONS: _any(opts)},
+    )
+
+
+def _ext_proc(experiment: Experiment, *, observe: bool) -> ExternalProcessor:
+    skip, send = ProcessingMode.SKIP, ProcessingMode.SEND
+    if observe:
+        mode = ProcessingMode(
+            request_header_mode=send,
+            response_header_mode=send,
+            response_body_mode=ProcessingMode.STREAMED,
+            request_trailer_mode=skip,
+            response_trailer_mode=skip,
+        )
+    else:
+        mode = ProcessingMode(
+            request_header_mode=send,
+            response_header_mode=skip,
+            request_trailer_mode=skip,
+            response_trailer_mode=skip,
+        )
+    proc = ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcService.EnvoyGrpc(cluster_name=SIDECAR_CLUSTER)),
+        failure_mode_allow=True,
+        processing_mode=mode,
+        message_timeout=_ms(experiment.spec.envoy.message_timeout_ms),
+        observability_mode=observe,
+    )
+    if observe:
+        proc.request_attributes.append("request.time")
+        proc.response_attributes.append("response.code_details")
+    return proc
+
+
+def _echo(variant: str) -> HeaderValueOption:
+    return HeaderValueOption(
+        header=HeaderValue(key=h.VARIANT, value=variant),
+        append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def _routes(experiment: Experiment) -> list[Route]:
+    timeout = Duration(seconds=int(experiment.spec.envoy.request_timeout_s))
+    strip = [experiment.spec.forced_routing.header]
+    routes = []
+    for name, v in experiment.spec.variants.items():
+        routes.append(
+            Route(
+                name=f"variant_{name}",
+                match=RouteMatch(
+                    prefix="/",
+                    headers=[HeaderMatcher(name=h.VARIANT, string_match=StringMatcher(exact=name))],
+                ),
+                route=RouteAction(cluster=v.cluster, timeout=timeout),
+                response_headers_to_add=[_echo(name)],
+                request_headers_to_remove=strip,
+            )
+        )
+    stable = experiment.spec.variants[experiment.stable]
+    routes.append(
+        Route(
+            name="fallback_stable",
+            match=RouteMatch(prefix="/"),
+            route=RouteAction(cluster=stable.cluster, timeout=timeout),
+            response_headers_to_add=[_echo(experiment.stable)],
+            request_headers_to_remove=strip,
+        )
+    )
+    return routes
+
+
+def _http_connection_manager(experiment: Experiment) -> hcm.HttpConnectionManager:
+    strip_variant = early.HeaderMutation(mutations=[HeaderMutation(remove=h.VARIANT)])
+    filters = [
+        hcm.HttpFilter(
+            name="extproc.route", typed_config=_any(_ext_proc(experiment, observe=False))
+        ),
+        hcm.HttpFilter(
+            name="extproc.observe", typed_config=_any(_ext_proc(experiment, observe=True))
+        ),
+        hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
+    ]
+    return hcm.HttpConnectionManager(
+        stat_prefix="llm",
+        codec_type=hcm.HttpConnectionManager.AUTO,
+        # Users quote the request id when they send feedback; telemetry is keyed by it.
+        always_set_request_id_in_response=True,
+        early_header_mutation_extensions=[
+            TypedExtensionConfig(name="strip-variant", typed_config=_any(strip_variant))
+        ],
+        route_config=RouteConfiguration(
+            name="llm",
+            virtual_hosts=[VirtualHost(name="llm", domains=["*"], routes=_routes(experiment))],
+        ),
+        http_filters=filters,
+    )
+
+
+def build_bootstrap(experiment: Experiment, layout: EnvoyLayout) -> Bootstrap:
+    clusters = [_cluster(SIDECAR_CLUSTER, layout.sidecar, http2=True, timeout_ms=250)]
+    for name, v in experiment.spec.variants.items():
+        target = layout.upstreams.get(name) or v.address
+        if target is None:
+            raise ValueError(f"variant {name!r} has no address; pass one in the layout")
+        clusters.append(_cluster(v.cluster, target, http2=False, timeout_ms=2_000))
+    listener = Listener(
+        name="llm",
+        address=_address(f"{layout.listen_host}:{layout.listen_port}"),
+        filter_chains=[
+            FilterChain(
+                filters=[
+                    Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=_any(_http_connection_manager(experiment)),
+                    )
+                ]
+            )
+        ],
+    )
+    return Bootstrap(
+        admin=Admin(address=_address(f"{layout.admin_host}:{layout.admin_port}")),
+        static_resources=Bootstrap.StaticResources(listeners=[listener], clusters=clusters),
+    )
+
+
+def to_yaml(bootstrap: Bootstrap, header: str = "") -> str:
+    doc = json.loads(json_format.MessageToJson(bootstrap, preserving_proto_field_name=True))
+    return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+
+
+def render(experiment: Experiment, layout: EnvoyLayout) -> str:
+    head = (
+        f"# Generated by `extproc envoy-config` for experiment {experiment.name!r}.\n"
+        "# Edit the experiment file and regenerate rather than editing this file.\n"
+    )
+    return to_yaml(build_bootstrap(experiment, layout), head)

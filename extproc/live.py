@@ -1,0 +1,119 @@
+"""Follow the live routing of an experiment in Redis, keeping the last good one when Redis is away.
+
+Every replica applies a change within a second: a pub/sub notice wakes the follower at once, and a
+short poll of the routing key catches anything a dropped subscription missed. A change that fails
+validation (unknown variant, weights not adding up) is logged and ignored: traffic keeps the last
+good routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from extproc import keys, store
+from extproc.assignment import BucketTable, compile_table
+from extproc.config import ConfigError, Experiment, validate_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """An immutable routing snapshot; replaced whole, so readers never see half a change."""
+
+    experiment: Experiment
+    version: int
+    weights: dict[str, float]
+    table: BucketTable
+
+    @classmethod
+    def build(cls, experiment: Experiment, version: int, weights: dict[str, float]) -> Routing:
+        table = compile_table(experiment.variant_names, experiment.stable, weights)
+        return cls(experiment=experiment, version=version, weights=weights, table=table)
+
+
+class LiveRouting:
+    """Holds the current Routing and keeps it in step with Redis."""
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        redis: aioredis.Redis,
+        *,
+        poll_interval_s: float = 0.5,
+        on_change: Callable[[Routing], None] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.poll_interval_s = poll_interval_s
+        self.on_change = on_change
+        self.current = Routing.build(experiment, 0, experiment.file_weights())
+        self.redis_ok = False
+        self.registered = False
+
+    @property
+    def experiment(self) -> Experiment:
+        return self.current.experiment
+
+    def _apply(self, state: store.RoutingState) -> None:
+        if state.version == self.current.version:
+            return
+        try:
+            weights = validate_weights(self.experiment, state.weights)
+        except ConfigError as err:
+            log.error("ignoring routing version %d: %s", state.version, err)
+            return
+        self.current = Routing.build(self.experiment, state.version, weights)
+        log.info("routing version %d: %s", state.version, weights)
+        if self.on_change is not None:
+            self.on_change(self.current)
+
+    async def refresh(self) -> None:
+        """One round trip: register if needed, then read and apply the routing key."""
+        if not self.registered:
+            state = await store.register_experiment(self.redis, self.experiment)
+            self.registered = True
+        else:
+            got = await store.get_routing(self.redis, self.experiment.name)
+            if got is None:  # Redis lost its data (restart without persistence)
+                self.registered = False
+                state = await store.register_experiment(self.redis, self.experiment)
+                self.registered = True
+            else:
+                state = got
+        self._apply(state)
+
+    async def run(self) -> None:
+        """Follow changes until cancelled; never raises on Redis trouble."""
+        backoff = 0.1
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.changes(self.experiment.name))
+                while True:
+                    await self.refresh()
+                    if not self.redis_ok:
+                        log.info("redis reachable; routing version %d", self.current.version)
+                    self.redis_ok = True
+                    backoff = 0.1
+                    await pubsub.get_message(timeout=self.poll_interval_s)
+            except (RedisError, OSError) as err:
+                if self.redis_ok:
+                    log.warning(
+                        "redis unreachable, keeping routing version %d: %s",
+                        self.current.version,
+                        err,
+                    )
+                self.redis_ok = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+            finally:
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except (RedisError, OSError):
+                    log.debug("pubsub close failed", exc_info=True)

