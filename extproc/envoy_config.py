@@ -49,6 +49,7 @@ from envoy.config.route.v3.route_components_pb2 import (
     RouteAction,
     RouteMatch,
     VirtualHost,
+    WeightedCluster,
 )
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import ExternalProcessor
@@ -65,6 +66,7 @@ from envoy.type.matcher.v3.string_pb2 import StringMatcher
 from google.protobuf import any_pb2, json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
+from google.protobuf.wrappers_pb2 import UInt32Value
 
 from extproc import headers as h
 from extproc.config import Experiment
@@ -246,6 +248,37 @@ def build_bootstrap(experiment: Experiment, layout: EnvoyLayout) -> Bootstrap:
         admin=Admin(address=_address(f"{layout.admin_host}:{layout.admin_port}")),
         static_resources=Bootstrap.StaticResources(listeners=[listener], clusters=clusters),
     )
+
+
+def build_baseline(experiment: Experiment, layout: EnvoyLayout) -> Bootstrap:
+    """Bare Envoy weighted routing at the file's weights: no sidecar, no telemetry.
+
+    The reference point for benchmarks: what routing costs when Envoy alone splits traffic.
+    """
+    boot = build_bootstrap(experiment, layout)
+    boot.static_resources.clusters.pop(0)  # the sidecar cluster
+    hcm_msg = hcm.HttpConnectionManager()
+    boot.static_resources.listeners[0].filter_chains[0].filters[0].typed_config.Unpack(hcm_msg)
+    weighted = RouteAction(
+        weighted_clusters=WeightedCluster(
+            clusters=[
+                WeightedCluster.ClusterWeight(
+                    name=v.cluster, weight=UInt32Value(value=int(v.weight))
+                )
+                for v in experiment.spec.variants.values()
+                if v.weight > 0
+            ]
+        )
+    )
+    vhost = hcm_msg.route_config.virtual_hosts[0]
+    del vhost.routes[:]
+    vhost.routes.append(Route(name="weighted", match=RouteMatch(prefix="/"), route=weighted))
+    del hcm_msg.http_filters[:-1]  # the router only
+    hcm_msg.ClearField("early_header_mutation_extensions")
+    boot.static_resources.listeners[0].filter_chains[0].filters[0].typed_config.CopyFrom(
+        _any(hcm_msg)
+    )
+    return boot
 
 
 def to_yaml(bootstrap: Bootstrap, header: str = "") -> str:

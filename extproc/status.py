@@ -8,8 +8,8 @@ figures describe current behaviour rather than the whole history.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
