@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from extproc import keys
-from extproc.telemetry.v1.event_pb2 import Assignment, TelemetryEvent
+from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 from tests.conftest import LiveStack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -147,3 +147,29 @@ def test_openai_client_gets_completions_with_the_variant_header(live_stack: Live
     assert text
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_upstream_5xx_is_recorded_against_the_variant_that_failed(
+    live_stack: LiveStack, http: httpx.Client
+) -> None:
+    canary_model = live_stack.state["endpoints"]["models"]["canary"]
+    http.post(f"{canary_model}/admin/behaviour", json={"error_rate": 1.0}).raise_for_status()
+    try:
+        r = live_stack.chat(http, {"x-experiment": "canary"})
+        ok = live_stack.chat(http, {"x-experiment": "stable"})
+    finally:
+        http.post(f"{canary_model}/admin/behaviour", json={"error_rate": 0.0}).raise_for_status()
+    assert r.status_code == 500
+    assert ok.status_code == 200
+    rid, ok_rid = r.headers["x-request-id"], ok.headers["x-request-id"]
+    got = wait_for(
+        lambda: (
+            (evs := {e.request_id: e for e in events(live_stack)}).get(rid)
+            and evs.get(ok_rid)
+            and evs
+        ),
+        "both events",
+    )
+    assert (got[rid].variant, got[rid].status) == ("canary", 500)
+    assert got[rid].error == ErrorClass.ERROR_CLASS_UPSTREAM_5XX
+    assert got[ok_rid].error == ErrorClass.ERROR_CLASS_NONE
