@@ -146,12 +146,7 @@ class MockBehaviour:
     @property
     def fast(self) -> bool:
         """True when no request can ever sleep: what benchmarks of the proxy path want."""
-        return (
-            self.latency_ms == 0
-            and self.tail_ms == 0
-            and self.ttft_ms == 0
-            and (self.tokens_per_s == 0)
-        )
+        return self.tokens_per_s == 0 and all(getattr(self, f) == 0 for f in _DELAY_FIELDS)
 
     def updated(self, changes: Mapping[str, object]) -> MockBehaviour:
         """Apply a partial update from the admin endpoint, refusing unknown fields so a typo in a
@@ -220,8 +215,7 @@ def behaviour_from_args(ns: argparse.Namespace) -> MockBehaviour:
     """Build the behaviour from parsed flags; raises ValueError on invalid combinations."""
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(MockBehaviour)}
     if getattr(ns, "fast", False):
-        values.update(latency_ms=0.0, latency_jitter_ms=0.0, tail_ms=0.0, ttft_ms=0.0)
-        values.update(tokens_per_s=0.0)
+        values.update(dict.fromkeys(_DELAY_FIELDS, 0.0), tokens_per_s=0.0)
     return MockBehaviour(**values)
 
 
@@ -328,7 +322,7 @@ def _parse_request(body: object) -> _ChatRequest:
 
 
 def _answer_tokens(prompt_text: str, words: int, json_mode: bool) -> list[str]:
-    """Deterministic in the prompt so that identical variants give identical answers."""
+    """Words deterministic in the prompt, so that variants answer one prompt with the same words."""
     start = zlib.crc32(prompt_text.encode("utf-8", "surrogatepass"))
     n = len(_VOCAB)
     tokens = [(" " if i else "") + _VOCAB[(start + i) % n] for i in range(words)]

@@ -206,7 +206,7 @@ class ResponseInspector:
             self._bom_checked = True
             if buf.startswith(_BOM):
                 pos = len(_BOM)
-        search = pos
+        search = max(pos, self._scanned)
         size = len(buf)
         while (match := _EOL.search(buf, search)) is not None:
             end = match.start()
@@ -353,7 +353,8 @@ class ResponseInspector:
         body = self._body
         if not body:
             return  # empty, or over MAX_JSON_BYTES: unknown, not malformed
-        raw = body[0] if len(body) == 1 else b"".join(body)
+        # bytes() of a bytes object is that object: no copy, but a safe type for json.loads.
+        raw = bytes(body[0]) if len(body) == 1 else b"".join(body)
         if not self._json and _OBJECT_START.match(raw) is None:
             return  # a text/plain error page from a proxy is not ours to judge
         try:
