@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,60 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     exp, _ = _experiment(ns.experiment)
     settings = SidecarSettings(listen=ns.listen, redis_url=_redis_url(ns), instance=ns.instance)
     asyncio.run(Sidecar(exp, settings).run())
+    return EXIT_OK
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from extproc.evaluator.service import serve
+
+    exp, _ = _experiment(ns.experiment)
+    asyncio.run(serve(exp, _redis_url(ns), ns.instance))
+    return EXIT_OK
+
+
+def cmd_command(ns: argparse.Namespace) -> int:
+    """pause | resume | promote | rollback | abort: record intent; the evaluator acts on it."""
+    from extproc.evaluator.rollout import send_command
+
+    async def go() -> str:
+        r = store.connect(_redis_url(ns))
+        try:
+            if await store.get_definition(r, ns.name) is None:
+                raise ConfigError(ns.name, ["no such experiment in Redis (see `extproc status`)"])
+            return await send_command(r, ns.name, ns.action, ns.actor, ns.reason)
+        finally:
+            await r.aclose()
+
+    entry = asyncio.run(go())
+    if ns.json:
+        print(json.dumps({"experiment": ns.name, "command": ns.action, "id": entry}))
+    else:
+        print(
+            f"{ns.name}: {ns.action} recorded ({entry}); the evaluator applies it on its next tick"
+        )
+    return EXIT_OK
+
+
+def cmd_log(ns: argparse.Namespace) -> int:
+    from extproc.evaluator.rollout import read_audit
+
+    async def go() -> list[dict[str, Any]]:
+        r = store.connect(_redis_url(ns))
+        try:
+            return await read_audit(r, ns.name, ns.count)
+        finally:
+            await r.aclose()
+
+    records = asyncio.run(go())
+    if ns.json:
+        print(json.dumps(records, indent=2))
+        return EXIT_OK
+    for rec in records:
+        when = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
+        w = ", ".join(f"{k} {v:g}%" for k, v in (rec.get("weights") or {}).items())
+        print(f"{when}  {rec['action']:<9} stage {rec['stage'] + 1}  [{w}]  by {rec['actor']}")
+        for reason in rec.get("reasons", []):
+            print(f"          {reason}")
     return EXIT_OK
 
 
@@ -201,6 +256,12 @@ def _render_status(doc: dict[str, Any]) -> str:
         f"{'variant':<12}{'requests':>9}{'err%':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
         f"{'ttft p50':>10}{'tok in':>9}{'tok out':>9}"
     )
+    ro = doc.get("rollout")
+    if ro:
+        lines.append(
+            f"rollout    {ro['status']}, stage {ro['stage'] + 1} ({ro['strategy']}); "
+            f"last: {ro['last_action'] or '-'} {'; '.join(ro['last_reasons'])}"
+        )
     lines += ["", head]
 
     def f(x: float | None) -> str:
@@ -241,6 +302,16 @@ async def _status_doc(ns: argparse.Namespace) -> dict[str, Any] | None:
     doc["sidecars"] = full["sidecars"]
     doc["telemetry"] = full["telemetry"]
     doc["experiments"] = names
+    from extproc.evaluator.rollout import load_state, read_audit
+
+    r = store.connect(_redis_url(ns))
+    try:
+        state = await load_state(r, name)
+        doc["rollout"] = None if state is None else json.loads(state.to_json())
+        doc["audit"] = await read_audit(r, name, 5)
+        doc["evaluators"] = await status.evaluators(r)
+    finally:
+        await r.aclose()
     return doc
 
 
@@ -383,6 +454,31 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--actor", default=os.environ.get("USER", "cli"))
     sw.add_argument("--json", action="store_true")
     _common(sw)
+    for action, text in (
+        ("pause", "hold the current stage (weights stay)"),
+        ("resume", "continue a paused rollout"),
+        ("promote", "move to the next stage now"),
+        ("rollback", "send all traffic to the stable variant"),
+        ("abort", "end the experiment on the stable variant"),
+    ):
+        ap = esub.add_parser(action, help=text, description=text)
+        ap.set_defaults(fn=cmd_command)
+        ap.add_argument("name")
+        ap.add_argument("--reason", default="")
+        ap.add_argument("--actor", default=os.environ.get("USER", "cli"))
+        ap.add_argument("--json", action="store_true")
+        _common(ap)
+
+    p = verb("evaluate", cmd_evaluate, "run the evaluator (one active per experiment)")
+    p.add_argument("--experiment", help=exp_help)
+    p.add_argument("--instance", default="", help="evaluator name (default host-pid)")
+    _common(p)
+
+    p = verb("log", cmd_log, "the audit log: decisions, their reasons, operator actions")
+    p.add_argument("name")
+    p.add_argument("--count", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    _common(p)
     return parser
 
 

@@ -61,6 +61,54 @@ class EnvoySettings(_Strict):
     message_timeout_ms: int = Field(default=200, ge=1, le=10_000)
 
 
+Metric = Literal[
+    "latency_p99",
+    "latency_p95",
+    "latency_p50",
+    "ttft_p95",
+    "ttft_p50",
+    "error_rate",
+    "completion_tokens",
+    "response_bytes",
+]
+Action = Literal["rollback", "hold", "warn"]
+
+
+class Guardrail(_Strict):
+    """A one-sided check for harm: the candidate worse than stable by more than a margin."""
+
+    metric: Metric
+    max_increase: float = Field(gt=0, description="relative margin, 0.2 = +20%")
+    max_absolute: float | None = Field(
+        default=None, gt=0, le=1, description="error_rate only: an absolute ceiling"
+    )
+    action: Action = "rollback"
+    min_samples: int = Field(default=100, ge=1, description="candidate samples before judging")
+
+
+DEFAULT_GUARDRAILS = [
+    Guardrail(metric="latency_p99", max_increase=0.20, action="rollback"),
+    Guardrail(metric="error_rate", max_increase=0.50, max_absolute=0.02, action="rollback"),
+    Guardrail(metric="ttft_p95", max_increase=0.20, action="rollback"),
+    Guardrail(metric="completion_tokens", max_increase=0.50, action="warn"),
+    Guardrail(metric="response_bytes", max_increase=0.30, action="warn"),
+]
+
+
+class Rollout(_Strict):
+    """How the evaluator walks the stages; every number here is per stage."""
+
+    stages: list[float] = Field(default=[2, 5, 10, 25, 50, 100], min_length=1)
+    min_stage_seconds: float = Field(default=300, ge=0)
+    min_stage_samples: int = Field(default=200, ge=0, description="candidate requests")
+    auto_advance: bool = True
+    cadence_s: float = Field(default=5, gt=0, le=300)
+    alpha: float = Field(
+        default=0.05, gt=0, lt=0.5, description="per experiment, split over stages"
+    )
+    webhook: str | None = Field(default=None, description="JSON POST on every decision")
+
+
 class ExperimentSpec(_Strict):
     name: str = Field(pattern=NAME_RE)
     salt: str = Field(min_length=1, max_length=256)
@@ -70,6 +118,8 @@ class ExperimentSpec(_Strict):
     sticky_keys: list[str] = Field(default=["x-conversation-id", "x-user-id"], min_length=1)
     forced_routing: ForcedRouting = Field(default_factory=ForcedRouting)
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
+    rollout: Rollout = Field(default_factory=Rollout)
+    guardrails: list[Guardrail] = Field(default_factory=lambda: list(DEFAULT_GUARDRAILS))
 
 
 @dataclass(frozen=True)
@@ -183,6 +233,30 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
         for i, k in enumerate(keys):
             if not isinstance(k, str) or not re.match(HEADER_RE, k):
                 problems.append(f"sticky_keys.{i}: {k!r} is not a lower-case header name")
+    rollout = raw.get("rollout")
+    if isinstance(rollout, Mapping) and isinstance(rollout.get("stages"), list):
+        stages = rollout["stages"]
+        shares = [s for s in stages if isinstance(s, int | float) and not isinstance(s, bool)]
+        for i, s in enumerate(stages):
+            if s not in shares or not 0 <= s <= 100:
+                problems.append(f"rollout.stages.{i}: must be a percentage 0..100")
+        if len(shares) == len(stages) and shares != sorted(shares):
+            problems.append("rollout.stages: must increase (a ramp, e.g. [2, 5, 10, 25, 50, 100])")
+        cands = [v for v in variants if v != raw.get("stable")]
+        if cands and any(s > 100 / len(cands) + 1e-9 for s in shares):
+            problems.append(
+                f"rollout.stages: with {len(cands)} candidates each stage is at most "
+                f"{100 / len(cands):g}% (the candidates' lanes)"
+            )
+    guards = raw.get("guardrails")
+    if isinstance(guards, list):
+        for i, g in enumerate(guards):
+            if (
+                isinstance(g, Mapping)
+                and g.get("max_absolute") is not None
+                and g.get("metric") != "error_rate"
+            ):
+                problems.append(f"guardrails.{i}.max_absolute: only for metric error_rate")
     forced = raw.get("forced_routing")
     if isinstance(forced, Mapping) and isinstance(forced.get("allow"), list):
         for i, a in enumerate(forced["allow"]):

@@ -15,7 +15,12 @@ key                             type    content
 ``extproc:{E}:changes``         pubsub  a message per routing change (the new version)
 ``extproc:{E}:events``          stream  an event per request (field ``e``: protobuf)
 ``extproc:{E}:counts``          hash    total requests per variant (exact, never trimmed)
+``extproc:{E}:rollout``         string  the evaluator's rollout state (JSON: stage, status)
+``extproc:{E}:audit``           stream  every decision and operator action (field ``j``: JSON)
+``extproc:{E}:commands``        stream  operator intents (pause, promote, ...) for the evaluator
+``extproc:{E}:lease``           string  the active evaluator's id, with a TTL
 ``extproc:sidecar:<instance>``  hash    a sidecar replica's counters, with a TTL (liveness)
+``extproc:evaluator:<id>``      hash    an evaluator's health, with a TTL
 ==============================  ======  ==================================================
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 PREFIX = "extproc"
 EXPERIMENTS = f"{PREFIX}:experiments"
 SIDECAR_PATTERN = f"{PREFIX}:sidecar:*"
+EVALUATOR_PATTERN = f"{PREFIX}:evaluator:*"
 EVENT_FIELD = b"e"
 
 
@@ -53,3 +59,23 @@ def counts(experiment: str) -> str:
 
 def sidecar(instance: str) -> str:
     return f"{PREFIX}:sidecar:{instance}"
+
+
+def rollout(experiment: str) -> str:
+    return _tagged(experiment, "rollout")
+
+
+def audit(experiment: str) -> str:
+    return _tagged(experiment, "audit")
+
+
+def commands(experiment: str) -> str:
+    return _tagged(experiment, "commands")
+
+
+def lease(experiment: str) -> str:
+    return _tagged(experiment, "lease")
+
+
+def evaluator(instance: str) -> str:
+    return f"{PREFIX}:evaluator:{instance}"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from extproc import keys
 from extproc.config import Experiment
 from extproc.envoy_config import EnvoyLayout, render
 
@@ -171,6 +172,20 @@ def redis_ok(url: str) -> Callable[[], bool]:
             client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
             with contextlib.closing(client):
                 return bool(client.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    return check
+
+
+def redis_has(url: str, key: str) -> Callable[[], bool]:
+    import redis
+
+    def check() -> bool:
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            with contextlib.closing(client):
+                return bool(client.exists(key))
         except (redis.RedisError, OSError):
             return False
 
@@ -366,6 +381,10 @@ def up(opts: UpOptions) -> dict[str, Any]:
             alive=lambda: stack.check_running("sidecar"),
         )
         ep["sidecar"] = sidecar
+        stack.spawn(
+            "evaluator",
+            [*py, "evaluate", "--experiment", str(opts.experiment_path), "--redis-url", redis_url],
+        )
 
         layout = EnvoyLayout(
             listen_host="127.0.0.1",
@@ -387,6 +406,11 @@ def up(opts: UpOptions) -> dict[str, Any]:
         )
         ep["listener"] = f"http://127.0.0.1:{ports.listener}"
         ep["envoy_admin"] = f"http://127.0.0.1:{ports.admin}"
+        wait_until(
+            redis_has(redis_url, keys.rollout(opts.experiment.name)),
+            "evaluator",
+            alive=lambda: stack.check_running("evaluator"),
+        )
         stack.save()
     except BaseException:
         stack.save()

@@ -142,6 +142,17 @@ async def sidecars(r: aioredis.Redis) -> list[dict[str, Any]]:
     return sorted(out, key=lambda d: str(d["instance"]))
 
 
+async def evaluators(r: aioredis.Redis) -> list[dict[str, Any]]:
+    out = []
+    async for key in r.scan_iter(match=keys.EVALUATOR_PATTERN, count=100):
+        raw = await r.hgetall(key)
+        doc: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
+        doc["instance"] = _text(key).rsplit(":", 1)[-1]
+        doc["active"] = doc.get("active") == "1"
+        out.append(doc)
+    return sorted(out, key=lambda d: str(d["instance"]))
+
+
 async def full_status(r: aioredis.Redis, window: int = DEFAULT_WINDOW) -> dict[str, Any]:
     names = sorted(_text(n) for n in await r.smembers(keys.EXPERIMENTS))
     reps = await sidecars(r)

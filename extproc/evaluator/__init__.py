@@ -1,0 +1,1 @@
+"""The evaluator: per-stage statistics, guardrails, rollout stages and automatic rollback."""

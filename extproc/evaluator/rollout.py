@@ -1,0 +1,93 @@
+"""Rollout state, operator intents and the audit log, as stored in Redis.
+
+Operators (CLI, dashboard) never change weights behind the evaluator's back: they append an
+intent to the experiment's command stream, and the active evaluator applies it on its next tick
+and records it in the audit log, so there is one writer of rollout decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+
+from extproc import keys
+from extproc.config import ExperimentSpec
+
+Status = Literal["running", "paused", "rolled_back", "completed", "aborted"]
+COMMANDS = ("pause", "resume", "promote", "rollback", "abort")
+AUDIT_FIELD = "j"
+
+
+@dataclass
+class RolloutState:
+    status: Status
+    stage: int
+    stage_started: float
+    strategy: str
+    commands_seen: str = "0-0"
+    last_action: str = ""
+    last_reasons: list[str] = field(default_factory=list)
+    updated: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> RolloutState:
+        return cls(**json.loads(raw))
+
+
+def stage_weights(spec: ExperimentSpec, stage: int) -> dict[str, float]:
+    """The split at a stage: every candidate at the stage's share (within its lane)."""
+    if spec.strategy != "canary":
+        return {n: v.weight for n, v in spec.variants.items()}
+    share = spec.rollout.stages[stage]
+    cands = [v for v in spec.variants if v != spec.stable]
+    weights = dict.fromkeys(cands, share)
+    weights[spec.stable] = round(100 - share * len(cands), 2)
+    return weights
+
+
+def rollback_weights(spec: ExperimentSpec) -> dict[str, float]:
+    return {v: (100.0 if v == spec.stable else 0.0) for v in spec.variants}
+
+
+async def load_state(r: aioredis.Redis, name: str) -> RolloutState | None:
+    raw = await r.get(keys.rollout(name))
+    return None if raw is None else RolloutState.from_json(raw)
+
+
+async def send_command(r: aioredis.Redis, name: str, command: str, actor: str, reason: str) -> str:
+    """Record an operator's intent; the active evaluator applies it within one tick."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}; one of {COMMANDS}")
+    entry_id = await r.xadd(
+        keys.commands(name),
+        {"command": command, "actor": actor, "reason": reason, "time": str(time.time())},
+        maxlen=10_000,
+        approximate=True,
+    )
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+async def append_audit(r: aioredis.Redis, name: str, record: dict[str, Any]) -> None:
+    await r.xadd(
+        keys.audit(name), {AUDIT_FIELD: json.dumps(record)}, maxlen=100_000, approximate=True
+    )
+
+
+async def read_audit(r: aioredis.Redis, name: str, count: int = 100) -> list[dict[str, Any]]:
+    """The newest ``count`` audit records, oldest first."""
+    entries = await r.xrevrange(keys.audit(name), count=count) or []
+    out = []
+    for entry_id, fields in reversed(entries):
+        raw = (fields or {}).get(AUDIT_FIELD.encode())
+        if isinstance(raw, bytes):
+            rec: dict[str, Any] = json.loads(raw)
+            rec["id"] = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            out.append(rec)
+    return out

@@ -1,0 +1,112 @@
+"""Per-variant samples of the current rollout stage, built incrementally from telemetry events.
+
+The evaluator compares variants within one stage only: a stage has one constant split, which the
+sequential tests assume (see docs/STATISTICS.md, "ramp stages"). Forced requests (testers) and
+shadow copies are left out of the comparison; they are counted separately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
+
+SERVER_ERRORS = frozenset(
+    {
+        ErrorClass.ERROR_CLASS_UPSTREAM_5XX,
+        ErrorClass.ERROR_CLASS_TIMEOUT,
+        ErrorClass.ERROR_CLASS_RESET,
+    }
+)
+
+
+@dataclass
+class VariantWindow:
+    """Raw samples of one variant in the stage; arrays are built on demand for the tests."""
+
+    requests: int = 0
+    errors: int = 0
+    latency_ms: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    completion_tokens: list[float] = field(default_factory=list)
+    response_bytes: list[float] = field(default_factory=list)
+    keys: set[str] = field(default_factory=set)
+    unkeyed: int = 0
+
+    def add(self, ev: TelemetryEvent) -> None:
+        self.requests += 1
+        if ev.error in SERVER_ERRORS:
+            self.errors += 1
+        elif ev.error == ErrorClass.ERROR_CLASS_NONE:
+            if ev.HasField("duration_ms"):
+                self.latency_ms.append(ev.duration_ms)
+            if ev.HasField("first_token_ms"):
+                self.ttft_ms.append(ev.first_token_ms)
+            if ev.HasField("completion_tokens"):
+                self.completion_tokens.append(float(ev.completion_tokens))
+            self.response_bytes.append(float(ev.response_bytes))
+        if ev.key_hash:
+            self.keys.add(ev.key_hash)
+        else:
+            self.unkeyed += 1
+
+    @property
+    def assignment_units(self) -> int:
+        """Conversations (distinct sticky keys) plus unkeyed requests: what assignment splits."""
+        return len(self.keys) + self.unkeyed
+
+    def samples(self, metric: str) -> NDArray[np.float64]:
+        source = {
+            "latency": self.latency_ms,
+            "ttft": self.ttft_ms,
+            "completion_tokens": self.completion_tokens,
+            "response_bytes": self.response_bytes,
+        }[metric]
+        return np.asarray(source, dtype=np.float64)
+
+    def summary(self) -> dict[str, float | int | None]:
+        def pct(xs: list[float], q: float) -> float | None:
+            return round(float(np.percentile(xs, q)), 2) if xs else None
+
+        def mean(xs: list[float]) -> float | None:
+            return round(float(np.mean(xs)), 2) if xs else None
+
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": round(self.errors / self.requests, 4) if self.requests else None,
+            "latency_p50": pct(self.latency_ms, 50),
+            "latency_p95": pct(self.latency_ms, 95),
+            "latency_p99": pct(self.latency_ms, 99),
+            "ttft_p50": pct(self.ttft_ms, 50),
+            "ttft_p95": pct(self.ttft_ms, 95),
+            "completion_tokens_mean": mean(self.completion_tokens),
+            "response_bytes_mean": mean(self.response_bytes),
+            "conversations": len(self.keys),
+        }
+
+
+@dataclass
+class StageWindow:
+    """Every variant's window for the stage that started at ``started_ms``."""
+
+    started_ms: int
+    variants: dict[str, VariantWindow] = field(default_factory=dict)
+    forced: int = 0
+    shadow: int = 0
+
+    def add(self, ev: TelemetryEvent) -> None:
+        if ev.time_unix_ms < self.started_ms or not ev.variant:
+            return
+        if ev.shadow:
+            self.shadow += 1
+        elif ev.assignment == Assignment.ASSIGNMENT_FORCED:
+            self.forced += 1
+        else:
+            self.variants.setdefault(ev.variant, VariantWindow()).add(ev)
+
+    def of(self, variant: str) -> VariantWindow:
+        return self.variants.get(variant) or VariantWindow()
