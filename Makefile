@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint proto down clean
+.PHONY: demo test lint proto generate down clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: lint
 proto: $(VENV)/.installed
 	PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --mypy_out=. \
 		proto/extproc/telemetry/v1/event.proto
+
+# Regenerate the Envoy configs and manifests derived from the example experiment (tests check them).
+generate: $(VENV)/.installed
+	$(BIN)/extproc envoy-config -o envoy/envoy.yaml
+	$(BIN)/python deploy/generate.py
 
 clean:
 	rm -rf $(VENV) .extproc .mypy_cache .pytest_cache .ruff_cache

@@ -25,6 +25,7 @@ from extproc.config import ConfigError, Experiment, load_experiment
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXAMPLE_EXPERIMENT = Path(__file__).parent / "data" / "experiment.yaml"
+DEMO_EXPERIMENT = Path(__file__).parent / "data" / "demo-experiment.yaml"
 
 
 def _err(msg: str) -> None:
@@ -76,7 +77,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from extproc.sidecar.server import Sidecar, SidecarSettings
 
     exp, _ = _experiment(ns.experiment)
-    settings = SidecarSettings(listen=ns.listen, redis_url=_redis_url(ns), instance=ns.instance)
+    settings = SidecarSettings(
+        listen=ns.listen, redis_url=_redis_url(ns), instance=ns.instance, metrics=ns.metrics
+    )
     asyncio.run(Sidecar(exp, settings).run())
     return EXIT_OK
 
@@ -132,6 +135,128 @@ def cmd_log(ns: argparse.Namespace) -> int:
         print(f"{when}  {rec['action']:<9} stage {rec['stage'] + 1}  [{w}]  by {rec['actor']}")
         for reason in rec.get("reasons", []):
             print(f"          {reason}")
+    return EXIT_OK
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    """Telemetry events as JSON lines (schema: docs/EVALUATOR.md), to a file or stdout."""
+    from extproc import export, keys
+
+    try:
+        since = None if ns.since is None else export.parse_since(ns.since)
+    except export.EventLogError as err:
+        _err(str(err))
+        return EXIT_USAGE
+    if ns.count is not None and ns.count < 1:
+        _err(f"--count {ns.count}: must be at least 1")
+        return EXIT_USAGE
+
+    async def go(out: Any) -> int:
+        r = store.connect(_redis_url(ns), timeout_s=10)
+        try:
+            if await store.get_definition(r, ns.name) is None and not await r.exists(
+                keys.events(ns.name)
+            ):
+                raise ConfigError(ns.name, ["no such experiment in Redis (see `extproc status`)"])
+            return await export.export(r, ns.name, out, since, ns.count)
+        finally:
+            await r.aclose()
+
+    if ns.output:
+        with open(ns.output, "w", encoding="utf-8") as f:
+            n = asyncio.run(go(f))
+    else:
+        n = asyncio.run(go(sys.stdout))
+    print(f"exported {n} events of {ns.name} to {ns.output or 'stdout'}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_analyze(ns: argparse.Namespace) -> int:
+    """Replay the evaluator's decisions over a recorded log (what would the guardrails do?)."""
+    from extproc.evaluator.replay import render, replay
+    from extproc.export import EventLogError, read_jsonl
+
+    exp = load_experiment(ns.config)
+    try:
+        if ns.cadence is not None and not ns.cadence > 0:
+            raise EventLogError(f"--cadence {ns.cadence}: must be a positive number of seconds")
+        result = replay(
+            exp.spec,
+            read_jsonl(ns.events),
+            cadence_s=ns.cadence,
+            every_checkpoint=ns.every_checkpoint,
+        )
+    except EventLogError as err:
+        _err(str(err))
+        return EXIT_USAGE
+    print(json.dumps(result.to_json(), indent=2) if ns.json else render(result, exp.spec))
+    return EXIT_OK
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    """A risk-graded experiment file from the current and the target model's metadata."""
+    from extproc import plan
+
+    base, raw = plan.load_base(ns.base) if ns.base else (None, None)
+    p = plan.make_plan(plan.load_meta(ns.current), plan.load_meta(ns.target), base, raw)
+    if ns.output:
+        Path(ns.output).write_text(p.text, encoding="utf-8")
+    else:
+        sys.stdout.write(p.text)
+    s = p.summary()
+    if ns.json:
+        print(json.dumps({**s, "output": ns.output}), file=sys.stdout if ns.output else sys.stderr)
+    else:
+        print(
+            f"{s['tier']}: {s['label']} from {s['canary_share']:g}%, "
+            f"{s['evaluation']} over {len(s['stages'])} stages"
+            + (f" -> {ns.output}" if ns.output else ""),
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def cmd_pairs(ns: argparse.Namespace) -> int:
+    from extproc.status import recent_pairs
+
+    async def go() -> list[dict[str, Any]]:
+        r = store.connect(_redis_url(ns))
+        try:
+            return await recent_pairs(r, ns.name, ns.count)
+        finally:
+            await r.aclose()
+
+    pairs = asyncio.run(go())
+    if ns.json:
+        print(json.dumps(pairs, indent=2))
+        return EXIT_OK
+    for p in pairs:
+        print(f"== {p['request_id']}")
+        if "primary" in p and p["primary"].get("prompt"):
+            print(f"   prompt: {p['primary']['prompt'][:300]}")
+        for role in ("primary", "shadow"):
+            side = p.get(role)
+            if side:
+                print(
+                    f"   {role:<8}({side['variant']}, {side['status']}): "
+                    f"{(side.get('answer') or '')[:300]}"
+                )
+    return EXIT_OK
+
+
+def cmd_top(ns: argparse.Namespace) -> int:
+    """A live per-variant table; ``--once`` prints one frame (exit 1 if there is no experiment)."""
+    from extproc import top
+
+    if ns.once:
+        doc = asyncio.run(_status_doc(ns))
+        if doc is None:
+            _err("no experiment found in Redis: is the stack up (`extproc up`)?")
+            return EXIT_FAIL
+        print(top.render_for(doc, sys.stdout))
+        return EXIT_OK
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(top.live(lambda: _status_doc(ns), interval=ns.interval, stdin=sys.stdin))
     return EXIT_OK
 
 
@@ -202,8 +327,9 @@ DEMO_MODELS = {
 def cmd_demo(ns: argparse.Namespace) -> int:
     from extproc import demo
 
-    exp, p = _experiment(ns.experiment)
-    print("Starting the local stack: Redis, Envoy 1.40, the ext_proc sidecar, two model stand-ins")
+    exp, p = _experiment(ns.experiment or str(DEMO_EXPERIMENT))
+    print("Starting the local stack: Redis, Envoy 1.40, the ext_proc sidecar, the evaluator and")
+    print("two OpenAI-compatible model stand-ins (stable and canary).")
     opts = stack.UpOptions(
         experiment=exp,
         experiment_path=p.resolve(),
@@ -214,28 +340,34 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         mock_args=DEMO_MODELS,
     )
     state = stack.up(opts)
-    listener = state["endpoints"]["listener"]
-    print(f"  listener {listener}   (state and logs in {ns.state_dir}/)")
-    ns.redis_url = state["endpoints"]["redis"]
-    ns.name, ns.window, ns.json = exp.name, 20_000, False
-
-    print(f"\n1. Multi-turn chats at the file's weights {exp.file_weights()}:")
-    print("   " + demo.timed_traffic(listener, ns.conversations, ns.turns))
-    cands = dict.fromkeys(exp.candidates[:1], 25.0)
-    weights = {**cands, exp.stable: 100 - sum(cands.values())}
-    print(
-        f"\n2. Ramping live: extproc experiment set-weights {exp.name} "
-        + " ".join(f"{k}={v:g}" for k, v in weights.items())
+    ep = state["endpoints"]
+    print(f"  listener {ep['listener']}   (state and logs in {ns.state_dir}/)")
+    stages = ", ".join(f"{s:g}%" for s in exp.spec.rollout.stages)
+    story = (
+        "the candidate degrades at 25% and the evaluator rolls it back"
+        if ns.scenario == "regression"
+        else "a healthy candidate is promoted to 100%"
     )
-    ns.weights = [f"{k}={v}" for k, v in weights.items()]
-    ns.reason, ns.actor = "demo ramp", "demo"
-    cmd_set_weights(ns)
-    print("   " + demo.timed_traffic(listener, ns.conversations, ns.turns))
-    print("\n3. What the sidecar recorded (extproc status):\n")
+    print(
+        f"\nCanary rollout of {exp.name!r} through {stages} "
+        f"(at least {exp.spec.rollout.min_stage_seconds:g}s per stage); {story}."
+    )
+    print("Multi-turn chat traffic runs meanwhile. Decisions as the evaluator takes them:\n")
+    end = asyncio.run(
+        demo.rollout(
+            ep["listener"], ep["redis"], exp.name, ep["models"]["canary"], ns.scenario, ns.limit
+        )
+    )
+    ns.redis_url = ep["redis"]
+    ns.name, ns.window, ns.json = exp.name, 20_000, False
+    print(f"\nRollout ended: {end}. Per-variant figures (extproc status):\n")
     cmd_status(ns)
-    print(f"\nThe stack is still running: send requests to {listener}/v1/chat/completions,")
-    print("then `extproc status` to see them, and `extproc down` to stop everything.")
-    return EXIT_OK
+    print(
+        "\nThe stack is still running. Explore it with `extproc status`, `extproc log "
+        f"{exp.name}`,\n`extproc pairs {exp.name}`; stop it with `extproc down`."
+    )
+    expected = "rolled_back" if ns.scenario == "regression" else "completed"
+    return EXIT_OK if end == expected else EXIT_FAIL
 
 
 def cmd_down(ns: argparse.Namespace) -> int:
@@ -406,11 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _common(p)
 
-    p = verb("demo", cmd_demo, "the local stack, model stand-ins and chat traffic, explained")
-    p.add_argument("--experiment", help=exp_help)
+    p = verb("demo", cmd_demo, "a whole canary rollout (and rollback) on the local stack")
+    p.add_argument("--experiment", help="experiment file (default: the bundled demo schedule)")
     p.add_argument("--ports", choices=["default", "auto"], default="default")
-    p.add_argument("--conversations", type=int, default=60)
-    p.add_argument("--turns", type=int, default=5)
+    p.add_argument("--scenario", choices=["regression", "healthy"], default="regression")
+    p.add_argument("--limit", type=float, default=300, help="give up after this many seconds")
     _common(p)
 
     p = verb("down", cmd_down, "stop what `extproc up` started, and nothing else")
@@ -426,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help=exp_help)
     p.add_argument("--listen", default="127.0.0.1:50051", help="host:port or unix:/path")
     p.add_argument("--instance", default="", help="replica name in Redis (default host-pid)")
+    p.add_argument(
+        "--metrics",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here (default: off)",
+    )
     _common(p)
 
     p = verb("check", cmd_check, "validate an experiment file; every problem is listed")
@@ -474,10 +612,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance", default="", help="evaluator name (default host-pid)")
     _common(p)
 
+    p = verb("pairs", cmd_pairs, "captured primary and shadow answers, side by side")
+    p.add_argument("name")
+    p.add_argument("--count", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    _common(p)
+
     p = verb("log", cmd_log, "the audit log: decisions, their reasons, operator actions")
     p.add_argument("name")
     p.add_argument("--count", type=int, default=50)
     p.add_argument("--json", action="store_true")
+    _common(p)
+
+    p = verb("export", cmd_export, "telemetry events as JSON lines (for `extproc analyze`)")
+    p.add_argument("name")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.add_argument("--since", help="from this time on: ISO 8601 (naive = UTC) or epoch ms")
+    p.add_argument("--count", type=int, help="at most this many (without --since: the newest ones)")
+    _common(p)
+
+    p = verb("analyze", cmd_analyze, "replay the evaluator's decisions over exported events")
+    p.add_argument("events", metavar="EVENTS.jsonl")
+    p.add_argument("--config", required=True, help="experiment file whose guardrails to replay")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--cadence", type=float, help="seconds between checkpoints (default: file's)")
+    p.add_argument(
+        "--every-checkpoint", action="store_true", help="a trajectory row for every checkpoint"
+    )
+
+    p = verb("plan", cmd_plan, "write a risk-graded experiment file from model metadata")
+    p.add_argument("--current", required=True, metavar="META.yaml", help="the model serving now")
+    p.add_argument("--target", required=True, metavar="META.yaml", help="the model to roll out")
+    p.add_argument("--base", metavar="EXPERIMENT.yaml", help="keep this file's variants, names")
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.add_argument("--json", action="store_true", help="print the plan's summary as JSON")
+
+    from extproc.top import seconds
+
+    p = verb("top", cmd_top, "live per-variant table of an experiment (q or Ctrl-C quits)")
+    p.add_argument("name", nargs="?", help="experiment (default: the local stack's)")
+    p.add_argument("--interval", type=seconds, default=2.0, help="seconds between frames")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--window", type=int, default=20_000, help="recent events to summarise")
     _common(p)
     return parser
 

@@ -68,7 +68,9 @@ Metric = Literal[
     "ttft_p95",
     "ttft_p50",
     "error_rate",
+    "refusal_rate",
     "completion_tokens",
+    "answer_chars",
     "response_bytes",
 ]
 Action = Literal["rollback", "hold", "warn"]
@@ -90,6 +92,7 @@ DEFAULT_GUARDRAILS = [
     Guardrail(metric="latency_p99", max_increase=0.20, action="rollback"),
     Guardrail(metric="error_rate", max_increase=0.50, max_absolute=0.02, action="rollback"),
     Guardrail(metric="ttft_p95", max_increase=0.20, action="rollback"),
+    Guardrail(metric="refusal_rate", max_increase=0.50, action="rollback"),
     Guardrail(metric="completion_tokens", max_increase=0.50, action="warn"),
     Guardrail(metric="response_bytes", max_increase=0.30, action="warn"),
 ]
@@ -109,6 +112,35 @@ class Rollout(_Strict):
     webhook: str | None = Field(default=None, description="JSON POST on every decision")
 
 
+DEFAULT_REFUSALS = [
+    r"^\s*(I'?m|I am) (sorry|afraid)",
+    r"\bI (can(?:no|')t|cannot|won'?t|am unable to|'m unable to) (help|assist|comply|provide)",
+    r"\bAs an AI( language model)?\b",
+    r"\bI'?m not able to (help|assist)",
+]
+
+
+class Shadow(_Strict):
+    """Mirror a share of live requests to a variant whose answers the user never sees."""
+
+    variant: str | None = None
+    share: float = Field(default=0, ge=0, le=100, description="percent of requests mirrored")
+
+
+class Capture(_Strict):
+    """Keep prompt and answer texts of a sample of requests, paired by request id."""
+
+    sample: float = Field(default=0, ge=0, le=100, description="percent of requests captured")
+    max_bytes: int = Field(default=16_384, ge=256, le=1_048_576)
+    ttl_s: int = Field(default=86_400, ge=60)
+    max_pairs: int = Field(default=10_000, ge=1)
+    redact: list[str] = Field(default_factory=list, description="regexes replaced by [REDACTED]")
+
+
+class Quality(_Strict):
+    refusal_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSALS))
+
+
 class ExperimentSpec(_Strict):
     name: str = Field(pattern=NAME_RE)
     salt: str = Field(min_length=1, max_length=256)
@@ -120,6 +152,9 @@ class ExperimentSpec(_Strict):
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     rollout: Rollout = Field(default_factory=Rollout)
     guardrails: list[Guardrail] = Field(default_factory=lambda: list(DEFAULT_GUARDRAILS))
+    shadow: Shadow = Field(default_factory=Shadow)
+    capture: Capture = Field(default_factory=Capture)
+    quality: Quality = Field(default_factory=Quality)
 
 
 @dataclass(frozen=True)
@@ -257,6 +292,20 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
                 and g.get("metric") != "error_rate"
             ):
                 problems.append(f"guardrails.{i}.max_absolute: only for metric error_rate")
+    shadow = raw.get("shadow")
+    if isinstance(shadow, Mapping) and shadow.get("variant") is not None:
+        if shadow["variant"] not in variants:
+            problems.append(f"shadow.variant: {shadow['variant']!r} is not one of the variants")
+        elif shadow["variant"] == raw.get("stable"):
+            problems.append("shadow.variant: the stable variant cannot be its own shadow")
+    for section, field_name in (("capture", "redact"), ("quality", "refusal_patterns")):
+        block = raw.get(section)
+        if isinstance(block, Mapping) and isinstance(block.get(field_name), list):
+            for i, pattern in enumerate(block[field_name]):
+                try:
+                    re.compile(str(pattern))
+                except re.error as err:
+                    problems.append(f"{section}.{field_name}.{i}: not a valid regex ({err})")
     forced = raw.get("forced_routing")
     if isinstance(forced, Mapping) and isinstance(forced.get("allow"), list):
         for i, a in enumerate(forced["allow"]):

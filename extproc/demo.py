@@ -1,8 +1,10 @@
-"""`extproc demo`: the local stack with two model stand-ins and multi-turn chat traffic.
+"""`extproc demo`: a whole rollout on the local stack, with traffic, in a few minutes.
 
-It shows, on a real Envoy, what the sidecar does: sticky per-conversation routing at the file's
-weights, a live weight change picked up by the sidecar, and the per-variant figures it collected.
-The stack keeps running afterwards so you can explore it (`extproc status`, `extproc down`).
+The stack runs two model stand-ins; multi-turn chat traffic flows through Envoy while the
+evaluator walks the canary through its stages. In the default scenario the candidate carries a
+latent regression (a slow tail and more refusals) that switches on once it reaches 25%, and the
+evaluator rolls it back on its own; ``--scenario healthy`` shows it promoted to 100%. The stack
+keeps running afterwards so you can explore it (`extproc status`, `extproc log`, `extproc down`).
 """
 
 from __future__ import annotations
@@ -61,25 +63,6 @@ async def _conversation(
         report.moved_conversations += 1
 
 
-async def run_traffic(
-    listener: str, *, conversations: int, turns: int, concurrency: int = 8, seed: int = 7
-) -> TrafficReport:
-    """Multi-turn chats against the listener; each conversation keeps one x-conversation-id."""
-    url = f"{listener}/v1/chat/completions"
-    report = TrafficReport(0, 0, Counter(), 0)
-    rng = random.Random(seed)
-    sem = asyncio.Semaphore(concurrency)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-
-        async def one() -> None:
-            async with sem:
-                await _conversation(session, url, turns, report, rng)
-
-        await asyncio.gather(*(one() for _ in range(conversations)))
-    return report
-
-
 def describe(report: TrafficReport, seconds: float) -> str:
     shares = ", ".join(
         f"{v} {n} ({100 * n / max(report.requests, 1):.1f}%)"
@@ -87,11 +70,73 @@ def describe(report: TrafficReport, seconds: float) -> str:
     )
     return (
         f"{report.requests} requests in {seconds:.1f}s, {report.errors} errors; {shares}; "
-        f"conversations that changed variant: {report.moved_conversations}"
+        f"conversations moved by a ramp or a rollback: {report.moved_conversations}"
     )
 
 
-def timed_traffic(listener: str, conversations: int, turns: int) -> str:
+REGRESSION = {"tail_ms": 2500.0, "tail_rate": 0.08, "refusal_rate": 0.2}
+REGRESSION_STAGE = 2  # index of the 25% stage in the demo schedule
+
+
+async def _traffic_until(listener: str, stop: asyncio.Event, report: TrafficReport) -> None:
+    url = f"{listener}/v1/chat/completions"
+    rng = random.Random(11)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def worker() -> None:
+            while not stop.is_set():
+                await _conversation(session, url, rng.randint(2, 6), report, rng)
+
+        await asyncio.gather(*(worker() for _ in range(8)))
+
+
+async def rollout(
+    listener: str, redis_url: str, name: str, canary_model: str, scenario: str, limit_s: float
+) -> str:
+    """Run traffic and print the evaluator's decisions as they happen; return the end status."""
+    from extproc import store
+    from extproc.evaluator.rollout import load_state, read_audit
+
+    r = store.connect(redis_url)
+    stop = asyncio.Event()
+    report = TrafficReport(0, 0, Counter(), 0)
+    traffic = asyncio.create_task(_traffic_until(listener, stop, report))
+    seen: set[str] = set()
+    regressed = False
     t0 = time.monotonic()
-    report = asyncio.run(run_traffic(listener, conversations=conversations, turns=turns))
-    return describe(report, time.monotonic() - t0)
+    status = "running"
+    try:
+        while time.monotonic() - t0 < limit_s:
+            await asyncio.sleep(1.0)
+            state = await load_state(r, name)
+            for rec in await read_audit(r, name, 50):
+                if rec["id"] in seen:
+                    continue
+                seen.add(rec["id"])
+                w = ", ".join(f"{k} {v:g}%" for k, v in (rec.get("weights") or {}).items())
+                print(
+                    f"  [{time.monotonic() - t0:5.0f}s] {rec['action']:<9} [{w}] "
+                    f"{'; '.join(rec['reasons'])}",
+                    flush=True,
+                )
+            if state is None:
+                continue
+            status = state.status
+            if status != "running":
+                break
+            if scenario == "regression" and not regressed and state.stage >= REGRESSION_STAGE:
+                regressed = True
+                print(
+                    f"  [{time.monotonic() - t0:5.0f}s] the candidate model starts to degrade: "
+                    "a slow tail and more refusals (the demo switches it on)",
+                    flush=True,
+                )
+                async with aiohttp.ClientSession() as s:
+                    await s.post(f"{canary_model}/admin/behaviour", json=REGRESSION)
+    finally:
+        stop.set()
+        await traffic
+        await r.aclose()
+    print(f"  traffic: {describe(report, time.monotonic() - t0)}")
+    return status

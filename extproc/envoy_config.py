@@ -72,6 +72,8 @@ from extproc import headers as h
 from extproc.config import Experiment
 
 SIDECAR_CLUSTER = "extproc_sidecar"
+SHADOW_CLUSTER = "extproc_shadow"
+"""The shadow listener's cluster: the sidecar names it in ``x-llm-shadow`` to mirror a request."""
 PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
@@ -83,6 +85,8 @@ class EnvoyLayout:
     listen_port: int = 10000
     admin_host: str = "127.0.0.1"
     admin_port: int = 9901
+    shadow_host: str = "127.0.0.1"  # the shadow listener takes mirrored copies from Envoy itself
+    shadow_port: int = 10001
     sidecar: str = "127.0.0.1:50051"  # host:port, or unix:/path
     upstreams: dict[str, str] = field(default_factory=dict)  # variant -> host:port override
 
@@ -154,6 +158,8 @@ def _ext_proc(experiment: Experiment, *, observe: bool) -> ExternalProcessor:
         observability_mode=observe,
     )
     if observe:
+        if experiment.spec.capture.sample > 0:
+            proc.processing_mode.request_body_mode = ProcessingMode.STREAMED
         proc.request_attributes.append("request.time")
         proc.response_attributes.append("response.code_details")
     return proc
@@ -169,6 +175,12 @@ def _echo(variant: str) -> HeaderValueOption:
 def _routes(experiment: Experiment) -> list[Route]:
     timeout = Duration(seconds=int(experiment.spec.envoy.request_timeout_s))
     strip = [experiment.spec.forced_routing.header]
+    # Mirror only requests the sidecar marked (x-llm-shadow names the shadow listener's cluster).
+    mirror = (
+        [RouteAction.RequestMirrorPolicy(cluster_header=h.SHADOW)]
+        if experiment.spec.shadow.variant
+        else []
+    )
     routes = []
     for name, v in experiment.spec.variants.items():
         routes.append(
@@ -178,7 +190,9 @@ def _routes(experiment: Experiment) -> list[Route]:
                     prefix="/",
                     headers=[HeaderMatcher(name=h.VARIANT, string_match=StringMatcher(exact=name))],
                 ),
-                route=RouteAction(cluster=v.cluster, timeout=timeout),
+                route=RouteAction(
+                    cluster=v.cluster, timeout=timeout, request_mirror_policies=mirror
+                ),
                 response_headers_to_add=[_echo(name)],
                 request_headers_to_remove=strip,
             )
@@ -196,28 +210,49 @@ def _routes(experiment: Experiment) -> list[Route]:
     return routes
 
 
-def _http_connection_manager(experiment: Experiment) -> hcm.HttpConnectionManager:
-    strip_variant = early.HeaderMutation(mutations=[HeaderMutation(remove=h.VARIANT)])
+def _shadow_routes(experiment: Experiment) -> list[Route]:
+    """The shadow listener sends every mirrored copy to the shadow variant."""
+    shadow = experiment.spec.shadow.variant
+    assert shadow is not None
+    timeout = Duration(seconds=int(experiment.spec.envoy.request_timeout_s))
+    return [
+        Route(
+            name="shadow",
+            match=RouteMatch(prefix="/"),
+            route=RouteAction(cluster=experiment.spec.variants[shadow].cluster, timeout=timeout),
+            request_headers_to_remove=[experiment.spec.forced_routing.header],
+        )
+    ]
+
+
+def _http_connection_manager(
+    experiment: Experiment, *, shadow: bool = False
+) -> hcm.HttpConnectionManager:
+    strip = early.HeaderMutation(
+        mutations=[HeaderMutation(remove=h.VARIANT), HeaderMutation(remove=h.SHADOW)]
+    )
+    route = hcm.HttpFilter(
+        name="extproc.route", typed_config=_any(_ext_proc(experiment, observe=False))
+    )
     filters = [
-        hcm.HttpFilter(
-            name="extproc.route", typed_config=_any(_ext_proc(experiment, observe=False))
-        ),
+        *([] if shadow else [route]),
         hcm.HttpFilter(
             name="extproc.observe", typed_config=_any(_ext_proc(experiment, observe=True))
         ),
         hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
     ]
+    routes = _shadow_routes(experiment) if shadow else _routes(experiment)
     return hcm.HttpConnectionManager(
-        stat_prefix="llm",
+        stat_prefix="llm_shadow" if shadow else "llm",
         codec_type=hcm.HttpConnectionManager.AUTO,
         # Users quote the request id when they send feedback; telemetry is keyed by it.
         always_set_request_id_in_response=True,
         early_header_mutation_extensions=[
-            TypedExtensionConfig(name="strip-variant", typed_config=_any(strip_variant))
+            TypedExtensionConfig(name="strip-routing-headers", typed_config=_any(strip))
         ],
         route_config=RouteConfiguration(
             name="llm",
-            virtual_hosts=[VirtualHost(name="llm", domains=["*"], routes=_routes(experiment))],
+            virtual_hosts=[VirtualHost(name="llm", domains=["*"], routes=routes)],
         ),
         http_filters=filters,
     )
@@ -230,23 +265,39 @@ def build_bootstrap(experiment: Experiment, layout: EnvoyLayout) -> Bootstrap:
         if target is None:
             raise ValueError(f"variant {name!r} has no address; pass one in the layout")
         clusters.append(_cluster(v.cluster, target, http2=False, timeout_ms=2_000))
-    listener = Listener(
-        name="llm",
-        address=_address(f"{layout.listen_host}:{layout.listen_port}"),
+    listeners = [
+        _listener(
+            "llm",
+            f"{layout.listen_host}:{layout.listen_port}",
+            _http_connection_manager(experiment),
+        )
+    ]
+    if experiment.spec.shadow.variant:
+        shadow_at = f"{layout.shadow_host}:{layout.shadow_port}"
+        listeners.append(
+            _listener("llm_shadow", shadow_at, _http_connection_manager(experiment, shadow=True))
+        )
+        clusters.append(_cluster(SHADOW_CLUSTER, shadow_at, http2=False, timeout_ms=250))
+    return Bootstrap(
+        admin=Admin(address=_address(f"{layout.admin_host}:{layout.admin_port}")),
+        static_resources=Bootstrap.StaticResources(listeners=listeners, clusters=clusters),
+    )
+
+
+def _listener(name: str, address: str, manager: hcm.HttpConnectionManager) -> Listener:
+    return Listener(
+        name=name,
+        address=_address(address),
         filter_chains=[
             FilterChain(
                 filters=[
                     Filter(
                         name="envoy.filters.network.http_connection_manager",
-                        typed_config=_any(_http_connection_manager(experiment)),
+                        typed_config=_any(manager),
                     )
                 ]
             )
         ],
-    )
-    return Bootstrap(
-        admin=Admin(address=_address(f"{layout.admin_host}:{layout.admin_port}")),
-        static_resources=Bootstrap.StaticResources(listeners=[listener], clusters=clusters),
     )
 
 

@@ -19,6 +19,8 @@ key                             type    content
 ``extproc:{E}:audit``           stream  every decision and operator action (field ``j``: JSON)
 ``extproc:{E}:commands``        stream  operator intents (pause, promote, ...) for the evaluator
 ``extproc:{E}:lease``           string  the active evaluator's id, with a TTL
+``extproc:{E}:pairs``           zset    request ids of captured pairs, scored by time
+``extproc:{E}:pair:<rid>``      hash    captured texts: fields ``primary``, ``shadow`` (JSON)
 ``extproc:sidecar:<instance>``  hash    a sidecar replica's counters, with a TTL (liveness)
 ``extproc:evaluator:<id>``      hash    an evaluator's health, with a TTL
 ==============================  ======  ==================================================
@@ -79,3 +81,11 @@ def lease(experiment: str) -> str:
 
 def evaluator(instance: str) -> str:
     return f"{PREFIX}:evaluator:{instance}"
+
+
+def pairs(experiment: str) -> str:
+    return _tagged(experiment, "pairs")
+
+
+def pair(experiment: str, request_id: str) -> str:
+    return _tagged(experiment, f"pair:{request_id}")

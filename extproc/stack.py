@@ -43,6 +43,9 @@ class Ports:
     admin: int = 9901
     sidecar: int = 50051
     redis: int = 6390
+    shadow: int = 10001
+    sidecar_metrics: int = 9102
+    evaluator_metrics: int = 9103
     models: dict[str, int] = field(default_factory=dict)
 
 
@@ -288,6 +291,9 @@ def _choose_ports(opts: UpOptions) -> Ports:
             admin=free_port(),
             sidecar=free_port(),
             redis=free_port(),
+            shadow=free_port(),
+            sidecar_metrics=free_port(),
+            evaluator_metrics=free_port(),
             models={v: free_port() for v in exp.variant_names},
         )
     if opts.mock_models:
@@ -295,7 +301,15 @@ def _choose_ports(opts: UpOptions) -> Ports:
             if spec.address is None:
                 raise StackError(f"variant {v!r} has no address for its stand-in model")
             p.models[v] = int(spec.address.rpartition(":")[2])
-    wanted = {"listener": p.listener, "admin": p.admin, "sidecar": p.sidecar}
+    wanted = {
+        "listener": p.listener,
+        "admin": p.admin,
+        "sidecar": p.sidecar,
+        "sidecar metrics": p.sidecar_metrics,
+        "evaluator metrics": p.evaluator_metrics,
+    }
+    if exp.spec.shadow.variant:
+        wanted["shadow listener"] = p.shadow
     if opts.redis_url is None:
         wanted["redis"] = p.redis
     wanted.update({f"model {v}": port for v, port in p.models.items()})
@@ -373,6 +387,8 @@ def up(opts: UpOptions) -> dict[str, Any]:
                 redis_url,
                 "--listen",
                 sidecar,
+                "--metrics",
+                f"127.0.0.1:{ports.sidecar_metrics}",
             ],
         )
         wait_until(
@@ -381,6 +397,7 @@ def up(opts: UpOptions) -> dict[str, Any]:
             alive=lambda: stack.check_running("sidecar"),
         )
         ep["sidecar"] = sidecar
+        ep["sidecar_metrics"] = f"http://127.0.0.1:{ports.sidecar_metrics}/metrics"
         stack.spawn(
             "evaluator",
             [*py, "evaluate", "--experiment", str(opts.experiment_path), "--redis-url", redis_url],
@@ -390,6 +407,7 @@ def up(opts: UpOptions) -> dict[str, Any]:
             listen_host="127.0.0.1",
             listen_port=ports.listener,
             admin_port=ports.admin,
+            shadow_port=ports.shadow,
             sidecar=sidecar,
             upstreams=upstreams,
         )

@@ -7,6 +7,7 @@ figures describe current behaviour rather than the whole history.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ class _Acc:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     forced: int = 0
+    answered: int = 0
+    refusals: int = 0
+    answer_chars: int = 0
 
     def add(self, ev: TelemetryEvent) -> None:
         self.n += 1
@@ -73,14 +77,21 @@ class _Acc:
             self.latency.append(ev.duration_ms)
         if ev.HasField("first_token_ms"):
             self.ttft.append(ev.first_token_ms)
+        if ev.HasField("refusal"):
+            self.answered += 1
+            self.refusals += ev.refusal
+            self.answer_chars += ev.answer_chars
         self.prompt_tokens += ev.prompt_tokens
         self.completion_tokens += ev.completion_tokens
 
 
-def summarise(events: list[TelemetryEvent], variants: list[str]) -> dict[str, dict[str, Any]]:
+def summarise(
+    events: list[TelemetryEvent], variants: list[str], *, shadow: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Per-variant figures over live events, or over mirrored (shadow) copies."""
     accs = {v: _Acc() for v in variants}
     for ev in events:
-        if ev.variant and not ev.shadow:
+        if ev.variant and ev.shadow == shadow:
             accs.setdefault(ev.variant, _Acc()).add(ev)
     out: dict[str, dict[str, Any]] = {}
     for name, a in accs.items():
@@ -92,6 +103,8 @@ def summarise(events: list[TelemetryEvent], variants: list[str]) -> dict[str, di
             "ttft_ms": _pcts(a.ttft or [], (50,)),
             "prompt_tokens": a.prompt_tokens,
             "completion_tokens": a.completion_tokens,
+            "refusal_rate": round(a.refusals / a.answered, 4) if a.answered else None,
+            "answer_chars_mean": round(a.answer_chars / a.answered, 1) if a.answered else None,
         }
     return out
 
@@ -106,6 +119,8 @@ async def experiment_status(
     counts = {_text(k): int(v) for k, v in raw_counts.items()}
     events = await recent_events(r, name, window)
     per_variant = summarise(events, variants)
+    shadow_variant = (definition.get("shadow") or {}).get("variant")
+    shadow = summarise(events, [shadow_variant], shadow=True) if shadow_variant else {}
     weights = routing.weights if routing else {}
     for v, figures in per_variant.items():
         figures["requests"] = counts.get(v, 0)
@@ -126,7 +141,21 @@ async def experiment_status(
         "window_events": len(events),
         "window_refused": sum(1 for ev in events if not ev.variant),
         "variants": per_variant,
+        "shadow": shadow,
     }
+
+
+async def recent_pairs(r: aioredis.Redis, name: str, count: int = 20) -> list[dict[str, Any]]:
+    """Captured primary/shadow texts, newest first (pairs whose TTL ran out are skipped)."""
+    ids = [_text(rid) for rid in await r.zrevrange(keys.pairs(name), 0, count - 1)]  # type: ignore[arg-type]
+    out = []
+    for rid in ids:
+        raw = await r.hgetall(keys.pair(name, rid))
+        if raw:
+            doc: dict[str, Any] = {"request_id": rid}
+            doc.update({_text(k): json.loads(v) for k, v in raw.items()})
+            out.append(doc)
+    return out
 
 
 async def sidecars(r: aioredis.Redis) -> list[dict[str, Any]]:

@@ -173,3 +173,25 @@ def test_upstream_5xx_is_recorded_against_the_variant_that_failed(
     assert (got[rid].variant, got[rid].status) == ("canary", 500)
     assert got[rid].error == ErrorClass.ERROR_CLASS_UPSTREAM_5XX
     assert got[ok_rid].error == ErrorClass.ERROR_CLASS_NONE
+
+
+def test_sidecar_metrics_are_scraped_and_parse(live_stack: LiveStack, http: httpx.Client) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(5):
+        live_stack.chat(http, {"x-experiment": "canary"})
+    url = live_stack.state["endpoints"]["sidecar_metrics"]
+
+    def canary_requests() -> float:
+        families = {f.name: f for f in text_string_to_metric_families(http.get(url).text)}
+        return sum(
+            s.value
+            for s in families["extproc_requests"].samples
+            if s.name == "extproc_requests_total" and s.labels["variant"] == "canary"
+        )
+
+    assert wait_for(lambda: canary_requests() >= 5, "canary requests in /metrics")
+    families = {f.name for f in text_string_to_metric_families(http.get(url).text)}
+    assert {"extproc_request_duration_seconds", "extproc_routing_version", "extproc_redis_up"} <= (
+        families
+    )

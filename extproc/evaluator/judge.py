@@ -36,7 +36,11 @@ _QUANTILE = {
     "ttft_p95": ("ttft", 0.95),
     "ttft_p50": ("ttft", 0.50),
 }
-_MEAN = {"completion_tokens": "completion_tokens", "response_bytes": "response_bytes"}
+_MEAN = {
+    "completion_tokens": "completion_tokens",
+    "response_bytes": "response_bytes",
+    "answer_chars": "answer_chars",
+}
 SRM_THRESHOLD = 0.001
 
 
@@ -131,6 +135,24 @@ def check_guardrail(
                     f"{g.max_absolute:.1%} absolute",
                 )
         return result("pass", t.estimate, t.bound, "no evidence of harm")
+    if g.metric == "refusal_rate":
+        rt = proportion_harm_test(
+            stable.refusals,
+            stable.answered,
+            cand.refusals,
+            cand.answered,
+            margin=g.max_increase,
+            alpha=alpha,
+        )
+        status_: CheckStatus = "fail" if rt.harm else "pass"
+        return result(
+            status_,
+            rt.estimate,
+            rt.bound,
+            f"refusal rate {cand.refusals}/{cand.answered} vs stable "
+            f"{stable.refusals}/{stable.answered} (bound {rt.bound:+.0%}, "
+            f"limit +{g.max_increase:.0%})",
+        )
     if g.metric in _QUANTILE:
         source, q = _QUANTILE[g.metric]
         qt = quantile_harm_test(
@@ -191,11 +213,12 @@ def judge(
     """What to do now, for a running rollout at ``stage`` whose split is ``weights``."""
     alpha = per_check_alpha(spec)
     stable = window.of(spec.stable)
+    if spec.strategy == "shadow":  # the candidate answers mirrored copies only
+        cands = [spec.shadow.variant] if spec.shadow.variant else []
+    else:
+        cands = [v for v in spec.variants if v != spec.stable and weights.get(v, 0) > 0]
     checks = [
-        check_guardrail(g, stable, window.of(v), v, alpha)
-        for v in spec.variants
-        if v != spec.stable and weights.get(v, 0) > 0
-        for g in spec.guardrails
+        check_guardrail(g, stable, window.of(v), v, alpha) for v in cands for g in spec.guardrails
     ]
     failed = [c for c in checks if c.status == "fail"]
     for action in ("rollback", "hold"):
@@ -203,7 +226,7 @@ def judge(
         if hits:
             return Verdict(action, [f"{c.variant}: {c.detail}" for c in hits], checks)
     warnings = [f"warning: {c.variant}: {c.detail}" for c in failed]
-    srm = srm_p_value(window, weights)
+    srm = None if spec.strategy == "shadow" else srm_p_value(window, weights)
     if srm is not None and srm < SRM_THRESHOLD:
         return Verdict(
             "hold",
@@ -214,12 +237,11 @@ def judge(
             checks,
             srm,
         )
-    cands = [v for v in spec.variants if v != spec.stable and weights.get(v, 0) > 0]
     least = min((window.of(v).requests for v in cands), default=0)
     r = spec.rollout
     ready = stage_age_s >= r.min_stage_seconds and least >= r.min_stage_samples
     waiting = [c for c in checks if c.status == "waiting" and c.action == "rollback"]
-    if spec.strategy == "ab":
+    if spec.strategy in ("ab", "shadow"):
         if ready and not waiting:
             return Verdict("complete", [*warnings, "A/B target sample reached"], checks, srm)
         return Verdict("none", warnings, checks, srm)

@@ -2,11 +2,13 @@
 
 Each tick (``rollout.cadence_s``) the active evaluator reads the telemetry written since its last
 tick, applies operator intents, judges the current stage and acts: advance, complete, hold or roll
-back. A rollback is one routing change in Redis: every sidecar replica routes the next request to
-the stable variant (pub/sub, well under a second). Standbys renew nothing and take over when the
-lease expires; the new leader rebuilds the stage window from the event stream (stream ids are
-millisecond timestamps) and continues from the recorded command position, so no intent and no
-decision is applied twice.
+back. The decisions are pure functions in ``machine.py``, shared with the offline replay
+(`extproc analyze`) so a backtest takes the decisions production would; this module only reads
+Redis and carries them out. A rollback is one routing change in Redis: every sidecar replica
+routes the next request to the stable variant (pub/sub, well under a second). Standbys renew
+nothing and take over when the lease expires; the new leader rebuilds the stage window from the
+event stream (stream ids are millisecond timestamps) and continues from the recorded command
+position, so no intent and no decision is applied twice.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import signal
 import socket
 import time
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -26,14 +29,9 @@ from redis.exceptions import RedisError
 
 from extproc import keys, store
 from extproc.config import Experiment
-from extproc.evaluator.judge import Verdict, judge
-from extproc.evaluator.rollout import (
-    RolloutState,
-    append_audit,
-    load_state,
-    rollback_weights,
-    stage_weights,
-)
+from extproc.evaluator import machine
+from extproc.evaluator.judge import Verdict
+from extproc.evaluator.rollout import RolloutState, append_audit, load_state, stage_weights
 from extproc.evaluator.window import StageWindow
 from extproc.status import decode_event
 
@@ -90,15 +88,12 @@ class Evaluator:
     async def _take_over(self) -> None:
         state = await load_state(self.redis, self.experiment.name)
         if state is None:
-            state = RolloutState(
-                status="running", stage=0, stage_started=time.time(), strategy=self.spec.strategy
-            )
-            await self._set_weights(stage_weights(self.spec, 0), "rollout started at stage 1")
-            await self._save(state)
-            await self._audit("start", ["rollout started"], state, None)
-        self.state = state
-        self._reset_window(state.stage_started)
-        self.events_seen = f"{int(state.stage_started * 1000)}-0"
+            await self._apply(machine.start(self.spec, time.time()))
+        else:
+            self.state = state
+            self._reset_window(state.stage_started)
+        assert self.state is not None
+        self.events_seen = f"{int(self.state.stage_started * 1000)}-0"
 
     # --- Redis writes ---------------------------------------------------------------------------
 
@@ -158,7 +153,7 @@ class Evaluator:
     # --- one tick -------------------------------------------------------------------------------
 
     def _reset_window(self, started: float) -> None:
-        self.window = StageWindow(started_ms=int(started * 1000))
+        self.window = machine.new_window(self.spec, started)
 
     async def _read_events(self) -> int:
         n = 0
@@ -175,90 +170,54 @@ class Evaluator:
                 self.events_seen = _text(entry_id)
             n += len(entries)
 
-    async def _apply_commands(self, state: RolloutState) -> None:
+    async def _apply(self, t: machine.Transition) -> None:
+        """Carry out a transition: weights first (the part that protects users), then state,
+        then the audit record. The audit snapshot is the window the decision was made on; a new
+        stage's window starts after it."""
+        self.state = t.state
+        if not t.action:
+            return
+        if t.weights is not None:
+            await self._set_weights(t.weights, t.weights_reason)
+        await self._save(t.state)
+        await self._audit(t.action, t.reasons, t.state, t.verdict, t.actor)
+        if t.restart_window:
+            self._reset_window(t.state.stage_started)
+        if t.action == "rollback":
+            log.warning("rolled back %s: %s", self.experiment.name, "; ".join(t.reasons))
+
+    async def _apply_commands(self) -> None:
+        assert self.state is not None
         entries = await self.redis.xrange(
-            keys.commands(self.experiment.name), min=f"({state.commands_seen}"
+            keys.commands(self.experiment.name), min=f"({self.state.commands_seen}"
         )
         for entry_id, fields in entries or []:
             f = {_text(k): _text(v) for k, v in (fields or {}).items()}
-            state.commands_seen = _text(entry_id)
-            await self._operator(
-                state, f.get("command", ""), f.get("actor", "operator"), f.get("reason", "")
+            self.state = replace(self.state, commands_seen=_text(entry_id))
+            t = machine.command(
+                self.spec,
+                self.state,
+                f.get("command", ""),
+                f.get("actor", "operator"),
+                f.get("reason", ""),
+                time.time(),
             )
-        await self._save(state)
-
-    async def _operator(self, state: RolloutState, command: str, actor: str, reason: str) -> None:
-        why = [f"{command} by {actor}" + (f": {reason}" if reason else "")]
-        if command == "pause" and state.status == "running":
-            state.status = "paused"
-        elif command == "resume" and state.status == "paused":
-            state.status = "running"
-        elif command == "promote" and state.status in ("running", "paused"):
-            await self._advance(state, None, why, actor)
-            return
-        elif command == "rollback" and state.status in ("running", "paused", "completed"):
-            await self._rollback(state, None, why, actor)
-            return
-        elif command == "abort" and state.status in ("running", "paused"):
-            await self._set_weights(rollback_weights(self.spec), f"aborted by {actor}")
-            state.status = "aborted"
-        else:
-            why = [f"ignored {command!r} by {actor}: rollout is {state.status}"]
-        state.last_action, state.last_reasons = command, why
-        await self._audit(command, why, state, None, actor)
-
-    async def _advance(
-        self, state: RolloutState, verdict: Verdict | None, reasons: list[str], actor: str = ""
-    ) -> None:
-        last = state.stage >= len(self.spec.rollout.stages) - 1
-        if self.spec.strategy != "canary" or last:
-            state.status, state.last_action = "completed", "complete"
-            if self.spec.strategy == "canary":
-                await self._set_weights(stage_weights(self.spec, state.stage), "rollout complete")
-        else:
-            state.stage += 1
-            state.stage_started = time.time()
-            state.last_action = "advance"
-            await self._set_weights(
-                stage_weights(self.spec, state.stage), f"stage {state.stage + 1}: {reasons[-1]}"
-            )
-            self._reset_window(state.stage_started)
-        state.last_reasons = reasons
-        await self._save(state)
-        await self._audit(state.last_action, reasons, state, verdict, actor)
-
-    async def _rollback(
-        self, state: RolloutState, verdict: Verdict | None, reasons: list[str], actor: str = ""
-    ) -> None:
-        await self._set_weights(rollback_weights(self.spec), "rollback: " + "; ".join(reasons))
-        state.status, state.last_action, state.last_reasons = "rolled_back", "rollback", reasons
-        await self._save(state)
-        await self._audit("rollback", reasons, state, verdict, actor)
-        log.warning("rolled back %s: %s", self.experiment.name, "; ".join(reasons))
+            await self._apply(t)
+        await self._save(self.state)
 
     async def tick(self) -> None:
         """Read, apply intents, judge, act: one evaluation of the experiment."""
-        state = self.state
-        assert state is not None
+        assert self.state is not None
         await self._read_events()
-        await self._apply_commands(state)
+        await self._apply_commands()
         self.ticks += 1
-        if state.status != "running":
+        if self.state.status != "running":
             return
         routing = await store.get_routing(self.redis, self.experiment.name)
-        weights = routing.weights if routing else stage_weights(self.spec, state.stage)
-        verdict = judge(
-            self.spec, self.window, weights, state.stage, time.time() - state.stage_started
-        )
-        self.last_verdict = verdict
-        if verdict.action == "rollback":
-            await self._rollback(state, verdict, verdict.reasons)
-        elif verdict.action in ("advance", "complete"):
-            await self._advance(state, verdict, verdict.reasons)
-        elif verdict.action == "hold" and state.last_reasons != verdict.reasons:
-            state.last_action, state.last_reasons = "hold", verdict.reasons
-            await self._save(state)
-            await self._audit("hold", verdict.reasons, state, verdict)
+        weights = routing.weights if routing else stage_weights(self.spec, self.state.stage)
+        t = machine.evaluate(self.spec, self.state, self.window, weights, time.time())
+        self.last_verdict = t.verdict
+        await self._apply(t)
 
     async def _health(self) -> None:
         key = keys.evaluator(self.instance)

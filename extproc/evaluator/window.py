@@ -29,10 +29,13 @@ class VariantWindow:
 
     requests: int = 0
     errors: int = 0
+    answered: int = 0  # responses whose answer text was inspected
+    refusals: int = 0
     latency_ms: list[float] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
     completion_tokens: list[float] = field(default_factory=list)
     response_bytes: list[float] = field(default_factory=list)
+    answer_chars: list[float] = field(default_factory=list)
     keys: set[str] = field(default_factory=set)
     unkeyed: int = 0
 
@@ -48,6 +51,11 @@ class VariantWindow:
             if ev.HasField("completion_tokens"):
                 self.completion_tokens.append(float(ev.completion_tokens))
             self.response_bytes.append(float(ev.response_bytes))
+            if ev.HasField("refusal"):
+                self.answered += 1
+                self.refusals += ev.refusal
+            if ev.HasField("answer_chars"):
+                self.answer_chars.append(float(ev.answer_chars))
         if ev.key_hash:
             self.keys.add(ev.key_hash)
         else:
@@ -64,6 +72,7 @@ class VariantWindow:
             "ttft": self.ttft_ms,
             "completion_tokens": self.completion_tokens,
             "response_bytes": self.response_bytes,
+            "answer_chars": self.answer_chars,
         }[metric]
         return np.asarray(source, dtype=np.float64)
 
@@ -85,6 +94,8 @@ class VariantWindow:
             "ttft_p95": pct(self.ttft_ms, 95),
             "completion_tokens_mean": mean(self.completion_tokens),
             "response_bytes_mean": mean(self.response_bytes),
+            "refusal_rate": round(self.refusals / self.answered, 4) if self.answered else None,
+            "answer_chars_mean": mean(self.answer_chars),
             "conversations": len(self.keys),
         }
 
@@ -94,6 +105,7 @@ class StageWindow:
     """Every variant's window for the stage that started at ``started_ms``."""
 
     started_ms: int
+    shadow_as_candidate: bool = False  # shadow strategy: mirrored answers are the candidate's
     variants: dict[str, VariantWindow] = field(default_factory=dict)
     forced: int = 0
     shadow: int = 0
@@ -103,6 +115,8 @@ class StageWindow:
             return
         if ev.shadow:
             self.shadow += 1
+            if self.shadow_as_candidate:
+                self.variants.setdefault(ev.variant, VariantWindow()).add(ev)
         elif ev.assignment == Assignment.ASSIGNMENT_FORCED:
             self.forced += 1
         else:

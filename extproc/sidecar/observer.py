@@ -11,6 +11,7 @@ stream that closes first (client gone, upstream reset), when the stream closes.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from extproc import headers as h
+from extproc.quality import SIGNAL_CHARS, QualityRules
 from extproc.sidecar.decide import Policy, attribute, read_headers
 from extproc.telemetry.inspect import ResponseInspector
 from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
+from extproc.telemetry.writer import Capture
 
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
 
@@ -37,6 +40,11 @@ class ObserverContext:
     policy: Policy
     recorder: str
     emit: Callable[[TelemetryEvent], None]
+    rules: QualityRules
+    shadow_variant: str | None = None
+    capture: Callable[[Capture], None] | None = None
+    capture_ttl_s: int = 86_400
+    capture_max_pairs: int = 10_000
 
 
 def _attr(attributes: Mapping[str, Struct], name: str) -> object | None:
@@ -75,6 +83,8 @@ class Observation:
         self.inspector: ResponseInspector | None = None
         self.code_details = ""
         self.emitted = False
+        self.request_body: list[bytes] | None = None
+        self.request_bytes = 0
 
     def on_message(self, req: pb.ProcessingRequest) -> None:
         phase = req.WhichOneof("request")
@@ -88,6 +98,11 @@ class Observation:
             self._response_headers(req, now)
         elif phase == "response_body":
             self._response_body(req.response_body, now)
+        elif phase == "request_body" and self.request_body is not None:
+            body = req.request_body.body
+            if self.request_bytes < self.ctx.rules.capture_bytes * 4:
+                self.request_body.append(body)
+            self.request_bytes += len(body)
 
     def _request_headers(self, msg: pb.HttpHeaders) -> None:
         ctx = self.ctx
@@ -98,7 +113,12 @@ class Observation:
         ev.assignment = who.assignment
         ev.key_hash = who.key_hash
         ev.request_id = hdrs.get(h.REQUEST_ID, b"").decode("utf-8", "replace")
-        ev.shadow = hdrs.get(h.AUTHORITY, b"").endswith(h.SHADOW_SUFFIX.encode())
+        ev.shadow = h.is_shadow(hdrs.get(h.AUTHORITY, b""))
+        if ev.shadow and ctx.shadow_variant is not None:
+            ev.variant = ctx.shadow_variant
+        ev.captured = ctx.capture is not None and ctx.rules.captures(ev.request_id)
+        if ev.captured and not ev.shadow:
+            self.request_body = []
 
     def _response_headers(self, req: pb.ProcessingRequest, now: int) -> None:
         self.code_details = str(_attr(req.attributes, "response.code_details") or "")
@@ -109,7 +129,8 @@ class Observation:
         except ValueError:
             self.event.status = 0
         self.event.headers_ms = (now - self.start_ns) / 1e6
-        self.inspector = ResponseInspector(hdrs.get("content-type", b"").decode("latin-1"))
+        keep = self.ctx.rules.capture_bytes if self.event.captured else SIGNAL_CHARS
+        self.inspector = ResponseInspector(hdrs.get("content-type", b"").decode("latin-1"), keep)
         if msg.end_of_stream:
             self._finish(now, completed=True)
 
@@ -143,11 +164,64 @@ class Observation:
                 ev.completion_tokens = s.completion_tokens
             if s.finish_reason:
                 ev.finish_reason = s.finish_reason
+            ev.tool_calls = s.tool_calls
+            if s.text is not None and ev.status < 400:
+                ev.refusal = self.ctx.rules.is_refusal(s.text)
+                ev.empty_answer = not s.text.strip() and not s.tool_calls
+                ev.answer_chars = len(s.text)
+            if ev.captured:
+                self._capture(s.text)
         self.ctx.emit(ev)
+
+    def _capture(self, text: str | None) -> None:
+        ctx, ev = self.ctx, self.event
+        if ctx.capture is None:
+            return
+        doc: dict[str, object] = {
+            "variant": ev.variant,
+            "status": ev.status,
+            "time": ev.time_unix_ms / 1000,
+            "duration_ms": round(ev.duration_ms, 2) if ev.HasField("duration_ms") else None,
+            "completion_tokens": ev.completion_tokens if ev.HasField("completion_tokens") else None,
+            "finish_reason": ev.finish_reason,
+            "refusal": ev.refusal if ev.HasField("refusal") else None,
+            "answer": None if text is None else ctx.rules.redacted(text),
+        }
+        if self.request_body is not None:
+            doc["prompt"] = ctx.rules.redacted(
+                _prompt(b"".join(self.request_body), ctx.rules.capture_bytes)
+            )
+        ctx.capture(
+            Capture(
+                experiment=ctx.experiment,
+                request_id=ev.request_id,
+                role="shadow" if ev.shadow else "primary",
+                doc=json.dumps(doc),
+                ttl_s=ctx.capture_ttl_s,
+                max_pairs=ctx.capture_max_pairs,
+                time=ev.time_unix_ms / 1000,
+            )
+        )
 
     def close(self) -> None:
         """The stream ended; emit now if the response never completed."""
         self._finish(time.time_ns(), completed=False)
+
+
+def _prompt(body: bytes, limit: int) -> str:
+    """The conversation a chat request sent, as ``role: content`` lines (bounded)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body[:limit].decode("utf-8", "replace")
+    lines = []
+    messages = doc.get("messages") if isinstance(doc, dict) else None
+    for m in messages if isinstance(messages, list) else []:
+        if isinstance(m, dict):
+            content = m.get("content")
+            text = content if isinstance(content, str) else json.dumps(content)
+            lines.append(f"{m.get('role', '?')}: {text}")
+    return "\n".join(lines)[:limit]
 
 
 def _timestamp_ns(value: object, default: int) -> int:

@@ -8,27 +8,32 @@ route), and any unexpected failure answers with the stable variant rather than a
 from __future__ import annotations
 
 import logging
+import random
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
 from extproc import headers as h
+from extproc.envoy_config import SHADOW_CLUSTER
 from extproc.live import LiveRouting
 from extproc.sidecar.decide import Policy, RoutingError, choose_variant, read_headers
 
 log = logging.getLogger(__name__)
 
 
-def variant_response(variant: str) -> pb.ProcessingResponse:
-    mutation = pb.HeaderMutation(
-        set_headers=[
-            HeaderValueOption(
-                header=HeaderValue(key=h.VARIANT, raw_value=variant.encode()),
-                append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-            )
-        ]
+def _set(key: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(
+        header=HeaderValue(key=key, raw_value=value.encode()),
+        append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
     )
+
+
+def variant_response(variant: str, mirror: bool = False) -> pb.ProcessingResponse:
+    headers = [_set(h.VARIANT, variant)]
+    if mirror:
+        headers.append(_set(h.SHADOW, SHADOW_CLUSTER))
+    mutation = pb.HeaderMutation(set_headers=headers)
     return pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
@@ -67,14 +72,25 @@ class Router:
     def __init__(self, live: LiveRouting) -> None:
         self.live = live
         self.policy = Policy.compile(live.experiment)
+        spec = live.experiment.spec
         self.responses = {v: variant_response(v) for v in live.experiment.variant_names}
+        self.mirrored = {v: variant_response(v, mirror=True) for v in live.experiment.variant_names}
         self.fallback = self.responses[live.experiment.stable]
+        self.shadow = spec.shadow.variant
+        self.shadow_share = spec.shadow.share / 100 if spec.shadow.variant else 0.0
 
     def on_request_headers(self, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
         routing = self.live.current
         try:
             hdrs = read_headers(headers.headers, self.policy.wanted)
-            return self.responses[choose_variant(self.policy, routing, hdrs)]
+            variant = choose_variant(self.policy, routing, hdrs)
+            if (
+                self.shadow_share
+                and variant != self.shadow
+                and (self.shadow_share >= 1 or random.random() < self.shadow_share)
+            ):
+                return self.mirrored[variant]
+            return self.responses[variant]
         except RoutingError as err:
             return error_response(err)
         except Exception:

@@ -25,6 +25,8 @@ from redis.exceptions import RedisError
 from extproc import keys, store
 from extproc.config import Experiment
 from extproc.live import LiveRouting
+from extproc.metrics import SidecarMetrics, serve_metrics
+from extproc.quality import QualityRules
 from extproc.sidecar.observer import Observation, ObserverContext
 from extproc.sidecar.router import Router
 from extproc.telemetry.writer import TelemetryWriter
@@ -76,6 +78,7 @@ class SidecarSettings:
     instance: str = ""
     max_buffer: int = 100_000
     heartbeat_s: float = 1.0
+    metrics: str | None = None  # host:port of the Prometheus endpoint; None = off
 
 
 class Sidecar:
@@ -86,13 +89,20 @@ class Sidecar:
         self.live = LiveRouting(experiment, self.redis)
         self.writer = TelemetryWriter(self.redis, max_buffer=settings.max_buffer)
         self.router = Router(self.live)
+        self.metrics = SidecarMetrics()
+        self.metrics.declare(experiment.name, experiment.variant_names)
         self.observer = ObserverContext(
             experiment=experiment.name,
             stable=experiment.stable,
             variants=tuple(experiment.variant_names),
             policy=self.router.policy,
             recorder=self.instance,
-            emit=self.writer.submit,
+            emit=self.metrics.tee(self.writer.submit),
+            rules=QualityRules.compile(experiment.spec),
+            shadow_variant=experiment.spec.shadow.variant,
+            capture=self.writer.submit_capture if experiment.spec.capture.sample > 0 else None,
+            capture_ttl_s=experiment.spec.capture.ttl_s,
+            capture_max_pairs=experiment.spec.capture.max_pairs,
         )
         self.started = time.time()
 
@@ -121,6 +131,13 @@ class Sidecar:
                 log.debug("heartbeat failed", exc_info=True)
             await asyncio.sleep(self.settings.heartbeat_s)
 
+    def _refresh_gauges(self) -> None:
+        """Gauges read at scrape time: no work on the request path for them."""
+        m, routing = self.metrics, self.live.current
+        m.set_telemetry(dropped_total=self.writer.stats.dropped, buffered=self.writer.buffered)
+        m.set_routing(self.live.experiment.name, routing.version, routing.weights)
+        m.set_redis_up(self.live.redis_ok and self.writer.stats.redis_ok)
+
     async def run(self, ready: Callable[[str], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT or cancellation; drain streams, then flush telemetry."""
         server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -136,6 +153,12 @@ class Sidecar:
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
         ]
         await server.start()
+        runner = None
+        if self.settings.metrics:
+            host, _, port = self.settings.metrics.rpartition(":")
+            runner = await serve_metrics(
+                self.metrics.registry, host, int(port), before_scrape=self._refresh_gauges
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -150,6 +173,8 @@ class Sidecar:
             await stop.wait()
         finally:
             await server.stop(grace=2.0)
+            if runner is not None:
+                await runner.cleanup()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -35,6 +35,7 @@ the memory one response can pin."""
 _loads = json.loads
 _EOL: Final = re.compile(rb"[\r\n]")
 _LATE_FIELDS: Final = re.compile(rb'"(?:usage|finish_reason)"\s*:(?!\s*null)')
+_NULL_TOOLS = re.compile(rb'"tool_calls"\s*:\s*(null|\[\s*\])')
 _OBJECT_START: Final = re.compile(rb"[ \t\r\n]*\{")
 _BOM: Final = b"\xef\xbb\xbf"
 _CR: Final = 13
@@ -56,6 +57,7 @@ class ResponseSummary:
     event_count: int
     malformed: bool
     text: str | None
+    tool_calls: bool = False
 
 
 def _token_count(value: object) -> int | None:
@@ -107,6 +109,7 @@ class ResponseInspector:
         "_text_chars",
         "_text_known",
         "_text_parts",
+        "_tool_calls",
     )
 
     def __init__(self, content_type: str, max_capture_bytes: int = 0) -> None:
@@ -124,6 +127,7 @@ class ResponseInspector:
         self._events = 0
         self._text_parts: list[str] = []
         self._text_chars = 0
+        self._tool_calls = False
         # An SSE stream's text is whatever its deltas said; a JSON body's only if it parsed.
         self._text_known = self._streamed
         # Non-streamed bodies: chunks kept by reference and joined once at the end.
@@ -183,6 +187,7 @@ class ResponseInspector:
             event_count=self._events,
             malformed=self._malformed,
             text=text,
+            tool_calls=self._tool_calls,
         )
         self._body = None
         self._buf = bytearray()
@@ -295,6 +300,8 @@ class ResponseInspector:
             return
         if not data:
             return
+        if not self._tool_calls and b'"tool_calls"' in data and _NULL_TOOLS.search(data) is None:
+            self._tool_calls = True
         if self._first_ns is None:
             wanted = b'"content"' in data or b'"tool_calls"' in data or b'"refusal"' in data
         else:
@@ -380,6 +387,8 @@ class ResponseInspector:
             if isinstance(reason, str):
                 self._finish_reason = reason
             message = choice.get("message")
+            if isinstance(message, dict) and message.get("tool_calls"):
+                self._tool_calls = True
             if index == 0 and self._capture and isinstance(message, dict):
                 content = message.get("content")
                 if not isinstance(content, str):

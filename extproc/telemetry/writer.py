@@ -27,6 +27,19 @@ from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Capture:
+    """One side (primary or shadow) of a captured request, stored under its request id."""
+
+    experiment: str
+    request_id: str
+    role: str
+    doc: str  # JSON
+    ttl_s: int
+    max_pairs: int
+    time: float
+
+
 @dataclass
 class WriterStats:
     submitted: int = 0
@@ -52,6 +65,7 @@ class TelemetryWriter:
         self.stream_maxlen = stream_maxlen
         self.stats = WriterStats()
         self._buffer: deque[TelemetryEvent] = deque()
+        self._captures: deque[Capture] = deque(maxlen=max(1, max_buffer // 10))
         self._wake = asyncio.Event()
 
     @property
@@ -67,6 +81,27 @@ class TelemetryWriter:
         self._buffer.append(event)
         if len(self._buffer) >= self.batch_size:
             self._wake.set()
+
+    def submit_capture(self, capture: Capture) -> None:
+        """Queue captured texts; the oldest are dropped first when Redis is away for long."""
+        self._captures.append(capture)
+
+    async def _write_captures(self) -> None:
+        while self._captures:
+            batch = [self._captures.popleft() for _ in range(min(100, len(self._captures)))]
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for c in batch:
+                        key = keys.pair(c.experiment, c.request_id)
+                        pipe.hset(key, c.role, c.doc)
+                        pipe.expire(key, c.ttl_s)
+                        index = keys.pairs(c.experiment)
+                        pipe.zadd(index, {c.request_id: c.time})
+                        pipe.zremrangebyrank(index, 0, -c.max_pairs - 1)
+                    await pipe.execute()
+            except BaseException:
+                self._captures.extendleft(reversed(batch))
+                raise
 
     async def _write(self, batch: list[TelemetryEvent]) -> None:
         by_experiment: dict[str, list[TelemetryEvent]] = {}
@@ -90,6 +125,7 @@ class TelemetryWriter:
 
     async def flush(self) -> None:
         """Write everything buffered now; on failure keep it buffered and re-raise."""
+        await self._write_captures()
         while self._buffer:
             n = min(self.batch_size, len(self._buffer))
             batch = [self._buffer.popleft() for _ in range(n)]

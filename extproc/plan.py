@@ -1,0 +1,352 @@
+"""Risk-graded rollout plans (`extproc plan`): from what changed to how carefully to roll it out.
+
+Why: the right canary depends on the change. A serving-config change on the same weights can
+only break serving, and a quick rolling canary finds that; a model of another family can regress
+anywhere, so it starts small and is watched for a day. Choosing by hand invites both mistakes
+(a day-long canary nobody waits for, a 50% first step for a new model), so the plan derives the
+strategy, first canary share, evaluation time and guardrail margins from model metadata and
+writes a ready, validated experiment file that says why in its header.
+
+Risk, from low to high (the target's relation to the current model):
+
+============  ========================================  ====================================
+tier          evidence                                  plan
+============  ========================================  ====================================
+config        same ``weights_hash``                     rolling: 25 → 50 → 100%, 15 min
+fine-tune     same ``base_model`` (or a quantization)   canary from 10%, 1 h
+new-version   same ``family``                           canary from 5%, 4 h
+new-family    anything else, or nothing to compare      canary from 2%, 24 h
+============  ========================================  ====================================
+
+The evaluation time is split evenly over the stages (``min_stage_seconds``). Evidence is only
+what both files state: a field missing on either side proves nothing. A declared ``kind`` is
+taken as given unless the metadata prove the change riskier (a "config" change whose weights
+hashes differ is at least a fine-tune), and with neither a kind nor evidence the change is
+treated as a new family: unknown risk is high risk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from extproc.config import (
+    DEFAULT_GUARDRAILS,
+    NAME_RE,
+    ConfigError,
+    Experiment,
+    load_experiment,
+    parse_experiment,
+)
+
+Kind = Literal["config", "fine-tune", "quantization", "new-version", "new-family"]
+Tier = Literal["config", "fine-tune", "new-version", "new-family"]
+TIERS: tuple[Tier, ...] = ("config", "fine-tune", "new-version", "new-family")
+_KIND_TIER: dict[str, Tier] = {
+    "config": "config",
+    "fine-tune": "fine-tune",
+    "quantization": "fine-tune",
+    "new-version": "new-version",
+    "new-family": "new-family",
+}
+
+
+class ModelMeta(BaseModel):
+    """What the plan knows about a model; every field but ``name`` may be unknown."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="model name, as served")
+    family: str | None = Field(default=None, description="model family, e.g. llama-3")
+    base_model: str | None = Field(default=None, description="what it was fine-tuned from")
+    weights_hash: str | None = Field(default=None, description="digest of the weights")
+    version: str | None = None
+    kind: Kind | None = Field(
+        default=None, description="the change relative to the current model, if declared"
+    )
+
+    def describe(self) -> str:
+        facts = [
+            f"{k} {v}"
+            for k, v in (
+                ("family", self.family),
+                ("base", self.base_model),
+                ("version", self.version),
+                ("weights", self.weights_hash),
+            )
+            if v
+        ]
+        return self.name + (f" ({', '.join(facts)})" if facts else "")
+
+
+@dataclass(frozen=True)
+class Grade:
+    """The rollout parameters of a risk tier."""
+
+    strategy: str
+    label: str
+    stages: tuple[float, ...]
+    total_s: int
+    min_stage_samples: int
+    latency_margin: float  # p99 latency and TTFT p95, relative
+    error_margin: float  # error rate, relative
+    error_ceiling: float  # error rate, absolute
+
+    @property
+    def min_stage_seconds(self) -> int:
+        return self.total_s // len(self.stages)
+
+    def guardrails(self) -> list[dict[str, Any]]:
+        """The graded guardrails; tokens and length only warn (a new model may answer longer)."""
+        return [
+            {"metric": "latency_p99", "max_increase": self.latency_margin, "action": "rollback"},
+            {
+                "metric": "error_rate",
+                "max_increase": self.error_margin,
+                "max_absolute": self.error_ceiling,
+                "action": "rollback",
+            },
+            {"metric": "ttft_p95", "max_increase": self.latency_margin, "action": "rollback"},
+            {"metric": "completion_tokens", "max_increase": 0.5, "action": "warn"},
+            {"metric": "response_bytes", "max_increase": 0.3, "action": "warn"},
+        ]
+
+
+GRADES: dict[Tier, Grade] = {
+    # Same weights: only serving can break, and it breaks for everyone alike, so big steps and
+    # tight margins (a config change should cost nothing; a 25% share detects small shifts).
+    "config": Grade("canary", "rolling (quick canary)", (25, 50, 100), 900, 200, 0.10, 0.25, 0.01),
+    "fine-tune": Grade("canary", "canary", (10, 25, 50, 100), 3600, 300, 0.20, 0.50, 0.02),
+    "new-version": Grade("canary", "canary", (5, 10, 25, 50, 100), 14_400, 500, 0.20, 0.50, 0.02),
+    "new-family": Grade(
+        "canary", "canary", (2, 5, 10, 25, 50, 100), 86_400, 1000, 0.20, 0.50, 0.02
+    ),
+}
+
+
+def classify(current: ModelMeta, target: ModelMeta) -> tuple[Tier, list[str]]:
+    """The risk tier of going from ``current`` to ``target``, and the evidence for it."""
+    why: list[str] = []
+    proven_at_least: Tier = "config"
+    proven_at_most: Tier | None = None
+
+    def at_least(t: Tier) -> None:
+        nonlocal proven_at_least
+        proven_at_least = max(proven_at_least, t, key=TIERS.index)
+
+    def at_most(t: Tier) -> None:
+        nonlocal proven_at_most
+        proven_at_most = t if proven_at_most is None else min(proven_at_most, t, key=TIERS.index)
+
+    if current.weights_hash and target.weights_hash:
+        if current.weights_hash == target.weights_hash:
+            at_most("config")
+            why.append(f"same weights_hash ({target.weights_hash}): the weights did not change")
+        else:
+            at_least("fine-tune")
+            why.append("weights_hash differs: the weights changed")
+    # A fine-tune of the current model, or a return to the model the current one was tuned from,
+    # counts as the same base too.
+    same_base = bool(target.base_model and target.base_model in (current.base_model, current.name))
+    same_base |= bool(current.base_model and current.base_model == target.name)
+    if same_base:
+        at_most("fine-tune")
+        why.append(f"same base model {target.base_model}")
+    elif current.base_model and target.base_model:
+        at_least("new-version")
+        why.append(f"base model differs ({current.base_model} -> {target.base_model})")
+    if current.family and target.family:
+        if current.family == target.family:
+            at_most("new-version")
+            why.append(f"same family {target.family}")
+        else:
+            at_least("new-family")
+            why.append(f"family differs ({current.family} -> {target.family})")
+    if target.kind:
+        tier = _KIND_TIER[target.kind]
+        why.append(f"declared kind: {target.kind}")
+    elif proven_at_most is not None:
+        tier = proven_at_most
+    else:
+        tier = "new-family"
+        why.append("no kind and nothing to compare (family, base_model, weights_hash): unknown")
+    if TIERS.index(proven_at_least) > TIERS.index(tier):
+        why.append(f"graded up from {tier} to {proven_at_least}: the metadata show more change")
+        tier = proven_at_least
+    return tier, why
+
+
+@dataclass(frozen=True)
+class Plan:
+    tier: Tier
+    reasons: list[str]
+    grade: Grade
+    experiment: Experiment
+    text: str  # the experiment file, with the explanation in comments
+
+    def summary(self) -> dict[str, Any]:
+        g = self.grade
+        return {
+            "tier": self.tier,
+            "reasons": self.reasons,
+            "strategy": g.strategy,
+            "label": g.label,
+            "canary_share": g.stages[0],
+            "stages": list(g.stages),
+            "min_stage_seconds": g.min_stage_seconds,
+            "evaluation_s": g.total_s,
+            "evaluation": _duration(g.total_s),
+            "min_stage_samples": g.min_stage_samples,
+            "experiment": self.experiment.name,
+        }
+
+
+def _slug(name: str) -> str:
+    s = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-_")
+    s = s[:32].rstrip("-_") or "rollout"
+    return s if re.match(NAME_RE, s) else "rollout"
+
+
+def _duration(seconds: int) -> str:
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
+
+
+def _document(
+    current: ModelMeta, target: ModelMeta, grade: Grade, base: Experiment | None, base_raw: Any
+) -> dict[str, Any]:
+    first = grade.stages[0]
+    graded = grade.guardrails()
+    graded_metrics = {g["metric"] for g in graded}
+    if base is not None:
+        doc: dict[str, Any] = dict(base_raw)
+        cands = base.candidates
+        if len(cands) != 1:
+            raise ConfigError(
+                base.source,
+                [f"variants: a plan ramps one candidate; this file has {len(cands)} ({cands})"],
+            )
+        cand = cands[0]
+        kept = [g for g in base_raw.get("guardrails", []) if g.get("metric") not in graded_metrics]
+        if "guardrails" not in base_raw:
+            kept = _ungraded_defaults(graded_metrics)
+        variants = {k: dict(v) for k, v in base_raw["variants"].items()}
+        rollout = dict(base_raw.get("rollout") or {})
+    else:
+        name = _slug(target.name)
+        digest = hashlib.sha256(f"{current.name}\n{target.name}".encode()).hexdigest()[:8]
+        doc = {"name": name, "salt": f"{name}-{digest}", "strategy": "canary", "stable": "stable"}
+        cand = "canary"
+        kept = _ungraded_defaults(graded_metrics)
+        variants = {"stable": {"cluster": "model_stable"}, "canary": {"cluster": "model_canary"}}
+        rollout = {}
+    stable = doc["stable"]
+    variants[stable].update(model=current.name, weight=100 - first)
+    variants[cand].update(model=target.name, weight=first)
+    for name in variants:
+        if name not in (stable, cand):
+            variants[name]["weight"] = 0
+    rollout.update(
+        stages=list(grade.stages),
+        min_stage_seconds=grade.min_stage_seconds,
+        min_stage_samples=grade.min_stage_samples,
+    )
+    doc.update(strategy=grade.strategy, variants=variants, rollout=rollout)
+    doc["guardrails"] = graded + kept
+    return doc
+
+
+def _ungraded_defaults(graded: set[str]) -> list[dict[str, Any]]:
+    """Default guardrails the plan does not grade (kept as the project ships them)."""
+    return [
+        g.model_dump(mode="json", exclude_defaults=True)
+        | {"metric": g.metric, "max_increase": g.max_increase, "action": g.action}
+        for g in DEFAULT_GUARDRAILS
+        if g.metric not in graded
+    ]
+
+
+def _header(
+    current: ModelMeta,
+    target: ModelMeta,
+    tier: Tier,
+    reasons: list[str],
+    grade: Grade,
+    base: Experiment | None,
+) -> str:
+    ramp = " -> ".join(f"{s:g}%" for s in grade.stages)
+    lines = [
+        "Rollout plan written by `extproc plan`.",
+        f"current: {current.describe()}",
+        f"target:  {target.describe()}",
+        f"risk: {tier}, because:",
+        *[f"  - {r}" for r in reasons],
+        f"plan: {grade.label}, first stage {grade.stages[0]:g}%, stages {ramp};",
+        f"  {_duration(grade.min_stage_seconds)} per stage ({_duration(grade.total_s)} in all), "
+        f"and at least {grade.min_stage_samples} candidate requests per stage;",
+        f"  rollback on p99 latency or TTFT p95 +{grade.latency_margin:.0%}, error rate "
+        f"+{grade.error_margin:.0%} relative or above {grade.error_ceiling:.0%};",
+        "  tokens per response and response size only warn (a new model may answer longer).",
+    ]
+    if tier == "new-family":
+        lines.append(
+            "  A new family can regress in quality where no latency guardrail looks: consider "
+            "a shadow run first (strategy: shadow)."
+        )
+    if base is not None:
+        lines.append(f"Based on {base.source} (its comments are not carried over).")
+    else:
+        lines.append("Set each variant's cluster (and address) to your model servers.")
+    lines.append(
+        "Check with `extproc check FILE`; backtest with `extproc analyze EVENTS --config FILE`."
+    )
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def make_plan(
+    current: ModelMeta, target: ModelMeta, base: Experiment | None = None, base_raw: Any = None
+) -> Plan:
+    """The plan and its experiment file, validated whole before anything is written."""
+    tier, reasons = classify(current, target)
+    grade = GRADES[tier]
+    doc = _document(current, target, grade, base, base_raw)
+    experiment = parse_experiment(doc, "the planned experiment")
+    body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=4096)
+    text = _header(current, target, tier, reasons, grade, base) + "\n" + body
+    return Plan(tier, reasons, grade, experiment, text)
+
+
+def load_meta(path: str | Path) -> ModelMeta:
+    """A model metadata file (YAML or JSON), every problem listed with its field."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(str(p), [f"cannot read: {err.strerror}"]) from err
+    except yaml.YAMLError as err:
+        raise ConfigError(str(p), [f"not valid YAML ({err})"]) from err
+    if not isinstance(raw, dict):
+        raise ConfigError(str(p), ["(top level): must be a mapping of model metadata"])
+    for k, v in list(raw.items()):  # hashes and versions are often written as bare numbers
+        if k in ("weights_hash", "version") and isinstance(v, int | float):
+            raw[k] = str(v)
+    try:
+        return ModelMeta.model_validate(raw)
+    except ValidationError as err:
+        problems = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(str(p), problems) from err
+
+
+def load_base(path: str | Path) -> tuple[Experiment, Any]:
+    """The base experiment, validated, and its raw mapping (to keep only what the user wrote)."""
+    exp = load_experiment(path)
+    return exp, yaml.safe_load(Path(path).read_text(encoding="utf-8"))

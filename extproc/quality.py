@@ -1,0 +1,54 @@
+"""Per-response quality signals and the redaction of captured texts.
+
+A regressed model answers worse, not louder: refusals, empty answers and a change in length are
+visible in every response without any judge, so they are computed for every response (on the
+first ``SIGNAL_CHARS`` characters, where a refusal shows itself) and go into telemetry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from extproc.assignment import BUCKETS
+from extproc.config import ExperimentSpec
+
+SIGNAL_CHARS = 600
+"""Answer text kept for signals when the request is not captured."""
+
+REDACTED = "[REDACTED]"
+
+
+@dataclass(frozen=True)
+class QualityRules:
+    refusal: re.Pattern[str] | None
+    redact: re.Pattern[str] | None
+    capture_share: float
+    capture_bytes: int
+
+    @classmethod
+    def compile(cls, spec: ExperimentSpec) -> QualityRules:
+        def union(patterns: list[str], flags: int) -> re.Pattern[str] | None:
+            return re.compile("|".join(f"(?:{p})" for p in patterns), flags) if patterns else None
+
+        return cls(
+            refusal=union(spec.quality.refusal_patterns, re.IGNORECASE | re.MULTILINE),
+            redact=union(spec.capture.redact, 0),
+            capture_share=spec.capture.sample,
+            capture_bytes=spec.capture.max_bytes,
+        )
+
+    def is_refusal(self, text: str) -> bool:
+        return self.refusal is not None and self.refusal.search(text[:SIGNAL_CHARS]) is not None
+
+    def redacted(self, text: str) -> str:
+        return text if self.redact is None else self.redact.sub(REDACTED, text)
+
+    def captures(self, request_id: str) -> bool:
+        """Whether this request's texts are kept: a pure function of the request id, so the
+        primary and its mirrored copy (same ``x-request-id``) agree without talking."""
+        if self.capture_share <= 0 or not request_id:
+            return False
+        digest = hashlib.blake2b(request_id.encode(), digest_size=8, person=b"extproc-cap").digest()
+        return int.from_bytes(digest, "big") % BUCKETS < self.capture_share * BUCKETS / 100
