@@ -39,7 +39,6 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 import yaml
@@ -149,10 +148,9 @@ class Traffic:
         return (ev for _, ev in ready)
 
 
-def run(args: tuple[Scenario, int, float, float]) -> Outcome:
+def run(args: tuple[ExperimentSpec, Scenario, int, float, float]) -> Outcome:
     """One rollout from start to rollback, the last stage, or ``max_s`` of virtual time."""
-    scenario, seed, rps, max_s = args
-    spec = load_spec(scenario.hold_at_5)
+    spec, scenario, seed, rps, max_s = args
     rng = np.random.default_rng(seed)
     traffic = Traffic(rng, scenario, rps)
     cadence_ms = round(spec.rollout.cadence_s * 1000)
@@ -180,7 +178,7 @@ def run(args: tuple[Scenario, int, float, float]) -> Outcome:
         if state.status != "running" or (not scenario.hold_at_5 and state.stage == last):
             break
     served = sum(1 for a in traffic.candidate_arrivals if a <= now)
-    status = state.status
+    status: str = state.status
     if status == "running":
         status = "final_stage" if state.stage == last else ("held" if holds else "capped")
     return Outcome(
@@ -198,9 +196,11 @@ def _pct(values: list[float], q: float, fmt: str = "{:.0f}") -> str:
 
 
 def _many(
-    pool: ProcessPoolExecutor, scenario: Scenario, runs: int, seed: int, **kw: Any
+    pool: ProcessPoolExecutor, scenario: Scenario, runs: int, seed: int, rps: float, max_s: float
 ) -> list[Outcome]:
-    jobs = [(scenario, seed * 1_000_003 + i, kw["rps"], kw["max_s"]) for i in range(runs)]
+    """``runs`` rollouts of one scenario; the experiment is read once, here, for all of them."""
+    spec = load_spec(scenario.hold_at_5)
+    jobs = [(spec, scenario, seed * 1_000_003 + i, rps, max_s) for i in range(runs)]
     return list(pool.map(run, jobs, chunksize=max(1, runs // 32)))
 
 
@@ -232,7 +232,7 @@ def main() -> None:
     started = time.perf_counter()
     spec = load_spec(False)
     gated = [g.metric for g in spec.guardrails if g.action in ("rollback", "hold")]
-    kw = {"rps": args.rps, "max_s": args.max_hours * 3600}
+    kw: dict[str, float] = {"rps": args.rps, "max_s": args.max_hours * 3600}
     with ProcessPoolExecutor(args.jobs) as pool:
         print(
             f"Evaluator A/A: {args.runs} rollouts of the default experiment (stages "
@@ -267,9 +267,11 @@ def main() -> None:
 
         tail_sigma = SIGMA + math.log(1.3) / Z99  # p99 x1.3, median unchanged
         scenarios = [
-            ("p99 +30% (median unchanged)", {"candidate_sigma": tail_sigma}),
-            ("error rate 1% -> 3%", {"candidate_errors": 0.03}),
+            Scenario("p99 +30% (median unchanged)", candidate_sigma=tail_sigma),
+            Scenario("error rate 1% -> 3%", candidate_errors=0.03),
         ]
+        if args.detect_runs < 1:
+            scenarios = []
         print(
             f"\nDetection: {args.detect_runs} rollouts per row, capped at {args.max_hours:g} h "
             "of virtual time; candidate requests served until the rollback"
@@ -279,9 +281,10 @@ def main() -> None:
             "| stage at rollback |"
         )
         print("|---|---|---|---|---|---|---|---|")
-        for label, changes in scenarios:
+        for base in scenarios:
             for hold, how in ((True, "held at 5%"), (False, "default ramp from 2%")):
-                sc = replace(Scenario(label, hold_at_5=hold), **changes)
+                sc = replace(base, hold_at_5=hold)
+                label = sc.name
                 outs = _many(pool, sc, args.detect_runs, args.seed + 7, **kw)
                 hit = [o for o in outs if o.status == "rolled_back"]
                 served = [float(o.candidate_served) for o in hit]

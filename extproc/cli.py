@@ -154,14 +154,20 @@ def cmd_export(ns: argparse.Namespace) -> int:
     async def go(out: Any) -> int:
         r = store.connect(_redis_url(ns), timeout_s=10)
         try:
-            if await store.get_definition(r, ns.name) is None and not await r.exists(
-                keys.events(ns.name)
-            ):
-                raise ConfigError(ns.name, ["no such experiment in Redis (see `extproc status`)"])
             return await export.export(r, ns.name, out, since, ns.count)
         finally:
             await r.aclose()
 
+    async def known() -> bool:
+        r = store.connect(_redis_url(ns))
+        try:
+            defined = await store.get_definition(r, ns.name) is not None
+            return defined or bool(await r.exists(keys.events(ns.name)))
+        finally:
+            await r.aclose()
+
+    if not asyncio.run(known()):
+        raise ConfigError(ns.name, ["no such experiment in Redis (see `extproc status`)"])
     if ns.output:
         with open(ns.output, "w", encoding="utf-8") as f:
             n = asyncio.run(go(f))

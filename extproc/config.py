@@ -41,6 +41,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Price(_Strict):
+    """Token prices of a variant, per million tokens (any currency, the same for all variants)."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (
+            prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok
+        ) / 1e6
+
+
 class VariantSpec(_Strict):
     cluster: str = Field(min_length=1, description="Envoy cluster that serves this variant")
     address: str | None = Field(
@@ -48,6 +60,7 @@ class VariantSpec(_Strict):
     )
     weight: float = Field(ge=0, le=100, description="share of live traffic, in percent")
     model: str | None = Field(default=None, description="model name, for reports")
+    price: Price | None = Field(default=None, description="for cost per request in reports")
 
 
 class ForcedRouting(_Strict):

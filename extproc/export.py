@@ -179,13 +179,12 @@ async def stream_events(
         entries = await r.xrange(name, min=low, count=batch) or []
         for entry_id, fields in entries:
             ev = decode_event(fields)
-            if ev is not None:
+            if ev is not None and (left is None or left > 0):
                 yield _text(entry_id), ev
+                left = None if left is None else left - 1
         if len(entries) < batch:
             return
         low = f"({_text(entries[-1][0])}"
-        if left is not None:
-            left -= len(entries)
 
 
 async def export(

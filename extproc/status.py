@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 
 from extproc import keys, store
+from extproc.config import Price
 from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
 
 DEFAULT_WINDOW = 20_000
@@ -38,6 +39,12 @@ def decode_event(fields: Mapping[Any, Any] | None) -> TelemetryEvent | None:
     except DecodeError:
         return None
     return ev
+
+
+def _cost(a: _Acc, price: Price | None) -> float | None:
+    if price is None or not a.n:
+        return None
+    return round(price.cost(a.prompt_tokens, a.completion_tokens) / a.n, 8)
 
 
 async def recent_events(r: aioredis.Redis, experiment: str, count: int) -> list[TelemetryEvent]:
@@ -63,6 +70,8 @@ class _Acc:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     forced: int = 0
+    timeouts: int = 0
+    output_tps: list[float] | None = None
     answered: int = 0
     refusals: int = 0
     answer_chars: int = 0
@@ -71,8 +80,15 @@ class _Acc:
         self.n += 1
         if self.latency is None or self.ttft is None:
             self.latency, self.ttft = [], []
+        if self.output_tps is None:
+            self.output_tps = []
         if ev.error != ErrorClass.ERROR_CLASS_NONE:
             self.errors += 1
+        if ev.error == ErrorClass.ERROR_CLASS_TIMEOUT:
+            self.timeouts += 1
+        generation_ms = ev.duration_ms - ev.first_token_ms
+        if ev.streamed and ev.completion_tokens > 1 and generation_ms > 0:
+            self.output_tps.append((ev.completion_tokens - 1) / generation_ms * 1000)
         if ev.HasField("duration_ms") and ev.error == ErrorClass.ERROR_CLASS_NONE:
             self.latency.append(ev.duration_ms)
         if ev.HasField("first_token_ms"):
@@ -86,7 +102,11 @@ class _Acc:
 
 
 def summarise(
-    events: list[TelemetryEvent], variants: list[str], *, shadow: bool = False
+    events: list[TelemetryEvent],
+    variants: list[str],
+    *,
+    shadow: bool = False,
+    prices: dict[str, Price] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per-variant figures over live events, or over mirrored (shadow) copies."""
     accs = {v: _Acc() for v in variants}
@@ -103,6 +123,9 @@ def summarise(
             "ttft_ms": _pcts(a.ttft or [], (50,)),
             "prompt_tokens": a.prompt_tokens,
             "completion_tokens": a.completion_tokens,
+            "timeout_rate": round(a.timeouts / a.n, 4) if a.n else None,
+            "output_tokens_per_s": _pcts(a.output_tps or [], (50,))["p50"],
+            "cost_per_request": _cost(a, (prices or {}).get(name)),
             "refusal_rate": round(a.refusals / a.answered, 4) if a.answered else None,
             "answer_chars_mean": round(a.answer_chars / a.answered, 1) if a.answered else None,
         }
@@ -118,7 +141,12 @@ async def experiment_status(
     raw_counts = await r.hgetall(keys.counts(name))
     counts = {_text(k): int(v) for k, v in raw_counts.items()}
     events = await recent_events(r, name, window)
-    per_variant = summarise(events, variants)
+    prices = {
+        v: Price.model_validate(d["price"])
+        for v, d in definition.get("variants", {}).items()
+        if d.get("price")
+    }
+    per_variant = summarise(events, variants, prices=prices)
     shadow_variant = (definition.get("shadow") or {}).get("variant")
     shadow = summarise(events, [shadow_variant], shadow=True) if shadow_variant else {}
     weights = routing.weights if routing else {}

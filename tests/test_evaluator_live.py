@@ -4,6 +4,9 @@ candidate walked through every stage to 100%."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -126,3 +129,47 @@ def test_operator_pause_and_rollback_go_through_the_evaluator(
     bad = s.cli("experiment", "pause", "no-such-experiment")
     assert bad.returncode == 2
     assert "no such experiment" in bad.stderr
+
+
+def test_standby_evaluator_takes_over_without_repeating_decisions(
+    healthy: LiveStack, http: httpx.Client
+) -> None:
+    s = healthy
+    standby = stack.Stack(s.state_dir / "standby")
+    standby.spawn(
+        "evaluator",
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "evaluate",
+            "--experiment",
+            str(s.experiment_path),
+            "--redis-url",
+            s.redis_url,
+            "--instance",
+            "standby",
+        ],
+    )
+    try:
+        r = s.redis()
+
+        def lease() -> str:
+            held = r.get("extproc:{chat-upgrade}:lease")
+            return held.decode() if held else ""
+
+        wait_for(lambda: r.exists("extproc:evaluator:standby"), "the standby to report health")
+        assert lease() not in ("", "standby")
+        os.kill(s.pid("evaluator"), signal.SIGKILL)  # the active one dies without handing over
+        wait_for(lambda: lease() == "standby", "the standby to take the lease", timeout_s=30)
+        assert s.cli("experiment", "rollback", "chat-upgrade").returncode == 0
+        wait_for(lambda: s.status()["rollout"]["status"] == "rolled_back", "the new leader to act")
+        actions = [rec["action"] for rec in audit(s)]
+        assert actions.count("start") == 1
+        assert actions.count("rollback") == 1
+        wait_for(
+            lambda: r.hget("extproc:evaluator:standby", "active") == b"1",
+            "the standby to report itself active",
+        )
+    finally:
+        standby.stop_all()

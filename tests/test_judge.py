@@ -90,3 +90,24 @@ def test_last_stage_completes_and_weights_follow_stages() -> None:
 def test_alpha_is_split_over_stages_and_gating_guardrails() -> None:
     spec = parse_experiment(BASE).spec
     assert per_check_alpha(spec) == pytest.approx(0.05 / (3 * 2))  # warn guardrails do not gate
+
+
+def test_ab_completes_with_a_report() -> None:
+    spec = parse_experiment({**BASE, "strategy": "ab"}).spec
+    v = judge(spec, window(latency=(800.0, 900.0)), WEIGHTS, stage=0, stage_age_s=60)
+    assert v.action == "complete"
+    report = " ".join(v.reasons)
+    assert "latency mean +" in report
+    assert "Welch" in report
+    assert "error rate" in report
+
+
+def test_status_reports_cost_per_request() -> None:
+    from extproc.config import Price
+    from extproc.status import summarise
+
+    ev = TelemetryEvent(variant="canary", prompt_tokens=1000, completion_tokens=500, duration_ms=1)
+    got = summarise(
+        [ev, ev], ["canary"], prices={"canary": Price(input_per_mtok=1, output_per_mtok=2)}
+    )
+    assert got["canary"]["cost_per_request"] == pytest.approx(0.002)

@@ -19,11 +19,14 @@ from extproc.config import ExperimentSpec, Guardrail
 from extproc.evaluator.window import StageWindow, VariantWindow
 from extproc.stats import (
     RunningMoments,
+    mann_whitney_u,
     mean_harm_test,
     proportion_harm_test,
     quantile_confidence_sequence,
     quantile_harm_test,
     sequential_sample_ratio_mismatch,
+    two_proportion_z_test,
+    welch_t_test,
 )
 
 CheckStatus = Literal["pass", "fail", "waiting"]
@@ -243,7 +246,8 @@ def judge(
     waiting = [c for c in checks if c.status == "waiting" and c.action == "rollback"]
     if spec.strategy in ("ab", "shadow"):
         if ready and not waiting:
-            return Verdict("complete", [*warnings, "A/B target sample reached"], checks, srm)
+            report = [f"{v}: {line}" for v in cands for line in ab_report(stable, window.of(v))]
+            return Verdict("complete", [*warnings, "target sample reached", *report], checks, srm)
         return Verdict("none", warnings, checks, srm)
     if not ready or not r.auto_advance:
         return Verdict("none", warnings, checks, srm)
@@ -252,3 +256,44 @@ def judge(
     last = stage >= len(r.stages) - 1
     why = f"stage {stage + 1}/{len(r.stages)} healthy for {stage_age_s:.0f}s, {least} requests"
     return Verdict("complete" if last else "advance", [*warnings, why], checks, srm)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:+.1%}"
+
+
+def ab_report(stable: VariantWindow, cand: VariantWindow, alpha: float = 0.05) -> list[str]:
+    """The fixed-horizon A/B summary, read once at the end: lift, CI, p-value, effect size.
+
+    These are one-look tests (Welch, two-proportion z, Mann-Whitney); they are valid here because
+    the report is computed once, when the target sample is reached, not on every tick.
+    """
+    lines = []
+    for source, label in (("latency", "latency mean"), ("completion_tokens", "tokens/answer")):
+        c, t = stable.samples(source), cand.samples(source)
+        if c.size >= 2 and t.size >= 2:
+            w = welch_t_test(c, t, alpha=alpha)
+            ci = w.relative_ci
+            lines.append(
+                f"{label} {_pct(w.relative_estimate)} "
+                f"[{_pct(ci.low if ci else None)}, {_pct(ci.high if ci else None)}] "
+                f"p={w.p_value:.3g} (Welch; Hedges g {w.effect_size:+.2f})"
+            )
+    c, t = stable.samples("latency"), cand.samples("latency")
+    if c.size and t.size:
+        m = mann_whitney_u(c, t, alpha=alpha)
+        lines.append(
+            f"P(candidate slower) {m.estimate:.2f} [{m.ci.low:.2f}, {m.ci.high:.2f}] "
+            f"p={m.p_value:.3g} (Mann-Whitney)"
+        )
+    for label, cs, cn, ts, tn in (
+        ("error rate", stable.errors, stable.requests, cand.errors, cand.requests),
+        ("refusal rate", stable.refusals, stable.answered, cand.refusals, cand.answered),
+    ):
+        if cn and tn:
+            z = two_proportion_z_test(cs, cn, ts, tn, alpha=alpha)
+            lines.append(
+                f"{label} {ts / tn:.2%} vs {cs / cn:.2%}: difference "
+                f"{z.estimate:+.2%} [{z.ci.low:+.2%}, {z.ci.high:+.2%}] p={z.p_value:.3g}"
+            )
+    return lines
