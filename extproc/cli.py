@@ -88,7 +88,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     from extproc.evaluator.service import serve
 
     exp, _ = _experiment(ns.experiment)
-    asyncio.run(serve(exp, _redis_url(ns), ns.instance))
+    asyncio.run(serve(exp, _redis_url(ns), ns.instance, ns.metrics))
     return EXIT_OK
 
 
@@ -616,6 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("evaluate", cmd_evaluate, "run the evaluator (one active per experiment)")
     p.add_argument("--experiment", help=exp_help)
     p.add_argument("--instance", default="", help="evaluator name (default host-pid)")
+    p.add_argument(
+        "--metrics",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics here (default: off)",
+    )
     _common(p)
 
     p = verb("pairs", cmd_pairs, "captured primary and shadow answers, side by side")

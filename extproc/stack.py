@@ -400,8 +400,18 @@ def up(opts: UpOptions) -> dict[str, Any]:
         ep["sidecar_metrics"] = f"http://127.0.0.1:{ports.sidecar_metrics}/metrics"
         stack.spawn(
             "evaluator",
-            [*py, "evaluate", "--experiment", str(opts.experiment_path), "--redis-url", redis_url],
+            [
+                *py,
+                "evaluate",
+                "--experiment",
+                str(opts.experiment_path),
+                "--redis-url",
+                redis_url,
+                "--metrics",
+                f"127.0.0.1:{ports.evaluator_metrics}",
+            ],
         )
+        ep["evaluator_metrics"] = f"http://127.0.0.1:{ports.evaluator_metrics}/metrics"
 
         layout = EnvoyLayout(
             listen_host="127.0.0.1",

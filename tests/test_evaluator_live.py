@@ -173,3 +173,30 @@ def test_standby_evaluator_takes_over_without_repeating_decisions(
         )
     finally:
         standby.stop_all()
+
+
+def test_evaluator_metrics_show_stage_and_decisions(
+    degrading: LiveStack, http: httpx.Client
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = degrading
+    url = s.state["endpoints"]["evaluator_metrics"]
+    assert s.cli("experiment", "rollback", "chat-upgrade").returncode == 0
+
+    def samples() -> dict[str, float]:
+        out = {}
+        for fam in text_string_to_metric_families(http.get(url).text):
+            for smp in fam.samples:
+                key = smp.name + "".join(f",{v}" for _k, v in sorted(smp.labels.items()))
+                out[key] = smp.value
+        return out
+
+    got = wait_for(
+        lambda: (
+            (m := samples()).get("extproc_evaluator_decisions_total,rollback,chat-upgrade") and m
+        ),
+        "the rollback decision in /metrics",
+    )
+    assert got["extproc_evaluator_active,chat-upgrade"] == 1
+    assert got["extproc_evaluator_stage,chat-upgrade"] == 1

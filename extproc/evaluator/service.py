@@ -33,6 +33,7 @@ from extproc.evaluator import machine
 from extproc.evaluator.judge import Verdict
 from extproc.evaluator.rollout import RolloutState, append_audit, load_state, stage_weights
 from extproc.evaluator.window import StageWindow
+from extproc.metrics import EvaluatorMetrics, serve_metrics
 from extproc.status import decode_event
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Evaluator:
         self.ticks = 0
         self.last_verdict: Verdict | None = None
         self._webhooks: set[asyncio.Task[None]] = set()
+        self.metrics = EvaluatorMetrics()
 
     # --- lease --------------------------------------------------------------------------------
 
@@ -181,6 +183,7 @@ class Evaluator:
             await self._set_weights(t.weights, t.weights_reason)
         await self._save(t.state)
         await self._audit(t.action, t.reasons, t.state, t.verdict, t.actor)
+        self.metrics.decision(self.experiment.name, t.action)
         if t.restart_window:
             self._reset_window(t.state.stage_started)
         if t.action == "rollback":
@@ -235,6 +238,13 @@ class Evaluator:
             pipe.expire(key, max(3, int(3 * self.spec.rollout.cadence_s)))
             await pipe.execute()
 
+    def _export_gauges(self) -> None:
+        name = self.experiment.name
+        self.metrics.active(name, self.leader)
+        if self.leader and self.state is not None:
+            self.metrics.stage(name, self.state.stage, stage_weights(self.spec, self.state.stage))
+            self.metrics.rollout_status(name, self.state.status)
+
     async def run(self) -> None:
         """Tick until SIGTERM/SIGINT; Redis trouble is logged and retried, never fatal."""
         stop = asyncio.Event()
@@ -247,6 +257,7 @@ class Evaluator:
                 if await self._hold_lease():
                     await self.tick()
                 await self._health()
+                self._export_gauges()
             except (RedisError, OSError) as err:
                 log.warning("evaluator tick failed: %s", err)
                 self.leader = False
@@ -259,9 +270,19 @@ class Evaluator:
                     await self.redis.delete(keys.lease(self.experiment.name))
 
 
-async def serve(experiment: Experiment, redis_url: str, instance: str = "") -> None:
+async def serve(
+    experiment: Experiment, redis_url: str, instance: str = "", metrics: str | None = None
+) -> None:
+    """Run an evaluator; with ``metrics`` (host:port) also serve Prometheus ``/metrics``."""
     r = store.connect(redis_url)
+    evaluator = Evaluator(experiment, r, instance)
+    runner = None
+    if metrics:
+        host, _, port = metrics.rpartition(":")
+        runner = await serve_metrics(evaluator.metrics.registry, host, int(port))
     try:
-        await Evaluator(experiment, r, instance).run()
+        await evaluator.run()
     finally:
+        if runner is not None:
+            await runner.cleanup()
         await r.aclose()
