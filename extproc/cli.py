@@ -14,16 +14,18 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from extproc import stack, store
 from extproc.config import ConfigError, Experiment, load_experiment
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+T = TypeVar("T")
 EXAMPLE_EXPERIMENT = Path(__file__).parent / "data" / "experiment.yaml"
 DEMO_EXPERIMENT = Path(__file__).parent / "data" / "demo-experiment.yaml"
 
@@ -44,6 +46,19 @@ def _redis_url(ns: argparse.Namespace) -> str:
     if st and st.get("endpoints", {}).get("redis"):
         return str(st["endpoints"]["redis"])
     return os.environ.get("REDIS_URL", store.DEFAULT_REDIS_URL)
+
+
+def _with_redis(ns: argparse.Namespace, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    """Run one async Redis call for a verb, with a client that is always closed."""
+
+    async def go() -> T:
+        r = store.connect(_redis_url(ns))
+        try:
+            return await fn(r)
+        finally:
+            await r.aclose()
+
+    return asyncio.run(go())
 
 
 # --- verbs -----------------------------------------------------------------------------------
@@ -118,14 +133,7 @@ def cmd_command(ns: argparse.Namespace) -> int:
 def cmd_log(ns: argparse.Namespace) -> int:
     from extproc.evaluator.rollout import read_audit
 
-    async def go() -> list[dict[str, Any]]:
-        r = store.connect(_redis_url(ns))
-        try:
-            return await read_audit(r, ns.name, ns.count)
-        finally:
-            await r.aclose()
-
-    records = asyncio.run(go())
+    records = _with_redis(ns, lambda r: read_audit(r, ns.name, ns.count))
     if ns.json:
         print(json.dumps(records, indent=2))
         return EXIT_OK
@@ -225,14 +233,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 def cmd_pairs(ns: argparse.Namespace) -> int:
     from extproc.status import recent_pairs
 
-    async def go() -> list[dict[str, Any]]:
-        r = store.connect(_redis_url(ns))
-        try:
-            return await recent_pairs(r, ns.name, ns.count)
-        finally:
-            await r.aclose()
-
-    pairs = asyncio.run(go())
+    pairs = _with_redis(ns, lambda r: recent_pairs(r, ns.name, ns.count))
     if ns.json:
         print(json.dumps(pairs, indent=2))
         return EXIT_OK
