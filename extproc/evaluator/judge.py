@@ -243,7 +243,11 @@ def judge(
     least = min((window.of(v).requests for v in cands), default=0)
     r = spec.rollout
     ready = stage_age_s >= r.min_stage_seconds and least >= r.min_stage_samples
-    waiting = [c for c in checks if c.status == "waiting" and c.action == "rollback"]
+    # At 100% stable serves nothing: comparisons that wait for stable data can never finish.
+    stable_live = weights.get(spec.stable, 0) > 0 or spec.strategy != "canary"
+    waiting = [
+        c for c in checks if c.status == "waiting" and c.action == "rollback" and stable_live
+    ]
     if spec.strategy in ("ab", "shadow"):
         if ready and not waiting:
             report = [f"{v}: {line}" for v in cands for line in ab_report(stable, window.of(v))]
