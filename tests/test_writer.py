@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,21 +13,6 @@ from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 from extproc.telemetry.writer import TelemetryWriter
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    st = stack.Stack(tmp_path_factory.mktemp("redis"))
-    port = stack.free_port()
-    st.spawn(
-        "redis", [stack.redis_binary(), "--port", str(port), "--save", "", "--bind", "127.0.0.1"]
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        stack.wait_until(stack.redis_ok(url), "redis")
-        yield url
-    finally:
-        st.stop_all()
 
 
 @pytest.fixture
