@@ -3,9 +3,10 @@
 ``bench/simulate_aa.py`` checks the statistics one test at a time. This script checks what users
 rely on: the evaluator as it runs, i.e. ``extproc.evaluator.machine`` (the decision path the live
 evaluator and `extproc analyze` share) judging a ``StageWindow`` fed with ``TelemetryEvent``
-protobufs, every guardrail of the experiment at once with alpha split over stages and
-guardrails, stage windows restarting at each advance, and routing following the decisions
-(closed loop: the candidate's share is whatever the machine last set).
+protobufs, every guardrail of the experiment at once with alpha split over guardrails (and, for
+the quantile tests, over stages), stage windows restarting at each advance while the e-valued
+tests carry their evidence into the next stage, and routing following the decisions (closed
+loop: the candidate's share is whatever the machine last set).
 
 Traffic: Poisson arrivals (``--rps``, 20 req/s), one conversation per request, latency lognormal
 (median 800 ms, sigma 0.8: p99 about 5.1 s), TTFT lognormal (median 250 ms, sigma 0.5), 1% server
@@ -23,7 +24,8 @@ Questions:
    p99 is 30% higher (median unchanged), or its error rate 3% instead of 1%, (a) with the
    candidate held at a 5% canary (the default experiment with ``auto_advance: false`` promoted
    once to its 5% stage, so alpha is split exactly as in the default schedule), and (b) on the
-   default schedule from 2%, where every advance restarts the stage window.
+   default schedule from 2%, where every advance restarts the stage window and only the
+   e-valued tests (error and refusal rates, means) carry evidence across stages.
 
 Run (about 20 minutes on 2 cores; the held p99 rows dominate, as each runs for up to 12 h of
 virtual time; ``--runs 100 --detect-runs 6 --max-hours 6`` takes about 4):
@@ -47,8 +49,7 @@ import yaml
 from extproc.cli import EXAMPLE_EXPERIMENT
 from extproc.config import ExperimentSpec, parse_experiment
 from extproc.evaluator import machine
-from extproc.evaluator.judge import per_check_alpha
-from extproc.evaluator.replay import replay_window
+from extproc.evaluator.judge import budget
 from extproc.evaluator.rollout import RolloutState
 from extproc.stats import wilson_interval
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
@@ -161,7 +162,7 @@ def run(args: tuple[ExperimentSpec, Scenario, int, float, float]) -> Outcome:
     if scenario.hold_at_5:
         t = machine.command(spec, state, "promote", "simulation", "hold at 5%", T0_MS / 1000)
         state, weights = t.state, dict(t.weights or weights)
-    window = replay_window(spec, state.stage_started)
+    window = machine.new_window(spec, state.stage_started)
     holds, now = 0, T0_MS
     last = len(spec.rollout.stages) - 1
     while now - T0_MS < max_s * 1000:
@@ -174,7 +175,7 @@ def run(args: tuple[ExperimentSpec, Scenario, int, float, float]) -> Outcome:
         if t.weights is not None:
             weights = dict(t.weights)
         if t.restart_window:
-            window = replay_window(spec, state.stage_started)
+            window = machine.new_window(spec, state.stage_started)
         holds += t.action == "hold"
         if state.status != "running" or (not scenario.hold_at_5 and state.stage == last):
             break
@@ -274,9 +275,9 @@ def main() -> None:
             f"{spec.rollout.min_stage_seconds:g} s and {spec.rollout.min_stage_samples} "
             f"candidate requests per stage at least), {args.rps:g} req/s, a checkpoint every "
             f"{spec.rollout.cadence_s:g} s, alpha {spec.rollout.alpha:g} over "
-            f"{len(gated)} gating guardrails ({', '.join(gated)}) x "
-            f"{len(spec.rollout.stages)} stages = {per_check_alpha(spec):.5f} per check; "
-            f"seed {args.seed}"
+            f"{len(gated)} gating guardrails ({', '.join(gated)}): "
+            f"{budget(spec).rollout:.5f} per e-valued check over the rollout, "
+            f"{budget(spec).stage:.5f} per quantile check and stage; seed {args.seed}"
         )
         aa = _many(pool, Scenario("A/A"), args.runs, args.seed, **kw)
         rb = sum(o.status == "rolled_back" for o in aa)

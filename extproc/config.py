@@ -311,6 +311,20 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
             problems.append(f"shadow.variant: {shadow['variant']!r} is not one of the variants")
         elif shadow["variant"] == raw.get("stable"):
             problems.append("shadow.variant: the stable variant cannot be its own shadow")
+    if raw.get("strategy") in ("shadow", "blue-green"):
+        # Both judge the new variant on mirrored copies of live requests before it serves any.
+        mirror: Mapping[str, Any] = shadow if isinstance(shadow, Mapping) else {}
+        if mirror.get("variant") is None:
+            problems.append(f"shadow.variant: required by strategy {raw['strategy']}")
+        if not mirror.get("share"):
+            problems.append(f"shadow.share: must be > 0 for strategy {raw['strategy']}")
+        if raw.get("strategy") == "blue-green" and isinstance(variants, Mapping):
+            green = variants.get(mirror.get("variant"))
+            if isinstance(green, Mapping) and green.get("weight", 0) != 0:
+                problems.append(
+                    f"variants.{mirror['variant']}.weight: must be 0 under blue-green "
+                    "(it serves nothing until the flip)"
+                )
     for section, field_name in (("capture", "redact"), ("quality", "refusal_patterns")):
         block = raw.get(section)
         if isinstance(block, Mapping) and isinstance(block.get(field_name), list):

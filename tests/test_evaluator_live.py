@@ -113,6 +113,49 @@ def test_healthy_candidate_is_walked_through_every_stage(
     assert r.headers["x-llm-variant"] == "canary"
 
 
+def test_blue_green_flips_after_mirrored_checks_and_flips_back(
+    tmp_path: Path, http: httpx.Client
+) -> None:
+    exp = write_experiment(
+        tmp_path,
+        strategy="blue-green",
+        variants={
+            "stable": {"cluster": "model_stable", "address": "127.0.0.1:8001", "weight": 100},
+            "canary": {"cluster": "model_canary", "address": "127.0.0.1:8002", "weight": 0},
+        },
+        shadow={"variant": "canary", "share": 100},
+        rollout={"cadence_s": 0.2, "min_stage_seconds": 0.3, "min_stage_samples": 15},
+        guardrails=[{"metric": "error_rate", "max_increase": 0.5, "min_samples": 20}],
+    )
+    s = start_stack(tmp_path / "stack", exp)
+    try:
+        served: list[str] = []
+
+        def flipped() -> bool:
+            for _ in range(10):
+                served.append(
+                    s.chat(http, {"x-conversation-id": str(uuid.uuid4())}).headers["x-llm-variant"]
+                )
+            return bool(s.status()["rollout"]["status"] == "completed")
+
+        wait_for(flipped, "the blue-green flip", timeout_s=60)
+        assert served[0] == "stable"  # users saw stable while green was checked on mirrors
+        assert [(rec["action"], rec["stage"]) for rec in audit(s)] == [
+            ("start", 0),
+            ("complete", 0),
+        ]
+        assert s.status()["routing"]["weights"] == {"stable": 0.0, "canary": 100.0}
+        assert s.chat(http, {"x-conversation-id": "after"}).headers["x-llm-variant"] == "canary"
+        out = s.cli("experiment", "rollback", "chat-upgrade", "--reason", "flip back")
+        assert out.returncode == 0, out.stderr
+        wait_for(
+            lambda: s.status()["routing"]["weights"] == {"stable": 100.0, "canary": 0.0},
+            "the flip back",
+        )
+    finally:
+        stack.down(s.state_dir)
+
+
 def test_operator_pause_and_rollback_go_through_the_evaluator(
     healthy: LiveStack, http: httpx.Client
 ) -> None:

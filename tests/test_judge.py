@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import pytest
 
 from extproc.config import parse_experiment
-from extproc.evaluator.judge import judge, per_check_alpha
+from extproc.evaluator import machine
+from extproc.evaluator.judge import budget, carry_evidence, initial_evidence, judge
 from extproc.evaluator.rollout import rollback_weights, stage_weights
 from extproc.evaluator.window import StageWindow
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
@@ -87,9 +89,92 @@ def test_last_stage_completes_and_weights_follow_stages() -> None:
     assert rollback_weights(spec) == {"stable": 100.0, "canary": 0.0}
 
 
-def test_alpha_is_split_over_stages_and_gating_guardrails() -> None:
+def test_alpha_is_split_over_gating_guardrails_and_per_stage_tests_over_stages() -> None:
     spec = parse_experiment(BASE).spec
-    assert per_check_alpha(spec) == pytest.approx(0.05 / (3 * 2))  # warn guardrails do not gate
+    b = budget(spec)  # warn guardrails do not gate
+    assert b.rollout == pytest.approx(0.05 / 2)
+    assert b.stage == pytest.approx(0.05 / (2 * 3))
+    assert initial_evidence(spec, 0) == pytest.approx(-math.log(3))
+
+
+def test_evidence_carries_across_stages() -> None:
+    """Errors 1% -> 5%: too few candidate requests in any one stage, caught with the carried
+    evidence of the stages before."""
+    spec = parse_experiment(BASE).spec
+    args = {"n_stable": 1500, "n_canary": 200, "err": (0.01, 0.05)}
+    first = judge(spec, window(**args, seed=3), WEIGHTS, stage=0, stage_age_s=60)
+    assert first.action == "advance"
+    evidence: dict[str, float] = {}
+    for stage in range(3):
+        v = judge(spec, window(**args, seed=3 + stage), WEIGHTS, stage, 60, evidence)
+        if v.action == "rollback":
+            break
+        evidence = carry_evidence(spec, evidence, stage, v)
+    assert v.action == "rollback", v.reasons
+    assert "evidence e=" in " ".join(v.reasons)
+    assert stage == 2
+    (check,) = [c for c in v.checks if c.metric == "error_rate"]
+    assert check.log_e is not None
+    assert check.log_e < -math.log(budget(spec).rollout)  # this stage alone: not enough
+
+
+def test_a_healthy_stage_does_not_bury_a_later_regression() -> None:
+    spec = parse_experiment(BASE).spec
+    healthy = judge(spec, window(n_canary=2000, n_stable=8000), WEIGHTS, 0, 60)
+    evidence = carry_evidence(spec, {}, 0, healthy)
+    key = "canary/error_rate"
+    assert evidence[key] >= -math.log(3)  # a fresh start at stage 2 keeps its prior weight
+    bad = judge(spec, window(err=(0.01, 0.2)), WEIGHTS, 1, 60, evidence)
+    assert bad.action == "rollback"
+
+
+def test_promote_carries_the_last_verdicts_evidence() -> None:
+    spec = parse_experiment(BASE).spec
+    state = machine.start(spec, 0.0).state
+    v = judge(spec, window(err=(0.01, 0.03)), WEIGHTS, 0, 5)
+    t = machine.command(spec, state, "promote", "ops", "", 10.0, v)
+    assert t.state.stage == 1
+    assert set(t.state.evidence) == {"canary/error_rate", "canary/completion_tokens"}
+    assert t.state.evidence == carry_evidence(spec, {}, 0, v)
+
+
+def test_blue_green_flips_after_mirrored_checks() -> None:
+    raw = {
+        **BASE,
+        "strategy": "blue-green",
+        "variants": {
+            "stable": {"cluster": "a", "weight": 100},
+            "canary": {"cluster": "b", "weight": 0},
+        },
+        "shadow": {"variant": "canary", "share": 100},
+    }
+    spec = parse_experiment(raw).spec
+    state = machine.start(spec, 0.0)
+    assert state.weights == {"stable": 100.0, "canary": 0.0}
+    w = machine.new_window(spec, 0.0)
+    assert w.shadow_as_candidate
+    healthy = window()
+    w.variants = healthy.variants
+    t = machine.evaluate(spec, state.state, w, state.weights, 60.0)
+    assert t.action == "complete", t.reasons
+    assert t.weights == {"stable": 0.0, "canary": 100.0}
+    assert "flip" in t.weights_reason
+    back = machine.command(spec, t.state, "rollback", "ops", "", 70.0)
+    assert back.weights == {"stable": 100.0, "canary": 0.0}
+
+
+def test_blue_green_needs_a_mirrored_variant_at_zero() -> None:
+    from extproc.config import ConfigError
+
+    raw = {**BASE, "strategy": "blue-green"}
+    with pytest.raises(ConfigError) as err:
+        parse_experiment(raw)
+    text = str(err.value)
+    assert "shadow.variant: required by strategy blue-green" in text
+    assert "shadow.share: must be > 0" in text
+    raw["shadow"] = {"variant": "canary", "share": 50}
+    with pytest.raises(ConfigError, match=r"variants\.canary\.weight: must be 0 under blue-green"):
+        parse_experiment(raw)
 
 
 def test_ab_completes_with_a_report() -> None:

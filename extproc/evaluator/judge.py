@@ -1,15 +1,20 @@
 """Pure decisions: from a stage's samples and the rollout state to pass / fail / wait per guardrail,
 and from those to one action. No I/O here, so every rule is table-tested.
 
-Error control: the experiment's ``alpha`` is split evenly (Bonferroni) over the stages and over
-the guardrails whose action is ``rollback`` or ``hold``; each guardrail uses an anytime-valid test
-(docs/STATISTICS.md), so checking every few seconds does not inflate false rollbacks, and the
+Error control: the experiment's ``alpha`` is split evenly (Bonferroni) over the guardrails whose
+action is ``rollback`` or ``hold``, and each uses an anytime-valid test (docs/STATISTICS.md), so
+checking every few seconds does not inflate false rollbacks. Tests with an e-value (error and
+refusal rates, means) carry their evidence across ramp stages: a stage's final e-value has
+expectation at most 1 under the null given the past, so the product over stages is a test
+martingale for the whole rollout and spends the guardrail's share once. Quantile tests have no
+e-value; they are judged per stage and their share is split again over the stages. Either way the
 chance of any false rollback over the whole rollout stays at or below ``alpha``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -49,6 +54,9 @@ SRM_THRESHOLD = 0.001
 
 @dataclass(frozen=True)
 class Check:
+    """One guardrail's look. ``log_e`` is this stage's log e-value (tests that have one);
+    ``evidence`` the log e-value over the rollout so far (earlier stages' carried plus this)."""
+
     variant: str
     metric: str
     action: str
@@ -57,10 +65,16 @@ class Check:
     bound: float | None
     margin: float
     detail: str
+    log_e: float | None = None
+    evidence: float | None = None
+
+    @property
+    def key(self) -> str:
+        return evidence_key(self.variant, self.metric)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("estimate", "bound"):
+        for k in ("estimate", "bound", "log_e", "evidence"):
             v = d[k]
             d[k] = None if v is None or not math.isfinite(v) else round(v, 4)
         return d
@@ -74,22 +88,85 @@ class Verdict:
     srm_p: float | None = None
 
 
-def per_check_alpha(spec: ExperimentSpec) -> float:
+@dataclass(frozen=True)
+class Budget:
+    """A gating guardrail's share of ``alpha``: ``rollout`` for a test whose evidence carries
+    across stages (spent once), ``stage`` for a test judged on one stage's data alone."""
+
+    rollout: float
+    stage: float
+
+
+def budget(spec: ExperimentSpec) -> Budget:
     gated = sum(1 for g in spec.guardrails if g.action in ("rollback", "hold")) or 1
     stages = len(spec.rollout.stages) if spec.strategy == "canary" else 1
-    return spec.rollout.alpha / (gated * stages)
+    return Budget(spec.rollout.alpha / gated, spec.rollout.alpha / (gated * stages))
+
+
+def evidence_key(variant: str, metric: str) -> str:
+    return f"{variant}/{metric}"
+
+
+def stage_weight(spec: ExperimentSpec) -> float:
+    """log w: each stage may start a fresh product of e-values, with prior weight 1/K."""
+    stages = len(spec.rollout.stages) if spec.strategy == "canary" else 1
+    return -math.log(stages)
+
+
+def initial_evidence(spec: ExperimentSpec, stage: int) -> float:
+    """The carried log evidence of a check with no record (every earlier stage counted e = 1)."""
+    return stage_weight(spec) + math.log(stage + 1)
+
+
+def carry_evidence(
+    spec: ExperimentSpec, carried: dict[str, float], stage: int, verdict: Verdict | None
+) -> dict[str, float]:
+    """The evidence the next stage starts from, once stage ``stage`` ends.
+
+    The evidence of a check is ``log sum_k w_k prod_{j>=k} e_j``: a mixture, over the stage k at
+    which a regression might have begun, of the products of the stages' e-values from k on. Each
+    product is a test martingale (a stage's e-value has expectation at most 1 under the null given
+    the past) and so is their mixture, so the check stays anytime-valid over the whole rollout;
+    and unlike a single product, evidence that a healthy early stage pushed below 1 cannot bury a
+    regression that starts later. Called with the verdict of the stage's last look (the stopping
+    time), whatever ended the stage, so no stage's evidence is dropped selectively.
+    """
+    out = dict(carried)
+    w = stage_weight(spec)
+    for c in verdict.checks if verdict else []:
+        if c.log_e is not None:
+            before = carried.get(c.key, initial_evidence(spec, stage))
+            out[c.key] = float(np.logaddexp(before + c.log_e, w))
+    return out
 
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def check_guardrail(
-    g: Guardrail, stable: VariantWindow, cand: VariantWindow, variant: str, alpha: float
-) -> Check:
-    """Run one guardrail for one candidate against stable."""
+def _log(e: float) -> float:
+    return math.log(e) if e > 0 else -math.inf
 
-    def result(status: CheckStatus, est: float, bound: float, detail: str) -> Check:
+
+def _evidence_note(combined: float, alpha: float) -> str:
+    e = math.exp(min(combined, 700.0))
+    return f"; evidence e={e:.3g} over the rollout (fails at {1 / alpha:.3g})"
+
+
+def check_guardrail(
+    g: Guardrail,
+    stable: VariantWindow,
+    cand: VariantWindow,
+    variant: str,
+    alpha: Budget,
+    carried: float,
+) -> Check:
+    """Run one guardrail for one candidate against stable; ``carried`` is the log evidence the
+    earlier stages left for this check (``carry_evidence``; ``initial_evidence`` at the start)."""
+
+    def result(
+        status: CheckStatus, est: float, bound: float, detail: str, log_e: float | None = None
+    ) -> Check:
         return Check(
             variant,
             g.metric,
@@ -99,67 +176,59 @@ def check_guardrail(
             _finite(bound),
             g.max_increase,
             detail,
+            log_e,
+            None if log_e is None else carried + log_e,
         )
 
     if cand.requests < g.min_samples:
         return result(
-            "waiting", math.nan, math.nan, f"{cand.requests}/{g.min_samples} candidate requests"
+            "waiting",
+            math.nan,
+            math.nan,
+            f"{cand.requests}/{g.min_samples} candidate requests",
+            0.0 if g.metric not in _QUANTILE else None,
         )
-    if g.metric == "error_rate":
-        t = proportion_harm_test(
-            stable.errors,
-            stable.requests,
-            cand.errors,
-            cand.requests,
-            margin=g.max_increase,
-            alpha=alpha / 2 if g.max_absolute else alpha,
+    if g.metric in ("error_rate", "refusal_rate"):
+        errors = g.metric == "error_rate"
+        label = "error rate" if errors else "refusal rate"
+        events, n, s_events, s_n = (
+            (cand.errors, cand.requests, stable.errors, stable.requests)
+            if errors
+            else (cand.refusals, cand.answered, stable.refusals, stable.answered)
         )
-        if t.harm:
-            return result(
-                "fail",
-                t.estimate,
-                t.bound,
-                f"error rate {cand.errors}/{cand.requests} vs stable "
-                f"{stable.errors}/{stable.requests}: more than "
-                f"+{g.max_increase:.0%} relative (bound {t.bound:+.0%})",
-            )
-        if g.max_absolute is not None:
-            errs = np.zeros(cand.requests)
-            errs[: cand.errors] = 1.0
+        a = alpha.rollout / 2 if g.max_absolute else alpha.rollout
+        t = proportion_harm_test(s_events, s_n, events, n, margin=g.max_increase, alpha=a)
+        log_e = _log(t.e_value)
+        combined = carried + log_e
+        text = (
+            f"{label} {events}/{n} vs stable {s_events}/{s_n} "
+            f"(bound {t.bound:+.0%}, limit +{g.max_increase:.0%})" + _evidence_note(combined, a)
+        )
+        if combined >= -math.log(a):
+            return result("fail", t.estimate, t.bound, f"{text}: worse beyond the margin", log_e)
+        if g.max_absolute is not None and n:
+            errs = np.zeros(n)
+            errs[:events] = 1.0
             low = quantile_confidence_sequence(
-                errs, 1 - g.max_absolute, alpha=alpha / 2, side="lower"
+                errs, 1 - g.max_absolute, alpha=alpha.stage / 2, side="lower"
             ).low
             if low >= 1.0:
                 return result(
                     "fail",
-                    cand.errors / cand.requests,
+                    events / n,
                     g.max_absolute,
-                    f"error rate {cand.errors}/{cand.requests} is above "
-                    f"{g.max_absolute:.1%} absolute",
+                    f"{label} {events}/{n} is above {g.max_absolute:.1%} absolute",
+                    log_e,
                 )
-        return result("pass", t.estimate, t.bound, "no evidence of harm")
-    if g.metric == "refusal_rate":
-        rt = proportion_harm_test(
-            stable.refusals,
-            stable.answered,
-            cand.refusals,
-            cand.answered,
-            margin=g.max_increase,
-            alpha=alpha,
-        )
-        status_: CheckStatus = "fail" if rt.harm else "pass"
-        return result(
-            status_,
-            rt.estimate,
-            rt.bound,
-            f"refusal rate {cand.refusals}/{cand.answered} vs stable "
-            f"{stable.refusals}/{stable.answered} (bound {rt.bound:+.0%}, "
-            f"limit +{g.max_increase:.0%})",
-        )
+        return result("pass", t.estimate, t.bound, text, log_e)
     if g.metric in _QUANTILE:
         source, q = _QUANTILE[g.metric]
         qt = quantile_harm_test(
-            stable.samples(source), cand.samples(source), q=q, margin=g.max_increase, alpha=alpha
+            stable.samples(source),
+            cand.samples(source),
+            q=q,
+            margin=g.max_increase,
+            alpha=alpha.stage,
         )
         if not qt.ready:
             return result("waiting", qt.estimate, qt.bound, "not enough samples for the quantile")
@@ -177,18 +246,21 @@ def check_guardrail(
         RunningMoments.of(cand.samples(source)),
         margin=g.max_increase,
         relative=True,
-        alpha=alpha,
+        alpha=alpha.rollout,
         min_samples=min(100, g.min_samples),
     )
     if not mt.ready:
-        return result("waiting", mt.estimate, mt.bound, "not enough samples")
-    status = "fail" if mt.harm else "pass"
+        return result("waiting", mt.estimate, mt.bound, "not enough samples", 0.0)
+    log_e = _log(mt.e_value)
+    combined = carried + log_e
+    status = "fail" if combined >= -math.log(alpha.rollout) else "pass"
     return result(
         status,
         mt.estimate,
         mt.bound,
         f"{g.metric} mean {mt.estimate:+.0%} vs stable (lower bound {mt.bound:+.0%}, "
-        f"limit +{g.max_increase:.0%})",
+        f"limit +{g.max_increase:.0%})" + _evidence_note(combined, alpha.rollout),
+        log_e,
     )
 
 
@@ -212,16 +284,30 @@ def judge(
     weights: dict[str, float],
     stage: int,
     stage_age_s: float,
+    evidence: Mapping[str, float] | None = None,
 ) -> Verdict:
-    """What to do now, for a running rollout at ``stage`` whose split is ``weights``."""
-    alpha = per_check_alpha(spec)
+    """What to do now, for a running rollout at ``stage`` whose split is ``weights``;
+    ``evidence`` is what earlier stages carried (``RolloutState.evidence``)."""
+    alpha = budget(spec)
     stable = window.of(spec.stable)
-    if spec.strategy == "shadow":  # the candidate answers mirrored copies only
+    mirrored = spec.strategy in ("shadow", "blue-green")
+    if mirrored:  # the candidate answers mirrored copies only
         cands = [spec.shadow.variant] if spec.shadow.variant else []
     else:
         cands = [v for v in spec.variants if v != spec.stable and weights.get(v, 0) > 0]
+    carried = evidence or {}
+    start = initial_evidence(spec, stage)
     checks = [
-        check_guardrail(g, stable, window.of(v), v, alpha) for v in cands for g in spec.guardrails
+        check_guardrail(
+            g,
+            stable,
+            window.of(v),
+            v,
+            alpha,
+            carried.get(evidence_key(v, g.metric), start),
+        )
+        for v in cands
+        for g in spec.guardrails
     ]
     failed = [c for c in checks if c.status == "fail"]
     for action in ("rollback", "hold"):
@@ -229,7 +315,7 @@ def judge(
         if hits:
             return Verdict(action, [f"{c.variant}: {c.detail}" for c in hits], checks)
     warnings = [f"warning: {c.variant}: {c.detail}" for c in failed]
-    srm = None if spec.strategy == "shadow" else srm_p_value(window, weights)
+    srm = None if mirrored else srm_p_value(window, weights)
     if srm is not None and srm < SRM_THRESHOLD:
         return Verdict(
             "hold",
@@ -248,6 +334,12 @@ def judge(
     waiting = [
         c for c in checks if c.status == "waiting" and c.action == "rollback" and stable_live
     ]
+    if spec.strategy == "blue-green":
+        if ready and not waiting and r.auto_advance:
+            return Verdict("complete", [*warnings, "mirrored checks passed: flip"], checks)
+        if ready and not waiting:
+            return Verdict("none", [*warnings, "mirrored checks passed: promote to flip"], checks)
+        return Verdict("none", warnings, checks)
     if spec.strategy in ("ab", "shadow"):
         if ready and not waiting:
             report = [f"{v}: {line}" for v in cands for line in ab_report(stable, window.of(v))]

@@ -17,7 +17,8 @@ start                  no rollout state yet            running, k = 0, weights o
 verdict rollback       S = running                     rolled_back, weights: all to stable
 verdict advance        S = running, k < K - 1          k + 1, new stage clock and window, weights
 verdict complete/adv.  S = running, k = K - 1 or       completed (canary: weights of the last
-                       not a canary                    stage, i.e. the candidate at 100%)
+                       not a canary                    stage, i.e. the candidate at 100%;
+                                                       blue-green: all to the mirrored variant)
 verdict hold           S = running, new reasons        recorded; stage and weights unchanged
 verdict none           S = running                     nothing
 pause / resume         running / paused                paused / running
@@ -27,6 +28,9 @@ abort                  running or paused               aborted, weights: all to 
 any other intent       otherwise                       recorded as ignored, nothing else changes
 =====================  ==============================  ===========================================
 
+An advance or a promote also carries each e-valued guardrail's evidence into the next stage
+(``judge.carry_evidence``), from the verdict of the stage's last look.
+
 Functions never mutate the state they are given: they return a new one.
 """
 
@@ -35,8 +39,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from extproc.config import ExperimentSpec
-from extproc.evaluator.judge import Verdict, judge
-from extproc.evaluator.rollout import RolloutState, rollback_weights, stage_weights
+from extproc.evaluator.judge import Verdict, carry_evidence, judge
+from extproc.evaluator.rollout import (
+    RolloutState,
+    flip_weights,
+    rollback_weights,
+    stage_weights,
+)
 from extproc.evaluator.window import StageWindow
 
 
@@ -63,10 +72,11 @@ class Transition:
 def new_window(spec: ExperimentSpec, started: float) -> StageWindow:
     """The empty window of a stage that began at ``started`` (seconds since the epoch).
 
-    Under the shadow strategy the mirrored answers are the candidate's samples.
+    Under the shadow and blue-green strategies the mirrored answers are the candidate's samples.
     """
     return StageWindow(
-        started_ms=round(started * 1000), shadow_as_candidate=spec.strategy == "shadow"
+        started_ms=round(started * 1000),
+        shadow_as_candidate=spec.strategy in ("shadow", "blue-green"),
     )
 
 
@@ -95,16 +105,22 @@ def _advance(
     last = s.stage >= len(spec.rollout.stages) - 1
     if spec.strategy != "canary" or last:
         s.status, s.last_action = "completed", "complete"
-        canary = spec.strategy == "canary"
+        weights: dict[str, float] | None = None
+        weights_reason = ""
+        if spec.strategy == "canary":
+            weights, weights_reason = stage_weights(spec, s.stage), "rollout complete"
+        elif spec.strategy == "blue-green":
+            weights, weights_reason = flip_weights(spec), "blue-green flip: " + reasons[-1]
         return Transition(
             s,
             "complete",
             list(reasons),
-            weights=stage_weights(spec, s.stage) if canary else None,
-            weights_reason="rollout complete" if canary else "",
+            weights=weights,
+            weights_reason=weights_reason,
             actor=actor,
             verdict=verdict,
         )
+    s.evidence = carry_evidence(spec, state.evidence, state.stage, verdict)
     s.stage += 1
     s.stage_started = now
     s.last_action = "advance"
@@ -146,8 +162,11 @@ def command(
     actor: str,
     reason: str,
     now: float,
+    last_verdict: Verdict | None = None,
 ) -> Transition:
     """An operator's intent (pause, resume, promote, rollback, abort), applied or ignored.
+
+    ``last_verdict`` is the stage's latest judgement: a promote carries its evidence forward.
 
     An intent that does not fit the status (resume while running, promote after a rollback) is
     recorded as ignored, so the audit log explains why nothing happened.
@@ -161,7 +180,7 @@ def command(
     elif intent == "resume" and s.status == "paused":
         s.status = "running"
     elif intent == "promote" and s.status in ("running", "paused"):
-        return _advance(spec, s, None, why, now, actor)
+        return _advance(spec, s, last_verdict, why, now, actor)
     elif intent == "rollback" and s.status in ("running", "paused", "completed"):
         return _rollback(spec, s, None, why, actor)
     elif intent == "abort" and s.status in ("running", "paused"):
@@ -205,5 +224,5 @@ def evaluate(
     """
     if state.status != "running":
         return Transition(state)
-    verdict = judge(spec, window, weights, state.stage, now - state.stage_started)
+    verdict = judge(spec, window, weights, state.stage, now - state.stage_started, state.evidence)
     return step(spec, state, verdict, now)

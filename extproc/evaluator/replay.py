@@ -29,56 +29,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-from numpy.typing import NDArray
-
 from extproc.config import ExperimentSpec
 from extproc.evaluator import machine
 from extproc.evaluator.judge import Verdict
-from extproc.evaluator.window import StageWindow, VariantWindow
+from extproc.evaluator.window import StageWindow
 from extproc.export import EventLogError, RecordedEvent
 
 _UNOBSERVED = 1e-6  # weight of a live candidate with no traffic yet: judged, waiting, no SRM
-_SAMPLE_LISTS = {"latency": "latency_ms", "ttft": "ttft_ms"}
-
-
-@dataclass
-class CachedVariantWindow(VariantWindow):
-    """A ``VariantWindow`` whose sample arrays grow with it instead of being rebuilt per look.
-
-    Why: the judge asks for each metric's samples as an array at every checkpoint, and the plain
-    window converts its whole list each time, which is O(window) per checkpoint and dominates a
-    replay of hours of traffic (a 4-hour stage at 20 req/s: ~7 ms of list conversion per
-    checkpoint, 2,880 checkpoints). Here each array is a buffer that only copies the new samples.
-    The samples, and so every decision, are the same; the arrays handed out are read-only views.
-    """
-
-    cache: dict[str, tuple[NDArray[np.float64], int]] = field(default_factory=dict, repr=False)
-
-    def samples(self, metric: str) -> NDArray[np.float64]:
-        source = getattr(self, _SAMPLE_LISTS.get(metric, metric), None)
-        if not isinstance(source, list):
-            return super().samples(metric)
-        buf, n = self.cache.get(metric, (np.empty(0), 0))
-        m = len(source)
-        if m < n:  # never happens (windows only grow); rebuild rather than trust the cache
-            buf, n = np.empty(0), 0
-        if m > buf.size:
-            grown = np.empty(max(m, 2 * buf.size, 1024))
-            grown[:n] = buf[:n]
-            buf = grown
-        buf[n:m] = source[n:m]
-        self.cache[metric] = (buf, m)
-        view = buf[:m]
-        view.flags.writeable = False
-        return view
-
-
-def replay_window(spec: ExperimentSpec, started: float) -> StageWindow:
-    """``machine.new_window`` with :class:`CachedVariantWindow` for the experiment's variants."""
-    window = machine.new_window(spec, started)
-    window.variants = {v: CachedVariantWindow() for v in spec.variants}
-    return window
 
 
 @dataclass(frozen=True)
@@ -236,7 +193,7 @@ def replay(
     res = ReplayResult(spec.name, cadence, len(events), start_ms, end_ms)
     t = machine.start(spec, start_ms / 1000)
     state, weights = t.state, dict(t.weights or {})
-    window = replay_window(spec, state.stage_started)
+    window = machine.new_window(spec, state.stage_started)
     res.trajectory.append(
         Point(start_ms, 0.0, 0, state.status, dict(weights), t.action, t.reasons, {}, [], {})
     )
@@ -260,7 +217,7 @@ def replay(
             res.trajectory.append(_point(spec, t, now_ms, start_ms, weights, window))
         state = t.state
         if t.restart_window:
-            window = replay_window(spec, state.stage_started)
+            window = machine.new_window(spec, state.stage_started)
         if now_ms >= end_ms:
             break
     res.status, res.stage, res.weights = state.status, state.stage, weights

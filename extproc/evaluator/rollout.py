@@ -32,6 +32,8 @@ class RolloutState:
     last_action: str = ""
     last_reasons: list[str] = field(default_factory=list)
     updated: float = 0.0
+    # per check ("variant/metric"): log evidence carried from finished stages (judge.carry_evidence)
+    evidence: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -50,6 +52,12 @@ def stage_weights(spec: ExperimentSpec, stage: int) -> dict[str, float]:
     weights = dict.fromkeys(cands, share)
     weights[spec.stable] = round(100 - share * len(cands), 2)
     return weights
+
+
+def flip_weights(spec: ExperimentSpec) -> dict[str, float]:
+    """Blue-green after its checks: everything to the new (mirrored) variant; stable stays
+    deployed and registered, so a rollback flips back at once."""
+    return {v: (100.0 if v == spec.shadow.variant else 0.0) for v in spec.variants}
 
 
 def rollback_weights(spec: ExperimentSpec) -> dict[str, float]:

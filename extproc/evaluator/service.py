@@ -156,6 +156,7 @@ class Evaluator:
 
     def _reset_window(self, started: float) -> None:
         self.window = machine.new_window(self.spec, started)
+        self.last_verdict = None  # a verdict belongs to its stage's window
 
     async def _read_events(self) -> int:
         n = 0
@@ -204,6 +205,7 @@ class Evaluator:
                 f.get("actor", "operator"),
                 f.get("reason", ""),
                 time.time(),
+                self.last_verdict,
             )
             await self._apply(t)
         await self._save(self.state)
