@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -463,6 +464,97 @@ def cmd_status(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_create(ns: argparse.Namespace) -> int:
+    """Publish an experiment file to Redis: definition and, when new, its file weights."""
+    exp, p = _experiment(ns.file)
+
+    async def go(r: aioredis.Redis) -> store.RoutingState | None:
+        if await store.get_definition(r, exp.name) is not None and not ns.replace:
+            return None
+        return await store.register_experiment(r, exp)
+
+    state = _with_redis(ns, go)
+    if state is None:
+        _err(
+            f"experiment {exp.name!r} already exists in Redis; "
+            "`--replace` publishes the new definition (live weights are kept)"
+        )
+        return EXIT_USAGE
+    if ns.json:
+        print(
+            json.dumps({"experiment": exp.name, "version": state.version, "weights": state.weights})
+        )
+    else:
+        print(f"{exp.name}: published from {p}; routing version {state.version}: {state.weights}")
+    return EXIT_OK
+
+
+async def _experiment_rows(r: aioredis.Redis) -> list[dict[str, Any]]:
+    from extproc import keys
+    from extproc.evaluator.rollout import load_state
+
+    rows = []
+    for raw in sorted(await r.smembers(keys.EXPERIMENTS)):
+        name = raw.decode() if isinstance(raw, bytes) else str(raw)
+        definition = await store.get_definition(r, name) or {}
+        routing = await store.get_routing(r, name)
+        state = await load_state(r, name)
+        rows.append(
+            {
+                "name": name,
+                "strategy": definition.get("strategy", "canary"),
+                "stable": definition.get("stable"),
+                "weights": routing.weights if routing else None,
+                "routing_version": routing.version if routing else None,
+                "status": state.status if state else "not started",
+                "stage": state.stage + 1 if state else None,
+            }
+        )
+    return rows
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    rows = _with_redis(ns, _experiment_rows)
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no experiments in Redis (`extproc experiment create FILE`, or `extproc up`)")
+    for row in rows:
+        w = ", ".join(f"{k} {v:g}%" for k, v in (row["weights"] or {}).items())
+        stage = f" stage {row['stage']}" if row["stage"] else ""
+        print(f"{row['name']:<24} {row['strategy']:<10} {row['status']}{stage}  [{w}]")
+    return EXIT_OK
+
+
+def cmd_show(ns: argparse.Namespace) -> int:
+    from extproc.evaluator.rollout import load_state
+
+    async def go(r: aioredis.Redis) -> dict[str, Any] | None:
+        definition = await store.get_definition(r, ns.name)
+        if definition is None:
+            return None
+        routing = await store.get_routing(r, ns.name)
+        state = await load_state(r, ns.name)
+        return {
+            "definition": definition,
+            "routing": None if routing is None else dataclasses.asdict(routing),
+            "rollout": None if state is None else json.loads(state.to_json()),
+        }
+
+    doc = _with_redis(ns, go)
+    if doc is None:
+        _err(f"no experiment {ns.name!r} in Redis (see `extproc experiment list`)")
+        return EXIT_USAGE
+    if ns.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
+    return EXIT_OK
+
+
 def cmd_set_weights(ns: argparse.Namespace) -> int:
     weights: dict[str, Any] = {}
     for item in ns.weights:
@@ -591,6 +683,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("experiment", lambda ns: EXIT_USAGE, "manage experiments")
     esub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cp = esub.add_parser("create", help="publish an experiment file to Redis")
+    cp.set_defaults(fn=cmd_create)
+    cp.add_argument("file", help="the experiment file (checked first; every problem listed)")
+    cp.add_argument("--replace", action="store_true", help="replace an existing definition")
+    cp.add_argument("--json", action="store_true")
+    _common(cp)
+    lp = esub.add_parser("list", help="experiments in Redis: strategy, status, stage, weights")
+    lp.set_defaults(fn=cmd_list)
+    lp.add_argument("--json", action="store_true")
+    _common(lp)
+    shp = esub.add_parser("show", help="one experiment: definition, live routing, rollout state")
+    shp.set_defaults(fn=cmd_show)
+    shp.add_argument("name")
+    shp.add_argument("--json", action="store_true")
+    _common(shp)
     sw = esub.add_parser("set-weights", help="change the live weights (every replica follows)")
     sw.set_defaults(fn=cmd_set_weights)
     sw.add_argument("name")
