@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint proto generate down clean
+.PHONY: demo test lint proto generate down clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(BIN)/pytest
+
+# Chromium and its driver for the dashboard's browser tests (Debian packages; root or sudo). Without
+# them those tests skip (or fail, with EXTPROC_REQUIRE_BROWSER=1 as in CI).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	$$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y chromium chromium-driver
 
 # Regenerate the telemetry schema code after editing proto/ (a test checks it is current).
 proto: $(VENV)/.installed

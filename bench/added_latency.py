@@ -24,10 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from extproc import stack
+from extproc import keys, stack, store
 from extproc.cli import EXAMPLE_EXPERIMENT
 from extproc.config import load_experiment
 from extproc.envoy_config import EnvoyLayout, build_baseline, to_yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import experiment_at, start_fast_upstream
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -60,12 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         st = stack.Stack(d / "bench")
-        up_port = stack.free_port()
-        st.spawn(
-            "upstream",
-            [sys.executable, "-m", "extproc", "mock-model", "--port", str(up_port), "--fast"],
-        )
-        stack.wait_until(stack.http_ok(f"http://127.0.0.1:{up_port}/healthz"), "upstream")
+        up_port = start_fast_upstream(st)
         upstreams = dict.fromkeys(exp.variant_names, f"127.0.0.1:{up_port}")
         bare_port, bare_admin = stack.free_port(), stack.free_port()
         layout = EnvoyLayout(
@@ -91,14 +89,10 @@ def main() -> None:
         )
         stack.wait_until(stack.http_ok(f"http://127.0.0.1:{bare_admin}/ready"), "bare envoy")
         full = d / "full"
-        exp_path = d / "exp.yaml"
-        doc = exp.to_json_dict()
-        for v in doc["variants"].values():
-            v["address"] = f"127.0.0.1:{up_port}"
-        exp_path.write_text(json.dumps(doc))
+        exp_path = d / "exp.json"
         state = stack.up(
             stack.UpOptions(
-                experiment=load_experiment(exp_path),
+                experiment=experiment_at(exp, up_port, exp_path),
                 experiment_path=exp_path,
                 state_dir=full,
                 auto_ports=True,
@@ -114,10 +108,8 @@ def main() -> None:
                 bare += measure(bare_port, args.requests, f"r{r}-")
                 ours += measure(full_port, args.requests, f"r{r}-")
             time.sleep(1.0)  # let the last telemetry batch land before counting
-            import redis
-
-            rc = redis.Redis.from_url(state["endpoints"]["redis"])
-            recorded = sum(int(v) for v in rc.hgetall(f"extproc:{{{exp.name}}}:counts").values())
+            rc = store.connect_sync(state["endpoints"]["redis"])
+            recorded = sum(int(v) for v in rc.hgetall(keys.counts(exp.name)).values())
         finally:
             stack.down(full)
             st.stop_all()

@@ -263,6 +263,12 @@ def main() -> None:
     parser.add_argument("--max-hours", type=float, default=12.0, help="virtual time cap per run")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes")
+    parser.add_argument(
+        "--rows",
+        type=lambda text: set(text.split(",")),
+        default=set(),
+        help="detection rows to run (default all): p99-held,p99-ramp,errors-held,errors-ramp",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     spec = load_spec(False)
@@ -317,8 +323,10 @@ def main() -> None:
             "| median time | stage at rollback |"
         )
         print("|---|---|---|---|---|---|---|---|")
-        for base in scenarios:
+        for key, base in zip(("p99", "errors"), scenarios, strict=False):
             for hold, how in ((True, "held at 5%"), (False, "default ramp from 2%")):
+                if args.rows and f"{key}-{'held' if hold else 'ramp'}" not in args.rows:
+                    continue
                 sc = replace(base, hold_at_5=hold)
                 outs = _many(pool, sc, args.detect_runs, args.seed + 7, **kw)
                 print(_detection_row(spec, sc.name, how, outs, args.max_hours))

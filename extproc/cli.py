@@ -22,10 +22,11 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from extproc import stack, store
+from extproc import keys, stack, store
 from extproc.config import ConfigError, Experiment, load_experiment
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 T = TypeVar("T")
 EXAMPLE_EXPERIMENT = Path(__file__).parent / "data" / "experiment.yaml"
 DEMO_EXPERIMENT = Path(__file__).parent / "data" / "demo-experiment.yaml"
@@ -66,20 +67,41 @@ def _with_redis(ns: argparse.Namespace, fn: Callable[[aioredis.Redis], Awaitable
 
 
 def cmd_check(ns: argparse.Namespace) -> int:
+    from extproc.watchdog import load_probes, probe_file
+
     exp, p = _experiment(ns.experiment)
+    probes = probe_file(exp)
+    if probes is not None:
+        load_probes(probes)
     print(f"{p}: ok: experiment {exp.name!r}, variants {exp.file_weights()}, stable {exp.stable!r}")
     return EXIT_OK
 
 
 def cmd_envoy_config(ns: argparse.Namespace) -> int:
-    from extproc.envoy_config import EnvoyLayout, render
+    from extproc.envoy_config import EnvoyLayout, SidecarTls, render
 
     exp, _ = _experiment(ns.experiment)
+    tls = None
+    if ns.sidecar_ca:
+        try:
+            tls = SidecarTls(
+                ca=ns.sidecar_ca,
+                server_name=ns.sidecar_server_name,
+                cert=ns.sidecar_client_cert,
+                key=ns.sidecar_client_key,
+            )
+        except ValueError as err:
+            _err(f"--sidecar-client-cert/--sidecar-client-key: {err}")
+            return EXIT_USAGE
+    elif ns.sidecar_server_name or ns.sidecar_client_cert or ns.sidecar_client_key:
+        _err("the --sidecar-* TLS options need --sidecar-ca")
+        return EXIT_USAGE
     layout = EnvoyLayout(
         listen_host=ns.listen_host,
         listen_port=ns.listen_port,
         admin_port=ns.admin_port,
-        sidecar=ns.sidecar,
+        sidecar=tuple(ns.sidecar or ["127.0.0.1:50051"]),
+        sidecar_tls=tls,
     )
     text = render(exp, layout)
     if ns.output:
@@ -90,12 +112,27 @@ def cmd_envoy_config(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    from extproc.sidecar.server import Sidecar, SidecarSettings
+    from extproc.sidecar import workers
+    from extproc.sidecar.server import Sidecar, SidecarSettings, TlsFiles
 
     exp, _ = _experiment(ns.experiment)
+    if (ns.tls_cert is None) != (ns.tls_key is None) or (ns.tls_client_ca and not ns.tls_cert):
+        _err("--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
+        return EXIT_USAGE
+    problem = workers.problem(ns.listen, ns.workers)
+    if problem:
+        _err(problem)
+        return EXIT_USAGE
     settings = SidecarSettings(
-        listen=ns.listen, redis_url=_redis_url(ns), instance=ns.instance, metrics=ns.metrics
+        listen=ns.listen,
+        redis_url=_redis_url(ns),
+        instance=ns.instance,
+        metrics=ns.metrics,
+        tls=TlsFiles(ns.tls_cert, ns.tls_key, ns.tls_client_ca) if ns.tls_cert else None,
     )
+    if ns.workers > 1:
+        level = logging.getLogger().getEffectiveLevel()
+        return workers.Supervisor(exp, settings, ns.workers, level).run()
     asyncio.run(Sidecar(exp, settings).run())
     return EXIT_OK
 
@@ -105,6 +142,22 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 
     exp, _ = _experiment(ns.experiment)
     asyncio.run(serve(exp, _redis_url(ns), ns.instance, ns.metrics))
+    return EXIT_OK
+
+
+def cmd_quality(ns: argparse.Namespace) -> int:
+    """The judge, the watchdog and the feedback endpoint (extproc/quality_worker.py)."""
+    from extproc import feedback, quality_worker
+
+    exp, _ = _experiment(ns.experiment)
+    settings = quality_worker.QualitySettings(
+        redis_url=_redis_url(ns),
+        listener=ns.listener,
+        feedback_listen=ns.feedback_listen,
+        feedback_token=os.environ.get(feedback.TOKEN_ENV, ""),
+    )
+    prepared = quality_worker.prepare(exp, settings)
+    asyncio.run(quality_worker.serve(exp, settings, prepared))
     return EXIT_OK
 
 
@@ -249,6 +302,10 @@ def cmd_pairs(ns: argparse.Namespace) -> int:
                     f"   {role:<8}({side['variant']}, {side['status']}): "
                     f"{(side.get('answer') or '')[:300]}"
                 )
+        if p.get("judge"):
+            j = p["judge"]
+            agreed = "both orders agree" if j["consistent"] else "orders disagree"
+            print(f"   judge:   {j['winner']} ({agreed}; {j['model']})")
     return EXIT_OK
 
 
@@ -265,6 +322,15 @@ def cmd_top(ns: argparse.Namespace) -> int:
         return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(top.live(lambda: _status_doc(ns), interval=ns.interval, stdin=sys.stdin))
+    return EXIT_OK
+
+
+def cmd_dashboard(ns: argparse.Namespace) -> int:
+    """The web dashboard; actions need --token, else $EXTPROC_DASHBOARD_TOKEN, else a new one."""
+    from extproc.dashboard import TOKEN_ENV, server
+
+    token = ns.token or os.environ.get(TOKEN_ENV) or None
+    server.run(_redis_url(ns), ns.host, ns.port, token)
     return EXIT_OK
 
 
@@ -290,6 +356,7 @@ def cmd_up(ns: argparse.Namespace) -> int:
             admin=ns.admin_port,
             sidecar=ns.sidecar_port,
             redis=ns.redis_port,
+            dashboard=ns.dashboard_port,
         ),
         redis_url=ns.redis_url or os.environ.get("REDIS_URL") or None,
     )
@@ -302,6 +369,8 @@ def cmd_up(ns: argparse.Namespace) -> int:
         print(f"  listener   {ep['listener']}   <- send OpenAI requests here")
         print(f"  redis      {ep['redis']}")
         print(f"  sidecar    {ep['sidecar']}")
+        print(f"  feedback   {ep['feedback']}   <- POST user feedback here")
+        print(f"  dashboard  {stack.dashboard_url(state)}")
         for v, url in ep.get("models", {}).items():
             print(f"  model      {url}   ({v} stand-in)")
         print("Try:  extproc status   |   extproc down")
@@ -350,6 +419,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     state = stack.up(opts)
     ep = state["endpoints"]
     print(f"  listener {ep['listener']}   (state and logs in {ns.state_dir}/)")
+    print(f"  dashboard {stack.dashboard_url(state)}   <- open it to watch the rollout")
     stages = ", ".join(f"{s:g}%" for s in exp.spec.rollout.stages)
     story = (
         "the candidate degrades at 25% and the evaluator rolls it back"
@@ -392,6 +462,8 @@ def _render_status(doc: dict[str, Any]) -> str:
         lines.append(f"weights    {w}   (version {routing['version']}: {routing['reason']})")
     if doc.get("endpoints", {}).get("listener"):
         lines.append(f"listener   {doc['endpoints']['listener']}")
+    if doc.get("dashboard_url"):
+        lines.append(f"dashboard  {doc['dashboard_url']}")
     head = (
         f"{'variant':<12}{'requests':>9}{'err%':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
         f"{'ttft p50':>10}{'tok in':>9}{'tok out':>9}"
@@ -439,6 +511,8 @@ async def _status_doc(ns: argparse.Namespace) -> dict[str, Any] | None:
         return None
     doc: dict[str, Any] = full["experiments"][name]
     doc["endpoints"] = st.get("endpoints", {})
+    if dashboard := stack.dashboard_url(st):
+        doc["dashboard_url"] = dashboard
     doc["sidecars"] = full["sidecars"]
     doc["telemetry"] = full["telemetry"]
     doc["experiments"] = names
@@ -449,6 +523,7 @@ async def _status_doc(ns: argparse.Namespace) -> dict[str, Any] | None:
         state = await load_state(r, name)
         doc["rollout"] = None if state is None else json.loads(state.to_json())
         doc["audit"] = await read_audit(r, name, 5)
+        doc["evaluation"] = await status.latest_evaluation(r, name)
         doc["evaluators"] = await status.evaluators(r)
     finally:
         await r.aclose()
@@ -490,7 +565,6 @@ def cmd_create(ns: argparse.Namespace) -> int:
 
 
 async def _experiment_rows(r: aioredis.Redis) -> list[dict[str, Any]]:
-    from extproc import keys
     from extproc.evaluator.rollout import load_state
 
     rows = []
@@ -591,6 +665,13 @@ def cmd_set_weights(ns: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return n
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state-dir",
@@ -600,7 +681,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redis-url",
         default=None,
-        help="Redis to use (default: the local stack's, else $REDIS_URL)",
+        help="Redis to use: redis://, rediss:// or, for Redis Cluster, redis+cluster:// "
+        "(default: the local stack's, else $REDIS_URL)",
     )
 
 
@@ -634,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument("--sidecar-port", type=int, default=50051)
     p.add_argument("--redis-port", type=int, default=6390, help="port of the embedded Redis")
+    p.add_argument("--dashboard-port", type=int, default=8080)
     p.add_argument("--json", action="store_true")
     _common(p)
 
@@ -661,7 +744,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics",
         default=None,
         metavar="HOST:PORT",
-        help="serve Prometheus /metrics here (default: off)",
+        help="serve Prometheus /metrics here (default: off); worker i uses PORT+i",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="processes sharing the TCP address (SO_REUSEPORT), supervised (default 1)",
+    )
+    p.add_argument("--tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA"
     )
     _common(p)
 
@@ -673,7 +767,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen-host", default="0.0.0.0")
     p.add_argument("--listen-port", type=int, default=10000)
     p.add_argument("--admin-port", type=int, default=9901)
-    p.add_argument("--sidecar", default="127.0.0.1:50051", help="host:port or unix:/path")
+    p.add_argument(
+        "--sidecar",
+        action="append",
+        help="host:port or unix:/path; repeat for several replicas (default 127.0.0.1:50051)",
+    )
+    p.add_argument("--sidecar-ca", metavar="PEM", help="reach the sidecar over TLS: its CA")
+    p.add_argument("--sidecar-server-name", help="SNI, and a DNS name its certificate must have")
+    p.add_argument("--sidecar-client-cert", metavar="PEM", help="Envoy's certificate (mTLS)")
+    p.add_argument("--sidecar-client-key", metavar="PEM", help="the key of --sidecar-client-cert")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
 
     from extproc import mockmodel
@@ -732,6 +834,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
 
+    p = verb("quality", cmd_quality, "run the judge, the watchdog and the feedback endpoint")
+    p.add_argument("--experiment", help=exp_help)
+    p.add_argument("--listener", help="Envoy listener URL the watchdog probes through")
+    p.add_argument(
+        "--feedback-listen",
+        metavar="HOST:PORT",
+        help="serve POST /v1/feedback here (default: off; token: $EXTPROC_FEEDBACK_TOKEN)",
+    )
+    _common(p)
+
     p = verb("pairs", cmd_pairs, "captured primary and shadow answers, side by side")
     p.add_argument("name")
     p.add_argument("--count", type=int, default=20)
@@ -767,6 +879,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.add_argument("--json", action="store_true", help="print the plan's summary as JSON")
 
+    p = verb("dashboard", cmd_dashboard, "the web dashboard: figures, decisions, pairs, actions")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--token",
+        default=None,
+        help="bearer token for actions (default: $EXTPROC_DASHBOARD_TOKEN, else a new one)",
+    )
+    _common(p)
+
     from extproc.top import seconds
 
     p = verb("top", cmd_top, "live per-variant table of an experiment (q or Ctrl-C quits)")
@@ -783,7 +905,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if ns.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     fn: Callable[[argparse.Namespace], int] = ns.fn
     try:

@@ -64,9 +64,23 @@ class VariantSpec(_Strict):
 
 
 class ForcedRouting(_Strict):
+    """Who may pin a request to a variant with a header (testers, the watchdog set).
+
+    ``secret_env`` names an environment variable of the sidecar that holds a shared secret; when
+    set, forcing also needs ``secret_header`` with that value, so nobody outside can push their
+    traffic onto an unreleased model. The file (and Redis) hold only the variable's name.
+    """
+
     enabled: bool = True
     header: str = Field(default="x-experiment", pattern=HEADER_RE)
     allow: list[str] = Field(default_factory=list, description="variants that may be forced")
+    secret_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    secret_header: str = Field(default="x-experiment-key", pattern=HEADER_RE)
+
+    @property
+    def strip(self) -> list[str]:
+        """Headers that steer routing and must never reach a model server."""
+        return [self.header, self.secret_header] if self.secret_env else [self.header]
 
 
 class EnvoySettings(_Strict):
@@ -85,20 +99,39 @@ Metric = Literal[
     "completion_tokens",
     "answer_chars",
     "response_bytes",
+    "judge_win_rate",
+    "feedback_negative_rate",
+    "watchdog_fail_rate",
 ]
 Action = Literal["rollback", "hold", "warn"]
+DECREASE_METRICS = frozenset({"judge_win_rate"})  # higher is better: a margin below a level
 
 
 class Guardrail(_Strict):
     """A one-sided check for harm: the candidate worse than stable by more than a margin."""
 
     metric: Metric
-    max_increase: float = Field(gt=0, description="relative margin, 0.2 = +20%")
+    max_increase: float | None = Field(
+        default=None, gt=0, description="relative margin, 0.2 = +20%"
+    )
+    max_decrease: float | None = Field(
+        default=None,
+        gt=0,
+        lt=0.5,
+        description="judge_win_rate only: points below a 50% win rate, 0.05 = under 45%",
+    )
     max_absolute: float | None = Field(
         default=None, gt=0, le=1, description="error_rate only: an absolute ceiling"
     )
     action: Action = "rollback"
     min_samples: int = Field(default=100, ge=1, description="candidate samples before judging")
+
+    @property
+    def margin(self) -> float:
+        """The tolerated harm: ``max_decrease`` for win rates, else ``max_increase``."""
+        value = self.max_decrease if self.metric in DECREASE_METRICS else self.max_increase
+        assert value is not None, "checked when the experiment is loaded"
+        return value
 
 
 DEFAULT_GUARDRAILS = [
@@ -109,6 +142,9 @@ DEFAULT_GUARDRAILS = [
     Guardrail(metric="completion_tokens", max_increase=0.50, action="warn"),
     Guardrail(metric="response_bytes", max_increase=0.30, action="warn"),
 ]
+
+
+JUDGE_GUARDRAIL = {"metric": "judge_win_rate", "max_decrease": 0.05, "action": "rollback"}
 
 
 class Rollout(_Strict):
@@ -154,6 +190,32 @@ class Quality(_Strict):
     refusal_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSALS))
 
 
+class Judge(_Strict):
+    """A judge model compares the primary and the shadow answer of captured pairs.
+
+    Run by ``extproc quality``; each pair costs two calls (both presentation orders).
+    """
+
+    endpoint: str = Field(description="base URL of an OpenAI-compatible API, as in .../v1")
+    model: str = Field(min_length=1)
+    api_key_env: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="env var with the key"
+    )
+    calls_per_minute: float = Field(default=30, gt=0, le=100_000)
+    sample: float = Field(default=100, ge=0, le=100, description="percent of pairs judged")
+    timeout_s: float = Field(default=60, gt=0, le=600)
+    max_retries: int = Field(default=2, ge=0, le=10, description="per call, on invalid output")
+
+
+class Watchdog(_Strict):
+    """Reference prompts sent to each variant (forced) at an interval, with checks."""
+
+    file: str = Field(min_length=1, description="YAML prompt set, relative to this file")
+    interval_s: float = Field(default=300, gt=0)
+    variants: list[str] = Field(default_factory=list, description="probed variants; [] = all")
+    timeout_s: float = Field(default=60, gt=0, le=600)
+
+
 class ExperimentSpec(_Strict):
     name: str = Field(pattern=NAME_RE)
     salt: str = Field(min_length=1, max_length=256)
@@ -168,6 +230,8 @@ class ExperimentSpec(_Strict):
     shadow: Shadow = Field(default_factory=Shadow)
     capture: Capture = Field(default_factory=Capture)
     quality: Quality = Field(default_factory=Quality)
+    judge: Judge | None = None
+    watchdog: Watchdog | None = None
 
 
 @dataclass(frozen=True)
@@ -299,12 +363,22 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
     guards = raw.get("guardrails")
     if isinstance(guards, list):
         for i, g in enumerate(guards):
-            if (
-                isinstance(g, Mapping)
-                and g.get("max_absolute") is not None
-                and g.get("metric") != "error_rate"
-            ):
+            if not isinstance(g, Mapping):
+                continue
+            if g.get("max_absolute") is not None and g.get("metric") != "error_rate":
                 problems.append(f"guardrails.{i}.max_absolute: only for metric error_rate")
+            metric = g.get("metric")
+            if not isinstance(metric, str):
+                continue  # reported by the structural check
+            wanted, other = (
+                ("max_decrease", "max_increase")
+                if metric in DECREASE_METRICS
+                else ("max_increase", "max_decrease")
+            )
+            if g.get(wanted) is None:
+                problems.append(f"guardrails.{i}.{wanted}: required for metric {metric}")
+            if g.get(other) is not None:
+                problems.append(f"guardrails.{i}.{other}: not used by metric {metric}")
     shadow = raw.get("shadow")
     if isinstance(shadow, Mapping) and shadow.get("variant") is not None:
         if shadow["variant"] not in variants:
@@ -341,17 +415,59 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _signal_source_problems(raw: Mapping[str, Any], variants: Mapping[str, Any]) -> list[str]:
+    """The judge needs captured pairs; the watchdog needs to force each variant it probes."""
+    problems: list[str] = []
+    judge = raw.get("judge")
+    if isinstance(judge, Mapping):
+        endpoint = judge.get("endpoint")
+        if isinstance(endpoint, str) and not re.match(r"^https?://[^/\s]+", endpoint):
+            problems.append(f"judge.endpoint: {endpoint!r} is not an http(s) URL")
+        shadow, capture = raw.get("shadow"), raw.get("capture")
+        if not (isinstance(shadow, Mapping) and shadow.get("variant")) or not (
+            isinstance(capture, Mapping) and capture.get("sample")
+        ):
+            problems.append("judge: needs pairs to judge: set shadow.variant and capture.sample")
+    watchdog = raw.get("watchdog")
+    if isinstance(watchdog, Mapping):
+        probed = watchdog.get("variants")
+        forced = raw.get("forced_routing")
+        forced = forced if isinstance(forced, Mapping) else {}
+        if forced.get("enabled") is False:
+            problems.append("watchdog: needs forced_routing.enabled (probes force each variant)")
+        allow = forced.get("allow") or []
+        if not probed and allow and set(variants) - set(allow):
+            problems.append(
+                "watchdog.variants: empty means every variant, but forced_routing.allow "
+                f"permits only {sorted(allow)}"
+            )
+        for i, v in enumerate(probed if isinstance(probed, list) else []):
+            if v not in variants:
+                problems.append(f"watchdog.variants.{i}: {v!r} is not one of the variants")
+            elif allow and v not in allow:
+                problems.append(f"watchdog.variants.{i}: {v!r} may not be forced (allow list)")
+    return problems
+
+
 def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
     """Validate a decoded experiment document; raise ConfigError listing every problem."""
     if not isinstance(raw, Mapping):
         raise ConfigError(source, ["(top level): must be a mapping of experiment settings"])
     problems: list[str] = []
     spec: ExperimentSpec | None = None
+    if raw.get("judge") is not None and "guardrails" not in raw:
+        # A judge is configured to be listened to: the field's default quality guardrail.
+        raw = {
+            **raw,
+            "guardrails": [g.model_dump() for g in DEFAULT_GUARDRAILS] + [JUDGE_GUARDRAIL],
+        }
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
         problems += _structural_problems(err)
     problems += _semantic_problems(raw)
+    if isinstance(raw.get("variants"), Mapping):
+        problems += _signal_source_problems(raw, raw["variants"])
     if problems or spec is None:
         raise ConfigError(source, problems)
     return Experiment(spec=spec, source=source)

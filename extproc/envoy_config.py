@@ -20,16 +20,24 @@ The request path, in filter order:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import yaml
 from envoy.config.bootstrap.v3.bootstrap_pb2 import Admin, Bootstrap
+from envoy.config.cluster.v3.circuit_breaker_pb2 import CircuitBreakers
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.common.mutation_rules.v3.mutation_rules_pb2 import HeaderMutation
 from envoy.config.core.v3.address_pb2 import Address, Pipe, SocketAddress
-from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.config.core.v3.base_pb2 import (
+    DataSource,
+    HeaderValue,
+    HeaderValueOption,
+    TransportSocket,
+)
 from envoy.config.core.v3.extension_pb2 import TypedExtensionConfig
 from envoy.config.core.v3.grpc_service_pb2 import GrpcService
+from envoy.config.core.v3.health_check_pb2 import HealthCheck
 from envoy.config.core.v3.protocol_pb2 import (
     Http1ProtocolOptions,
     Http2ProtocolOptions,
@@ -61,6 +69,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     header_mutation_pb2 as early,
 )
+from envoy.extensions.transport_sockets.tls.v3.common_pb2 import (
+    CertificateValidationContext,
+    SubjectAltNameMatcher,
+    TlsCertificate,
+)
+from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import CommonTlsContext, UpstreamTlsContext
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 from envoy.type.matcher.v3.string_pb2 import StringMatcher
 from google.protobuf import any_pb2, json_format
@@ -75,6 +89,28 @@ SIDECAR_CLUSTER = "extproc_sidecar"
 SHADOW_CLUSTER = "extproc_shadow"
 """The shadow listener's cluster: the sidecar names it in ``x-llm-shadow`` to mirror a request."""
 PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+SIDECAR_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+"""The name the sidecar reports health under (gRPC health protocol), as Envoy asks for it."""
+
+
+@dataclass(frozen=True)
+class SidecarTls:
+    """Envoy reaches the sidecar over TLS: files on Envoy's host.
+
+    ``ca`` signed the sidecar's certificate. ``server_name``, when set, is sent as SNI and must be
+    a DNS name in the sidecar's certificate; without it Envoy checks only the chain, so use a CA
+    that signs nothing but sidecars. ``cert`` and ``key`` are Envoy's own, for mutual TLS (the
+    sidecar's ``--tls-client-ca``).
+    """
+
+    ca: str
+    server_name: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("Envoy's client certificate and key go together")
 
 
 @dataclass(frozen=True)
@@ -87,7 +123,9 @@ class EnvoyLayout:
     admin_port: int = 9901
     shadow_host: str = "127.0.0.1"  # the shadow listener takes mirrored copies from Envoy itself
     shadow_port: int = 10001
-    sidecar: str = "127.0.0.1:50051"  # host:port, or unix:/path
+    # host:port or unix:/path; several (replicas) share the streams and are health-checked
+    sidecar: str | tuple[str, ...] = "127.0.0.1:50051"
+    sidecar_tls: SidecarTls | None = None
     upstreams: dict[str, str] = field(default_factory=dict)  # variant -> host:port override
 
 
@@ -108,11 +146,16 @@ def _address(target: str) -> Address:
     return Address(socket_address=SocketAddress(address=host, port_value=int(port)))
 
 
-def _cluster(name: str, target: str, *, http2: bool, timeout_ms: int) -> Cluster:
-    is_ip_or_pipe = (
-        target.startswith("unix:") or target.rpartition(":")[0].replace(".", "").isdigit()
-    )
-    endpoint = LbEndpoint(endpoint=Endpoint(address=_address(target)))
+def _is_ip_or_pipe(target: str) -> bool:
+    return target.startswith("unix:") or target.rpartition(":")[0].replace(".", "").isdigit()
+
+
+def _cluster(name: str, targets: str | Sequence[str], *, http2: bool, timeout_ms: int) -> Cluster:
+    addresses = [targets] if isinstance(targets, str) else list(targets)
+    static = all(_is_ip_or_pipe(t) for t in addresses)
+    if not static and any(t.startswith("unix:") for t in addresses):
+        raise ValueError(f"{name}: Unix sockets and DNS names cannot share a cluster")
+    endpoints = [LbEndpoint(endpoint=Endpoint(address=_address(t))) for t in addresses]
     opts = HttpProtocolOptions()
     if http2:
         opts.explicit_http_config.http2_protocol_options.CopyFrom(
@@ -124,13 +167,77 @@ def _cluster(name: str, target: str, *, http2: bool, timeout_ms: int) -> Cluster
         opts.explicit_http_config.http_protocol_options.CopyFrom(Http1ProtocolOptions())
     return Cluster(
         name=name,
-        type=Cluster.STATIC if is_ip_or_pipe else Cluster.STRICT_DNS,
+        type=Cluster.STATIC if static else Cluster.STRICT_DNS,
         connect_timeout=_ms(timeout_ms),
         load_assignment=ClusterLoadAssignment(
-            cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=[endpoint])]
+            cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=endpoints)]
         ),
         typed_extension_protocol_options={PROTOCOL_OPTIONS: _any(opts)},
     )
+
+
+def _upstream_tls(tls: SidecarTls) -> TransportSocket:
+    validation = CertificateValidationContext(trusted_ca=DataSource(filename=tls.ca))
+    if tls.server_name:
+        validation.match_typed_subject_alt_names.append(
+            SubjectAltNameMatcher(
+                san_type=SubjectAltNameMatcher.DNS,
+                matcher=StringMatcher(exact=tls.server_name),
+            )
+        )
+    # gRPC servers expect HTTP/2 to be negotiated by ALPN on a TLS connection.
+    common = CommonTlsContext(alpn_protocols=["h2"], validation_context=validation)
+    if tls.cert and tls.key:
+        common.tls_certificates.append(
+            TlsCertificate(
+                certificate_chain=DataSource(filename=tls.cert),
+                private_key=DataSource(filename=tls.key),
+            )
+        )
+    ctx = UpstreamTlsContext(common_tls_context=common, sni=tls.server_name or "")
+    return TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(ctx))
+
+
+# Envoy's default circuit breaker (1,024 requests in flight per cluster) counts gRPC streams; past
+# it Envoy fails ext_proc streams, routing ones included, and routes those requests to stable
+# (stickiness broken, telemetry lost) while every user still sees 200. The sidecar, not Envoy,
+# bounds its own backlog, so the breaker is set out of the way.
+SIDECAR_STREAM_LIMIT = 100_000
+
+
+def _sidecar_cluster(layout: EnvoyLayout) -> Cluster:
+    cluster = _cluster(SIDECAR_CLUSTER, layout.sidecar, http2=True, timeout_ms=250)
+    limit = UInt32Value(value=SIDECAR_STREAM_LIMIT)
+    cluster.circuit_breakers.CopyFrom(
+        CircuitBreakers(
+            thresholds=[
+                CircuitBreakers.Thresholds(
+                    max_connections=limit, max_pending_requests=limit, max_requests=limit
+                )
+            ]
+        )
+    )
+    if layout.sidecar_tls is not None:
+        cluster.transport_socket.CopyFrom(_upstream_tls(layout.sidecar_tls))
+    if len(cluster.load_assignment.endpoints[0].lb_endpoints) > 1:
+        # Each request opens two streams, a short routing one and an observing one that lasts
+        # as long as the response: round robin would pair them off and put every observing
+        # stream on one replica. Least request balances the streams actually open.
+        cluster.lb_policy = Cluster.LEAST_REQUEST
+        # A replica that is down, draining or still without its routing (it answers
+        # NOT_SERVING) stops getting streams, instead of its share of requests failing open to
+        # stable. With one replica there is nothing else to send them to.
+        cluster.health_checks.append(
+            HealthCheck(
+                timeout=_ms(250),
+                interval=_ms(1_000),
+                no_traffic_interval=_ms(5_000),
+                unhealthy_threshold=UInt32Value(value=2),
+                healthy_threshold=UInt32Value(value=1),
+                grpc_health_check=HealthCheck.GrpcHealthCheck(service_name=SIDECAR_SERVICE),
+            )
+        )
+    return cluster
 
 
 def _ext_proc(experiment: Experiment, *, observe: bool) -> ExternalProcessor:
@@ -174,7 +281,7 @@ def _echo(variant: str) -> HeaderValueOption:
 
 def _routes(experiment: Experiment) -> list[Route]:
     timeout = Duration(seconds=int(experiment.spec.envoy.request_timeout_s))
-    strip = [experiment.spec.forced_routing.header]
+    strip = experiment.spec.forced_routing.strip
     # Mirror only requests the sidecar marked (x-llm-shadow names the shadow listener's cluster).
     mirror = (
         [RouteAction.RequestMirrorPolicy(cluster_header=h.SHADOW)]
@@ -220,7 +327,7 @@ def _shadow_routes(experiment: Experiment) -> list[Route]:
             name="shadow",
             match=RouteMatch(prefix="/"),
             route=RouteAction(cluster=experiment.spec.variants[shadow].cluster, timeout=timeout),
-            request_headers_to_remove=[experiment.spec.forced_routing.header],
+            request_headers_to_remove=experiment.spec.forced_routing.strip,
         )
     ]
 
@@ -259,7 +366,7 @@ def _http_connection_manager(
 
 
 def build_bootstrap(experiment: Experiment, layout: EnvoyLayout) -> Bootstrap:
-    clusters = [_cluster(SIDECAR_CLUSTER, layout.sidecar, http2=True, timeout_ms=250)]
+    clusters = [_sidecar_cluster(layout)]
     for name, v in experiment.spec.variants.items():
         target = layout.upstreams.get(name) or v.address
         if target is None:

@@ -20,7 +20,9 @@ key                             type    content
 ``extproc:{E}:commands``        stream  operator intents (pause, promote, ...) for the evaluator
 ``extproc:{E}:lease``           string  the active evaluator's id, with a TTL
 ``extproc:{E}:pairs``           zset    request ids of captured pairs, scored by time
-``extproc:{E}:pair:<rid>``      hash    captured texts: fields ``primary``, ``shadow`` (JSON)
+``extproc:{E}:pair:<rid>``      hash    ``primary``, ``shadow``, ``judge`` or ``judge_error`` (JSON)
+``extproc:{E}:signals``         stream  judge verdicts, feedback, watchdog probes (``j``: JSON)
+``extproc:{E}:evaluation``      string  the evaluator's latest look (JSON: figures, checks)
 ``extproc:sidecar:<instance>``  hash    a sidecar replica's counters, with a TTL (liveness)
 ``extproc:evaluator:<id>``      hash    an evaluator's health, with a TTL
 ==============================  ======  ==================================================
@@ -89,3 +91,11 @@ def pairs(experiment: str) -> str:
 
 def pair(experiment: str, request_id: str) -> str:
     return _tagged(experiment, f"pair:{request_id}")
+
+
+def signals(experiment: str) -> str:
+    return _tagged(experiment, "signals")
+
+
+def evaluation(experiment: str) -> str:
+    return _tagged(experiment, "evaluation")

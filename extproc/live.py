@@ -55,6 +55,7 @@ class LiveRouting:
         self.current = Routing.build(experiment, 0, experiment.file_weights())
         self.redis_ok = False
         self.registered = False
+        self.loaded = asyncio.Event()  # set once the routing has been read from Redis
 
     @property
     def experiment(self) -> Experiment:
@@ -87,6 +88,7 @@ class LiveRouting:
             else:
                 state = got
         self._apply(state)
+        self.loaded.set()
 
     async def run(self) -> None:
         """Follow changes until cancelled; never raises on Redis trouble."""
@@ -94,6 +96,9 @@ class LiveRouting:
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
+                # A cluster client learns the slot map with its first command, and its pub/sub
+                # needs the map to pick the node to subscribe on; the loop reads again anyway.
+                await self.refresh()
                 await pubsub.subscribe(keys.changes(self.experiment.name))
                 while True:
                     await self.refresh()
@@ -102,7 +107,8 @@ class LiveRouting:
                     self.redis_ok = True
                     backoff = 0.1
                     await pubsub.get_message(timeout=self.poll_interval_s)
-            except (RedisError, OSError) as err:
+            # KeyError: redis-py's cluster pub/sub while its slot map is being rebuilt.
+            except (RedisError, OSError, KeyError) as err:
                 if self.redis_ok:
                     log.warning(
                         "redis unreachable, keeping routing version %d: %s",

@@ -11,6 +11,10 @@ a point chosen by a hash of the prompt), so two variants answer the same prompt 
 and a shadow comparison sees only what the settings change. The length is drawn per request around
 the configured mean: the evaluator's statistics need variance, even when a load generator repeats
 one prompt.
+
+With ``--judge-prefers`` it stands in for the judge model of ``extproc quality`` instead: every
+answer is a deterministic JSON verdict on the two answers in the prompt. ``GET /admin/requests``
+lists the last requests received, so a test can check what a client really asked.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import json
 import logging
 import math
 import random
+import re
 import time
 import uuid
 import zlib
 from asyncio import sleep as _sleep
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
@@ -44,6 +49,8 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 REFUSAL: Final = "I'm sorry, but I can't help with that."
+JUDGE_MODES: Final = ("", "longer", "first")
+_RECORDED: Final = 1000
 
 # A string split at import rather than a literal tuple: the vocabulary reads as text.
 _VOCAB_TEXT: Final = (
@@ -58,6 +65,8 @@ _VOCAB: Final = tuple(_VOCAB_TEXT.split())
 # Which fields are which kind: the CLI, the admin endpoint and validation all derive from this, so
 # a new knob is one line here plus the dataclass field.
 _DELAY_FIELDS: Final = frozenset({"latency_ms", "latency_jitter_ms", "tail_ms", "ttft_ms"})
+# Model servers take long prompts; aiohttp's 1 MiB default would answer 413 to a 10 MB one.
+MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 _RATE_FIELDS: Final = frozenset({"tail_rate", "error_rate", "refusal_rate", "hang_rate"})
 _FLOAT_FIELDS: Final = _DELAY_FIELDS | _RATE_FIELDS | {"tokens_per_s", "verbosity"}
 _INT_FIELDS: Final = frozenset({"completion_tokens"})
@@ -117,6 +126,13 @@ class MockBehaviour:
     seed: int | None = dataclasses.field(
         default=None, metadata=_help("seed for reproducible randomness (default: unseeded)")
     )
+    judge_prefers: str = dataclasses.field(
+        default="",
+        metadata=_help(
+            "act as a pairwise judge (extproc.judge_llm prompts): a JSON verdict preferring the "
+            "'longer' answer or the 'first' one shown (a position-biased judge); empty = off"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -142,6 +158,8 @@ class MockBehaviour:
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
             raise ValueError("seed must be an integer or null")
+        if self.judge_prefers not in JUDGE_MODES:
+            raise ValueError(f"judge_prefers must be one of {JUDGE_MODES}")
 
     @property
     def fast(self) -> bool:
@@ -203,7 +221,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kind = int
         else:
             kind = str
-        parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+        choices = JUDGE_MODES[1:] if f.name == "judge_prefers" else None  # "" is the default
+        parser.add_argument(
+            flag, type=kind, default=f.default, choices=choices, help=f.metadata["help"]
+        )
     parser.add_argument(
         "--fast",
         action="store_true",
@@ -336,6 +357,27 @@ def _answer_tokens(prompt_text: str, words: int, json_mode: bool) -> list[str]:
     return tokens
 
 
+def _judge_verdict(prompt_text: str, prefers: str) -> str:
+    """A verdict in the format extproc.judge_llm asks for, deterministic in the two answers."""
+    from extproc.judge_llm import ANSWER_A, ANSWER_B
+
+    def answer(tag: str) -> str:
+        found = re.search(f"<{tag}>\n(.*?)\n</{tag}>", prompt_text, re.DOTALL)
+        return found.group(1) if found else ""
+
+    a, b = answer(ANSWER_A), answer(ANSWER_B)
+    if prefers == "first":
+        winner = "A"
+    else:
+        winner = "A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie"
+
+    def scores(side: str) -> dict[str, int]:
+        n = 6 if winner == "tie" else 8 if winner == side else 5
+        return {"accuracy": n, "clarity": n, "completeness": n}
+
+    return json.dumps({"a": scores("A"), "b": scores("B"), "winner": winner})
+
+
 def _refusal_tokens() -> list[str]:
     words = REFUSAL.split(" ")
     return [(" " if i else "") + w for i, w in enumerate(words)]
@@ -355,6 +397,9 @@ class _State:
     streamed: int = 0
     in_flight: int = 0
     outcomes: Counter[str] = dataclasses.field(default_factory=Counter)
+    received: deque[dict[str, Any]] = dataclasses.field(
+        default_factory=lambda: deque(maxlen=_RECORDED)
+    )
 
 
 _STATE: Final = web.AppKey("extproc_mockmodel_state", _State)
@@ -445,7 +490,8 @@ async def _answer(request: web.Request, state: _State, outcome: _Outcome) -> web
         outcome.value = "bad_request"
         return _error(413, exc.text or "Request too large.", "invalid_request_error", name=b.name)
     try:
-        req = _parse_request(json.loads(raw))
+        body = json.loads(raw)
+        req = _parse_request(body)
     except (ValueError, RecursionError):
         outcome.value = "bad_request"
         message = "We could not parse the JSON body of your request."
@@ -455,6 +501,7 @@ async def _answer(request: web.Request, state: _State, outcome: _Outcome) -> web
         return _error(400, exc.message, "invalid_request_error", exc.param, name=b.name)
     if req.stream:
         state.streamed += 1
+    state.received.append({"headers": dict(request.headers), "body": body})
 
     if b.hang_rate and rng.random() < b.hang_rate:
         # Counted now, not at the end, so a test can see the hang while the client still waits.
@@ -467,8 +514,10 @@ async def _answer(request: web.Request, state: _State, outcome: _Outcome) -> web
         await _pause(delay)
         outcome.value = "error"
         return _error(500, _SERVER_ERROR, "server_error", name=b.name)
-    refused = bool(b.refusal_rate) and rng.random() < b.refusal_rate
-    if refused:
+    refused = not b.judge_prefers and bool(b.refusal_rate) and rng.random() < b.refusal_rate
+    if b.judge_prefers:
+        tokens = [_judge_verdict(req.prompt_text, b.judge_prefers)]
+    elif refused:
         tokens = _refusal_tokens()
     else:
         tokens = _answer_tokens(req.prompt_text, _answer_length(b, rng), req.json_mode)
@@ -604,10 +653,17 @@ async def _get_stats(request: web.Request) -> web.Response:
     )
 
 
+async def _get_requests(request: web.Request) -> web.Response:
+    """The last requests received (headers and JSON body), oldest first: what a test checks
+    a client (the judge, the watchdog) really sent."""
+    return web.json_response({"requests": list(request.app[_STATE].received)})
+
+
 async def _reset_stats(request: web.Request) -> web.Response:
     state = request.app[_STATE]
     state.requests = state.streamed = 0
     state.outcomes.clear()
+    state.received.clear()
     return await _get_stats(request)
 
 
@@ -635,7 +691,7 @@ async def _on_shutdown(app: web.Application) -> None:
 
 def make_app(behaviour: MockBehaviour) -> web.Application:
     """The aiohttp application; separate from :func:`serve` so tests can mount it anywhere."""
-    app = web.Application(middlewares=[_openai_errors])
+    app = web.Application(middlewares=[_openai_errors], client_max_size=MAX_REQUEST_BYTES)
     app[_STATE] = _State(
         behaviour=behaviour,
         rng=random.Random(behaviour.seed),
@@ -649,6 +705,7 @@ def make_app(behaviour: MockBehaviour) -> web.Application:
     app.router.add_post("/admin/behaviour", _set_behaviour)
     app.router.add_get("/admin/stats", _get_stats)
     app.router.add_delete("/admin/stats", _reset_stats)
+    app.router.add_get("/admin/requests", _get_requests)
     app.on_shutdown.append(_on_shutdown)
     return app
 

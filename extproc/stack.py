@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from extproc import keys
+from extproc import keys, store
 from extproc.config import Experiment
-from extproc.envoy_config import EnvoyLayout, render
+from extproc.dashboard import TOKEN_ENV
+from extproc.envoy_config import EnvoyLayout, SidecarTls, render
 
 T = TypeVar("T")
 STATE_FILE = "state.json"
@@ -46,6 +48,8 @@ class Ports:
     shadow: int = 10001
     sidecar_metrics: int = 9102
     evaluator_metrics: int = 9103
+    dashboard: int = 8080
+    feedback: int = 9104
     models: dict[str, int] = field(default_factory=dict)
 
 
@@ -172,7 +176,7 @@ def redis_ok(url: str) -> Callable[[], bool]:
 
     def check() -> bool:
         try:
-            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            client = store.connect_sync(url)
             with contextlib.closing(client):
                 return bool(client.ping())
         except (redis.RedisError, OSError):
@@ -186,7 +190,7 @@ def redis_has(url: str, key: str) -> Callable[[], bool]:
 
     def check() -> bool:
         try:
-            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            client = store.connect_sync(url)
             with contextlib.closing(client):
                 return bool(client.exists(key))
         except (redis.RedisError, OSError):
@@ -217,6 +221,7 @@ class Stack:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state, indent=2))
+        tmp.chmod(0o600)  # it holds the dashboard's token
         tmp.replace(self.state_path)
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
@@ -280,6 +285,12 @@ class UpOptions:
     ports: Ports = field(default_factory=Ports)
     redis_url: str | None = None
     mock_args: dict[str, list[str]] = field(default_factory=dict)
+    # Sidecar replicas behind the one Envoy (the first on ports.sidecar, the others on free
+    # ports), extra `extproc serve` arguments for each (--workers, --tls-*), and how Envoy
+    # reaches them over TLS (None: plaintext).
+    sidecars: int = 1
+    sidecar_args: tuple[str, ...] = ()
+    sidecar_tls: SidecarTls | None = None
 
 
 def _choose_ports(opts: UpOptions) -> Ports:
@@ -294,6 +305,8 @@ def _choose_ports(opts: UpOptions) -> Ports:
             shadow=free_port(),
             sidecar_metrics=free_port(),
             evaluator_metrics=free_port(),
+            dashboard=free_port(),
+            feedback=free_port(),
             models={v: free_port() for v in exp.variant_names},
         )
     if opts.mock_models:
@@ -307,6 +320,8 @@ def _choose_ports(opts: UpOptions) -> Ports:
         "sidecar": p.sidecar,
         "sidecar metrics": p.sidecar_metrics,
         "evaluator metrics": p.evaluator_metrics,
+        "feedback": p.feedback,
+        "dashboard": p.dashboard,
     }
     if exp.spec.shadow.variant:
         wanted["shadow listener"] = p.shadow
@@ -375,28 +390,35 @@ def up(opts: UpOptions) -> dict[str, Any]:
                 )
             ep["models"] = {v: f"http://{a}" for v, a in upstreams.items()}
 
-        sidecar = f"127.0.0.1:{ports.sidecar}"
-        stack.spawn(
-            "sidecar",
-            [
-                *py,
-                "serve",
-                "--experiment",
-                str(opts.experiment_path),
-                "--redis-url",
-                redis_url,
-                "--listen",
-                sidecar,
-                "--metrics",
-                f"127.0.0.1:{ports.sidecar_metrics}",
-            ],
-        )
-        wait_until(
-            tcp_ok("127.0.0.1", ports.sidecar),
-            "sidecar",
-            alive=lambda: stack.check_running("sidecar"),
-        )
-        ep["sidecar"] = sidecar
+        sidecars: list[str] = []
+        for i in range(opts.sidecars):
+            name = "sidecar" if i == 0 else f"sidecar-{i + 1}"
+            port = ports.sidecar if i == 0 else free_port()
+            metrics = ports.sidecar_metrics if i == 0 else free_port()
+            stack.spawn(
+                name,
+                [
+                    *py,
+                    "serve",
+                    "--experiment",
+                    str(opts.experiment_path),
+                    "--redis-url",
+                    redis_url,
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--metrics",
+                    f"127.0.0.1:{metrics}",
+                    *opts.sidecar_args,
+                ],
+            )
+            wait_until(
+                tcp_ok("127.0.0.1", port),
+                name,
+                alive=lambda name=name: stack.check_running(name),  # type: ignore[misc]
+            )
+            sidecars.append(f"127.0.0.1:{port}")
+        ep["sidecar"] = sidecars[0]
+        ep["sidecars"] = sidecars
         ep["sidecar_metrics"] = f"http://127.0.0.1:{ports.sidecar_metrics}/metrics"
         stack.spawn(
             "evaluator",
@@ -412,13 +434,32 @@ def up(opts: UpOptions) -> dict[str, Any]:
             ],
         )
         ep["evaluator_metrics"] = f"http://127.0.0.1:{ports.evaluator_metrics}/metrics"
+        # The token goes to the dashboard in its environment (not on its command line, which
+        # every local user can read) and into the state file, so `status` and `demo` can show it.
+        token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+        stack.state["dashboard_token"] = token
+        stack.spawn(
+            "dashboard",
+            [
+                *py,
+                "dashboard",
+                "--redis-url",
+                redis_url,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports.dashboard),
+            ],
+            env={TOKEN_ENV: token},
+        )
 
         layout = EnvoyLayout(
             listen_host="127.0.0.1",
             listen_port=ports.listener,
             admin_port=ports.admin,
             shadow_port=ports.shadow,
-            sidecar=sidecar,
+            sidecar=tuple(sidecars),
+            sidecar_tls=opts.sidecar_tls,
             upstreams=upstreams,
         )
         cfg = opts.state_dir / "envoy.yaml"
@@ -434,6 +475,34 @@ def up(opts: UpOptions) -> dict[str, Any]:
         )
         ep["listener"] = f"http://127.0.0.1:{ports.listener}"
         ep["envoy_admin"] = f"http://127.0.0.1:{ports.admin}"
+        # Judge, watchdog (probing through the listener) and the feedback endpoint.
+        stack.spawn(
+            "quality",
+            [
+                *py,
+                "quality",
+                "--experiment",
+                str(opts.experiment_path),
+                "--redis-url",
+                redis_url,
+                "--listener",
+                ep["listener"],
+                "--feedback-listen",
+                f"127.0.0.1:{ports.feedback}",
+            ],
+        )
+        wait_until(
+            http_ok(f"http://127.0.0.1:{ports.feedback}/healthz"),
+            "quality worker",
+            alive=lambda: stack.check_running("quality"),
+        )
+        ep["feedback"] = f"http://127.0.0.1:{ports.feedback}/v1/feedback"
+        wait_until(
+            http_ok(f"http://127.0.0.1:{ports.dashboard}/healthz"),
+            "dashboard",
+            alive=lambda: stack.check_running("dashboard"),
+        )
+        ep["dashboard"] = f"http://127.0.0.1:{ports.dashboard}"
         wait_until(
             redis_has(redis_url, keys.rollout(opts.experiment.name)),
             "evaluator",
@@ -453,3 +522,11 @@ def down(state_dir: Path) -> list[str]:
 
 def load_state(state_dir: Path) -> dict[str, Any] | None:
     return Stack(state_dir).load()
+
+
+def dashboard_url(state: dict[str, Any]) -> str | None:
+    """The local stack's dashboard with its token in the fragment (the page takes it from there;
+    a fragment never reaches a server or a log)."""
+    url = state.get("endpoints", {}).get("dashboard")
+    token = state.get("dashboard_token")
+    return f"{url}/#token={token}" if url and token else None

@@ -173,6 +173,13 @@ async def experiment_status(
     }
 
 
+async def latest_evaluation(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
+    """The evaluator's newest look: stage figures (quality signals included) and checks."""
+    raw = await r.get(keys.evaluation(name))
+    doc: dict[str, Any] | None = None if raw is None else json.loads(raw)
+    return doc
+
+
 async def recent_pairs(r: aioredis.Redis, name: str, count: int = 20) -> list[dict[str, Any]]:
     """Captured primary/shadow texts, newest first (pairs whose TTL ran out are skipped)."""
     ids = [_text(rid) for rid in await r.zrevrange(keys.pairs(name), 0, count - 1)]  # type: ignore[arg-type]

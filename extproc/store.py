@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from extproc import keys
 from extproc.config import Experiment, validate_weights
@@ -33,15 +35,49 @@ return out
 """
 
 
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""URL schemes that select Redis Cluster mode, and the plain scheme each stands for."""
+
+
+def cluster_url(url: str) -> str | None:
+    """The plain ``redis(s)://`` URL of a ``redis(s)+cluster://`` one; None for a single server.
+
+    Cluster mode is chosen by the URL alone, so that one setting (``REDIS_URL``, ``--redis-url``)
+    carries it to every part (sidecar, evaluator, CLI) without a separate flag to forget. The
+    host and port are any one node of the cluster; the client discovers the others.
+    """
+    scheme, sep, rest = url.partition("://")
+    plain = CLUSTER_SCHEMES.get(scheme.lower()) if sep else None
+    return None if plain is None else f"{plain}://{rest}"
+
+
+def _options(timeout_s: float) -> dict[str, Any]:
+    return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+
+
 def connect(url: str, *, timeout_s: float = 1.0) -> aioredis.Redis:
-    """A client that fails fast: the sidecar must never wait long on Redis."""
+    """A client that fails fast: the sidecar must never wait long on Redis.
+
+    Every part of the project gets its client here, so a ``redis+cluster://`` URL works
+    everywhere. A cluster client is returned under the single-server type on purpose: it has
+    the same command methods, and everything sent through it keeps to what a cluster accepts
+    (each transaction and script touches keys of one experiment, which share a hash slot;
+    untagged keys such as ``extproc:sidecar:<id>`` are written on their own).
+    """
+    plain = cluster_url(url)
+    if plain is not None:
+        return cast(aioredis.Redis, RedisCluster.from_url(plain, **_options(timeout_s)))
     return aioredis.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=5,
-        retry_on_timeout=False,
+        url, **_options(timeout_s), health_check_interval=5, retry_on_timeout=False
     )
+
+
+def connect_sync(url: str, *, timeout_s: float = 1.0) -> redis.Redis | redis.RedisCluster:
+    """The blocking counterpart of :func:`connect`, for readiness checks and scripts."""
+    plain = cluster_url(url)
+    if plain is not None:
+        return redis.RedisCluster.from_url(plain, **_options(timeout_s))
+    return redis.Redis.from_url(url, **_options(timeout_s))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import pytest
 import redis
 import yaml
 
-from extproc import stack
+from extproc import stack, store
 from extproc.cli import EXAMPLE_EXPERIMENT
 from extproc.config import load_experiment
 
@@ -45,8 +45,8 @@ class LiveStack:
     def redis_url(self) -> str:
         return str(self.state["endpoints"]["redis"])
 
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url, socket_timeout=2)
+    def redis(self) -> redis.Redis | redis.RedisCluster:
+        return store.connect_sync(self.redis_url, timeout_s=2)
 
     def pid(self, name: str) -> int:
         return int(self.state["processes"][name]["pid"])

@@ -37,7 +37,8 @@ def test_create_list_show(redis_url: str, tmp_path: Path) -> None:
 
     again = cli(redis_url, "create", str(EXAMPLE_EXPERIMENT))
     assert again.returncode == 2
-    assert "already exists" in again.stderr and "--replace" in again.stderr
+    assert "already exists" in again.stderr
+    assert "--replace" in again.stderr
 
     changed = tmp_path / "exp.yaml"
     changed.write_text(EXAMPLE_EXPERIMENT.read_text().replace("alpha: 0.05", "alpha: 0.01"))

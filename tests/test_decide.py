@@ -70,6 +70,23 @@ def test_forced_variant_and_its_refusals() -> None:
     assert choose_variant(policy, routing, {"x-experiment": b"stable"}) == "canary"
 
 
+def test_forcing_with_a_shared_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORCE_KEY", "s3cret")
+    policy, routing = setup(forced_routing={"secret_env": "FORCE_KEY"})
+    assert "x-experiment-key" in policy.wanted
+    ok = {"x-experiment": b"stable", "x-experiment-key": b"s3cret"}
+    assert choose_variant(policy, routing, ok) == "stable"
+    for bad in (b"", b"s3cre", b"s3cret ", b"\xff"):
+        with pytest.raises(ForcingNotAllowed, match="valid x-experiment-key"):
+            choose_variant(policy, routing, {"x-experiment": b"stable", "x-experiment-key": bad})
+    # no forcing header: the secret alone changes nothing
+    assert choose_variant(policy, routing, {"x-experiment-key": b"s3cret"}) == "canary"
+    monkeypatch.delenv("FORCE_KEY")
+    policy, routing = setup(forced_routing={"secret_env": "FORCE_KEY"})
+    with pytest.raises(ForcingNotAllowed):  # the secret is unset: nobody may force
+        choose_variant(policy, routing, ok)
+
+
 def test_attribution_kinds() -> None:
     policy, _ = setup()
     known = ("stable", "canary")

@@ -43,6 +43,7 @@ from cloudcoil.models.istio.networking import v1alpha3 as istio_v1alpha3
 
 from extproc.cli import EXAMPLE_EXPERIMENT, build_parser
 from extproc.config import Experiment, load_experiment
+from extproc.dashboard import TOKEN_ENV
 from extproc.envoy_config import EnvoyLayout, render
 from extproc.stack import envoy_binary
 
@@ -66,7 +67,7 @@ ISTIO_MODELS: dict[tuple[str, str], Any] = {
 }
 # Verbs the deployment files use before the CLI has them. Their arguments cannot be checked yet;
 # the verb name alone is. Remove a verb from here when it lands: its commands are then parsed.
-PENDING_VERBS = {"dashboard"}
+PENDING_VERBS: set[str] = set()
 HCM = "envoy.filters.network.http_connection_manager"
 HCM_TYPE = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -324,6 +325,30 @@ def test_compose_extproc_commands_parse() -> None:
             assert url.port == redis_port
 
 
+def test_compose_dashboard_serves_the_published_port() -> None:
+    """The dashboard listens beyond its container's loopback, on the port compose publishes and
+    its health check probes; its action token comes from the host's environment (or is made up
+    and logged), never from a file in the repository."""
+    service = compose()["services"]["dashboard"]
+    ns = parse_extproc(compose_argv("dashboard"))
+    assert (ns.verb, ns.host, ns.token) == ("dashboard", "0.0.0.0", None)
+    assert published("dashboard") == {ns.port: "127.0.0.1"}
+    assert f"http://127.0.0.1:{ns.port}/healthz" in " ".join(service["healthcheck"]["test"])
+    assert service["environment"] == {TOKEN_ENV: f"${{{TOKEN_ENV}:-}}"}
+
+
+def test_the_wheel_ships_the_dashboard_page() -> None:
+    """The page's files are package data: without them the image's dashboard serves 404s."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["extproc"]
+    static = ROOT / "extproc" / "dashboard" / "static"
+    files = [p.relative_to(ROOT / "extproc").as_posix() for p in static.iterdir()]
+    assert {"dashboard/static/index.html", "dashboard/static/app.js"} <= set(files)
+    for f in files:
+        assert any(fnmatch(f, pat) for pat in patterns), f"{f} is not package data"
+
+
 def test_compose_dependencies_have_health_checks() -> None:
     """`condition: service_healthy` on a service without a healthcheck never becomes true, and
     compose would wait forever."""
@@ -449,8 +474,9 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 sys.meta_path.insert(0, Block())
 import extproc.cli, extproc.sidecar.server, extproc.evaluator.service, extproc.mockmodel
+import extproc.dashboard.server
 parser = extproc.cli.build_parser()
-for argv in (["serve", "--listen", "0.0.0.0:50051"], ["evaluate"], ["mock-model"]):
+for argv in (["serve", "--listen", "0.0.0.0:50051"], ["evaluate"], ["mock-model"], ["dashboard"]):
     parser.parse_args(argv)
 print("ok")
 """

@@ -55,3 +55,59 @@ def test_generated_variants_validate(tmp_path: Path, layout: EnvoyLayout) -> Non
     p = tmp_path / "envoy.yaml"
     p.write_text(render(load_experiment(EXAMPLE_EXPERIMENT), layout))
     envoy_validate(p)
+
+
+def test_forcing_headers_never_reach_a_model_server() -> None:
+    import yaml
+
+    from extproc.config import parse_experiment
+
+    doc = yaml.safe_load(EXAMPLE_EXPERIMENT.read_text())
+    doc["forced_routing"] = {"secret_env": "FORCE_KEY"}
+    doc["shadow"] = {"variant": "canary", "share": 10}
+    config = yaml.safe_load(render(parse_experiment(doc), EnvoyLayout()))
+    routes = [
+        route
+        for listener in config["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for f in chain["filters"]
+        for vhost in f["typed_config"]["route_config"]["virtual_hosts"]
+        for route in vhost["routes"]
+    ]
+    assert len(routes) >= 4  # two variants, the fallback, the shadow listener's
+    for route in routes:
+        assert {"x-experiment", "x-experiment-key"} <= set(route["request_headers_to_remove"])
+
+
+def test_several_sidecars_over_tls_from_the_cli(tmp_path: Path) -> None:
+    """Replicas share streams by least request and are health-checked; TLS checks the name."""
+    import yaml
+
+    from extproc.cli import main
+
+    out = tmp_path / "envoy.yaml"
+    argv = ["envoy-config", "--sidecar", "10.0.0.5:50051", "--sidecar", "10.0.0.6:50051"]
+    argv += ["--sidecar-ca", "/etc/extproc/ca.pem", "--sidecar-server-name", "extproc-sidecar"]
+    assert main([*argv, "-o", str(out)]) == 0
+    cluster = yaml.safe_load(out.read_text())["static_resources"]["clusters"][0]
+    assert cluster["lb_policy"] == "LEAST_REQUEST"
+    assert len(cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+    check = cluster["health_checks"][0]["grpc_health_check"]
+    assert check["service_name"] == "envoy.service.ext_proc.v3.ExternalProcessor"
+    tls = cluster["transport_socket"]["typed_config"]
+    assert tls["sni"] == "extproc-sidecar"
+    assert tls["common_tls_context"]["alpn_protocols"] == ["h2"]
+    san = tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
+    assert san == [{"san_type": "DNS", "matcher": {"exact": "extproc-sidecar"}}]
+    # One replica: nothing to balance or to fail over to.
+    assert main(["envoy-config", "-o", str(out)]) == 0
+    single = yaml.safe_load(out.read_text())["static_resources"]["clusters"][0]
+    assert "health_checks" not in single
+    assert "transport_socket" not in single
+    # Unusable combinations are refused with a usage error.
+    assert main(["envoy-config", "--sidecar-server-name", "x", "-o", str(out)]) == 2
+    with pytest.raises(ValueError, match="cannot share a cluster"):
+        render(
+            load_experiment(EXAMPLE_EXPERIMENT),
+            EnvoyLayout(sidecar=("unix:/run/extproc.sock", "extproc:50051")),
+        )

@@ -30,11 +30,13 @@ def test_headers_target(data: bytes) -> None:
 
 
 @FAST
-@given(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=300)), max_size=40))
+@given(st.lists(st.tuples(st.integers(1, 255), st.binary(max_size=300)), max_size=40))
 def test_duplicate_and_noisy_headers_keep_the_sticky_decision(
     parts: list[tuple[int, bytes]],
 ) -> None:
-    """Noise in other headers (and repeats) never changes where a conversation goes."""
+    """Noise in other headers (and repeats) never changes where a conversation goes.
+
+    A part is a key byte (never 0, the targets' separator) and a value without separators."""
     sticky = b"\x00".join(
         bytes([targets._KEYS.index("x-conversation-id")]) + b"conv-1" for _ in "a"
     )

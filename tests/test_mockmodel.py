@@ -327,7 +327,7 @@ async def test_oversized_request_is_413_json(
     start_mock: Start, session: aiohttp.ClientSession
 ) -> None:
     base = await start_mock(MockBehaviour())
-    status, error = await post_chat(session, base, b"x" * (2 * 1024 * 1024))
+    status, error = await post_chat(session, base, b"x" * (mockmodel.MAX_REQUEST_BYTES + 1))
     assert status == 413
     assert error["error"]["type"] == "invalid_request_error"
 

@@ -32,6 +32,7 @@ from extproc.stats import (
     sequential_sample_ratio_mismatch,
     two_proportion_z_test,
     welch_t_test,
+    win_rate_harm_test,
 )
 
 CheckStatus = Literal["pass", "fail", "waiting"]
@@ -144,6 +145,31 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+_RATES = {
+    "error_rate": "error rate",
+    "refusal_rate": "refusal rate",
+    "feedback_negative_rate": "negative feedback rate",
+    "watchdog_fail_rate": "watchdog failure rate",
+}
+
+
+def _rate_counts(
+    metric: str, stable: VariantWindow, cand: VariantWindow
+) -> tuple[int, int, int, int]:
+    """(candidate events, candidate trials, stable events, stable trials) of a rate metric."""
+
+    def of(w: VariantWindow) -> tuple[int, int]:
+        if metric == "error_rate":
+            return w.errors, w.requests
+        if metric == "refusal_rate":
+            return w.refusals, w.answered
+        if metric == "feedback_negative_rate":  # requests with a complaint, at most one each
+            return min(w.negative_feedback, w.requests), w.requests
+        return w.probe_failures, w.probes
+
+    return (*of(cand), *of(stable))
+
+
 def _log(e: float) -> float:
     return math.log(e) if e > 0 else -math.inf
 
@@ -174,35 +200,47 @@ def check_guardrail(
             status,
             _finite(est),
             _finite(bound),
-            g.max_increase,
+            g.margin,
             detail,
             log_e,
             None if log_e is None else carried + log_e,
         )
 
-    if cand.requests < g.min_samples:
+    decisive = cand.judge_wins + cand.judge_losses
+    unit, have = {
+        "judge_win_rate": ("decisive judge verdicts", decisive),
+        "watchdog_fail_rate": ("watchdog probes", cand.probes),
+    }.get(g.metric, ("candidate requests", cand.requests))
+    if have < g.min_samples:
         return result(
             "waiting",
             math.nan,
             math.nan,
-            f"{cand.requests}/{g.min_samples} candidate requests",
+            f"{have}/{g.min_samples} {unit}",
             0.0 if g.metric not in _QUANTILE else None,
         )
-    if g.metric in ("error_rate", "refusal_rate"):
-        errors = g.metric == "error_rate"
-        label = "error rate" if errors else "refusal rate"
-        events, n, s_events, s_n = (
-            (cand.errors, cand.requests, stable.errors, stable.requests)
-            if errors
-            else (cand.refusals, cand.answered, stable.refusals, stable.answered)
+    if g.metric == "judge_win_rate":
+        wt = win_rate_harm_test(
+            cand.judge_wins, decisive, floor=0.5, margin=g.margin, alpha=alpha.rollout
         )
+        log_e = _log(wt.e_value)
+        combined = carried + log_e
+        text = (
+            f"judge win rate {cand.judge_wins}/{decisive} decisive verdicts "
+            f"(limit {0.5 - g.margin:.0%})" + _evidence_note(combined, alpha.rollout)
+        )
+        fail = combined >= -math.log(alpha.rollout)
+        return result("fail" if fail else "pass", -wt.estimate, math.nan, text, log_e)
+    if g.metric in _RATES:
+        label = _RATES[g.metric]
+        events, n, s_events, s_n = _rate_counts(g.metric, stable, cand)
         a = alpha.rollout / 2 if g.max_absolute else alpha.rollout
-        t = proportion_harm_test(s_events, s_n, events, n, margin=g.max_increase, alpha=a)
+        t = proportion_harm_test(s_events, s_n, events, n, margin=g.margin, alpha=a)
         log_e = _log(t.e_value)
         combined = carried + log_e
         text = (
             f"{label} {events}/{n} vs stable {s_events}/{s_n} "
-            f"(bound {t.bound:+.0%}, limit +{g.max_increase:.0%})" + _evidence_note(combined, a)
+            f"(bound {t.bound:+.0%}, limit +{g.margin:.0%})" + _evidence_note(combined, a)
         )
         if combined >= -math.log(a):
             return result("fail", t.estimate, t.bound, f"{text}: worse beyond the margin", log_e)
@@ -227,7 +265,7 @@ def check_guardrail(
             stable.samples(source),
             cand.samples(source),
             q=q,
-            margin=g.max_increase,
+            margin=g.margin,
             alpha=alpha.stage,
         )
         if not qt.ready:
@@ -238,13 +276,13 @@ def check_guardrail(
             qt.estimate,
             qt.bound,
             f"{g.metric} {qt.estimate:+.0%} vs stable (lower bound {qt.bound:+.0%}, "
-            f"limit +{g.max_increase:.0%})",
+            f"limit +{g.margin:.0%})",
         )
     source = _MEAN[g.metric]
     mt = mean_harm_test(
         RunningMoments.of(stable.samples(source)),
         RunningMoments.of(cand.samples(source)),
-        margin=g.max_increase,
+        margin=g.margin,
         relative=True,
         alpha=alpha.rollout,
         min_samples=min(100, g.min_samples),
@@ -259,7 +297,7 @@ def check_guardrail(
         mt.estimate,
         mt.bound,
         f"{g.metric} mean {mt.estimate:+.0%} vs stable (lower bound {mt.bound:+.0%}, "
-        f"limit +{g.max_increase:.0%})" + _evidence_note(combined, alpha.rollout),
+        f"limit +{g.margin:.0%})" + _evidence_note(combined, alpha.rollout),
         log_e,
     )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from extproc import keys, store
+from extproc import keys, signals, store
 from extproc.config import Experiment
 from extproc.evaluator import machine
 from extproc.evaluator.judge import Verdict
@@ -37,6 +38,8 @@ from extproc.metrics import EvaluatorMetrics, serve_metrics
 from extproc.status import decode_event
 
 log = logging.getLogger(__name__)
+
+SIGNAL_LAG_MS = 1000
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -68,6 +71,7 @@ class Evaluator:
         self.state: RolloutState | None = None
         self.window = StageWindow(started_ms=0)
         self.events_seen = "0-0"
+        self.signals_seen = "0-0"
         self.ticks = 0
         self.last_verdict: Verdict | None = None
         self._webhooks: set[asyncio.Task[None]] = set()
@@ -96,6 +100,7 @@ class Evaluator:
             self._reset_window(state.stage_started)
         assert self.state is not None
         self.events_seen = f"{int(self.state.stage_started * 1000)}-0"
+        self.signals_seen = self.events_seen
 
     # --- Redis writes ---------------------------------------------------------------------------
 
@@ -173,6 +178,39 @@ class Evaluator:
                 self.events_seen = _text(entry_id)
             n += len(entries)
 
+    async def _read_signals(self) -> None:
+        """Fold in quality signals written up to a second ago: feedback names a request whose
+        event may still sit in a sidecar's 50 ms write buffer, so the lag lets events land first.
+        """
+        horizon = int(time.time() * 1000) - SIGNAL_LAG_MS
+        while True:
+            batch = await signals.read(self.redis, self.experiment.name, self.signals_seen)
+            for entry_id, sig in batch.signals:
+                if int(entry_id.split("-", 1)[0]) > horizon:
+                    return
+                self.window.add_signal(sig)
+                self.signals_seen = entry_id
+            if batch.malformed:
+                self.signals_seen = batch.next_id
+            if not batch.signals and not batch.malformed:
+                return
+
+    async def _publish_evaluation(self, verdict: Verdict | None) -> None:
+        """The figures and checks of this look, for `extproc status` and the dashboard."""
+        assert self.state is not None
+        doc = {
+            "time": time.time(),
+            "stage": self.state.stage,
+            "status": self.state.status,
+            "variants": {v: w.summary() for v, w in self.window.variants.items()},
+            "feedback_unattributed": self.window.unattributed,
+            "action": verdict.action if verdict else None,
+            "reasons": verdict.reasons if verdict else [],
+            "checks": [c.to_json() for c in verdict.checks] if verdict else [],
+            "srm_p": verdict.srm_p if verdict else None,
+        }
+        await self.redis.set(keys.evaluation(self.experiment.name), json.dumps(doc))
+
     async def _apply(self, t: machine.Transition) -> None:
         """Carry out a transition: weights first (the part that protects users), then state,
         then the audit record. The audit snapshot is the window the decision was made on; a new
@@ -214,6 +252,7 @@ class Evaluator:
         """Read, apply intents, judge, act: one evaluation of the experiment."""
         assert self.state is not None
         await self._read_events()
+        await self._read_signals()
         await self._apply_commands()
         self.ticks += 1
         if self.state.status != "running":
@@ -222,6 +261,7 @@ class Evaluator:
         weights = routing.weights if routing else stage_weights(self.spec, self.state.stage)
         t = machine.evaluate(self.spec, self.state, self.window, weights, time.time())
         self.last_verdict = t.verdict
+        await self._publish_evaluation(t.verdict)
         await self._apply(t)
 
     async def _health(self) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from extproc.signals import FeedbackSignal, JudgeSignal, Signal, WatchdogSignal
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 
 SERVER_ERRORS = frozenset(
@@ -38,6 +39,13 @@ class VariantWindow:
     answer_chars: list[float] = field(default_factory=list)
     keys: set[str] = field(default_factory=set)
     unkeyed: int = 0
+    # Quality signals (extproc.signals) attributed to this variant within the stage.
+    judge_wins: int = 0  # pairwise verdicts this variant's answer won
+    judge_losses: int = 0
+    judge_ties: int = 0
+    feedback: dict[str, int] = field(default_factory=dict)  # up/down/retry/escalation counts
+    probes: int = 0  # watchdog reference prompts answered
+    probe_failures: int = 0
     _arrays: dict[str, tuple[NDArray[np.float64], int]] = field(default_factory=dict, repr=False)
 
     def add(self, ev: TelemetryEvent) -> None:
@@ -61,6 +69,10 @@ class VariantWindow:
             self.keys.add(ev.key_hash)
         else:
             self.unkeyed += 1
+
+    @property
+    def negative_feedback(self) -> int:
+        return sum(n for v, n in self.feedback.items() if v != "up")
 
     @property
     def assignment_units(self) -> int:
@@ -94,7 +106,7 @@ class VariantWindow:
         view.flags.writeable = False
         return view
 
-    def summary(self) -> dict[str, float | int | None]:
+    def summary(self) -> dict[str, float | int | dict[str, int] | None]:
         def pct(xs: list[float], q: float) -> float | None:
             return round(float(np.percentile(xs, q)), 2) if xs else None
 
@@ -115,6 +127,18 @@ class VariantWindow:
             "refusal_rate": round(self.refusals / self.answered, 4) if self.answered else None,
             "answer_chars_mean": mean(self.answer_chars),
             "conversations": len(self.keys),
+            "judge_verdicts": (decided := self.judge_wins + self.judge_losses) + self.judge_ties,
+            "judge_win_rate": round(self.judge_wins / decided, 4) if decided else None,
+            "feedback": dict(self.feedback),
+            "feedback_negative_rate": (
+                round(min(self.negative_feedback, self.requests) / self.requests, 4)
+                if self.requests and self.feedback
+                else None
+            ),
+            "watchdog_probes": self.probes,
+            "watchdog_fail_rate": (
+                round(self.probe_failures / self.probes, 4) if self.probes else None
+            ),
         }
 
 
@@ -127,6 +151,11 @@ class StageWindow:
     variants: dict[str, VariantWindow] = field(default_factory=dict)
     forced: int = 0
     shadow: int = 0
+    unattributed: int = 0  # feedback for requests this stage did not serve
+    # Who served what in this stage, so that feedback (which names only a request or a
+    # conversation) lands on the variant that answered it.
+    by_request: dict[str, str] = field(default_factory=dict, repr=False)
+    by_key: dict[str, str] = field(default_factory=dict, repr=False)
 
     def add(self, ev: TelemetryEvent) -> None:
         if ev.time_unix_ms < self.started_ms or not ev.variant:
@@ -139,6 +168,38 @@ class StageWindow:
             self.forced += 1
         else:
             self.variants.setdefault(ev.variant, VariantWindow()).add(ev)
+            if ev.request_id:
+                self.by_request[ev.request_id] = ev.variant
+            if ev.key_hash:
+                self.by_key[ev.key_hash] = ev.variant
+
+    def add_signal(self, sig: Signal) -> None:
+        """Fold in a quality signal of this stage (signals of earlier stages are ignored)."""
+        if sig.time_ms < self.started_ms:
+            return
+        if isinstance(sig, JudgeSignal):
+            primary = self.variants.setdefault(sig.primary, VariantWindow())
+            shadow = self.variants.setdefault(sig.shadow, VariantWindow())
+            if sig.winner == "tie":
+                primary.judge_ties += 1
+                shadow.judge_ties += 1
+            else:
+                won, lost = (primary, shadow) if sig.winner == "primary" else (shadow, primary)
+                won.judge_wins += 1
+                lost.judge_losses += 1
+        elif isinstance(sig, FeedbackSignal):
+            variant = (sig.request_id and self.by_request.get(sig.request_id)) or (
+                sig.key_hash and self.by_key.get(sig.key_hash)
+            )
+            if not variant:
+                self.unattributed += 1
+                return
+            fb = self.variants.setdefault(variant, VariantWindow()).feedback
+            fb[sig.value] = fb.get(sig.value, 0) + 1
+        elif isinstance(sig, WatchdogSignal):
+            w = self.variants.setdefault(sig.variant, VariantWindow())
+            w.probes += 1
+            w.probe_failures += not sig.passed
 
     def of(self, variant: str) -> VariantWindow:
         return self.variants.get(variant) or VariantWindow()

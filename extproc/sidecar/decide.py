@@ -7,7 +7,10 @@ all per-request bookkeeping (key hashing, telemetry) stays off the blocking path
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
+import os
 from dataclasses import dataclass
 
 from envoy.config.core.v3.base_pb2 import HeaderMap
@@ -17,6 +20,8 @@ from extproc.assignment import bucket_of, key_hash, random_bucket, salt_key
 from extproc.config import Experiment
 from extproc.live import Routing
 from extproc.telemetry.v1.event_pb2 import Assignment
+
+log = logging.getLogger(__name__)
 
 
 class RoutingError(Exception):
@@ -59,20 +64,35 @@ class Policy:
     forced_header: str | None
     forced_allow: frozenset[str]
     wanted: frozenset[str]
+    secret_header: str | None = None
+    secret: bytes | None = None  # None with a secret_header: the secret is unset, refuse all
 
     @classmethod
     def compile(cls, experiment: Experiment) -> Policy:
-        spec = experiment.spec
-        forced = spec.forced_routing.header if spec.forced_routing.enabled else None
-        wanted = {*spec.sticky_keys, h.VARIANT, h.REQUEST_ID, h.AUTHORITY}
+        fr = experiment.spec.forced_routing
+        forced = fr.header if fr.enabled else None
+        wanted = {*experiment.spec.sticky_keys, h.VARIANT, h.REQUEST_ID, h.AUTHORITY}
         if forced:
             wanted.add(forced)
+        secret_header, secret = None, None
+        if forced and fr.secret_env:
+            secret_header = fr.secret_header
+            wanted.add(secret_header)
+            value = os.environ.get(fr.secret_env, "")
+            secret = value.encode() if value else None
+            if secret is None:
+                log.warning(
+                    "forced_routing.secret_env: %s is not set: every forced request is refused",
+                    fr.secret_env,
+                )
         return cls(
-            salt=salt_key(spec.salt),
-            sticky_keys=tuple(spec.sticky_keys),
+            salt=salt_key(experiment.spec.salt),
+            sticky_keys=tuple(experiment.spec.sticky_keys),
             forced_header=forced,
-            forced_allow=frozenset(spec.forced_routing.allow),
+            forced_allow=frozenset(fr.allow),
             wanted=frozenset(wanted),
+            secret_header=secret_header,
+            secret=secret,
         )
 
 
@@ -93,6 +113,12 @@ def forced_variant(policy: Policy, routing: Routing, hdrs: dict[str, bytes]) -> 
     raw = hdrs.get(policy.forced_header)
     if not raw:
         return None
+    if policy.secret_header is not None:
+        given = hdrs.get(policy.secret_header, b"")
+        if policy.secret is None or not hmac.compare_digest(given, policy.secret):
+            raise ForcingNotAllowed(
+                f"forcing a variant needs a valid {policy.secret_header} header", []
+            )
     name = raw.decode("utf-8", "replace").strip()
     variants = list(routing.table.variants)
     if name not in variants:

@@ -117,7 +117,9 @@ class Observation:
         if ev.shadow and ctx.shadow_variant is not None:
             ev.variant = ctx.shadow_variant
         ev.captured = ctx.capture is not None and ctx.rules.captures(ev.request_id)
-        if ev.captured and not ev.shadow:
+        if ev.captured:
+            # Kept for the shadow copy too: its prompt is not stored twice, but whether it asked
+            # for JSON decides the json_valid signal of the candidate's answer.
             self.request_body = []
 
     def _response_headers(self, req: pb.ProcessingRequest, now: int) -> None:
@@ -169,6 +171,10 @@ class Observation:
                 ev.refusal = self.ctx.rules.is_refusal(s.text)
                 ev.empty_answer = not s.text.strip() and not s.tool_calls
                 ev.answer_chars = len(s.text)
+                if completed and self._asked_for_json():
+                    valid = _json_valid(s.text, self.ctx.rules.capture_bytes)
+                    if valid is not None:
+                        ev.json_valid = valid
             if ev.captured:
                 self._capture(s.text)
         self.ctx.emit(ev)
@@ -187,7 +193,7 @@ class Observation:
             "refusal": ev.refusal if ev.HasField("refusal") else None,
             "answer": None if text is None else ctx.rules.redacted(text),
         }
-        if self.request_body is not None:
+        if self.request_body is not None and not ev.shadow:
             doc["prompt"] = ctx.rules.redacted(
                 _prompt(b"".join(self.request_body), ctx.rules.capture_bytes)
             )
@@ -203,9 +209,32 @@ class Observation:
             )
         )
 
+    def _asked_for_json(self) -> bool:
+        """Whether the request (if its body was seen) set a JSON response_format."""
+        if self.request_body is None:
+            return False
+        try:
+            doc = json.loads(b"".join(self.request_body))
+        except (ValueError, RecursionError):
+            return False
+        fmt = doc.get("response_format") if isinstance(doc, dict) else None
+        return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
+
     def close(self) -> None:
         """The stream ended; emit now if the response never completed."""
         self._finish(time.time_ns(), completed=False)
+
+
+def _json_valid(answer: str, kept_bytes: int) -> bool | None:
+    """Whether a JSON-mode answer parses; None when it may have been cut at the capture limit
+    (the inspector keeps at most ``kept_bytes``, cut inside the last UTF-8 character)."""
+    if len(answer.encode("utf-8", "surrogatepass")) >= kept_bytes - 4:
+        return None
+    try:
+        json.loads(answer)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _prompt(body: bytes, limit: int) -> str:

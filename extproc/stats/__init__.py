@@ -48,6 +48,7 @@ from extproc.stats.sequential import (
     proportion_harm_test,
     quantile_confidence_sequence,
     quantile_harm_test,
+    win_rate_harm_test,
 )
 from extproc.stats.srm import sample_ratio_mismatch, sequential_sample_ratio_mismatch
 
@@ -79,4 +80,5 @@ __all__ = [
     "welch_t_test",
     "wilson_interval",
     "win_rate",
+    "win_rate_harm_test",
 ]

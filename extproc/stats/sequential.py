@@ -187,6 +187,48 @@ def proportion_harm_test(
     )
 
 
+def win_rate_harm_test(
+    wins: int,
+    decisive: int,
+    *,
+    floor: float = 0.5,
+    margin: float = 0.0,
+    alpha: float = 0.05,
+    tightest_at: int = 100,
+) -> HarmTest:
+    """Exact always-valid test of "the candidate wins less often than ``floor - margin``".
+
+    For pairwise verdicts (a judge comparing the candidate's answer with stable's on the same
+    prompt): ``wins`` of ``decisive`` verdicts (ties left out) went to the candidate. Under the
+    null the win probability is at least ``floor - margin``; the test is the beta-binomial mixture
+    likelihood ratio on the alternative side, a test supermartingale, so checking it after every
+    verdict keeps the false-alarm rate at or below ``alpha``. ``estimate`` and ``bound`` are on
+    the scale of the shortfall ``floor - p``; ``bound`` is NaN (not computed).
+    """
+    check_alpha(alpha, upper=0.5)
+    p0 = floor - margin
+    if not 0.0 < p0 < 1.0:
+        raise ValueError(f"floor - margin must be in (0, 1), got {p0}")
+    if not 0 <= wins <= decisive:
+        raise ValueError(f"need 0 <= wins <= decisive, got {wins}, {decisive}")
+    method = "beta-binomial mixture on the candidate's share of decisive verdicts"
+    if decisive == 0:
+        return _not_ready(method, margin, False, alpha, 0, 0)
+    strength = max(tightest_at / _mixture_tuning(alpha), 1.0)
+    log_e = _beta_mixture_log_e(wins, decisive, p0, strength, upper=False)
+    return _from_log_e(
+        method,
+        log_e=log_e,
+        estimate=floor - wins / decisive,
+        bound=math.nan,
+        margin=margin,
+        relative=False,
+        alpha=alpha,
+        n_control=0,
+        n_treatment=decisive,
+    )
+
+
 def quantile_harm_test(
     control: ArrayLike,
     treatment: ArrayLike,

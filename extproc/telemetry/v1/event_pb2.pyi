@@ -111,6 +111,7 @@ class TelemetryEvent(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     ANSWER_CHARS_FIELD_NUMBER: _builtins.int
     CAPTURED_FIELD_NUMBER: _builtins.int
+    JSON_VALID_FIELD_NUMBER: _builtins.int
     time_unix_ms: _builtins.int
     """Start of the request, milliseconds since the Unix epoch."""
     request_id: _builtins.str
@@ -149,6 +150,11 @@ class TelemetryEvent(_message.Message):
     """Characters of answer text (a length signal independent of the tokenizer)."""
     captured: _builtins.bool
     """Texts of this request were captured for shadow pairing (see extproc:{E}:pairs)."""
+    json_valid: _builtins.bool
+    """The request asked for JSON (response_format json_object or json_schema) and the answer
+    parsed as JSON. Known only for requests whose body the sidecar sees (captured ones) and
+    whose answer was not cut at capture.max_bytes; absent otherwise.
+    """
     def __init__(
         self,
         *,
@@ -175,10 +181,11 @@ class TelemetryEvent(_message.Message):
         tool_calls: _builtins.bool = ...,
         answer_chars: _builtins.int | None = ...,
         captured: _builtins.bool = ...,
+        json_valid: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "prompt_tokens", b"prompt_tokens", "refusal", b"refusal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_json_valid", b"_json_valid", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "json_valid", b"json_valid", "prompt_tokens", b"prompt_tokens", "refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "assignment", b"assignment", "captured", b"captured", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "error", b"error", "experiment", b"experiment", "finish_reason", b"finish_reason", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "key_hash", b"key_hash", "prompt_tokens", b"prompt_tokens", "recorder", b"recorder", "refusal", b"refusal", "request_id", b"request_id", "response_bytes", b"response_bytes", "shadow", b"shadow", "status", b"status", "streamed", b"streamed", "time_unix_ms", b"time_unix_ms", "tool_calls", b"tool_calls", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_json_valid", b"_json_valid", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "assignment", b"assignment", "captured", b"captured", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "error", b"error", "experiment", b"experiment", "finish_reason", b"finish_reason", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "json_valid", b"json_valid", "key_hash", b"key_hash", "prompt_tokens", b"prompt_tokens", "recorder", b"recorder", "refusal", b"refusal", "request_id", b"request_id", "response_bytes", b"response_bytes", "shadow", b"shadow", "status", b"status", "streamed", b"streamed", "time_unix_ms", b"time_unix_ms", "tool_calls", b"tool_calls", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__answer_chars: _TypeAlias = _typing.Literal["answer_chars"]  # noqa: Y015
     _WhichOneofArgType__answer_chars: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars"]  # noqa: Y015
@@ -192,6 +199,8 @@ class TelemetryEvent(_message.Message):
     _WhichOneofArgType__first_token_ms: _TypeAlias = _typing.Literal["_first_token_ms", b"_first_token_ms"]  # noqa: Y015
     _WhichOneofReturnType__headers_ms: _TypeAlias = _typing.Literal["headers_ms"]  # noqa: Y015
     _WhichOneofArgType__headers_ms: _TypeAlias = _typing.Literal["_headers_ms", b"_headers_ms"]  # noqa: Y015
+    _WhichOneofReturnType__json_valid: _TypeAlias = _typing.Literal["json_valid"]  # noqa: Y015
+    _WhichOneofArgType__json_valid: _TypeAlias = _typing.Literal["_json_valid", b"_json_valid"]  # noqa: Y015
     _WhichOneofReturnType__prompt_tokens: _TypeAlias = _typing.Literal["prompt_tokens"]  # noqa: Y015
     _WhichOneofArgType__prompt_tokens: _TypeAlias = _typing.Literal["_prompt_tokens", b"_prompt_tokens"]  # noqa: Y015
     _WhichOneofReturnType__refusal: _TypeAlias = _typing.Literal["refusal"]  # noqa: Y015
@@ -208,6 +217,8 @@ class TelemetryEvent(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__first_token_ms) -> _WhichOneofReturnType__first_token_ms | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__headers_ms) -> _WhichOneofReturnType__headers_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__json_valid) -> _WhichOneofReturnType__json_valid | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__prompt_tokens) -> _WhichOneofReturnType__prompt_tokens | None: ...
     @_typing.overload

@@ -1,0 +1,338 @@
+"""Faults under load: what users and telemetry see while our parts or a model misbehave.
+
+Each test keeps a steady load running (threads of real HTTP clients through Envoy), injects one
+fault into a real process, and counts what the clients saw. The figures printed here are the
+ones in docs/RELIABILITY.md (`pytest -s tests/test_faults_load_live.py`).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from extproc import keys, stack
+from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
+from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@dataclass
+class Result:
+    status: int
+    variant: str
+    request_id: str
+
+
+@dataclass
+class Load:
+    """Clients sending chat requests back to back until stopped; every outcome is kept."""
+
+    s: LiveStack
+    clients: int = 2
+    results: list[Result] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as c:
+            while not self.stop.is_set():
+                try:
+                    r = self.s.chat(c, {"x-conversation-id": str(uuid.uuid4())})
+                    res = Result(
+                        r.status_code,
+                        r.headers.get("x-llm-variant", ""),
+                        r.headers.get("x-request-id", ""),
+                    )
+                    with self.lock:
+                        self.results.append(res)
+                except httpx.HTTPError as err:
+                    with self.lock:
+                        self.failures.append(repr(err))
+
+    def __enter__(self) -> Load:
+        for _ in range(self.clients):
+            t = threading.Thread(target=self._run, daemon=True)
+            t.start()
+            self.threads.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.results)
+
+    def wait_more(self, n: int, what: str) -> int:
+        """Wait until ``n`` more requests completed; returns the index where they start."""
+        start = self.count()
+        wait_for(lambda: self.count() >= start + n, what, timeout_s=60)
+        return start
+
+    def since(self, start: int) -> list[Result]:
+        with self.lock:
+            return list(self.results[start:])
+
+    def non_2xx(self) -> int:
+        with self.lock:
+            return sum(r.status != 200 for r in self.results) + len(self.failures)
+
+
+def events(s: LiveStack) -> dict[str, TelemetryEvent]:
+    out = {}
+    for _id, fields in s.redis().xrange(keys.events("chat-upgrade")):
+        ev = TelemetryEvent()
+        ev.ParseFromString(fields[keys.EVENT_FIELD])
+        out[ev.request_id] = ev
+    return out
+
+
+def report(name: str, load: Load, **figures: object) -> None:
+    extra = ", ".join(f"{k} {v}" for k, v in figures.items())
+    print(f"\n[{name}] requests {load.count()}, errors seen by clients {load.non_2xx()}, {extra}")
+
+
+@pytest.fixture
+def canary_stack(tmp_path: Path) -> Iterator[LiveStack]:
+    """All live traffic on the canary, so a fallback to stable is visible in every answer.
+
+    A fixed split (strategy ab, a stage longer than the test): the evaluator keeps the weights.
+    """
+    exp = write_experiment(
+        tmp_path,
+        strategy="ab",
+        rollout={"min_stage_seconds": 3600},
+        variants={
+            "stable": {"cluster": "model_stable", "address": "127.0.0.1:8001", "weight": 0},
+            "canary": {"cluster": "model_canary", "address": "127.0.0.1:8002", "weight": 100},
+        },
+        envoy={"request_timeout_s": 2, "message_timeout_ms": 200},
+    )
+    s = start_stack(tmp_path / "stack", exp)
+    yield s
+    stack.down(s.state_dir)
+
+
+def test_stalled_sidecar_routes_to_stable_by_message_timeout(
+    canary_stack: LiveStack,
+) -> None:
+    s = canary_stack
+    pid = s.pid("sidecar")
+    with Load(s) as load:
+        load.wait_more(20, "traffic before the fault")
+        os.kill(pid, signal.SIGSTOP)  # alive but unresponsive: the slowest sidecar there is
+        try:
+            stalled = load.since(load.wait_more(20, "traffic while the sidecar is stalled"))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        during = collections.Counter(r.variant for r in stalled)
+        resumed = load.wait_more(1, "traffic after the sidecar resumed")
+        wait_for(
+            lambda: any(r.variant == "canary" for r in load.since(resumed)),
+            "routing to the canary again",
+        )
+    assert load.non_2xx() == 0, load.failures
+    assert during["stable"] >= 15, during  # requests in flight at the stop may still be canary
+    assert load.since(0)[0].variant == "canary"
+    report("sidecar stalled (SIGSTOP)", load, variants_while_stalled=dict(during))
+
+
+def test_sidecar_killed_and_restarted_under_load(canary_stack: LiveStack) -> None:
+    s = canary_stack
+    proc = s.state["processes"]["sidecar"]
+    with Load(s) as load:
+        load.wait_more(20, "traffic before the fault")
+        os.kill(int(proc["pid"]), signal.SIGKILL)
+        wait_for(lambda: not stack._alive(proc), "the sidecar to die")
+        down = load.since(load.wait_more(20, "traffic while the sidecar is dead"))
+        restarted = subprocess.Popen(
+            proc["argv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            back = load.wait_more(1, "traffic after the restart")
+            wait_for(
+                lambda: any(r.variant == "canary" for r in load.since(back)),
+                "the restarted sidecar to route again",
+            )
+            after = load.since(load.wait_more(20, "traffic after recovery"))
+        finally:
+            load.stop.set()
+            for t in load.threads:
+                t.join(timeout=30)
+            restarted.terminate()
+            restarted.wait(timeout=10)
+    assert load.non_2xx() == 0, load.failures
+    assert {r.variant for r in down} == {"stable"}
+    # Requests routed after the restart are recorded by the restarted sidecar.
+    got = events(s)
+    recorded = sum(r.request_id in got for r in after)
+    assert recorded == len(after)
+    report("sidecar killed and restarted", load, recorded_after_restart=f"{recorded}/{len(after)}")
+
+
+def test_redis_killed_and_restarted_under_load(canary_stack: LiveStack) -> None:
+    s = canary_stack
+    proc = s.state["processes"]["redis"]
+    with Load(s) as load:
+        load.wait_more(20, "traffic before the fault")
+        os.kill(int(proc["pid"]), signal.SIGKILL)
+        wait_for(lambda: not stack._alive(proc), "redis to die")
+        outage = load.since(load.wait_more(40, "traffic while redis is down"))
+        restarted = subprocess.Popen(
+            proc["argv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for(stack.redis_ok(s.redis_url), "redis to come back")
+            load.wait_more(20, "traffic after redis is back")
+            load.stop.set()
+            for t in load.threads:
+                t.join(timeout=30)
+            ids = {r.request_id for r in outage}
+            got = wait_for(
+                lambda: (evs := events(s)) and ids <= set(evs) and evs,
+                "the outage's buffered events to reach the restarted redis",
+            )
+        finally:
+            restarted.terminate()
+            restarted.wait(timeout=10)
+    assert load.non_2xx() == 0, load.failures
+    assert {r.variant for r in outage} == {"canary"}  # routing kept its last good weights
+    report(
+        "redis killed and restarted",
+        load,
+        outage_requests=len(outage),
+        outage_events_recorded=sum(i in got for i in ids),
+    )
+
+
+@pytest.fixture
+def split_stack(tmp_path: Path) -> Iterator[LiveStack]:
+    exp = write_experiment(
+        tmp_path,
+        strategy="ab",
+        rollout={"min_stage_seconds": 3600},
+        variants={
+            "stable": {"cluster": "model_stable", "address": "127.0.0.1:8001", "weight": 50},
+            "canary": {"cluster": "model_canary", "address": "127.0.0.1:8002", "weight": 50},
+        },
+        envoy={"request_timeout_s": 1, "message_timeout_ms": 200},
+    )
+    s = start_stack(tmp_path / "stack", exp)
+    yield s
+    stack.down(s.state_dir)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "status", "error"),
+    [
+        ({"error_rate": 1.0}, 500, ErrorClass.ERROR_CLASS_UPSTREAM_5XX),
+        ({"hang_rate": 1.0}, 504, ErrorClass.ERROR_CLASS_TIMEOUT),
+    ],
+    ids=["5xx", "hang"],
+)
+def test_a_failing_model_is_charged_to_its_variant_only(
+    split_stack: LiveStack, behaviour: dict[str, float], status: int, error: int
+) -> None:
+    s = split_stack
+    canary = s.state["endpoints"]["models"]["canary"]
+    httpx.post(f"{canary}/admin/behaviour", json=behaviour, timeout=5).raise_for_status()
+    with Load(s, clients=4) as load:
+        start = load.wait_more(40, "traffic with a failing canary")
+    seen = load.since(start)
+    by_variant = collections.Counter((r.variant, r.status) for r in seen)
+    assert {st for (v, st) in by_variant if v == "stable"} == {200}, by_variant
+    assert {st for (v, st) in by_variant if v == "canary"} == {status}, by_variant
+    ids = {r.request_id: r.variant for r in seen}
+    got = wait_for(
+        lambda: (evs := events(s)) and all(i in evs for i in ids) and evs,
+        "every request's event",
+    )
+    for rid, variant in ids.items():
+        ev = got[rid]
+        assert ev.variant == variant
+        assert ev.error == (error if variant == "canary" else ErrorClass.ERROR_CLASS_NONE)
+    report(f"canary {behaviour}", load, by_variant_and_status=dict(by_variant))
+
+
+def test_bad_input_gets_a_clear_answer_and_serving_goes_on(live_stack: LiveStack) -> None:
+    s = live_stack
+    with httpx.Client(timeout=30) as c:
+        big = "x" * (10 * 1024 * 1024)
+        r = s.chat(
+            c, {"x-conversation-id": "big-body"}, messages=[{"role": "user", "content": big}]
+        )
+        assert r.status_code == 200
+        r = s.chat(c, {"x-conversation-id": "h" * 100_000})
+        assert r.status_code == 431  # Envoy's header limit (60 KiB), before any of our code
+        raw = [(b"x-conversation-id", b"\xff\xfe-not-utf8"), (b"x-conversation-id", b"other")]
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        first = c.post(f"{s.listener}/v1/chat/completions", json=payload, headers=raw)
+        assert first.status_code == 200
+        for _ in range(5):  # sticky on the first value, whatever its bytes
+            again = c.post(f"{s.listener}/v1/chat/completions", json=payload, headers=raw)
+            assert again.headers["x-llm-variant"] == first.headers["x-llm-variant"]
+        r = c.post(
+            f"{s.listener}/v1/chat/completions",
+            content=b'{"model": "m", "messages": [',
+            headers={"content-type": "application/json", "x-conversation-id": "truncated"},
+        )
+        assert r.status_code == 400  # the model server's answer; routing and telemetry unaffected
+        assert s.chat(c, {"x-conversation-id": "after"}).status_code == 200
+        rid = r.headers["x-request-id"]
+    got = wait_for(lambda: events(s).get(rid), "the malformed request's event")
+    assert got.status == 400
+    assert got.error == ErrorClass.ERROR_CLASS_CLIENT_ERROR
+
+
+def test_client_disconnect_mid_stream_is_recorded_once(live_stack: LiveStack) -> None:
+    s = live_stack
+    models = s.state["endpoints"]["models"]
+    for url in models.values():
+        httpx.post(f"{url}/admin/behaviour", json={"tokens_per_s": 20}, timeout=5)
+    try:
+        with (
+            httpx.Client(timeout=30) as c,
+            c.stream(
+                "POST",
+                f"{s.listener}/v1/chat/completions",
+                json={
+                    "model": "m",
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+                headers={"x-conversation-id": "leaves-early"},
+            ) as r,
+        ):
+            rid = r.headers["x-request-id"]
+            next(r.iter_raw())  # the first chunk arrived; the user closes the tab
+    finally:
+        for url in models.values():
+            httpx.post(f"{url}/admin/behaviour", json={"tokens_per_s": 0}, timeout=5)
+
+    def recorded() -> list[TelemetryEvent]:
+        out = []
+        for _id, fields in s.redis().xrange(keys.events("chat-upgrade")):
+            ev = TelemetryEvent()
+            ev.ParseFromString(fields[keys.EVENT_FIELD])
+            if ev.request_id == rid:
+                out.append(ev)
+        return out
+
+    (ev,) = wait_for(recorded, "the event of the abandoned stream")
+    assert ev.error == ErrorClass.ERROR_CLASS_CLIENT_DISCONNECT
+    assert ev.streamed
