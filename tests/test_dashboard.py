@@ -391,3 +391,40 @@ def test_comparison_prefers_the_evaluators_latest_look_and_shows_quality_signals
     assert rows["stage.judge_win_rate"]["candidates"]["canary"]["value"] == 0.25
     assert rows["stage.feedback_negative_rate"]["candidates"]["canary"]["value"] == 0.2
     assert comparison(doc, audit)["checks"]["items"] == [{"metric": "old"}]
+
+
+def test_quality_signals_become_chart_columns() -> None:
+    from extproc.dashboard.series import series
+    from extproc.signals import FeedbackSignal, JudgeScores, JudgeSignal, Rubric, WatchdogSignal
+    from extproc.telemetry.v1.event_pb2 import TelemetryEvent
+
+    r = Rubric(accuracy=5, clarity=5, completeness=5)
+    events = [TelemetryEvent(time_unix_ms=10_000, variant="canary", request_id="r1")]
+    sigs = [
+        JudgeSignal(
+            time_ms=10_000,
+            request_id="p",
+            primary="stable",
+            shadow="canary",
+            winner=w,
+            scores=JudgeScores(primary=r, shadow=r),
+            consistent=True,
+        )
+        for w in ("shadow", "shadow", "primary")
+    ] + [
+        FeedbackSignal(time_ms=10_500, request_id="r1", key_hash=None, value="retry"),
+        FeedbackSignal(time_ms=10_500, request_id="unknown", key_hash=None, value="down"),
+        WatchdogSignal(
+            time_ms=10_000, variant="stable", prompt_id="p", passed=False, checks={}, latency_ms=1
+        ),
+    ]
+    doc = series(events, ["stable", "canary"], 70.0, span_s=60, step_s=10, signals=sigs)
+    i = doc["t"].index(10.0)
+    canary, stable = doc["variants"]["canary"], doc["variants"]["stable"]
+    assert canary["judge_win_rate"][i] == pytest.approx(2 / 3, abs=1e-4)
+    assert stable["judge_win_rate"][i] == pytest.approx(1 / 3, abs=1e-4)
+    assert canary["feedback_negative"][i] == 1  # the unknown request's feedback is left out
+    assert stable["watchdog_fail_rate"][i] == 1.0
+    assert canary["judge_win_rate"][i + 1] is None
+    plain = series(events, ["stable", "canary"], 70.0, span_s=60, step_s=10)
+    assert "judge_win_rate" not in plain["variants"]["canary"]

@@ -220,6 +220,7 @@ def test_compose_has_every_part_with_the_right_images() -> None:
         "sidecar",
         "evaluator",
         "dashboard",
+        "quality",
         "model-stable",
         "model-canary",
     }
@@ -233,6 +234,7 @@ def test_compose_has_every_part_with_the_right_images() -> None:
         "sidecar",
         "evaluator",
         "dashboard",
+        "quality",
         "model-stable",
         "model-canary",
     }
@@ -323,6 +325,18 @@ def test_compose_extproc_commands_parse() -> None:
             assert url.hostname in services
             assert services[url.hostname]["image"].startswith("redis:")
             assert url.port == redis_port
+
+
+def test_compose_quality_worker_probes_envoy_and_serves_feedback() -> None:
+    """The watchdog probes through the compose Envoy's listener; feedback is published on the
+    port the worker listens on, on the host's loopback only."""
+    service = compose()["services"]["quality"]
+    ns = build_parser().parse_args(service["command"])
+    assert ns.listener == "http://envoy:10000"
+    assert 10000 in published("envoy")
+    host, _, port = ns.feedback_listen.rpartition(":")
+    assert host == "0.0.0.0"
+    assert published("quality") == {int(port): "127.0.0.1"}
 
 
 def test_compose_dashboard_serves_the_published_port() -> None:
@@ -637,8 +651,9 @@ def test_pods_meet_the_restricted_pod_security_standard(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_references_resolve_inside_the_render(overlay: str) -> None:
     """ConfigMaps, Secrets, Services, PDBs and ports refer to objects and names that exist, so
-    nothing waits forever on a missing object. The one exception: the external-redis overlay's
-    Secret, which the operator creates (and must not be in git)."""
+    nothing waits forever on a missing object. The exceptions: the external-redis overlay's
+    Secret, which the operator creates (and must not be in git), and optional Secrets (tokens
+    the operator may provide)."""
     names = {(d["kind"], d["metadata"]["name"]) for d in rendered(overlay)}
     for w in workloads(overlay):
         pod = w["spec"]["template"]["spec"]
@@ -657,7 +672,7 @@ def test_references_resolve_inside_the_render(overlay: str) -> None:
                 assert m["name"] in volumes or m["name"] in claims, m
             for env in c.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
-                if ref and overlay != "external-redis":
+                if ref and overlay != "external-redis" and not ref.get("optional"):
                     assert ("Secret", ref["name"]) in names, ref
                     (secret,) = [
                         s

@@ -18,9 +18,10 @@ busy service or a day of a quiet one.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from extproc.signals import FeedbackSignal, JudgeSignal, Signal, WatchdogSignal
 from extproc.status import summarise
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
@@ -62,6 +63,55 @@ def _columns(rows: list[dict[str, dict[str, Figure]]]) -> Columns:
     }
 
 
+def quality_rows(
+    signals: Sequence[Signal], events: Sequence[TelemetryEvent], step_ms: int
+) -> dict[int, dict[str, dict[str, Figure]]]:
+    """Per bucket and variant: the judge's win rate among decisive verdicts, the number of
+    negative feedback posts (down, retry, escalation) and the watchdog's failure rate.
+
+    Feedback is attributed as the evaluator does, through the request or conversation of an
+    event in the window; feedback on requests older than the window is left out.
+    """
+    by_request = {ev.request_id: ev.variant for ev in events if ev.request_id and not ev.shadow}
+    by_key = {ev.key_hash: ev.variant for ev in events if ev.key_hash and not ev.shadow}
+    tally: dict[int, dict[str, dict[str, int]]] = {}
+
+    def count(bucket_ms: int, variant: str, name: str) -> None:
+        cell = tally.setdefault(bucket_ms // step_ms, {}).setdefault(variant, {})
+        cell[name] = cell.get(name, 0) + 1
+
+    for sig in signals:
+        if isinstance(sig, JudgeSignal) and sig.winner != "tie":
+            winner, loser = (
+                (sig.primary, sig.shadow) if sig.winner == "primary" else (sig.shadow, sig.primary)
+            )
+            count(sig.time_ms, winner, "wins")
+            count(sig.time_ms, loser, "losses")
+        elif isinstance(sig, FeedbackSignal) and sig.value != "up":
+            variant = (sig.request_id and by_request.get(sig.request_id)) or (
+                sig.key_hash and by_key.get(sig.key_hash)
+            )
+            if variant:
+                count(sig.time_ms, variant, "negative")
+        elif isinstance(sig, WatchdogSignal):
+            count(sig.time_ms, sig.variant, "probes")
+            if not sig.passed:
+                count(sig.time_ms, sig.variant, "failed")
+    out: dict[int, dict[str, dict[str, Figure]]] = {}
+    for bucket, per_variant in tally.items():
+        for variant, c in per_variant.items():
+            figures: dict[str, Figure] = {}
+            decided = c.get("wins", 0) + c.get("losses", 0)
+            if decided:
+                figures["judge_win_rate"] = round(c.get("wins", 0) / decided, 4)
+            if c.get("negative"):
+                figures["feedback_negative"] = c["negative"]
+            if c.get("probes"):
+                figures["watchdog_fail_rate"] = round(c.get("failed", 0) / c["probes"], 4)
+            out.setdefault(bucket, {})[variant] = figures
+    return out
+
+
 def bucket_step(span_s: float, step_s: float | None = None) -> float:
     """The step used: a round one giving about ``TARGET_BUCKETS`` points unless one is asked
     for, and never more than ``MAX_BUCKETS`` steps per span."""
@@ -79,13 +129,16 @@ def series(
     span_s: float | None = None,
     step_s: float | None = None,
     shadow_variant: str | None = None,
+    signals: Sequence[Signal] = (),
 ) -> dict[str, Any]:
     """Every bucket from ``span_s`` ago (default: the oldest event's start, at least a minute)
     until now, empty ones too so gaps show, with each variant's figures.
 
     ``t`` holds the buckets' start times (seconds since the epoch), aligned to multiples of the
     step; ``variants`` and ``shadow`` map a variant to columns aligned with ``t``. ``shadow``
-    summarises the mirrored copies, as the ``shadow`` part of `extproc status` does.
+    summarises the mirrored copies, as the ``shadow`` part of `extproc status` does. Quality
+    signals add ``judge_win_rate``, ``feedback_negative`` and ``watchdog_fail_rate`` columns
+    (see :func:`quality_rows`), only when there are any.
     """
     if span_s is None:
         oldest = min((ev.time_unix_ms / 1000 for ev in events), default=now_s)
@@ -98,9 +151,13 @@ def series(
         bucket = buckets.get(ev.time_unix_ms // step_ms)
         if bucket is not None:
             bucket.append(ev)
+    quality = quality_rows(signals, events, step_ms)
     live, mirrored = [], []
-    for evs in buckets.values():
-        live.append({v: flatten(f) for v, f in summarise(evs, variants).items()})
+    for b, evs in buckets.items():
+        row = {v: flatten(f) for v, f in summarise(evs, variants).items()}
+        for v, figures in quality.get(b, {}).items():
+            row.setdefault(v, {}).update(figures)
+        live.append(row)
         if shadow_variant:
             figs = summarise(evs, [shadow_variant], shadow=True)
             mirrored.append({v: flatten(f) for v, f in figs.items()})

@@ -9,17 +9,19 @@ checks when no evaluator has looked yet; either way the table says when and at w
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from extproc import keys, status, store
+from extproc import keys, signals, status, store
 from extproc.dashboard.series import Figure, flatten, series
 from extproc.evaluator.rollout import load_state, read_audit
 
 AUDIT_COUNT = 100
+SIGNAL_WINDOW = 5000  # newest quality signals charted (judge calls are budgeted, feedback sparse)
 # Totals rather than rates: shown for each variant, but a difference between them is no effect.
 COUNTERS = frozenset(
     {
@@ -146,6 +148,10 @@ async def experiment_series(
     if definition is None:
         return None
     events = await status.recent_events(r, name, status.DEFAULT_WINDOW)
+    quality: list[signals.Signal] = []
+    for _id, fields in await r.xrevrange(keys.signals(name), count=SIGNAL_WINDOW) or []:
+        with contextlib.suppress(ValueError):  # the evaluator logs malformed entries
+            quality.append(signals.parse((fields or {}).get(signals.FIELD, b"")))
     doc = series(
         events,
         list(definition.get("variants", {})),
@@ -153,6 +159,7 @@ async def experiment_series(
         span_s=span_s,
         step_s=step_s,
         shadow_variant=(definition.get("shadow") or {}).get("variant"),
+        signals=quality,
     )
     return {"experiment": name, "window_events": len(events), **doc}
 
