@@ -24,6 +24,9 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy
 
 test: lint
+	@# As root (CI, containers) the browser tests' Chromium is installed when missing; otherwise
+	@# they skip unless EXTPROC_REQUIRE_BROWSER=1 (`make browser` installs it with sudo).
+	@[ "$$(id -u)" != 0 ] || $(MAKE) --no-print-directory browser
 	$(BIN)/pytest
 
 # Chromium and its driver for the dashboard's browser tests (Debian packages; root or sudo). Without
