@@ -336,3 +336,27 @@ def test_client_disconnect_mid_stream_is_recorded_once(live_stack: LiveStack) ->
     (ev,) = wait_for(recorded, "the event of the abandoned stream")
     assert ev.error == ErrorClass.ERROR_CLASS_CLIENT_DISCONNECT
     assert ev.streamed
+
+
+def envoy_counter(s: LiveStack, name: str) -> int:
+    stats = httpx.get(f"{s.state['endpoints']['envoy_admin']}/stats?format=json", timeout=5)
+    return sum(
+        int(x.get("value", 0)) for x in stats.json()["stats"] if x.get("name", "").endswith(name)
+    )
+
+
+def test_observe_streams_end_with_their_request(live_stack: LiveStack) -> None:
+    """Streams to the sidecar stay few under load: each observing stream ends when its event is
+    emitted, not 5 s later (Envoy's deferred close), so Envoy's stream limit is never reached
+    and no request loses its routing or its event."""
+    s = live_stack
+    failed_before = envoy_counter(s, "ext_proc.streams_failed")
+    open_streams = []
+    with Load(s, clients=8) as load:
+        for _ in range(10):
+            load.wait_more(150, "load")
+            open_streams.append(envoy_counter(s, "extproc_sidecar.upstream_rq_active"))
+    assert load.non_2xx() == 0
+    assert max(open_streams) <= 64, open_streams  # 8 clients: 2 streams each, some in closing
+    assert envoy_counter(s, "ext_proc.streams_failed") == failed_before
+    report("observe streams", load, open_streams_sampled=open_streams)

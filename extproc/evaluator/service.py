@@ -79,12 +79,15 @@ class Evaluator:
 
     # --- lease --------------------------------------------------------------------------------
 
-    async def _hold_lease(self) -> bool:
+    async def _renew(self) -> bool:
         renew = self.redis.register_script(_RENEW)
         got = await renew(
             keys=[keys.lease(self.experiment.name)], args=[self.instance, self.lease_ttl_ms]
         )
-        held = bool(got)
+        return bool(got)
+
+    async def _hold_lease(self) -> bool:
+        held = await self._renew()
         if held and not self.leader:
             log.info("evaluator %s is now active for %s", self.instance, self.experiment.name)
             await self._take_over()
@@ -164,8 +167,22 @@ class Evaluator:
         self.last_verdict = None  # a verdict belongs to its stage's window
 
     async def _read_events(self) -> int:
+        """Read the events written since the last read into the stage window.
+
+        A new leader may have a long stage to read (a million events take tens of seconds):
+        the lease is renewed between batches, so it cannot expire while the reader is busy and
+        hand the experiment to a second evaluator; if it was lost anyway, reading stops and
+        the tick does nothing (``self.leader`` is False).
+        """
         n = 0
+        renewed = time.monotonic()
         while True:
+            if time.monotonic() - renewed > self.lease_ttl_ms / 3000:
+                renewed = time.monotonic()
+                if not await self._renew():
+                    log.warning("lost the lease of %s while reading", self.experiment.name)
+                    self.leader = False
+                    return n
             entries = await self.redis.xrange(
                 keys.events(self.experiment.name), min=f"({self.events_seen}", count=5000
             )
@@ -252,6 +269,8 @@ class Evaluator:
         """Read, apply intents, judge, act: one evaluation of the experiment."""
         assert self.state is not None
         await self._read_events()
+        if not self.leader:
+            return
         await self._read_signals()
         await self._apply_commands()
         self.ticks += 1

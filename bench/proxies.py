@@ -1,0 +1,398 @@
+"""The Envoy configurations bench/run.py compares, built from the package's own config builders.
+
+Why derive them rather than write YAML: each variant must differ from what ``extproc
+envoy-config`` ships in exactly one respect, so the figures measure that respect and nothing else.
+Every variant starts from ``envoy_config.build_bootstrap`` (the shipped config) or
+``envoy_config.build_baseline`` (bare weighted routing) and edits the typed messages; Envoy checks
+them when it starts, as ``envoy --mode validate`` would.
+
+Variants (``PROXIES``):
+
+``bare``
+    Envoy alone, ``weighted_clusters`` at the file's weights: the reference.
+``full``
+    what ships: ext_proc ``route`` (blocking, request headers) + ext_proc ``observe``
+    (observability mode: request headers, response headers, streamed response body).
+``route``
+    the ``route`` filter alone: the price of the routing decision without telemetry.
+``observe-headers``
+    ``full`` with the observing filter's response body mode ``NONE``: what streaming the body to
+    the sidecar costs (telemetry then lacks TTFT and token counts, and the sidecar emits the
+    event only when Envoy closes the stream, up to 5 s later).
+``route-als``
+    ``route`` + an ``http_grpc`` access logger to ``bench/als_sink.py`` instead of ``observe``:
+    one batched entry per request on a long-lived stream instead of a stream per request.
+``hash-als``
+    no ext_proc at all: Envoy's own sticky weighted routing (``use_hash_policy`` with a salted
+    hash of the sticky header) + the access logger: the sidecar leaves the request path.
+``hash-lua-als``
+    ``hash-als`` + a Lua filter that records the time of the first content chunk and the
+    ``usage`` token counts in dynamic metadata, which the access log carries: the telemetry of
+    the shipped observer (TTFT, tokens) without a gRPC message per chunk.
+
+The ext_proc filters get a ``stat_prefix`` (``route``, ``observe``) so Envoy counts the messages
+of each filter apart; a stat prefix changes nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from envoy.config.accesslog.v3.accesslog_pb2 import AccessLog
+from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
+from envoy.config.core.v3.base_pb2 import DataSource, HeaderValue, HeaderValueOption
+from envoy.config.core.v3.config_source_pb2 import ApiVersion
+from envoy.config.core.v3.grpc_service_pb2 import GrpcService
+from envoy.config.route.v3.route_components_pb2 import RouteAction
+from envoy.extensions.access_loggers.grpc.v3.als_pb2 import (
+    CommonGrpcAccessLogConfig,
+    HttpGrpcAccessLogConfig,
+)
+from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import ExternalProcessor
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.extensions.filters.http.lua.v3.lua_pb2 import Lua
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm,
+)
+from envoy.type.matcher.v3.regex_pb2 import RegexMatchAndSubstitute, RegexMatcher
+from google.protobuf import any_pb2, json_format
+from google.protobuf.wrappers_pb2 import BoolValue
+
+from extproc import headers as h
+from extproc.config import Experiment
+from extproc.envoy_config import SIDECAR_CLUSTER, EnvoyLayout, build_baseline, build_bootstrap
+
+ALS_CLUSTER = "extproc_als"
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """One configuration under test and what it needs running besides Envoy."""
+
+    name: str
+    summary: str
+    build: Callable[[Experiment, EnvoyLayout, str], Bootstrap]  # (exp, layout, als address)
+    sidecar: bool  # the package's sidecar (``extproc serve``) serves it
+    als: bool  # bench/als_sink.py serves it
+    telemetry: bool  # an event per request is expected in Redis
+
+
+def _pack(msg: Any) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+def _manager(boot: Bootstrap) -> hcm.HttpConnectionManager:
+    msg = hcm.HttpConnectionManager()
+    boot.static_resources.listeners[0].filter_chains[0].filters[0].typed_config.Unpack(msg)
+    return msg
+
+
+def _store(boot: Bootstrap, msg: hcm.HttpConnectionManager) -> Bootstrap:
+    boot.static_resources.listeners[0].filter_chains[0].filters[0].typed_config.CopyFrom(_pack(msg))
+    return boot
+
+
+def _edit_ext_proc(
+    manager: hcm.HttpConnectionManager, name: str, edit: Callable[[ExternalProcessor], None]
+) -> None:
+    for f in manager.http_filters:
+        if f.name == name:
+            proc = ExternalProcessor()
+            f.typed_config.Unpack(proc)
+            edit(proc)
+            f.typed_config.CopyFrom(_pack(proc))
+            return
+    raise KeyError(name)
+
+
+def _prefixed(exp: Experiment, layout: EnvoyLayout) -> tuple[Bootstrap, hcm.HttpConnectionManager]:
+    boot = build_bootstrap(exp, layout)
+    manager = _manager(boot)
+
+    def route(p: ExternalProcessor) -> None:
+        p.stat_prefix = "route"
+
+    def observe(p: ExternalProcessor) -> None:
+        p.stat_prefix = "observe"
+
+    _edit_ext_proc(manager, "extproc.route", route)
+    _edit_ext_proc(manager, "extproc.observe", observe)
+    return boot, manager
+
+
+def _drop_filter(manager: hcm.HttpConnectionManager, name: str) -> None:
+    keep = [f for f in manager.http_filters if f.name != name]
+    del manager.http_filters[:]
+    manager.http_filters.extend(keep)
+
+
+def _access_log(exp: Experiment) -> AccessLog:
+    spec = exp.spec
+    wanted = list(spec.sticky_keys)
+    if spec.forced_routing.enabled:
+        wanted.append(spec.forced_routing.header)
+    config = HttpGrpcAccessLogConfig(
+        common_config=CommonGrpcAccessLogConfig(
+            log_name="extproc",
+            grpc_service=GrpcService(envoy_grpc=GrpcService.EnvoyGrpc(cluster_name=ALS_CLUSTER)),
+            transport_api_version=ApiVersion.V3,
+        ),
+        additional_request_headers_to_log=wanted,
+        additional_response_headers_to_log=[h.VARIANT],
+    )
+    return AccessLog(name="envoy.access_loggers.http_grpc", typed_config=_pack(config))
+
+
+def _als_cluster(exp: Experiment, als: str) -> Cluster:
+    """An HTTP/2 cluster like the sidecar's, pointing at the access-log sink."""
+    boot = build_bootstrap(exp, EnvoyLayout(sidecar=als))
+    cluster = Cluster()
+    cluster.CopyFrom(boot.static_resources.clusters[0])
+    assert cluster.name == SIDECAR_CLUSTER
+    cluster.name = ALS_CLUSTER
+    cluster.load_assignment.cluster_name = ALS_CLUSTER
+    return cluster
+
+
+# Runs on Envoy's worker for each response chunk as it passes (bodyChunks() does not buffer).
+# TTFT as the observer defines it: the first SSE chunk with non-empty content (any first body
+# chunk for other content types); usage from the last 1 KiB of the body. Times in microseconds
+# since the epoch; the access-log sink subtracts the request's start time.
+INSPECT_LUA = """
+function envoy_on_response(h)
+  local sse = string.find(h:headers():get("content-type") or "", "text/event-stream", 1, true)
+  local first = nil
+  local tail = ""
+  for chunk in h:bodyChunks() do
+    local n = chunk:length()
+    if n > 0 then
+      if first == nil then
+        local s = chunk:getBytes(0, n)
+        if not sse or string.find(s, '"content":"[^"]') then
+          first = tonumber(h:timestampString(EnvoyTimestampResolution.MICROSECOND))
+        end
+        tail = string.sub(tail .. s, -1024)
+      else
+        local k = math.min(n, 1024)
+        tail = string.sub(tail .. chunk:getBytes(n - k, k), -1024)
+      end
+    end
+  end
+  local md = h:streamInfo():dynamicMetadata()
+  if first ~= nil then md:set("extproc", "first_token_us", first) end
+  local p = string.match(tail, '"prompt_tokens":%s*(%d+)')
+  local c = string.match(tail, '"completion_tokens":%s*(%d+)')
+  if p then md:set("extproc", "prompt_tokens", tonumber(p)) end
+  if c then md:set("extproc", "completion_tokens", tonumber(c)) end
+end
+"""
+
+
+def bare(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    return build_baseline(exp, layout)
+
+
+def full(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    boot, manager = _prefixed(exp, layout)
+    return _store(boot, manager)
+
+
+def route_only(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    boot, manager = _prefixed(exp, layout)
+    _drop_filter(manager, "extproc.observe")
+    return _store(boot, manager)
+
+
+def observe_headers(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    boot, manager = _prefixed(exp, layout)
+
+    def no_body(p: ExternalProcessor) -> None:
+        p.processing_mode.response_body_mode = ProcessingMode.NONE
+
+    _edit_ext_proc(manager, "extproc.observe", no_body)
+    return _store(boot, manager)
+
+
+def route_als(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    boot, manager = _prefixed(exp, layout)
+    _drop_filter(manager, "extproc.observe")
+    manager.access_log.append(_access_log(exp))
+    boot.static_resources.clusters.append(_als_cluster(exp, als))
+    return _store(boot, manager)
+
+
+def hash_als(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    """Sticky weighted routing inside Envoy: the route hashes the first sticky header present
+    (salted by a regex rewrite, ``terminal`` so later keys are ignored) and ``use_hash_policy``
+    picks the weighted cluster from that hash; each cluster echoes its variant."""
+    boot = build_baseline(exp, layout)
+    manager = _manager(boot)
+    action = manager.route_config.virtual_hosts[0].routes[0].route
+    action.weighted_clusters.use_hash_policy.CopyFrom(BoolValue(value=True))
+    by_cluster = {v.cluster: name for name, v in exp.spec.variants.items()}
+    for cw in action.weighted_clusters.clusters:
+        cw.response_headers_to_add.append(
+            HeaderValueOption(
+                header=HeaderValue(key=h.VARIANT, value=by_cluster[cw.name]),
+                append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        )
+    for key in exp.spec.sticky_keys:
+        action.hash_policy.append(
+            RouteAction.HashPolicy(
+                header=RouteAction.HashPolicy.Header(
+                    header_name=key,
+                    regex_rewrite=RegexMatchAndSubstitute(
+                        pattern=RegexMatcher(regex="^"), substitution=exp.spec.salt + ":"
+                    ),
+                ),
+                terminal=True,
+            )
+        )
+    manager.access_log.append(_access_log(exp))
+    boot.static_resources.clusters.append(_als_cluster(exp, als))
+    return _store(boot, manager)
+
+
+def hash_lua_als(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    boot = hash_als(exp, layout, als)
+    manager = _manager(boot)
+    lua = hcm.HttpFilter(
+        name="envoy.filters.http.lua",
+        typed_config=_pack(Lua(default_source_code=DataSource(inline_string=INSPECT_LUA))),
+    )
+    manager.http_filters.insert(len(manager.http_filters) - 1, lua)
+    return _store(boot, manager)
+
+
+PROXIES: dict[str, Proxy] = {
+    p.name: p
+    for p in (
+        Proxy("bare", "bare Envoy weighted_clusters", bare, False, False, False),
+        Proxy("full", "shipped: route + observe", full, True, False, True),
+        Proxy("route", "route filter only (no telemetry)", route_only, True, False, False),
+        Proxy(
+            "observe-headers",
+            "full without response body",
+            observe_headers,
+            True,
+            False,
+            True,
+        ),
+        Proxy("route-als", "route + gRPC access log", route_als, True, True, True),
+        Proxy("hash-als", "Envoy hash routing + gRPC access log", hash_als, False, True, True),
+        Proxy("hash-lua-als", "hash-als + Lua TTFT/usage", hash_lua_als, False, True, True),
+    )
+}
+
+
+def upstream_config(listen_port: int, admin_port: int, stream_port: int | None) -> dict[str, Any]:
+    """A model-server stand-in that costs next to nothing: Envoy answering ``direct_response``
+    with a fixed chat completion (with ``usage``, so the observer parses a realistic body).
+    Requests carrying ``x-bench-stream`` go on to the streaming mock model instead."""
+    body = (
+        '{"id":"chatcmpl-bench","object":"chat.completion","created":1767225600,"model":"m",'
+        '"choices":[{"index":0,"message":{"role":"assistant","content":"Lorem ipsum dolor sit '
+        'amet consectetur adipiscing elit sed do eiusmod tempor."},"finish_reason":"stop"}],'
+        '"usage":{"prompt_tokens":1,"completion_tokens":12,"total_tokens":13}}'
+    )
+    routes: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    if stream_port is not None:
+        routes.append(
+            {
+                "match": {
+                    "prefix": "/",
+                    "headers": [{"name": "x-bench-stream", "present_match": True}],
+                },
+                "route": {"cluster": "stream", "timeout": "0s"},
+            }
+        )
+        clusters.append(
+            {
+                "name": "stream",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": "stream",
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {
+                                    "endpoint": {
+                                        "address": {
+                                            "socket_address": {
+                                                "address": "127.0.0.1",
+                                                "port_value": stream_port,
+                                            }
+                                        }
+                                    }
+                                }
+                            ]
+                        }
+                    ],
+                },
+            }
+        )
+    routes.append(
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {"status": 200, "body": {"inline_string": body}},
+            "response_headers_to_add": [
+                {
+                    "header": {"key": "content-type", "value": "application/json"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+        }
+    )
+    manager = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+        ".v3.HttpConnectionManager",
+        "stat_prefix": "upstream",
+        "route_config": {"virtual_hosts": [{"name": "up", "domains": ["*"], "routes": routes}]},
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            }
+        ],
+    }
+    return {
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+        },
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "upstream",
+                    "address": {
+                        "socket_address": {"address": "127.0.0.1", "port_value": listen_port}
+                    },
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": manager,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+
+
+def to_json(boot: Bootstrap) -> dict[str, Any]:
+    doc: dict[str, Any] = json_format.MessageToDict(boot, preserving_proto_field_name=True)
+    return doc
