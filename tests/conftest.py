@@ -18,9 +18,10 @@ import pytest
 import redis
 import yaml
 
-from extproc import stack, store
+from extproc import keys, stack, store
 from extproc.cli import EXAMPLE_EXPERIMENT
 from extproc.config import load_experiment
+from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 15.0) -> Any:
@@ -47,6 +48,15 @@ class LiveStack:
 
     def redis(self) -> redis.Redis | redis.RedisCluster:
         return store.connect_sync(self.redis_url, timeout_s=2)
+
+    def events(self, experiment: str = "chat-upgrade") -> list[TelemetryEvent]:
+        """Every telemetry event in the experiment's stream, oldest first."""
+        out = []
+        for _id, fields in self.redis().xrange(keys.events(experiment)):
+            ev = TelemetryEvent()
+            ev.ParseFromString(fields[keys.EVENT_FIELD])
+            out.append(ev)
+        return out
 
     def pid(self, name: str) -> int:
         return int(self.state["processes"][name]["pid"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from extproc import keys, stack
+from extproc import stack
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
 
@@ -23,12 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 def recorded_ids(s: LiveStack) -> dict[str, TelemetryEvent]:
-    out = {}
-    for _id, fields in s.redis().xrange(keys.events("chat-upgrade")):
-        ev = TelemetryEvent()
-        ev.ParseFromString(fields[keys.EVENT_FIELD])
-        out[ev.request_id] = ev
-    return out
+    return {ev.request_id: ev for ev in s.events()}
 
 
 def test_sidecar_killed_traffic_flows_to_stable(own_stack: LiveStack, http: httpx.Client) -> None:

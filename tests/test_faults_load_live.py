@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from extproc import keys, stack
+from extproc import stack
 from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
 from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
 
@@ -94,12 +94,7 @@ class Load:
 
 
 def events(s: LiveStack) -> dict[str, TelemetryEvent]:
-    out = {}
-    for _id, fields in s.redis().xrange(keys.events("chat-upgrade")):
-        ev = TelemetryEvent()
-        ev.ParseFromString(fields[keys.EVENT_FIELD])
-        out[ev.request_id] = ev
-    return out
+    return {ev.request_id: ev for ev in s.events()}
 
 
 def report(name: str, load: Load, **figures: object) -> None:
@@ -107,23 +102,30 @@ def report(name: str, load: Load, **figures: object) -> None:
     print(f"\n[{name}] requests {load.count()}, errors seen by clients {load.non_2xx()}, {extra}")
 
 
-@pytest.fixture
-def canary_stack(tmp_path: Path) -> Iterator[LiveStack]:
-    """All live traffic on the canary, so a fallback to stable is visible in every answer.
-
-    A fixed split (strategy ab, a stage longer than the test): the evaluator keeps the weights.
-    """
+def fixed_split_stack(tmp_path: Path, canary: float, request_timeout_s: float) -> LiveStack:
+    """A stack whose split stays put (strategy ab, a stage longer than any test): the evaluator
+    does not move the weights under a fault test."""
     exp = write_experiment(
         tmp_path,
         strategy="ab",
         rollout={"min_stage_seconds": 3600},
         variants={
-            "stable": {"cluster": "model_stable", "address": "127.0.0.1:8001", "weight": 0},
-            "canary": {"cluster": "model_canary", "address": "127.0.0.1:8002", "weight": 100},
+            "stable": {
+                "cluster": "model_stable",
+                "address": "127.0.0.1:8001",
+                "weight": 100 - canary,
+            },
+            "canary": {"cluster": "model_canary", "address": "127.0.0.1:8002", "weight": canary},
         },
-        envoy={"request_timeout_s": 2, "message_timeout_ms": 200},
+        envoy={"request_timeout_s": request_timeout_s, "message_timeout_ms": 200},
     )
-    s = start_stack(tmp_path / "stack", exp)
+    return start_stack(tmp_path / "stack", exp)
+
+
+@pytest.fixture
+def canary_stack(tmp_path: Path) -> Iterator[LiveStack]:
+    """All live traffic on the canary, so a fallback to stable is visible in every answer."""
+    s = fixed_split_stack(tmp_path, canary=100, request_timeout_s=2)
     yield s
     stack.down(s.state_dir)
 
@@ -222,17 +224,7 @@ def test_redis_killed_and_restarted_under_load(canary_stack: LiveStack) -> None:
 
 @pytest.fixture
 def split_stack(tmp_path: Path) -> Iterator[LiveStack]:
-    exp = write_experiment(
-        tmp_path,
-        strategy="ab",
-        rollout={"min_stage_seconds": 3600},
-        variants={
-            "stable": {"cluster": "model_stable", "address": "127.0.0.1:8001", "weight": 50},
-            "canary": {"cluster": "model_canary", "address": "127.0.0.1:8002", "weight": 50},
-        },
-        envoy={"request_timeout_s": 1, "message_timeout_ms": 200},
-    )
-    s = start_stack(tmp_path / "stack", exp)
+    s = fixed_split_stack(tmp_path, canary=50, request_timeout_s=1)
     yield s
     stack.down(s.state_dir)
 
@@ -325,13 +317,7 @@ def test_client_disconnect_mid_stream_is_recorded_once(live_stack: LiveStack) ->
             httpx.post(f"{url}/admin/behaviour", json={"tokens_per_s": 0}, timeout=5)
 
     def recorded() -> list[TelemetryEvent]:
-        out = []
-        for _id, fields in s.redis().xrange(keys.events("chat-upgrade")):
-            ev = TelemetryEvent()
-            ev.ParseFromString(fields[keys.EVENT_FIELD])
-            if ev.request_id == rid:
-                out.append(ev)
-        return out
+        return [ev for ev in s.events() if ev.request_id == rid]
 
     (ev,) = wait_for(recorded, "the event of the abandoned stream")
     assert ev.error == ErrorClass.ERROR_CLASS_CLIENT_DISCONNECT
