@@ -179,7 +179,8 @@ def test_sidecar_killed_and_restarted_under_load(canary_stack: LiveStack) -> Non
             restarted.terminate()
             restarted.wait(timeout=10)
     assert load.non_2xx() == 0, load.failures
-    assert {r.variant for r in down} == {"stable"}
+    # Only requests already routed when the sidecar died (one per client) may be canary.
+    assert sum(r.variant == "canary" for r in down) <= load.clients, down
     # Requests routed after the restart are recorded by the restarted sidecar.
     got = events(s)
     recorded = sum(r.request_id in got for r in after)
