@@ -68,6 +68,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         answer = self.router.answer
         while req is not grpc.aio.EOF:
             await context.write(answer(req))
+            if req.HasField("request_headers"):
+                # The only message the routing filter sends. Ending the stream here, rather than
+                # waiting in read() until Envoy resets it, avoids a cancelled pending receive,
+                # which leaks native memory in grpc.aio (grpc/grpc#43360; ~100 B a request).
+                return
             req = await context.read()
 
     async def _observe(self, req: pb.ProcessingRequest, context: grpc.aio.ServicerContext) -> None:
