@@ -8,7 +8,7 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,10 +63,18 @@ class FakeJudge:
     bodies: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
+    calls: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def wait_calls(self, n: int, timeout_s: float = 10) -> None:
+        """Until the judge has been asked ``n`` times."""
+        async with self.calls:
+            await asyncio.wait_for(self.calls.wait_for(lambda: len(self.times) >= n), timeout_s)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.times.append(time.monotonic())
+        async with self.calls:
+            self.calls.notify_all()
         self.bodies.append(body)
         self.headers.append(dict(request.headers))
         status, content = self.queued.pop(0) if self.queued else self.rule(body)
@@ -112,16 +120,6 @@ def settings(fake: FakeJudge, **kw: Any) -> Judge:
         "max_retries": 2,
     }
     return Judge.model_validate({**values, **kw})
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = 10) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = await check()
-        if got:
-            return got
-        await asyncio.sleep(0.02)
-    pytest.fail(f"{what} did not happen within {timeout_s}s")
 
 
 # --- reply parsing -------------------------------------------------------------------------
@@ -396,11 +394,8 @@ async def test_the_worker_keeps_to_its_budget(
     )
     task = asyncio.create_task(worker.run())
     try:
-
-        async def judged() -> bool:
-            return worker.judged >= 4
-
-        await eventually(judged, "four pairs judged")
+        # Pairs are judged one after another, two calls each: the 9th call means four are done.
+        await fake.wait_calls(9)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
