@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -70,6 +71,10 @@ class Load:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the clients and wait for their last requests (idempotent)."""
         self.stop.set()
         for t in self.threads:
             t.join(timeout=30)
@@ -95,6 +100,14 @@ class Load:
 
 def events(s: LiveStack) -> dict[str, TelemetryEvent]:
     return {ev.request_id: ev for ev in s.events()}
+
+
+def kill(s: LiveStack, name: str) -> dict[str, Any]:
+    """SIGKILL one of the stack's processes and wait until it is gone; returns its record."""
+    proc: dict[str, Any] = s.state["processes"][name]
+    os.kill(int(proc["pid"]), signal.SIGKILL)
+    wait_for(lambda: not stack._alive(proc), f"{name} to die")
+    return proc
 
 
 def report(name: str, load: Load, **figures: object) -> None:
@@ -156,11 +169,9 @@ def test_stalled_sidecar_routes_to_stable_by_message_timeout(
 
 def test_sidecar_killed_and_restarted_under_load(canary_stack: LiveStack) -> None:
     s = canary_stack
-    proc = s.state["processes"]["sidecar"]
     with Load(s) as load:
         load.wait_more(20, "traffic before the fault")
-        os.kill(int(proc["pid"]), signal.SIGKILL)
-        wait_for(lambda: not stack._alive(proc), "the sidecar to die")
+        proc = kill(s, "sidecar")
         down = load.since(load.wait_more(20, "traffic while the sidecar is dead"))
         restarted = subprocess.Popen(
             proc["argv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -173,9 +184,7 @@ def test_sidecar_killed_and_restarted_under_load(canary_stack: LiveStack) -> Non
             )
             after = load.since(load.wait_more(20, "traffic after recovery"))
         finally:
-            load.stop.set()
-            for t in load.threads:
-                t.join(timeout=30)
+            load.close()
             restarted.terminate()
             restarted.wait(timeout=10)
     assert load.non_2xx() == 0, load.failures
@@ -190,11 +199,9 @@ def test_sidecar_killed_and_restarted_under_load(canary_stack: LiveStack) -> Non
 
 def test_redis_killed_and_restarted_under_load(canary_stack: LiveStack) -> None:
     s = canary_stack
-    proc = s.state["processes"]["redis"]
     with Load(s) as load:
         load.wait_more(20, "traffic before the fault")
-        os.kill(int(proc["pid"]), signal.SIGKILL)
-        wait_for(lambda: not stack._alive(proc), "redis to die")
+        proc = kill(s, "redis")
         outage = load.since(load.wait_more(40, "traffic while redis is down"))
         restarted = subprocess.Popen(
             proc["argv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -202,9 +209,7 @@ def test_redis_killed_and_restarted_under_load(canary_stack: LiveStack) -> None:
         try:
             wait_for(stack.redis_ok(s.redis_url), "redis to come back")
             load.wait_more(20, "traffic after redis is back")
-            load.stop.set()
-            for t in load.threads:
-                t.join(timeout=30)
+            load.close()
             ids = {r.request_id for r in outage}
             got = wait_for(
                 lambda: (evs := events(s)) and ids <= set(evs) and evs,
