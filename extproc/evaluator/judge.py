@@ -3,11 +3,11 @@ and from those to one action. No I/O here, so every rule is table-tested.
 
 Error control: the experiment's ``alpha`` is split evenly (Bonferroni) over the guardrails whose
 action is ``rollback`` or ``hold``, and each uses an anytime-valid test (docs/STATISTICS.md), so
-checking every few seconds does not inflate false rollbacks. Tests with an e-value (error and
-refusal rates, means) carry their evidence across ramp stages: a stage's final e-value has
-expectation at most 1 under the null given the past, so the product over stages is a test
-martingale for the whole rollout and spends the guardrail's share once. Quantile tests have no
-e-value; they are judged per stage and their share is split again over the stages. Either way the
+checking every few seconds does not inflate false rollbacks. Tests with an e-value (event
+rates, means, the judge's win rate) carry their evidence across ramp stages as a mixture of
+products of the stages' e-values (``carry_evidence``), a test martingale for the whole rollout,
+so they spend the guardrail's share once. Quantile tests have no e-value; they are judged per
+stage and their share is split again over the stages. Either way the
 chance of any false rollback over the whole rollout stays at or below ``alpha``.
 """
 

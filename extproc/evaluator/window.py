@@ -15,6 +15,11 @@ from numpy.typing import NDArray
 from extproc.signals import FeedbackSignal, JudgeSignal, Signal, WatchdogSignal
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 
+# Feedback by request id is attributed for the newest requests of the stage only: a stage of a
+# million requests would otherwise keep a million ids (~200 MB) for feedback that comes, if at
+# all, within minutes. Conversations (``by_key``) are far fewer and all kept.
+MAX_REQUESTS_REMEMBERED = 200_000
+
 SERVER_ERRORS = frozenset(
     {
         ErrorClass.ERROR_CLASS_UPSTREAM_5XX,
@@ -170,6 +175,8 @@ class StageWindow:
             self.variants.setdefault(ev.variant, VariantWindow()).add(ev)
             if ev.request_id:
                 self.by_request[ev.request_id] = ev.variant
+                if len(self.by_request) > MAX_REQUESTS_REMEMBERED:  # the oldest goes first
+                    del self.by_request[next(iter(self.by_request))]
             if ev.key_hash:
                 self.by_key[ev.key_hash] = ev.variant
 
