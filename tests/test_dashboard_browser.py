@@ -96,9 +96,9 @@ def until(driver: WebDriver, check: Callable[[WebDriver], Any], what: str) -> An
 
 
 def page_data(driver: WebDriver) -> dict[str, Any]:
-    """The API answers the page last drew (window.extproc)."""
-    doc: dict[str, Any] = driver.execute_script("return window.extproc")
-    return doc
+    """The API answers the page last drew (window.extproc); empty until the page's script ran."""
+    doc: dict[str, Any] | None = driver.execute_script("return window.extproc")
+    return doc or {}
 
 
 def click(driver: WebDriver, css: str) -> None:
