@@ -2,7 +2,8 @@
 
 Why derive them rather than write YAML: each variant must differ from what ``extproc
 envoy-config`` ships in exactly one respect, so the figures measure that respect and nothing else.
-Every variant starts from ``envoy_config.build_bootstrap`` (the shipped config) or
+Every variant starts from ``envoy_config.build_bootstrap`` (the shipped ext_proc config),
+``envoy_config.build_native`` (the shipped ``dataplane: native`` config) or
 ``envoy_config.build_baseline`` (bare weighted routing) and edits the typed messages; Envoy checks
 them when it starts, as ``envoy --mode validate`` would.
 
@@ -11,8 +12,15 @@ Variants (``PROXIES``):
 ``bare``
     Envoy alone, ``weighted_clusters`` at the file's weights: the reference.
 ``full``
-    what ships: ext_proc ``route`` (blocking, request headers) + ext_proc ``observe``
-    (observability mode: request headers, response headers, streamed response body).
+    what ships as ``dataplane: ext_proc`` (the default): ext_proc ``route`` (blocking, request
+    headers) + ext_proc ``observe`` (observability mode: request headers, response headers,
+    streamed response body).
+``native``
+    what ships as ``dataplane: native``, unedited (``envoy_config.build_native``): Envoy's own
+    sticky weighted routing with weights from the sidecar's RTDS layer, forced-routing routes,
+    the Lua filter ``extproc/data/inspect.lua`` and a gRPC access log to the sidecar, which turns
+    each entry into an event (``extproc/sidecar/accesslog.py``). The sidecar is off the request
+    path; ``bench/run.py`` starts measuring once Envoy holds the weights.
 ``route``
     the ``route`` filter alone: the price of the routing decision without telemetry.
 ``observe-headers``
@@ -24,11 +32,8 @@ Variants (``PROXIES``):
     one batched entry per request on a long-lived stream instead of a stream per request.
 ``hash-als``
     no ext_proc at all: Envoy's own sticky weighted routing (``use_hash_policy`` with a salted
-    hash of the sticky header) + the access logger: the sidecar leaves the request path.
-``hash-lua-als``
-    ``hash-als`` + a Lua filter that records the time of the first content chunk and the
-    ``usage`` token counts in dynamic metadata, which the access log carries: the telemetry of
-    the shipped observer (TTFT, tokens) without a gRPC message per chunk.
+    hash of the sticky header, static weights) + the access logger to ``bench/als_sink.py``, no
+    Lua filter: ``native`` without its body telemetry, forced routes and RTDS.
 
 The ext_proc filters get a ``stat_prefix`` (``route``, ``observe``) so Envoy counts the messages
 of each filter apart; a stat prefix changes nothing else.
@@ -36,14 +41,16 @@ of each filter apart; a stat prefix changes nothing else.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.request import urlopen
 
 from envoy.config.accesslog.v3.accesslog_pb2 import AccessLog
 from envoy.config.bootstrap.v3.bootstrap_pb2 import Bootstrap
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
-from envoy.config.core.v3.base_pb2 import DataSource, HeaderValue, HeaderValueOption
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.config.core.v3.config_source_pb2 import ApiVersion
 from envoy.config.core.v3.grpc_service_pb2 import GrpcService
 from envoy.config.route.v3.route_components_pb2 import RouteAction
@@ -53,7 +60,6 @@ from envoy.extensions.access_loggers.grpc.v3.als_pb2 import (
 )
 from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import ExternalProcessor
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
-from envoy.extensions.filters.http.lua.v3.lua_pb2 import Lua
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
@@ -63,7 +69,14 @@ from google.protobuf.wrappers_pb2 import BoolValue
 
 from extproc import headers as h
 from extproc.config import Experiment
-from extproc.envoy_config import SIDECAR_CLUSTER, EnvoyLayout, build_baseline, build_bootstrap
+from extproc.envoy_config import (
+    SIDECAR_CLUSTER,
+    EnvoyLayout,
+    build_baseline,
+    build_bootstrap,
+    build_native,
+    runtime_weights,
+)
 
 ALS_CLUSTER = "extproc_als"
 
@@ -78,6 +91,7 @@ class Proxy:
     sidecar: bool  # the package's sidecar (``extproc serve``) serves it
     als: bool  # bench/als_sink.py serves it
     telemetry: bool  # an event per request is expected in Redis
+    dataplane: str = "ext_proc"  # the experiment's ``dataplane`` (what the sidecar serves)
 
 
 def _pack(msg: Any) -> any_pb2.Any:
@@ -143,7 +157,8 @@ def _access_log(exp: Experiment) -> AccessLog:
             transport_api_version=ApiVersion.V3,
         ),
         additional_request_headers_to_log=wanted,
-        additional_response_headers_to_log=[h.VARIANT],
+        # content-type as the shipped access log has it: the shared mapper marks SSE as streamed
+        additional_response_headers_to_log=[h.VARIANT, "content-type"],
     )
     return AccessLog(name="envoy.access_loggers.http_grpc", typed_config=_pack(config))
 
@@ -159,40 +174,6 @@ def _als_cluster(exp: Experiment, als: str) -> Cluster:
     return cluster
 
 
-# Runs on Envoy's worker for each response chunk as it passes (bodyChunks() does not buffer).
-# TTFT as the observer defines it: the first SSE chunk with non-empty content (any first body
-# chunk for other content types); usage from the last 1 KiB of the body. Times in microseconds
-# since the epoch; the access-log sink subtracts the request's start time.
-INSPECT_LUA = """
-function envoy_on_response(h)
-  local sse = string.find(h:headers():get("content-type") or "", "text/event-stream", 1, true)
-  local first = nil
-  local tail = ""
-  for chunk in h:bodyChunks() do
-    local n = chunk:length()
-    if n > 0 then
-      if first == nil then
-        local s = chunk:getBytes(0, n)
-        if not sse or string.find(s, '"content":"[^"]') then
-          first = tonumber(h:timestampString(EnvoyTimestampResolution.MICROSECOND))
-        end
-        tail = string.sub(tail .. s, -1024)
-      else
-        local k = math.min(n, 1024)
-        tail = string.sub(tail .. chunk:getBytes(n - k, k), -1024)
-      end
-    end
-  end
-  local md = h:streamInfo():dynamicMetadata()
-  if first ~= nil then md:set("extproc", "first_token_us", first) end
-  local p = string.match(tail, '"prompt_tokens":%s*(%d+)')
-  local c = string.match(tail, '"completion_tokens":%s*(%d+)')
-  if p then md:set("extproc", "prompt_tokens", tonumber(p)) end
-  if c then md:set("extproc", "completion_tokens", tonumber(c)) end
-end
-"""
-
-
 def bare(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     return build_baseline(exp, layout)
 
@@ -200,6 +181,11 @@ def bare(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
 def full(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     boot, manager = _prefixed(exp, layout)
     return _store(boot, manager)
+
+
+def native(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    """The shipped ``dataplane: native`` bootstrap as ``extproc envoy-config`` renders it."""
+    return build_native(exp, layout)
 
 
 def route_only(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
@@ -259,22 +245,20 @@ def hash_als(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     return _store(boot, manager)
 
 
-def hash_lua_als(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
-    boot = hash_als(exp, layout, als)
-    manager = _manager(boot)
-    lua = hcm.HttpFilter(
-        name="envoy.filters.http.lua",
-        typed_config=_pack(Lua(default_source_code=DataSource(inline_string=INSPECT_LUA))),
-    )
-    manager.http_filters.insert(len(manager.http_filters) - 1, lua)
-    return _store(boot, manager)
-
-
 PROXIES: dict[str, Proxy] = {
     p.name: p
     for p in (
         Proxy("bare", "bare Envoy weighted_clusters", bare, False, False, False),
         Proxy("full", "shipped: route + observe", full, True, False, True),
+        Proxy(
+            "native",
+            "shipped dataplane native: Envoy routes, RTDS + access log",
+            native,
+            sidecar=True,
+            als=False,
+            telemetry=True,
+            dataplane="native",
+        ),
         Proxy("route", "route filter only (no telemetry)", route_only, True, False, False),
         Proxy(
             "observe-headers",
@@ -286,7 +270,6 @@ PROXIES: dict[str, Proxy] = {
         ),
         Proxy("route-als", "route + gRPC access log", route_als, True, True, True),
         Proxy("hash-als", "Envoy hash routing + gRPC access log", hash_als, False, True, True),
-        Proxy("hash-lua-als", "hash-als + Lua TTFT/usage", hash_lua_als, False, True, True),
     )
 }
 
@@ -391,6 +374,25 @@ def upstream_config(listen_port: int, admin_port: int, stream_port: int | None) 
             "clusters": clusters,
         },
     }
+
+
+def native_layer(exp: Experiment) -> dict[str, int]:
+    """The RTDS layer the sidecar serves for the experiment file's weights (a fresh Redis holds
+    those): runtime key -> basis points."""
+    return runtime_weights(exp, exp.file_weights())
+
+
+def envoy_runtime(admin_port: int) -> dict[str, int]:
+    """The numeric runtime values Envoy routes with now, from its admin ``/runtime`` page."""
+    with urlopen(f"http://127.0.0.1:{admin_port}/runtime", timeout=5) as resp:
+        doc = json.loads(resp.read())
+    out = {}
+    for key, v in doc.get("entries", {}).items():
+        try:
+            out[key] = int(float(v["final_value"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
 
 
 def to_json(boot: Bootstrap) -> dict[str, Any]:

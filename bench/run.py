@@ -1,7 +1,7 @@
 """The performance benchmark: what the sidecar costs over bare Envoy, measured in one run.
 
     .venv/bin/python bench/run.py            # ~4-5 min: every configuration, streaming, profile
-    .venv/bin/python bench/run.py --quick    # <1 min: bare vs shipped, short streaming run
+    .venv/bin/python bench/run.py --quick    # ~1 min: bare vs both shipped data planes
     .venv/bin/python bench/run.py --json     # the same, as one JSON document on stdout
     .venv/bin/python bench/run.py --configs bare,full,route --rounds 6   # a chosen subset
 
@@ -10,11 +10,12 @@ Why it is built this way:
 * One upstream for every path, and a cheap one (Envoy answering ``direct_response`` with a fixed
   chat completion), so the upstream is never what limits throughput and every difference between
   paths is the proxy's.
-* Each configuration (``bench/proxies.py``: bare Envoy, the shipped config, and variants that
-  each change one thing) is its own Envoy (``--concurrency 1`` by default: on a 2-core machine a
-  second worker only competes with the load generator) with its own sidecar or access-log sink
-  and its own experiment name (so its Redis counters are its own). Only one configuration
-  carries load at a time; the others idle.
+* Each configuration (``bench/proxies.py``: bare Envoy, the two shipped data planes, and
+  variants that each change one thing) is its own Envoy (``--concurrency 1`` by default: on a
+  2-core machine a second worker only competes with the load generator) with its own sidecar or
+  access-log sink and its own experiment name (so its Redis counters are its own). Only one
+  configuration carries load at a time; the others idle. ``native`` is measured only once its
+  Envoy holds the weights the sidecar serves over RTDS.
 * The machine is shared and noisy, so configurations run in interleaved rounds (the order rotates
   each round) and latency and throughput are reported as a ratio or difference against bare
   Envoy *of the same round*, then the median over rounds.
@@ -71,7 +72,7 @@ from extproc.envoy_config import EnvoyLayout
 from extproc.status import decode_event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxies import PROXIES, Proxy, to_json, upstream_config
+from proxies import PROXIES, Proxy, envoy_runtime, native_layer, to_json, upstream_config
 
 BENCH = Path(__file__).resolve().parent
 LUA = BENCH / "wrk_conversations.lua"
@@ -181,21 +182,7 @@ def start_all(
     procs = stack.Stack(workdir / "procs")
     free = stack.free_port
     redis_port = free()
-    procs.spawn(
-        "redis",
-        [
-            stack.redis_binary(),
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-    )
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    redis_url = stack.spawn_redis(procs, redis_port, workdir)
     stack.wait_until(stack.redis_ok(redis_url), "redis", alive=lambda: procs.check_running("redis"))
 
     stream_port = None
@@ -232,7 +219,8 @@ def start_all(
         # An experiment per configuration, so that each one's events are counted apart (Redis
         # keys carry the experiment name) even when a late flush overlaps the next run.
         exp_path = workdir / f"experiment-{p.name}.json"
-        exp_path.write_text(json.dumps({**base, "name": f"bench-{p.name}"}))
+        doc = {**base, "name": f"bench-{p.name}", "dataplane": p.dataplane}
+        exp_path.write_text(json.dumps(doc))
         exp = run.experiments[p.name] = load_experiment(exp_path)
         sidecar_port, als_port = free(), free()
         if p.sidecar:
@@ -296,7 +284,33 @@ def start_all(
         )
     for name, (_, admin) in run.envoys.items():
         _wait_envoy(run, f"envoy-{name}", admin)
+    for p in proxies:
+        if p.dataplane == "native":
+            _wait_native_weights(run, p.name)
     return run
+
+
+def _wait_native_weights(run: Running, name: str) -> None:
+    """Envoy under ``dataplane: native`` starts with every request on stable (its static
+    weights) and gets the real ones from the sidecar's RTDS layer, which may come after Envoy is
+    ready (the layer's initial fetch times out after 2 s, then Envoy retries with back-off).
+    Measuring before it holds them would put a round all on stable."""
+    want = native_layer(run.experiments[name])
+    admin = run.envoys[name][1]
+
+    def holds() -> bool:
+        got = envoy_runtime(admin)
+        return all(got.get(k) == v for k, v in want.items())
+
+    def alive() -> None:
+        run.procs.check_running(f"envoy-{name}")
+        run.procs.check_running(f"sidecar-{name}")
+
+    try:
+        stack.wait_until(holds, f"envoy-{name}: weights from RTDS", timeout_s=60, alive=alive)
+    except stack.StackError as err:
+        got = envoy_runtime(admin)
+        raise stack.StackError(f"{err}; Envoy's runtime: {got}, wanted {want}") from None
 
 
 # --- one load run ---------------------------------------------------------------------------
@@ -736,6 +750,7 @@ def render(result: dict[str, Any]) -> str:
                 "route_timeouts",
                 "failure_mode_allowed",
                 "streams_failed",
+                "sidecar_overflow",
                 "als_logs_dropped",
             )
             if row[k]
@@ -803,11 +818,13 @@ def workspace(keep: Path | None) -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="bare vs full only, short runs (<1 min)")
+    ap.add_argument(
+        "--quick", action="store_true", help="bare, full and native only, short runs (~1 min)"
+    )
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument(
         "--configs",
-        help=f"comma-separated, from {','.join(PROXIES)} (default: all; --quick: bare,full)",
+        help=f"comma-separated, from {','.join(PROXIES)} (default: all; --quick: bare,full,native)",
     )
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 4; --quick 2)")
     ap.add_argument("--duration", type=int, help="whole seconds per wrk run (default 2)")
@@ -817,12 +834,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-tps", type=float, default=1000.0, help="mock model tokens/s")
     ap.add_argument("--no-stream", action="store_true")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, help="py-spy the sidecar")
-    ap.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    ap.add_argument("--native-frames", action="store_true", help="py-spy --native (C frames too)")
     ap.add_argument("--keep", type=Path, help="keep configs, logs and the profile in this folder")
     args = ap.parse_args(argv)
 
     quick = args.quick
-    names = (args.configs or ("bare,full" if quick else ",".join(PROXIES))).split(",")
+    names = (args.configs or ("bare,full,native" if quick else ",".join(PROXIES))).split(",")
     unknown = [n for n in names if n not in PROXIES]
     if unknown:
         ap.error(f"unknown configs {unknown}; choose from {list(PROXIES)}")
@@ -883,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
             result["summary"] = summarise(runs, names, levels, totals)
             if stream:
                 log("streaming")
-                streamed = ("bare", "full", "hash-als", "hash-lua-als")
+                streamed = ("bare", "full", "native", "hash-als")
                 shown = [n for n in streamed if n in names]
                 result["streaming"] = streaming(run, r, shown, pairs, linger)
             target = "full" if "full" in names else None
@@ -894,7 +911,7 @@ def main(argv: list[str] | None = None) -> int:
                     PROXIES[target],
                     8.0 if not quick else 4.0,
                     work / "profile",
-                    args.native,
+                    args.native_frames,
                 )
                 if not args.keep and "file" in result["profile"]:
                     keep = BENCH / "results"

@@ -161,11 +161,13 @@ class Rollout(_Strict):
     webhook: str | None = Field(default=None, description="JSON POST on every decision")
 
 
+# Models write the apostrophe straight or curly (U+2019): both match.
 DEFAULT_REFUSALS = [
-    r"^\s*(I'?m|I am) (sorry|afraid)",
-    r"\bI (can(?:no|')t|cannot|won'?t|am unable to|'m unable to) (help|assist|comply|provide)",
+    r"^\s*(I['\u2019]?m|I am) (sorry|afraid)",
+    r"\bI (can(?:no|['\u2019])t|cannot|won['\u2019]?t|am unable to|['\u2019]m unable to) "
+    r"(help|assist|comply|provide)",
     r"\bAs an AI( language model)?\b",
-    r"\bI'?m not able to (help|assist)",
+    r"\bI['\u2019]?m not able to (help|assist)",
 ]
 
 
@@ -220,6 +222,13 @@ class ExperimentSpec(_Strict):
     name: str = Field(pattern=NAME_RE)
     salt: str = Field(min_length=1, max_length=256)
     strategy: Literal["canary", "ab", "shadow", "blue-green"] = "canary"
+    dataplane: Literal["ext_proc", "native"] = Field(
+        default="ext_proc",
+        description=(
+            "ext_proc: the sidecar decides each request and observes its body; native: Envoy "
+            "routes by itself with weights from the sidecar, telemetry from its access log"
+        ),
+    )
     stable: str
     variants: dict[str, VariantSpec] = Field(min_length=2)
     sticky_keys: list[str] = Field(default=["x-conversation-id", "x-user-id"], min_length=1)
@@ -380,7 +389,8 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
             if g.get(other) is not None:
                 problems.append(f"guardrails.{i}.{other}: not used by metric {metric}")
     shadow = raw.get("shadow")
-    if isinstance(shadow, Mapping) and shadow.get("variant") is not None:
+    # A variant that is not a string is reported by the structural check; it may not be hashable.
+    if isinstance(shadow, Mapping) and isinstance(shadow.get("variant"), str):
         if shadow["variant"] not in variants:
             problems.append(f"shadow.variant: {shadow['variant']!r} is not one of the variants")
         elif shadow["variant"] == raw.get("stable"):
@@ -392,8 +402,9 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
             problems.append(f"shadow.variant: required by strategy {raw['strategy']}")
         if not mirror.get("share"):
             problems.append(f"shadow.share: must be > 0 for strategy {raw['strategy']}")
-        if raw.get("strategy") == "blue-green" and isinstance(variants, Mapping):
-            green = variants.get(mirror.get("variant"))
+        green_name = mirror.get("variant")
+        if raw.get("strategy") == "blue-green" and isinstance(green_name, str):
+            green = variants.get(green_name)
             if isinstance(green, Mapping) and green.get("weight", 0) != 0:
                 problems.append(
                     f"variants.{mirror['variant']}.weight: must be 0 under blue-green "
@@ -449,6 +460,24 @@ def _signal_source_problems(raw: Mapping[str, Any], variants: Mapping[str, Any])
     return problems
 
 
+def _native_problems(raw: Mapping[str, Any]) -> list[str]:
+    """What only the sidecar's ext_proc path can do: read request bodies, hold a secret."""
+    problems: list[str] = []
+    capture = raw.get("capture")
+    if isinstance(capture, Mapping) and capture.get("sample"):
+        problems.append(
+            "capture.sample: dataplane native never sees request bodies; "
+            "use dataplane ext_proc to capture texts"
+        )
+    forced = raw.get("forced_routing")
+    if isinstance(forced, Mapping) and forced.get("secret_env"):
+        problems.append(
+            "forced_routing.secret_env: dataplane native matches headers in Envoy's config, "
+            "which would have to hold the secret; use dataplane ext_proc or an allow list"
+        )
+    return problems
+
+
 def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
     """Validate a decoded experiment document; raise ConfigError listing every problem."""
     if not isinstance(raw, Mapping):
@@ -468,6 +497,8 @@ def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
     problems += _semantic_problems(raw)
     if isinstance(raw.get("variants"), Mapping):
         problems += _signal_source_problems(raw, raw["variants"])
+    if raw.get("dataplane") == "native":
+        problems += _native_problems(raw)
     if problems or spec is None:
         raise ConfigError(source, problems)
     return Experiment(spec=spec, source=source)

@@ -15,6 +15,9 @@ The request path, in filter order:
    headers and the streamed response body, for telemetry;
 4. router: one route per variant matching ``x-llm-variant``, a default route to the stable
    variant; each route echoes its variant on the response and strips the forcing header.
+
+With ``dataplane: native`` (:func:`build_native`) the sidecar leaves the request path: Envoy
+routes by itself and the sidecar only feeds it weights (RTDS) and reads its access log.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
-from envoy.config.bootstrap.v3.bootstrap_pb2 import Admin, Bootstrap
+from envoy.config.accesslog.v3.accesslog_pb2 import AccessLog
+from envoy.config.bootstrap.v3.bootstrap_pb2 import Admin, Bootstrap, LayeredRuntime, RuntimeLayer
 from envoy.config.cluster.v3.circuit_breaker_pb2 import CircuitBreakers
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.common.mutation_rules.v3.mutation_rules_pb2 import HeaderMutation
@@ -33,8 +38,11 @@ from envoy.config.core.v3.base_pb2 import (
     DataSource,
     HeaderValue,
     HeaderValueOption,
+    Node,
+    RuntimeFractionalPercent,
     TransportSocket,
 )
+from envoy.config.core.v3.config_source_pb2 import ApiConfigSource, ApiVersion, ConfigSource
 from envoy.config.core.v3.extension_pb2 import TypedExtensionConfig
 from envoy.config.core.v3.grpc_service_pb2 import GrpcService
 from envoy.config.core.v3.health_check_pb2 import HealthCheck
@@ -52,6 +60,7 @@ from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_components_pb2 import Filter, FilterChain
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.config.route.v3.route_components_pb2 import (
+    DirectResponseAction,
     HeaderMatcher,
     Route,
     RouteAction,
@@ -60,8 +69,13 @@ from envoy.config.route.v3.route_components_pb2 import (
     WeightedCluster,
 )
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
+from envoy.extensions.access_loggers.grpc.v3.als_pb2 import (
+    CommonGrpcAccessLogConfig,
+    HttpGrpcAccessLogConfig,
+)
 from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import ExternalProcessor
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.extensions.filters.http.lua.v3.lua_pb2 import Lua
 from envoy.extensions.filters.http.router.v3.router_pb2 import Router
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
@@ -76,14 +90,18 @@ from envoy.extensions.transport_sockets.tls.v3.common_pb2 import (
 )
 from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import CommonTlsContext, UpstreamTlsContext
 from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
+from envoy.type.matcher.v3.regex_pb2 import RegexMatchAndSubstitute, RegexMatcher
 from envoy.type.matcher.v3.string_pb2 import StringMatcher
+from envoy.type.v3.percent_pb2 import FractionalPercent
 from google.protobuf import any_pb2, json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
-from google.protobuf.wrappers_pb2 import UInt32Value
+from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
 
 from extproc import headers as h
+from extproc.assignment import BUCKETS
 from extproc.config import Experiment
+from extproc.sidecar.decide import ForcingNotAllowed, RoutingError, UnknownVariant
 
 SIDECAR_CLUSTER = "extproc_sidecar"
 SHADOW_CLUSTER = "extproc_shadow"
@@ -439,6 +457,263 @@ def build_baseline(experiment: Experiment, layout: EnvoyLayout) -> Bootstrap:
     return boot
 
 
+# --- dataplane: native --------------------------------------------------------------------------
+#
+# Envoy routes every request by itself and never waits for the sidecar; the sidecar feeds Envoy
+# the live weights over RTDS and turns Envoy's gRPC access log into telemetry events. Measured in
+# docs/PERFORMANCE.md: the ext_proc round trip is the floor of the default data path's added
+# latency, and this design removes it.
+
+RUNTIME_LAYER = "extproc"
+"""The RTDS layer the sidecar serves: ``extproc.routing.<cluster>`` = weight in basis points."""
+RUNTIME_PREFIX = "extproc.routing"
+ACCESS_LOG = "extproc"
+SHADOW_ACCESS_LOG = "extproc.shadow"
+"""Access-log names: entries of mirrored copies come from the shadow listener's log."""
+FORCED_ROUTE = "forced_"
+"""Route names ``forced_<variant>``: the access log tells a forced request by its route."""
+INSPECT_LUA = "inspect.lua"
+
+
+def lane_cluster(experiment: Experiment, candidate: str) -> str:
+    """The stable variant's cluster under another name, holding the unused part of a lane."""
+    return f"{experiment.spec.variants[experiment.stable].cluster}_lane_{candidate}"
+
+
+def _lanes(experiment: Experiment, weights: dict[str, float]) -> list[tuple[str, int]]:
+    """(cluster, basis points) in hash order, as :func:`assignment.compile_table` lays buckets.
+
+    Envoy takes the request's hash modulo the total and walks the list, so the total stays
+    10,000 and each candidate comes first in its lane: raising a candidate only takes hashes from
+    the filler behind it (monotone), and one candidate's ramp never moves another's range. The
+    last candidate's filler is the stable cluster itself, which also takes the remainder.
+    """
+    spec = experiment.spec
+    candidates = experiment.candidates
+    lane = BUCKETS // len(candidates)
+    out: list[tuple[str, int]] = []
+    for n, name in enumerate(candidates):
+        held = min(lane, round(weights.get(name, 0.0) * BUCKETS / 100))
+        out.append((spec.variants[name].cluster, held))
+        if n < len(candidates) - 1:
+            out.append((lane_cluster(experiment, name), lane - held))
+    out.append((spec.variants[experiment.stable].cluster, BUCKETS - sum(w for _, w in out)))
+    return out
+
+
+def runtime_weights(experiment: Experiment, weights: dict[str, float]) -> dict[str, int]:
+    """The RTDS layer for a routing: runtime key -> basis points."""
+    return {f"{RUNTIME_PREFIX}.{c}": w for c, w in _lanes(experiment, weights)}
+
+
+def _inspect_lua() -> str:
+    return (Path(__file__).parent / "data" / INSPECT_LUA).read_text()
+
+
+def _access_log(experiment: Experiment, name: str) -> AccessLog:
+    spec = experiment.spec
+    config = HttpGrpcAccessLogConfig(
+        common_config=CommonGrpcAccessLogConfig(
+            log_name=name,
+            grpc_service=GrpcService(
+                envoy_grpc=GrpcService.EnvoyGrpc(cluster_name=SIDECAR_CLUSTER)
+            ),
+            transport_api_version=ApiVersion.V3,
+            # Entries reach the evaluator this much later at most (Envoy's default is 1 s).
+            buffer_flush_interval=_ms(100),
+        ),
+        additional_request_headers_to_log=list(spec.sticky_keys),
+        additional_response_headers_to_log=[h.VARIANT, "content-type"],
+    )
+    return AccessLog(name="envoy.access_loggers.http_grpc", typed_config=_any(config))
+
+
+def _refusal(name: str, err: RoutingError, value: str | None, header: str) -> Route:
+    """A forced request refused by Envoy itself, with the sidecar's JSON error body."""
+    if value is None:
+        match = HeaderMatcher(name=header, present_match=True)
+    else:
+        match = HeaderMatcher(name=header, string_match=StringMatcher(exact=value))
+    return Route(
+        name=name,
+        match=RouteMatch(prefix="/", headers=[match]),
+        direct_response=DirectResponseAction(
+            status=err.status, body=DataSource(inline_string=err.body().decode())
+        ),
+        response_headers_to_add=[
+            HeaderValueOption(
+                header=HeaderValue(key="content-type", value="application/json"),
+                append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        ],
+    )
+
+
+def _native_routes(experiment: Experiment) -> list[Route]:
+    spec = experiment.spec
+    timeout = Duration(seconds=int(spec.envoy.request_timeout_s))
+    strip = spec.forced_routing.strip
+    routes: list[Route] = []
+    fr = spec.forced_routing
+    if fr.enabled:
+        names = experiment.variant_names
+        allowed = [v for v in names if not fr.allow or v in fr.allow]
+        for name in allowed:
+            routes.append(
+                Route(
+                    name=f"{FORCED_ROUTE}{name}",
+                    match=RouteMatch(
+                        prefix="/",
+                        headers=[
+                            HeaderMatcher(name=fr.header, string_match=StringMatcher(exact=name))
+                        ],
+                    ),
+                    route=RouteAction(cluster=spec.variants[name].cluster, timeout=timeout),
+                    response_headers_to_add=[_echo(name)],
+                    request_headers_to_remove=strip,
+                )
+            )
+        for name in names:
+            if name not in allowed:
+                refused = ForcingNotAllowed(
+                    f"variant {name!r} may not be forced here", sorted(fr.allow)
+                )
+                routes.append(_refusal(f"refused_{name}", refused, name, fr.header))
+        unknown = UnknownVariant(f"unknown variant in {fr.header}", list(names))
+        routes.append(_refusal("refused_unknown", unknown, None, fr.header))
+    # Static weights send everything to stable until the sidecar's RTDS layer arrives, so an
+    # Envoy that starts without a sidecar never guesses at a candidate's share.
+    stable_only = {experiment.stable: 100.0} | {
+        v: 0.0 for v in experiment.variant_names if v != experiment.stable
+    }
+    by_cluster = {v.cluster: name for name, v in spec.variants.items()}
+    weighted = WeightedCluster(
+        runtime_key_prefix=RUNTIME_PREFIX,
+        use_hash_policy=BoolValue(value=True),
+        clusters=[
+            WeightedCluster.ClusterWeight(
+                name=cluster,
+                weight=UInt32Value(value=bp),
+                response_headers_to_add=[_echo(by_cluster.get(cluster, experiment.stable))],
+            )
+            for cluster, bp in _lanes(experiment, stable_only)
+        ],
+    )
+    salt = spec.salt.replace("\\", "\\\\")  # RE2 substitutions treat backslashes as escapes
+    action = RouteAction(
+        weighted_clusters=weighted,
+        timeout=timeout,
+        # The first sticky key present decides (terminal), salted per experiment as the
+        # sidecar salts its buckets; a request without one gets no hash, so a random cluster.
+        hash_policy=[
+            RouteAction.HashPolicy(
+                header=RouteAction.HashPolicy.Header(
+                    header_name=key,
+                    regex_rewrite=RegexMatchAndSubstitute(
+                        pattern=RegexMatcher(regex="^"), substitution=salt + ":"
+                    ),
+                ),
+                terminal=True,
+            )
+            for key in spec.sticky_keys
+        ],
+    )
+    if spec.shadow.variant and spec.shadow.share > 0:
+        action.request_mirror_policies.append(
+            RouteAction.RequestMirrorPolicy(
+                cluster=SHADOW_CLUSTER,
+                runtime_fraction=RuntimeFractionalPercent(
+                    default_value=FractionalPercent(
+                        numerator=round(spec.shadow.share * 10_000),
+                        denominator=FractionalPercent.MILLION,
+                    ),
+                ),
+            )
+        )
+    routes.append(
+        Route(
+            name="weighted",
+            match=RouteMatch(prefix="/"),
+            route=action,
+            request_headers_to_remove=strip,
+        )
+    )
+    return routes
+
+
+def _native_manager(experiment: Experiment, *, shadow: bool) -> hcm.HttpConnectionManager:
+    manager = _http_connection_manager(experiment, shadow=shadow)
+    lua = hcm.HttpFilter(
+        name="envoy.filters.http.lua",
+        typed_config=_any(Lua(default_source_code=DataSource(inline_string=_inspect_lua()))),
+    )
+    del manager.http_filters[:-1]  # the ext_proc filters; the router stays last
+    manager.http_filters.insert(0, lua)
+    if not shadow:
+        del manager.route_config.virtual_hosts[0].routes[:]
+        manager.route_config.virtual_hosts[0].routes.extend(_native_routes(experiment))
+    else:
+        variant = experiment.spec.shadow.variant
+        assert variant is not None
+        manager.route_config.virtual_hosts[0].routes[0].response_headers_to_add.append(
+            _echo(variant)
+        )
+    manager.access_log.append(_access_log(experiment, SHADOW_ACCESS_LOG if shadow else ACCESS_LOG))
+    return manager
+
+
+def build_native(experiment: Experiment, layout: EnvoyLayout) -> Bootstrap:
+    """The ``dataplane: native`` bootstrap: Envoy's own sticky weighted routing, weights from the
+    sidecar's RTDS layer, telemetry through the gRPC access log and a Lua filter."""
+    boot = build_bootstrap(experiment, layout)
+    res = boot.static_resources
+    for listener in res.listeners:
+        shadow = listener.name == "llm_shadow"
+        listener.filter_chains[0].filters[0].typed_config.CopyFrom(
+            _any(_native_manager(experiment, shadow=shadow))
+        )
+    stable = experiment.spec.variants[experiment.stable]
+    target = layout.upstreams.get(experiment.stable) or stable.address
+    assert target is not None  # build_bootstrap checked it
+    # The last candidate's filler is the stable cluster itself.
+    for name in experiment.candidates[:-1]:
+        res.clusters.append(
+            _cluster(lane_cluster(experiment, name), target, http2=False, timeout_ms=2_000)
+        )
+    sidecar = ConfigSource(
+        resource_api_version=ApiVersion.V3,
+        api_config_source=ApiConfigSource(
+            api_type=ApiConfigSource.GRPC,
+            transport_api_version=ApiVersion.V3,
+            grpc_services=[
+                GrpcService(envoy_grpc=GrpcService.EnvoyGrpc(cluster_name=SIDECAR_CLUSTER))
+            ],
+        ),
+        # Envoy starts serving (all on stable) without waiting long for a missing sidecar.
+        initial_fetch_timeout=_ms(2_000),
+    )
+    # xDS requests name their node; one name for every gateway Envoy, as they all get one layer.
+    boot.node.CopyFrom(Node(id="llm-gateway", cluster="llm-gateway"))
+    boot.layered_runtime.CopyFrom(
+        LayeredRuntime(
+            layers=[
+                RuntimeLayer(
+                    name=RUNTIME_LAYER,
+                    rtds_layer=RuntimeLayer.RtdsLayer(name=RUNTIME_LAYER, rtds_config=sidecar),
+                )
+            ]
+        )
+    )
+    return boot
+
+
+def build(experiment: Experiment, layout: EnvoyLayout) -> Bootstrap:
+    """The bootstrap of the experiment's data plane."""
+    if experiment.spec.dataplane == "native":
+        return build_native(experiment, layout)
+    return build_bootstrap(experiment, layout)
+
+
 def to_yaml(bootstrap: Bootstrap, header: str = "") -> str:
     doc = json.loads(json_format.MessageToJson(bootstrap, preserving_proto_field_name=True))
     return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
@@ -449,4 +724,4 @@ def render(experiment: Experiment, layout: EnvoyLayout) -> str:
         f"# Generated by `extproc envoy-config` for experiment {experiment.name!r}.\n"
         "# Edit the experiment file and regenerate rather than editing this file.\n"
     )
-    return to_yaml(build_bootstrap(experiment, layout), head)
+    return to_yaml(build(experiment, layout), head)

@@ -337,6 +337,27 @@ def _choose_ports(opts: UpOptions) -> Ports:
     return p
 
 
+def spawn_redis(stack: Stack, port: int, workdir: Path) -> str:
+    """A throwaway redis-server on loopback (no persistence), recorded in ``stack``; its URL."""
+    stack.spawn(
+        "redis",
+        [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir.resolve()),
+        ],
+    )
+    return f"redis://127.0.0.1:{port}/0"
+
+
 def up(opts: UpOptions) -> dict[str, Any]:
     """Start every part and wait until each answers; return the recorded state."""
     stack = Stack(opts.state_dir)
@@ -350,23 +371,7 @@ def up(opts: UpOptions) -> dict[str, Any]:
     try:
         redis_url = opts.redis_url
         if redis_url is None:
-            stack.spawn(
-                "redis",
-                [
-                    redis_binary(),
-                    "--port",
-                    str(ports.redis),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(opts.state_dir.resolve()),
-                ],
-            )
-            redis_url = f"redis://127.0.0.1:{ports.redis}/0"
+            redis_url = spawn_redis(stack, ports.redis, opts.state_dir)
         ep["redis"] = redis_url
         wait_until(
             redis_ok(redis_url),

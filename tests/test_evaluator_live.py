@@ -22,9 +22,10 @@ from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
-def rollout_stack(tmp: Path, **rollout: Any) -> LiveStack:
+def rollout_stack(tmp: Path, dataplane: str = "ext_proc", **rollout: Any) -> LiveStack:
     exp = write_experiment(
         tmp,
+        dataplane=dataplane,
         rollout={"cadence_s": 0.2, "min_stage_seconds": 600, "min_stage_samples": 15, **rollout},
         guardrails=[
             {"metric": "error_rate", "max_increase": 0.5, "min_samples": 20},
@@ -39,9 +40,11 @@ def rollout_stack(tmp: Path, **rollout: Any) -> LiveStack:
     return start_stack(tmp / "stack", exp)
 
 
-@pytest.fixture
-def degrading(tmp_path: Path) -> Iterator[LiveStack]:
-    s = rollout_stack(tmp_path, stages=[30, 60, 100])
+@pytest.fixture(params=["ext_proc", "native"])
+def degrading(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LiveStack]:
+    """On either data plane: the rollback reaches Envoy through the sidecar's ext_proc answers
+    or through the runtime layer it pushes."""
+    s = rollout_stack(tmp_path, request.param, stages=[30, 60, 100])
     yield s
     stack.down(s.state_dir)
 

@@ -25,8 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.service.runtime.v3 import rtds_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.exceptions import RedisError
 
@@ -36,8 +38,10 @@ from extproc.envoy_config import SIDECAR_SERVICE
 from extproc.live import LiveRouting, Routing
 from extproc.metrics import SidecarMetrics, serve_metrics
 from extproc.quality import QualityRules
+from extproc.sidecar.accesslog import AccessLogService, EntryMapper
 from extproc.sidecar.observer import Observation, ObserverContext
 from extproc.sidecar.router import Router
+from extproc.sidecar.runtime import RuntimeService
 from extproc.telemetry.writer import TelemetryWriter
 
 log = logging.getLogger(__name__)
@@ -150,11 +154,27 @@ class Sidecar:
             capture_ttl_s=experiment.spec.capture.ttl_s,
             capture_max_pairs=experiment.spec.capture.max_pairs,
         )
+        self.runtime = RuntimeService(self.live)
         self.started = time.time()
 
     def _routing_changed(self, _routing: Routing) -> None:
-        """Report a new routing version at once: operators (and tests) wait for every replica."""
+        """Push a new routing to the Envoys that read weights from us (dataplane native), and
+        report it at once: operators (and tests) wait for every replica."""
+        self.runtime.routing_changed()
         self._beat.set()
+
+    def _add_services(self, server: grpc.aio.Server) -> None:
+        """ext_proc for the default data plane; RTDS and the access log for the native one."""
+        pb_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessor(self.router, self.observer), server
+        )
+        if self.live.experiment.spec.dataplane != "native":
+            return
+        rtds_pb2_grpc.add_RuntimeDiscoveryServiceServicer_to_server(self.runtime, server)
+        mapper = EntryMapper.for_experiment(self.live.experiment, self.instance)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+            AccessLogService(mapper, self.observer.emit), server
+        )
 
     async def _heartbeat(self) -> None:
         key = keys.sidecar(self.instance)
@@ -198,9 +218,7 @@ class Sidecar:
     async def run(self, ready: Callable[[str], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT or cancellation; drain streams, then flush telemetry."""
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_ExternalProcessorServicer_to_server(
-            ExternalProcessor(self.router, self.observer), server
-        )
+        self._add_services(server)
         servicer = health.aio.HealthServicer()
         for service in ("", SIDECAR_SERVICE):
             await servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)

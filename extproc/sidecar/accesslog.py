@@ -1,0 +1,192 @@
+"""Telemetry for ``dataplane: native``: Envoy's gRPC access log turned into telemetry events.
+
+With the native data plane Envoy routes by itself and the sidecar is off the request path. Envoy
+sends one access-log entry per finished request, many to a message on one long-lived stream, so
+the sidecar's cost is a fraction of an ext_proc stream per request and nothing waits for it. The
+entry has what the observer measures on its own stream: the variant (the header the route
+echoed), the sticky key (hashed here, never stored raw), status, timings, bytes and the reason
+Envoy ended the request; ``extproc/data/inspect.lua`` adds what only the body shows (first token,
+the answer's first characters, tool calls, the ``usage`` at the end) as dynamic metadata.
+
+What differs from the ext_proc observer: the request starts when Envoy received its headers
+(the observer also uses Envoy's ``request.time``), first token is when that chunk left the Lua
+filter, and request bodies are never seen (no capture, no JSON-mode check).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2 as al
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.struct_pb2 import Struct
+
+from extproc import headers as h
+from extproc.config import Experiment
+from extproc.envoy_config import FORCED_ROUTE, SHADOW_ACCESS_LOG
+from extproc.quality import SIGNAL_CHARS, QualityRules
+from extproc.sidecar.decide import Policy, attribute
+from extproc.sidecar.observer import classify
+from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
+
+log = logging.getLogger(__name__)
+
+METADATA = "extproc"
+"""The dynamic-metadata namespace inspect.lua writes."""
+_USAGE = re.compile(r'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+_FINISH = re.compile(r'"finish_reason"\s*:\s*"([a-z_]{1,32})"')
+_RESET = ErrorClass.ERROR_CLASS_RESET
+_TIMEOUT = ErrorClass.ERROR_CLASS_TIMEOUT
+_FORCED = Assignment.ASSIGNMENT_FORCED
+
+
+def _ms(d: Duration) -> float:
+    return d.seconds * 1e3 + d.nanos / 1e6
+
+
+def decode_text(escaped: str) -> str | None:
+    """The answer text inspect.lua kept, still JSON-escaped and possibly cut inside an escape."""
+    for trim in range(7):  # the longest escape, \\uXXXX, is 6 characters
+        try:
+            text = json.loads(f'"{escaped[: len(escaped) - trim]}"')
+        except ValueError:
+            continue
+        if isinstance(text, str):
+            return text.encode("utf-8", "surrogatepass")[:SIGNAL_CHARS].decode("utf-8", "ignore")
+    return None
+
+
+def error_class(entry: al.HTTPAccessLogEntry, completed: bool, got_headers: bool) -> int:
+    """The observer's classification, plus the upstream troubles only Envoy's flags name."""
+    flags = entry.common_properties.response_flags
+    if flags.upstream_request_timeout:
+        return _TIMEOUT
+    if (
+        flags.upstream_remote_reset
+        or flags.upstream_connection_termination
+        or flags.upstream_connection_failure
+        or flags.upstream_retry_limit_exceeded
+    ):
+        return _RESET
+    resp = entry.response
+    return classify(resp.response_code.value, resp.response_code_details, completed, got_headers)
+
+
+@dataclass(frozen=True)
+class EntryMapper:
+    """Turns one HTTP access-log entry into the event the observer would have emitted."""
+
+    experiment: str
+    stable: str
+    variants: tuple[str, ...]
+    policy: Policy
+    rules: QualityRules
+    recorder: str
+    shadow_variant: str | None = None
+
+    @classmethod
+    def for_experiment(cls, experiment: Experiment, recorder: str) -> EntryMapper:
+        return cls(
+            experiment=experiment.name,
+            stable=experiment.stable,
+            variants=tuple(experiment.variant_names),
+            policy=Policy.compile(experiment),
+            rules=QualityRules.compile(experiment.spec),
+            recorder=recorder,
+            shadow_variant=experiment.spec.shadow.variant,
+        )
+
+    def event(self, entry: al.HTTPAccessLogEntry, *, shadow: bool) -> TelemetryEvent:
+        req, resp, common = entry.request, entry.response, entry.common_properties
+        hdrs = {k: v.encode() for k, v in req.request_headers.items()}
+        echoed = resp.response_headers.get(h.VARIANT)
+        if echoed is not None:
+            hdrs[h.VARIANT] = echoed.encode()
+        who = attribute(self.policy, self.stable, hdrs, self.variants)
+        ev = TelemetryEvent(
+            experiment=self.experiment,
+            recorder=self.recorder,
+            variant=who.variant,
+            assignment=who.assignment,
+            key_hash=who.key_hash,
+            request_id=req.request_id,
+            status=resp.response_code.value,
+            time_unix_ms=common.start_time.seconds * 1000 + common.start_time.nanos // 1_000_000,
+            response_bytes=resp.response_body_bytes,
+            shadow=shadow,
+        )
+        if common.route_name.startswith(FORCED_ROUTE) and who.variant in self.variants:
+            # The forcing header is stripped before the log is written; the route tells.
+            ev.assignment = _FORCED
+        if shadow and self.shadow_variant is not None:
+            ev.variant = self.shadow_variant
+        ev.streamed = "text/event-stream" in resp.response_headers.get("content-type", "")
+        got_headers = common.HasField("time_to_first_downstream_tx_byte")
+        completed = (
+            common.HasField("time_to_last_downstream_tx_byte")
+            and not common.response_flags.downstream_connection_termination
+        )
+        if got_headers:
+            ev.headers_ms = _ms(common.time_to_first_downstream_tx_byte)
+        if completed or got_headers:
+            ev.duration_ms = _ms(
+                common.time_to_last_downstream_tx_byte
+                if common.HasField("time_to_last_downstream_tx_byte")
+                else common.time_to_first_downstream_tx_byte
+            )
+        ev.error = error_class(entry, completed, got_headers)  # type: ignore[assignment]
+        md = common.metadata.filter_metadata.get(METADATA)
+        if md is not None:
+            self._body(ev, md, common)
+        return ev
+
+    def _body(self, ev: TelemetryEvent, md: Struct, common: al.AccessLogCommon) -> None:
+        f = md.fields
+        if "first_token_us" in f:
+            start_us = common.start_time.seconds * 1e6 + common.start_time.nanos / 1e3
+            ev.first_token_ms = (f["first_token_us"].number_value - start_us) / 1e3
+        ev.tool_calls = "tool_calls" in f and f["tool_calls"].bool_value
+        tail = f["tail"].string_value if "tail" in f else ""
+        for name, value in _USAGE.findall(tail):
+            if int(value) < 2**32:  # a uint32 field; a larger count is not believable
+                setattr(ev, name, int(value))
+        finish = _FINISH.findall(tail)
+        if finish:
+            ev.finish_reason = finish[-1]
+        if "text" in f and ev.status < 400:
+            text = decode_text(f["text"].string_value)
+            if text is not None:
+                ev.refusal = self.rules.is_refusal(text)
+                ev.empty_answer = not text.strip() and not ev.tool_calls
+                ev.answer_chars = len(text)
+
+
+class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    """Envoy's access-log stream: every HTTP entry becomes one telemetry event."""
+
+    def __init__(self, mapper: EntryMapper, emit: Callable[[TelemetryEvent], None]) -> None:
+        self.mapper = mapper
+        self.emit = emit
+
+    async def StreamAccessLogs(
+        self,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> als_pb2.StreamAccessLogsResponse:
+        shadow = False
+        event, emit = self.mapper.event, self.emit
+        async for msg in request_iterator:
+            if msg.HasField("identifier"):  # sent with the first message of a stream only
+                shadow = msg.identifier.log_name == SHADOW_ACCESS_LOG
+            for entry in msg.http_logs.log_entry:
+                try:
+                    emit(event(entry, shadow=shadow))
+                except ValueError:  # one odd entry must not end the stream and lose the rest
+                    log.warning("dropped an access-log entry it could not map", exc_info=True)
+        return als_pb2.StreamAccessLogsResponse()
