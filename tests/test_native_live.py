@@ -70,6 +70,16 @@ def on_canary(s: LiveStack, http: httpx.Client, convs: range) -> set[int]:
     }
 
 
+def turn(s: LiveStack, http: httpx.Client, conv: str, stream: bool) -> httpx.Response:
+    """One chat turn of a conversation; a streamed one asks for the usage chunk."""
+    return s.chat(
+        http,
+        {"x-conversation-id": conv},
+        stream=stream,
+        stream_options={"include_usage": True} if stream else None,
+    )
+
+
 def events_of(s: LiveStack, request_ids: set[str]) -> dict[str, TelemetryEvent]:
     """Wait for one event per request id, and return them by id."""
 
@@ -120,12 +130,7 @@ def test_one_event_per_request_with_timings_tokens_and_signals(
     served: dict[str, tuple[str, bool]] = {}
     for i in range(30):
         stream = i % 2 == 0
-        r = native.chat(
-            http,
-            {"x-conversation-id": f"ev-{uuid.uuid4()}"},
-            stream=stream,
-            stream_options={"include_usage": True} if stream else None,
-        )
+        r = turn(native, http, f"ev-{uuid.uuid4()}", stream)
         assert r.status_code == 200
         served[r.headers["x-request-id"]] = (r.headers["x-llm-variant"], stream)
     forced = native.chat(http, {"x-experiment": "canary"}).headers["x-request-id"]
@@ -220,13 +225,7 @@ def test_mirrored_copies_are_recorded_as_the_shadow_variant(
     try:
         ids = set()
         for i in range(10):
-            stream = i % 2 == 0
-            r = s.chat(
-                http,
-                {"x-conversation-id": f"shadow-{i}"},
-                stream=stream,
-                stream_options={"include_usage": True} if stream else None,
-            )
+            r = turn(s, http, f"shadow-{i}", stream=i % 2 == 0)
             assert r.headers["x-llm-variant"] == "stable"
             ids.add(r.headers["x-request-id"])
 
