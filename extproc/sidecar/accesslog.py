@@ -92,6 +92,7 @@ class EntryMapper:
 
     @classmethod
     def for_experiment(cls, experiment: Experiment, recorder: str) -> EntryMapper:
+        """Compiled once per sidecar, from the same file the observer compiles its rules from."""
         return cls(
             experiment=experiment.name,
             stable=experiment.stable,
@@ -121,7 +122,7 @@ class EntryMapper:
             response_bytes=resp.response_body_bytes,
             shadow=shadow,
         )
-        if common.route_name.startswith(FORCED_ROUTE) and who.variant in self.variants:
+        if common.route_name.startswith(FORCED_ROUTE):
             # The forcing header is stripped before the log is written; the route tells.
             ev.assignment = _FORCED
         if shadow and self.shadow_variant is not None:
