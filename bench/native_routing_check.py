@@ -65,7 +65,7 @@ def main() -> int:
 
 def check(d: Path, procs: stack.Stack) -> int:
     redis_port = stack.free_port()
-    redis_url = stack.spawn_redis(procs, redis_port, d)
+    redis_url = stack.start_redis(procs, redis_port, d)
     up, up_admin = stack.free_port(), stack.free_port()
     (d / "upstream.json").write_text(json.dumps(upstream_config(up, up_admin, None)))
     envoy = [stack.envoy_binary(), "--disable-hot-restart", "--concurrency", "1"]
@@ -96,7 +96,6 @@ def check(d: Path, procs: stack.Stack) -> int:
     )
     print(f"envoy --mode validate: {'OK' if valid.returncode == 0 else valid.stdout}")
 
-    stack.wait_until(stack.redis_ok(redis_url), "redis", alive=lambda: procs.check_running("redis"))
     procs.spawn(
         "sidecar",
         [

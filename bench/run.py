@@ -182,8 +182,7 @@ def start_all(
     procs = stack.Stack(workdir / "procs")
     free = stack.free_port
     redis_port = free()
-    redis_url = stack.spawn_redis(procs, redis_port, workdir)
-    stack.wait_until(stack.redis_ok(redis_url), "redis", alive=lambda: procs.check_running("redis"))
+    redis_url = stack.start_redis(procs, redis_port, workdir)
 
     stream_port = None
     py = [sys.executable, "-m", "extproc"]

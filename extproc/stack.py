@@ -337,8 +337,14 @@ def _choose_ports(opts: UpOptions) -> Ports:
     return p
 
 
-def spawn_redis(stack: Stack, port: int, workdir: Path) -> str:
-    """A throwaway redis-server on loopback (no persistence), recorded in ``stack``; its URL."""
+def start_redis(stack: Stack, port: int, workdir: Path) -> str:
+    """A throwaway redis-server on loopback (no persistence), recorded in ``stack``; its URL
+    once it answers.
+
+    The port was free when chosen, but another program may take it before our server binds it:
+    then a Redis answers that is not ours (another stack's, whose data a test would flush), so
+    the one answering must report our process id.
+    """
     stack.spawn(
         "redis",
         [
@@ -355,7 +361,14 @@ def spawn_redis(stack: Stack, port: int, workdir: Path) -> str:
             str(workdir.resolve()),
         ],
     )
-    return f"redis://127.0.0.1:{port}/0"
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(redis_ok(url), f"redis at {url}", alive=lambda: stack.check_running("redis"))
+    client = store.connect_sync(url)
+    with contextlib.closing(client):
+        answering = int(client.info("server")["process_id"])
+    if answering != stack.state["processes"]["redis"]["pid"]:
+        raise StackError(f"port {port} is held by another Redis (pid {answering}); try again")
+    return url
 
 
 def up(opts: UpOptions) -> dict[str, Any]:
@@ -371,13 +384,10 @@ def up(opts: UpOptions) -> dict[str, Any]:
     try:
         redis_url = opts.redis_url
         if redis_url is None:
-            redis_url = spawn_redis(stack, ports.redis, opts.state_dir)
+            redis_url = start_redis(stack, ports.redis, opts.state_dir)
+        else:
+            wait_until(redis_ok(redis_url), f"redis at {redis_url}")
         ep["redis"] = redis_url
-        wait_until(
-            redis_ok(redis_url),
-            f"redis at {redis_url}",
-            alive=None if opts.redis_url else lambda: stack.check_running("redis"),
-        )
 
         upstreams: dict[str, str] = {}
         if opts.mock_models:

