@@ -2,6 +2,9 @@
 
 Envoy opens one stream per request per ext_proc filter. The first message tells which filter it
 came from (``observability_mode`` is set only by the observing filter), so one service serves both.
+For ``dataplane: native`` the same server also serves Envoy's runtime layer (RTDS, the live
+weights) and its access log (telemetry): two long-lived streams per Envoy instead of two per
+request.
 Background tasks follow the live routing in Redis, flush telemetry, and publish this replica's
 counters with a TTL so that operators can see which replicas are alive.
 
