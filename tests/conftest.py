@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import redis.asyncio as aioredis
 import yaml
 
 from extproc import keys, stack, store
@@ -160,3 +161,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield stack.start_redis(st, stack.free_port(), workdir)
     finally:
         st.stop_all()
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio client of the module's Redis, emptied for each test."""
+    r = store.connect(redis_url)
+    await r.flushdb()
+    yield r
+    await r.aclose()

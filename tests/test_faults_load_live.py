@@ -8,6 +8,7 @@ ones in docs/RELIABILITY.md (`pytest -s tests/test_faults_load_live.py`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import subprocess
@@ -110,6 +111,17 @@ def kill(s: LiveStack, name: str) -> dict[str, Any]:
     return proc
 
 
+@contextlib.contextmanager
+def restarted(proc: dict[str, Any]) -> Iterator[None]:
+    """A killed process started again with its own command line, stopped when the block ends."""
+    again = subprocess.Popen(proc["argv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        again.terminate()
+        again.wait(timeout=10)
+
+
 def report(name: str, load: Load, **figures: object) -> None:
     extra = ", ".join(f"{k} {v}" for k, v in figures.items())
     print(f"\n[{name}] requests {load.count()}, errors seen by clients {load.non_2xx()}, {extra}")
@@ -173,20 +185,16 @@ def test_sidecar_killed_and_restarted_under_load(canary_stack: LiveStack) -> Non
         load.wait_more(20, "traffic before the fault")
         proc = kill(s, "sidecar")
         down = load.since(load.wait_more(20, "traffic while the sidecar is dead"))
-        restarted = subprocess.Popen(
-            proc["argv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            back = load.wait_more(1, "traffic after the restart")
-            wait_for(
-                lambda: any(r.variant == "canary" for r in load.since(back)),
-                "the restarted sidecar to route again",
-            )
-            after = load.since(load.wait_more(20, "traffic after recovery"))
-        finally:
-            load.close()
-            restarted.terminate()
-            restarted.wait(timeout=10)
+        with restarted(proc):
+            try:
+                back = load.wait_more(1, "traffic after the restart")
+                wait_for(
+                    lambda: any(r.variant == "canary" for r in load.since(back)),
+                    "the restarted sidecar to route again",
+                )
+                after = load.since(load.wait_more(20, "traffic after recovery"))
+            finally:
+                load.close()
     assert load.non_2xx() == 0, load.failures
     # Only requests already routed when the sidecar died (one per client) may be canary.
     assert sum(r.variant == "canary" for r in down) <= load.clients, down
@@ -203,10 +211,7 @@ def test_redis_killed_and_restarted_under_load(canary_stack: LiveStack) -> None:
         load.wait_more(20, "traffic before the fault")
         proc = kill(s, "redis")
         outage = load.since(load.wait_more(40, "traffic while redis is down"))
-        restarted = subprocess.Popen(
-            proc["argv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
+        with restarted(proc):
             wait_for(stack.redis_ok(s.redis_url), "redis to come back")
             load.wait_more(20, "traffic after redis is back")
             load.close()
@@ -215,9 +220,6 @@ def test_redis_killed_and_restarted_under_load(canary_stack: LiveStack) -> None:
                 lambda: (evs := events(s)) and ids <= set(evs) and evs,
                 "the outage's buffered events to reach the restarted redis",
             )
-        finally:
-            restarted.terminate()
-            restarted.wait(timeout=10)
     assert load.non_2xx() == 0, load.failures
     assert {r.variant for r in outage} == {"canary"}  # routing kept its last good weights
     report(

@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from extproc import keys, signals, store
+from extproc import keys, signals
 from extproc.config import ConfigError, Judge, parse_experiment
 from extproc.judge_llm import (
     ANSWER_A,
@@ -106,14 +106,6 @@ async def fake() -> AsyncIterator[FakeJudge]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    r = store.connect(redis_url)
-    await r.flushdb()
-    yield r
-    await r.aclose()
 
 
 def settings(fake: FakeJudge, **kw: Any) -> Judge:

@@ -31,9 +31,7 @@ from extproc.envoy_config import (
     to_yaml,
 )
 from extproc.live import LiveRouting
-from extproc.quality import QualityRules
 from extproc.sidecar.accesslog import EntryMapper, decode_text
-from extproc.sidecar.decide import Policy
 from extproc.sidecar.runtime import TYPE_URL, RuntimeService
 from extproc.store import RoutingState
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass
@@ -204,20 +202,13 @@ def entry(
     return e
 
 
-def mapper(exp: Experiment) -> EntryMapper:
-    return EntryMapper(
-        experiment=exp.name,
-        stable=exp.stable,
-        variants=tuple(exp.variant_names),
-        policy=Policy.compile(exp),
-        rules=QualityRules.compile(exp.spec),
-        recorder="test",
-        shadow_variant="canary",
-    )
+def mapper() -> EntryMapper:
+    """The sidecar's mapping for the example, with the canary as its shadow variant."""
+    return EntryMapper.for_experiment(experiment(shadow={"variant": "canary", "share": 10}), "test")
 
 
 def test_an_access_log_entry_becomes_the_observers_event() -> None:
-    m = mapper(experiment())
+    m = mapper()
     tail = '..."finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":34}}'
     ev = m.event(
         entry(
@@ -248,7 +239,7 @@ def test_an_access_log_entry_becomes_the_observers_event() -> None:
 
 
 def test_forced_shadow_and_failed_entries() -> None:
-    m = mapper(experiment())
+    m = mapper()
     forced = m.event(entry(variant="canary", route="forced_canary"), shadow=False)
     assert forced.assignment == Assignment.ASSIGNMENT_FORCED
     copy = m.event(entry(variant="stable"), shadow=True)

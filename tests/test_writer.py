@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -13,14 +11,6 @@ from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 from extproc.telemetry.writer import TelemetryWriter
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    r = store.connect(redis_url)
-    await r.flushdb()
-    yield r
-    await r.aclose()
 
 
 def ev(i: int, variant: str = "stable", shadow: bool = False) -> TelemetryEvent:
