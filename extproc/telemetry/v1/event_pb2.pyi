@@ -112,6 +112,8 @@ class TelemetryEvent(_message.Message):
     ANSWER_CHARS_FIELD_NUMBER: _builtins.int
     CAPTURED_FIELD_NUMBER: _builtins.int
     JSON_VALID_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
     time_unix_ms: _builtins.int
     """Start of the request, milliseconds since the Unix epoch."""
     request_id: _builtins.str
@@ -155,6 +157,15 @@ class TelemetryEvent(_message.Message):
     parsed as JSON. Known only for requests whose body the sidecar sees (captured ones) and
     whose answer was not cut at capture.max_bytes; absent otherwise.
     """
+    cached_prompt_tokens: _builtins.int
+    """Prompt tokens the model server answered from its prompt cache (OpenAI
+    usage.prompt_tokens_details.cached_tokens, Anthropic usage.cache_read_input_tokens).
+    """
+    in_flight: _builtins.bool
+    """This event is an in-flight notice, not the request's end: the request was still open after
+    the in-flight bound (duration_ms is its age then). The request's own event follows with the
+    same request_id when it ends; readers that count requests must count it once.
+    """
     def __init__(
         self,
         *,
@@ -182,13 +193,17 @@ class TelemetryEvent(_message.Message):
         answer_chars: _builtins.int | None = ...,
         captured: _builtins.bool = ...,
         json_valid: _builtins.bool | None = ...,
+        cached_prompt_tokens: _builtins.int | None = ...,
+        in_flight: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_json_valid", b"_json_valid", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "json_valid", b"json_valid", "prompt_tokens", b"prompt_tokens", "refusal", b"refusal"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_cached_prompt_tokens", b"_cached_prompt_tokens", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_json_valid", b"_json_valid", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "json_valid", b"json_valid", "prompt_tokens", b"prompt_tokens", "refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_json_valid", b"_json_valid", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "assignment", b"assignment", "captured", b"captured", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "error", b"error", "experiment", b"experiment", "finish_reason", b"finish_reason", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "json_valid", b"json_valid", "key_hash", b"key_hash", "prompt_tokens", b"prompt_tokens", "recorder", b"recorder", "refusal", b"refusal", "request_id", b"request_id", "response_bytes", b"response_bytes", "shadow", b"shadow", "status", b"status", "streamed", b"streamed", "time_unix_ms", b"time_unix_ms", "tool_calls", b"tool_calls", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_cached_prompt_tokens", b"_cached_prompt_tokens", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_json_valid", b"_json_valid", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "assignment", b"assignment", "cached_prompt_tokens", b"cached_prompt_tokens", "captured", b"captured", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "error", b"error", "experiment", b"experiment", "finish_reason", b"finish_reason", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "in_flight", b"in_flight", "json_valid", b"json_valid", "key_hash", b"key_hash", "prompt_tokens", b"prompt_tokens", "recorder", b"recorder", "refusal", b"refusal", "request_id", b"request_id", "response_bytes", b"response_bytes", "shadow", b"shadow", "status", b"status", "streamed", b"streamed", "time_unix_ms", b"time_unix_ms", "tool_calls", b"tool_calls", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__answer_chars: _TypeAlias = _typing.Literal["answer_chars"]  # noqa: Y015
     _WhichOneofArgType__answer_chars: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars"]  # noqa: Y015
+    _WhichOneofReturnType__cached_prompt_tokens: _TypeAlias = _typing.Literal["cached_prompt_tokens"]  # noqa: Y015
+    _WhichOneofArgType__cached_prompt_tokens: _TypeAlias = _typing.Literal["_cached_prompt_tokens", b"_cached_prompt_tokens"]  # noqa: Y015
     _WhichOneofReturnType__completion_tokens: _TypeAlias = _typing.Literal["completion_tokens"]  # noqa: Y015
     _WhichOneofArgType__completion_tokens: _TypeAlias = _typing.Literal["_completion_tokens", b"_completion_tokens"]  # noqa: Y015
     _WhichOneofReturnType__duration_ms: _TypeAlias = _typing.Literal["duration_ms"]  # noqa: Y015
@@ -207,6 +222,8 @@ class TelemetryEvent(_message.Message):
     _WhichOneofArgType__refusal: _TypeAlias = _typing.Literal["_refusal", b"_refusal"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__answer_chars) -> _WhichOneofReturnType__answer_chars | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cached_prompt_tokens) -> _WhichOneofReturnType__cached_prompt_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__completion_tokens) -> _WhichOneofReturnType__completion_tokens | None: ...
     @_typing.overload
