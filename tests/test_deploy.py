@@ -1282,7 +1282,7 @@ def test_envoy_ready_listener_answers_ready_and_nothing_else(tmp_path: Path) -> 
     config.write_text(yaml.safe_dump(boot))
     st = stack.Stack(tmp_path / "state")
     try:
-        st.spawn("envoy", [envoy_binary(), "-c", str(config), "--base-id", str(ready_port)])
+        st.spawn("envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart"])
         url = f"http://127.0.0.1:{ready_port}"
         stack.wait_until(stack.http_ok(url + "/ready"), "Envoy's /ready through the listener", 30)
         with httpx.Client(timeout=5) as http:
