@@ -181,3 +181,117 @@ def test_rules_parse_with_prometheus(tmp_path: Path) -> None:
         check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def promtool_rule_test(
+    tmp_path: Path, series: dict[str, str], firing: dict[str, list[dict[str, str]]]
+) -> None:
+    """`promtool test rules`: feed series (one sample a minute), expect exactly these alerts
+    (by name, with their labels) firing at minute 10. Annotations are left out of the check:
+    the expressions and their `for` are what is tested."""
+    rule = one_of(rendered("dev", MONITORING), "PrometheusRule", "extproc")
+    groups = [
+        {**g, "rules": [{k: v for k, v in r.items() if k != "annotations"} for r in g["rules"]]}
+        for g in rule["spec"]["groups"]
+    ]
+    (tmp_path / "rules.yml").write_text(json.dumps({"groups": groups}))
+    severities = {r["alert"]: r["labels"]["severity"] for r in alert_rules()}
+    tests = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in series.items()],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "10m",
+                        "alertname": name,
+                        "exp_alerts": [
+                            {"exp_labels": {**labels, "severity": severities[name]}}
+                            for labels in firing.get(name, [])
+                        ],
+                    }
+                    for name in severities
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yml").write_text(json.dumps(tests))
+    out = subprocess.run(
+        ["promtool", "test", "rules", "test.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+JOB = 'job="llm-rollout/extproc"'
+
+
+def healthy_series() -> dict[str, str]:
+    return {
+        f'up{{{JOB}, container="extproc", pod="gw-a"}}': "1x12",
+        f'up{{{JOB}, container="extproc", pod="gw-b"}}': "1x12",
+        f'up{{{JOB}, container="evaluator", pod="ev-a"}}': "1x12",
+        f'up{{{JOB}, container="evaluator", pod="ev-b"}}': "1x12",
+        'extproc_routing_version{experiment="e", pod="gw-a"}': "7x12",
+        'extproc_routing_version{experiment="e", pod="gw-b"}': "7x12",
+        'extproc_redis_up{pod="gw-a"}': "1x12",
+        'extproc_redis_up{pod="gw-b"}': "1x12",
+        'extproc_telemetry_events_dropped_total{pod="gw-a"}': "0x12",
+        'extproc_evaluator_active{experiment="e", pod="ev-a"}': "1x12",
+        'extproc_evaluator_active{experiment="e", pod="ev-b"}': "0x12",
+        'extproc_evaluator_decisions_total{experiment="e", action="rollback", pod="ev-a"}': "0x12",
+    }
+
+
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool (Prometheus) not installed"
+)
+
+
+@needs_promtool
+def test_no_alert_fires_on_a_healthy_install(tmp_path: Path) -> None:
+    promtool_rule_test(tmp_path, healthy_series(), {})
+
+
+@needs_promtool
+def test_each_alert_fires_on_its_failure(tmp_path: Path) -> None:
+    """One failure of each kind at once, each raising its own alert and no other."""
+    series = healthy_series()
+    series[f'up{{{JOB}, container="extproc", pod="gw-b"}}'] = "1 1 1 0x9"
+    series['extproc_routing_version{experiment="e", pod="gw-a"}'] = "7 7 8x10"
+    series['extproc_redis_up{pod="gw-a"}'] = "1 1 0x10"
+    series['extproc_telemetry_events_dropped_total{pod="gw-a"}'] = "0 0 0 0+10x9"
+    series['extproc_evaluator_active{experiment="e", pod="ev-a"}'] = "1 1 1 0x9"
+    series[f'up{{{JOB}, container="evaluator", pod="ev-b"}}'] = "1 1 1 0x9"
+    series['extproc_evaluator_decisions_total{experiment="e", action="rollback", pod="ev-a"}'] = (
+        "0x7 1x5"
+    )
+    promtool_rule_test(
+        tmp_path,
+        series,
+        {
+            "ExtprocSidecarDown": [
+                {"job": "llm-rollout/extproc", "container": "extproc", "pod": "gw-b"}
+            ],
+            "ExtprocSidecarRoutingBehind": [{"experiment": "e"}],
+            "ExtprocRedisErrors": [{"pod": "gw-a"}],
+            "ExtprocTelemetryDropped": [{"pod": "gw-a"}],
+            "ExtprocEvaluatorDown": [
+                {"job": "llm-rollout/extproc", "container": "evaluator", "pod": "ev-b"}
+            ],
+            "ExtprocNoActiveEvaluator": [{"experiment": "e"}, {}],
+            "ExtprocRolledBack": [{"experiment": "e"}],
+        },
+    )
+
+
+@needs_promtool
+def test_no_sidecar_at_all_is_critical(tmp_path: Path) -> None:
+    series = {k: v for k, v in healthy_series().items() if 'container="extproc"' not in k}
+    promtool_rule_test(tmp_path, series, {"ExtprocNoSidecar": [{}]})
