@@ -1,9 +1,10 @@
 """Write the generated files that docker-compose.yml and deploy/ ship; rerun after edits.
 
 Why a script: the Envoy bootstraps for docker-compose and for the Kubernetes Envoy pod differ from
-envoy/envoy.yaml only in addresses (service names, a Unix socket shared inside the pod), and
-`extproc envoy-config` has no flag for per-variant upstream addresses, so they are rendered here
-with ``extproc.envoy_config.render``. The Istio EnvoyFilters carry the very filter configs that
+envoy/envoy.yaml only in addresses (service names, the pod's loopback), and `extproc
+envoy-config` has no flag for per-variant upstream addresses, so they are rendered here with
+``extproc.envoy_config.render``; the Kubernetes one also gets a readiness listener for the
+kubelet. The Istio EnvoyFilters carry the very filter configs that
 render produces (early header mutation, ext_proc route and observe), pointed at Istio's cluster
 for the sidecar Service. The Kubernetes ConfigMap of the experiment is a copy of the bundled
 example, because Kustomize cannot read files outside deploy/. tests/test_deploy.py checks that

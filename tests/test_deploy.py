@@ -722,7 +722,7 @@ def validate_object(doc: dict[str, Any]) -> None:
 RENDERS = [(o, ()) for o in OVERLAYS] + [(o, (c,)) for o in OVERLAYS for c in OPTIONAL_COMPONENTS]
 
 
-@pytest.mark.parametrize(("overlay", "extra"), RENDERS)
+@pytest.mark.parametrize(("overlay", "extra"), RENDERS, ids=["+".join((o, *e)) for o, e in RENDERS])
 def test_every_object_validates(overlay: str, extra: tuple[str, ...]) -> None:
     """Every overlay, and every overlay with each optional component, validates object by
     object."""
