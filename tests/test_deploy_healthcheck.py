@@ -10,17 +10,29 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
 
 from extproc import stack
-from extproc.cli import EXAMPLE_EXPERIMENT
-from tests.test_deploy import DEPLOY, ROOT, compose, envoy_binary
+from extproc.cli import EXAMPLE_EXPERIMENT, build_parser
+from tests.test_deploy import (
+    DEPLOY,
+    OVERLAYS,
+    ROOT,
+    compose,
+    compose_argv,
+    containers,
+    envoy_binary,
+    extproc_services,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -40,6 +52,49 @@ def image_check(pid: int) -> int:
     )
     assert out.stderr == "", out.stderr
     return out.returncode
+
+
+def check_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("healthcheck", SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_check_reads_options_as_the_cli_does() -> None:
+    """The check parses the options it needs itself (importing the CLI would cost about a second
+    of CPU per check): each such option has the real CLI's default, and every command line the
+    repository runs (compose, every overlay) reads the same with both parsers."""
+    check = check_module()
+    real = build_parser()
+    (real_verbs,) = [a.choices for a in real._actions if isinstance(a, argparse._SubParsersAction)]
+    (own_verbs,) = [
+        a.choices for a in check.parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ]
+    assert set(own_verbs) == set(check.VERBS)
+    dests = {}
+    for verb, own in own_verbs.items():
+        real_defaults = {a.dest: a.default for a in real_verbs[verb]._actions}
+        dests[verb] = [a.dest for a in own._actions]
+        for action in own._actions:
+            assert action.dest in real_defaults, f"{verb}: the CLI has no {action.dest}"
+            assert action.default == real_defaults[action.dest], f"{verb} {action.dest}"
+    argvs = [compose_argv(n) for n in extproc_services()]
+    argvs += [
+        c["args"] for o in OVERLAYS for _, c in containers(o) if c["image"].startswith("extproc")
+    ]
+    seen = set()
+    for argv in argvs:
+        if argv[0] not in check.VERBS:
+            continue
+        seen.add(argv[0])
+        ours, _ = check.parser().parse_known_args(argv)
+        theirs = real.parse_args(argv)
+        for dest in dests[argv[0]]:
+            assert getattr(ours, dest) == getattr(theirs, dest), (argv, dest)
+    assert seen == set(check.VERBS)
 
 
 @pytest.fixture

@@ -13,6 +13,11 @@ parser, and asks the part itself:
 
 Exit 0 when healthy, 1 otherwise (Docker's contract). Kubernetes ignores HEALTHCHECK: the
 manifests in deploy/ declare their own probes on the same endpoints.
+
+It runs every few seconds in every container, so it reads only the options it needs with a small
+parser of its own instead of importing the package's CLI (which loads Redis, pydantic and the
+rest: about a second of CPU per check). tests/test_deploy_healthcheck.py checks that its options
+and defaults are those of the real CLI.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import urllib.request
 from pathlib import Path
 
 TIMEOUT_S = 2.0
+VERBS = ("serve", "dashboard", "mock-model", "quality", "evaluate")
 
 
 def command_line(pid: int) -> list[str]:
@@ -91,11 +97,32 @@ def healthy(ns: argparse.Namespace) -> bool:
     return True
 
 
-def main(argv: list[str]) -> int:
-    from extproc.cli import build_parser
+def parser() -> argparse.ArgumentParser:
+    """The options of each verb this check reads, with the CLI's defaults."""
+    p = argparse.ArgumentParser(add_help=False)
+    sub = p.add_subparsers(dest="verb")
+    serve = sub.add_parser("serve", add_help=False)
+    serve.add_argument("--listen", default="127.0.0.1:50051")
+    serve.add_argument("--tls-cert")
+    for verb, port in (("dashboard", 8080), ("mock-model", 8000)):
+        web = sub.add_parser(verb, add_help=False)
+        web.add_argument("--host", default="127.0.0.1")
+        web.add_argument("--port", type=int, default=port)
+    quality = sub.add_parser("quality", add_help=False)
+    quality.add_argument("--feedback-listen")
+    evaluate = sub.add_parser("evaluate", add_help=False)
+    evaluate.add_argument("--metrics")
+    return p
 
+
+def main(argv: list[str]) -> int:
     pid = int(argv[0]) if argv else 1
-    ns = build_parser().parse_args(command_line(pid))
+    args = command_line(pid)
+    # Global options (-v) come before the verb.
+    verb_at = next((i for i, a in enumerate(args) if not a.startswith("-")), len(args))
+    if verb_at == len(args) or args[verb_at] not in VERBS:
+        return 0  # a verb that serves nothing to ask
+    ns, _ = parser().parse_known_args(args[verb_at:])
     return 0 if healthy(ns) else 1
 
 
