@@ -1,5 +1,6 @@
 """A candidate whose requests hang is rolled back while they hang, on the real stack (Envoy, the
-sidecar's in-flight notices, Redis, the evaluator), long before the upstream timeout."""
+sidecar, Redis, the evaluator), long before the upstream timeout: the in-flight notices come from
+the observer's sweeper (ext_proc) or from Envoy's periodic access-log entries (native)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from tests.conftest import LiveStack, start_stack, write_experiment
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
 
-@pytest.fixture
-def hanging(tmp_path: Path) -> Iterator[LiveStack]:
+@pytest.fixture(params=["ext_proc", "native"])
+def hanging(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LiveStack]:
+    """On either data plane: the observer's sweeper or Envoy's periodic access-log entries."""
     exp = write_experiment(
         tmp_path,
+        dataplane=request.param,
         envoy={"request_timeout_s": 300},
         inflight={"notice_ms": 300, "hang_multiple": 4},
         rollout={
