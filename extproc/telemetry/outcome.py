@@ -42,6 +42,14 @@ def is_notice(ev: TelemetryEvent) -> bool:
     return ev.in_flight
 
 
+def started_ms(ev: TelemetryEvent) -> int:
+    """When the request began: a final event carries its start, a notice the time it was sent
+    and the request's age then. The stage a request belongs to is the one it started in."""
+    if ev.in_flight:
+        return ev.time_unix_ms - int(ev.duration_ms)
+    return ev.time_unix_ms
+
+
 def is_forced(ev: TelemetryEvent) -> bool:
     """Tester traffic (``x-experiment``): counted apart, never in a comparison."""
     return ev.assignment == _FORCED
@@ -95,11 +103,3 @@ def cost(ev: TelemetryEvent, price: TokenPrice | None) -> float | None:
 def cached_prompt_tokens(ev: TelemetryEvent) -> int | None:
     """Prompt tokens served from the model server's prompt cache; None when not reported."""
     return ev.cached_prompt_tokens if ev.HasField("cached_prompt_tokens") else None
-
-
-def started_ms(ev: TelemetryEvent) -> int:
-    """When the request began: a final event carries its start, a notice the time it was sent
-    and the request's age then. The stage a request belongs to is the one it started in."""
-    if ev.in_flight:
-        return ev.time_unix_ms - int(ev.duration_ms)
-    return ev.time_unix_ms
