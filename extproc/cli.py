@@ -253,6 +253,7 @@ def cmd_analyze(ns: argparse.Namespace) -> int:
             read_jsonl(ns.events),
             cadence_s=ns.cadence,
             every_checkpoint=ns.every_checkpoint,
+            split=ns.split,
         )
     except EventLogError as err:
         _err(str(err))
@@ -870,6 +871,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cadence", type=float, help="seconds between checkpoints (default: file's)")
     p.add_argument(
         "--every-checkpoint", action="store_true", help="a trajectory row for every checkpoint"
+    )
+    p.add_argument(
+        "--split",
+        choices=("schedule", "observed"),
+        default="schedule",
+        help="judge the recorded split against the schedule's weights (sample-ratio check, as "
+        "live; default) or under the observed split (a log recorded at another split)",
     )
 
     p = verb("plan", cmd_plan, "write a risk-graded experiment file from model metadata")

@@ -159,6 +159,36 @@ class Rollout(_Strict):
         default=0.05, gt=0, lt=0.5, description="per experiment, split over stages"
     )
     webhook: str | None = Field(default=None, description="JSON POST on every decision")
+    holdback: float = Field(
+        default=1,
+        ge=0,
+        le=50,
+        description=(
+            "percent of conversations kept on stable at a stage that would leave it less, "
+            "until the rollout completes: the last stage's comparison"
+        ),
+    )
+
+
+class Inflight(_Strict):
+    """Requests still open count before they end: a hang is caught while it hangs.
+
+    The data plane sends one notice per request still open ``notice_ms`` after it started; the
+    evaluator counts a request as hung (a server error and a timeout of its variant, in the stage
+    it started in) once it is older than max(notice_ms, hang_multiple x stable's p99 latency).
+    Keep notice_ms well under the upstream timeout (``envoy.request_timeout_s``) or hangs are seen
+    only when they time out.
+    """
+
+    notice_ms: int = Field(
+        default=5000,
+        ge=100,
+        le=3_600_000,
+        description="data plane: notice a request open this long",
+    )
+    hang_multiple: float = Field(
+        default=4, ge=1, le=1000, description="hung beyond this multiple of stable's p99 latency"
+    )
 
 
 # Models write the apostrophe straight or curly (U+2019): both match.
@@ -235,6 +265,7 @@ class ExperimentSpec(_Strict):
     forced_routing: ForcedRouting = Field(default_factory=ForcedRouting)
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     rollout: Rollout = Field(default_factory=Rollout)
+    inflight: Inflight = Field(default_factory=Inflight)
     guardrails: list[Guardrail] = Field(default_factory=lambda: list(DEFAULT_GUARDRAILS))
     shadow: Shadow = Field(default_factory=Shadow)
     capture: Capture = Field(default_factory=Capture)
@@ -478,6 +509,22 @@ def _native_problems(raw: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _inflight_problems(raw: Mapping[str, Any]) -> list[str]:
+    """A notice sent after the upstream timeout would never come: hangs would be seen late."""
+    inflight, envoy = raw.get("inflight"), raw.get("envoy")
+    notice = inflight.get("notice_ms") if isinstance(inflight, Mapping) else None
+    timeout = envoy.get("request_timeout_s") if isinstance(envoy, Mapping) else None
+    notice = Inflight().notice_ms if notice is None else notice
+    timeout = EnvoySettings().request_timeout_s if timeout is None else timeout
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (notice, timeout))
+    if numbers and notice >= timeout * 1000:
+        return [
+            f"inflight.notice_ms: {notice} is not below envoy.request_timeout_s ({timeout:g} s): "
+            "requests would time out before their notice"
+        ]
+    return []
+
+
 def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
     """Validate a decoded experiment document; raise ConfigError listing every problem."""
     if not isinstance(raw, Mapping):
@@ -495,6 +542,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
     except ValidationError as err:
         problems += _structural_problems(err)
     problems += _semantic_problems(raw)
+    problems += _inflight_problems(raw)
     if isinstance(raw.get("variants"), Mapping):
         problems += _signal_source_problems(raw, raw["variants"])
     if raw.get("dataplane") == "native":

@@ -81,6 +81,8 @@ def seen_ms(ev: TelemetryEvent, stream_id: str | None) -> int:
         if m:
             return int(m.group(1))
     end = ev.time_unix_ms
+    if ev.in_flight:  # a notice carries the time it was sent
+        return end
     if ev.HasField("duration_ms") and math.isfinite(ev.duration_ms) and ev.duration_ms > 0:
         end += math.ceil(ev.duration_ms)
     return end

@@ -85,7 +85,8 @@ def test_last_stage_completes_and_weights_follow_stages() -> None:
     v = judge(spec, window(), {"stable": 0.0, "canary": 100.0}, stage=2, stage_age_s=60)
     assert v.action == "complete"
     assert stage_weights(spec, 0) == {"canary": 10, "stable": 90}
-    assert stage_weights(spec, 2) == {"canary": 100, "stable": 0}
+    assert stage_weights(spec, 2) == {"canary": 99, "stable": 1}  # rollout.holdback
+    assert stage_weights(spec, 2, holdback=False) == {"canary": 100, "stable": 0}
     assert rollback_weights(spec) == {"stable": 100.0, "canary": 0.0}
 
 

@@ -113,7 +113,7 @@ def spec() -> Any:
 
 
 def test_healthy_candidate_is_walked_to_the_end(spec: Any) -> None:
-    res = replay(spec, recorded(synthetic_log()))
+    res = replay(spec, recorded(synthetic_log()), split="observed")
     actions = [(p.action, p.stage) for p in res.trajectory]
     assert actions == [("start", 0), ("advance", 1), ("advance", 2), ("complete", 2)]
     assert res.status == "completed"
@@ -132,13 +132,13 @@ def test_healthy_candidate_is_walked_to_the_end(spec: Any) -> None:
     ("case", "changes", "reason"),
     [
         ("errors 1% -> 25%", {"errors": 0.25}, "error rate"),
-        ("latency x2", {"latency_factor": 2.0}, "latency_p50"),
+        ("latency x3", {"latency_factor": 3.0}, "latency_p50"),
     ],
 )
 def test_degrading_candidate_is_rolled_back_after_it_degrades(
     spec: Any, case: str, changes: dict[str, float], reason: str
 ) -> None:
-    res = replay(spec, recorded(synthetic_log(degrade_at_s=180, **changes)))
+    res = replay(spec, recorded(synthetic_log(degrade_at_s=180, **changes)), split="observed")
     assert res.status == "rolled_back", case
     last = res.trajectory[-1]
     assert last.action == "rollback"
@@ -155,7 +155,7 @@ def test_degrading_candidate_is_rolled_back_after_it_degrades(
 def test_replay_is_the_machine_checkpoint_by_checkpoint(spec: Any) -> None:
     """Every checkpoint row matches a hand-driven loop over the machine with plain windows."""
     events = sorted(recorded(synthetic_log(seed=3, seconds=300)), key=lambda e: e.seen_ms)
-    res = replay(spec, events, every_checkpoint=True)
+    res = replay(spec, events, every_checkpoint=True, split="observed")
     start = machine.start(spec, res.start_ms / 1000)
     state, weights = start.state, start.weights or {}
     window = machine.new_window(spec, state.stage_started)
@@ -169,7 +169,7 @@ def test_replay_is_the_machine_checkpoint_by_checkpoint(spec: Any) -> None:
         rows.append((now, t.action or "none", t.state.stage, t.state.status))
         state, weights = t.state, t.weights or weights
         if t.restart_window:
-            window = machine.new_window(spec, state.stage_started)
+            window = machine.new_window(spec, state.stage_started, window)
     assert [(p.time_ms, p.action, p.stage, p.status) for p in res.trajectory[1:]] == rows
     assert res.checkpoints == len(rows) > 50
     assert {a for _, a, _, _ in rows} == {"none", "advance"}
@@ -291,7 +291,7 @@ def test_analyze_cli_end_to_end(tmp_path: Path) -> None:
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(EXPERIMENT))
     log = write_log(tmp_path / "events.jsonl", synthetic_log(degrade_at_s=180, errors=0.25))
-    out = extproc("analyze", str(log), "--config", str(config), "--json")
+    out = extproc("analyze", str(log), "--config", str(config), "--split", "observed", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert [p["action"] for p in doc["trajectory"]] == ["start", "advance", "rollback"]
@@ -300,7 +300,7 @@ def test_analyze_cli_end_to_end(tmp_path: Path) -> None:
     fired = [g for g in doc["guardrails"] if g["failed"]]
     assert fired[0]["metric"] == "error_rate"
     assert fired[0]["first_fail_elapsed_s"] > 180
-    text = extproc("analyze", str(log), "--config", str(config))
+    text = extproc("analyze", str(log), "--config", str(config), "--split", "observed")
     assert text.returncode == 0, text.stderr
     assert "rollback" in text.stdout
     assert "result: rolled back at stage 2/3" in text.stdout

@@ -100,10 +100,11 @@ def test_stage_window_counts_forced_shadow_and_late_events_apart() -> None:
     assert w.variants["canary"] is first  # one window per variant, reused
     w.add(event(2, assignment=Assignment.ASSIGNMENT_FORCED))
     w.add(event(3, shadow=True))
-    w.add(event(4, time_unix_ms=999))  # before the stage
+    w.add(event(4, time_unix_ms=999))  # started before the stage: judged here, not a unit
     w.add(event(5, variant=""))
-    assert (first.requests, w.forced, w.shadow) == (2, 1, 1)
-    assert set(w.by_request) == {"r0", "r1"}
+    assert (first.requests, w.forced, w.shadow, w.late) == (3, 1, 1, 1)
+    assert first.assignment_units == 2
+    assert set(w.by_request) == {"r0", "r1", "r4"}
     assert w.of("stable").requests == 0
     assert "stable" not in w.variants
 

@@ -367,8 +367,10 @@ def judge(
     least = min((window.of(v).requests for v in cands), default=0)
     r = spec.rollout
     ready = stage_age_s >= r.min_stage_seconds and least >= r.min_stage_samples
-    # At 100% stable serves nothing: comparisons that wait for stable data can never finish.
-    stable_live = weights.get(spec.stable, 0) > 0 or spec.strategy != "canary"
+    # At 100% stable serves only the holdback (rollout.holdback; nothing when it is 0): the
+    # checks compare the candidate with it, but those still waiting for its few samples do not
+    # hold the completion, which could otherwise wait for hours.
+    stable_live = weights.get(spec.stable, 0) > spec.rollout.holdback or spec.strategy != "canary"
     waiting = [
         c for c in checks if c.status == "waiting" and c.action == "rollback" and stable_live
     ]

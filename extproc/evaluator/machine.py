@@ -17,8 +17,9 @@ start                  no rollout state yet            running, k = 0, weights o
 verdict rollback       S = running                     rolled_back, weights: all to stable
 verdict advance        S = running, k < K - 1          k + 1, new stage clock and window, weights
 verdict complete/adv.  S = running, k = K - 1 or       completed (canary: weights of the last
-                       not a canary                    stage, i.e. the candidate at 100%;
-                                                       blue-green: all to the mirrored variant)
+                       not a canary                    stage without the holdback, i.e. the
+                                                       candidate at 100%; blue-green: all to the
+                                                       mirrored variant)
 verdict hold           S = running, new reasons        recorded; stage and weights unchanged
 verdict none           S = running                     nothing
 pause / resume         running / paused                paused / running
@@ -69,15 +70,26 @@ class Transition:
     verdict: Verdict | None = None
 
 
-def new_window(spec: ExperimentSpec, started: float) -> StageWindow:
+def new_window(
+    spec: ExperimentSpec, started: float, previous: StageWindow | None = None
+) -> StageWindow:
     """The empty window of a stage that began at ``started`` (seconds since the epoch).
 
     Under the shadow and blue-green strategies the mirrored answers are the candidate's samples.
+    The requests still open in the ``previous`` stage's window are followed on: one that hangs
+    after the advance still counts (window.py, "stage credit").
     """
-    return StageWindow(
+    window = StageWindow(
         started_ms=round(started * 1000),
         shadow_as_candidate=spec.strategy in ("shadow", "blue-green"),
+        stable=spec.stable,
+        notice_ms=spec.inflight.notice_ms,
+        hang_multiple=spec.inflight.hang_multiple,
+        prices={n: v.price for n, v in spec.variants.items() if v.price is not None},
     )
+    if previous is not None:
+        window.open = previous.open
+    return window
 
 
 def start(spec: ExperimentSpec, now: float) -> Transition:
@@ -108,7 +120,8 @@ def _advance(
         weights: dict[str, float] | None = None
         weights_reason = ""
         if spec.strategy == "canary":
-            weights, weights_reason = stage_weights(spec, s.stage), "rollout complete"
+            weights = stage_weights(spec, s.stage, holdback=False)
+            weights_reason = "rollout complete"
         elif spec.strategy == "blue-green":
             weights, weights_reason = flip_weights(spec), "blue-green flip: " + reasons[-1]
         return Transition(
@@ -220,9 +233,11 @@ def evaluate(
     """One checkpoint: judge the stage window under ``weights`` and act on the verdict.
 
     Only a running rollout is judged; a paused, finished or rolled-back one is left alone (its
-    transition has no verdict).
+    transition has no verdict). Requests still open past the hang bound at ``now`` are counted
+    as hung first, so a hang is judged while it is still open.
     """
     if state.status != "running":
         return Transition(state)
+    window.look(now * 1000)
     verdict = judge(spec, window, weights, state.stage, now - state.stage_started, state.evidence)
     return step(spec, state, verdict, now)

@@ -13,12 +13,20 @@ new stage window, a rollback or completion ends the replay.
 What it cannot do: re-route. The split in the log is whatever it was when it was recorded, not
 the one the replayed schedule would have set, so
 
-* the judge is given the split *observed* in the stage window (over the variants the schedule has
-  live) instead of the schedule's weights; the sample-ratio check therefore cannot fire (the
-  recorded routing cannot be checked against a schedule it never followed);
+* by default (``split="schedule"``) the judge is given the schedule's weights, as the live
+  evaluator is given the routing's: the sequential sample-ratio check then holds a stage whose
+  recorded split is off its weight, as it would have live. That is the question for a log of a
+  rollout recorded under this schedule. For a log recorded at some other split, the check would
+  hold every stage; ``split="observed"`` judges under the split observed in each stage window
+  instead (over the variants the schedule has live), and the sample-ratio check cannot fire;
 * a stage's candidate sample size is what the log had in that stretch of time, not what the
   stage's share would have produced: a log recorded at a 5% split replays every stage at 5%;
 * after a replayed rollback the recording still has candidate traffic; the replay stops there.
+
+Events are fed in the order an evaluator could have read them, and each checkpoint looks at the
+open requests with the replay's clock (``StageWindow.look`` in ``machine.evaluate``): a request
+the log has an in-flight notice for is counted as hung at the first checkpoint past its crossing
+time, as live, not when its final event arrives.
 """
 
 from __future__ import annotations
@@ -27,13 +35,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from extproc.config import ExperimentSpec
 from extproc.evaluator import machine
 from extproc.evaluator.judge import Verdict
 from extproc.evaluator.window import StageWindow
 from extproc.export import EventLogError, RecordedEvent
+from extproc.telemetry.outcome import started_ms
+
+Split = Literal["schedule", "observed"]
 
 _UNOBSERVED = 1e-6  # weight of a live candidate with no traffic yet: judged, waiting, no SRM
 
@@ -175,11 +186,13 @@ def replay(
     *,
     cadence_s: float | None = None,
     every_checkpoint: bool = False,
+    split: Split = "schedule",
 ) -> ReplayResult:
     """Run the evaluator's decisions over ``events`` (any order), checkpoint by checkpoint.
 
     The trajectory holds the start and every decision (advance, hold, rollback, complete);
-    ``every_checkpoint`` adds a row for each checkpoint (action ``none``) too.
+    ``every_checkpoint`` adds a row for each checkpoint (action ``none``) too. ``split`` is what
+    the judge compares the recorded split with (module docstring).
     """
     if not events:
         raise EventLogError("the log has no events")
@@ -188,7 +201,7 @@ def replay(
     if not (math.isfinite(cadence) and cadence > 0):
         raise EventLogError(f"cadence must be a positive number of seconds, got {cadence}")
     ordered = sorted(events, key=lambda e: e.seen_ms)
-    start_ms = min(e.event.time_unix_ms for e in events)
+    start_ms = min(started_ms(e.event) for e in events)
     end_ms = ordered[-1].seen_ms
     res = ReplayResult(spec.name, cadence, len(events), start_ms, end_ms)
     t = machine.start(spec, start_ms / 1000)
@@ -205,9 +218,8 @@ def replay(
         while i < len(ordered) and ordered[i].seen_ms <= now_ms:
             window.add(ordered[i].event)
             i += 1
-        t = machine.evaluate(
-            spec, state, window, judged_weights(spec, window, weights), now_ms / 1000
-        )
+        judged = weights if split == "schedule" else judged_weights(spec, window, weights)
+        t = machine.evaluate(spec, state, window, judged, now_ms / 1000)
         res.checkpoints += 1
         if t.verdict is not None:
             _record(records, t.verdict, now_ms, state.stage)
@@ -217,7 +229,7 @@ def replay(
             res.trajectory.append(_point(spec, t, now_ms, start_ms, weights, window))
         state = t.state
         if t.restart_window:
-            window = machine.new_window(spec, state.stage_started)
+            window = machine.new_window(spec, state.stage_started, window)
         if now_ms >= end_ms:
             break
     res.status, res.stage, res.weights = state.status, state.stage, weights

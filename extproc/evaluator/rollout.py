@@ -8,6 +8,7 @@ and records it in the audit log, so there is one writer of rollout decisions.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -43,12 +44,20 @@ class RolloutState:
         return cls(**json.loads(raw))
 
 
-def stage_weights(spec: ExperimentSpec, stage: int) -> dict[str, float]:
-    """The split at a stage: every candidate at the stage's share (within its lane)."""
+def stage_weights(spec: ExperimentSpec, stage: int, *, holdback: bool = True) -> dict[str, float]:
+    """The split at a stage: every candidate at the stage's share (within its lane).
+
+    A stage that would leave stable less than ``rollout.holdback`` percent (the 100% stage) keeps
+    that much on stable until the rollout completes, so the last stage is still judged against
+    concurrent stable traffic; ``holdback=False`` gives the split once it has completed.
+    """
     if spec.strategy != "canary":
         return {n: v.weight for n, v in spec.variants.items()}
     share = spec.rollout.stages[stage]
     cands = [v for v in spec.variants if v != spec.stable]
+    keep = spec.rollout.holdback if holdback else 0.0
+    if 100 - share * len(cands) < keep:
+        share = math.floor((100 - keep) / len(cands) * 100) / 100  # on the 0.01% bucket grid
     weights = dict.fromkeys(cands, share)
     weights[spec.stable] = round(100 - share * len(cands), 2)
     return weights

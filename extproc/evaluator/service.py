@@ -163,7 +163,7 @@ class Evaluator:
     # --- one tick -------------------------------------------------------------------------------
 
     def _reset_window(self, started: float) -> None:
-        self.window = machine.new_window(self.spec, started)
+        self.window = machine.new_window(self.spec, started, self.window)
         self.last_verdict = None  # a verdict belongs to its stage's window
 
     async def _read_events(self) -> int:
