@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -557,8 +556,7 @@ def test_dashboard_is_well_formed() -> None:
             assert p["targets"], p["title"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) not installed")
-def test_dashboard_queries_parse_with_prometheus(tmp_path: Path) -> None:
+def test_dashboard_queries_parse_with_prometheus(tmp_path: Path, promtool: str) -> None:
     """Prometheus's own parser (``promtool check rules``) accepts every dashboard query."""
     rules = []
     for i, (_where, expr) in enumerate(dashboard_queries()):
@@ -569,7 +567,7 @@ def test_dashboard_queries_parse_with_prometheus(tmp_path: Path) -> None:
     path = tmp_path / "rules.yml"
     path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
     out = subprocess.run(
-        ["promtool", "check", "rules", str(path)],
+        [promtool, "check", "rules", str(path)],
         capture_output=True,
         text=True,
         timeout=30,
