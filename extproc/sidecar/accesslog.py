@@ -29,7 +29,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from extproc import headers as h
 from extproc.config import Experiment
-from extproc.envoy_config import FORCED_ROUTE, SHADOW_ACCESS_LOG
+from extproc.envoy_config import FORCED_ROUTE
 from extproc.quality import SIGNAL_CHARS, QualityRules
 from extproc.sidecar.decide import Policy, attribute
 from extproc.sidecar.observer import classify
@@ -103,8 +103,11 @@ class EntryMapper:
             shadow_variant=experiment.spec.shadow.variant,
         )
 
-    def event(self, entry: al.HTTPAccessLogEntry, *, shadow: bool) -> TelemetryEvent:
+    def event(self, entry: al.HTTPAccessLogEntry) -> TelemetryEvent:
         req, resp, common = entry.request, entry.response, entry.common_properties
+        # The shadow listener's mark, logged with the request; the primary listener strips a
+        # client-sent one, and neither the client's Host nor anything else says "copy".
+        shadow = h.SHADOW_COPY in req.request_headers
         hdrs = {k: v.encode() for k, v in req.request_headers.items()}
         echoed = resp.response_headers.get(h.VARIANT)
         if echoed is not None:
@@ -180,14 +183,11 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
         context: grpc.aio.ServicerContext,
     ) -> als_pb2.StreamAccessLogsResponse:
-        shadow = False
         event, emit = self.mapper.event, self.emit
         async for msg in request_iterator:
-            if msg.HasField("identifier"):  # sent with the first message of a stream only
-                shadow = msg.identifier.log_name == SHADOW_ACCESS_LOG
             for entry in msg.http_logs.log_entry:
                 try:
-                    emit(event(entry, shadow=shadow))
+                    emit(event(entry))
                 except ValueError:  # one odd entry must not end the stream and lose the rest
                     log.warning("dropped an access-log entry it could not map", exc_info=True)
         return als_pb2.StreamAccessLogsResponse()
