@@ -8,11 +8,12 @@ request path nothing), so memory stays bounded and user traffic never waits.
 
 Each batch of one experiment is applied by one Lua script: ``XADD`` per event and one
 ``HINCRBY`` per variant, so the stream and the exact per-variant counters move together. The
-script first claims the batch's id (``SET NX`` with a TTL): when a reply is lost (EXEC ran, the
-socket timed out), the retry sends the same batch under the same id and the script does nothing,
-so no event is written twice and the counts stay exact. The next batch deletes the id of the one
-before, which is known to have landed; the TTL only bounds what a replica that died leaves behind.
-All keys of a batch carry the experiment's hash tag, so this works on Redis Cluster too.
+script first claims the batch's id (``SET NX`` with a TTL): when a reply is lost (the script
+ran, the socket timed out), the retry sends the same batch under the same id and the script does
+nothing, so no event is written twice and the counts stay exact. The next batch deletes the id
+of the one before, which is known to have landed; the TTL only bounds what a replica that died
+leaves behind. All keys of a batch carry the experiment's hash tag, so this works on Redis Cluster
+too.
 """
 
 from __future__ import annotations
@@ -65,15 +66,16 @@ class _Batch:
 
 # KEYS: stream, counts, this batch's id key, the previous batch's id key (deleted; the same key
 # for an experiment's first batch).
-# ARGV: id TTL (s), stream MAXLEN, event count, the events, then variant and count pairs.
+# ARGV: id TTL (s), stream MAXLEN, the events' field, event count, the events, then variant and
+# count pairs.
 _APPLY_BATCH = """
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 if KEYS[4] ~= KEYS[3] then redis.call('DEL', KEYS[4]) end
-local n = tonumber(ARGV[3])
-for i = 4, 3 + n do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[i])
+local n = tonumber(ARGV[4])
+for i = 5, 4 + n do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', ARGV[3], ARGV[i])
 end
-for i = 4 + n, #ARGV, 2 do
+for i = 5 + n, #ARGV, 2 do
   redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
 end
 return n
@@ -180,6 +182,7 @@ class TelemetryWriter:
                 args=[
                     BATCH_ID_TTL_S,
                     self.stream_maxlen,
+                    keys.EVENT_FIELD,
                     len(events),
                     *(ev.SerializeToString() for ev in events),
                     *(x for variant, n in counts.items() for x in (variant, n)),
