@@ -1,9 +1,10 @@
 """Write the generated files that docker-compose.yml and deploy/ ship; rerun after edits.
 
 Why a script: the Envoy bootstraps for docker-compose and for the Kubernetes Envoy pod differ from
-envoy/envoy.yaml only in addresses (service names, a Unix socket shared inside the pod), and
-`extproc envoy-config` has no flag for per-variant upstream addresses, so they are rendered here
-with ``extproc.envoy_config.render``. The Istio EnvoyFilters carry the very filter configs that
+envoy/envoy.yaml only in addresses (service names, the pod's loopback), and `extproc
+envoy-config` has no flag for per-variant upstream addresses, so they are rendered here with
+``extproc.envoy_config.render``; the Kubernetes one also gets a readiness listener for the
+kubelet. The Istio EnvoyFilters carry the very filter configs that
 render produces (early header mutation, ext_proc route and observe), pointed at Istio's cluster
 for the sidecar Service. The Kubernetes ConfigMap of the experiment is a copy of the bundled
 example, because Kustomize cannot read files outside deploy/. tests/test_deploy.py checks that
@@ -15,6 +16,7 @@ every file below is exactly what this script writes, so nothing drifts from the 
 from __future__ import annotations
 
 import copy
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "llm-rollout"
 MODEL_PORT = 8000
 SIDECAR_PORT = 50051
-POD_SOCKET = "unix:/var/run/extproc/extproc.sock"
+ADMIN_PORT = 9901
+# The Envoy pod's readiness listener: Envoy's admin `/ready` for the kubelet, nothing else of the
+# admin API (which can stop Envoy) and nothing on the pod's network but that one path.
+READY_PORT = 9902
 COMMAND = "# Regenerate with: .venv/bin/python deploy/generate.py (do not edit by hand).\n"
 # Istio's name for the cluster of the extproc-sidecar Service's gRPC port (mTLS, per-pod balancing).
 ISTIO_SIDECAR_CLUSTER = f"outbound|{SIDECAR_PORT}||extproc-sidecar.{NAMESPACE}.svc.cluster.local"
@@ -45,25 +50,117 @@ def compose_layout(variants: list[str]) -> EnvoyLayout:
     return EnvoyLayout(
         listen_host="0.0.0.0",
         listen_port=10000,
-        # Published on the host's loopback only (see docker-compose.yml): the admin API can stop
-        # Envoy, so it never faces the network.
-        admin_host="0.0.0.0",
-        admin_port=9901,
+        # The container's own loopback: the admin API can stop Envoy, so no other container of
+        # the compose network reaches it (compose's health check runs inside the container).
+        admin_host="127.0.0.1",
+        admin_port=ADMIN_PORT,
         sidecar=f"sidecar:{SIDECAR_PORT}",
         upstreams={v: f"model-{v}:{MODEL_PORT}" for v in variants},
     )
 
 
 def kubernetes_layout(variants: list[str]) -> EnvoyLayout:
-    """The Envoy pod of deploy/components/envoy: the sidecar is a container of the same pod."""
+    """The Envoy pod of deploy/components/envoy: the sidecar is a container of the same pod,
+    reached on the pod's loopback. It listens on TCP (not a Unix socket) so that the kubelet's
+    native gRPC probes can reach its health service; the pod's NetworkPolicy keeps other pods
+    off that port."""
     return EnvoyLayout(
         listen_host="0.0.0.0",
         listen_port=10000,
         admin_host="127.0.0.1",
-        admin_port=9901,
-        sidecar=POD_SOCKET,
+        admin_port=ADMIN_PORT,
+        sidecar=f"127.0.0.1:{SIDECAR_PORT}",
         upstreams={v: f"model-{v}.{NAMESPACE}.svc.cluster.local:{MODEL_PORT}" for v in variants},
     )
+
+
+READY_DOC = """\
+# Added by deploy/generate.py: the listener `ready` on the pod's network answers GET /ready from
+# the admin API on 127.0.0.1 (the kubelet cannot reach a pod's loopback) and 404 to every other
+# request, so the probes see Envoy's own readiness without exposing the admin API.
+"""
+
+
+def ready_listener() -> dict[str, Any]:
+    """A listener for the kubelet's HTTP probes: GET /ready forwarded to the admin API."""
+    hcm_type = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+    return {
+        "name": "ready",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": READY_PORT}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": HCM,
+                        "typed_config": {
+                            "@type": hcm_type + "HttpConnectionManager",
+                            "stat_prefix": "ready",
+                            "route_config": {
+                                "name": "ready",
+                                "virtual_hosts": [
+                                    {
+                                        "name": "ready",
+                                        "domains": ["*"],
+                                        "routes": [
+                                            {
+                                                "match": {
+                                                    "path": "/ready",
+                                                    "headers": [
+                                                        {
+                                                            "name": ":method",
+                                                            "string_match": {"exact": "GET"},
+                                                        }
+                                                    ],
+                                                },
+                                                "route": {"cluster": "admin"},
+                                            },
+                                            {
+                                                "match": {"prefix": "/"},
+                                                "direct_response": {"status": 404},
+                                            },
+                                        ],
+                                    }
+                                ],
+                            },
+                            "http_filters": [
+                                {
+                                    "name": ROUTER,
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/"
+                                        "envoy.extensions.filters.http.router.v3.Router"
+                                    },
+                                }
+                            ],
+                        },
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def admin_cluster() -> dict[str, Any]:
+    address = {"socket_address": {"address": "127.0.0.1", "port_value": ADMIN_PORT}}
+    return {
+        "name": "admin",
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "load_assignment": {
+            "cluster_name": "admin",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+        },
+    }
+
+
+def kubernetes_envoy(experiment: Experiment) -> str:
+    """The Envoy pod's bootstrap: what `extproc envoy-config` renders for the pod's layout, plus
+    the readiness listener (a Kubernetes concern the local stack does not have)."""
+    text = render(experiment, kubernetes_layout(list(experiment.variant_names)))
+    header = "".join(itertools.takewhile(lambda x: x.startswith("#"), text.splitlines(True)))
+    boot = yaml.safe_load(text)
+    boot["static_resources"]["listeners"].append(ready_listener())
+    boot["static_resources"]["clusters"].append(admin_cluster())
+    return COMMAND + header + READY_DOC + yaml.safe_dump(boot, sort_keys=False)
 
 
 def generated_filters(experiment: Experiment) -> tuple[list[Any], list[dict[str, Any]]]:
@@ -250,8 +347,7 @@ def outputs() -> dict[Path, str]:
     return {
         ROOT / "envoy" / "envoy-compose.yaml": COMMAND
         + render(experiment, compose_layout(variants)),
-        ROOT / "deploy" / "components" / "envoy" / "envoy.yaml": COMMAND
-        + render(experiment, kubernetes_layout(variants)),
+        ROOT / "deploy" / "components" / "envoy" / "envoy.yaml": kubernetes_envoy(experiment),
         ROOT / "deploy" / "base" / "experiment.yaml": EXAMPLE_EXPERIMENT.read_text(),
         ROOT / "deploy" / "components" / "istio-routing" / "destinationrule.yaml": dump(
             "# The subsets the VirtualServices route to: the model pods of each variant, by their\n"

