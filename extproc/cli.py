@@ -129,6 +129,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         instance=ns.instance,
         metrics=ns.metrics,
         tls=TlsFiles(ns.tls_cert, ns.tls_key, ns.tls_client_ca) if ns.tls_cert else None,
+        max_capture_bytes=ns.capture_buffer_mb * 1024 * 1024,
     )
     if ns.workers > 1:
         level = logging.getLogger().getEffectiveLevel()
@@ -752,6 +753,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="processes sharing the TCP address (SO_REUSEPORT), supervised (default 1)",
+    )
+    p.add_argument(
+        "--capture-buffer-mb",
+        type=_positive_int,
+        default=64,
+        help="captured texts kept while Redis is away, per process; then the newest are dropped",
     )
     p.add_argument("--tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate")
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")

@@ -31,7 +31,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from extproc import headers as h
 from extproc.config import Experiment
-from extproc.envoy_config import FORCED_ROUTE, SHADOW_ACCESS_LOG, lane_cluster
+from extproc.envoy_config import FORCED_ROUTE, lane_cluster
 from extproc.quality import SIGNAL_CHARS, QualityRules
 from extproc.sidecar.decide import Policy, attribute
 from extproc.sidecar.observer import classify
@@ -107,8 +107,11 @@ class EntryMapper:
             clusters=_variant_clusters(experiment),
         )
 
-    def event(self, entry: al.HTTPAccessLogEntry, *, shadow: bool) -> TelemetryEvent:
+    def event(self, entry: al.HTTPAccessLogEntry) -> TelemetryEvent:
         req, resp, common = entry.request, entry.response, entry.common_properties
+        # The shadow listener's mark, logged with the request; the primary listener strips a
+        # client-sent one, and neither the client's Host nor anything else says "copy".
+        shadow = h.SHADOW_COPY in req.request_headers
         hdrs = {k: v.encode() for k, v in req.request_headers.items()}
         echoed = resp.response_headers.get(h.VARIANT)
         if echoed is not None:
@@ -173,7 +176,7 @@ class EntryMapper:
 
     # --- in-flight notices -----------------------------------------------------------------
 
-    def notice(self, entry: al.HTTPAccessLogEntry, *, shadow: bool) -> TelemetryEvent | None:
+    def notice(self, entry: al.HTTPAccessLogEntry) -> TelemetryEvent | None:
         """The in-flight notice of a periodic entry (a request still open), or None.
 
         Envoy logs every open request once per ``access_log_flush_interval`` (set to
@@ -182,6 +185,7 @@ class EntryMapper:
         requests not yet routed, get no notice: the evaluator follows neither.
         """
         common = entry.common_properties
+        shadow = h.SHADOW_COPY in entry.request.request_headers
         variant = (
             self.shadow_variant
             if shadow and self.shadow_variant
@@ -231,11 +235,11 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self.emit = emit
         self.noticed: OrderedDict[str, None] = OrderedDict()
 
-    def _periodic(self, entry: al.HTTPAccessLogEntry, shadow: bool) -> None:
+    def _periodic(self, entry: al.HTTPAccessLogEntry) -> None:
         rid = entry.request.request_id
         if not rid or rid in self.noticed:
             return
-        n = self.mapper.notice(entry, shadow=shadow)
+        n = self.mapper.notice(entry)
         if n is None:
             return
         self.noticed[rid] = None
@@ -248,19 +252,16 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
         context: grpc.aio.ServicerContext,
     ) -> als_pb2.StreamAccessLogsResponse:
-        shadow = False
         event, emit = self.mapper.event, self.emit
         async for msg in request_iterator:
-            if msg.HasField("identifier"):  # sent with the first message of a stream only
-                shadow = msg.identifier.log_name == SHADOW_ACCESS_LOG
             for entry in msg.http_logs.log_entry:
                 try:
                     if entry.common_properties.access_log_type == _PERIODIC:
-                        self._periodic(entry, shadow)
+                        self._periodic(entry)
                         continue
                     if self.noticed:
                         self.noticed.pop(entry.request.request_id, None)
-                    emit(event(entry, shadow=shadow))
+                    emit(event(entry))
                 except ValueError:  # one odd entry must not end the stream and lose the rest
                     log.warning("dropped an access-log entry it could not map", exc_info=True)
         return als_pb2.StreamAccessLogsResponse()
