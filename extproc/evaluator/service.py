@@ -322,6 +322,8 @@ class Evaluator:
             except (RedisError, OSError) as err:
                 log.warning("evaluator tick failed: %s", err)
                 self.leader = False
+            except store.MalformedRouting as err:  # a bad manual edit: say so at every look
+                log.error("evaluator cannot read the routing (%s): write a valid one", err)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), cadence if self.leader else min(cadence, 1))
         if self.leader:  # hand over at once instead of waiting for the lease to expire
