@@ -10,7 +10,13 @@ import pytest
 
 from extproc.config import parse_experiment
 from extproc.evaluator import machine
-from extproc.evaluator.judge import budget, carry_evidence, initial_evidence, judge
+from extproc.evaluator.judge import (
+    budget,
+    carry_evidence,
+    initial_evidence,
+    judge,
+    stage_weight,
+)
 from extproc.evaluator.rollout import rollback_weights, stage_weights
 from extproc.evaluator.window import StageWindow
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
@@ -95,7 +101,12 @@ def test_alpha_is_split_over_gating_guardrails_and_per_stage_tests_over_stages()
     b = budget(spec)  # warn guardrails do not gate
     assert b.rollout == pytest.approx(0.05 / 2)
     assert b.stage == pytest.approx(0.05 / (2 * 3))
-    assert initial_evidence(spec, 0) == pytest.approx(-math.log(3))
+    # prior weights of "the regression begins at stage k": 1/2, 1/4, 1/4
+    assert [stage_weight(spec, k) for k in range(3)] == pytest.approx(
+        [math.log(0.5), math.log(0.25), math.log(0.25)]
+    )
+    assert initial_evidence(spec, 0) == pytest.approx(math.log(0.5))
+    assert initial_evidence(spec, 2) == pytest.approx(0.0)
 
 
 def test_evidence_carries_across_stages() -> None:
@@ -124,7 +135,7 @@ def test_a_healthy_stage_does_not_bury_a_later_regression() -> None:
     healthy = judge(spec, window(n_canary=2000, n_stable=8000), WEIGHTS, 0, 60)
     evidence = carry_evidence(spec, {}, 0, healthy)
     key = "canary/error_rate"
-    assert evidence[key] >= -math.log(3)  # a fresh start at stage 2 keeps its prior weight
+    assert evidence[key] >= stage_weight(spec, 1)  # a fresh start at stage 2 keeps its weight
     bad = judge(spec, window(err=(0.01, 0.2)), WEIGHTS, 1, 60, evidence)
     assert bad.action == "rollback"
 
@@ -135,7 +146,11 @@ def test_promote_carries_the_last_verdicts_evidence() -> None:
     v = judge(spec, window(err=(0.01, 0.03)), WEIGHTS, 0, 5)
     t = machine.command(spec, state, "promote", "ops", "", 10.0, v)
     assert t.state.stage == 1
-    assert set(t.state.evidence) == {"canary/error_rate", "canary/completion_tokens"}
+    assert set(t.state.evidence) == {
+        "canary/error_rate",
+        "canary/completion_tokens",
+        "canary/latency_p50#reference",  # stable's median this stage: the next stage's reference
+    }
     assert t.state.evidence == carry_evidence(spec, {}, 0, v)
 
 

@@ -376,7 +376,7 @@ def _point_and_bound(
     return point, bound
 
 
-def _beta_mixture_log_e(k: int, n: int, p0: float, strength: float, upper: bool) -> float:
+def _beta_mixture_log_e(k: float, n: float, p0: float, strength: float, upper: bool) -> float:
     """Log e-value of k successes in n Bernoulli trials against ``p <= p0`` (``upper``) or
     ``p >= p0``: the likelihood ratio mixed over Beta(p0 s, (1 - p0) s) restricted to the
     alternative side. A supermartingale under the null (each factor has mean <= 1).
