@@ -246,6 +246,13 @@ class _Look:
     def indicator_deff(self, w: VariantWindow, hits: NDArray[np.bool_]) -> float:
         return w.clusters.sample_design_effect(self.info.source, hits.astype(np.float64))
 
+    def quantile_deff(self, w: VariantWindow, x: NDArray[np.float64]) -> float:
+        """Design effect of "beyond the arm's own q-quantile": how clustered its tail is."""
+        if x.size == 0:
+            return 1.0
+        point = float(np.quantile(x, self.info.q, method="inverted_cdf"))
+        return self.indicator_deff(w, x > point)
+
     def rate_deff(self) -> float:
         i = self.info
         return max(w.clusters.rate_design_effect(i.events, i.per) for w in (self.stable, self.cand))
@@ -414,7 +421,15 @@ def _quantile_test(look: _Look, margin: float, alpha: float, budget_: Budget) ->
     enough = c.size * (1.0 - info.q) >= REFERENCE_TAIL_SAMPLES
     reference_now = float(np.quantile(c, info.q, method="inverted_cdf")) if enough else None
     a_stage = alpha * NO_REFERENCE_SHARE * budget_.stage / budget_.rollout
-    qt = quantile_harm_test(c, t, q=info.q, margin=margin, alpha=a_stage)
+    qt = quantile_harm_test(
+        c,
+        t,
+        q=info.q,
+        margin=margin,
+        alpha=a_stage,
+        control_design_effect=look.quantile_deff(look.stable, c),
+        treatment_design_effect=look.quantile_deff(look.cand, t),
+    )
     stage_text = (
         f"{g.metric} {qt.estimate:+.0%} vs stable (this stage: lower bound {qt.bound:+.0%}, "
         f"limit +{margin:.0%})"
