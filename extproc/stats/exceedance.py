@@ -79,7 +79,7 @@ def quantile_exceedance_test(
     relative: bool = True,
     higher_is_worse: bool = True,
     alpha: float = 0.05,
-    tightest_at_events: int = 40,
+    tightest_at_events: int = 100,
     design_effect: float = 1.0,
 ) -> HarmTest:
     """Exact always-valid test of "the candidate's tail beyond ``(1 + margin) reference`` is
