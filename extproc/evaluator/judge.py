@@ -395,7 +395,7 @@ def _margin_test(look: _Look, side: Side, alpha: float, budget_: Budget) -> _Res
         relative=True,
         higher_is_worse=worse,
         alpha=alpha,
-        min_samples=min(100, g.min_samples),
+        min_samples=max(2, min(100, g.min_samples)),
     )
     if not mt.ready:
         return _Result("waiting", mt.estimate, mt.bound, "not enough samples")
