@@ -367,8 +367,10 @@ def test_a_tail_regression_is_caught_with_evidence_carried_across_stages() -> No
         assert v.action == "advance", v.reasons
         evidence = carry_evidence(spec, evidence, stage, v)
         assert "canary/latency_p99#reference" in evidence
-    assert stage_of_rollback is not None and stage_of_rollback >= 1
-    assert "beyond" in v.reasons[0] and "evidence e=" in v.reasons[0]
+    assert stage_of_rollback is not None
+    assert stage_of_rollback >= 1
+    assert "beyond" in v.reasons[0]
+    assert "evidence e=" in v.reasons[0]
 
 
 def test_every_metric_in_the_registry_is_judged() -> None:
