@@ -659,6 +659,11 @@ def _native_manager(experiment: Experiment, *, shadow: bool) -> hcm.HttpConnecti
             _echo(variant)
         )
     manager.access_log.append(_access_log(experiment, SHADOW_ACCESS_LOG if shadow else ACCESS_LOG))
+    # In-flight notices: Envoy logs every request still open once per interval (entries of type
+    # DownstreamPeriodic); the sidecar turns a request's first one into its notice.
+    manager.access_log_options.access_log_flush_interval.CopyFrom(
+        _ms(experiment.spec.inflight.notice_ms)
+    )
     return manager
 
 

@@ -17,8 +17,9 @@ start                  no rollout state yet            running, k = 0, weights o
 verdict rollback       S = running                     rolled_back, weights: all to stable
 verdict advance        S = running, k < K - 1          k + 1, new stage clock and window, weights
 verdict complete/adv.  S = running, k = K - 1 or       completed (canary: weights of the last
-                       not a canary                    stage, i.e. the candidate at 100%;
-                                                       blue-green: all to the mirrored variant)
+                       not a canary                    stage without the holdback, i.e. the
+                                                       candidate at 100%; blue-green: all to the
+                                                       mirrored variant)
 verdict hold           S = running, new reasons        recorded; stage and weights unchanged
 verdict none           S = running                     nothing
 pause / resume         running / paused                paused / running

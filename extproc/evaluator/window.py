@@ -33,14 +33,8 @@ from numpy.typing import NDArray
 from extproc.config import Price
 from extproc.evaluator.clusters import Clusters
 from extproc.signals import FeedbackSignal, JudgeSignal, Signal, WatchdogSignal
-from extproc.telemetry.outcome import (
-    CLIENT_ERRORS,
-    SERVER_ERRORS,
-    is_forced,
-    output_tokens_per_s,
-    request_cost,
-    started_ms,
-)
+from extproc.telemetry import outcome
+from extproc.telemetry.outcome import CLIENT_ERRORS, SERVER_ERRORS, is_forced, started_ms
 from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
 
 # Feedback by request id is attributed for the newest requests of the stage only: a stage of a
@@ -78,9 +72,10 @@ class VariantWindow:
     timeouts: int = 0  # ERROR_CLASS_TIMEOUT plus hung requests
     hung: int = 0  # requests counted as failed while still open (in-flight past the bound)
     client_errors: int = 0  # outcome.CLIENT_ERRORS: shown apart, never in ``errors``
-    answered: int = 0  # responses whose answer text was inspected
+    successes: int = 0  # complete answers (outcome.is_success)
+    answered: int = 0  # complete answers whose text was inspected
     refusals: int = 0
-    tool_calls: int = 0  # answered requests whose answer called a tool
+    tool_calls: int = 0  # complete answers that called a tool (outcome.called_tool)
     empty_answers: int = 0  # answered requests with no content and no tool call
     json_checked: int = 0  # answers to a JSON-mode request that could be checked
     json_invalid: int = 0
@@ -115,6 +110,8 @@ class VariantWindow:
         elif err in CLIENT_ERRORS:
             self.client_errors += 1
         elif err == _NONE:
+            self.successes += 1
+            self.tool_calls += ev.tool_calls
             if ev.HasField("duration_ms"):
                 self.latency_ms.append(ev.duration_ms)
             if ev.HasField("first_token_ms"):
@@ -125,20 +122,21 @@ class VariantWindow:
             if ev.HasField("refusal"):
                 self.answered += 1
                 self.refusals += ev.refusal
-                self.tool_calls += ev.tool_calls
                 self.empty_answers += ev.HasField("empty_answer") and ev.empty_answer
             if ev.HasField("answer_chars"):
                 self.answer_chars.append(ev.answer_chars)
             if ev.HasField("json_valid"):
                 self.json_checked += 1
                 self.json_invalid += not ev.json_valid
-            speed = output_tokens_per_s(ev)
+            speed = outcome.output_tokens_per_s(ev)
             if speed is not None:
                 self.output_tokens_per_s.append(speed)
-            if self.price is not None and (cost := request_cost(ev, self.price)) is not None:
+            cost = outcome.cost(ev, self.price)
+            if cost is not None:
                 self.cost.append(cost)
-            if ev.HasField("cached_prompt_tokens"):
-                self.cached_prompt_tokens.append(ev.cached_prompt_tokens)
+            cached = outcome.cached_prompt_tokens(ev)
+            if cached is not None:
+                self.cached_prompt_tokens.append(cached)
         if unit:
             self.count_unit(ev.key_hash)
         self.clusters.add(self, ev.key_hash)
@@ -217,9 +215,10 @@ class VariantWindow:
             "completion_tokens_mean": mean(self.samples("completion_tokens")),
             "response_bytes_mean": mean(self.samples("response_bytes")),
             "refusal_rate": rate(self.refusals, self.answered),
+            "successes": self.successes,
             "answered": self.answered,
             "tool_calls": self.tool_calls,
-            "tool_call_rate": rate(self.tool_calls, self.answered),
+            "tool_call_rate": rate(self.tool_calls, self.successes),
             "empty_answers": self.empty_answers,
             "empty_answer_rate": rate(self.empty_answers, self.answered),
             "json_checked": self.json_checked,

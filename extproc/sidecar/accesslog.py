@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
@@ -29,7 +31,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from extproc import headers as h
 from extproc.config import Experiment
-from extproc.envoy_config import FORCED_ROUTE, SHADOW_ACCESS_LOG
+from extproc.envoy_config import FORCED_ROUTE, SHADOW_ACCESS_LOG, lane_cluster
 from extproc.quality import SIGNAL_CHARS, QualityRules
 from extproc.sidecar.decide import Policy, attribute
 from extproc.sidecar.observer import classify
@@ -89,6 +91,7 @@ class EntryMapper:
     rules: QualityRules
     recorder: str
     shadow_variant: str | None = None
+    clusters: Mapping[str, str] = field(default_factory=dict)  # Envoy cluster -> variant
 
     @classmethod
     def for_experiment(cls, experiment: Experiment, recorder: str) -> EntryMapper:
@@ -101,6 +104,7 @@ class EntryMapper:
             rules=QualityRules.compile(experiment.spec),
             recorder=recorder,
             shadow_variant=experiment.spec.shadow.variant,
+            clusters=_variant_clusters(experiment),
         )
 
     def event(self, entry: al.HTTPAccessLogEntry, *, shadow: bool) -> TelemetryEvent:
@@ -167,13 +171,77 @@ class EntryMapper:
                 ev.empty_answer = not text.strip() and not ev.tool_calls
                 ev.answer_chars = len(text)
 
+    # --- in-flight notices -----------------------------------------------------------------
+
+    def notice(self, entry: al.HTTPAccessLogEntry, *, shadow: bool) -> TelemetryEvent | None:
+        """The in-flight notice of a periodic entry (a request still open), or None.
+
+        Envoy logs every open request once per ``access_log_flush_interval`` (set to
+        ``inflight.notice_ms``). No response has started, so the variant comes from the
+        upstream cluster Envoy picked (a lane cluster is stable's). Forced requests, and
+        requests not yet routed, get no notice: the evaluator follows neither.
+        """
+        common = entry.common_properties
+        variant = (
+            self.shadow_variant
+            if shadow and self.shadow_variant
+            else self.clusters.get(common.upstream_cluster)
+        )
+        if variant is None or common.route_name.startswith(FORCED_ROUTE):
+            return None
+        hdrs = {k: v.encode() for k, v in entry.request.request_headers.items()}
+        hdrs[h.VARIANT] = variant.encode()
+        who = attribute(self.policy, self.stable, hdrs, self.variants)
+        start_ms = common.start_time.seconds * 1000 + common.start_time.nanos // 1_000_000
+        age_ms = (
+            _ms(common.duration) if common.HasField("duration") else time.time() * 1e3 - start_ms
+        )
+        return TelemetryEvent(
+            experiment=self.experiment,
+            recorder=self.recorder,
+            variant=who.variant,
+            assignment=who.assignment,
+            key_hash=who.key_hash,
+            request_id=entry.request.request_id,
+            shadow=shadow,
+            in_flight=True,
+            time_unix_ms=start_ms + int(age_ms),
+            duration_ms=float(int(age_ms)),
+        )
+
+
+def _variant_clusters(experiment: Experiment) -> dict[str, str]:
+    """Which variant each Envoy cluster of the native config serves."""
+    out = {lane_cluster(experiment, c): experiment.stable for c in experiment.candidates}
+    out.update({v.cluster: name for name, v in experiment.spec.variants.items()})
+    return out
+
+
+# Requests already noticed, remembered until their final entry; bounded in case it never comes.
+MAX_NOTICED = 100_000
+_PERIODIC = al.AccessLogType.DownstreamPeriodic
+
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
-    """Envoy's access-log stream: every HTTP entry becomes one telemetry event."""
+    """Envoy's access-log stream: every HTTP entry becomes one telemetry event; the first
+    periodic entry of a request still open becomes its in-flight notice."""
 
     def __init__(self, mapper: EntryMapper, emit: Callable[[TelemetryEvent], None]) -> None:
         self.mapper = mapper
         self.emit = emit
+        self.noticed: OrderedDict[str, None] = OrderedDict()
+
+    def _periodic(self, entry: al.HTTPAccessLogEntry, shadow: bool) -> None:
+        rid = entry.request.request_id
+        if not rid or rid in self.noticed:
+            return
+        n = self.mapper.notice(entry, shadow=shadow)
+        if n is None:
+            return
+        self.noticed[rid] = None
+        if len(self.noticed) > MAX_NOTICED:
+            self.noticed.popitem(last=False)
+        self.emit(n)
 
     async def StreamAccessLogs(
         self,
@@ -187,6 +255,11 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                 shadow = msg.identifier.log_name == SHADOW_ACCESS_LOG
             for entry in msg.http_logs.log_entry:
                 try:
+                    if entry.common_properties.access_log_type == _PERIODIC:
+                        self._periodic(entry, shadow)
+                        continue
+                    if self.noticed:
+                        self.noticed.pop(entry.request.request_id, None)
                     emit(event(entry, shadow=shadow))
                 except ValueError:  # one odd entry must not end the stream and lose the rest
                     log.warning("dropped an access-log entry it could not map", exc_info=True)

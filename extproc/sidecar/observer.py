@@ -11,8 +11,10 @@ stream that closes first (client gone, upstream reset), when the stream closes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from extproc import headers as h
 from extproc.quality import SIGNAL_CHARS, QualityRules
 from extproc.sidecar.decide import Policy, attribute, read_headers
 from extproc.telemetry.inspect import ResponseInspector
+from extproc.telemetry.outcome import is_forced
 from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
 from extproc.telemetry.writer import Capture
 
@@ -45,6 +48,7 @@ class ObserverContext:
     capture: Callable[[Capture], None] | None = None
     capture_ttl_s: int = 86_400
     capture_max_pairs: int = 10_000
+    notices: InflightNotices | None = None  # None: no in-flight notices
 
 
 def _attr(attributes: Mapping[str, Struct], name: str) -> object | None:
@@ -121,6 +125,8 @@ class Observation:
             # Kept for the shadow copy too: its prompt is not stored twice, but whether it asked
             # for JSON decides the json_valid signal of the candidate's answer.
             self.request_body = []
+        if ctx.notices is not None and ev.variant and not is_forced(ev):
+            ctx.notices.opened(self)
 
     def _response_headers(self, req: pb.ProcessingRequest, now: int) -> None:
         self.code_details = str(_attr(req.attributes, "response.code_details") or "")
@@ -148,6 +154,8 @@ class Observation:
         if self.emitted:
             return
         self.emitted = True
+        if self.ctx.notices is not None:
+            self.ctx.notices.closed(self)
         ev = self.event
         ev.time_unix_ms = self.start_ns // 1_000_000
         got_headers = self.inspector is not None
@@ -223,6 +231,82 @@ class Observation:
     def close(self) -> None:
         """The stream ended; emit now if the response never completed."""
         self._finish(time.time_ns(), completed=False)
+
+    def notice(self, now_ns: int) -> None:
+        """Emit the in-flight notice of this still-open request (see :class:`InflightNotices`)."""
+        if self.emitted:
+            return
+        ev = self.event
+        self.ctx.emit(
+            TelemetryEvent(
+                time_unix_ms=now_ns // 1_000_000,
+                duration_ms=(now_ns - self.start_ns) / 1e6,
+                in_flight=True,
+                request_id=ev.request_id,
+                experiment=ev.experiment,
+                variant=ev.variant,
+                key_hash=ev.key_hash,
+                assignment=ev.assignment,
+                shadow=ev.shadow,
+                recorder=ev.recorder,
+            )
+        )
+
+
+# --- in-flight notices ---------------------------------------------------------------------------
+
+
+class InflightNotices:
+    """One notice for every observed request still open ``notice_ms`` after it started.
+
+    Why: a request that hangs until the upstream timeout is otherwise seen only when it ends,
+    minutes later; the evaluator counts a request as hung while it is still open from its notice
+    (docs/EVALUATOR.md, "Hangs"). Why this shape: a timer per stream costs a timer handle and a
+    heap push and cancel per request; here each request costs one insertion and one removal in an
+    ordered dict (requests arrive in start order, so the oldest open request is always first),
+    and one timer per process is armed for the oldest one's deadline. When it fires, every
+    request past its deadline gets its notice and leaves the dict; the timer is re-armed for the
+    new oldest. Nothing waits on this: notices go to the same non-blocking telemetry buffer as
+    every event. Requests whose start Envoy reported slightly out of order are noticed at most
+    that much late.
+    """
+
+    def __init__(self, notice_ms: int) -> None:
+        self.notice_ns = notice_ms * 1_000_000
+        self.open: OrderedDict[Observation, None] = OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
+        self.sent = 0
+
+    def opened(self, obs: Observation) -> None:
+        self.open[obs] = None
+        if self._timer is None:
+            self._arm()
+
+    def closed(self, obs: Observation) -> None:
+        self.open.pop(obs, None)
+
+    def _arm(self) -> None:
+        oldest = next(iter(self.open))
+        delay_ns = oldest.start_ns + self.notice_ns - time.time_ns()
+        self._timer = asyncio.get_running_loop().call_later(max(delay_ns, 0) / 1e9, self.sweep)
+
+    def sweep(self) -> None:
+        """Notice every request past its deadline, then wait for the next oldest."""
+        self._timer = None
+        now = time.time_ns()
+        deadline = now - self.notice_ns
+        while self.open:
+            oldest = next(iter(self.open))
+            if oldest.start_ns > deadline:
+                break
+            del self.open[oldest]
+            oldest.notice(now)
+            self.sent += 1
+        if self.open:
+            self._arm()
+
+
+# --- helpers ---------------------------------------------------------------------------------
 
 
 def _json_valid(answer: str, kept_bytes: int) -> bool | None:

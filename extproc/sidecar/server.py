@@ -42,7 +42,7 @@ from extproc.live import LiveRouting, Routing
 from extproc.metrics import SidecarMetrics, serve_metrics
 from extproc.quality import QualityRules
 from extproc.sidecar.accesslog import AccessLogService, EntryMapper
-from extproc.sidecar.observer import Observation, ObserverContext
+from extproc.sidecar.observer import InflightNotices, Observation, ObserverContext
 from extproc.sidecar.router import Router
 from extproc.sidecar.runtime import RuntimeService
 from extproc.telemetry.writer import TelemetryWriter
@@ -156,6 +156,7 @@ class Sidecar:
             capture=self.writer.submit_capture if experiment.spec.capture.sample > 0 else None,
             capture_ttl_s=experiment.spec.capture.ttl_s,
             capture_max_pairs=experiment.spec.capture.max_pairs,
+            notices=InflightNotices(experiment.spec.inflight.notice_ms),
         )
         self.runtime = RuntimeService(self.live)
         self.started = time.time()

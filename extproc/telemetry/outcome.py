@@ -8,7 +8,8 @@ Every reader classifies through this module instead.
 
 from __future__ import annotations
 
-from extproc.config import Price
+from typing import Protocol
+
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 
 SERVER_ERRORS = frozenset(
@@ -26,11 +27,27 @@ CLIENT_ERRORS = frozenset(
 """The caller's doing (a 4xx, a client that hung up): shown apart, never charged to a variant."""
 
 _FORCED = int(Assignment.ASSIGNMENT_FORCED)
+_NONE = int(ErrorClass.ERROR_CLASS_NONE)
+_TIMEOUT = int(ErrorClass.ERROR_CLASS_TIMEOUT)
+
+
+class TokenPrice(Protocol):
+    """What a variant's price (``extproc.config.Price``) offers: the cost of one usage."""
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float: ...
 
 
 def is_notice(ev: TelemetryEvent) -> bool:
     """An in-flight notice (the request is still open), not the request's end."""
     return ev.in_flight
+
+
+def started_ms(ev: TelemetryEvent) -> int:
+    """When the request began: a final event carries its start, a notice the time it was sent
+    and the request's age then. The stage a request belongs to is the one it started in."""
+    if ev.in_flight:
+        return ev.time_unix_ms - int(ev.duration_ms)
+    return ev.time_unix_ms
 
 
 def is_forced(ev: TelemetryEvent) -> bool:
@@ -43,31 +60,46 @@ def is_assigned(ev: TelemetryEvent) -> bool:
     return not ev.shadow and ev.assignment != _FORCED
 
 
-def started_ms(ev: TelemetryEvent) -> int:
-    """When the request began: a final event carries its start, a notice the time it was sent
-    and the request's age then. The stage a request belongs to is the one it started in."""
-    if ev.in_flight:
-        return ev.time_unix_ms - int(ev.duration_ms)
-    return ev.time_unix_ms
+def is_success(ev: TelemetryEvent) -> bool:
+    """A complete answer: only then do its timings, tokens and answer signals count (a fast
+    5xx would otherwise make a failing variant look quick and cheap)."""
+    return ev.error == _NONE
+
+
+def is_timeout(ev: TelemetryEvent) -> bool:
+    """The model server did not answer in time (one of the server errors)."""
+    return ev.error == _TIMEOUT
+
+
+def called_tool(ev: TelemetryEvent) -> bool:
+    """A complete answer that called a tool: the tool-call rate is these over successes."""
+    return ev.error == _NONE and ev.tool_calls
 
 
 def output_tokens_per_s(ev: TelemetryEvent) -> float | None:
-    """The answer's generation speed: completion tokens per second of generating them.
+    """Generation speed of one streamed answer: tokens after the first over the time after it.
 
-    Streamed answers are timed from the first token to the end (the decode speed users watch);
-    an unstreamed answer arrives in one piece, so its whole duration is the only time there is.
-    None when the tokens or the times are unknown, or the time is zero.
+    Unknown (None) for a non-streamed answer (its first byte is its last), a failed request, or
+    an answer of fewer than two tokens: the time to first token is a separate figure.
     """
-    if not ev.HasField("completion_tokens") or not ev.HasField("duration_ms"):
+    if ev.error != _NONE or not ev.streamed or ev.completion_tokens < 2:
         return None
-    seconds = ev.duration_ms / 1000
-    if ev.streamed and ev.HasField("first_token_ms"):
-        seconds -= ev.first_token_ms / 1000
-    return ev.completion_tokens / seconds if seconds > 0 else None
+    if not (ev.HasField("first_token_ms") and ev.HasField("duration_ms")):
+        return None
+    generation_ms = ev.duration_ms - ev.first_token_ms
+    if generation_ms <= 0:
+        return None
+    return (ev.completion_tokens - 1) / generation_ms * 1000
 
 
-def request_cost(ev: TelemetryEvent, price: Price) -> float | None:
-    """What the request cost at the variant's token prices; None without both token counts."""
-    if not ev.HasField("prompt_tokens") or not ev.HasField("completion_tokens"):
+def cost(ev: TelemetryEvent, price: TokenPrice | None) -> float | None:
+    """What one request cost at its variant's price; None without a price or a reported usage
+    (an unknown usage is not a free request)."""
+    if price is None or not (ev.HasField("prompt_tokens") or ev.HasField("completion_tokens")):
         return None
     return price.cost(ev.prompt_tokens, ev.completion_tokens)
+
+
+def cached_prompt_tokens(ev: TelemetryEvent) -> int | None:
+    """Prompt tokens served from the model server's prompt cache; None when not reported."""
+    return ev.cached_prompt_tokens if ev.HasField("cached_prompt_tokens") else None
