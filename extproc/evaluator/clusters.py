@@ -31,6 +31,7 @@ COUNTERS = (
     "requests",
     "errors",
     "timeouts",
+    "successes",
     "answered",
     "refusals",
     "tool_calls",
