@@ -4,14 +4,14 @@ and from those to one action. No I/O here, so every rule is table-tested.
 Error control: the experiment's ``alpha`` is split evenly (Bonferroni) over the guardrails whose
 action is ``rollback`` or ``hold``, and each uses anytime-valid tests (docs/STATISTICS.md), so
 checking every few seconds does not inflate false rollbacks. Within a guardrail the share is
-split again over its parts: the margin test (each side of a two-sided one), and the ceiling
-(``max_absolute``). Every part with an e-value (event rates, means, the quantiles' tail test,
-ceilings, the judge's win rate) carries its evidence across ramp stages as a mixture of products
-of the stages' e-values (``carry_evidence``), a test martingale for the whole rollout, so it
-spends its share once. Only the order-statistic quantile test is judged on one stage alone (a
-quantile guardrail runs one in every stage besides its carried tail test, to catch gross
-regressions at once), with a fifth of the quantile's share split over the stages. Either way
-the chance of any false rollback over the whole rollout stays at or below ``alpha``.
+split again over its parts: the margin test (each side of a two-sided one), and a quarter for
+the ceiling (``max_absolute``). Every part with an e-value (event rates, means, the quantiles'
+tail test, ceilings, the judge's win rate) carries its evidence across ramp stages as a mixture
+of products of the stages' e-values (``carry_evidence``), a test martingale for the whole
+rollout, so it spends its share once. Only the order-statistic quantile test is judged on one
+stage alone (a quantile guardrail runs one in every stage besides its carried tail test, to
+catch gross regressions at once), with a fifth of the quantile's share split over the stages.
+Either way the chance of any false rollback over the whole rollout stays at or below ``alpha``.
 
 Which test a metric takes, its counts and its direction of harm come from
 ``extproc.guardrail_metrics.METRICS``.
@@ -58,6 +58,10 @@ SRM_THRESHOLD = 0.001
 # no reference yet (the first): it catches gross regressions at once; the rest goes to the tail
 # test, whose evidence carries from the second stage on.
 NO_REFERENCE_SHARE = 0.2
+# Share of a guardrail's alpha for its ceiling (``max_absolute``), when it has one: a ceiling is
+# for gross breaches, which need little alpha, while the margin test needs power for the
+# regressions close to its margin.
+CEILING_SHARE = 0.25
 # A stage's stable q-quantile becomes the next stage's reference once it rests on this many
 # stable samples beyond it (20 for p99: 2,000 samples).
 REFERENCE_TAIL_SAMPLES = 20
@@ -297,11 +301,11 @@ def check_guardrail(
             "requests of one conversation are not independent"
         )
     ceiling = g.max_absolute is not None and info.kind != "win_rate"
-    share = alpha.rollout / 2 if ceiling else alpha.rollout
+    share = alpha.rollout * (1.0 - CEILING_SHARE) if ceiling else alpha.rollout
     per_side = share / len(g.harm_sides)
     results = [_margin_test(look, side, per_side, alpha) for side in g.harm_sides]
     if ceiling:
-        results.append(_ceiling_test(look, alpha.rollout / 2))
+        results.append(_ceiling_test(look, alpha.rollout * CEILING_SHARE))
     parts = tuple((p.name, p.log_e) for r in results for p in r.parts)
     main = results[0]
     main_e = main.parts[0] if main.parts else None
