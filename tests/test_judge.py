@@ -386,3 +386,14 @@ def test_every_metric_in_the_registry_is_judged() -> None:
     v = judge(_spec(*guards), w, _split(w), stage=0, stage_age_s=60)
     assert [c.metric for c in v.checks] == list(METRICS)
     assert all(c.detail for c in v.checks)
+
+
+def test_a_rate_without_trials_does_not_stall_the_rollout() -> None:
+    """No JSON-mode requests at all: the JSON guardrail has nothing to judge, and says so."""
+    w = _stage(_events("stable", 4000), _events("canary", 400, seed=2))
+    spec = _spec({"metric": "json_invalid_rate", "max_increase": 0.5, "min_samples": 50})
+    v = judge(spec, w, _split(w), stage=0, stage_age_s=60)
+    (check,) = v.checks
+    assert check.status == "pass"
+    assert "no JSON answers yet" in check.detail
+    assert v.action == "advance"

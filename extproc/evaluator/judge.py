@@ -375,8 +375,8 @@ def _margin_test(look: _Look, side: Side, alpha: float, budget_: Budget) -> _Res
     if info.kind == "rate":
         events, n = info.counts(look.cand)
         s_events, s_n = info.counts(look.stable)
-        if n == 0 or s_n == 0:
-            return _Result("waiting", math.nan, math.nan, f"no {info.trials} yet")
+        if n == 0 or s_n == 0:  # e.g. no JSON-mode requests: nothing to judge, nothing to wait for
+            return _Result("pass", math.nan, math.nan, f"{info.label}: no {info.trials} yet")
         deff = look.rate_deff()
         t = deflated_share_test(
             s_events, s_n, events, n, deff, alpha, 100, margin=margin, higher_is_worse=worse
