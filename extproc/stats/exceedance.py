@@ -7,17 +7,18 @@ tests turn a quantile question into a count of *exceedances*, a binomial questio
 e-value, which the evaluator multiplies across stages like the event-rate tests'
 (``extproc.evaluator.judge.carry_evidence``).
 
-* :func:`quantile_exceedance_test`: "is the candidate's q-quantile above ``(1 + margin)`` times
-  stable's?" If it is not, a candidate request exceeds ``(1 + margin) xi_c`` with probability at
-  most ``1 - q``. Stable's quantile is unknown, so the threshold is ``(1 + margin) U_c`` with
-  ``U_c`` a time-uniform upper confidence bound of stable's quantile at ``control_alpha`` (stable
-  has most of the traffic: a small alpha costs little). On the event that ``U_c >= xi_c`` at every
-  look (probability ``>= 1 - control_alpha``), the observed exceedance count is at most the count
-  above the fixed threshold ``(1 + margin) xi_c``, which is a binomial count with rate ``<= 1 -
-  q``; the one-sided beta-binomial mixture e-value is increasing in the count, so the observed
-  e-value is dominated by a test martingale. Ville's inequality then bounds the false alarms by
-  ``alpha + control_alpha`` over unlimited looks, and the same domination holds for any product
-  of stages' e-values.
+* :func:`quantile_exceedance_test`: "is the candidate's tail beyond ``(1 + margin)`` times a
+  reference heavier than stable's tail beyond the reference?" The reference is fixed before the
+  data (the evaluator takes stable's q-quantile of the previous stage), so the requests beyond it
+  are events with a fixed definition, and the event-share test
+  (:func:`~extproc.stats.sequential.proportion_harm_test`) on them is exact: each such event is
+  the candidate's with probability at most its share of requests under the null, whatever the
+  base rate and however both arms drift. With the reference at stable's q-quantile the null is
+  implied by "the candidate's q-quantile is at most ``(1 + margin)`` times stable's", and it holds
+  in every A/A comparison. (A threshold taken from the same stage's stable data would make
+  stable's count nearly deterministic, and the test only asymptotic; an upper confidence bound
+  of stable's quantile instead keeps it exact but wastes most of the power, as the bound sits
+  near stable's p99.5 for a p99.)
 * :func:`rate_ceiling_test`: "is the candidate's event rate above a fixed ceiling?" The
   beta-binomial mixture against ``p <= ceiling`` (``below=True``: the mirror, "provably below").
   A quantile ceiling (p99 above 5,000 ms) is the same test on the count of requests above the
