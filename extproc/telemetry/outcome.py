@@ -8,6 +8,8 @@ Every reader classifies through this module instead.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 
 SERVER_ERRORS = frozenset(
@@ -25,6 +27,14 @@ CLIENT_ERRORS = frozenset(
 """The caller's doing (a 4xx, a client that hung up): shown apart, never charged to a variant."""
 
 _FORCED = int(Assignment.ASSIGNMENT_FORCED)
+_NONE = int(ErrorClass.ERROR_CLASS_NONE)
+_TIMEOUT = int(ErrorClass.ERROR_CLASS_TIMEOUT)
+
+
+class TokenPrice(Protocol):
+    """What a variant's price (``extproc.config.Price``) offers: the cost of one usage."""
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float: ...
 
 
 def is_notice(ev: TelemetryEvent) -> bool:
@@ -40,3 +50,48 @@ def is_forced(ev: TelemetryEvent) -> bool:
 def is_assigned(ev: TelemetryEvent) -> bool:
     """A live request routed by assignment: what the comparison between variants is made of."""
     return not ev.shadow and ev.assignment != _FORCED
+
+
+def is_success(ev: TelemetryEvent) -> bool:
+    """A complete answer: only then do its timings, tokens and answer signals count (a fast
+    5xx would otherwise make a failing variant look quick and cheap)."""
+    return ev.error == _NONE
+
+
+def is_timeout(ev: TelemetryEvent) -> bool:
+    """The model server did not answer in time (one of the server errors)."""
+    return ev.error == _TIMEOUT
+
+
+def called_tool(ev: TelemetryEvent) -> bool:
+    """A complete answer that called a tool: the tool-call rate is these over successes."""
+    return ev.error == _NONE and ev.tool_calls
+
+
+def output_tokens_per_s(ev: TelemetryEvent) -> float | None:
+    """Generation speed of one streamed answer: tokens after the first over the time after it.
+
+    Unknown (None) for a non-streamed answer (its first byte is its last), a failed request, or
+    an answer of fewer than two tokens: the time to first token is a separate figure.
+    """
+    if ev.error != _NONE or not ev.streamed or ev.completion_tokens < 2:
+        return None
+    if not (ev.HasField("first_token_ms") and ev.HasField("duration_ms")):
+        return None
+    generation_ms = ev.duration_ms - ev.first_token_ms
+    if generation_ms <= 0:
+        return None
+    return (ev.completion_tokens - 1) / generation_ms * 1000
+
+
+def cost(ev: TelemetryEvent, price: TokenPrice | None) -> float | None:
+    """What one request cost at its variant's price; None without a price or a reported usage
+    (an unknown usage is not a free request)."""
+    if price is None or not (ev.HasField("prompt_tokens") or ev.HasField("completion_tokens")):
+        return None
+    return price.cost(ev.prompt_tokens, ev.completion_tokens)
+
+
+def cached_prompt_tokens(ev: TelemetryEvent) -> int | None:
+    """Prompt tokens served from the model server's prompt cache; None when not reported."""
+    return ev.cached_prompt_tokens if ev.HasField("cached_prompt_tokens") else None
