@@ -241,11 +241,15 @@ async def experiment_status(
     events = await recent_events(r, name, window)
     prices = prices_of(definition)
     per_variant = summarise(events, variants, prices=prices)
-    tested = sorted({ev.variant for ev in events if ev.variant and traffic(ev) == "forced"})
-    forced = summarise(events, tested, kind="forced", prices=prices) if tested else {}
-    shadow_variant = (definition.get("shadow") or {}).get("variant")
-    shadow = (
-        summarise(events, [shadow_variant], kind="shadow", prices=prices) if shadow_variant else {}
+    seen: dict[str, set[str]] = {"forced": set(), "shadow": set()}
+    for ev in events:
+        if ev.variant and (kind := traffic(ev)) in seen:
+            seen[kind].add(ev.variant)
+    if shadow_variant := (definition.get("shadow") or {}).get("variant"):
+        seen["shadow"].add(shadow_variant)
+    forced, shadow = (
+        summarise(events, sorted(seen[k]), kind=k, prices=prices) if seen[k] else {}
+        for k in ("forced", "shadow")
     )
     weights = routing.weights if routing else {}
     for v, figures in per_variant.items():
