@@ -143,7 +143,11 @@ class Sidecar:
         self.writer = TelemetryWriter(self.redis, max_buffer=settings.max_buffer)
         self.router = Router(self.live)
         self.metrics = SidecarMetrics()
-        self.metrics.declare(experiment.name, experiment.variant_names)
+        self.metrics.declare(
+            experiment.name,
+            experiment.variant_names,
+            {v: spec.price for v, spec in experiment.spec.variants.items()},
+        )
         self.observer = ObserverContext(
             experiment=experiment.name,
             stable=experiment.stable,
