@@ -80,3 +80,7 @@ def test_cached_prompt_tokens_arrive_in_the_events(plane: LiveStack, http: httpx
             assert ev.cached_prompt_tokens == 4, (variant, stream)
         else:  # not reported by the server: unknown, not zero
             assert not ev.HasField("cached_prompt_tokens"), (variant, stream)
+    # Shown by `extproc status`: the requests were forced, so in the tester traffic's figures.
+    forced = plane.status()["forced"]
+    assert forced["stable"]["cached_prompt_tokens"] == 4.0
+    assert forced["canary"]["cached_prompt_tokens"] is None

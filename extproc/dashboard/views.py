@@ -5,6 +5,8 @@ The comparison table pairs each candidate's status figures with stable's (differ
 relative change: the effect sizes) and with the evaluator's guardrail checks of its newest look
 (``keys.evaluation``, rewritten every tick), falling back to the newest audit record that has
 checks when no evaluator has looked yet; either way the table says when and at which stage.
+Each cell carries the text the page shows as given, made by :mod:`extproc.figures` as
+`extproc status` makes its own: the page never rounds a figure itself.
 """
 
 from __future__ import annotations
