@@ -31,7 +31,7 @@ _MS = re.compile(r"_ms(\.|$)")
 LABELS: dict[str, str] = {
     "requests": "requests (all time, forced included)",
     "weight": "weight (%)",
-    "window_requests": "requests (assigned)",
+    "window_requests": "requests (newest events)",
     "errors": "server errors (5xx, timeout, reset)",
     "error_rate": "error rate (5xx, timeout, reset)",
     "client_errors": "client errors (4xx, disconnect)",

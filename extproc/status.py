@@ -252,9 +252,10 @@ async def experiment_status(
         for k in ("forced", "shadow")
     )
     weights = routing.weights if routing else {}
-    for v, figures in per_variant.items():
-        figures["requests"] = counts.get(v, 0)
-        figures["weight"] = weights.get(v)
+    per_variant = {
+        v: {"requests": counts.get(v, 0), "weight": weights.get(v), **figures}
+        for v, figures in per_variant.items()
+    }
     return {
         "experiment": name,
         "stable": definition.get("stable"),

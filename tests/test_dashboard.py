@@ -383,11 +383,12 @@ def test_comparison_prefers_the_evaluators_latest_look_and_shows_quality_signals
 
     doc = {"stable": "stable", "variants": {"stable": {"requests": 10}, "canary": {"requests": 5}}}
     audit = [{"time": 1.0, "stage": 0, "action": "advance", "checks": [{"metric": "old"}]}]
+    check = {"metric": "judge_win_rate", "estimate": 0.125, "bound": -2.675e-05, "margin": None}
     latest = {
         "time": 2.0,
         "stage": 1,
         "action": "none",
-        "checks": [{"metric": "judge_win_rate"}],
+        "checks": [check],
         "variants": {
             "stable": {"judge_verdicts": 0, "feedback": {}},
             "canary": {
@@ -399,12 +400,14 @@ def test_comparison_prefers_the_evaluators_latest_look_and_shows_quality_signals
         },
     }
     got = comparison(doc, audit, latest)
-    assert got["checks"]["items"] == [{"metric": "judge_win_rate"}]
+    # Each figure of a check with its text, by the one rule (four significant digits).
+    text = {"estimate": "0.1250", "bound": "-0.00002675", "margin": "\u2013", "evidence": "\u2013"}
+    assert got["checks"]["items"] == [check | {"text": text}]
     assert got["checks"]["stage"] == 1
     rows = {r["metric"]: r for r in got["rows"]}
     assert rows["stage.judge_win_rate"]["candidates"]["canary"]["value"] == 0.25
     assert rows["stage.feedback_negative_rate"]["candidates"]["canary"]["value"] == 0.2
-    assert comparison(doc, audit)["checks"]["items"] == [{"metric": "old"}]
+    assert [c["metric"] for c in comparison(doc, audit)["checks"]["items"]] == ["old"]
 
 
 def test_quality_signals_become_chart_columns() -> None:

@@ -197,6 +197,15 @@ def test_table_and_charts_show_the_figures_of_status(
     cli = s.cli("status")
     assert cli.returncode == 0, cli.stderr
     assert_page_reads_as_the_cli(cells, cli.stdout)
+    # The guardrail checks' figures too are shown as the API wrote them.
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#checks-table td"), "checks")
+    checks = browser.execute_script(
+        """return [...document.querySelectorAll("#checks-table td[data-field]")].map((c) =>
+             [JSON.parse(c.dataset.value), c.textContent]);"""
+    )
+    assert checks
+    for value, shown in checks:
+        assert shown == (fig.MISSING if value is None else fig.significant(value, 4))
     diffs = {m: value for v, m, field, value, _ in cells if field == "diff"}
     assert diffs["latency_ms.p99"] == pytest.approx(
         p99 - st["variants"]["stable"]["latency_ms"]["p99"]

@@ -41,6 +41,7 @@ COUNTERS = frozenset(
         "stage.watchdog_probes",
     }
 )
+CHECK_FIGURES = ("estimate", "bound", "margin", "evidence")
 TIMELINE_FIELDS = ("id", "time", "action", "actor", "reasons", "stage", "status", "weights")
 
 
@@ -105,6 +106,13 @@ def _quality(stage: dict[str, Any]) -> dict[str, Figure]:
     return out
 
 
+def _check_text(x: Any) -> str:
+    """A guardrail check's estimate, bound, margin or evidence: four significant digits."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return figures.MISSING
+    return figures.significant(x, 4)
+
+
 def comparison(
     doc: dict[str, Any], audit: list[dict[str, Any]], latest: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -136,7 +144,10 @@ def comparison(
     checks = None
     if judged is not None:
         checks = {k: judged.get(k) for k in ("time", "stage", "action")}
-        checks["items"] = judged["checks"]
+        checks["items"] = [
+            c | {"text": {k: _check_text(c.get(k)) for k in CHECK_FIGURES}}
+            for c in judged["checks"]
+        ]
     return {"stable": stable, "candidates": candidates, "rows": rows, "checks": checks}
 
 

@@ -66,14 +66,12 @@ function isRate(key) {
   return /rate$/.test(key);
 }
 
-// Axis ticks: short, the unit is in the chart's caption.
+// Axis ticks: short, the unit is in the chart's caption (scale marks, not figures: a figure's
+// text always comes from the API).
 function tick(key, v) {
   if (isRate(key)) return `${+(100 * v).toPrecision(3)}%`;
+  if (v !== 0 && Math.abs(v) < 0.01) return v.toExponential(1);
   return String(+v.toPrecision(3));
-}
-
-function num(v) {
-  return v === null || v === undefined ? "–" : Number(v).toPrecision(4);
 }
 
 function clock(t, seconds = true) {
@@ -264,7 +262,7 @@ function renderChecks(checks) {
     el("tbody", {}, checks.items.map((c) => el("tr", { "data-variant": c.variant, "data-metric": c.metric, "data-status": c.status },
       el("td", {}, c.variant), el("td", {}, c.metric), el("td", {}, c.action),
       el("td", {}, badge(c.status)),
-      ["estimate", "bound", "margin", "evidence"].map((k) => el("td", { "data-field": k, "data-value": JSON.stringify(c[k] ?? null) }, num(c[k]))),
+      ["estimate", "bound", "margin", "evidence"].map((k) => el("td", { "data-field": k, "data-value": JSON.stringify(c[k] ?? null) }, c.text[k])),
       el("td", { class: "detail" }, c.detail)))));
 }
 
