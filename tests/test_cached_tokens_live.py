@@ -3,16 +3,22 @@ Envoy, sidecar, Redis and the OpenAI stand-ins (which report half of the prompt 
 stable and nothing on the canary: a server without prompt caching).
 
 ext_proc: the sidecar's response inspector reads the usage as the body streams through it.
-native: inspect.lua keeps the body's tail and the access-log mapping reads the usage from it.
+native: inspect.lua keeps the body's tail and the access-log mapping reads the usage from it;
+an Anthropic stream reports its cache in its first event, long gone from the tail, which
+inspect.lua reads as the stream passes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from aiohttp import web
 
 from extproc import stack
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
@@ -84,3 +90,99 @@ def test_cached_prompt_tokens_arrive_in_the_events(plane: LiveStack, http: httpx
     forced = plane.status()["forced"]
     assert forced["stable"]["cached_prompt_tokens"] == 4.0
     assert forced["canary"]["cached_prompt_tokens"] is None
+
+
+def anthropic_stream() -> bytes:
+    """A Messages API stream whose only cache figure is in ``message_start``, followed by more
+    than a kilobyte of text, so the body's tail no longer holds it."""
+    events = [
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "content": [],
+                "usage": {"input_tokens": 3, "cache_read_input_tokens": 1800, "output_tokens": 1},
+            },
+        },
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 40},
+        },
+        {"type": "message_stop"},
+    ]
+    word = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "w"}}
+    events[2:2] = [word] * 40
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+@pytest.fixture(scope="module")
+def anthropic_upstream() -> Iterator[int]:
+    """A model server speaking the Messages API's stream, on a free port, in its own thread."""
+    port = stack.free_port()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(anthropic_stream())
+        await resp.write_eof()
+        return resp
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", messages)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        runner = loop.run_until_complete(start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield port
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@pytest.mark.parametrize("dataplane", ["ext_proc", "native"])
+def test_an_anthropic_streams_cache_arrives(
+    dataplane: str, anthropic_upstream: int, tmp_path: Path, http: httpx.Client
+) -> None:
+    assert len(anthropic_stream()) > 2048  # message_start is long out of the 1 KiB tail
+    address = f"127.0.0.1:{anthropic_upstream}"
+    path = write_experiment(
+        tmp_path,
+        dataplane=dataplane,
+        strategy="ab",
+        rollout={"min_stage_seconds": 3600},
+        variants={
+            "stable": {"cluster": "model_stable", "address": address, "weight": 50},
+            "canary": {"cluster": "model_canary", "address": address, "weight": 50},
+        },
+    )
+    s = start_stack(tmp_path / "stack", path, mock_models=False)
+    try:
+        r = s.chat(http, {"x-experiment": "canary"}, stream=True)
+        assert r.status_code == 200, r.text
+        assert b"cache_read_input_tokens" in r.content
+        (ev,) = events_by_id(s, {r.headers["x-request-id"]}).values()
+        assert ev.HasField("cached_prompt_tokens")
+        assert ev.cached_prompt_tokens == 1800
+    finally:
+        stack.down(s.state_dir)
