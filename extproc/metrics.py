@@ -53,7 +53,8 @@ requests: the tool-call rate), ``inspected`` (answers whose text was checked), `
 ``refusal`` (over ``inspected``), ``json_checked`` and ``json_invalid`` (JSON-invalid rate).
 ``extproc_tokens_total{type="cached_prompt"}`` counts prompt tokens served from the model
 server's prompt cache; ``extproc_cost_total`` is the requests' cost at the variant's ``price``
-(the file's currency), so cost per request is its rate over the successful requests' rate.
+(the file's currency), so cost per request is its rate over the successful requests' rate
+(both count successful requests only, as the guardrails do).
 
 Evaluator metrics (``EvaluatorMetrics``):
 
@@ -243,7 +244,8 @@ class SidecarMetrics:
         self.tokens = Counter(
             "extproc_tokens",
             "Tokens reported in the responses' usage, by type (prompt, completion, or "
-            "cached_prompt: prompt tokens served from the model server's prompt cache).",
+            "cached_prompt: prompt tokens of successful requests served from the model "
+            "server's prompt cache).",
             [*per_request, "type"],
             registry=reg,
         )
@@ -264,7 +266,8 @@ class SidecarMetrics:
         )
         self.cost = Counter(
             "extproc_cost",
-            "Cost of the requests at their variant's price (the experiment file's currency).",
+            "Cost of the successful requests at their variant's price (the experiment file's "
+            "currency).",
             per_request,
             registry=reg,
         )
@@ -397,16 +400,17 @@ class SidecarMetrics:
             s.prompt_tokens.inc(event.prompt_tokens)
         if event.HasField("completion_tokens"):
             s.completion_tokens.inc(event.completion_tokens)
-        if event.HasField("cached_prompt_tokens"):
-            s.cached_tokens.inc(event.cached_prompt_tokens)
-        if (cost := outcome.cost(event, s.price)) is not None:
-            s.cost.inc(cost)
         if event.response_bytes:
             s.response_bytes.inc(event.response_bytes)
 
     @staticmethod
     def _answer(s: _VariantSeries, event: TelemetryEvent) -> None:
-        """The answer signals of one successful request, as ``extproc status`` counts them."""
+        """The figures of one successful request, as ``extproc status`` and the guardrails count
+        them: answer signals, generation speed, cost and prompt-cache hits."""
+        if event.HasField("cached_prompt_tokens"):
+            s.cached_tokens.inc(event.cached_prompt_tokens)
+        if (cost := outcome.cost(event, s.price)) is not None:
+            s.cost.inc(cost)
         a = s.answers
         if event.tool_calls:
             a["tool_call"].inc()

@@ -108,13 +108,13 @@ class _Acc:
             self.client_errors += 1
         self.prompt_tokens += ev.prompt_tokens
         self.completion_tokens += ev.completion_tokens
+        if not outcome.is_success(ev):
+            return
+        self.successes += 1
         if (c := outcome.cost(ev, self.price)) is not None:
             self.costs.append(c)
         if (cached := outcome.cached_prompt_tokens(ev)) is not None:
             self.cached.append(cached)
-        if not outcome.is_success(ev):
-            return
-        self.successes += 1
         self.tool_calls += outcome.called_tool(ev)
         if ev.HasField("duration_ms"):
             self.latency.append(ev.duration_ms)
