@@ -454,6 +454,28 @@ def cmd_down(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _render_status(doc: dict[str, Any]) -> str:
+    from extproc import status
+
+    lines = [f"experiment {doc['experiment']}  (stable: {doc.get('stable')})"]
+    routing = doc.get("routing") or {}
+    if routing:
+        w = ", ".join(f"{k} {v:g}%" for k, v in routing["weights"].items())
+        lines.append(f"weights    {w}   (version {routing['version']}: {routing['reason']})")
+    if doc.get("endpoints", {}).get("listener"):
+        lines.append(f"listener   {doc['endpoints']['listener']}")
+    if doc.get("dashboard_url"):
+        lines.append(f"dashboard  {doc['dashboard_url']}")
+    ro = doc.get("rollout")
+    if ro:
+        lines.append(
+            f"rollout    {ro['status']}, stage {ro['stage'] + 1} ({ro['strategy']}); "
+            f"last: {ro['last_action'] or '-'} {'; '.join(ro['last_reasons'])}"
+        )
+    lines += status.figure_lines(doc)
+    return "\n".join(lines)
+
+
 async def _status_doc(ns: argparse.Namespace) -> dict[str, Any] | None:
     from extproc import status
 
@@ -493,9 +515,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
     if doc is None:
         _err("no experiment found in Redis: is the stack up (`extproc up`)?")
         return EXIT_FAIL
-    from extproc import status
-
-    print(json.dumps(doc, indent=2) if ns.json else status.render(doc))
+    print(json.dumps(doc, indent=2) if ns.json else _render_status(doc))
     return EXIT_OK
 
 

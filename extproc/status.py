@@ -349,28 +349,13 @@ def _table(groups: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [line(head), *(line(r) for r in rows)]
 
 
-def render(doc: Mapping[str, Any]) -> str:
-    """`extproc status` for a person: the same figures as ``--json`` and the dashboard, with the
-    same texts (:mod:`extproc.figures`)."""
-    lines = [f"experiment {doc['experiment']}  (stable: {doc.get('stable')})"]
-    routing = doc.get("routing") or {}
-    if routing:
-        w = ", ".join(f"{k} {v:g}%" for k, v in routing["weights"].items())
-        lines.append(f"weights    {w}   (version {routing['version']}: {routing['reason']})")
-    if doc.get("endpoints", {}).get("listener"):
-        lines.append(f"listener   {doc['endpoints']['listener']}")
-    if doc.get("dashboard_url"):
-        lines.append(f"dashboard  {doc['dashboard_url']}")
-    ro = doc.get("rollout")
-    if ro:
-        lines.append(
-            f"rollout    {ro['status']}, stage {ro['stage'] + 1} ({ro['strategy']}); "
-            f"last: {ro['last_action'] or '-'} {'; '.join(ro['last_reasons'])}"
-        )
+def figure_lines(doc: Mapping[str, Any]) -> list[str]:
+    """`extproc status`'s figures for a person: the same figures as ``--json`` and the
+    dashboard, with the same texts (:mod:`extproc.figures`); stable's column first."""
     stable = doc.get("stable")
     variants = doc["variants"]
-    order = sorted(variants, key=lambda v: v != stable)  # stable first, as on the dashboard
-    lines += ["", *_table({v: variants[v] for v in order})]
+    order = sorted(variants, key=lambda v: v != stable)
+    lines = ["", *_table({v: variants[v] for v in order})]
     for kind, what in (("forced", "tester traffic (forced)"), ("shadow", "shadow copies")):
         if doc.get(kind):
             lines += ["", f"{what}, not compared:", *_table(doc[kind])]
@@ -383,4 +368,4 @@ def render(doc: Mapping[str, Any]) -> str:
         f"sidecars alive: {len(doc.get('sidecars', []))}, "
         f"telemetry events dropped: {tele.get('dropped', 0)}"
     )
-    return "\n".join(lines)
+    return lines

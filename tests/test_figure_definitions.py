@@ -116,7 +116,9 @@ async def test_the_pages_error_rate_is_the_guardrails(client: aioredis.Redis) ->
     assert page["shadow"]["canary"]["timeout_rate"] == 1.0
     # The text of the figure is the same wherever it is read.
     assert rows["error_rate"]["candidates"]["canary"]["text"]["value"] == "16.67%"
-    assert "16.67%" in status.render(page).split("\n\n")[1]
+    compared = "\n".join(status.figure_lines(page)).split("tester traffic")[0]
+    (line,) = (x for x in compared.splitlines() if x.startswith("error rate"))
+    assert line.split()[-2:] == ["6.78%", "16.67%"]  # 4 of stable's 59, 5 of the canary's 30
 
 
 def test_every_answer_signal_is_counted_as_outcome_defines_it() -> None:
