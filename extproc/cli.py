@@ -457,6 +457,8 @@ def cmd_down(ns: argparse.Namespace) -> int:
 
 
 def _render_status(doc: dict[str, Any]) -> str:
+    from extproc import status
+
     lines = [f"experiment {doc['experiment']}  (stable: {doc.get('stable')})"]
     routing = doc.get("routing") or {}
     if routing:
@@ -466,35 +468,13 @@ def _render_status(doc: dict[str, Any]) -> str:
         lines.append(f"listener   {doc['endpoints']['listener']}")
     if doc.get("dashboard_url"):
         lines.append(f"dashboard  {doc['dashboard_url']}")
-    head = (
-        f"{'variant':<12}{'requests':>9}{'err%':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
-        f"{'ttft p50':>10}{'tok in':>9}{'tok out':>9}"
-    )
     ro = doc.get("rollout")
     if ro:
         lines.append(
             f"rollout    {ro['status']}, stage {ro['stage'] + 1} ({ro['strategy']}); "
             f"last: {ro['last_action'] or '-'} {'; '.join(ro['last_reasons'])}"
         )
-    lines += ["", head]
-
-    def f(x: float | None) -> str:
-        return "-" if x is None else f"{x:.1f}"
-
-    for name, v in doc["variants"].items():
-        err = "-" if v["error_rate"] is None else f"{100 * v['error_rate']:.1f}"
-        lat = v["latency_ms"]
-        lines.append(
-            f"{name:<12}{v['requests']:>9}{err:>7}{f(lat['p50']):>9}{f(lat['p95']):>9}"
-            f"{f(lat['p99']):>9}{f(v['ttft_ms']['p50']):>10}{v['prompt_tokens']:>9}"
-            f"{v['completion_tokens']:>9}"
-        )
-    lines.append(f"\n(latency, errors and tokens over the last {doc['window_events']} events)")
-    tele = doc.get("telemetry", {})
-    lines.append(
-        f"sidecars alive: {len(doc.get('sidecars', []))}, "
-        f"telemetry events dropped: {tele.get('dropped', 0)}"
-    )
+    lines += status.figure_lines(doc)
     return "\n".join(lines)
 
 

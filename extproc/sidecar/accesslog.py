@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 METADATA = "extproc"
 """The dynamic-metadata namespace inspect.lua writes."""
 _USAGE = re.compile(r'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+# OpenAI chat and Responses (``*_tokens_details.cached_tokens``), Anthropic (non-streamed, or the
+# cumulative usage of a stream's last ``message_delta``).
+_CACHED = re.compile(r'"(?:cached_tokens|cache_read_input_tokens)"\s*:\s*(\d+)')
 _FINISH = re.compile(r'"finish_reason"\s*:\s*"([a-z_]{1,32})"')
 _RESET = ErrorClass.ERROR_CLASS_RESET
 _TIMEOUT = ErrorClass.ERROR_CLASS_TIMEOUT
@@ -62,6 +65,19 @@ def decode_text(escaped: str) -> str | None:
         if isinstance(text, str):
             return text.encode("utf-8", "surrogatepass")[:SIGNAL_CHARS].decode("utf-8", "ignore")
     return None
+
+
+def _cached_tokens(tail: str, md: Struct) -> int | None:
+    """The prompt-cache hits of the response's last usage (the tail), else those an Anthropic
+    stream reported in its first event (inspect.lua read them); None when never reported."""
+    found = _CACHED.findall(tail)
+    if found:
+        count = float(found[-1])
+    elif "cached_prompt_tokens" in md.fields:
+        count = md.fields["cached_prompt_tokens"].number_value
+    else:
+        return None
+    return int(count) if 0 <= count < 2**32 and count.is_integer() else None
 
 
 def error_class(entry: al.HTTPAccessLogEntry, completed: bool, got_headers: bool) -> int:
@@ -164,6 +180,9 @@ class EntryMapper:
         for name, value in _USAGE.findall(tail):
             if int(value) < 2**32:  # a uint32 field; a larger count is not believable
                 setattr(ev, name, int(value))
+        cached = _cached_tokens(tail, md)
+        if cached is not None:
+            ev.cached_prompt_tokens = cached
         finish = _FINISH.findall(tail)
         if finish:
             ev.finish_reason = finish[-1]

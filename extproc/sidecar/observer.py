@@ -174,6 +174,8 @@ class Observation:
                 ev.prompt_tokens = s.prompt_tokens
             if s.completion_tokens is not None:
                 ev.completion_tokens = s.completion_tokens
+            if s.cached_prompt_tokens is not None:
+                ev.cached_prompt_tokens = s.cached_prompt_tokens
             if s.finish_reason:
                 ev.finish_reason = s.finish_reason
             ev.tool_calls = s.tool_calls

@@ -153,7 +153,11 @@ class Sidecar:
         )
         self.router = Router(self.live)
         self.metrics = SidecarMetrics()
-        self.metrics.declare(experiment.name, experiment.variant_names)
+        self.metrics.declare(
+            experiment.name,
+            experiment.variant_names,
+            {v: spec.price for v, spec in experiment.spec.variants.items()},
+        )
         self.observer = ObserverContext(
             experiment=experiment.name,
             stable=experiment.stable,
