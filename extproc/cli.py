@@ -763,7 +763,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--redis-url",
         default=None,
         help="Redis to use: redis://, rediss:// or, for Redis Cluster, redis+cluster:// "
-        "(default: the local stack's, else $REDIS_URL)",
+        "(default: $REDIS_URL, else the running local stack's)",
     )
 
 
