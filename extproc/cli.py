@@ -971,7 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--token",
         default=None,
-        help="bearer token for actions (default: $EXTPROC_DASHBOARD_TOKEN, else a new one)",
+        help="bearer token for actions and captured texts (default: $EXTPROC_DASHBOARD_TOKEN, "
+        "else a new one; prefer the variable: every local user can read a command line)",
     )
     _common(p)
 
