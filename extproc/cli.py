@@ -41,13 +41,40 @@ def _experiment(path: str | None) -> tuple[Experiment, Path]:
     return load_experiment(p), p
 
 
+def _stack_state(ns: argparse.Namespace) -> dict[str, Any]:
+    """The local stack's recorded state while any of its processes runs, else {}.
+
+    A state file whose processes are all gone (a reboot, a kill) describes nothing: it is
+    reported once on stderr and ignored, so a verb never silently talks to a dead stack's Redis.
+    """
+    state_dir = getattr(ns, "state_dir", None)
+    if state_dir is None:
+        return {}
+    st = stack.load_state(Path(state_dir))
+    if not st:
+        return {}
+    if not stack.running(st):
+        if not getattr(ns, "_stale_reported", False):
+            _err(
+                f"ignoring {Path(state_dir) / stack.STATE_FILE}: none of the processes it "
+                "records is running (`extproc down` clears it, `extproc up` starts a new stack)"
+            )
+            ns._stale_reported = True
+        return {}
+    return st
+
+
 def _redis_url(ns: argparse.Namespace) -> str:
+    """--redis-url, else $REDIS_URL, else the running local stack's, else the default: an
+    explicit choice always wins over what a state file remembers."""
     if getattr(ns, "redis_url", None):
         return str(ns.redis_url)
-    st = stack.load_state(Path(ns.state_dir))
-    if st and st.get("endpoints", {}).get("redis"):
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"]
+    st = _stack_state(ns)
+    if st.get("endpoints", {}).get("redis"):
         return str(st["endpoints"]["redis"])
-    return os.environ.get("REDIS_URL", store.DEFAULT_REDIS_URL)
+    return store.DEFAULT_REDIS_URL
 
 
 def _with_redis(ns: argparse.Namespace, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
@@ -156,6 +183,7 @@ def cmd_quality(ns: argparse.Namespace) -> int:
         listener=ns.listener,
         feedback_listen=ns.feedback_listen,
         feedback_token=os.environ.get(feedback.TOKEN_ENV, ""),
+        feedback_insecure=ns.feedback_insecure,
     )
     prepared = quality_worker.prepare(exp, settings)
     asyncio.run(quality_worker.serve(exp, settings, prepared))
@@ -369,9 +397,10 @@ def cmd_up(ns: argparse.Namespace) -> int:
         ep = state["endpoints"]
         print(f"extproc stack is up (state in {ns.state_dir}/)")
         print(f"  listener   {ep['listener']}   <- send OpenAI requests here")
-        print(f"  redis      {ep['redis']}")
+        print(f"  redis      {stack.redacted(ep['redis'])}")
         print(f"  sidecar    {ep['sidecar']}")
-        print(f"  feedback   {ep['feedback']}   <- POST user feedback here")
+        print(f"  feedback   {ep['feedback']}   <- POST user feedback here, with")
+        print(f"             Authorization: Bearer {state['feedback_token']}")
         print(f"  dashboard  {stack.dashboard_url(state)}")
         for v, url in ep.get("models", {}).items():
             print(f"  model      {url}   ({v} stand-in)")
@@ -466,8 +495,13 @@ def _render_status(doc: dict[str, Any]) -> str:
         lines.append(f"weights    {w}   (version {routing['version']}: {routing['reason']})")
     if doc.get("endpoints", {}).get("listener"):
         lines.append(f"listener   {doc['endpoints']['listener']}")
+    if doc.get("endpoints", {}).get("feedback"):
+        token = doc.get("feedback_token")
+        auth = f"   (Authorization: Bearer {token})" if token else ""
+        lines.append(f"feedback   {doc['endpoints']['feedback']}{auth}")
     if doc.get("dashboard_url"):
         lines.append(f"dashboard  {doc['dashboard_url']}")
+    lines += _down_lines(doc.get("stack"))
     ro = doc.get("rollout")
     if ro:
         lines.append(
@@ -476,6 +510,33 @@ def _render_status(doc: dict[str, Any]) -> str:
         )
     lines += status.figure_lines(doc)
     return "\n".join(lines)
+
+
+def _stack_report(ns: argparse.Namespace) -> dict[str, Any] | None:
+    """Which processes of the running local stack are up and which are down (None: no stack)."""
+    st = _stack_state(ns)
+    if not st:
+        return None
+    parts = stack.components(st)
+    return {
+        "state_dir": str(ns.state_dir),
+        "components": parts,
+        "down": [name for name, part in parts.items() if not part["running"]],
+    }
+
+
+def _down_lines(report: dict[str, Any] | None) -> list[str]:
+    """One loud line per stopped part of the local stack: a crashed sidecar or evaluator is not
+    restarted by itself, and its figures would otherwise just go stale."""
+    if not report:
+        return []
+    lines = []
+    for name in report["down"]:
+        part = report["components"][name]
+        lines.append(f"DOWN       {name} (pid {part['pid']}) is not running; log: {part['log']}")
+    if lines:
+        lines.append("           restart the stack: `extproc down` then `extproc up`")
+    return lines
 
 
 async def _status_doc(ns: argparse.Namespace) -> dict[str, Any] | None:
@@ -487,7 +548,7 @@ async def _status_doc(ns: argparse.Namespace) -> dict[str, Any] | None:
     finally:
         await r.aclose()
     names = list(full["experiments"])
-    st = stack.load_state(Path(ns.state_dir)) or {}
+    st = _stack_state(ns)
     name = ns.name or st.get("experiment", {}).get("name") or (names[0] if names else None)
     if name is None or name not in full["experiments"]:
         return None
@@ -495,6 +556,9 @@ async def _status_doc(ns: argparse.Namespace) -> dict[str, Any] | None:
     doc["endpoints"] = st.get("endpoints", {})
     if dashboard := stack.dashboard_url(st):
         doc["dashboard_url"] = dashboard
+    if st.get("feedback_token"):
+        doc["feedback_token"] = st["feedback_token"]
+    doc["stack"] = _stack_report(ns)
     doc["sidecars"] = full["sidecars"]
     doc["telemetry"] = full["telemetry"]
     doc["experiments"] = names
@@ -513,12 +577,29 @@ async def _status_doc(ns: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    doc = asyncio.run(_status_doc(ns))
+    """Figures from Redis. A part of the local stack that is down is named in the table, in
+    ``stack.down`` of the JSON and on stderr with it, and on stderr when there are no figures to
+    show (the part that is down may be Redis itself)."""
+    try:
+        doc = asyncio.run(_status_doc(ns))
+    except (RedisError, OSError):
+        _print_down(ns)
+        raise
     if doc is None:
+        _print_down(ns)
         _err("no experiment found in Redis: is the stack up (`extproc up`)?")
         return EXIT_FAIL
-    print(json.dumps(doc, indent=2) if ns.json else _render_status(doc))
+    if ns.json:
+        _print_down(ns)
+        print(json.dumps(doc, indent=2))
+    else:
+        print(_render_status(doc))
     return EXIT_OK
+
+
+def _print_down(ns: argparse.Namespace) -> None:
+    for line in _down_lines(_stack_report(ns)):
+        print(line, file=sys.stderr)
 
 
 def cmd_create(ns: argparse.Namespace) -> int:
@@ -664,7 +745,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--redis-url",
         default=None,
         help="Redis to use: redis://, rediss:// or, for Redis Cluster, redis+cluster:// "
-        "(default: the local stack's, else $REDIS_URL)",
+        "(default: $REDIS_URL, else the running local stack's)",
     )
 
 
@@ -830,6 +911,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve POST /v1/feedback here (default: off; token: $EXTPROC_FEEDBACK_TOKEN)",
     )
+    p.add_argument(
+        "--feedback-insecure",
+        action="store_true",
+        help="serve feedback without a token even when a feedback guardrail acts on it",
+    )
     _common(p)
 
     p = verb("pairs", cmd_pairs, "captured primary and shadow answers, side by side")
@@ -880,7 +966,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--token",
         default=None,
-        help="bearer token for actions (default: $EXTPROC_DASHBOARD_TOKEN, else a new one)",
+        help="bearer token for actions and captured texts (default: $EXTPROC_DASHBOARD_TOKEN, "
+        "else a new one; prefer the variable: every local user can read a command line)",
     )
     _common(p)
 

@@ -13,12 +13,15 @@ into that same keyed hash here (the experiment's salt, ``assignment.key_hash``) 
 
 Answers: 202 with the signal's stream id; 400 with every problem of the body; 404 for an
 experiment Redis does not know; 401 without the bearer token when ``EXTPROC_FEEDBACK_TOKEN`` is
-set; 503 when Redis cannot be reached.
+set (any malformed ``Authorization`` too); 503 when Redis cannot be reached.
+
+Feedback can drive a guardrail, so an endpoint anyone can post to could push a rollback: the
+quality worker refuses to serve it without a token when a feedback guardrail acts
+(``quality_worker.prepare``), and `extproc up` always sets one.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -31,13 +34,14 @@ from redis.exceptions import RedisError
 
 from extproc import signals, store
 from extproc.assignment import key_hash, salt_key
+from extproc.auth import FEEDBACK_TOKEN_ENV as TOKEN_ENV
+from extproc.auth import bearer_ok
 from extproc.config import NAME_RE
 
 __all__ = ["TOKEN_ENV", "make_app"]
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "EXTPROC_FEEDBACK_TOKEN"
 _SALT_TTL_S = 10.0
 """Salts are cached briefly: re-registering an experiment with a new salt is rare, a lookup per
 post is not needed."""
@@ -101,10 +105,10 @@ _TOKEN = web.AppKey("extproc_feedback_token", str)
 
 async def _feedback(request: web.Request) -> web.Response:
     token = request.app[_TOKEN]
-    if token:
-        sent = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            return _error(401, "authentication_error", "a valid bearer token is required")
+    if token and not bearer_ok(request.headers.getall("Authorization", []), token):
+        refused = _error(401, "authentication_error", "a valid bearer token is required")
+        refused.headers["WWW-Authenticate"] = "Bearer"
+        return refused
     try:
         raw = json.loads(await request.read())
     except (ValueError, RecursionError):

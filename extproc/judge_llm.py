@@ -29,7 +29,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -214,12 +214,16 @@ class TokenBucket:
         rate_per_s: float,
         capacity: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """``clock`` and ``sleep`` go together (tests give a fake pair to check the spacing
+        without waiting on real time)."""
         if rate_per_s <= 0 or capacity < 1:
             raise ValueError("a token bucket needs rate_per_s > 0 and capacity >= 1")
         self.rate = rate_per_s
         self.capacity = capacity
         self._clock = clock
+        self._sleep = sleep
         self._tokens = capacity
         self._at = clock()
 
@@ -233,7 +237,7 @@ class TokenBucket:
         self._refill()
         self._tokens -= 1
         if self._tokens < 0:
-            await asyncio.sleep(-self._tokens / self.rate)
+            await self._sleep(-self._tokens / self.rate)
 
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})

@@ -36,6 +36,8 @@ class QualitySettings:
     feedback_listen: str | None = None
     """host:port of the feedback endpoint; None = not served."""
     feedback_token: str = ""
+    feedback_insecure: bool = False
+    """Serve feedback without a token even though a feedback guardrail acts on it."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,32 @@ def prepare(experiment: Experiment, settings: QualitySettings) -> Prepared:
             probes = load_probes(path)
         except ConfigError as err:
             problems += [f"watchdog.file ({path}): {p}" for p in err.problems]
+    problems += _feedback_problems(experiment, settings)
     if problems:
         raise ConfigError(experiment.source, problems)
     return Prepared(probes=probes, api_key=api_key, forcing_secret=secret)
+
+
+def _feedback_problems(experiment: Experiment, settings: QualitySettings) -> list[str]:
+    """An endpoint without a token takes anyone's feedback; when a feedback guardrail can roll
+    back or hold the rollout, that is anyone's lever on the rollout, so it needs a token (or the
+    operator's explicit --feedback-insecure)."""
+    if not settings.feedback_listen or settings.feedback_token or settings.feedback_insecure:
+        return []
+    acting = sorted(
+        {
+            g.action
+            for g in experiment.spec.guardrails
+            if g.metric == "feedback_negative_rate" and g.action != "warn"
+        }
+    )
+    if not acting:
+        return []
+    return [
+        f"guardrails: feedback_negative_rate can {' and '.join(acting)} the rollout, so the "
+        f"feedback endpoint needs a token: set ${feedback.TOKEN_ENV} (or pass "
+        "--feedback-insecure to let anyone who reaches it post feedback)"
+    ]
 
 
 async def serve(

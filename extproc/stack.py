@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from extproc import keys, store
+from extproc.auth import FEEDBACK_TOKEN_ENV
 from extproc.config import Experiment
 from extproc.dashboard import TOKEN_ENV
 from extproc.envoy_config import EnvoyLayout, SidecarTls, render
@@ -68,6 +70,16 @@ def port_in_use(port: int) -> bool:
         except OSError:
             return True
         return False
+
+
+def redacted(url: str) -> str:
+    """The URL with its password (if any) replaced by ``***``, for printing."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def default_state_dir() -> Path:
@@ -127,6 +139,19 @@ def _start_time(pid: int) -> str | None:
 def _alive(proc: dict[str, Any]) -> bool:
     start = _start_time(int(proc["pid"]))
     return start is not None and start == proc.get("start_time")
+
+
+def running(state: dict[str, Any]) -> bool:
+    """Whether any process a state file records is still the one that was started."""
+    return any(_alive(p) for p in state.get("processes", {}).values())
+
+
+def components(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each recorded process: its pid, whether it still runs, and its log file."""
+    return {
+        name: {"pid": int(p["pid"]), "running": _alive(p), "log": p["log"]}
+        for name, p in state.get("processes", {}).items()
+    }
 
 
 def wait_until(
@@ -375,7 +400,7 @@ def up(opts: UpOptions) -> dict[str, Any]:
     """Start every part and wait until each answers; return the recorded state."""
     stack = Stack(opts.state_dir)
     previous = stack.load()
-    if previous and any(_alive(p) for p in previous.get("processes", {}).values()):
+    if previous and running(previous):
         raise StackError(f"a stack is already running from {opts.state_dir}; `extproc down` first")
     ports = _choose_ports(opts)
     py = [sys.executable, "-m", "extproc"]
@@ -386,8 +411,14 @@ def up(opts: UpOptions) -> dict[str, Any]:
         if redis_url is None:
             redis_url = start_redis(stack, ports.redis, opts.state_dir)
         else:
-            wait_until(redis_ok(redis_url), f"redis at {redis_url}")
+            wait_until(redis_ok(redis_url), f"redis at {redacted(redis_url)}")
         ep["redis"] = redis_url
+        # Secrets reach the processes in their environment, never on a command line (which
+        # every local user can read in `ps` or /proc/PID/cmdline): the Redis URL may hold a
+        # password, and the tokens below are credentials.
+        secret_env = {"REDIS_URL": redis_url}
+        feedback_token = os.environ.get(FEEDBACK_TOKEN_ENV) or secrets.token_urlsafe(24)
+        stack.state["feedback_token"] = feedback_token
 
         upstreams: dict[str, str] = {}
         if opts.mock_models:
@@ -417,14 +448,13 @@ def up(opts: UpOptions) -> dict[str, Any]:
                     "serve",
                     "--experiment",
                     str(opts.experiment_path),
-                    "--redis-url",
-                    redis_url,
                     "--listen",
                     f"127.0.0.1:{port}",
                     "--metrics",
                     f"127.0.0.1:{metrics}",
                     *opts.sidecar_args,
                 ],
+                env=secret_env,
             )
             wait_until(
                 tcp_ok("127.0.0.1", port),
@@ -442,30 +472,20 @@ def up(opts: UpOptions) -> dict[str, Any]:
                 "evaluate",
                 "--experiment",
                 str(opts.experiment_path),
-                "--redis-url",
-                redis_url,
                 "--metrics",
                 f"127.0.0.1:{ports.evaluator_metrics}",
             ],
+            env=secret_env,
         )
         ep["evaluator_metrics"] = f"http://127.0.0.1:{ports.evaluator_metrics}/metrics"
-        # The token goes to the dashboard in its environment (not on its command line, which
-        # every local user can read) and into the state file, so `status` and `demo` can show it.
+        # The tokens go to their servers in the environment and into the state file (mode 0600),
+        # so `status` and `demo` can show them.
         token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
         stack.state["dashboard_token"] = token
         stack.spawn(
             "dashboard",
-            [
-                *py,
-                "dashboard",
-                "--redis-url",
-                redis_url,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(ports.dashboard),
-            ],
-            env={TOKEN_ENV: token},
+            [*py, "dashboard", "--host", "127.0.0.1", "--port", str(ports.dashboard)],
+            env={**secret_env, TOKEN_ENV: token},
         )
 
         layout = EnvoyLayout(
@@ -498,13 +518,12 @@ def up(opts: UpOptions) -> dict[str, Any]:
                 "quality",
                 "--experiment",
                 str(opts.experiment_path),
-                "--redis-url",
-                redis_url,
                 "--listener",
                 ep["listener"],
                 "--feedback-listen",
                 f"127.0.0.1:{ports.feedback}",
             ],
+            env={**secret_env, FEEDBACK_TOKEN_ENV: feedback_token},
         )
         wait_until(
             http_ok(f"http://127.0.0.1:{ports.feedback}/healthz"),

@@ -101,13 +101,21 @@ class LiveStack:
         assert out.returncode == 0, out.stderr
         version = int(json.loads(out.stdout)["version"])
         if wait:
-            r = self.redis()
+            self.wait_routing_applied(version)
+        return version
 
-            def applied() -> bool:
-                reps = [r.hgetall(k) for k in r.scan_iter("extproc:sidecar:*")]
-                return bool(reps) and all(int(rep[b"routing_version"]) >= version for rep in reps)
+    def wait_routing_applied(self, version: int | None = None) -> int:
+        """Until every live sidecar reports (in its heartbeat) routing ``version`` or newer;
+        by default the version in Redis now. Returns the version waited on."""
+        r = self.redis()
+        if version is None:
+            version = int(self.status()["routing"]["version"])
 
-            wait_for(applied, f"sidecars to apply routing version {version}")
+        def applied() -> bool:
+            reps = [r.hgetall(k) for k in r.scan_iter("extproc:sidecar:*")]
+            return bool(reps) and all(int(rep[b"routing_version"]) >= version for rep in reps)
+
+        wait_for(applied, f"sidecars to apply routing version {version}")
         return version
 
     def chat(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
@@ -106,9 +105,7 @@ def test_one_experiment_lives_in_one_slot_and_the_cluster_spreads_slots(
     assert len(r.get_primaries()) == 3
 
 
-def test_whole_data_path_on_a_redis_cluster(
-    cluster_stack: LiveStack, http: httpx.Client, record_property: Any
-) -> None:
+def test_whole_data_path_on_a_redis_cluster(cluster_stack: LiveStack, http: httpx.Client) -> None:
     s = cluster_stack
     exp = load_experiment(s.experiment_path)
     half = {"stable": 50.0, "canary": 50.0}
@@ -147,6 +144,6 @@ def test_whole_data_path_on_a_redis_cluster(
     wait_for(paused, "the evaluator to apply the pause (commands and audit streams)")
 
     m = apply_and_measure(s, exp, half, {"stable": 100.0, "canary": 0.0})
-    report(record_property, "rollback on Redis Cluster", m)
+    report("rollback on Redis Cluster", m)
     for c in convs[:20]:
         assert s.chat(http, {"x-conversation-id": c}).headers["x-llm-variant"] == "stable"

@@ -76,6 +76,10 @@ def dash_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         stack.down(s.state_dir)
 
 
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def action(
     http: httpx.Client, s: LiveStack, verb: str, token: str | None, name: str = NAME, **body: Any
 ) -> httpx.Response:
@@ -100,6 +104,23 @@ def test_up_records_the_dashboard_and_status_shows_it(dash_stack: LiveStack) -> 
     assert doc["dashboard_url"] == f"{url}/#token={token}"
     out = dash_stack.cli("status")
     assert f"dashboard  {url}/#token={token}" in out.stdout
+
+
+def test_up_sets_a_feedback_token_that_status_shows_and_feedback_requires(
+    dash_stack: LiveStack, http: httpx.Client
+) -> None:
+    token = dash_stack.state["feedback_token"]
+    assert len(token) >= 24
+    doc = dash_stack.status()
+    assert doc["feedback_token"] == token
+    url = doc["endpoints"]["feedback"]
+    assert f"feedback   {url}   (Authorization: Bearer {token})" in dash_stack.cli("status").stdout
+    body = {"experiment": NAME, "request_id": "r-token", "value": "down"}
+    before = dash_stack.redis().xlen(keys.signals(NAME))
+    for headers in ({}, bearer(f"{token}x"), bearer(dash_stack.state["dashboard_token"])):
+        assert http.post(url, json=body, headers=headers).status_code == 401
+    assert dash_stack.redis().xlen(keys.signals(NAME)) == before
+    assert http.post(url, json=body, headers=bearer(token)).status_code == 202
 
 
 def test_page_and_health(dash_stack: LiveStack, http: httpx.Client) -> None:
@@ -162,7 +183,7 @@ def test_figures_and_series_are_those_of_status(dash_stack: LiveStack, http: htt
 def test_pairs_are_those_of_extproc_pairs_with_the_judge_verdict(
     dash_stack: LiveStack, http: httpx.Client
 ) -> None:
-    url, _ = dashboard(dash_stack)
+    url, token = dashboard(dash_stack)
     out = dash_stack.cli("pairs", NAME, "--json", "--count", "5")
     assert out.returncode == 0, out.stderr
     expected = json.loads(out.stdout)
@@ -170,10 +191,25 @@ def test_pairs_are_those_of_extproc_pairs_with_the_judge_verdict(
     verdict = {"winner": "shadow", "scores": {"primary": 6, "shadow": 8}, "consistent": True}
     rid = expected[0]["request_id"]
     dash_stack.redis().hset(keys.pair(NAME, rid), "judge", json.dumps(verdict))
-    got = http.get(f"{url}/api/experiments/{NAME}/pairs", params={"count": 5}).json()
+    pairs = f"{url}/api/experiments/{NAME}/pairs"
+    got = http.get(pairs, params={"count": 5}, headers=bearer(token)).json()
     assert [p["request_id"] for p in got] == [p["request_id"] for p in expected]
     assert got[0]["judge"] == verdict
     assert got[0]["primary"] == expected[0]["primary"]
+
+
+def test_captured_texts_need_the_token_and_figures_do_not(
+    dash_stack: LiveStack, http: httpx.Client
+) -> None:
+    url, token = dashboard(dash_stack)
+    pairs = f"{url}/api/experiments/{NAME}/pairs"
+    for headers in ({}, {"Authorization": f"Bearer {token}x"}):
+        r = http.get(pairs, headers=headers)
+        assert r.status_code == 401
+        assert r.json() == {"error": "missing or wrong bearer token"}
+    assert http.get(pairs, headers=bearer(token)).status_code == 200
+    for figures in ("/api/status", f"/api/experiments/{NAME}", f"/api/experiments/{NAME}/series"):
+        assert http.get(f"{url}{figures}").status_code == 200
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -182,7 +218,7 @@ def test_pairs_are_those_of_extproc_pairs_with_the_judge_verdict(
 def test_unknown_experiment_is_404(dash_stack: LiveStack, http: httpx.Client) -> None:
     url, token = dashboard(dash_stack)
     for path in ("", "/series", "/pairs"):
-        r = http.get(f"{url}/api/experiments/nope{path}")
+        r = http.get(f"{url}/api/experiments/nope{path}", headers=bearer(token))
         assert r.status_code == 404
         assert "nope" in r.json()["error"]
     r = action(http, dash_stack, "pause", token, name="nope")
@@ -195,7 +231,9 @@ def test_bad_input_is_400(dash_stack: LiveStack, http: httpx.Client) -> None:
     r = http.get(f"{url}/api/experiments/{NAME}/series", params={"span": "a while"})
     assert r.status_code == 400
     assert "span" in r.json()["error"]
-    r = http.get(f"{url}/api/experiments/{NAME}/pairs", params={"count": "0.5"})
+    r = http.get(
+        f"{url}/api/experiments/{NAME}/pairs", params={"count": "0.5"}, headers=bearer(token)
+    )
     assert r.status_code == 400
     r = action(http, dash_stack, "explode", token)
     assert r.status_code == 400

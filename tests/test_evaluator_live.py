@@ -94,6 +94,7 @@ def test_degrading_candidate_is_rolled_back_automatically(
     decided = rollback[0]["time"]
     last_canary = max(t for t, v in served if v == "canary")
     print(f"rollback decision -> last candidate request: {last_canary - decided:+.3f} s")
+    s.wait_routing_applied(st["routing"]["version"])
     send(30)
     assert {v for t, v in served[-30:]} == {"stable"}
 
@@ -112,6 +113,7 @@ def test_healthy_candidate_is_walked_through_every_stage(
     actions = [(rec["action"], rec["stage"]) for rec in audit(s)]
     assert actions == [("start", 0), ("advance", 1), ("advance", 2), ("complete", 2)]
     assert s.status()["routing"]["weights"] == {"stable": 0.0, "canary": 100.0}
+    s.wait_routing_applied()
     r = s.chat(http, {"x-conversation-id": "after"})
     assert r.headers["x-llm-variant"] == "canary"
 
@@ -148,6 +150,7 @@ def test_blue_green_flips_after_mirrored_checks_and_flips_back(
             ("complete", 0),
         ]
         assert s.status()["routing"]["weights"] == {"stable": 0.0, "canary": 100.0}
+        s.wait_routing_applied()
         assert s.chat(http, {"x-conversation-id": "after"}).headers["x-llm-variant"] == "canary"
         out = s.cli("experiment", "rollback", "chat-upgrade", "--reason", "flip back")
         assert out.returncode == 0, out.stderr

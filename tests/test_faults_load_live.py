@@ -112,9 +112,15 @@ def kill(s: LiveStack, name: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def restarted(proc: dict[str, Any]) -> Iterator[None]:
-    """A killed process started again with its own command line, stopped when the block ends."""
-    again = subprocess.Popen(proc["argv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def restarted(proc: dict[str, Any], env: dict[str, str] | None = None) -> Iterator[None]:
+    """A killed process started again with its own command line (and ``env``, the secrets
+    `up` gave it in its environment), stopped when the block ends."""
+    again = subprocess.Popen(
+        proc["argv"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
     try:
         yield
     finally:
@@ -185,7 +191,7 @@ def test_sidecar_killed_and_restarted_under_load(canary_stack: LiveStack) -> Non
         load.wait_more(20, "traffic before the fault")
         proc = kill(s, "sidecar")
         down = load.since(load.wait_more(20, "traffic while the sidecar is dead"))
-        with restarted(proc):
+        with restarted(proc, {"REDIS_URL": s.redis_url}):
             try:
                 back = load.wait_more(1, "traffic after the restart")
                 wait_for(

@@ -262,22 +262,48 @@ async def test_one_failed_order_cancels_the_other(
 # --- the budget ----------------------------------------------------------------------------
 
 
+@dataclass
+class FakeTime:
+    """The bucket's clock and sleep: a sleep records when its waiter would wake and, with
+    ``advance`` (one waiter at a time), moves the clock there."""
+
+    advance: bool
+    now: float = 1000.0
+    wakes: list[float] = field(default_factory=list)
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.wakes.append(self.now + seconds)
+        if self.advance:
+            self.now += seconds
+
+
 async def test_the_token_bucket_spaces_acquisitions() -> None:
-    bucket = TokenBucket(rate_per_s=40)
-    start = time.monotonic()
+    t = FakeTime(advance=True)
+    bucket = TokenBucket(rate_per_s=40, clock=t.clock, sleep=t.sleep)
+    start = t.now
     stamps = []
     for _ in range(5):
         await bucket.acquire()
-        stamps.append(time.monotonic() - start)
-    assert stamps[0] < 0.02  # a full bucket serves at once
-    assert stamps[-1] >= 4 / 40 - 0.005  # then one per 1/rate
+        stamps.append(t.now - start)
+    assert stamps == pytest.approx([0, 1 / 40, 2 / 40, 3 / 40, 4 / 40])  # then one per 1/rate
+    t.now += 10  # idle: the bucket refills, but only up to its capacity of one
+    slept = len(t.wakes)
+    await bucket.acquire()
+    assert len(t.wakes) == slept  # a full bucket serves at once
+    await bucket.acquire()
+    assert t.wakes[-1] - (start + 4 / 40 + 10) == pytest.approx(1 / 40)
 
 
 async def test_concurrent_waiters_share_the_rate() -> None:
-    bucket = TokenBucket(rate_per_s=50)
-    start = time.monotonic()
+    t = FakeTime(advance=False)
+    bucket = TokenBucket(rate_per_s=50, clock=t.clock, sleep=t.sleep)
     await asyncio.gather(*(bucket.acquire() for _ in range(6)))
-    assert time.monotonic() - start >= 5 / 50 - 0.005
+    # The first is served at once; each other waiter reserved the next token: first come,
+    # first served, one per 1/rate.
+    assert [w - t.now for w in t.wakes] == pytest.approx([k / 50 for k in range(1, 6)])
 
 
 # --- pairs and the worker ------------------------------------------------------------------

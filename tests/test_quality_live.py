@@ -43,6 +43,11 @@ PROBES = {
 }
 
 
+def feedback_auth(s: LiveStack) -> dict[str, str]:
+    """The bearer token `extproc up` gave the feedback endpoint."""
+    return {"Authorization": f"Bearer {s.state['feedback_token']}"}
+
+
 @pytest.fixture(scope="module")
 def quality(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveStack, str]]:
     """A shadow experiment with captures, a judge (mock model in judge mode) and a watchdog."""
@@ -211,11 +216,15 @@ def test_feedback_by_request_id_and_by_conversation_id(
     answered = s.chat(http, {"x-conversation-id": "feedback-conversation"})
     rid = answered.headers["x-request-id"]
 
-    by_request = http.post(url, json={"experiment": E, "request_id": rid, "value": "down"})
+    auth = feedback_auth(s)
+    by_request = http.post(
+        url, json={"experiment": E, "request_id": rid, "value": "down"}, headers=auth
+    )
     assert by_request.status_code == 202, by_request.text
     by_conversation = http.post(
         url,
         json={"experiment": E, "conversation_id": "feedback-conversation", "value": "escalation"},
+        headers=auth,
     )
     assert by_conversation.status_code == 202, by_conversation.text
 
@@ -267,7 +276,8 @@ def test_bad_feedback_gets_a_400_naming_each_problem(
     s, _ = quality
     url = s.state["endpoints"]["feedback"]
     content = body if isinstance(body, str) else json.dumps(body)
-    r = http.post(url, content=content, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json", **feedback_auth(s)}
+    r = http.post(url, content=content, headers=headers)
     assert r.status_code == 400
     assert r.json()["error"]["problems"] == problems
 
@@ -279,6 +289,7 @@ def test_feedback_for_an_unknown_experiment_is_a_404(
     r = http.post(
         s.state["endpoints"]["feedback"],
         json={"experiment": "no-such", "request_id": "r", "value": "up"},
+        headers=feedback_auth(s),
     )
     assert r.status_code == 404
     assert r.json()["error"]["message"] == "unknown experiment 'no-such'"
@@ -432,7 +443,8 @@ def test_the_evaluator_attributes_every_signal_kind_to_its_variant(
     url = s.state["endpoints"]["feedback"]
     rids = ask(s, http, "attribution", 4)
     for rid in rids:
-        posted = http.post(url, json={"experiment": E, "request_id": rid, "value": "down"})
+        body = {"experiment": E, "request_id": rid, "value": "down"}
+        posted = http.post(url, json=body, headers=feedback_auth(s))
         assert posted.status_code == 202, posted.text
 
     def figures() -> dict[str, Any] | None:

@@ -26,16 +26,6 @@ def events(s: LiveStack) -> list[TelemetryEvent]:
     return out
 
 
-def wait_routing_version(s: LiveStack, http: httpx.Client, variant: str, conv: str) -> float:
-    """Time until a request of this conversation lands on ``variant`` (weights just changed)."""
-    t0 = time.monotonic()
-    wait_for(
-        lambda: s.chat(http, {"x-conversation-id": conv}).headers["x-llm-variant"] == variant,
-        f"routing to {variant}",
-    )
-    return time.monotonic() - t0
-
-
 def test_forced_routing_reaches_the_forced_model(live_stack: LiveStack, http: httpx.Client) -> None:
     for variant in ("canary", "stable"):
         r = live_stack.chat(http, {"x-experiment": variant})
@@ -78,13 +68,24 @@ def test_conversations_are_sticky_and_weights_apply_live(
     assert set(seen) == {"stable", "canary"}, seen
 
 
-def test_weight_change_reaches_the_sidecar_within_a_second(
+def test_a_weight_change_reaches_every_sidecar_and_then_every_request(
     live_stack: LiveStack, http: httpx.Client
 ) -> None:
+    """Once every sidecar reports the new routing version in its heartbeat, every request
+    follows the new weights. How long that took is printed as a figure, not asserted (the time
+    depends on the machine; `bench/` measures it)."""
     live_stack.set_weights(stable=100, canary=0)
-    live_stack.set_weights(stable=0, canary=100, wait=False)
-    elapsed = wait_routing_version(live_stack, http, "canary", "probe")
-    print(f"weight change applied after {elapsed * 1000:.0f} ms")
+    assert live_stack.chat(http, {"x-conversation-id": "probe"}).headers["x-llm-variant"] == (
+        "stable"
+    )
+    t0 = time.monotonic()
+    version = live_stack.set_weights(stable=0, canary=100)  # waits on the sidecars' version
+    elapsed = time.monotonic() - t0
+    for i in range(10):
+        r = live_stack.chat(http, {"x-conversation-id": "probe" if i == 0 else f"after-{i}"})
+        assert r.headers["x-llm-variant"] == "canary"
+        assert r.headers["x-mock-model"] == "canary"
+    print(f"routing version {version} on every sidecar {elapsed * 1000:.0f} ms after set-weights")
     live_stack.set_weights(stable=95, canary=5)
 
 

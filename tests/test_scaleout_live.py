@@ -2,8 +2,8 @@
 
 Replicas share nothing but Redis, so what must hold is that they decide alike (assignment is a
 pure function of salt, key and weights) and that a weight change, above all a rollback, reaches
-every one of them quickly. The propagation figures are printed and attached to the test report
-(``record_property``); the only timed assertion is the one second the product promises.
+every one of them. The propagation times are printed as figures, never asserted (they depend on
+the machine; `bench/` measures them).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
@@ -105,7 +104,7 @@ def test_replicas_assign_every_conversation_alike(replicas: LiveStack, http: htt
 
 
 def test_weight_change_and_rollback_reach_both_replicas(
-    replicas: LiveStack, http: httpx.Client, record_property: Any
+    replicas: LiveStack, http: httpx.Client
 ) -> None:
     s = replicas
     exp = load_experiment(s.experiment_path)
@@ -130,8 +129,8 @@ def test_weight_change_and_rollback_reach_both_replicas(
         r = s.chat(http, {"x-conversation-id": c})
         assert (r.headers["x-llm-variant"], r.headers["x-mock-model"]) == ("stable", "stable")
 
-    report(record_property, "weight change", change)
-    report(record_property, "rollback", back)
+    report("weight change", change)
+    report("rollback", back)
 
 
 def _serve(redis_url: str, log: Path, *args: str) -> subprocess.Popen[bytes]:

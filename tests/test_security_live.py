@@ -216,17 +216,27 @@ def test_a_sidecar_certificate_for_another_name_is_refused_and_traffic_fails_ope
         stack.down(s.state_dir)
 
 
+def _command_lines() -> dict[int, bytes]:
+    """Every process's command line, as any local user can read it (``ps``)."""
+    lines = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines[int(entry.name)] = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue  # it ended meanwhile
+    return lines
+
+
 def test_stack_against_a_redis_that_requires_a_password(tmp_path: Path, http: httpx.Client) -> None:
+    """The stack works against a Redis with a password, and the password is on no process's
+    command line: `up` hands the URL to its processes in their environment."""
     password = uuid.uuid4().hex
     port = stack.free_port()
     st = stack.Stack(tmp_path / "redis")
-    st.spawn(
-        "redis",
-        [
-            *(stack.redis_binary(), "--port", str(port), "--bind", "127.0.0.1"),
-            *("--save", "", "--requirepass", password),
-        ],
-    )
+    conf = tmp_path / "redis.conf"  # the test's own Redis takes it from a file, not argv
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsave ''\nrequirepass {password}\n")
+    st.spawn("redis", [stack.redis_binary(), str(conf)])
     url = f"redis://:{password}@127.0.0.1:{port}/0"
     try:
         wait_for(stack.redis_ok(url), "redis with a password")
@@ -234,6 +244,17 @@ def test_stack_against_a_redis_that_requires_a_password(tmp_path: Path, http: ht
             redis.Redis(host="127.0.0.1", port=port).ping()
         s = start_stack(tmp_path / "stack", redis_url=url, mock_args=FAST_MODELS)
         try:
+            leaks = {
+                pid: line for pid, line in _command_lines().items() if password.encode() in line
+            }
+            assert leaks == {}
+            started = {name: s.pid(name) for name in s.state["processes"]}
+            assert {"sidecar", "evaluator", "dashboard", "quality"} <= set(started)
+            for name, pid in started.items():
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                assert cmdline, f"{name} is not running"
+                for secret in (s.state["dashboard_token"], s.state["feedback_token"]):
+                    assert secret.encode() not in cmdline, name
             s.set_weights(stable=0, canary=100)
             rid = s.chat(http, {"x-conversation-id": "auth"}).headers["x-request-id"]
             ev = wait_for(lambda: (e := events_by_request(s, NAME, {rid})) and e[rid], "event")

@@ -1,15 +1,15 @@
 """The dashboard's HTTP server: a JSON API over Redis and the static page that polls it.
 
-Reading is open (the figures are what `extproc status` shows to anyone with Redis access);
-actions need the bearer token. The token travels in an ``Authorization`` header, which a page of
-another site cannot make a browser send, so the actions need no other CSRF defence. The page
-receives the token in the URL's fragment (``/#token=...``), which browsers never send to a
-server or put in a ``Referer``.
+The figures are open (they are what `extproc status` shows to anyone with Redis access); the
+captured prompts and answers (the pairs) and the actions need the bearer token: users' texts are
+not figures, and actions change the rollout. The token travels in an ``Authorization`` header,
+which a page of another site cannot make a browser send, so the actions need no other CSRF
+defence. The page receives the token in the URL's fragment (``/#token=...``), which browsers
+never send to a server or put in a ``Referer``.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +21,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from extproc import store
+from extproc.auth import bearer_ok
 from extproc.dashboard import views
 from extproc.evaluator.rollout import COMMANDS, send_command
 
@@ -85,10 +86,11 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-def _authorised(request: web.Request) -> bool:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    expected = request.app[TOKEN]
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), expected.encode())
+def _unauthorised(request: web.Request) -> web.Response | None:
+    """None when the request carries the token, else the 401 to answer."""
+    if bearer_ok(request.headers.getall("Authorization", []), request.app[TOKEN]):
+        return None
+    return _error(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -119,6 +121,9 @@ async def api_series(request: web.Request) -> web.Response:
 
 
 async def api_pairs(request: web.Request) -> web.Response:
+    """Users' prompts and the variants' answers: only with the token."""
+    if refused := _unauthorised(request):
+        return refused
     count = int(_number(request, "count") or DEFAULT_PAIRS)
     if not 1 <= count <= MAX_PAIRS:
         raise BadRequest(f"count must be from 1 to {MAX_PAIRS}")
@@ -131,8 +136,8 @@ async def api_pairs(request: web.Request) -> web.Response:
 async def api_action(request: web.Request) -> web.Response:
     """Record an operator intent exactly as `extproc experiment VERB NAME` does; the evaluator
     applies it on its next tick and writes the audit record."""
-    if not _authorised(request):
-        return _error(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
+    if refused := _unauthorised(request):
+        return refused
     name, verb = _name(request), request.match_info["verb"]
     r = request.app[REDIS]
     if await store.get_definition(r, name) is None:

@@ -122,11 +122,22 @@ function takeTokenFromUrl() {
 
 // --- API ----------------------------------------------------------------------------------------
 
-async function getJson(path) {
-  const resp = await fetch(path, { headers: { Accept: "application/json" } });
+async function bodyOf(resp) {
   const body = await resp.json();
   if (!resp.ok) throw new Error(body.error || `${resp.status} ${resp.statusText}`);
   return body;
+}
+
+async function getJson(path) {
+  return bodyOf(await fetch(path, { headers: { Accept: "application/json" } }));
+}
+
+// Captured prompts and answers are users' texts: the server gives them only with the token.
+async function getPairs(path) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) return { locked: true };
+  const resp = await fetch(path, { headers: { Accept: "application/json", Authorization: `Bearer ${token}` } });
+  return resp.status === 401 ? { locked: true } : bodyOf(resp);
 }
 
 // One poll loop however often refresh() is called (after an action, on a click): each run
@@ -143,7 +154,7 @@ async function refresh() {
     if (selected) {
       const base = `/api/experiments/${encodeURIComponent(selected)}`;
       [experiment, series, pairs] = await Promise.all([
-        getJson(base), getJson(`${base}/series`), getJson(`${base}/pairs`),
+        getJson(base), getJson(`${base}/series`), getPairs(`${base}/pairs`),
       ]);
     }
     Object.assign(state, { overview, experiment, series, pairs, updated: Date.now() / 1000, error: null });
@@ -382,6 +393,9 @@ function renderJudge(judge, error) {
 }
 
 function renderPairs(pairs) {
+  if (pairs.locked) {
+    return el("p", { class: "muted" }, "Captured prompts and answers need the dashboard's token: open the link `extproc up` or `extproc status` prints (it ends in #token=...).");
+  }
   if (!pairs.length) {
     return el("p", { class: "muted" }, "No captured pairs: set capture.sample (and shadow) in the experiment file.");
   }
