@@ -33,7 +33,7 @@ from tests.test_native import entry, mapper
 def test_cached_prompt_tokens_of_an_access_log_entry(
     md: dict[str, Any], cached: int | None
 ) -> None:
-    ev = mapper().event(entry(variant="canary", md=md), shadow=False)
+    ev = mapper().event(entry(variant="canary", md=md))
     if cached is None:
         assert not ev.HasField("cached_prompt_tokens")
     else:
