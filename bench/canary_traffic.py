@@ -198,13 +198,16 @@ class Traffic:
         self.start_ms, self.experiment = start_ms, experiment
         self.stable, self.candidate = stable, candidate
         self.notice_ms, self.timeout_ms = notice_ms, timeout_ms
-        self.clock_ms = start_ms
         self.candidate_requests = 0
         self.candidate_by_checkpoint: dict[int, int] = {}
         self._arrivals: list[tuple[int, int, _Session]] = []  # (time, seq, session)
         self._pending: list[_Pending] = []
         self._seq = 0
-        self._next_session_ms = float(start_ms)
+        # Sessions run for minutes: start them well before the rollout, so that it begins in
+        # the steady state (as many sessions open as later) rather than with none.
+        ses = scenario.sessions
+        warmup_s = 0.0 if ses is None else 3 * ses.mean_requests * ses.mean_gap_s
+        self._next_session_ms = start_ms - 1000 * warmup_s
         burst = scenario.burst
         self.burst_at_ms: int | None = None
         if burst is not None:
@@ -267,10 +270,10 @@ class Traffic:
         batch: list[tuple[int, _Session]] = []
         while self._arrivals and self._arrivals[0][0] < now_ms:
             t, _, s = heapq.heappop(self._arrivals)
-            batch.append((t, s))
+            if t >= self.start_ms:
+                batch.append((t, s))
         if batch:
             self._serve(batch, share)
-        self.clock_ms = now_ms
         self.candidate_by_checkpoint[now_ms] = self.candidate_requests
         out = []
         while self._pending and self._pending[0].seen_ms <= now_ms:
@@ -332,7 +335,7 @@ class Traffic:
                 key_hash=s.key,
                 assignment=Assignment.ASSIGNMENT_STICKY,
             )
-            ms = float(latency[i])
+            ms = max(float(latency[i]), float(ttft[i]))  # a request lasts until its first token
             if hang[i] or ms >= self.timeout_ms:
                 ms = float(self.timeout_ms)
                 ev.status, ev.error = 504, ErrorClass.ERROR_CLASS_TIMEOUT
@@ -344,8 +347,7 @@ class Traffic:
             else:
                 tokens = int(cols["tokens"][i])
                 ev.status = 200
-                ev.headers_ms = min(float(ttft[i]), ms)
-                ev.first_token_ms = min(float(ttft[i]), ms)
+                ev.headers_ms = ev.first_token_ms = float(ttft[i])
                 ev.duration_ms = ms
                 ev.streamed = True
                 ev.prompt_tokens = int(prompt[i])

@@ -31,7 +31,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -146,7 +146,6 @@ class Outcome:
     status: str  # rolled_back, completed, running (the time cap)
     share: float  # the candidate's weight in the stage the run ended in
     srm_hold_ms: int | None  # first hold for a sample-ratio mismatch
-    end_ms: int
     candidate_at_end: int
     candidate_at_srm: int | None
     failed: tuple[str, ...]  # metrics whose checks failed at the rollback
@@ -183,7 +182,6 @@ def run_one(row: Row, settings: Settings, seed: int) -> Outcome:
         status=res.status,
         share=(prior if res.status == "rolled_back" else last.weights).get(cand, 0.0),
         srm_hold_ms=None if srm is None else srm.time_ms,
-        end_ms=traffic.clock_ms,
         candidate_at_end=traffic.candidate_requests,
         candidate_at_srm=None if srm is None else traffic.candidate_by_checkpoint[srm.time_ms],
         failed=failed,
@@ -254,7 +252,6 @@ def simulate(
     runs: int,
     seed: int,
     jobs: int,
-    mapper: Callable[..., Any] | None = None,
 ) -> list[Summary]:
     """``runs`` rollouts per row, all rows' runs spread over ``jobs`` processes."""
     tasks = [
@@ -263,7 +260,7 @@ def simulate(
         for r in range(runs)
     ]
     summaries = [Summary(row) for row in rows]
-    if mapper is None and jobs > 1:
+    if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             results = list(pool.map(_task, tasks, chunksize=1))
     else:

@@ -74,6 +74,20 @@ def test_ttft_shift_moves_p95_by_its_factor_and_leaves_the_median() -> None:
     assert np.percentile(moved, 50) / np.percentile(base, 50) == pytest.approx(1.0, abs=0.015)
 
 
+def test_ttft_shift_reaches_the_events_whole() -> None:
+    """The events carry the candidate's TTFT as drawn: no bound by its latency dilutes it."""
+    sc = ct.Scenario(candidate=replace(ct.Arm(), ttft_shift=ct.p95(1.4)))
+    events = finals(drain(traffic(sc), 3000, {"canary": 50}))
+    ttft = {
+        v: [e.event.first_token_ms for e in events if e.event.variant == v and not e.event.error]
+        for v in ("stable", "canary")
+    }
+    assert np.percentile(ttft["canary"], 95) / np.percentile(ttft["stable"], 95) == pytest.approx(
+        1.4, rel=0.06
+    )
+    assert all(e.event.duration_ms >= e.event.first_token_ms for e in events if not e.event.error)
+
+
 def test_latency_cdf_is_the_mixture_the_draws_come_from() -> None:
     arm = ct.Arm(tail_share=0.05, tail_alpha=1.2)
     x = arm.latency(np.random.default_rng(5), 200_000)
