@@ -346,21 +346,17 @@ def _cpu_s() -> float:
 
 
 def _commit() -> str:
-    """The commit the table was made at, ``+`` when the worktree had changes."""
-    git = ["git", "-C", str(Path(__file__).parent)]
+    """The commit the table was made at, ``+`` when its code (bench/, extproc/) had changes."""
+    git = ["git", "-C", str(Path(__file__).resolve().parents[1])]
+    dirty = [*git, "status", "--porcelain", "--untracked-files=no", "--", "bench", "extproc"]
     try:
         head = subprocess.run(
             [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        changed = subprocess.run(dirty, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return head + ("+" if dirty else "")
+    return head + ("+" if changed else "")
 
 
 def write_markdown(path: Path, body: str) -> None:
