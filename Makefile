@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint proto generate down clean browser
+.PHONY: demo test lint proto generate down clean browser promtool
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+test: lint promtool
 	@# As root (CI, containers) the browser tests' Chromium is installed when missing; otherwise
 	@# they skip unless EXTPROC_REQUIRE_BROWSER=1 (`make browser` installs it with sudo).
 	@[ "$$(id -u)" != 0 ] || $(MAKE) --no-print-directory browser
@@ -36,6 +36,17 @@ browser:
 	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	$$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y chromium chromium-driver
+
+# promtool, Prometheus's rule checker, for the monitoring tests: unpacked from Debian's package into
+# the virtualenv (no service installed, no root needed once the package lists exist). Without it
+# those tests skip (or fail, with EXTPROC_REQUIRE_TOOLS=1 as in CI).
+promtool: $(BIN)/promtool
+$(BIN)/promtool: | $(VENV)/.installed
+	@tmp=$$(mktemp -d) && cd $$tmp && { apt-get download prometheus >/dev/null 2>&1 || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update >/dev/null && apt-get download prometheus >/dev/null; }; } && \
+		dpkg -x prometheus_*.deb root && cp root/usr/bin/promtool $(CURDIR)/$@; \
+		status=$$?; rm -rf $$tmp; \
+		[ $$status = 0 ] || echo "promtool not installed: the monitoring tests will skip"
 
 # Regenerate the telemetry schema code after editing proto/ (a test checks it is current).
 proto: $(VENV)/.installed

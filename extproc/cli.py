@@ -129,6 +129,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         instance=ns.instance,
         metrics=ns.metrics,
         tls=TlsFiles(ns.tls_cert, ns.tls_key, ns.tls_client_ca) if ns.tls_cert else None,
+        max_capture_bytes=ns.capture_buffer_mb * 1024 * 1024,
     )
     if ns.workers > 1:
         level = logging.getLogger().getEffectiveLevel()
@@ -456,6 +457,8 @@ def cmd_down(ns: argparse.Namespace) -> int:
 
 
 def _render_status(doc: dict[str, Any]) -> str:
+    from extproc import status
+
     lines = [f"experiment {doc['experiment']}  (stable: {doc.get('stable')})"]
     routing = doc.get("routing") or {}
     if routing:
@@ -465,35 +468,13 @@ def _render_status(doc: dict[str, Any]) -> str:
         lines.append(f"listener   {doc['endpoints']['listener']}")
     if doc.get("dashboard_url"):
         lines.append(f"dashboard  {doc['dashboard_url']}")
-    head = (
-        f"{'variant':<12}{'requests':>9}{'err%':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}"
-        f"{'ttft p50':>10}{'tok in':>9}{'tok out':>9}"
-    )
     ro = doc.get("rollout")
     if ro:
         lines.append(
             f"rollout    {ro['status']}, stage {ro['stage'] + 1} ({ro['strategy']}); "
             f"last: {ro['last_action'] or '-'} {'; '.join(ro['last_reasons'])}"
         )
-    lines += ["", head]
-
-    def f(x: float | None) -> str:
-        return "-" if x is None else f"{x:.1f}"
-
-    for name, v in doc["variants"].items():
-        err = "-" if v["error_rate"] is None else f"{100 * v['error_rate']:.1f}"
-        lat = v["latency_ms"]
-        lines.append(
-            f"{name:<12}{v['requests']:>9}{err:>7}{f(lat['p50']):>9}{f(lat['p95']):>9}"
-            f"{f(lat['p99']):>9}{f(v['ttft_ms']['p50']):>10}{v['prompt_tokens']:>9}"
-            f"{v['completion_tokens']:>9}"
-        )
-    lines.append(f"\n(latency, errors and tokens over the last {doc['window_events']} events)")
-    tele = doc.get("telemetry", {})
-    lines.append(
-        f"sidecars alive: {len(doc.get('sidecars', []))}, "
-        f"telemetry events dropped: {tele.get('dropped', 0)}"
-    )
+    lines += status.figure_lines(doc)
     return "\n".join(lines)
 
 
@@ -752,6 +733,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="processes sharing the TCP address (SO_REUSEPORT), supervised (default 1)",
+    )
+    p.add_argument(
+        "--capture-buffer-mb",
+        type=_positive_int,
+        default=64,
+        help="captured texts kept while Redis is away, per process; then the newest are dropped",
     )
     p.add_argument("--tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate")
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from extproc.assignment import BUCKETS
+from extproc.guardrail_metrics import METRICS, Direction, MetricInfo, sides
 
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 HEADER_RE = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
@@ -88,54 +89,79 @@ class EnvoySettings(_Strict):
     message_timeout_ms: int = Field(default=200, ge=1, le=10_000)
 
 
-Metric = Literal[
-    "latency_p99",
-    "latency_p95",
-    "latency_p50",
-    "ttft_p95",
-    "ttft_p50",
-    "error_rate",
-    "refusal_rate",
-    "completion_tokens",
-    "answer_chars",
-    "response_bytes",
-    "judge_win_rate",
-    "feedback_negative_rate",
-    "watchdog_fail_rate",
-]
 Action = Literal["rollback", "hold", "warn"]
-DECREASE_METRICS = frozenset({"judge_win_rate"})  # higher is better: a margin below a level
 
 
 class Guardrail(_Strict):
-    """A one-sided check for harm: the candidate worse than stable by more than a margin."""
+    """A one-sided check for harm (or two, ``direction: both``): the candidate worse than stable
+    by more than a margin, and optionally above an absolute ceiling. What each metric is, which
+    test it takes and which side is harm: ``extproc.guardrail_metrics.METRICS``."""
 
-    metric: Metric
+    metric: str = Field(description="a name in extproc.guardrail_metrics.METRICS")
     max_increase: float | None = Field(
-        default=None, gt=0, description="relative margin, 0.2 = +20%"
+        default=None, ge=0, description="relative margin, 0.2 = +20%; 0 = any increase"
     )
     max_decrease: float | None = Field(
         default=None,
-        gt=0,
-        lt=0.5,
-        description="judge_win_rate only: points below a 50% win rate, 0.05 = under 45%",
+        ge=0,
+        lt=1,
+        description=(
+            "relative margin when less is harm, 0.3 = -30%; for judge_win_rate points below "
+            "a 50% win rate, 0.05 = under 45%"
+        ),
+    )
+    direction: Direction | None = Field(
+        default=None, description="increase, decrease or both (where the metric allows)"
     )
     max_absolute: float | None = Field(
-        default=None, gt=0, le=1, description="error_rate only: an absolute ceiling"
+        default=None,
+        gt=0,
+        description="a ceiling in the metric's unit: ms for latency quantiles, fraction for rates",
+    )
+    shared_incident: Literal["hold", "rollback"] = Field(
+        default="hold",
+        description=(
+            "when the candidate is above max_absolute but not provably worse than stable: "
+            "hold (an incident both share) or roll back all the same"
+        ),
     )
     action: Action = "rollback"
     min_samples: int = Field(default=100, ge=1, description="candidate samples before judging")
+    min_conversations: int = Field(
+        default=20,
+        ge=1,
+        description="distinct candidate conversations before judging (clustered traffic)",
+    )
 
     @property
-    def margin(self) -> float:
-        """The tolerated harm: ``max_decrease`` for win rates, else ``max_increase``."""
-        value = self.max_decrease if self.metric in DECREASE_METRICS else self.max_increase
+    def info(self) -> MetricInfo:
+        return METRICS[self.metric]
+
+    @property
+    def harm_sides(self) -> tuple[Literal["increase", "decrease"], ...]:
+        """The one-sided tests this guardrail runs: ``direction``, else the metric's harm."""
+        return sides(self.direction or self.info.harm)
+
+    def margin_of(self, side: Literal["increase", "decrease"]) -> float:
+        """The tolerated harm on one side; with ``direction: both`` a side without its own margin
+        takes the other's."""
+        first, other = (
+            (self.max_increase, self.max_decrease)
+            if side == "increase"
+            else (self.max_decrease, self.max_increase)
+        )
+        value = first if first is not None else other
         assert value is not None, "checked when the experiment is loaded"
         return value
 
+    @property
+    def margin(self) -> float:
+        """The tolerated harm of the first side tested."""
+        return self.margin_of(self.harm_sides[0])
+
 
 DEFAULT_GUARDRAILS = [
-    Guardrail(metric="latency_p99", max_increase=0.20, action="rollback"),
+    Guardrail(metric="latency_p99", max_increase=0.0, action="rollback"),
     Guardrail(metric="error_rate", max_increase=0.50, max_absolute=0.02, action="rollback"),
     Guardrail(metric="ttft_p95", max_increase=0.20, action="rollback"),
     Guardrail(metric="refusal_rate", max_increase=0.50, action="rollback"),
@@ -403,22 +429,8 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
     guards = raw.get("guardrails")
     if isinstance(guards, list):
         for i, g in enumerate(guards):
-            if not isinstance(g, Mapping):
-                continue
-            if g.get("max_absolute") is not None and g.get("metric") != "error_rate":
-                problems.append(f"guardrails.{i}.max_absolute: only for metric error_rate")
-            metric = g.get("metric")
-            if not isinstance(metric, str):
-                continue  # reported by the structural check
-            wanted, other = (
-                ("max_decrease", "max_increase")
-                if metric in DECREASE_METRICS
-                else ("max_increase", "max_decrease")
-            )
-            if g.get(wanted) is None:
-                problems.append(f"guardrails.{i}.{wanted}: required for metric {metric}")
-            if g.get(other) is not None:
-                problems.append(f"guardrails.{i}.{other}: not used by metric {metric}")
+            if isinstance(g, Mapping):
+                problems += _guardrail_problems(g, f"guardrails.{i}")
     shadow = raw.get("shadow")
     # A variant that is not a string is reported by the structural check; it may not be hashable.
     if isinstance(shadow, Mapping) and isinstance(shadow.get("variant"), str):
@@ -455,6 +467,47 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
             if a not in variants:
                 problems.append(f"forced_routing.allow.{i}: {a!r} is not one of the variants")
     return problems
+
+
+def _guardrail_problems(g: Mapping[str, Any], where: str) -> list[str]:
+    """What the metric allows: its directions, which margins each side needs, its ceiling."""
+    metric = g.get("metric")
+    if not isinstance(metric, str):
+        return []  # reported by the structural check
+    info = METRICS.get(metric)
+    if info is None:
+        return [f"{where}.metric: {metric!r} is not a guardrail metric (one of {sorted(METRICS)})"]
+    problems: list[str] = []
+    direction = g.get("direction") or info.harm
+    if direction not in info.directions:
+        allowed = ", ".join(info.directions)
+        problems.append(f"{where}.direction: metric {metric} allows {allowed}")
+        direction = info.harm
+    wanted = {"increase": "max_increase", "decrease": "max_decrease"}
+    needed = [wanted[s] for s in sides(direction)]
+    if not any(g.get(f) is not None for f in needed):
+        problems.append(f"{where}.{' or '.join(needed)}: required for metric {metric}")
+    for field_name in set(wanted.values()) - set(needed):
+        if g.get(field_name) is not None:
+            problems.append(f"{where}.{field_name}: not used by metric {metric} ({direction})")
+    dec = g.get("max_decrease")
+    if metric == "judge_win_rate" and isinstance(dec, int | float) and dec >= 0.5:
+        problems.append(f"{where}.max_decrease: points below a 50% win rate, must be < 0.5")
+    problems += _ceiling_problems(g, where, info, direction)
+    return problems
+
+
+def _ceiling_problems(
+    g: Mapping[str, Any], where: str, info: MetricInfo, direction: str
+) -> list[str]:
+    ceiling = g.get("max_absolute")
+    if ceiling is None:
+        return []
+    if info.kind == "win_rate" or direction == "decrease":
+        return [f"{where}.max_absolute: a ceiling; less {info.name} is the harm"]
+    if info.kind == "rate" and isinstance(ceiling, int | float) and ceiling >= 1:
+        return [f"{where}.max_absolute: a rate's ceiling is a fraction below 1, got {ceiling}"]
+    return []
 
 
 def _signal_source_problems(raw: Mapping[str, Any], variants: Mapping[str, Any]) -> list[str]:

@@ -7,7 +7,11 @@ or type fails here, in Python, before Envoy ever sees the file; tests also run
 The request path, in filter order:
 
 1. early header mutation: drop any client-sent ``x-llm-variant`` before a route is chosen, so a
-   client can never pick its own variant, even when the sidecar is down;
+   client can never pick its own variant, even when the sidecar is down; drop a client-sent
+   ``x-llm-shadow-copy`` (the shadow listener's mark of a mirrored copy) and ``x-request-id``:
+   Envoy then generates the id, so a client can neither make two requests share one (their
+   captures would make one pair) nor aim feedback at someone else's request by guessing it.
+   Mirrored copies keep their primary's id, and the shadow listener marks them;
 2. ext_proc ``route`` (blocking, request headers only): the sidecar sets ``x-llm-variant`` and
    clears the route cache; on failure or timeout (``failure_mode_allow``) Envoy carries on with the
    default route, which is the stable variant;
@@ -350,12 +354,30 @@ def _shadow_routes(experiment: Experiment) -> list[Route]:
     ]
 
 
+def _early_mutations(*, shadow: bool) -> list[HeaderMutation]:
+    """What each listener does to a request's headers before anything else reads them.
+
+    Both drop a client-sent ``x-llm-variant`` and ``x-llm-shadow``. The primary listener also
+    drops ``x-llm-shadow-copy`` (only the shadow listener may say a request is a copy) and
+    ``x-request-id``, so that Envoy generates a fresh one: a client cannot make two requests
+    share an id (one pair, the second overwriting the first) nor aim feedback at a request it
+    can guess. The shadow listener keeps the id the mirrored copy carries (its primary's: that
+    pairs them) and marks the copy.
+    """
+    out = [HeaderMutation(remove=h.VARIANT), HeaderMutation(remove=h.SHADOW)]
+    if not shadow:
+        return [*out, HeaderMutation(remove=h.SHADOW_COPY), HeaderMutation(remove=h.REQUEST_ID)]
+    mark = HeaderValueOption(
+        header=HeaderValue(key=h.SHADOW_COPY, value="1"),
+        append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+    return [*out, HeaderMutation(append=mark)]
+
+
 def _http_connection_manager(
     experiment: Experiment, *, shadow: bool = False
 ) -> hcm.HttpConnectionManager:
-    strip = early.HeaderMutation(
-        mutations=[HeaderMutation(remove=h.VARIANT), HeaderMutation(remove=h.SHADOW)]
-    )
+    strip = early.HeaderMutation(mutations=_early_mutations(shadow=shadow))
     route = hcm.HttpFilter(
         name="extproc.route", typed_config=_any(_ext_proc(experiment, observe=False))
     )
@@ -370,7 +392,8 @@ def _http_connection_manager(
     return hcm.HttpConnectionManager(
         stat_prefix="llm_shadow" if shadow else "llm",
         codec_type=hcm.HttpConnectionManager.AUTO,
-        # Users quote the request id when they send feedback; telemetry is keyed by it.
+        # Users quote the request id when they send feedback; telemetry and pairs are keyed by
+        # it. Envoy generates it on the primary listener (see _early_mutations).
         always_set_request_id_in_response=True,
         early_header_mutation_extensions=[
             TypedExtensionConfig(name="strip-routing-headers", typed_config=_any(strip))
@@ -469,7 +492,8 @@ RUNTIME_LAYER = "extproc"
 RUNTIME_PREFIX = "extproc.routing"
 ACCESS_LOG = "extproc"
 SHADOW_ACCESS_LOG = "extproc.shadow"
-"""Access-log names: entries of mirrored copies come from the shadow listener's log."""
+"""Access-log names, one per listener (the shadow listener's entries also carry its mark,
+``x-llm-shadow-copy``, which is what the sidecar goes by)."""
 FORCED_ROUTE = "forced_"
 """Route names ``forced_<variant>``: the access log tells a forced request by its route."""
 INSPECT_LUA = "inspect.lua"
@@ -522,7 +546,7 @@ def _access_log(experiment: Experiment, name: str) -> AccessLog:
             # Entries reach the evaluator this much later at most (Envoy's default is 1 s).
             buffer_flush_interval=_ms(100),
         ),
-        additional_request_headers_to_log=list(spec.sticky_keys),
+        additional_request_headers_to_log=[*spec.sticky_keys, h.SHADOW_COPY],
         additional_response_headers_to_log=[h.VARIANT, "content-type"],
     )
     return AccessLog(name="envoy.access_loggers.http_grpc", typed_config=_any(config))

@@ -23,6 +23,7 @@ key                             type    content
 ``extproc:{E}:pair:<rid>``      hash    ``primary``, ``shadow``, ``judge`` or ``judge_error`` (JSON)
 ``extproc:{E}:signals``         stream  judge verdicts, feedback, watchdog probes (``j``: JSON)
 ``extproc:{E}:evaluation``      string  the evaluator's latest look (JSON: figures, checks)
+``extproc:{E}:batch:<id>``      string  id of an applied telemetry batch, with a TTL
 ``extproc:sidecar:<instance>``  hash    a sidecar replica's counters, with a TTL (liveness)
 ``extproc:evaluator:<id>``      hash    an evaluator's health, with a TTL
 ==============================  ======  ==================================================
@@ -99,3 +100,7 @@ def signals(experiment: str) -> str:
 
 def evaluation(experiment: str) -> str:
     return _tagged(experiment, "evaluation")
+
+
+def batch(experiment: str, batch_id: str) -> str:
+    return _tagged(experiment, f"batch:{batch_id}")

@@ -3,7 +3,10 @@
 Every replica applies a change within a second: a pub/sub notice wakes the follower at once, and a
 short poll of the routing key catches anything a dropped subscription missed. A change that fails
 validation (unknown variant, weights not adding up) is logged and ignored: traffic keeps the last
-good routing.
+good routing. So does a routing value that is not a routing document at all (a bad manual edit):
+it is reported (log, ``routing_error``, the replica's heartbeat) until a valid change replaces it.
+A change is applied when its version or its weights differ from the current ones: after Redis
+restarts empty, versions start again at 1 and only the weights tell a new routing.
 """
 
 from __future__ import annotations
@@ -55,19 +58,31 @@ class LiveRouting:
         self.current = Routing.build(experiment, 0, experiment.file_weights())
         self.redis_ok = False
         self.registered = False
+        self.routing_error: str | None = None
+        """Why the routing in Redis is not applied (malformed or invalid); None when it is."""
         self.loaded = asyncio.Event()  # set once the routing has been read from Redis
 
     @property
     def experiment(self) -> Experiment:
         return self.current.experiment
 
+    def _report(self, error: str | None) -> None:
+        """Log a problem with the stored routing once (not at every poll), and its end."""
+        if error != self.routing_error:
+            if error is not None:
+                log.error("keeping routing version %d: %s", self.current.version, error)
+            else:
+                log.info("the stored routing is valid again")
+        self.routing_error = error
+
     def _apply(self, state: store.RoutingState) -> None:
-        if state.version == self.current.version:
-            return
         try:
             weights = validate_weights(self.experiment, state.weights)
         except ConfigError as err:
-            log.error("ignoring routing version %d: %s", state.version, err)
+            self._report(f"routing version {state.version} is invalid: {err}")
+            return
+        self._report(None)
+        if state.version == self.current.version and weights == self.current.weights:
             return
         self.current = Routing.build(self.experiment, state.version, weights)
         log.info("routing version %d: %s", state.version, weights)
@@ -75,19 +90,20 @@ class LiveRouting:
             self.on_change(self.current)
 
     async def refresh(self) -> None:
-        """One round trip: register if needed, then read and apply the routing key."""
-        if not self.registered:
-            state = await store.register_experiment(self.redis, self.experiment)
-            self.registered = True
-        else:
-            got = await store.get_routing(self.redis, self.experiment.name)
-            if got is None:  # Redis lost its data (restart without persistence)
+        """One round trip: read the routing (and check the registration), register again
+        when any part of it is missing (Redis lost its data), then apply the routing."""
+        got = None
+        try:
+            if self.registered:
+                got = await store.get_registered_routing(self.redis, self.experiment.name)
+            if got is None:
                 self.registered = False
-                state = await store.register_experiment(self.redis, self.experiment)
+                got = await store.register_experiment(self.redis, self.experiment)
                 self.registered = True
-            else:
-                state = got
-        self._apply(state)
+        except store.MalformedRouting as err:
+            self._report(str(err))
+            return
+        self._apply(got)
         self.loaded.set()
 
     async def run(self) -> None:

@@ -27,12 +27,34 @@ name                                            type       labels
 ``extproc_time_to_first_token_seconds``         histogram  experiment, variant, shadow
 ``extproc_tokens_total``                        counter    experiment, variant, shadow, type
 ``extproc_response_bytes_total``                counter    experiment, variant, shadow
+``extproc_answers_total``                       counter    experiment, variant, shadow, signal
+``extproc_output_tokens_per_second``            histogram  experiment, variant, shadow
+``extproc_cost_total``                          counter    experiment, variant, shadow
+``extproc_in_flight_notices_total``             counter    experiment, variant, shadow
 ``extproc_telemetry_events_dropped_total``      counter    (none)
 ``extproc_telemetry_events_buffered``           gauge      (none)
 ``extproc_routing_version``                     gauge      experiment
 ``extproc_routing_weight_ratio``                gauge      experiment, variant
 ``extproc_redis_up``                            gauge      (none)
 ==============================================  =========  ====================================
+
+Every figure is classified by :mod:`extproc.telemetry.outcome`, as the evaluator's guardrails
+and `extproc status` classify it. The error rate of a variant is
+``extproc_requests_total{assignment!="forced", error_class=~"upstream_5xx|timeout|reset"}`` over
+``extproc_requests_total{assignment!="forced"}``; client errors (``client_error``,
+``client_disconnect``) are their own figure. Forced tester requests are counted in
+``extproc_requests_total{assignment="forced"}`` only: timings, tokens, cost and answer signals
+are those of assigned traffic (and, under ``shadow="true"``, of the mirrored copies), as the
+evaluator compares them. In-flight notices (a request still open past ``inflight.notice_ms``)
+are never requests: they go to ``extproc_in_flight_notices_total`` alone.
+
+``extproc_answers_total`` counts answer signals by ``signal``: ``tool_call`` (over successful
+requests: the tool-call rate), ``inspected`` (answers whose text was checked), ``empty`` and
+``refusal`` (over ``inspected``), ``json_checked`` and ``json_invalid`` (JSON-invalid rate).
+``extproc_tokens_total{type="cached_prompt"}`` counts prompt tokens served from the model
+server's prompt cache; ``extproc_cost_total`` is the requests' cost at the variant's ``price``
+(the file's currency), so cost per request is its rate over the successful requests' rate
+(both count successful requests only, as the guardrails do).
 
 Evaluator metrics (``EvaluatorMetrics``):
 
@@ -62,6 +84,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import Metric
 
+from extproc.telemetry import outcome
+from extproc.telemetry.outcome import TokenPrice
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 
 log = logging.getLogger(__name__)
@@ -91,6 +115,23 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
 """About 1.6x apart from 10 ms to 120 s: a cached or tiny answer's TTFT at the low end, a long
 non-streamed completion at the top, and close enough together that ``histogram_quantile``'s
 linear interpolation inside a bucket stays within a few tens of percent of the true p95."""
+
+TOKENS_PER_S_BUCKETS: tuple[float, ...] = (
+    2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 65.0, 80.0, 100.0, 130.0, 170.0, 220.0, 300.0,
+    400.0, 600.0, 1000.0,
+)  # fmt: skip
+"""Generation speed of one streamed answer: a large model on a busy server near the bottom, a
+small one on a fast server near the top, about 1.3x apart where most servers are."""
+
+ANSWER_SIGNALS: tuple[str, ...] = (
+    "tool_call",
+    "inspected",
+    "empty",
+    "refusal",
+    "json_checked",
+    "json_invalid",
+)
+"""Values of the ``signal`` label of ``extproc_answers_total``: a closed set."""
 
 UNROUTED = "_unrouted"
 """Variant label of a request refused before routing (for example an unknown forced variant)."""
@@ -143,7 +184,13 @@ class _VariantSeries:
     ttft: Histogram
     prompt_tokens: Counter
     completion_tokens: Counter
+    cached_tokens: Counter
     response_bytes: Counter
+    output_tps: Histogram
+    cost: Counter
+    notices: Counter
+    answers: dict[str, Counter]
+    price: TokenPrice | None = None
     by_outcome: dict[tuple[int, int], Counter] = field(default_factory=dict)
 
     def outcome(self, assignment: int, error: int) -> Counter:
@@ -196,8 +243,39 @@ class SidecarMetrics:
         )
         self.tokens = Counter(
             "extproc_tokens",
-            "Tokens reported in the responses' usage, by type (prompt or completion).",
+            "Tokens reported in the responses' usage, by type (prompt, completion, or "
+            "cached_prompt: prompt tokens of successful requests served from the model "
+            "server's prompt cache).",
             [*per_request, "type"],
+            registry=reg,
+        )
+        self.answers = Counter(
+            "extproc_answers",
+            "Answer signals of successful requests, by signal: tool_call, inspected (answer "
+            "text checked), empty and refusal (of inspected), json_checked, json_invalid.",
+            [*per_request, "signal"],
+            registry=reg,
+        )
+        self.output_tps = Histogram(
+            "extproc_output_tokens_per_second",
+            "Generation speed of each streamed successful answer: tokens after the first over "
+            "the time after the first token.",
+            per_request,
+            buckets=TOKENS_PER_S_BUCKETS,
+            registry=reg,
+        )
+        self.cost = Counter(
+            "extproc_cost",
+            "Cost of the successful requests at their variant's price (the experiment file's "
+            "currency).",
+            per_request,
+            registry=reg,
+        )
+        self.notices = Counter(
+            "extproc_in_flight_notices",
+            "In-flight notices: requests still open past the notice bound (not requests; the "
+            "request is counted when it ends).",
+            per_request,
             registry=reg,
         )
         self.response_bytes = Counter(
@@ -237,15 +315,25 @@ class SidecarMetrics:
         self._overflow_warned = False
         self._dropped_seen = 0
         self._weights: dict[str, set[str]] = {}
+        self._prices: dict[tuple[str, str], TokenPrice] = {}
 
     # --- per request -----------------------------------------------------------------------------
 
-    def declare(self, experiment: str, variants: Iterable[str]) -> None:
-        """Create the series of known variants at zero, so ``rate()`` works from the first request.
+    def declare(
+        self,
+        experiment: str,
+        variants: Iterable[str],
+        prices: Mapping[str, TokenPrice | None] | None = None,
+    ) -> None:
+        """Create the series of known variants at zero, so ``rate()`` works from the first request,
+        and learn the variants' prices (``extproc_cost_total`` counts only priced variants).
 
         Optional: without it a variant's series appear with its first request, and Prometheus
         cannot see that first increase.
         """
+        for variant, price in (prices or {}).items():
+            if price is not None:
+                self._prices[(experiment, variant)] = price
         for variant in variants:
             self._variant(experiment, variant, False).outcome(
                 Assignment.ASSIGNMENT_STICKY, _NO_ERROR
@@ -275,7 +363,13 @@ class SidecarMetrics:
             ttft=self.ttft.labels(*labels),
             prompt_tokens=self.tokens.labels(*labels, "prompt"),
             completion_tokens=self.tokens.labels(*labels, "completion"),
+            cached_tokens=self.tokens.labels(*labels, "cached_prompt"),
             response_bytes=self.response_bytes.labels(*labels),
+            output_tps=self.output_tps.labels(*labels),
+            cost=self.cost.labels(*labels),
+            notices=self.notices.labels(*labels),
+            answers={name: self.answers.labels(*labels, name) for name in ANSWER_SIGNALS},
+            price=self._prices.get((experiment, variant)),
         )
         self._series[key] = series
         return series
@@ -287,8 +381,13 @@ class SidecarMetrics:
         a handful of lock-protected increments inside prometheus_client.
         """
         s = self._variant(event.experiment, event.variant, event.shadow)
+        if outcome.is_notice(event):
+            s.notices.inc()
+            return
         error = event.error
         s.outcome(event.assignment, error).inc()
+        if outcome.is_forced(event):
+            return  # tester traffic: counted above, apart, and in no comparison figure
         if error == _NO_ERROR:
             # Timings of successful requests only, as the evaluator's guardrails take them: a
             # fast 5xx would otherwise make a failing variant look quick.
@@ -296,12 +395,37 @@ class SidecarMetrics:
                 s.duration.observe(event.duration_ms / 1000.0)
             if event.HasField("first_token_ms"):
                 s.ttft.observe(event.first_token_ms / 1000.0)
+            self._answer(s, event)
         if event.HasField("prompt_tokens"):
             s.prompt_tokens.inc(event.prompt_tokens)
         if event.HasField("completion_tokens"):
             s.completion_tokens.inc(event.completion_tokens)
         if event.response_bytes:
             s.response_bytes.inc(event.response_bytes)
+
+    @staticmethod
+    def _answer(s: _VariantSeries, event: TelemetryEvent) -> None:
+        """The figures of one successful request, as ``extproc status`` and the guardrails count
+        them: answer signals, generation speed, cost and prompt-cache hits."""
+        if event.HasField("cached_prompt_tokens"):
+            s.cached_tokens.inc(event.cached_prompt_tokens)
+        if (cost := outcome.cost(event, s.price)) is not None:
+            s.cost.inc(cost)
+        a = s.answers
+        if event.tool_calls:
+            a["tool_call"].inc()
+        if event.HasField("empty_answer"):
+            a["inspected"].inc()
+            if event.empty_answer:
+                a["empty"].inc()
+            if event.refusal:
+                a["refusal"].inc()
+        if event.HasField("json_valid"):
+            a["json_checked"].inc()
+            if not event.json_valid:
+                a["json_invalid"].inc()
+        if (tps := outcome.output_tokens_per_s(event)) is not None:
+            s.output_tps.observe(tps)
 
     def tee(self, emit: Callable[[TelemetryEvent], None]) -> Callable[[TelemetryEvent], None]:
         """``emit`` that also observes: ``ObserverContext(emit=metrics.tee(writer.submit))``."""

@@ -67,7 +67,9 @@ _VOCAB: Final = tuple(_VOCAB_TEXT.split())
 _DELAY_FIELDS: Final = frozenset({"latency_ms", "latency_jitter_ms", "tail_ms", "ttft_ms"})
 # Model servers take long prompts; aiohttp's 1 MiB default would answer 413 to a 10 MB one.
 MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
-_RATE_FIELDS: Final = frozenset({"tail_rate", "error_rate", "refusal_rate", "hang_rate"})
+_RATE_FIELDS: Final = frozenset(
+    {"tail_rate", "error_rate", "refusal_rate", "hang_rate", "cached_prompt_ratio"}
+)
 _FLOAT_FIELDS: Final = _DELAY_FIELDS | _RATE_FIELDS | {"tokens_per_s", "verbosity"}
 _INT_FIELDS: Final = frozenset({"completion_tokens"})
 
@@ -131,6 +133,15 @@ class MockBehaviour:
         metadata=_help(
             "act as a pairwise judge (extproc.judge_llm prompts): a JSON verdict preferring the "
             "'longer' answer or the 'first' one shown (a position-biased judge); empty = off"
+        ),
+    )
+
+    cached_prompt_ratio: float = dataclasses.field(
+        default=0.0,
+        metadata=_help(
+            "share of the prompt's tokens reported as prompt-cache hits "
+            "(usage.prompt_tokens_details.cached_tokens, rounded down); 0 = not reported, as by "
+            "a server without prompt caching"
         ),
     )
 
@@ -527,11 +538,14 @@ async def _answer(request: web.Request, state: _State, outcome: _Outcome) -> web
         finish = "length"
     cid = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
-    usage = {
+    usage: dict[str, Any] = {
         "prompt_tokens": req.prompt_tokens,
         "completion_tokens": len(tokens),
         "total_tokens": req.prompt_tokens + len(tokens),
     }
+    if b.cached_prompt_ratio:
+        cached = math.floor(b.cached_prompt_ratio * req.prompt_tokens)
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
     if not req.stream:
         if b.tokens_per_s:
             # A longer answer takes longer even unstreamed: verbosity regressions show as latency.

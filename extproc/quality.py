@@ -19,6 +19,9 @@ SIGNAL_CHARS = 600
 
 REDACTED = "[REDACTED]"
 
+CAPTURE_LOOKAHEAD = 2
+"""Texts are kept up to this many times ``capture.max_bytes`` for redaction to see past the cut."""
+
 
 @dataclass(frozen=True)
 class QualityRules:
@@ -42,8 +45,26 @@ class QualityRules:
     def is_refusal(self, text: str) -> bool:
         return self.refusal is not None and self.refusal.search(text[:SIGNAL_CHARS]) is not None
 
-    def redacted(self, text: str) -> str:
-        return text if self.redact is None else self.redact.sub(REDACTED, text)
+    def captured(self, text: str) -> str:
+        """``text`` as stored: redacted first, then cut to ``capture_bytes`` of UTF-8.
+
+        Redacting what was already cut would miss a secret straddling the cut and store its
+        first part (``ann@exa``). So the patterns run over the whole text the caller kept (more
+        than the limit: see ``CAPTURE_LOOKAHEAD``), and a match that starts before the cut is
+        replaced whole. Only a match longer than the lookahead could still be cut unseen.
+        """
+        end = _chars_within(text, self.capture_bytes)
+        if self.redact is None:
+            return text[:end]
+        out: list[str] = []
+        pos = 0
+        for m in self.redact.finditer(text):
+            if m.start() >= end:
+                break
+            out += (text[pos : m.start()], REDACTED)
+            pos = max(pos, m.end())
+        out.append(text[pos:end])
+        return "".join(out)
 
     def captures(self, request_id: str) -> bool:
         """Whether this request's texts are kept: a pure function of the request id, so the
@@ -52,3 +73,14 @@ class QualityRules:
             return False
         digest = hashlib.blake2b(request_id.encode(), digest_size=8, person=b"extproc-cap").digest()
         return int.from_bytes(digest, "big") % BUCKETS < self.capture_share * BUCKETS / 100
+
+
+def _chars_within(text: str, limit: int) -> int:
+    """How many leading characters of ``text`` fit in ``limit`` bytes of UTF-8."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return len(text)
+    cut = limit
+    while cut > 0 and raw[cut] & 0xC0 == 0x80:  # a continuation byte: that character straddles
+        cut -= 1
+    return len(raw[:cut].decode("utf-8", "surrogatepass"))

@@ -25,7 +25,11 @@ _SET_ROUTING = """
 local cur = redis.call('GET', KEYS[1])
 if ARGV[2] == 'init' and cur then return cur end
 local version = 0
-if cur then version = tonumber(cjson.decode(cur)['version']) or 0 end
+if cur then
+  -- a malformed value must not block the change that replaces it (a rollback, say)
+  local ok, old = pcall(cjson.decode, cur)
+  if ok and type(old) == 'table' then version = tonumber(old['version']) or 0 end
+end
 local doc = cjson.decode(ARGV[1])
 doc['version'] = version + 1
 local out = cjson.encode(doc)
@@ -80,6 +84,10 @@ def connect_sync(url: str, *, timeout_s: float = 1.0) -> redis.Redis | redis.Red
     return redis.Redis.from_url(url, **_options(timeout_s))
 
 
+class MalformedRouting(ValueError):
+    """The routing key holds something that is not a routing document (a bad manual edit)."""
+
+
 @dataclass(frozen=True)
 class RoutingState:
     """The live routing of one experiment as stored in Redis."""
@@ -92,14 +100,19 @@ class RoutingState:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> RoutingState:
-        doc = json.loads(raw)
-        return cls(
-            version=int(doc["version"]),
-            weights={str(k): float(v) for k, v in doc["weights"].items()},
-            reason=str(doc.get("reason", "")),
-            actor=str(doc.get("actor", "")),
-            updated_at=float(doc.get("updated_at", 0)),
-        )
+        """Parse a stored routing; :class:`MalformedRouting` for anything else."""
+        try:
+            doc = json.loads(raw)
+            return cls(
+                version=int(doc["version"]),
+                weights={str(k): float(v) for k, v in doc["weights"].items()},
+                reason=str(doc.get("reason", "")),
+                actor=str(doc.get("actor", "")),
+                updated_at=float(doc.get("updated_at", 0)),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            shown = raw[:80] if isinstance(raw, str) else raw[:80].decode("utf-8", "replace")
+            raise MalformedRouting(f"malformed routing value {shown!r}: {err!r}") from err
 
 
 async def _write_routing(
@@ -138,6 +151,23 @@ async def set_weights(
     full = validate_weights(experiment, weights)
     doc = {"weights": full, "reason": reason, "actor": actor, "updated_at": time.time()}
     return await _write_routing(r, experiment, doc, "set")
+
+
+async def get_registered_routing(r: aioredis.Redis, name: str) -> RoutingState | None:
+    """The routing, or None when any part of the registration is missing.
+
+    A Redis that restarted empty may get the routing back before the rest (the evaluator writes
+    weights on its own): the definition and the experiments index must then be written again
+    too, or ``status`` and feedback find no experiment while traffic flows.
+    """
+    async with r.pipeline(transaction=False) as pipe:
+        pipe.get(keys.routing(name))
+        pipe.exists(keys.definition(name))
+        pipe.sismember(keys.EXPERIMENTS, name)
+        raw, defined, indexed = await pipe.execute()
+    if raw is None or not defined or not indexed:
+        return None
+    return RoutingState.from_json(raw)
 
 
 async def get_routing(r: aioredis.Redis, name: str) -> RoutingState | None:

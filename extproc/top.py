@@ -25,6 +25,8 @@ from typing import Any, TextIO
 
 from redis.exceptions import RedisError
 
+from extproc.figures import fixed, significant
+
 Doc = dict[str, Any]
 Fetch = Callable[[], Awaitable[Doc | None]]
 
@@ -83,11 +85,20 @@ class RateTracker:
 
 
 def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+    return "-" if x is None else fixed(x, 0) if x >= 100 else fixed(x, 1)
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.1f}%"
+    return "-" if x is None else f"{fixed(x, 1)}%"
+
+
+def _ratio(x: float | None) -> str:
+    """A rate (0..1) as a percentage, without the sign: the header says %."""
+    return "-" if x is None else fixed(100 * x, 1)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else fixed(x, 1) if abs(x) >= 10 else significant(x, 3)
 
 
 COLUMNS: tuple[tuple[str, int], ...] = (
@@ -108,6 +119,22 @@ COLUMNS: tuple[tuple[str, int], ...] = (
 """Header and width of each column (negative: left-aligned)."""
 _ERR_COLUMN = 4
 
+SIGNAL_COLUMNS: tuple[tuple[str, int], ...] = (
+    ("variant", -14),
+    ("timeout%", 9),
+    ("client%", 8),
+    ("tools%", 7),
+    ("empty%", 7),
+    ("badjson%", 9),
+    ("tok/s", 8),
+    ("cost/req", 11),
+    ("cached/req", 11),
+    ("forced", 7),
+    ("open", 6),
+)
+"""The second table: the answer signals the guardrails can judge, and the traffic left out of
+the comparison (forced tester requests; requests still open past the in-flight bound)."""
+
 
 def _cell(text: str, width: int) -> str:
     return f"{text:<{-width}}" if width < 0 else f"{text:>{width}}"
@@ -122,22 +149,40 @@ def _variant_row(label: str, v: Doc, rate: float | None, first: int) -> Line:
         label,
         _pct(v.get("weight")),
         str(v.get("requests", v.get("window_requests", 0))),
-        "-" if rate is None else f"{rate:.1f}",
-        "-" if err is None else f"{100 * err:.1f}",
-        "-" if v.get("refusal_rate") is None else f"{100 * v['refusal_rate']:.1f}",
+        "-" if rate is None else fixed(rate, 1),
+        _ratio(err),
+        _ratio(v.get("refusal_rate")),
         _ms(lat.get("p50")),
         _ms(lat.get("p95")),
         _ms(lat.get("p99")),
         _ms((v.get("ttft_ms") or {}).get("p50")),
         str(v.get("prompt_tokens", 0)),
         str(v.get("completion_tokens", 0)),
-        "-" if out_per_req is None else f"{out_per_req:.0f}",
+        "-" if out_per_req is None else fixed(out_per_req, 0),
     ]
     widths = [-first, *(w for _, w in COLUMNS[1:])]
     line = [(_cell(text, width), "") for width, text in zip(widths, values, strict=True)]
     if err:
         line[_ERR_COLUMN] = (line[_ERR_COLUMN][0], RED)
     return line
+
+
+def _signal_row(label: str, v: Doc, first: int) -> Line:
+    values = [
+        label,
+        _ratio(v.get("timeout_rate")),
+        _ratio(v.get("client_error_rate")),
+        _ratio(v.get("tool_call_rate")),
+        _ratio(v.get("empty_answer_rate")),
+        _ratio(v.get("json_invalid_rate")),
+        _num(v.get("output_tokens_per_s")),
+        _num(v.get("cost_per_request")),
+        _num(v.get("cached_prompt_tokens")),
+        str(v.get("forced_requests", "-")),
+        str(v.get("open_requests", 0)),
+    ]
+    widths = [-first, *(w for _, w in SIGNAL_COLUMNS[1:])]
+    return [(_cell(text, width), "") for width, text in zip(widths, values, strict=True)]
 
 
 def _clock(t: float) -> str:
@@ -223,19 +268,26 @@ def frame_lines(
         (var + (" *" if var == stable else ""), v, None if rates is None else rates.get(var))
         for var, v in doc.get("variants", {}).items()
     ]
-    # Mirrored copies: never seen by users, so no weight and no exact total, only the window.
-    rows += [(f"{var} (shadow)", v, None) for var, v in (doc.get("shadow") or {}).items()]
+    # Tester traffic and mirrored copies: never compared, so no weight and no exact total, only
+    # the window.
+    for kind in ("forced", "shadow"):
+        rows += [(f"{var} ({kind})", v, None) for var, v in (doc.get(kind) or {}).items()]
     first = max([-COLUMNS[0][1], *(len(label) + 2 for label, _, _ in rows)])
-    head = _cell(COLUMNS[0][0], -first) + "".join(_cell(h, w) for h, w in COLUMNS[1:])
-    lines += [[], [(head, BOLD)]]
-    lines += [_variant_row(label, v, rate, first) for label, v, rate in rows]
+    for columns in (COLUMNS, SIGNAL_COLUMNS):
+        head = _cell(columns[0][0], -first) + "".join(_cell(h, w) for h, w in columns[1:])
+        lines += [[], [(head, BOLD)]]
+        if columns is COLUMNS:
+            lines += [_variant_row(label, v, rate, first) for label, v, rate in rows]
+        else:
+            lines += [_signal_row(label, v, first) for label, v, _ in rows]
     refused = int(doc.get("window_refused") or 0)
     lines.append(
         [
             (
                 f"* stable · figures over the last {doc.get('window_events', 0)} events"
                 + (f" ({refused} refused before routing)" if refused else "")
-                + "; requests are exact totals",
+                + "; requests are exact totals (forced included), the rest assigned traffic;"
+                + " err% counts server errors, client% the clients' own",
                 DIM,
             )
         ]

@@ -6,6 +6,8 @@ Every port is chosen free at run time; every wait is on a readiness condition wi
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,6 +25,21 @@ from extproc import keys, stack, store
 from extproc.cli import EXAMPLE_EXPERIMENT
 from extproc.config import load_experiment
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
+
+# Tools the project installs into its virtualenv (`make promtool`) are found like those on PATH.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@pytest.fixture
+def promtool() -> str:
+    """Prometheus's rule checker (`make test` unpacks Debian's into the virtualenv). Missing, the
+    test skips, or fails where EXTPROC_REQUIRE_TOOLS=1 (CI), so CI cannot pass without it."""
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("EXTPROC_REQUIRE_TOOLS") == "1":
+            pytest.fail("promtool is required (EXTPROC_REQUIRE_TOOLS=1): run `make promtool`")
+        pytest.skip("promtool (Prometheus) not installed: `make promtool`")
+    return path
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 15.0) -> Any:

@@ -2,7 +2,7 @@
 
 What a cluster changes: keys live on different nodes, a transaction or script may only touch keys
 of one hash slot, pub/sub is per node, and a client must follow the slot map. The experiment's keys
-share the hash tag ``{<experiment>}`` (extproc/keys.py), so the telemetry writer's MULTI/EXEC and
+share the hash tag ``{<experiment>}`` (extproc/keys.py), so the telemetry writer's batch script and
 the routing script run in one slot; the untagged keys (``extproc:experiments``, heartbeats) are
 written on their own. This test runs Envoy, the sidecar, the evaluator and the CLI against three
 redis-server processes in cluster mode, with slots assigned through CLUSTER ADDSLOTS and MEET.

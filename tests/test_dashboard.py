@@ -20,10 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
+from extproc import figures as fig
 from extproc import keys, stack
 from extproc.config import load_experiment
 from extproc.dashboard import TOKEN_ENV
-from extproc.dashboard.series import MAX_BUCKETS, flatten, series
+from extproc.dashboard.series import MAX_BUCKETS, series
+from extproc.figures import flatten
 from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
 from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
 
@@ -122,7 +124,11 @@ def test_figures_and_series_are_those_of_status(dash_stack: LiveStack, http: htt
     assert doc["variants"] == st["variants"]
     assert (doc["window_events"], doc["routing"]) == (st["window_events"], st["routing"])
     assert doc["rollout"] | {"updated": 0} == st["rollout"] | {"updated": 0}  # saved every tick
-    assert doc["variants"]["canary"]["window_requests"] >= 10
+    # Every third request was forced to the canary: tester traffic, counted apart.
+    assert doc["forced"] == st["forced"]
+    forced = doc["variants"]["canary"]["forced_requests"]
+    assert forced >= 10
+    assert doc["forced"]["canary"]["window_requests"] == forced
 
     cmp = doc["comparison"]
     assert (cmp["stable"], cmp["candidates"]) == ("stable", ["canary"])
@@ -132,6 +138,14 @@ def test_figures_and_series_are_those_of_status(dash_stack: LiveStack, http: htt
     for metric, row in rows.items():
         effect = row["candidates"]["canary"]
         assert (row["stable"], effect["value"]) == (stable[metric], canary[metric])
+        # The page shows these texts as given: the CLI's, by the one formatting rule.
+        assert row["stable_text"] == fig.value_text(metric, stable[metric])
+        assert effect["text"] == {
+            "value": fig.value_text(metric, canary[metric]),
+            "diff": fig.diff_text(metric, effect["diff"]),
+            "rel": fig.rel_text(effect["rel"]),
+        }
+        assert row["label"] == fig.label(metric)
     p99 = rows["latency_ms.p99"]["candidates"]["canary"]
     assert p99["diff"] == pytest.approx(canary["latency_ms.p99"] - stable["latency_ms.p99"])
     assert rows["requests"]["candidates"]["canary"]["diff"] is None  # a total, not an effect
@@ -369,11 +383,12 @@ def test_comparison_prefers_the_evaluators_latest_look_and_shows_quality_signals
 
     doc = {"stable": "stable", "variants": {"stable": {"requests": 10}, "canary": {"requests": 5}}}
     audit = [{"time": 1.0, "stage": 0, "action": "advance", "checks": [{"metric": "old"}]}]
+    check = {"metric": "judge_win_rate", "estimate": 0.125, "bound": -2.675e-05, "margin": None}
     latest = {
         "time": 2.0,
         "stage": 1,
         "action": "none",
-        "checks": [{"metric": "judge_win_rate"}],
+        "checks": [check],
         "variants": {
             "stable": {"judge_verdicts": 0, "feedback": {}},
             "canary": {
@@ -385,12 +400,14 @@ def test_comparison_prefers_the_evaluators_latest_look_and_shows_quality_signals
         },
     }
     got = comparison(doc, audit, latest)
-    assert got["checks"]["items"] == [{"metric": "judge_win_rate"}]
+    # Each figure of a check with its text, by the one rule (four significant digits).
+    text = {"estimate": "0.1250", "bound": "-0.00002675", "margin": "\u2013", "evidence": "\u2013"}
+    assert got["checks"]["items"] == [check | {"text": text}]
     assert got["checks"]["stage"] == 1
     rows = {r["metric"]: r for r in got["rows"]}
     assert rows["stage.judge_win_rate"]["candidates"]["canary"]["value"] == 0.25
     assert rows["stage.feedback_negative_rate"]["candidates"]["canary"]["value"] == 0.2
-    assert comparison(doc, audit)["checks"]["items"] == [{"metric": "old"}]
+    assert [c["metric"] for c in comparison(doc, audit)["checks"]["items"]] == ["old"]
 
 
 def test_quality_signals_become_chart_columns() -> None:

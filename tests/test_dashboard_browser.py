@@ -9,8 +9,11 @@ unless EXTPROC_REQUIRE_BROWSER=1 (CI) makes that a failure.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +27,14 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
-from extproc import keys, stack
-from extproc.dashboard.series import flatten
-from extproc.status import decode_event, summarise
-from tests.conftest import LiveStack, start_stack, wait_for
+from extproc import figures as fig
+from extproc import keys, stack, store
+from extproc.config import load_experiment
+from extproc.figures import flatten
+from extproc.status import decode_event, ended_requests, summarise
+from extproc.telemetry.v1.event_pb2 import Assignment, TelemetryEvent
+from extproc.telemetry.writer import TelemetryWriter
+from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
 from tests.test_dashboard import NAME, dashboard, dashboard_experiment, send_traffic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -120,11 +127,48 @@ def bucket_figures(s: LiveStack, t: list[float], step_s: float) -> list[dict[str
     read from Redis here."""
     entries = s.redis().xrevrange(keys.events(NAME), count=20_000)
     events = [ev for _id, f in entries if (ev := decode_event(f)) is not None]
+    exp = load_experiment(s.experiment_path)
+    prices = {v: spec.price for v, spec in exp.spec.variants.items() if spec.price}
+    ended = ended_requests(events)
     out = []
     for start in t:
         evs = [ev for ev in events if start * 1000 <= ev.time_unix_ms < (start + step_s) * 1000]
-        out.append({v: flatten(f) for v, f in summarise(evs, ["stable", "canary"]).items()})
+        per = summarise(evs, ["stable", "canary"], prices=prices, ended=ended)
+        out.append({v: flatten(f) for v, f in per.items()})
     return out
+
+
+def table_cells(driver: WebDriver) -> list[tuple[str, str, str, Any, str]]:
+    """(variant, figure, field, number, text) of every cell of the comparison table."""
+    cells = driver.execute_script(
+        """return [...document.querySelectorAll("#comparison-table td")].map((c) =>
+             [c.dataset.variant, c.dataset.metric, c.dataset.field, JSON.parse(c.dataset.value),
+              c.textContent]);"""
+    )
+    return [tuple(c) for c in cells]
+
+
+def cli_rows(out: str) -> dict[str, list[str]]:
+    """The cells of `extproc status`'s table of assigned traffic, by label: columns are two or
+    more spaces apart, a label or a cell holds single spaces at most."""
+    rows = {}
+    for line in out.split(", not compared:")[0].splitlines():
+        label, *cells = re.split(r"\s{2,}", line.strip())
+        rows[label] = cells
+    return rows
+
+
+def assert_page_reads_as_the_cli(cells: list[tuple[str, str, str, Any, str]], cli: str) -> None:
+    """Every cell's text is the one rule's text of its number, and `extproc status` prints the
+    same text for each variant's figure (stable first, then the candidate)."""
+    text = {"value": fig.value_text, "diff": fig.diff_text}
+    for _variant, metric, field, value, shown in cells:
+        want = fig.rel_text(value) if field == "rel" else text[field](metric, value)
+        assert shown == want, (metric, field, value)
+    values = [(m, t) for _, m, field, _, t in cells if field == "value"]
+    rows = cli_rows(cli)
+    for metric in dict.fromkeys(m for m, _ in values):
+        assert rows[fig.label(metric)] == [t for m, t in values if m == metric], metric
 
 
 def test_table_and_charts_show_the_figures_of_status(
@@ -143,17 +187,25 @@ def test_table_and_charts_show_the_figures_of_status(
         "the page to draw the figures after the traffic",
     )
 
-    cells = browser.execute_script(
-        """return [...document.querySelectorAll("#comparison-table td")].map((c) =>
-             [c.dataset.variant, c.dataset.metric, c.dataset.field, JSON.parse(c.dataset.value),
-              c.textContent]);"""
-    )
+    cells = table_cells(browser)
     shown = {(v, m): value for v, m, field, value, _ in cells if field == "value"}
     expected = {(v, m): x for v, f in st["variants"].items() for m, x in flatten(f).items()}
     assert shown == expected
     text = {(v, m): t for v, m, field, _, t in cells if field == "value"}
     p99 = st["variants"]["canary"]["latency_ms"]["p99"]
-    assert text[("canary", "latency_ms.p99")] == f"{p99:.1f} ms"
+    assert text[("canary", "latency_ms.p99")] == fig.value_text("latency_ms.p99", p99)
+    cli = s.cli("status")
+    assert cli.returncode == 0, cli.stderr
+    assert_page_reads_as_the_cli(cells, cli.stdout)
+    # The guardrail checks' figures too are shown as the API wrote them.
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#checks-table td"), "checks")
+    checks = browser.execute_script(
+        """return [...document.querySelectorAll("#checks-table td[data-field]")].map((c) =>
+             [JSON.parse(c.dataset.value), c.textContent]);"""
+    )
+    assert checks
+    for value, shown in checks:
+        assert shown == (fig.MISSING if value is None else fig.significant(value, 4))
     diffs = {m: value for v, m, field, value, _ in cells if field == "diff"}
     assert diffs["latency_ms.p99"] == pytest.approx(
         p99 - st["variants"]["stable"]["latency_ms"]["p99"]
@@ -172,6 +224,74 @@ def test_table_and_charts_show_the_figures_of_status(
     for (metric, variant), values in charts.items():
         if metric != "tokens_per_request":
             assert values == [b[variant][metric] for b in buckets], (metric, variant)
+
+
+EDGE = "edge-figures"
+
+
+def edge_events(now_ms: int) -> list[TelemetryEvent]:
+    """Figures on rounding edges: stable's latency 10.25 ms (exact in binary: JavaScript's
+    toFixed(1) says 10.3, Python's f"{x:.1f}" 10.2), its time to first token 2.25 ms and its mean
+    cached prompt tokens 10.25; the canary's latency 0.15 ms (a hair below in binary: both would
+    say 0.1, a reader of the JSON 0.2)."""
+    out = []
+    for i in range(4):
+        for variant, duration in (("stable", 10.25), ("canary", 0.15)):
+            out.append(
+                TelemetryEvent(
+                    experiment=EDGE,
+                    variant=variant,
+                    request_id=f"{variant}-{i}",
+                    assignment=Assignment.ASSIGNMENT_STICKY,
+                    status=200,
+                    time_unix_ms=now_ms - 1000 * i,
+                    duration_ms=duration,
+                    first_token_ms=2.25 if variant == "stable" else 0.05,
+                    prompt_tokens=25,
+                    completion_tokens=3,
+                    cached_prompt_tokens=10 + (i == 0),
+                )
+            )
+    return out
+
+
+def test_figures_on_rounding_edges_read_the_same_on_the_page_and_in_the_cli(
+    page_stack: LiveStack, browser: WebDriver, tmp_path: Path
+) -> None:
+    """The page shows the texts the API made by the CLI's rule, never rounding on its own."""
+    s = page_stack
+    exp = load_experiment(write_experiment(tmp_path, name=EDGE))
+    evs = edge_events(int(time.time() * 1000))
+
+    async def seed() -> None:
+        r = store.connect(s.redis_url)
+        try:
+            await store.register_experiment(r, exp)
+            writer = TelemetryWriter(r)
+            for ev in evs:
+                writer.submit(ev)
+            await writer.flush()
+        finally:
+            await r.aclose()
+
+    asyncio.run(seed())
+    url, _ = dashboard(s)
+    browser.get(f"{url}/?experiment={EDGE}")
+    until(
+        browser,
+        lambda d: (page_data(d).get("experiment") or {}).get("window_events") == len(evs),
+        "the page to draw the edge experiment",
+    )
+    cells = table_cells(browser)
+    text = {(v, m, f): t for v, m, f, _, t in cells}
+    assert text[("stable", "latency_ms.p50", "value")] == "10.3 ms"
+    assert text[("stable", "ttft_ms.p50", "value")] == "2.3 ms"
+    assert text[("stable", "cached_prompt_tokens", "value")] == "10.3"
+    assert text[("canary", "latency_ms.p50", "value")] == "0.2 ms"
+    assert text[("canary", "latency_ms.p50", "diff")] == "-10.1 ms"
+    cli = s.cli("status", EDGE)
+    assert cli.returncode == 0, cli.stderr
+    assert_page_reads_as_the_cli(cells, cli.stdout)
 
 
 def sidecars_on(s: LiveStack, version: int) -> bool:

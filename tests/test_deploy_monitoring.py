@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -167,14 +166,13 @@ def test_rule_check_catches_an_unknown_metric() -> None:
     assert values == {("job", "a/b")}
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) not installed")
-def test_rules_parse_with_prometheus(tmp_path: Path) -> None:
+def test_rules_parse_with_prometheus(tmp_path: Path, promtool: str) -> None:
     """Prometheus's own parser (`promtool check rules`) accepts the rule groups as shipped."""
     rule = one_of(rendered("dev", MONITORING), "PrometheusRule", "extproc")
     path = tmp_path / "rules.yml"
     path.write_text(json.dumps({"groups": rule["spec"]["groups"]}))
     out = subprocess.run(
-        ["promtool", "check", "rules", str(path)],
+        [promtool, "check", "rules", str(path)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -184,7 +182,10 @@ def test_rules_parse_with_prometheus(tmp_path: Path) -> None:
 
 
 def promtool_rule_test(
-    tmp_path: Path, series: dict[str, str], firing: dict[str, list[dict[str, str]]]
+    promtool: str,
+    tmp_path: Path,
+    series: dict[str, str],
+    firing: dict[str, list[dict[str, str]]],
 ) -> None:
     """`promtool test rules`: feed series (one sample a minute), expect exactly these alerts
     (by name, with their labels) firing at minute 10. Annotations are left out of the check:
@@ -219,7 +220,7 @@ def promtool_rule_test(
     }
     (tmp_path / "test.yml").write_text(json.dumps(tests))
     out = subprocess.run(
-        ["promtool", "test", "rules", "test.yml"],
+        [promtool, "test", "rules", "test.yml"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -249,18 +250,11 @@ def healthy_series() -> dict[str, str]:
     }
 
 
-needs_promtool = pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool (Prometheus) not installed"
-)
+def test_no_alert_fires_on_a_healthy_install(tmp_path: Path, promtool: str) -> None:
+    promtool_rule_test(promtool, tmp_path, healthy_series(), {})
 
 
-@needs_promtool
-def test_no_alert_fires_on_a_healthy_install(tmp_path: Path) -> None:
-    promtool_rule_test(tmp_path, healthy_series(), {})
-
-
-@needs_promtool
-def test_each_alert_fires_on_its_failure(tmp_path: Path) -> None:
+def test_each_alert_fires_on_its_failure(tmp_path: Path, promtool: str) -> None:
     """One failure of each kind at once, each raising its own alert and no other."""
     series = healthy_series()
     series[f'up{{{JOB}, container="extproc", pod="gw-b"}}'] = "1 1 1 0x9"
@@ -273,6 +267,7 @@ def test_each_alert_fires_on_its_failure(tmp_path: Path) -> None:
         "0x7 1x5"
     )
     promtool_rule_test(
+        promtool,
         tmp_path,
         series,
         {
@@ -291,7 +286,6 @@ def test_each_alert_fires_on_its_failure(tmp_path: Path) -> None:
     )
 
 
-@needs_promtool
-def test_no_sidecar_at_all_is_critical(tmp_path: Path) -> None:
+def test_no_sidecar_at_all_is_critical(tmp_path: Path, promtool: str) -> None:
     series = {k: v for k, v in healthy_series().items() if 'container="extproc"' not in k}
-    promtool_rule_test(tmp_path, series, {"ExtprocNoSidecar": [{}]})
+    promtool_rule_test(promtool, tmp_path, series, {"ExtprocNoSidecar": [{}]})

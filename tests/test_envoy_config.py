@@ -111,3 +111,42 @@ def test_several_sidecars_over_tls_from_the_cli(tmp_path: Path) -> None:
             load_experiment(EXAMPLE_EXPERIMENT),
             EnvoyLayout(sidecar=("unix:/run/extproc.sock", "extproc:50051")),
         )
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("dataplane", ["ext_proc", "native"])
+def test_the_primary_listener_drops_what_only_envoy_may_say_and_the_shadow_listener_marks(
+    tmp_path: Path, dataplane: str
+) -> None:
+    """Client-sent routing, shadow and request-id headers never get past the primary listener's
+    first step; the shadow listener marks each copy and keeps the id it carries."""
+    import yaml
+
+    from extproc.config import parse_experiment
+
+    doc = yaml.safe_load(EXAMPLE_EXPERIMENT.read_text())
+    doc["shadow"] = {"variant": "canary", "share": 100}
+    doc["dataplane"] = dataplane
+    text = render(parse_experiment(doc), EnvoyLayout())
+    (tmp_path / "envoy.yaml").write_text(text)
+    envoy_validate(tmp_path / "envoy.yaml")
+    early = {
+        listener["name"]: listener["filter_chains"][0]["filters"][0]["typed_config"][
+            "early_header_mutation_extensions"
+        ][0]["typed_config"]["mutations"]
+        for listener in yaml.safe_load(text)["static_resources"]["listeners"]
+    }
+    assert early["llm"] == [
+        {"remove": h}
+        for h in ("x-llm-variant", "x-llm-shadow", "x-llm-shadow-copy", "x-request-id")
+    ]
+    assert early["llm_shadow"] == [
+        {"remove": "x-llm-variant"},
+        {"remove": "x-llm-shadow"},
+        {
+            "append": {
+                "header": {"key": "x-llm-shadow-copy", "value": "1"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        },
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 import redis.asyncio as aioredis
@@ -65,3 +66,32 @@ def test_a_long_read_renews_the_lease_and_stops_when_it_is_lost(redis_url: str) 
     assert reader_leads
     assert not late_leads
     assert partial < EVENTS
+
+
+async def test_a_malformed_routing_is_reported_and_the_loop_goes_on(redis_url: str) -> None:
+    """A bad manual edit of the routing key is logged at each look; it does not end the loop
+    (which would leave the rollout unwatched until a restart)."""
+    exp = load_experiment(EXAMPLE_EXPERIMENT)
+    r = store.connect(redis_url)
+    try:
+        await r.delete(keys.lease(exp.name))
+        await store.register_experiment(r, exp)
+        ev = Evaluator(exp, r, "e")
+        assert await ev._hold_lease()  # the rollout starts: its first routing is written
+        await r.set(keys.routing(exp.name), "{not a routing")
+        stop = asyncio.Event()
+
+        class StopOnReport(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "cannot read the routing" in record.getMessage():
+                    stop.set()
+
+        handler = StopOnReport()
+        logging.getLogger("extproc.evaluator.service").addHandler(handler)
+        try:
+            await asyncio.wait_for(ev.run(stop), 30)
+        finally:
+            logging.getLogger("extproc.evaluator.service").removeHandler(handler)
+        assert stop.is_set()
+    finally:
+        await r.aclose()

@@ -37,9 +37,9 @@ def test_duplicate_and_noisy_headers_keep_the_sticky_decision(
     """Noise in other headers (and repeats) never changes where a conversation goes.
 
     A part is a key byte (never 0, the targets' separator) and a value without separators."""
-    sticky = b"\x00".join(
-        bytes([targets._KEYS.index("x-conversation-id")]) + b"conv-1" for _ in "a"
-    )
+    # The key byte is an index modulo the key count; one count up, it is never the separator 0.
+    key = targets._KEYS.index("x-conversation-id") + len(targets._KEYS)
+    sticky = b"\x00".join(bytes([key]) + b"conv-1" for _ in "a")
     noise = b"\x00".join(
         bytes([k]) + v.replace(b"\0", b"")
         for k, v in parts

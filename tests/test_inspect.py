@@ -77,7 +77,7 @@ def chunk(
     *,
     role: str | None = None,
     finish: str | None = None,
-    usage: dict[str, int] | None = None,
+    usage: dict[str, Any] | None = None,
     null_usage: bool = False,
     tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
@@ -635,3 +635,94 @@ async def test_real_mock_model_output(mock_base: Callable[[MockBehaviour], Any])
         assert dataclasses.replace(again, first_token_ns=None) == dataclasses.replace(
             streamed, first_token_ns=None
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt-cache hits
+
+
+@pytest.mark.parametrize(
+    ("usage", "cached"),
+    [
+        ({"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 6}}, 6),  # OpenAI chat
+        ({"input_tokens": 9, "input_tokens_details": {"cached_tokens": 4}}, 4),  # Responses
+        ({"input_tokens": 2, "cache_read_input_tokens": 7}, 7),  # Anthropic
+        ({"prompt_tokens_details": {"cached_tokens": 0}}, 0),  # a miss is zero, not unknown
+        ({"prompt_tokens": 9}, None),  # a server without prompt caching
+        ({"prompt_tokens_details": None}, None),
+        ({"prompt_tokens_details": {"audio_tokens": 1}}, None),
+        ({"prompt_tokens_details": {"cached_tokens": -1}}, None),
+        ({"prompt_tokens_details": {"cached_tokens": True}}, None),
+        ({"prompt_tokens_details": {"cached_tokens": 2**32}}, None),  # no uint32 holds it
+        ({"cache_read_input_tokens": "5"}, None),
+    ],
+)
+def test_cached_tokens_of_each_api(usage: dict[str, Any], cached: int | None) -> None:
+    assert inspect_mod.cached_tokens(usage) == cached
+    assert run(JSON, [json.dumps({"usage": usage}).encode()]).cached_prompt_tokens == cached
+
+
+@given(cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=6))
+def test_cached_tokens_of_an_openai_stream_survive_any_chunking(cuts: list[int]) -> None:
+    usage = {**USAGE, "prompt_tokens_details": {"cached_tokens": 5}}
+    body = openai_stream("Hi", " there").replace(
+        data_event(chunk(usage=USAGE)), data_event(chunk(usage=usage))
+    )
+    cuts = [c for c in cuts if c < len(body)]
+    summary = assert_split_invariant(SSE, body, cuts, 0)
+    assert (summary.prompt_tokens, summary.cached_prompt_tokens) == (7, 5)
+
+
+def test_cached_tokens_of_an_anthropic_stream_come_from_message_start() -> None:
+    """Anthropic reports the cache in its first event; the last usage (message_delta) has only
+    the output tokens and must not erase it."""
+    events = [
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "content": [],
+                "usage": {"input_tokens": 3, "cache_read_input_tokens": 1800, "output_tokens": 1},
+            },
+        },
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 2},
+        },
+    ]
+    body = b"".join(b"event: x\n" + data_event(e) for e in events)
+    assert run(SSE, [body]).cached_prompt_tokens == 1800
+
+
+def test_cached_tokens_of_a_responses_stream_come_from_response_completed() -> None:
+    done = {
+        "type": "response.completed",
+        "response": {"id": "resp_1", "usage": {"input_tokens_details": {"cached_tokens": 64}}},
+    }
+    body = data_event({"type": "response.output_text.delta", "delta": "Hi"}) + data_event(done)
+    assert run(SSE, [body]).cached_prompt_tokens == 64
+
+
+def test_without_prompt_caching_the_figure_stays_unknown() -> None:
+    assert run(SSE, [openai_stream("Hi")]).cached_prompt_tokens is None
+    assert run(JSON, [completion()]).cached_prompt_tokens is None
+
+
+@pytest.mark.timeout(30)
+async def test_the_stand_in_reports_cached_tokens(
+    mock_base: Callable[[MockBehaviour], Any],
+) -> None:
+    base = await mock_base(MockBehaviour(cached_prompt_ratio=0.5, seed=3))
+    plain = await mock_base(MockBehaviour(seed=3))
+    messages = [{"role": "user", "content": "one two three four five"}]
+    stream_body = {"messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+    async with aiohttp.ClientSession() as session:
+        url = f"{base}/v1/chat/completions"
+        streamed, _, _, _ = await fetch(session, url, stream_body, 0)
+        whole, _, _, _ = await fetch(session, url, {"messages": messages}, 0)
+        none, _, _, _ = await fetch(session, f"{plain}/v1/chat/completions", stream_body, 0)
+    assert (streamed.prompt_tokens, streamed.cached_prompt_tokens) == (5, 2)  # half, rounded down
+    assert whole.cached_prompt_tokens == 2
+    assert none.cached_prompt_tokens is None

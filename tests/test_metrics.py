@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.config import Price
 from extproc.metrics import (
     DECISION_ACTIONS,
     LATENCY_BUCKETS_S,
@@ -121,6 +121,10 @@ async def test_sidecar_names_types_and_content_type(
         "extproc_time_to_first_token_seconds": "histogram",
         "extproc_tokens": "counter",
         "extproc_response_bytes": "counter",
+        "extproc_answers": "counter",
+        "extproc_output_tokens_per_second": "histogram",
+        "extproc_cost": "counter",
+        "extproc_in_flight_notices": "counter",
         "extproc_telemetry_events_dropped": "counter",
         "extproc_telemetry_events_buffered": "gauge",
         "extproc_routing_version": "gauge",
@@ -493,6 +497,11 @@ async def _exposed_everything() -> Scrape:
     side.observe(event())
     side.observe(event(error=ErrorClass.ERROR_CLASS_UPSTREAM_5XX, status=502))
     side.observe(event(shadow=True))
+    side.observe(event(assignment=Assignment.ASSIGNMENT_FORCED))
+    side.observe(event(in_flight=True))
+    for error in (ErrorClass.ERROR_CLASS_TIMEOUT, ErrorClass.ERROR_CLASS_CLIENT_ERROR):
+        side.observe(event(error=error, status=504))
+    side.observe(event(error=ErrorClass.ERROR_CLASS_CLIENT_DISCONNECT))
     side.set_telemetry(dropped_total=1, buffered=1)
     side.set_routing(E, 1, {"stable": 95, "canary": 5})
     side.set_redis_up(True)
@@ -557,8 +566,7 @@ def test_dashboard_is_well_formed() -> None:
             assert p["targets"], p["title"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) not installed")
-def test_dashboard_queries_parse_with_prometheus(tmp_path: Path) -> None:
+def test_dashboard_queries_parse_with_prometheus(tmp_path: Path, promtool: str) -> None:
     """Prometheus's own parser (``promtool check rules``) accepts every dashboard query."""
     rules = []
     for i, (_where, expr) in enumerate(dashboard_queries()):
@@ -569,7 +577,7 @@ def test_dashboard_queries_parse_with_prometheus(tmp_path: Path) -> None:
     path = tmp_path / "rules.yml"
     path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))
     out = subprocess.run(
-        ["promtool", "check", "rules", str(path)],
+        [promtool, "check", "rules", str(path)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -589,3 +597,47 @@ def test_promql_parts_reads_what_the_dashboard_writes() -> None:
     assert metrics == {"extproc_request_duration_seconds_bucket", "x_y", "z"}
     assert labels == {"variant", "le", "experiment", "shadow", "instance"}
     assert values == {("shadow", "false")}
+
+
+async def test_answer_signals_cost_and_traffic_apart(
+    sidecar: tuple[SidecarMetrics, str, list[int]],
+) -> None:
+    """Counted as `extproc status` and the guardrails count them: forced tester requests only in
+    extproc_requests_total, in-flight notices never as requests, answer signals of successes."""
+    m, url, _ = sidecar
+    m.declare(E, ["stable", "canary"], {"canary": Price(input_per_mtok=1.0, output_per_mtok=2.0)})
+    signals = {"tool_calls": True, "empty_answer": False, "refusal": True, "json_valid": False}
+    m.observe(event(cached_prompt_tokens=12, **signals))  # 199 tokens after the first, 692 ms
+    m.observe(event(empty_answer=True, refusal=False, json_valid=True))
+    m.observe(event(status=502, error=ErrorClass.ERROR_CLASS_UPSTREAM_5XX, tool_calls=True))
+    m.observe(event(assignment=Assignment.ASSIGNMENT_FORCED, cached_prompt_tokens=99, **signals))
+    m.observe(event(in_flight=True, status=0))
+    got = await _scrape(url)
+    canary = {"experiment": E, "variant": "canary", "shadow": "false"}
+    requests = {
+        (dict(labels)["assignment"], dict(labels)["error_class"]): v
+        for (name, labels), v in got.samples.items()
+        if name == "extproc_requests_total" and ("variant", "canary") in labels and v
+    }
+    assert requests == {("sticky", "none"): 2, ("sticky", "upstream_5xx"): 1, ("forced", "none"): 1}
+    assert got.value("extproc_in_flight_notices_total", **canary) == 1
+    answers = {
+        s: got.value("extproc_answers_total", **canary, signal=s)
+        for s in ("tool_call", "inspected", "empty", "refusal", "json_checked", "json_invalid")
+    }
+    assert answers == {
+        "tool_call": 1,  # the failed request's tool call is not an answer's
+        "inspected": 2,
+        "empty": 1,
+        "refusal": 1,
+        "json_checked": 2,
+        "json_invalid": 1,
+    }
+    assert got.value("extproc_tokens_total", **canary, type="cached_prompt") == 12
+    assert got.value("extproc_request_duration_seconds_count", **canary) == 2
+    tps = "extproc_output_tokens_per_second"
+    assert got.value(f"{tps}_count", **canary) == 2
+    assert got.value(f"{tps}_sum", **canary) == pytest.approx(2 * 199 / 0.692)
+    # Two successful assigned requests, at the canary's price; stable has none.
+    assert got.value("extproc_cost_total", **canary) == pytest.approx(2 * (30 + 2 * 200) / 1e6)
+    assert got.value("extproc_cost_total", **canary | {"variant": "stable"}) == 0

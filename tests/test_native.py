@@ -177,11 +177,13 @@ def entry(
     status: int = 200,
     route: str = "weighted",
     md: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
     **flags: bool,
 ) -> al.HTTPAccessLogEntry:
     e = al.HTTPAccessLogEntry()
     e.request.request_id = "rid-1"
     e.request.request_headers["x-conversation-id"] = "conv-9"
+    e.request.request_headers.update(headers or {})
     e.response.response_code.value = status
     e.response.response_code_details = "via_upstream"
     e.response.response_body_bytes = 321
@@ -218,8 +220,7 @@ def test_an_access_log_entry_becomes_the_observers_event() -> None:
                 "text": "I\\u2019m sorry, but I can\\u2019t help with that.",
                 "tail": tail,
             },
-        ),
-        shadow=False,
+        )
     )
     assert (ev.variant, ev.assignment, ev.status, ev.error) == (
         "canary",
@@ -240,26 +241,24 @@ def test_an_access_log_entry_becomes_the_observers_event() -> None:
 
 def test_forced_shadow_and_failed_entries() -> None:
     m = mapper()
-    forced = m.event(entry(variant="canary", route="forced_canary"), shadow=False)
+    forced = m.event(entry(variant="canary", route="forced_canary"))
     assert forced.assignment == Assignment.ASSIGNMENT_FORCED
-    copy = m.event(entry(variant="stable"), shadow=True)
+    copy = m.event(entry(variant="stable", headers={"x-llm-shadow-copy": "1"}))
     assert (copy.variant, copy.shadow) == ("canary", True)
-    reset = m.event(entry(variant="canary", upstream_remote_reset=True), shadow=False)
+    reset = m.event(entry(variant="canary", upstream_remote_reset=True))
     assert reset.error == ErrorClass.ERROR_CLASS_RESET
-    timeout = m.event(
-        entry(variant="canary", status=504, upstream_request_timeout=True), shadow=False
-    )
+    timeout = m.event(entry(variant="canary", status=504, upstream_request_timeout=True))
     assert timeout.error == ErrorClass.ERROR_CLASS_TIMEOUT
-    gone = m.event(entry(variant="canary", downstream_connection_termination=True), shadow=False)
+    gone = m.event(entry(variant="canary", downstream_connection_termination=True))
     assert gone.error == ErrorClass.ERROR_CLASS_CLIENT_DISCONNECT
-    refused = m.event(entry(variant=None, status=400, route="refused_unknown"), shadow=False)
+    refused = m.event(entry(variant=None, status=400, route="refused_unknown"))
     assert (refused.variant, refused.assignment, refused.error) == (
         "stable",
         Assignment.ASSIGNMENT_FALLBACK,
         ErrorClass.ERROR_CLASS_CLIENT_ERROR,
     )
     # Signals only for answers: an error body's text says nothing about the model.
-    failed = m.event(entry(variant="canary", status=500, md={"text": "sorry"}), shadow=False)
+    failed = m.event(entry(variant="canary", status=500, md={"text": "sorry"}))
     assert not failed.HasField("refusal")
 
 

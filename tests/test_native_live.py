@@ -228,6 +228,14 @@ def test_mirrored_copies_are_recorded_as_the_shadow_variant(
             r = turn(s, http, f"shadow-{i}", stream=i % 2 == 0)
             assert r.headers["x-llm-variant"] == "stable"
             ids.add(r.headers["x-request-id"])
+        # A client claiming to be a copy, by Host or by the shadow listener's mark, under an id
+        # of its choosing: two more primaries, each with its own id and its own copy.
+        for forged in ({"host": "api-shadow"}, {"x-llm-shadow-copy": "1"}):
+            r = s.chat(http, {"x-conversation-id": "forger", "x-request-id": "mine", **forged})
+            assert r.headers["x-llm-variant"] == "stable"
+            ids.add(r.headers["x-request-id"])
+        assert len(ids) == 12
+        assert "mine" not in ids
 
         def both_sides() -> list[TelemetryEvent] | None:
             evs = [ev for ev in s.events() if ev.request_id in ids]

@@ -125,7 +125,7 @@ def test_refusal_and_verbosity_regressions_show_in_variant_rates(
         http.post(f"{canary}/admin/behaviour", json={"verbosity": 1.0}).raise_for_status()
 
     def figures() -> dict[str, Any] | None:
-        v = live_stack.status()["variants"]
+        v = live_stack.status()["forced"]  # forced tester traffic: its own figures
         return v if (v["canary"]["refusal_rate"] or 0) > 0 else None
 
     v = wait_for(figures, "refusals to show in the canary's rates")

@@ -26,6 +26,7 @@ from extproc import keys, stack, store, top
 from extproc.cli import EXAMPLE_EXPERIMENT
 from extproc.config import load_experiment
 from extproc.evaluator.rollout import RolloutState, append_audit
+from extproc.figures import fixed
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 from extproc.telemetry.writer import TelemetryWriter
 
@@ -334,3 +335,45 @@ def test_live_in_a_tmux_pane(seeded: str, tmp_path: Path) -> None:
         assert rc_file.read_text().strip() == "0"
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10, check=False)
+
+
+def test_signals_and_forced_traffic_match_status_json(redis_url: str, tmp_path: Path) -> None:
+    """The second table shows the answer signals as status counts them (assigned traffic only),
+    and tester traffic gets rows of its own instead of moving the variant's figures."""
+
+    async def register() -> None:
+        r = store.connect(redis_url)
+        try:
+            await r.flushdb()
+            await store.register_experiment(r, EXP)
+        finally:
+            await r.aclose()
+
+    asyncio.run(register())
+    stable = events("stable", 8, duration_ms=100)
+    for i, ev in enumerate(stable):
+        ev.tool_calls = i < 2
+        ev.empty_answer = i == 0
+        ev.cached_prompt_tokens = 10
+        ev.streamed = True
+    forced = events("canary", 6, duration_ms=300, errors=6)
+    for ev in forced:
+        ev.assignment = Assignment.ASSIGNMENT_FORCED
+    write(redis_url, stable + events("canary", 4, duration_ms=300) + forced)
+    out = cli(redis_url, tmp_path, "top", NAME, "--once")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(cli(redis_url, tmp_path, "status", NAME, "--json").stdout)
+    signals = out.stdout.split("timeout%", 1)[1]  # the second table
+    head = [h for h, _ in top.SIGNAL_COLUMNS[1:]]
+    st = dict(zip(head, row(signals, "stable *"), strict=True))
+    v = doc["variants"]["stable"]
+    assert st["tools%"] == "25.0" == f"{100 * v['tool_call_rate']:.1f}"
+    assert st["empty%"] == "12.5"
+    assert st["cached/req"] == "10.0"
+    assert st["tok/s"] == fixed(v["output_tokens_per_s"], 1)
+    canary = dict(zip(head, row(signals, "canary"), strict=True))
+    assert canary["forced"] == "6"
+    # The forced failures are not the canary's: its err% is 0, its forced row's 100.
+    assert row(out.stdout, "canary")[3] == "0.0"
+    assert row(out.stdout, "canary (forced)")[3] == "100.0"
+    assert doc["forced"]["canary"]["error_rate"] == 1.0

@@ -21,8 +21,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from extproc.figures import Figure, flatten
 from extproc.signals import FeedbackSignal, JudgeSignal, Signal, WatchdogSignal
-from extproc.status import summarise
+from extproc.status import ended_requests, summarise
+from extproc.telemetry.outcome import TokenPrice
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
 TARGET_BUCKETS = 60
@@ -30,25 +32,7 @@ MAX_BUCKETS = 360
 MIN_SPAN_S = 60.0
 NICE_STEPS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200)
 
-Figure = float | int | None
 Columns = dict[str, dict[str, list[Figure]]]
-
-
-def flatten(figures: Mapping[str, Any], prefix: str = "") -> dict[str, Figure]:
-    """The numeric leaves of a figures document, by dotted path (``latency_ms.p99``).
-
-    Missing figures (None) are kept so every variant has the same keys; text and flags are not
-    figures and are left out. Whatever a newer `status` adds (quality scores, judge win rates)
-    appears here without a change.
-    """
-    out: dict[str, Figure] = {}
-    for key, value in figures.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{path}."))
-        elif value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
-            out[path] = value
-    return out
 
 
 def _columns(rows: list[dict[str, dict[str, Figure]]]) -> Columns:
@@ -130,6 +114,7 @@ def series(
     step_s: float | None = None,
     shadow_variant: str | None = None,
     signals: Sequence[Signal] = (),
+    prices: Mapping[str, TokenPrice] | None = None,
 ) -> dict[str, Any]:
     """Every bucket from ``span_s`` ago (default: the oldest event's start, at least a minute)
     until now, empty ones too so gaps show, with each variant's figures.
@@ -152,14 +137,16 @@ def series(
         if bucket is not None:
             bucket.append(ev)
     quality = quality_rows(signals, events, step_ms)
+    ended = ended_requests(events)
     live, mirrored = [], []
     for b, evs in buckets.items():
-        row = {v: flatten(f) for v, f in summarise(evs, variants).items()}
+        per_variant = summarise(evs, variants, prices=prices, ended=ended)
+        row = {v: flatten(f) for v, f in per_variant.items()}
         for v, figures in quality.get(b, {}).items():
             row.setdefault(v, {}).update(figures)
         live.append(row)
         if shadow_variant:
-            figs = summarise(evs, [shadow_variant], shadow=True)
+            figs = summarise(evs, [shadow_variant], kind="shadow", prices=prices, ended=ended)
             mirrored.append({v: flatten(f) for v, f in figs.items()})
     return {
         "step_s": step_ms / 1000,

@@ -5,6 +5,8 @@ The comparison table pairs each candidate's status figures with stable's (differ
 relative change: the effect sizes) and with the evaluator's guardrail checks of its newest look
 (``keys.evaluation``, rewritten every tick), falling back to the newest audit record that has
 checks when no evaluator has looked yet; either way the table says when and at which stage.
+Each cell carries the text the page shows as given, made by :mod:`extproc.figures` as
+`extproc status` makes its own: the page never rounds a figure itself.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from extproc import keys, signals, status, store
-from extproc.dashboard.series import Figure, flatten, series
+from extproc import figures, keys, signals, status, store
+from extproc.dashboard.series import series
 from extproc.evaluator.rollout import load_state, read_audit
+from extproc.figures import Figure, flatten
 
 AUDIT_COUNT = 100
 SIGNAL_WINDOW = 5000  # newest quality signals charted (judge calls are budgeted, feedback sparse)
@@ -28,6 +31,9 @@ COUNTERS = frozenset(
         "requests",
         "window_requests",
         "errors",
+        "client_errors",
+        "forced_requests",
+        "open_requests",
         "prompt_tokens",
         "completion_tokens",
         "weight",
@@ -35,6 +41,7 @@ COUNTERS = frozenset(
         "stage.watchdog_probes",
     }
 )
+CHECK_FIGURES = ("estimate", "bound", "margin", "evidence")
 TIMELINE_FIELDS = ("id", "time", "action", "actor", "reasons", "stage", "status", "weights")
 
 
@@ -65,14 +72,23 @@ async def overview(r: aioredis.Redis) -> dict[str, Any]:
     }
 
 
-def _effect(metric: str, stable: Figure, value: Figure) -> dict[str, Figure]:
-    if metric in COUNTERS or stable is None or value is None:
-        return {"value": value, "diff": None, "rel": None}
-    diff = value - stable
+def _effect(metric: str, stable: Figure, value: Figure) -> dict[str, Any]:
+    """A candidate's figure, its difference from stable and the relative change, each with
+    the text the page shows (made here: one formatting rule for page and CLI)."""
+    diff: Figure = None
+    rel: Figure = None
+    if metric not in COUNTERS and stable is not None and value is not None:
+        diff = round(value - stable, 4)
+        rel = round((value - stable) / stable, 4) if stable else None
     return {
         "value": value,
-        "diff": round(diff, 4),
-        "rel": round(diff / stable, 4) if stable else None,
+        "diff": diff,
+        "rel": rel,
+        "text": {
+            "value": figures.value_text(metric, value),
+            "diff": figures.diff_text(metric, diff),
+            "rel": figures.rel_text(rel),
+        },
     }
 
 
@@ -90,24 +106,33 @@ def _quality(stage: dict[str, Any]) -> dict[str, Figure]:
     return out
 
 
+def _check_text(x: Any) -> str:
+    """A guardrail check's estimate, bound, margin or evidence: four significant digits."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return figures.MISSING
+    return figures.significant(x, 4)
+
+
 def comparison(
     doc: dict[str, Any], audit: list[dict[str, Any]], latest: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Per metric: stable's figure and each candidate's, with its difference from stable; and
     the guardrail checks of the evaluator's newest look (else the newest audit record)."""
     stable = doc.get("stable")
-    figures = {v: flatten(f) for v, f in doc["variants"].items()}
+    per = {v: flatten(f) for v, f in doc["variants"].items()}
     for v, f in ((latest or {}).get("variants") or {}).items():
-        if v in figures:
-            figures[v].update(_quality(f))
-    candidates = [v for v in figures if v != stable]
-    base = figures.get(stable or "", {})
-    metrics = list(dict.fromkeys(k for f in figures.values() for k in f))
+        if v in per:
+            per[v].update(_quality(f))
+    candidates = [v for v in per if v != stable]
+    base = per.get(stable or "", {})
+    metrics = list(dict.fromkeys(k for f in per.values() for k in f))
     rows = [
         {
             "metric": m,
+            "label": figures.label(m),
             "stable": base.get(m),
-            "candidates": {c: _effect(m, base.get(m), figures[c].get(m)) for c in candidates},
+            "stable_text": figures.value_text(m, base.get(m)),
+            "candidates": {c: _effect(m, base.get(m), per[c].get(m)) for c in candidates},
         }
         for m in metrics
     ]
@@ -119,7 +144,10 @@ def comparison(
     checks = None
     if judged is not None:
         checks = {k: judged.get(k) for k in ("time", "stage", "action")}
-        checks["items"] = judged["checks"]
+        checks["items"] = [
+            c | {"text": {k: _check_text(c.get(k)) for k in CHECK_FIGURES}}
+            for c in judged["checks"]
+        ]
     return {"stable": stable, "candidates": candidates, "rows": rows, "checks": checks}
 
 
@@ -160,8 +188,11 @@ async def experiment_series(
         step_s=step_s,
         shadow_variant=(definition.get("shadow") or {}).get("variant"),
         signals=quality,
+        prices=status.prices_of(definition),
     )
-    return {"experiment": name, "window_events": len(events), **doc}
+    names = {k for columns in (*doc["variants"].values(), *doc["shadow"].values()) for k in columns}
+    labels = {k: figures.label(k) for k in sorted(names | {"tokens_per_request"})}
+    return {"experiment": name, "window_events": len(events), "labels": labels, **doc}
 
 
 async def pairs(r: aioredis.Redis, name: str, count: int) -> list[dict[str, Any]] | None:

@@ -8,6 +8,8 @@
 --   text            the answer's first characters, still JSON-escaped (refusal checks); absent
 --                   when they could not be found (a JSON body cut at HEAD_BYTES before them);
 --   tool_calls      true when the answer called a tool;
+--   cached_prompt_tokens  the prompt-cache hits an SSE stream reported before its answer
+--                   (Anthropic's message_start); later usage is in the tail;
 --   tail            the last 1 KiB of the body ("usage" and "finish_reason" are at the end).
 -- SSE lines are read whole (a line cut between chunks waits for the rest) and only until
 -- TEXT_BYTES of text are held; a JSON body is read from its first HEAD_BYTES. After that a chunk
@@ -17,6 +19,7 @@ local TEXT_BYTES = 2400 -- the sidecar's SIGNAL_CHARS (600) at up to 4 bytes a c
 local HEAD_BYTES = 65536
 local TAIL_BYTES = 1024
 local TOOL = '"tool_calls"%s*:%s*%[%s*{'
+local CACHED = '"cache_read_input_tokens"%s*:%s*(%d+)'
 
 -- Calls found(piece) for each "content" string in s, still escaped, and for an unterminated
 -- last one found(rest, true). Escapes are skipped whole, so \" never ends a string.
@@ -48,7 +51,7 @@ end
 
 function envoy_on_response(handle)
   local sse = string.find(handle:headers():get("content-type") or "", "text/event-stream", 1, true)
-  local first, tools = nil, false
+  local first, tools, cached = nil, false, nil
   local text, held = {}, 0
   local pending = "" -- SSE: the unfinished last line; JSON: the head of the body
   local cut = false -- JSON: the body was longer than HEAD_BYTES
@@ -72,6 +75,7 @@ function envoy_on_response(handle)
             if first == nil then first = now_us(handle) end
           end
         end)
+        if cached == nil then cached = string.match(lines, CACHED) end
         if not tools and string.find(lines, TOOL) then
           tools = true
           if first == nil then first = now_us(handle) end
@@ -107,5 +111,6 @@ function envoy_on_response(handle)
   end
   if first ~= nil then md:set("extproc", "first_token_us", first) end
   if tools then md:set("extproc", "tool_calls", true) end
+  if cached ~= nil then md:set("extproc", "cached_prompt_tokens", tonumber(cached)) end
   md:set("extproc", "tail", tail)
 end

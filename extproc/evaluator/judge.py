@@ -2,13 +2,19 @@
 and from those to one action. No I/O here, so every rule is table-tested.
 
 Error control: the experiment's ``alpha`` is split evenly (Bonferroni) over the guardrails whose
-action is ``rollback`` or ``hold``, and each uses an anytime-valid test (docs/STATISTICS.md), so
-checking every few seconds does not inflate false rollbacks. Tests with an e-value (event
-rates, means, the judge's win rate) carry their evidence across ramp stages as a mixture of
-products of the stages' e-values (``carry_evidence``), a test martingale for the whole rollout,
-so they spend the guardrail's share once. Quantile tests have no e-value; they are judged per
-stage and their share is split again over the stages. Either way the
-chance of any false rollback over the whole rollout stays at or below ``alpha``.
+action is ``rollback`` or ``hold``, and each uses anytime-valid tests (docs/STATISTICS.md), so
+checking every few seconds does not inflate false rollbacks. Within a guardrail the share is
+split again over its parts: the margin test (each side of a two-sided one), and a quarter for
+the ceiling (``max_absolute``). Every part with an e-value (event rates, means, the quantiles'
+tail test, ceilings, the judge's win rate) carries its evidence across ramp stages as a mixture
+of products of the stages' e-values (``carry_evidence``), a test martingale for the whole
+rollout, so it spends its share once. Only the order-statistic quantile test is judged on one
+stage alone (a quantile guardrail runs one in every stage besides its carried tail test, to
+catch gross regressions at once), with a fifth of the quantile's share split over the stages.
+Either way the chance of any false rollback over the whole rollout stays at or below ``alpha``.
+
+Which test a metric takes, its counts and its direction of harm come from
+``extproc.guardrail_metrics.METRICS``.
 """
 
 from __future__ import annotations
@@ -19,44 +25,54 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import NDArray
 
 from extproc.config import ExperimentSpec, Guardrail
+from extproc.evaluator.clusters import COUNTERS
 from extproc.evaluator.window import StageWindow, VariantWindow
 from extproc.stats import (
+    HarmTest,
     RunningMoments,
     mann_whitney_u,
     mean_harm_test,
-    proportion_harm_test,
-    quantile_confidence_sequence,
     quantile_harm_test,
     sequential_sample_ratio_mismatch,
     two_proportion_z_test,
     welch_t_test,
     win_rate_harm_test,
 )
+from extproc.stats.exceedance import (
+    beyond,
+    deflated_share_test,
+    mean_ceiling_test,
+    quantile_exceedance_test,
+    rate_ceiling_test,
+)
 
 CheckStatus = Literal["pass", "fail", "waiting"]
 ActionName = Literal["none", "advance", "complete", "rollback", "hold"]
+Side = Literal["increase", "decrease"]
 
-_QUANTILE = {
-    "latency_p99": ("latency", 0.99),
-    "latency_p95": ("latency", 0.95),
-    "latency_p50": ("latency", 0.50),
-    "ttft_p95": ("ttft", 0.95),
-    "ttft_p50": ("ttft", 0.50),
-}
-_MEAN = {
-    "completion_tokens": "completion_tokens",
-    "response_bytes": "response_bytes",
-    "answer_chars": "answer_chars",
-}
 SRM_THRESHOLD = 0.001
+# Share of a quantile guardrail's margin alpha for the order-statistic test of a stage that has
+# no reference yet (the first): it catches gross regressions at once; the rest goes to the tail
+# test, whose evidence carries from the second stage on.
+NO_REFERENCE_SHARE = 0.2
+# Share of a guardrail's alpha for its ceiling (``max_absolute``), when it has one: a ceiling is
+# for gross breaches, which need little alpha, while the margin test needs power for the
+# regressions close to its margin.
+CEILING_SHARE = 0.25
+# A stage's stable q-quantile becomes the next stage's reference once it rests on this many
+# stable samples beyond it (20 for p99: 2,000 samples).
+REFERENCE_TAIL_SAMPLES = 20
 
 
 @dataclass(frozen=True)
 class Check:
-    """One guardrail's look. ``log_e`` is this stage's log e-value (tests that have one);
-    ``evidence`` the log e-value over the rollout so far (earlier stages' carried plus this)."""
+    """One guardrail's look. ``log_e`` is this stage's log e-value of its main test (tests that
+    have one); ``evidence`` the log e-value over the rollout so far (earlier stages' carried plus
+    this). ``parts`` holds every e-valued test of the look (name, log e), carried separately;
+    ``reference`` is stable's quantile in this stage, the next stage's reference."""
 
     variant: str
     metric: str
@@ -68,6 +84,8 @@ class Check:
     detail: str
     log_e: float | None = None
     evidence: float | None = None
+    parts: tuple[tuple[str, float], ...] = ()
+    reference: float | None = None
 
     @property
     def key(self) -> str:
@@ -75,9 +93,10 @@ class Check:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("estimate", "bound", "log_e", "evidence"):
+        for k in ("estimate", "bound", "log_e", "evidence", "reference"):
             v = d[k]
             d[k] = None if v is None or not math.isfinite(v) else round(v, 4)
+        d["parts"] = {p: round(v, 4) if math.isfinite(v) else None for p, v in self.parts}
         return d
 
 
@@ -100,23 +119,38 @@ class Budget:
 
 def budget(spec: ExperimentSpec) -> Budget:
     gated = sum(1 for g in spec.guardrails if g.action in ("rollback", "hold")) or 1
-    stages = len(spec.rollout.stages) if spec.strategy == "canary" else 1
+    stages = _stages(spec)
     return Budget(spec.rollout.alpha / gated, spec.rollout.alpha / (gated * stages))
 
 
-def evidence_key(variant: str, metric: str) -> str:
-    return f"{variant}/{metric}"
+def _stages(spec: ExperimentSpec) -> int:
+    return len(spec.rollout.stages) if spec.strategy == "canary" else 1
 
 
-def stage_weight(spec: ExperimentSpec) -> float:
-    """log w: each stage may start a fresh product of e-values, with prior weight 1/K."""
-    stages = len(spec.rollout.stages) if spec.strategy == "canary" else 1
-    return -math.log(stages)
+def evidence_key(variant: str, metric: str, part: str = "") -> str:
+    return f"{variant}/{metric}" + (f"/{part}" if part else "")
+
+
+def reference_key(variant: str, metric: str) -> str:
+    """Where the carried state keeps a quantile guardrail's reference (not a log e-value)."""
+    return f"{variant}/{metric}#reference"
+
+
+def stage_weight(spec: ExperimentSpec, stage: int) -> float:
+    """log w_k: the prior weight of "a regression that begins at stage k".
+
+    Halving from the first stage (1/2, 1/4, ..., the last two equal, summing to 1): a candidate
+    is the same model at every share, so a regression is most likely there from the start, and
+    a later one still keeps a weight.
+    """
+    stages = _stages(spec)
+    return -math.log(2.0) * min(stage + 1, stages - 1) if stages > 1 else 0.0
 
 
 def initial_evidence(spec: ExperimentSpec, stage: int) -> float:
-    """The carried log evidence of a check with no record (every earlier stage counted e = 1)."""
-    return stage_weight(spec) + math.log(stage + 1)
+    """The carried log evidence of a check with no record (every earlier stage counted e = 1):
+    the prior weight of the stages up to this one."""
+    return float(np.logaddexp.reduce([stage_weight(spec, j) for j in range(stage + 1)]))
 
 
 def carry_evidence(
@@ -130,44 +164,23 @@ def carry_evidence(
     the past) and so is their mixture, so the check stays anytime-valid over the whole rollout;
     and unlike a single product, evidence that a healthy early stage pushed below 1 cannot bury a
     regression that starts later. Called with the verdict of the stage's last look (the stopping
-    time), whatever ended the stage, so no stage's evidence is dropped selectively.
+    time), whatever ended the stage, so no stage's evidence is dropped selectively. Quantile
+    guardrails also leave stable's quantile of this stage, the next stage's reference.
     """
     out = dict(carried)
-    w = stage_weight(spec)
+    w = stage_weight(spec, stage + 1)
     for c in verdict.checks if verdict else []:
-        if c.log_e is not None:
-            before = carried.get(c.key, initial_evidence(spec, stage))
-            out[c.key] = float(np.logaddexp(before + c.log_e, w))
+        for part, log_e in c.parts:
+            key = evidence_key(c.variant, c.metric, part)
+            before = carried.get(key, initial_evidence(spec, stage))
+            out[key] = float(np.logaddexp(before + log_e, w))
+        if c.reference is not None:
+            out[reference_key(c.variant, c.metric)] = c.reference
     return out
 
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
-
-
-_RATES = {
-    "error_rate": "error rate",
-    "refusal_rate": "refusal rate",
-    "feedback_negative_rate": "negative feedback rate",
-    "watchdog_fail_rate": "watchdog failure rate",
-}
-
-
-def _rate_counts(
-    metric: str, stable: VariantWindow, cand: VariantWindow
-) -> tuple[int, int, int, int]:
-    """(candidate events, candidate trials, stable events, stable trials) of a rate metric."""
-
-    def of(w: VariantWindow) -> tuple[int, int]:
-        if metric == "error_rate":
-            return w.errors, w.requests
-        if metric == "refusal_rate":
-            return w.refusals, w.answered
-        if metric == "feedback_negative_rate":  # requests with a complaint, at most one each
-            return min(w.negative_feedback, w.requests), w.requests
-        return w.probe_failures, w.probes
-
-    return (*of(cand), *of(stable))
 
 
 def _log(e: float) -> float:
@@ -179,126 +192,338 @@ def _evidence_note(combined: float, alpha: float) -> str:
     return f"; evidence e={e:.3g} over the rollout (fails at {1 / alpha:.3g})"
 
 
+@dataclass(frozen=True)
+class _Part:
+    """One e-valued test of a look: its name in the carried evidence, its log e-value this
+    stage, the evidence over the rollout and whether that reached ``1/alpha``."""
+
+    name: str
+    log_e: float
+    evidence: float
+    alpha: float
+
+    @property
+    def fails(self) -> bool:
+        return self.evidence >= -math.log(self.alpha)
+
+    def note(self) -> str:
+        return _evidence_note(self.evidence, self.alpha)
+
+
+def _deflate(m: RunningMoments, design_effect: float) -> RunningMoments:
+    """The same mean and spread, as if from ``count / design_effect`` independent samples."""
+    if design_effect <= 1.0 or m.count < 2:
+        return m
+    n = max(round(m.count / design_effect), 2)
+    return RunningMoments(n, m.mean, m.variance * (n - 1))
+
+
+def _fmt(x: float, unit: str) -> str:
+    if unit == "fraction":
+        return f"{x:.2%}"
+    return f"{x:.4g} {unit}"
+
+
+class _Look:
+    """The data of one guardrail for one candidate, and the carried evidence of its parts."""
+
+    def __init__(
+        self,
+        g: Guardrail,
+        stable: VariantWindow,
+        cand: VariantWindow,
+        variant: str,
+        carried: Mapping[str, float],
+        start: float,
+    ) -> None:
+        self.g, self.info, self.stable, self.cand = g, g.info, stable, cand
+        self.variant, self.carried, self.start = variant, carried, start
+
+    def part(self, name: str, test: HarmTest, alpha: float) -> _Part:
+        log_e = _log(test.e_value)
+        before = self.carried.get(evidence_key(self.variant, self.g.metric, name), self.start)
+        return _Part(name, log_e, before + log_e, alpha)
+
+    def samples(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        return self.stable.samples(self.info.source), self.cand.samples(self.info.source)
+
+    def indicator_deff(self, w: VariantWindow, hits: NDArray[np.bool_]) -> float:
+        return w.clusters.sample_design_effect(self.info.source, hits.astype(np.float64))
+
+    def quantile_deff(self, w: VariantWindow, x: NDArray[np.float64]) -> float:
+        """Design effect of "beyond the arm's own q-quantile": how clustered its tail is."""
+        if x.size == 0:
+            return 1.0
+        point = float(np.quantile(x, self.info.q, method="inverted_cdf"))
+        return self.indicator_deff(w, x > point)
+
+    def rate_deff(self) -> float:
+        i = self.info
+        return max(w.clusters.rate_design_effect(i.events, i.per) for w in (self.stable, self.cand))
+
+
+def _side_name(g: Guardrail, side: Side) -> str:
+    """The part's name in the carried evidence: none for a one-sided guardrail (the key it always
+    had), the side for each side of a two-sided one."""
+    return side if len(g.harm_sides) > 1 else ""
+
+
 def check_guardrail(
     g: Guardrail,
     stable: VariantWindow,
     cand: VariantWindow,
     variant: str,
     alpha: Budget,
-    carried: float,
+    start: float,
+    carried: Mapping[str, float] | None = None,
 ) -> Check:
-    """Run one guardrail for one candidate against stable; ``carried`` is the log evidence the
-    earlier stages left for this check (``carry_evidence``; ``initial_evidence`` at the start)."""
+    """Run one guardrail for one candidate against stable. ``carried`` is the state the earlier
+    stages left (``carry_evidence``: log evidence per part, quantile references); a part with no
+    record starts from ``start`` (``initial_evidence`` of this stage)."""
+    look = _Look(g, stable, cand, variant, carried or {}, start)
+    info = g.info
+    have = {
+        "judge_win_rate": cand.judge_wins + cand.judge_losses,
+        "watchdog_fail_rate": cand.probes,
+    }.get(g.metric, cand.requests)
+    # Conversations are known for what the request events carry (not feedback or probes).
+    per_request = info.kind in ("quantile", "mean") or info.events in COUNTERS
 
-    def result(
-        status: CheckStatus, est: float, bound: float, detail: str, log_e: float | None = None
-    ) -> Check:
+    def waiting(detail: str) -> Check:
+        return Check(variant, g.metric, g.action, "waiting", None, None, g.margin, detail)
+
+    if have < g.min_samples:
+        return waiting(f"{have}/{g.min_samples} {info.trials}")
+    if per_request and cand.assignment_units < g.min_conversations:
+        more = g.min_conversations - cand.assignment_units
+        return waiting(
+            f"needs {more} more conversations ({cand.assignment_units}/{g.min_conversations}): "
+            "requests of one conversation are not independent"
+        )
+    ceiling = g.max_absolute is not None and info.kind != "win_rate"
+    share = alpha.rollout * (1.0 - CEILING_SHARE) if ceiling else alpha.rollout
+    per_side = share / len(g.harm_sides)
+    results = [_margin_test(look, side, per_side, alpha) for side in g.harm_sides]
+    if ceiling:
+        results.append(_ceiling_test(look, alpha.rollout * CEILING_SHARE))
+    parts = tuple((p.name, p.log_e) for r in results for p in r.parts)
+    main = results[0]
+    main_e = main.parts[0] if main.parts else None
+    reference = main.reference
+
+    def check(status: CheckStatus, r: _Result, action: str) -> Check:
         return Check(
             variant,
             g.metric,
-            g.action,
+            action,
             status,
-            _finite(est),
-            _finite(bound),
+            _finite(r.estimate),
+            _finite(r.bound),
             g.margin,
-            detail,
-            log_e,
-            None if log_e is None else carried + log_e,
+            r.detail,
+            main_e.log_e if main_e else None,
+            main_e.evidence if main_e else None,
+            parts,
+            reference,
         )
 
-    decisive = cand.judge_wins + cand.judge_losses
-    unit, have = {
-        "judge_win_rate": ("decisive judge verdicts", decisive),
-        "watchdog_fail_rate": ("watchdog probes", cand.probes),
-    }.get(g.metric, ("candidate requests", cand.requests))
-    if have < g.min_samples:
-        return result(
-            "waiting",
-            math.nan,
-            math.nan,
-            f"{have}/{g.min_samples} {unit}",
-            0.0 if g.metric not in _QUANTILE else None,
-        )
-    if g.metric == "judge_win_rate":
-        wt = win_rate_harm_test(
-            cand.judge_wins, decisive, floor=0.5, margin=g.margin, alpha=alpha.rollout
-        )
-        log_e = _log(wt.e_value)
-        combined = carried + log_e
+    for r in results:
+        if r.status == "fail":
+            hold = r.shared and g.action == "rollback"
+            return check("fail", r, "hold" if hold else g.action)
+    for r in results:
+        if r.status == "waiting":
+            return check("waiting", r, g.action)
+    detail = "; ".join(r.detail for r in results)
+    return check("pass", _Result("pass", main.estimate, main.bound, detail, main.parts), g.action)
+
+
+@dataclass(frozen=True)
+class _Result:
+    status: CheckStatus
+    estimate: float
+    bound: float
+    detail: str
+    parts: tuple[_Part, ...] = ()
+    reference: float | None = None
+    shared: bool = False  # a ceiling breached by stable as much: hold, not roll back
+
+
+def _verdict(parts: tuple[_Part, ...], estimate: float, bound: float, text: str) -> _Result:
+    failed = [p for p in parts if p.fails]
+    note = "".join(p.note() for p in parts[:1])
+    if failed:
+        return _Result("fail", estimate, bound, f"{text}{note}: worse beyond the margin", parts)
+    return _Result("pass", estimate, bound, text + note, parts)
+
+
+def _margin_test(look: _Look, side: Side, alpha: float, budget_: Budget) -> _Result:
+    """Is the candidate worse than stable by more than the margin, on one side?"""
+    g, info = look.g, look.info
+    margin = g.margin_of(side)
+    worse = side == "increase"
+    name = _side_name(g, side)
+    sign = "+" if worse else "-"
+    if info.kind == "win_rate":
+        c = look.cand
+        decisive = c.judge_wins + c.judge_losses
+        wt = win_rate_harm_test(c.judge_wins, decisive, floor=0.5, margin=margin, alpha=alpha)
         text = (
-            f"judge win rate {cand.judge_wins}/{decisive} decisive verdicts "
-            f"(limit {0.5 - g.margin:.0%})" + _evidence_note(combined, alpha.rollout)
+            f"judge win rate {c.judge_wins}/{decisive} decisive verdicts (limit {0.5 - margin:.0%})"
         )
-        fail = combined >= -math.log(alpha.rollout)
-        return result("fail" if fail else "pass", -wt.estimate, math.nan, text, log_e)
-    if g.metric in _RATES:
-        label = _RATES[g.metric]
-        events, n, s_events, s_n = _rate_counts(g.metric, stable, cand)
-        a = alpha.rollout / 2 if g.max_absolute else alpha.rollout
-        t = proportion_harm_test(s_events, s_n, events, n, margin=g.margin, alpha=a)
-        log_e = _log(t.e_value)
-        combined = carried + log_e
+        return _verdict((look.part(name, wt, alpha),), -wt.estimate, math.nan, text)
+    if info.kind == "rate":
+        events, n = info.counts(look.cand)
+        s_events, s_n = info.counts(look.stable)
+        if n == 0 or s_n == 0:  # e.g. no JSON-mode requests: nothing to judge, nothing to wait for
+            return _Result("pass", math.nan, math.nan, f"{info.label}: no {info.trials} yet")
+        deff = look.rate_deff()
+        t = deflated_share_test(
+            s_events, s_n, events, n, deff, alpha, 100, margin=margin, higher_is_worse=worse
+        )
         text = (
-            f"{label} {events}/{n} vs stable {s_events}/{s_n} "
-            f"(bound {t.bound:+.0%}, limit +{g.margin:.0%})" + _evidence_note(combined, a)
+            f"{info.label} {events}/{n} vs stable {s_events}/{s_n} "
+            f"(bound {t.bound:+.0%}, limit {sign}{margin:.0%}{_deff_note(deff)})"
         )
-        if combined >= -math.log(a):
-            return result("fail", t.estimate, t.bound, f"{text}: worse beyond the margin", log_e)
-        if g.max_absolute is not None and n:
-            errs = np.zeros(n)
-            errs[:events] = 1.0
-            low = quantile_confidence_sequence(
-                errs, 1 - g.max_absolute, alpha=alpha.stage / 2, side="lower"
-            ).low
-            if low >= 1.0:
-                return result(
-                    "fail",
-                    events / n,
-                    g.max_absolute,
-                    f"{label} {events}/{n} is above {g.max_absolute:.1%} absolute",
-                    log_e,
-                )
-        return result("pass", t.estimate, t.bound, text, log_e)
-    if g.metric in _QUANTILE:
-        source, q = _QUANTILE[g.metric]
-        qt = quantile_harm_test(
-            stable.samples(source),
-            cand.samples(source),
-            q=q,
-            margin=g.margin,
-            alpha=alpha.stage,
-        )
-        if not qt.ready:
-            return result("waiting", qt.estimate, qt.bound, "not enough samples for the quantile")
-        status: CheckStatus = "fail" if qt.harm else "pass"
-        return result(
-            status,
-            qt.estimate,
-            qt.bound,
-            f"{g.metric} {qt.estimate:+.0%} vs stable (lower bound {qt.bound:+.0%}, "
-            f"limit +{g.margin:.0%})",
-        )
-    source = _MEAN[g.metric]
+        return _verdict((look.part(name, t, alpha),), t.estimate, t.bound, text)
+    if info.kind == "quantile":
+        return _quantile_test(look, margin, alpha, budget_)
+    c_samples, t_samples = look.samples()
+    c_m, t_m = RunningMoments.of(c_samples), RunningMoments.of(t_samples)
+    d_c = look.stable.clusters.sample_design_effect(info.source, c_samples)
+    d_t = look.cand.clusters.sample_design_effect(info.source, t_samples)
     mt = mean_harm_test(
-        RunningMoments.of(stable.samples(source)),
-        RunningMoments.of(cand.samples(source)),
-        margin=g.margin,
+        _deflate(c_m, d_c),
+        _deflate(t_m, d_t),
+        margin=margin,
         relative=True,
-        alpha=alpha.rollout,
-        min_samples=min(100, g.min_samples),
+        higher_is_worse=worse,
+        alpha=alpha,
+        min_samples=max(2, min(100, g.min_samples)),
     )
     if not mt.ready:
-        return result("waiting", mt.estimate, mt.bound, "not enough samples", 0.0)
-    log_e = _log(mt.e_value)
-    combined = carried + log_e
-    status = "fail" if combined >= -math.log(alpha.rollout) else "pass"
-    return result(
-        status,
-        mt.estimate,
-        mt.bound,
-        f"{g.metric} mean {mt.estimate:+.0%} vs stable (lower bound {mt.bound:+.0%}, "
-        f"limit +{g.margin:.0%})" + _evidence_note(combined, alpha.rollout),
-        log_e,
+        return _Result("waiting", mt.estimate, mt.bound, "not enough samples")
+    text = (
+        f"{g.metric} mean {sign}{mt.estimate:.0%} vs stable (lower bound {mt.bound:+.0%}, "
+        f"limit {sign}{margin:.0%}{_deff_note(max(d_c, d_t))})"
+    )
+    return _verdict((look.part(name, mt, alpha),), mt.estimate, mt.bound, text)
+
+
+def _deff_note(deff: float) -> str:
+    return f", conversations weigh x{deff:.2g}" if deff > 1.05 else ""
+
+
+def _quantile_test(look: _Look, margin: float, alpha: float, budget_: Budget) -> _Result:
+    """Two tests, either of which fails the guardrail: the order-statistic test of this stage
+    alone, at a small share split over the stages (it catches gross regressions within any
+    stage, the first included), and the tail test against the reference the previous stage left
+    (its evidence carries, so it catches what no single stage can). This stage's stable quantile
+    is measured to be the next stage's reference."""
+    g, info = look.g, look.info
+    c, t = look.samples()
+    enough = c.size * (1.0 - info.q) >= REFERENCE_TAIL_SAMPLES
+    reference_now = float(np.quantile(c, info.q, method="inverted_cdf")) if enough else None
+    a_stage = alpha * NO_REFERENCE_SHARE * budget_.stage / budget_.rollout
+    qt = quantile_harm_test(
+        c,
+        t,
+        q=info.q,
+        margin=margin,
+        alpha=a_stage,
+        control_design_effect=look.quantile_deff(look.stable, c),
+        treatment_design_effect=look.quantile_deff(look.cand, t),
+    )
+    stage_text = (
+        f"{g.metric} {qt.estimate:+.0%} vs stable (this stage: lower bound {qt.bound:+.0%}, "
+        f"limit +{margin:.0%})"
+    )
+    ref = look.carried.get(reference_key(look.variant, g.metric))
+    if ref is None or ref <= 0.0 or t.size == 0:
+        if not qt.ready:
+            return _Result("waiting", qt.estimate, qt.bound, "not enough samples for the quantile")
+        status: CheckStatus = "fail" if qt.harm else "pass"
+        return _Result(status, qt.estimate, qt.bound, stage_text, (), reference_now)
+    shifted = ref * (1.0 + margin)
+    deff = max(
+        look.indicator_deff(look.cand, t > shifted), look.indicator_deff(look.stable, c > ref)
+    )
+    a_tail = alpha * (1.0 - NO_REFERENCE_SHARE)
+    et = quantile_exceedance_test(c, t, ref, margin=margin, alpha=a_tail, design_effect=deff)
+    k_t, k_c = beyond(t, shifted), beyond(c, ref)
+    text = (
+        f"{g.metric}: {k_t}/{t.size} beyond {shifted:.0f} ms vs stable {k_c}/{c.size} beyond "
+        f"{ref:.0f} ms, its q={info.q:g} quantile last stage (tail ratio {et.estimate + 1:.2f}"
+        f"{_deff_note(deff)})"
+    )
+    r = _verdict((look.part("", et, a_tail),), et.estimate, et.bound, text)
+    if qt.harm and r.status != "fail":
+        return _Result("fail", qt.estimate, qt.bound, stage_text, r.parts, reference_now)
+    return _Result(r.status, r.estimate, r.bound, r.detail, r.parts, reference_now)
+
+
+def _ceiling_test(look: _Look, alpha: float) -> _Result:
+    """Is the candidate above ``max_absolute``? With ``shared_incident: hold`` a breach rolls
+    back only when the candidate is also provably worse than stable (an intersection-union
+    test: both at the full share); a breach stable shares holds the rollout instead."""
+    g, info = look.g, look.info
+    c_lim = g.max_absolute
+    assert c_lim is not None
+    if info.kind == "rate":
+        events, n = info.counts(look.cand)
+        s_events, s_n = info.counts(look.stable)
+        deff = look.rate_deff()
+        above = rate_ceiling_test(events / deff, n / deff, c_lim, alpha=alpha)
+        excess = deflated_share_test(s_events, s_n, events, n, deff, alpha, 100)
+        what = f"{info.label} {events}/{n}"
+    elif info.kind == "quantile":
+        c, t = look.samples()
+        d_t = look.indicator_deff(look.cand, t > c_lim)
+        deff = max(d_t, look.indicator_deff(look.stable, c > c_lim))
+        k_t = beyond(t, c_lim)
+        above = rate_ceiling_test(k_t / d_t, t.size / d_t, 1.0 - info.q, alpha=alpha)
+        excess = deflated_share_test(beyond(c, c_lim), c.size, k_t, t.size, deff, alpha, 100)
+        what = f"{g.metric}: {k_t}/{t.size} beyond {c_lim:g} ms (more than {1 - info.q:.0%})"
+    else:
+        c, t = look.samples()
+        d_c = look.stable.clusters.sample_design_effect(info.source, c)
+        d_t = look.cand.clusters.sample_design_effect(info.source, t)
+        t_m = RunningMoments.of(t)
+        above = mean_ceiling_test(t_m, c_lim, alpha=alpha, design_effect=d_t)
+        excess = mean_harm_test(
+            _deflate(RunningMoments.of(c), d_c), _deflate(t_m, d_t), alpha=alpha
+        )
+        what = f"{g.metric} mean {_fmt(t_m.mean, info.unit)}"
+    if not above.ready:
+        return _Result("waiting", math.nan, math.nan, "not enough samples for the ceiling")
+    p_above = look.part("ceiling", above, alpha)
+    limit = _fmt(c_lim, info.unit) if info.kind != "quantile" else f"{c_lim:g} ms"
+    text = f"{what}, ceiling {limit}{p_above.note()}"
+    if g.shared_incident == "rollback":
+        parts: tuple[_Part, ...] = (p_above,)
+        if p_above.fails:
+            return _Result("fail", above.estimate, math.nan, f"{text}: above the ceiling", parts)
+        return _Result("pass", above.estimate, math.nan, text, parts)
+    p_excess = look.part("excess", excess, alpha) if excess.ready else None
+    parts = (p_above,) + ((p_excess,) if p_excess else ())
+    if not p_above.fails:
+        return _Result("pass", above.estimate, math.nan, text, parts)
+    if p_excess is not None and p_excess.fails:
+        return _Result(
+            "fail",
+            above.estimate,
+            math.nan,
+            f"{text}: above the ceiling and worse than stable",
+            parts,
+        )
+    return _Result(
+        "fail",
+        above.estimate,
+        math.nan,
+        f"{text}: above the ceiling, but not worse than stable: an incident both share? "
+        "holding (shared_incident: hold)",
+        parts,
+        shared=True,
     )
 
 
@@ -336,14 +561,7 @@ def judge(
     carried = evidence or {}
     start = initial_evidence(spec, stage)
     checks = [
-        check_guardrail(
-            g,
-            stable,
-            window.of(v),
-            v,
-            alpha,
-            carried.get(evidence_key(v, g.metric), start),
-        )
+        check_guardrail(g, stable, window.of(v), v, alpha, start, carried)
         for v in cands
         for g in spec.guardrails
     ]

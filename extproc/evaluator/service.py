@@ -36,6 +36,7 @@ from extproc.evaluator.rollout import RolloutState, append_audit, load_state, st
 from extproc.evaluator.window import StageWindow
 from extproc.metrics import EvaluatorMetrics, serve_metrics
 from extproc.status import decode_event
+from extproc.supervise import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -306,12 +307,11 @@ class Evaluator:
             self.metrics.stage(name, self.state.stage, stage_weights(self.spec, self.state.stage))
             self.metrics.rollout_status(name, self.state.status)
 
-    async def run(self) -> None:
-        """Tick until SIGTERM/SIGINT; Redis trouble is logged and retried, never fatal."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Tick until ``stop`` is set (default: on SIGTERM/SIGINT); Redis trouble is logged and
+        retried, never fatal."""
+        if stop is None:
+            stop = _stop_on_signals()
         cadence = self.spec.rollout.cadence_s
         while not stop.is_set():
             try:
@@ -322,6 +322,8 @@ class Evaluator:
             except (RedisError, OSError) as err:
                 log.warning("evaluator tick failed: %s", err)
                 self.leader = False
+            except store.MalformedRouting as err:  # a bad manual edit: say so at every look
+                log.error("evaluator cannot read the routing (%s): write a valid one", err)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), cadence if self.leader else min(cadence, 1))
         if self.leader:  # hand over at once instead of waiting for the lease to expire
@@ -329,6 +331,14 @@ class Evaluator:
                 held = await self.redis.get(keys.lease(self.experiment.name))
                 if held is not None and _text(held) == self.instance:
                     await self.redis.delete(keys.lease(self.experiment.name))
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 async def serve(
@@ -341,8 +351,12 @@ async def serve(
     if metrics:
         host, _, port = metrics.rpartition(":")
         runner = await serve_metrics(evaluator.metrics.registry, host, int(port))
+    # Supervised: an unexpected exception in a tick is logged and the loop restarted with
+    # backoff (its heartbeat in Redis lapses meanwhile), instead of ending the process.
+    stop = _stop_on_signals()
+    group = TaskGroup(stop=stop)
     try:
-        await evaluator.run()
+        await group.start("evaluator", lambda: evaluator.run(stop))
     finally:
         if runner is not None:
             await runner.cleanup()

@@ -31,6 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from extproc.config import Price
+from extproc.evaluator.clusters import Clusters
 from extproc.signals import FeedbackSignal, JudgeSignal, Signal, WatchdogSignal
 from extproc.telemetry import outcome
 from extproc.telemetry.outcome import CLIENT_ERRORS, SERVER_ERRORS, is_forced, started_ms
@@ -96,6 +97,7 @@ class VariantWindow:
     probes: int = 0  # watchdog reference prompts answered
     probe_failures: int = 0
     price: Price | None = field(default=None, repr=False)
+    clusters: Clusters = field(default_factory=Clusters, repr=False)  # per conversation
 
     def add(self, ev: TelemetryEvent, *, unit: bool = True) -> None:
         """Count one finished request; ``unit`` False keeps it out of the assignment units (a
@@ -137,6 +139,7 @@ class VariantWindow:
                 self.cached_prompt_tokens.append(cached)
         if unit:
             self.count_unit(ev.key_hash)
+        self.clusters.add(self, ev.key_hash)
 
     def add_hung(self, key_hash: str, *, unit: bool = True) -> None:
         """Count a request still open past the hang bound: a failed request, a timeout."""
@@ -146,6 +149,7 @@ class VariantWindow:
         self.hung += 1
         if unit:
             self.count_unit(key_hash)
+        self.clusters.add(self, key_hash)
 
     def count_unit(self, key_hash: str) -> None:
         if key_hash:

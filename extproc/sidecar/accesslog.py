@@ -31,7 +31,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from extproc import headers as h
 from extproc.config import Experiment
-from extproc.envoy_config import FORCED_ROUTE, SHADOW_ACCESS_LOG, lane_cluster
+from extproc.envoy_config import FORCED_ROUTE, lane_cluster
 from extproc.quality import SIGNAL_CHARS, QualityRules
 from extproc.sidecar.decide import Policy, attribute
 from extproc.sidecar.observer import classify
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 METADATA = "extproc"
 """The dynamic-metadata namespace inspect.lua writes."""
 _USAGE = re.compile(r'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+# OpenAI chat and Responses (``*_tokens_details.cached_tokens``), Anthropic (non-streamed, or the
+# cumulative usage of a stream's last ``message_delta``).
+_CACHED = re.compile(r'"(?:cached_tokens|cache_read_input_tokens)"\s*:\s*(\d+)')
 _FINISH = re.compile(r'"finish_reason"\s*:\s*"([a-z_]{1,32})"')
 _RESET = ErrorClass.ERROR_CLASS_RESET
 _TIMEOUT = ErrorClass.ERROR_CLASS_TIMEOUT
@@ -62,6 +65,19 @@ def decode_text(escaped: str) -> str | None:
         if isinstance(text, str):
             return text.encode("utf-8", "surrogatepass")[:SIGNAL_CHARS].decode("utf-8", "ignore")
     return None
+
+
+def _cached_tokens(tail: str, md: Struct) -> int | None:
+    """The prompt-cache hits of the response's last usage (the tail), else those an Anthropic
+    stream reported in its first event (inspect.lua read them); None when never reported."""
+    found = _CACHED.findall(tail)
+    if found:
+        count = float(found[-1])
+    elif "cached_prompt_tokens" in md.fields:
+        count = md.fields["cached_prompt_tokens"].number_value
+    else:
+        return None
+    return int(count) if 0 <= count < 2**32 and count.is_integer() else None
 
 
 def error_class(entry: al.HTTPAccessLogEntry, completed: bool, got_headers: bool) -> int:
@@ -107,8 +123,11 @@ class EntryMapper:
             clusters=_variant_clusters(experiment),
         )
 
-    def event(self, entry: al.HTTPAccessLogEntry, *, shadow: bool) -> TelemetryEvent:
+    def event(self, entry: al.HTTPAccessLogEntry) -> TelemetryEvent:
         req, resp, common = entry.request, entry.response, entry.common_properties
+        # The shadow listener's mark, logged with the request; the primary listener strips a
+        # client-sent one, and neither the client's Host nor anything else says "copy".
+        shadow = h.SHADOW_COPY in req.request_headers
         hdrs = {k: v.encode() for k, v in req.request_headers.items()}
         echoed = resp.response_headers.get(h.VARIANT)
         if echoed is not None:
@@ -161,6 +180,9 @@ class EntryMapper:
         for name, value in _USAGE.findall(tail):
             if int(value) < 2**32:  # a uint32 field; a larger count is not believable
                 setattr(ev, name, int(value))
+        cached = _cached_tokens(tail, md)
+        if cached is not None:
+            ev.cached_prompt_tokens = cached
         finish = _FINISH.findall(tail)
         if finish:
             ev.finish_reason = finish[-1]
@@ -173,7 +195,7 @@ class EntryMapper:
 
     # --- in-flight notices -----------------------------------------------------------------
 
-    def notice(self, entry: al.HTTPAccessLogEntry, *, shadow: bool) -> TelemetryEvent | None:
+    def notice(self, entry: al.HTTPAccessLogEntry) -> TelemetryEvent | None:
         """The in-flight notice of a periodic entry (a request still open), or None.
 
         Envoy logs every open request once per ``access_log_flush_interval`` (set to
@@ -182,6 +204,7 @@ class EntryMapper:
         requests not yet routed, get no notice: the evaluator follows neither.
         """
         common = entry.common_properties
+        shadow = h.SHADOW_COPY in entry.request.request_headers
         variant = (
             self.shadow_variant
             if shadow and self.shadow_variant
@@ -231,11 +254,11 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self.emit = emit
         self.noticed: OrderedDict[str, None] = OrderedDict()
 
-    def _periodic(self, entry: al.HTTPAccessLogEntry, shadow: bool) -> None:
+    def _periodic(self, entry: al.HTTPAccessLogEntry) -> None:
         rid = entry.request.request_id
         if not rid or rid in self.noticed:
             return
-        n = self.mapper.notice(entry, shadow=shadow)
+        n = self.mapper.notice(entry)
         if n is None:
             return
         self.noticed[rid] = None
@@ -248,19 +271,16 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
         context: grpc.aio.ServicerContext,
     ) -> als_pb2.StreamAccessLogsResponse:
-        shadow = False
         event, emit = self.mapper.event, self.emit
         async for msg in request_iterator:
-            if msg.HasField("identifier"):  # sent with the first message of a stream only
-                shadow = msg.identifier.log_name == SHADOW_ACCESS_LOG
             for entry in msg.http_logs.log_entry:
                 try:
                     if entry.common_properties.access_log_type == _PERIODIC:
-                        self._periodic(entry, shadow)
+                        self._periodic(entry)
                         continue
                     if self.noticed:
                         self.noticed.pop(entry.request.request_id, None)
-                    emit(event(entry, shadow=shadow))
+                    emit(event(entry))
                 except ValueError:  # one odd entry must not end the stream and lose the rest
                     log.warning("dropped an access-log entry it could not map", exc_info=True)
         return als_pb2.StreamAccessLogsResponse()

@@ -71,7 +71,7 @@ class Policy:
     def compile(cls, experiment: Experiment) -> Policy:
         fr = experiment.spec.forced_routing
         forced = fr.header if fr.enabled else None
-        wanted = {*experiment.spec.sticky_keys, h.VARIANT, h.REQUEST_ID, h.AUTHORITY}
+        wanted = {*experiment.spec.sticky_keys, h.VARIANT, h.REQUEST_ID, h.SHADOW_COPY}
         if forced:
             wanted.add(forced)
         secret_header, secret = None, None

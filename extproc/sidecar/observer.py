@@ -23,7 +23,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from extproc import headers as h
-from extproc.quality import SIGNAL_CHARS, QualityRules
+from extproc.quality import CAPTURE_LOOKAHEAD, SIGNAL_CHARS, QualityRules
 from extproc.sidecar.decide import Policy, attribute, read_headers
 from extproc.telemetry.inspect import ResponseInspector
 from extproc.telemetry.outcome import is_forced
@@ -117,7 +117,9 @@ class Observation:
         ev.assignment = who.assignment
         ev.key_hash = who.key_hash
         ev.request_id = hdrs.get(h.REQUEST_ID, b"").decode("utf-8", "replace")
-        ev.shadow = h.is_shadow(hdrs.get(h.AUTHORITY, b""))
+        # Only the shadow listener's own marker says so: the primary listener strips it from
+        # client requests, and the client's Host says nothing.
+        ev.shadow = h.SHADOW_COPY in hdrs
         if ev.shadow and ctx.shadow_variant is not None:
             ev.variant = ctx.shadow_variant
         ev.captured = ctx.capture is not None and ctx.rules.captures(ev.request_id)
@@ -137,7 +139,7 @@ class Observation:
         except ValueError:
             self.event.status = 0
         self.event.headers_ms = (now - self.start_ns) / 1e6
-        keep = self.ctx.rules.capture_bytes if self.event.captured else SIGNAL_CHARS
+        keep = self._capture_keep() if self.event.captured else SIGNAL_CHARS
         self.inspector = ResponseInspector(hdrs.get("content-type", b"").decode("latin-1"), keep)
         if msg.end_of_stream:
             self._finish(now, completed=True)
@@ -172,6 +174,8 @@ class Observation:
                 ev.prompt_tokens = s.prompt_tokens
             if s.completion_tokens is not None:
                 ev.completion_tokens = s.completion_tokens
+            if s.cached_prompt_tokens is not None:
+                ev.cached_prompt_tokens = s.cached_prompt_tokens
             if s.finish_reason:
                 ev.finish_reason = s.finish_reason
             ev.tool_calls = s.tool_calls
@@ -180,7 +184,7 @@ class Observation:
                 ev.empty_answer = not s.text.strip() and not s.tool_calls
                 ev.answer_chars = len(s.text)
                 if completed and self._asked_for_json():
-                    valid = _json_valid(s.text, self.ctx.rules.capture_bytes)
+                    valid = _json_valid(s.text, self._capture_keep())
                     if valid is not None:
                         ev.json_valid = valid
             if ev.captured:
@@ -199,12 +203,10 @@ class Observation:
             "completion_tokens": ev.completion_tokens if ev.HasField("completion_tokens") else None,
             "finish_reason": ev.finish_reason,
             "refusal": ev.refusal if ev.HasField("refusal") else None,
-            "answer": None if text is None else ctx.rules.redacted(text),
+            "answer": None if text is None else ctx.rules.captured(text),
         }
         if self.request_body is not None and not ev.shadow:
-            doc["prompt"] = ctx.rules.redacted(
-                _prompt(b"".join(self.request_body), ctx.rules.capture_bytes)
-            )
+            doc["prompt"] = ctx.rules.captured(_prompt(b"".join(self.request_body)))
         ctx.capture(
             Capture(
                 experiment=ctx.experiment,
@@ -216,6 +218,10 @@ class Observation:
                 time=ev.time_unix_ms / 1000,
             )
         )
+
+    def _capture_keep(self) -> int:
+        """Answer bytes kept for a captured request: past the stored limit, for redaction."""
+        return self.ctx.rules.capture_bytes * CAPTURE_LOOKAHEAD
 
     def _asked_for_json(self) -> bool:
         """Whether the request (if its body was seen) set a JSON response_format."""
@@ -321,12 +327,13 @@ def _json_valid(answer: str, kept_bytes: int) -> bool | None:
     return True
 
 
-def _prompt(body: bytes, limit: int) -> str:
-    """The conversation a chat request sent, as ``role: content`` lines (bounded)."""
+def _prompt(body: bytes) -> str:
+    """The conversation a chat request sent, as ``role: content`` lines (uncut: the caller
+    redacts, then cuts)."""
     try:
         doc = json.loads(body)
     except ValueError:
-        return body[:limit].decode("utf-8", "replace")
+        return body.decode("utf-8", "replace")
     lines = []
     messages = doc.get("messages") if isinstance(doc, dict) else None
     for m in messages if isinstance(messages, list) else []:
@@ -334,7 +341,7 @@ def _prompt(body: bytes, limit: int) -> str:
             content = m.get("content")
             text = content if isinstance(content, str) else json.dumps(content)
             lines.append(f"{m.get('role', '?')}: {text}")
-    return "\n".join(lines)[:limit]
+    return "\n".join(lines)
 
 
 def _timestamp_ns(value: object, default: int) -> int:

@@ -8,10 +8,14 @@ request.
 Background tasks follow the live routing in Redis, flush telemetry, and publish this replica's
 counters with a TTL so that operators can see which replicas are alive.
 
+Background tasks run supervised (``extproc.supervise``): one that dies of an unexpected error is
+logged and restarted with backoff, and the replica reports NOT_SERVING until it runs again.
+
 The standard gRPC health service answers probes (Kubernetes ``grpc`` probes, Envoy's gRPC health
 check): NOT_SERVING until the live routing has been read from Redis once, because a replica that
 only knows the file's weights could send users to a candidate that was rolled back meanwhile;
-SERVING from then on, also while Redis is away (the last good routing stays right); NOT_SERVING
+SERVING from then on, also while Redis is away (the last good routing stays right), except while
+a background task is down (a dead routing follower would never apply a rollback); NOT_SERVING
 again when it drains.
 """
 
@@ -45,7 +49,8 @@ from extproc.sidecar.accesslog import AccessLogService, EntryMapper
 from extproc.sidecar.observer import InflightNotices, Observation, ObserverContext
 from extproc.sidecar.router import Router
 from extproc.sidecar.runtime import RuntimeService
-from extproc.telemetry.writer import TelemetryWriter
+from extproc.supervise import TaskGroup
+from extproc.telemetry.writer import MAX_CAPTURE_BYTES, TelemetryWriter
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +133,7 @@ class SidecarSettings:
     redis_url: str = store.DEFAULT_REDIS_URL
     instance: str = ""
     max_buffer: int = 100_000
+    max_capture_bytes: int = MAX_CAPTURE_BYTES  # captured texts buffered while Redis is away
     heartbeat_s: float = 1.0
     metrics: str | None = None  # host:port of the Prometheus endpoint; None = off
     tls: TlsFiles | None = None  # None: plaintext (Unix socket, or a network you trust)
@@ -140,10 +146,18 @@ class Sidecar:
         self.redis = store.connect(settings.redis_url)
         self.live = LiveRouting(experiment, self.redis, on_change=self._routing_changed)
         self._beat = asyncio.Event()
-        self.writer = TelemetryWriter(self.redis, max_buffer=settings.max_buffer)
+        self.writer = TelemetryWriter(
+            self.redis,
+            max_buffer=settings.max_buffer,
+            max_capture_bytes=settings.max_capture_bytes,
+        )
         self.router = Router(self.live)
         self.metrics = SidecarMetrics()
-        self.metrics.declare(experiment.name, experiment.variant_names)
+        self.metrics.declare(
+            experiment.name,
+            experiment.variant_names,
+            {v: spec.price for v, spec in experiment.spec.variants.items()},
+        )
         self.observer = ObserverContext(
             experiment=experiment.name,
             stable=experiment.stable,
@@ -160,6 +174,8 @@ class Sidecar:
         )
         self.runtime = RuntimeService(self.live)
         self.started = time.time()
+        self.health = health.aio.HealthServicer()
+        self.tasks = TaskGroup(self._report_health)
 
     def _routing_changed(self, _routing: Routing) -> None:
         """Push a new routing to the Envoys that read weights from us (dataplane native), and
@@ -192,9 +208,12 @@ class Sidecar:
                         mapping={
                             "experiment": self.live.experiment.name,
                             "routing_version": self.live.current.version,
+                            "routing_error": self.live.routing_error or "",
+                            "tasks_down": ",".join(sorted(self.tasks.down)),
                             "submitted": s.submitted,
                             "written": s.written,
                             "dropped": s.dropped,
+                            "captures_dropped": s.captures_dropped,
                             "buffered": self.writer.buffered,
                             "pid": os.getpid(),
                             "started": self.started,
@@ -207,10 +226,20 @@ class Sidecar:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._beat.wait(), self.settings.heartbeat_s)
 
-    async def _serving_once_loaded(self, servicer: health.aio.HealthServicer) -> None:
-        await self.live.loaded.wait()
+    async def _report_health(self) -> None:
+        """SERVING once the live routing was read and while every background task runs."""
+        ok = self.live.loaded.is_set() and self.tasks.healthy
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for service in ("", SIDECAR_SERVICE):
-            await servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(service, status)
+
+    async def _serving_once_loaded(self) -> None:
+        await self.live.loaded.wait()
+        await self._report_health()
 
     def _refresh_gauges(self) -> None:
         """Gauges read at scrape time: no work on the request path for them."""
@@ -223,9 +252,8 @@ class Sidecar:
         """Serve until SIGTERM/SIGINT or cancellation; drain streams, then flush telemetry."""
         server = grpc.aio.server(options=GRPC_OPTIONS)
         self._add_services(server)
-        servicer = health.aio.HealthServicer()
-        for service in ("", SIDECAR_SERVICE):
-            await servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        servicer = self.health
+        await self._report_health()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         tls = self.settings.tls
         if tls is None:
@@ -234,12 +262,10 @@ class Sidecar:
             bound = server.add_secure_port(self.settings.listen, tls.credentials())
         if not self.settings.listen.startswith("unix:") and bound == 0:
             raise OSError(f"cannot listen on {self.settings.listen}")
-        tasks = [
-            asyncio.create_task(self.live.run(), name="live-routing"),
-            asyncio.create_task(self.writer.run(), name="telemetry"),
-            asyncio.create_task(self._heartbeat(), name="heartbeat"),
-            asyncio.create_task(self._serving_once_loaded(servicer), name="health"),
-        ]
+        self.tasks.start("live-routing", self.live.run)
+        self.tasks.start("telemetry", self.writer.run)
+        self.tasks.start("heartbeat", self._heartbeat)
+        self.tasks.start("health", self._serving_once_loaded)
         await server.start()
         runner = None
         if self.settings.metrics:
@@ -264,7 +290,5 @@ class Sidecar:
             await server.stop(grace=2.0)
             if runner is not None:
                 await runner.cleanup()
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.tasks.close()
             await self.redis.aclose()

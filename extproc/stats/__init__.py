@@ -8,6 +8,9 @@ Modules, by the question they answer:
 
 * :mod:`~extproc.stats.sequential`: *should we roll back now?* One-sided harm tests valid under
   continuous monitoring (means, event rates, quantiles). The evaluator's guardrails.
+* :mod:`~extproc.stats.exceedance`: tail and ceiling tests with e-values (quantile tails beyond
+  a fixed reference, absolute ceilings), whose evidence carries across ramp stages.
+* :mod:`~extproc.stats.clustered`: design effects of requests clustered by conversation.
 * :mod:`~extproc.stats.classic`: *what does this sample say?* Welch, two-proportion z,
   Mann-Whitney U, effect sizes, win rate with a Wilson interval. One look only.
 * :mod:`~extproc.stats.quantiles`: confidence intervals for a quantile and for the difference of
@@ -28,6 +31,12 @@ from extproc.stats.classic import (
     welch_t_test,
     wilson_interval,
     win_rate,
+)
+from extproc.stats.clustered import column_design_effect, design_effect
+from extproc.stats.exceedance import (
+    mean_ceiling_test,
+    quantile_exceedance_test,
+    rate_ceiling_test,
 )
 from extproc.stats.moments import RunningMoments
 from extproc.stats.power import sample_size_means, sample_size_proportions
@@ -63,15 +72,20 @@ __all__ = [
     "SrmResult",
     "WinRate",
     "cohens_d",
+    "column_design_effect",
     "confidence_sequence_rank",
+    "design_effect",
     "hedges_g",
     "mann_whitney_u",
+    "mean_ceiling_test",
     "mean_harm_test",
     "proportion_harm_test",
     "quantile_ci",
     "quantile_confidence_sequence",
     "quantile_difference",
+    "quantile_exceedance_test",
     "quantile_harm_test",
+    "rate_ceiling_test",
     "sample_ratio_mismatch",
     "sample_size_means",
     "sample_size_proportions",

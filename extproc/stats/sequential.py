@@ -240,6 +240,8 @@ def quantile_harm_test(
     alpha: float = 0.05,
     tightest_at: int = 1000,
     control_alpha_share: float = 0.5,
+    control_design_effect: float = 1.0,
+    treatment_design_effect: float = 1.0,
 ) -> HarmTest:
     """Exact always-valid test of "candidate q-quantile worse than stable's by more than margin".
 
@@ -249,20 +251,27 @@ def quantile_harm_test(
     control_alpha_share`` (mirrored when lower is worse). It has no e-value (``e_value`` and
     ``p_value`` are NaN); ``ready`` is False until both bounds are finite (for p99 at alpha 0.05
     with the default split: 527 stable observations, 5 candidate ones).
+
+    Design effects (>= 1, :mod:`extproc.stats.clustered`) widen each arm's bounds for requests
+    clustered by conversation: the ranks are those of ``n / design_effect`` observations, scaled
+    back to the same fraction of the arm's ``n`` (asymptotic in the number of clusters).
     """
     _check_harm_args(margin, relative, higher_is_worse, alpha)
+    if control_design_effect < 1.0 or treatment_design_effect < 1.0:
+        raise ValueError("design effects must be >= 1")
     if not 0.0 < control_alpha_share < 1.0:
         raise ValueError(f"control_alpha_share must be in (0, 1), got {control_alpha_share}")
     c, t = as_sample(control), as_sample(treatment)
     method = f"order-statistic confidence sequences, q={q:g}"
     alpha_c = alpha * control_alpha_share
     alpha_t = alpha - alpha_c
+    d_t, d_c = treatment_design_effect, control_design_effect
     if higher_is_worse:
-        t_point, t_bound = _point_and_bound(t, q, alpha_t, "lower", tightest_at)
-        c_point, c_bound = _point_and_bound(c, q, alpha_c, "upper", tightest_at)
+        t_point, t_bound = _point_and_bound(t, q, alpha_t, "lower", tightest_at, d_t)
+        c_point, c_bound = _point_and_bound(c, q, alpha_c, "upper", tightest_at, d_c)
     else:
-        t_point, t_bound = _point_and_bound(t, q, alpha_t, "upper", tightest_at)
-        c_point, c_bound = _point_and_bound(c, q, alpha_c, "lower", tightest_at)
+        t_point, t_bound = _point_and_bound(t, q, alpha_t, "upper", tightest_at, d_t)
+        c_point, c_bound = _point_and_bound(c, q, alpha_c, "lower", tightest_at, d_c)
     s = 1.0 if higher_is_worse else -1.0
     ready = math.isfinite(t_bound) and math.isfinite(c_bound)
     if relative:
@@ -365,18 +374,28 @@ def _point_and_bound(
     alpha: float,
     side: Literal["lower", "upper"],
     tightest_at: int,
+    design_effect: float = 1.0,
 ) -> tuple[float, float]:
-    """The arm's inverted-cdf q-quantile and its one-sided time-uniform bound, one partition."""
+    """The arm's inverted-cdf q-quantile and its one-sided time-uniform bound, one partition.
+
+    With a design effect the bound's rank is that of the effective sample size ``n / deff``,
+    scaled back to the same fraction of ``n`` (rounded outwards)."""
     n = int(x.size)
     if n == 0:
         return math.nan, -math.inf if side == "lower" else math.inf
-    rank = confidence_sequence_rank(n, q, alpha, side, tightest_at)
+    n_eff = max(int(n / design_effect), 1)
+    rank = confidence_sequence_rank(n_eff, q, alpha, side, tightest_at)
+    if n_eff != n and 1 <= rank <= n_eff:
+        scaled = rank * n / n_eff
+        rank = min(math.ceil(scaled), n) if side == "upper" else max(math.floor(scaled), 1)
+    elif n_eff != n:
+        rank = n + 1 if side == "upper" else 0
     point_rank = min(max(math.ceil(n * q), 1), n)
     point, bound = order_statistics(x, [point_rank, rank])
     return point, bound
 
 
-def _beta_mixture_log_e(k: int, n: int, p0: float, strength: float, upper: bool) -> float:
+def _beta_mixture_log_e(k: float, n: float, p0: float, strength: float, upper: bool) -> float:
     """Log e-value of k successes in n Bernoulli trials against ``p <= p0`` (``upper``) or
     ``p >= p0``: the likelihood ratio mixed over Beta(p0 s, (1 - p0) s) restricted to the
     alternative side. A supermartingale under the null (each factor has mean <= 1).

@@ -20,7 +20,13 @@ import json
 import re
 from typing import Any, Final
 
-__all__ = ["MAX_EVENT_BYTES", "MAX_JSON_BYTES", "ResponseInspector", "ResponseSummary"]
+__all__ = [
+    "MAX_EVENT_BYTES",
+    "MAX_JSON_BYTES",
+    "ResponseInspector",
+    "ResponseSummary",
+    "cached_tokens",
+]
 
 MAX_JSON_BYTES: Final = 4 * 1024 * 1024
 """A non-streamed body larger than this is not parsed: its token counts stay unknown rather than
@@ -58,12 +64,28 @@ class ResponseSummary:
     malformed: bool
     text: str | None
     tool_calls: bool = False
+    cached_prompt_tokens: int | None = None
 
 
 def _token_count(value: object) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    # A uint32 in the event: a larger count is not believable, and would not fit.
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32:
         return value
     return None
+
+
+def cached_tokens(usage: dict[str, Any]) -> int | None:
+    """Prompt tokens served from the prompt cache, as each API reports them in ``usage``: OpenAI
+    chat ``prompt_tokens_details.cached_tokens``, OpenAI Responses
+    ``input_tokens_details.cached_tokens``, Anthropic ``cache_read_input_tokens``; None when the
+    server says nothing (a server without prompt caching), which is not zero."""
+    for name in ("prompt_tokens_details", "input_tokens_details"):
+        details = usage.get(name)
+        if isinstance(details, dict):
+            count = _token_count(details.get("cached_tokens"))
+            if count is not None:
+                return count
+    return _token_count(usage.get("cache_read_input_tokens"))
 
 
 def _clip(text: str, limit: int) -> str:
@@ -87,6 +109,7 @@ class ResponseInspector:
         "_body",
         "_bom_checked",
         "_buf",
+        "_cached_tokens",
         "_capture",
         "_completion_tokens",
         "_data",
@@ -122,6 +145,7 @@ class ResponseInspector:
         self._first_ns: int | None = None
         self._prompt_tokens: int | None = None
         self._completion_tokens: int | None = None
+        self._cached_tokens: int | None = None
         self._finish_reason: str | None = None
         self._malformed = False
         self._events = 0
@@ -188,6 +212,7 @@ class ResponseInspector:
             malformed=self._malformed,
             text=text,
             tool_calls=self._tool_calls,
+            cached_prompt_tokens=self._cached_tokens,
         )
         self._body = None
         self._buf = bytearray()
@@ -338,6 +363,19 @@ class ResponseInspector:
         if isinstance(usage, dict):
             self._prompt_tokens = _token_count(usage.get("prompt_tokens"))
             self._completion_tokens = _token_count(usage.get("completion_tokens"))
+            self._cache(usage)
+        # Streams that wrap their usage: OpenAI Responses' ``response.completed`` event, and
+        # Anthropic's ``message_start`` (the only event that reports the prompt cache).
+        for wrapper in ("response", "message"):
+            inner = obj.get(wrapper)
+            if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+                self._cache(inner["usage"])
+
+    def _cache(self, usage: dict[str, Any]) -> None:
+        # A later usage without the figure (Anthropic's message_delta) keeps the one reported.
+        count = cached_tokens(usage)
+        if count is not None:
+            self._cached_tokens = count
 
     def _delta(self, delta: dict[str, Any], first_choice: bool) -> None:
         content = delta.get("content")
@@ -377,6 +415,7 @@ class ResponseInspector:
         if isinstance(usage, dict):
             self._prompt_tokens = _token_count(usage.get("prompt_tokens"))
             self._completion_tokens = _token_count(usage.get("completion_tokens"))
+            self._cache(usage)
         choices = obj.get("choices")
         if not isinstance(choices, list):
             return

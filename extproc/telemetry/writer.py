@@ -1,13 +1,19 @@
-"""Batch telemetry events into Redis off the request path, with a bounded buffer.
+"""Batch telemetry events into Redis off the request path, with bounded buffers.
 
-Request handlers only append to an in-memory deque (no I/O, no await); a background task drains
-it in pipelined transactions. While Redis is away the buffer holds up to ``max_buffer`` events and
-later events are dropped and counted, so memory stays bounded and user traffic never waits.
+Request handlers only append to in-memory deques (no I/O, no await); a background task drains
+them. While Redis is away the event buffer holds up to ``max_buffer`` events and the capture
+buffer up to ``max_capture_bytes`` of captured texts; past either bound the newest are dropped and
+counted (what is buffered stays one stretch from the start of the outage, and dropping costs the
+request path nothing), so memory stays bounded and user traffic never waits.
 
-Each flush is one MULTI/EXEC per experiment (``XADD`` per event and one ``HINCRBY`` per variant),
-so the stream and the exact per-variant counters move together. If a connection breaks after Redis
-ran EXEC but before the reply arrived, the retry writes that batch twice; readers that need exact
-figures de-duplicate by ``request_id``.
+Each batch of one experiment is applied by one Lua script: ``XADD`` per event and one
+``HINCRBY`` per variant, so the stream and the exact per-variant counters move together. The
+script first claims the batch's id (``SET NX`` with a TTL): when a reply is lost (the script
+ran, the socket timed out), the retry sends the same batch under the same id and the script does
+nothing, so no event is written twice and the counts stay exact. The next batch deletes the id
+of the one before, which is known to have landed; the TTL only bounds what a replica that died
+leaves behind. All keys of a batch carry the experiment's hash tag, so this works on Redis Cluster
+too.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -45,7 +52,42 @@ class WriterStats:
     submitted: int = 0
     written: int = 0
     dropped: int = 0
+    captures_dropped: int = 0
     redis_ok: bool = True
+
+
+@dataclass
+class _Batch:
+    """Events taken from the buffer, written (and retried) under one id until confirmed."""
+
+    events: list[TelemetryEvent]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+# KEYS: stream, counts, this batch's id key, the previous batch's id key (deleted; the same key
+# for an experiment's first batch).
+# ARGV: id TTL (s), stream MAXLEN, the events' field, event count, the events, then variant and
+# count pairs.
+_APPLY_BATCH = """
+if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+if KEYS[4] ~= KEYS[3] then redis.call('DEL', KEYS[4]) end
+local n = tonumber(ARGV[4])
+for i = 5, 4 + n do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', ARGV[3], ARGV[i])
+end
+for i = 5 + n, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+return n
+"""
+
+BATCH_ID_TTL_S = 86_400
+"""How long a batch id guards against a duplicate write: longer than any retry can come."""
+
+MAX_CAPTURE_BYTES = 64 * 1024 * 1024
+"""Default bound of the capture buffer: 64 MiB of captured texts while Redis is away (about
+2,000 captures at the largest ``capture.max_bytes`` of prompt and answer, far more at typical
+sizes)."""
 
 
 class TelemetryWriter:
@@ -54,28 +96,39 @@ class TelemetryWriter:
         redis: aioredis.Redis,
         *,
         max_buffer: int = 100_000,
+        max_capture_bytes: int = MAX_CAPTURE_BYTES,
         batch_size: int = 500,
         flush_interval_s: float = 0.05,
         stream_maxlen: int = 1_000_000,
     ) -> None:
         self.redis = redis
         self.max_buffer = max_buffer
+        self.max_capture_bytes = max_capture_bytes
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.stream_maxlen = stream_maxlen
         self.stats = WriterStats()
         self._buffer: deque[TelemetryEvent] = deque()
-        self._captures: deque[Capture] = deque(maxlen=max(1, max_buffer // 10))
+        self._pending: _Batch | None = None  # taken from the buffer, outcome not known yet
+        self._last_batch: dict[str, str] = {}  # experiment -> id key of its last confirmed batch
+        self._captures: deque[Capture] = deque()
+        self._capture_bytes = 0
+        self._script = redis.register_script(_APPLY_BATCH)
         self._wake = asyncio.Event()
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) + (0 if self._pending is None else len(self._pending.events))
+
+    @property
+    def capture_bytes(self) -> int:
+        """Bytes of captured texts waiting for Redis."""
+        return self._capture_bytes
 
     def submit(self, event: TelemetryEvent) -> None:
         """Queue an event; never blocks and never raises (a full buffer drops and counts)."""
         self.stats.submitted += 1
-        if len(self._buffer) >= self.max_buffer:
+        if self.buffered >= self.max_buffer:
             self.stats.dropped += 1
             return
         self._buffer.append(event)
@@ -83,12 +136,18 @@ class TelemetryWriter:
             self._wake.set()
 
     def submit_capture(self, capture: Capture) -> None:
-        """Queue captured texts; the oldest are dropped first when Redis is away for long."""
+        """Queue captured texts; past ``max_capture_bytes`` they are dropped and counted."""
+        size = _size(capture)
+        if self._capture_bytes + size > self.max_capture_bytes:
+            self.stats.captures_dropped += 1
+            return
         self._captures.append(capture)
+        self._capture_bytes += size
 
     async def _write_captures(self) -> None:
         while self._captures:
             batch = [self._captures.popleft() for _ in range(min(100, len(self._captures)))]
+            self._capture_bytes -= sum(_size(c) for c in batch)
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for c in batch:
@@ -101,40 +160,50 @@ class TelemetryWriter:
                     await pipe.execute()
             except BaseException:
                 self._captures.extendleft(reversed(batch))
+                self._capture_bytes += sum(_size(c) for c in batch)
                 raise
 
-    async def _write(self, batch: list[TelemetryEvent]) -> None:
+    async def _write(self, batch: _Batch) -> None:
+        """Apply a batch, once per experiment in it; safe to call again with the same batch."""
         by_experiment: dict[str, list[TelemetryEvent]] = {}
-        for ev in batch:
+        for ev in batch.events:
             by_experiment.setdefault(ev.experiment, []).append(ev)
         for name, events in by_experiment.items():
-            stream = keys.events(name)
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for ev in events:
-                    pipe.xadd(
-                        stream,
-                        {keys.EVENT_FIELD: ev.SerializeToString()},
-                        maxlen=self.stream_maxlen,
-                        approximate=True,
-                    )
-                # Requests refused before routing (no variant) are events but count for no variant.
-                counts = Counter(ev.variant for ev in events if ev.variant and not ev.shadow)
-                for variant, n in counts.items():
-                    pipe.hincrby(keys.counts(name), variant, n)
-                await pipe.execute()
+            # Requests refused before routing (no variant) are events but count for no variant.
+            counts = Counter(ev.variant for ev in events if ev.variant and not ev.shadow)
+            batch_key = keys.batch(name, batch.id)
+            await self._script(
+                keys=[
+                    keys.events(name),
+                    keys.counts(name),
+                    batch_key,
+                    self._last_batch.get(name, batch_key),
+                ],
+                args=[
+                    BATCH_ID_TTL_S,
+                    self.stream_maxlen,
+                    keys.EVENT_FIELD,
+                    len(events),
+                    *(ev.SerializeToString() for ev in events),
+                    *(x for variant, n in counts.items() for x in (variant, n)),
+                ],
+            )
+            self._last_batch[name] = batch_key
 
     async def flush(self) -> None:
-        """Write everything buffered now; on failure keep it buffered and re-raise."""
+        """Write everything buffered now; on failure keep it buffered and re-raise.
+
+        A batch whose outcome is unknown (the reply was lost) stays pending and is retried,
+        whole and under the same id, before anything else: the script applies it at most once.
+        """
         await self._write_captures()
-        while self._buffer:
-            n = min(self.batch_size, len(self._buffer))
-            batch = [self._buffer.popleft() for _ in range(n)]
-            try:
-                await self._write(batch)
-            except BaseException:
-                self._buffer.extendleft(reversed(batch))
-                raise
-            self.stats.written += n
+        while self._pending is not None or self._buffer:
+            if self._pending is None:
+                n = min(self.batch_size, len(self._buffer))
+                self._pending = _Batch([self._buffer.popleft() for _ in range(n)])
+            await self._write(self._pending)
+            self.stats.written += len(self._pending.events)
+            self._pending = None
 
     async def run(self) -> None:
         """Drain the buffer until cancelled; on cancel, one last flush attempt."""
@@ -158,8 +227,13 @@ class TelemetryWriter:
                 self.stats.redis_ok = True
                 backoff = 0.1
         finally:
-            if self._buffer:
+            if self.buffered:
                 try:
                     await asyncio.wait_for(self.flush(), 2.0)
                 except (RedisError, OSError, TimeoutError):
-                    log.warning("telemetry: %d events lost at shutdown", len(self._buffer))
+                    log.warning("telemetry: %d events lost at shutdown", self.buffered)
+
+
+def _size(capture: Capture) -> int:
+    """What a buffered capture costs, near enough: its texts (JSON, ASCII) and its id."""
+    return len(capture.doc) + len(capture.request_id) + len(capture.experiment)

@@ -13,33 +13,17 @@ const VERBS = {
   promote: ["Promote", "Move to the next stage now, without waiting for the guardrails."],
   rollback: ["Roll back", "Send all traffic to the stable variant; every sidecar follows within a second."],
 };
-const LABELS = {
-  requests: "requests (all time)",
-  weight: "weight (%)",
-  window_requests: "requests",
-  errors: "errors",
-  error_rate: "error rate",
-  "latency_ms.p50": "latency p50 (ms)",
-  "latency_ms.p95": "latency p95 (ms)",
-  "latency_ms.p99": "latency p99 (ms)",
-  "ttft_ms.p50": "time to first token p50 (ms)",
-  prompt_tokens: "prompt tokens",
-  completion_tokens: "completion tokens",
-  tokens_per_request: "completion tokens per request",
-  timeout_rate: "timeout rate",
-  output_tokens_per_s: "output tokens/s p50",
-  cost_per_request: "cost per request",
-  refusal_rate: "refusal rate",
-  answer_chars_mean: "answer length (chars)",
-};
 // Charts in this order first; any other figure the API sends (quality scores, judge win rates)
-// gets a chart of its own when it has data. Token totals are drawn per request instead.
+// gets a chart of its own when it has data. Token totals are drawn per request instead. Names
+// and units come from the API (extproc/figures.py), as do the table's texts: the page shows
+// figures exactly as `extproc status` prints them, and never rounds one itself.
 const CHARTS = [
   "window_requests", "latency_ms.p50", "latency_ms.p95", "latency_ms.p99", "ttft_ms.p50",
-  "error_rate", "tokens_per_request", "answer_chars_mean", "refusal_rate", "output_tokens_per_s",
-  "timeout_rate",
+  "error_rate", "client_error_rate", "timeout_rate", "tokens_per_request", "output_tokens_per_s",
+  "answer_chars_mean", "refusal_rate", "tool_call_rate", "empty_answer_rate", "json_invalid_rate",
+  "cost_per_request", "cached_prompt_tokens",
 ];
-const NOT_CHARTED = new Set(["errors", "prompt_tokens", "completion_tokens"]);
+const NOT_CHARTED = new Set(["errors", "client_errors", "prompt_tokens", "completion_tokens"]);
 const COLOURS = ["#3b6ea5", "#d9822b", "#4c9a2a", "#a23b72", "#6b5b95", "#c0392b"];
 
 const state = { overview: null, experiment: null, series: null, pairs: null, updated: null, error: null };
@@ -74,40 +58,20 @@ function $(id) {
 }
 
 function label(key) {
-  return LABELS[key] || key.replaceAll("_", " ").replaceAll(".", " ");
+  const labels = (state.series && state.series.labels) || {};
+  return labels[key] || key.replaceAll("_", " ").replaceAll(".", " ");
 }
 
 function isRate(key) {
   return /rate$/.test(key);
 }
 
-function fmt(key, v) {
-  if (v === null || v === undefined) return "–";
-  if (isRate(key)) return `${(100 * v).toFixed(2)}%`;
-  if (/_ms(\.|$)/.test(key)) return `${v.toFixed(1)} ms`;
-  if (Number.isInteger(v)) return v.toLocaleString("en");
-  return Math.abs(v) >= 100 ? v.toFixed(1) : v.toPrecision(3);
-}
-
-function fmtDiff(key, v) {
-  if (v === null || v === undefined) return "–";
-  const sign = v > 0 ? "+" : "";
-  if (isRate(key)) return `${sign}${(100 * v).toFixed(2)} pp`;
-  return sign + fmt(key, v);
-}
-
-function fmtRel(v) {
-  return v === null || v === undefined ? "–" : `${v > 0 ? "+" : ""}${(100 * v).toFixed(1)}%`;
-}
-
-// Axis ticks: short, the unit is in the chart's caption.
+// Axis ticks: short, the unit is in the chart's caption (scale marks, not figures: a figure's
+// text always comes from the API).
 function tick(key, v) {
   if (isRate(key)) return `${+(100 * v).toPrecision(3)}%`;
+  if (v !== 0 && Math.abs(v) < 0.01) return v.toExponential(1);
   return String(+v.toPrecision(3));
-}
-
-function num(v) {
-  return v === null || v === undefined ? "–" : Number(v).toPrecision(4);
 }
 
 function clock(t, seconds = true) {
@@ -278,15 +242,11 @@ function renderComparison(cmp) {
     "data-variant": variant, "data-metric": metric, "data-field": field, "data-value": JSON.stringify(value),
   }, text);
   const rows = cmp.rows.map((row) => el("tr", {},
-    el("th", { scope: "row" }, label(row.metric)),
-    cell(cmp.stable, row.metric, "value", row.stable, fmt(row.metric, row.stable)),
+    el("th", { scope: "row" }, row.label),
+    cell(cmp.stable, row.metric, "value", row.stable, row.stable_text),
     cmp.candidates.map((c) => {
       const e = row.candidates[c];
-      return [
-        cell(c, row.metric, "value", e.value, fmt(row.metric, e.value)),
-        cell(c, row.metric, "diff", e.diff, fmtDiff(row.metric, e.diff)),
-        cell(c, row.metric, "rel", e.rel, fmtRel(e.rel)),
-      ];
+      return ["value", "diff", "rel"].map((f) => cell(c, row.metric, f, e[f], e.text[f]));
     })));
   return el("table", { id: "comparison-table" }, el("thead", {}, head), el("tbody", {}, rows));
 }
@@ -302,7 +262,7 @@ function renderChecks(checks) {
     el("tbody", {}, checks.items.map((c) => el("tr", { "data-variant": c.variant, "data-metric": c.metric, "data-status": c.status },
       el("td", {}, c.variant), el("td", {}, c.metric), el("td", {}, c.action),
       el("td", {}, badge(c.status)),
-      ["estimate", "bound", "margin", "evidence"].map((k) => el("td", { "data-field": k, "data-value": JSON.stringify(c[k] ?? null) }, num(c[k]))),
+      ["estimate", "bound", "margin", "evidence"].map((k) => el("td", { "data-field": k, "data-value": JSON.stringify(c[k] ?? null) }, c.text[k])),
       el("td", { class: "detail" }, c.detail)))));
 }
 
