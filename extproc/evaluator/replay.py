@@ -32,10 +32,11 @@ time, as live, not when its final event arrives.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from extproc.config import ExperimentSpec
 from extproc.evaluator import machine
@@ -180,6 +181,32 @@ def _check_variants(spec: ExperimentSpec, events: Sequence[RecordedEvent]) -> No
         )
 
 
+class Source(Protocol):
+    """Events for a replay that routes: a simulation whose split follows the replay's decisions.
+
+    A recorded log cannot re-route (module docstring); a traffic generator can, and judging its
+    requests through this same loop is what makes a simulation evidence about the evaluator.
+    """
+
+    def read(self, now_ms: int, weights: Mapping[str, float]) -> Iterable[RecordedEvent]:
+        """The events an evaluator could read by ``now_ms`` and has not read yet; requests that
+        arrived since the previous checkpoint were routed by ``weights``."""
+        ...
+
+
+@dataclass
+class _Log:
+    """A recorded log as a :class:`Source`: its routing is the recording's, whatever the weights."""
+
+    ordered: list[RecordedEvent]
+    i: int = 0
+
+    def read(self, now_ms: int, weights: Mapping[str, float]) -> Iterable[RecordedEvent]:
+        j = bisect_right(self.ordered, now_ms, lo=self.i, key=lambda e: e.seen_ms)
+        out, self.i = self.ordered[self.i : j], j
+        return out
+
+
 def replay(
     spec: ExperimentSpec,
     events: Sequence[RecordedEvent],
@@ -197,13 +224,37 @@ def replay(
     if not events:
         raise EventLogError("the log has no events")
     _check_variants(spec, events)
+    ordered = sorted(events, key=lambda e: e.seen_ms)
+    start_ms = min(started_ms(e.event) for e in events)
+    res = replay_source(
+        spec,
+        _Log(ordered),
+        start_ms,
+        ordered[-1].seen_ms,
+        cadence_s=cadence_s,
+        every_checkpoint=every_checkpoint,
+        split=split,
+    )
+    res.events = len(events)
+    return res
+
+
+def replay_source(
+    spec: ExperimentSpec,
+    source: Source,
+    start_ms: int,
+    end_ms: int,
+    *,
+    cadence_s: float | None = None,
+    every_checkpoint: bool = False,
+    split: Split = "schedule",
+) -> ReplayResult:
+    """:func:`replay` over a :class:`Source` from ``start_ms`` until the rollout ends or the
+    first checkpoint at or past ``end_ms``; ``events`` counts the events read."""
     cadence = spec.rollout.cadence_s if cadence_s is None else cadence_s
     if not (math.isfinite(cadence) and cadence > 0):
         raise EventLogError(f"cadence must be a positive number of seconds, got {cadence}")
-    ordered = sorted(events, key=lambda e: e.seen_ms)
-    start_ms = min(started_ms(e.event) for e in events)
-    end_ms = ordered[-1].seen_ms
-    res = ReplayResult(spec.name, cadence, len(events), start_ms, end_ms)
+    res = ReplayResult(spec.name, cadence, 0, start_ms, end_ms)
     t = machine.start(spec, start_ms / 1000)
     state, weights = t.state, dict(t.weights or {})
     window = machine.new_window(spec, state.stage_started)
@@ -211,13 +262,13 @@ def replay(
         Point(start_ms, 0.0, 0, state.status, dict(weights), t.action, t.reasons, {}, [], {})
     )
     records: dict[tuple[str, str], GuardrailRecord] = {}
-    i, k = 0, 0
+    k = 0
     while state.status == "running":
         k += 1
         now_ms = start_ms + round(k * cadence * 1000)
-        while i < len(ordered) and ordered[i].seen_ms <= now_ms:
-            window.add(ordered[i].event)
-            i += 1
+        for e in source.read(now_ms, weights):
+            window.add(e.event)
+            res.events += 1
         judged = weights if split == "schedule" else judged_weights(spec, window, weights)
         t = machine.evaluate(spec, state, window, judged, now_ms / 1000)
         res.checkpoints += 1
