@@ -203,7 +203,7 @@ class Inflight(_Strict):
     evaluator counts a request as hung (a server error and a timeout of its variant, in the stage
     it started in) once it is older than max(notice_ms, hang_multiple x stable's p99 latency).
     Keep notice_ms well under the upstream timeout (``envoy.request_timeout_s``) or hangs are seen
-    only when they time out.
+    only when they time out; left out, it is 5 s or half that timeout, whichever is shorter.
     """
 
     notice_ms: int = Field(
@@ -562,12 +562,31 @@ def _native_problems(raw: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _default_notice(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Without an explicit ``inflight.notice_ms``, notice at 5 s or half the upstream timeout,
+    whichever comes first: a short timeout alone must not make the file invalid."""
+    inflight, envoy = raw.get("inflight"), raw.get("envoy")
+    timeout = envoy.get("request_timeout_s") if isinstance(envoy, Mapping) else None
+    if inflight is not None and not isinstance(inflight, Mapping):
+        return raw
+    if (inflight or {}).get("notice_ms") is not None:
+        return raw
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        return raw
+    default = Inflight().notice_ms
+    notice = max(100, min(default, int(timeout * 500)))
+    if notice == default:
+        return raw
+    return {**raw, "inflight": {**(inflight or {}), "notice_ms": notice}}
+
+
 def _inflight_problems(raw: Mapping[str, Any]) -> list[str]:
     """A notice sent after the upstream timeout would never come: hangs would be seen late."""
     inflight, envoy = raw.get("inflight"), raw.get("envoy")
     notice = inflight.get("notice_ms") if isinstance(inflight, Mapping) else None
     timeout = envoy.get("request_timeout_s") if isinstance(envoy, Mapping) else None
-    notice = Inflight().notice_ms if notice is None else notice
+    if notice is None:  # the default adapts to the timeout (_default_notice)
+        return []
     timeout = EnvoySettings().request_timeout_s if timeout is None else timeout
     numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (notice, timeout))
     if numbers and notice >= timeout * 1000:
@@ -590,12 +609,13 @@ def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
             **raw,
             "guardrails": [g.model_dump() for g in DEFAULT_GUARDRAILS] + [JUDGE_GUARDRAIL],
         }
+    problems += _inflight_problems(raw)  # on what the file says, before the notice's default
+    raw = _default_notice(raw)
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
         problems += _structural_problems(err)
     problems += _semantic_problems(raw)
-    problems += _inflight_problems(raw)
     if isinstance(raw.get("variants"), Mapping):
         problems += _signal_source_problems(raw, raw["variants"])
     if raw.get("dataplane") == "native":

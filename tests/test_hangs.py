@@ -308,3 +308,14 @@ def test_window_counts_every_signal_and_keeps_client_errors_apart(spec: Any) -> 
     assert summary["cached_prompt_tokens"] == 64.0
     assert summary["cost_per_request"] == pytest.approx(112 / 1e6)
     assert VariantWindow().summary()["timeout_rate"] is None
+
+
+@pytest.mark.parametrize(("timeout_s", "notice_ms"), [(2, 1000), (1, 500), (0.1, 100), (300, 5000)])
+def test_a_short_upstream_timeout_shortens_the_default_notice(
+    timeout_s: float, notice_ms: int
+) -> None:
+    """Left out, the notice comes at 5 s or half the upstream timeout: a file that only lowers
+    the timeout stays valid and its hangs are still noticed before they time out."""
+    raw = {k: v for k, v in EXPERIMENT.items() if k != "inflight"}
+    spec = parse_experiment({**raw, "envoy": {"request_timeout_s": timeout_s}}).spec
+    assert spec.inflight.notice_ms == notice_ms
