@@ -55,11 +55,39 @@ class Ports:
     models: dict[str, int] = field(default_factory=dict)
 
 
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int | None:
+    try:
+        return int(_EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def free_port() -> int:
+    """A loopback port free now, below the kernel's ephemeral range where it can tell.
+
+    Why not simply ``bind(0)``: that hands out an ephemeral port, and between choosing it and the
+    process binding it, any outgoing connection (a Redis client, Envoy's upstream pool) may take
+    the same port as its source port; stacks then failed at random with "address already in use".
+    Outgoing connections never use ports below the ephemeral range. A port is handed out once per
+    process, so one stack never gets the same port twice.
+    """
+    low = _ephemeral_low()
+    if low is not None and low > 11_000:
+        rng = secrets.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(10_000, low)
+            if port not in _handed_out and not port_in_use(port):
+                _handed_out.add(port)
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        port_: int = s.getsockname()[1]
+        _handed_out.add(port_)
+        return port_
 
 
 def port_in_use(port: int) -> bool:

@@ -67,13 +67,17 @@ class LiveStack:
     def redis(self) -> redis.Redis | redis.RedisCluster:
         return store.connect_sync(self.redis_url, timeout_s=2)
 
-    def events(self, experiment: str = "chat-upgrade") -> list[TelemetryEvent]:
-        """Every telemetry event in the experiment's stream, oldest first."""
+    def events(
+        self, experiment: str = "chat-upgrade", *, notices: bool = False
+    ) -> list[TelemetryEvent]:
+        """The telemetry events in the experiment's stream, oldest first: one per request, and
+        with ``notices`` also the in-flight notices of requests that were open a while."""
         out = []
         for _id, fields in self.redis().xrange(keys.events(experiment)):
             ev = TelemetryEvent()
             ev.ParseFromString(fields[keys.EVENT_FIELD])
-            out.append(ev)
+            if notices or not ev.in_flight:
+                out.append(ev)
         return out
 
     def pid(self, name: str) -> int:

@@ -83,7 +83,7 @@ async def test_hanging_candidate_is_rolled_back_before_its_requests_end(
         # no canary request has a final event with an error.
         assert open_requests
         assert not any(t.done() for t in open_requests)
-        events = await asyncio.to_thread(s.events)
+        events = await asyncio.to_thread(lambda: s.events(notices=True))
         ended = {e.request_id for e in events if not e.in_flight}
         noticed = {e.request_id for e in events if e.in_flight and e.variant == "canary"}
         assert len(noticed - ended) >= snap["hung"]
