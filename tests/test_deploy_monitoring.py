@@ -28,7 +28,7 @@ from tests.test_deploy import (
     selects,
     workloads_of,
 )
-from tests.test_metrics import _exposed_everything, dashboard_queries, promql_parts
+from tests.test_metrics import _exposed_everything, check_queries, dashboard_queries, promql_parts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,12 +115,6 @@ async def test_rules_and_dashboard_name_only_exposed_metrics() -> None:
     value it compares with is one that appears: a renamed metric or label would otherwise leave
     an alert that can never fire."""
     exposed = await _exposed_everything()
-    labels_of: dict[str, set[str]] = {name: set() for name in SYNTHETIC}
-    values_of: dict[tuple[str, str], set[str]] = {}
-    for name, sample_labels in exposed.samples:
-        labels_of.setdefault(name, set()).update(k for k, _ in sample_labels)
-        for k, v in sample_labels:
-            values_of.setdefault((name, k), set()).add(v)
     docs = rendered("dev", MONITORING)
     monitor = one_of(docs, "PodMonitor", "extproc")
     job = f"{monitor['metadata']['namespace']}/{monitor['metadata']['name']}"
@@ -130,22 +124,16 @@ async def test_rules_and_dashboard_name_only_exposed_metrics() -> None:
         for c in w["spec"]["template"]["spec"]["containers"]
         if any(p["name"] == "metrics" for p in c.get("ports", []))
     }
-    target_values = {"job": {job}, "container": scraped_containers}
-
     rules = alert_rules()
     assert {r["alert"] for r in rules} >= REQUIRED_ALERTS
     queries = [(f"alert {r['alert']}", r["expr"]) for r in rules] + dashboard_queries()
-    for where, expr in queries:
-        metrics, labels, values = promql_parts(expr)
-        assert metrics, f"{where}: no metric in {expr!r}"
-        unknown = metrics - set(labels_of)
-        assert not unknown, f"{where}: {sorted(unknown)} not exposed by extproc"
-        known = set().union(*(labels_of[m] for m in metrics)) | TARGET_LABELS
-        assert labels <= known, f"{where}: labels {sorted(labels - known)}"
-        for label, value in values:
-            seen = set().union(*(values_of.get((m, label), set()) for m in metrics))
-            seen |= target_values.get(label, set())
-            assert value in seen, f"{where}: {label}={value!r} never appears (have {seen})"
+    check_queries(
+        queries,
+        exposed,
+        extra_metrics=frozenset(SYNTHETIC),
+        target_labels=frozenset(TARGET_LABELS),
+        target_values={"job": {job}, "container": scraped_containers},
+    )
     for r in rules:
         # An annotation's $labels.X must survive the expression: an aggregation keeps only the
         # labels of its `by (...)`.

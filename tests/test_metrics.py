@@ -521,29 +521,44 @@ async def _exposed_everything() -> Scrape:
     return merged
 
 
-async def test_dashboard_uses_only_exposed_metrics_and_labels() -> None:
-    exposed = await _exposed_everything()
-    labels_of: dict[str, set[str]] = {}
+def check_queries(
+    queries: list[tuple[str, str]],
+    exposed: Scrape,
+    *,
+    extra_metrics: frozenset[str] = frozenset(),
+    target_labels: frozenset[str] = frozenset(TARGET_LABELS),
+    target_values: dict[str, set[str]] | None = None,
+) -> set[str]:
+    """Every metric a query names is exposed (or in ``extra_metrics``), every label it reads
+    exists on it or on the scrape target, and every label value it compares with appears (in
+    the scrape or among ``target_values``). Returns the metric names the queries use."""
+    labels_of: dict[str, set[str]] = {name: set() for name in extra_metrics}
     values_of: dict[tuple[str, str], set[str]] = {}
     for name, sample_labels in exposed.samples:
         labels_of.setdefault(name, set()).update(k for k, _ in sample_labels)
         for k, v in sample_labels:
             values_of.setdefault((name, k), set()).add(v)
-
-    queries = dashboard_queries() + variable_queries()
-    assert len(queries) >= 20
     used: set[str] = set()
     for where, expr in queries:
         metrics, labels, values = promql_parts(expr)
         assert metrics, f"{where}: no metric in {expr!r}"
         unknown = metrics - set(labels_of)
         assert not unknown, f"{where}: {sorted(unknown)} not exposed (in {expr!r})"
-        known_labels = set().union(*(labels_of[m] for m in metrics)) | TARGET_LABELS
+        known_labels = set().union(*(labels_of[m] for m in metrics)) | target_labels
         assert labels <= known_labels, f"{where}: labels {sorted(labels - known_labels)}"
         for label, value in values:
             seen = set().union(*(values_of.get((m, label), set()) for m in metrics))
-            assert value in seen, f"{where}: {label}={value!r} never exposed (have {seen})"
+            seen |= (target_values or {}).get(label, set())
+            assert value in seen, f"{where}: {label}={value!r} never appears (have {seen})"
         used |= metrics
+    return used
+
+
+async def test_dashboard_uses_only_exposed_metrics_and_labels() -> None:
+    exposed = await _exposed_everything()
+    queries = dashboard_queries() + variable_queries()
+    assert len(queries) >= 20
+    used = check_queries(queries, exposed)
     # Every family of both components has a place on the dashboard.
     families = {n for n in exposed.types if n.startswith("extproc_")}
     shown = {f for f in families if any(u == f or u.startswith(f + "_") for u in used)}
