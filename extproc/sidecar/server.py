@@ -55,7 +55,7 @@ from extproc.telemetry.writer import MAX_CAPTURE_BYTES, TelemetryWriter
 log = logging.getLogger(__name__)
 
 # Envoy pings idle HTTP/2 connections; grpcio answers pings more often than it allows with GOAWAY
-# too_many_pings unless told to accept them (DESIGN.md, "Envoy facts that bite").
+# too_many_pings unless told to accept them.
 GRPC_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
