@@ -41,6 +41,7 @@ from redis.exceptions import RedisError
 from extproc import keys, signals
 from extproc.assignment import BUCKETS
 from extproc.config import Judge
+from extproc.supervise import raise_if_cancelled
 
 __all__ = [
     "ANSWER_A",
@@ -550,6 +551,7 @@ class JudgeWorker:
         consumers = [asyncio.create_task(self._consume(queue)) for _ in range(_CONCURRENT_PAIRS)]
         try:
             while True:
+                raise_if_cancelled()
                 try:
                     for pair in await self.feed.poll():
                         await queue.put(pair)

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from extproc import keys, store
 from extproc.assignment import BucketTable, compile_table
 from extproc.config import ConfigError, Experiment, validate_weights
+from extproc.supervise import raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class LiveRouting:
                 await self.refresh()
                 await pubsub.subscribe(keys.changes(self.experiment.name))
                 while True:
+                    raise_if_cancelled()
                     await self.refresh()
                     if not self.redis_ok:
                         log.info("redis reachable; routing version %d", self.current.version)

@@ -41,6 +41,20 @@ class Backoff:
         return min(previous * 2, self.most)
 
 
+def raise_if_cancelled() -> None:
+    """Re-raise a cancellation of the current task that a library swallowed.
+
+    Why: redis-py's asyncio client can catch the ``CancelledError`` delivered while a command is
+    in flight and carry on (a cancel landing inside its connection handling; seen in about 1
+    shutdown in 8 of the judge worker, whose task then looped forever and ``close`` never
+    returned). The task's ``cancelling()`` count still says a cancel was asked for, so a loop
+    that calls this once per round stops at its next round instead of never.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class TaskGroup:
     """Runs named coroutines, restarting each one that raises; reports which are down."""
 

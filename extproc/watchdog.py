@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 
 from extproc import signals
 from extproc.config import ConfigError, Experiment, _structural_problems
+from extproc.supervise import raise_if_cancelled
 
 __all__ = ["Checks", "Probe", "ProbeSet", "WatchdogLoop", "load_probes", "probe_file", "score"]
 
@@ -230,6 +231,7 @@ class WatchdogLoop:
         """Until cancelled."""
         loop = asyncio.get_running_loop()
         while True:
+            raise_if_cancelled()
             start = loop.time()
             await self.round()
             await asyncio.sleep(max(0.0, start + self.settings.interval_s - loop.time()))

@@ -27,6 +27,7 @@ from extproc.judge_llm import (
     JudgeFailed,
     JudgeWorker,
     OrderVerdict,
+    Pair,
     PairFeed,
     TokenBucket,
     combine,
@@ -432,6 +433,37 @@ async def test_the_worker_keeps_to_its_budget(
     judged = [s.request_id for _, s in stream.signals if isinstance(s, signals.JudgeSignal)]
     assert len(judged) == len(set(judged)) == worker.judged
     assert set(judged) <= {f"r{i}" for i in range(6)}
+
+
+class SwallowingFeed:
+    """A pair feed that, like redis-py at times, catches the cancellation delivered while it
+    waits on Redis and returns as if nothing happened."""
+
+    def __init__(self) -> None:
+        self.polling = asyncio.Event()
+        self.swallowed = 0
+
+    async def poll(self) -> list[Pair]:
+        self.polling.set()
+        try:
+            await asyncio.Event().wait()  # a command that never answers
+        except asyncio.CancelledError:
+            self.swallowed += 1
+        return []
+
+
+async def test_the_worker_stops_when_a_library_swallows_its_cancellation(
+    client: aioredis.Redis, fake: FakeJudge, session: aiohttp.ClientSession
+) -> None:
+    worker = JudgeWorker(client, "exp", JudgeClient(settings(fake), session), 0.01)
+    feed = SwallowingFeed()
+    worker.feed = feed  # type: ignore[assignment]
+    task = asyncio.create_task(worker.run())
+    await feed.polling.wait()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)  # hung before: the loop went on polling
+    assert task.cancelled()
+    assert feed.swallowed == 1
 
 
 # --- configuration -------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from extproc.evaluator.rollout import RolloutState, append_audit, load_state, st
 from extproc.evaluator.window import StageWindow
 from extproc.metrics import EvaluatorMetrics, serve_metrics
 from extproc.status import decode_event
-from extproc.supervise import TaskGroup
+from extproc.supervise import TaskGroup, raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,7 @@ class Evaluator:
             stop = _stop_on_signals()
         cadence = self.spec.rollout.cadence_s
         while not stop.is_set():
+            raise_if_cancelled()
             try:
                 if await self._hold_lease():
                     await self.tick()

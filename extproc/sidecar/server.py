@@ -49,7 +49,7 @@ from extproc.sidecar.accesslog import AccessLogService, EntryMapper
 from extproc.sidecar.observer import InflightNotices, Observation, ObserverContext
 from extproc.sidecar.router import Router
 from extproc.sidecar.runtime import RuntimeService
-from extproc.supervise import TaskGroup
+from extproc.supervise import TaskGroup, raise_if_cancelled
 from extproc.telemetry.writer import MAX_CAPTURE_BYTES, TelemetryWriter
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ class Sidecar:
     async def _heartbeat(self) -> None:
         key = keys.sidecar(self.instance)
         while True:
+            raise_if_cancelled()
             self._beat.clear()
             s = self.writer.stats
             try:

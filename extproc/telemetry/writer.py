@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from extproc import keys
+from extproc.supervise import raise_if_cancelled
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ class TelemetryWriter:
         backoff = 0.1
         try:
             while True:
+                raise_if_cancelled()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
                 self._wake.clear()
