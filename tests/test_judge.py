@@ -150,6 +150,10 @@ def test_promote_carries_the_last_verdicts_evidence() -> None:
         "canary/error_rate",
         "canary/completion_tokens",
         "canary/latency_p50#reference",  # stable's median this stage: the next stage's reference
+        # this stage's tail events, for the stage-end tests of the stages after it
+        "canary/latency_p50#stage0.events",
+        "canary/latency_p50#stage0.treatment",
+        "canary/latency_p50#stage0.share",
     }
     assert t.state.evidence == carry_evidence(spec, {}, 0, v)
 
@@ -351,8 +355,14 @@ def test_clustered_refusals_are_weighed_by_conversation() -> None:
 def test_a_tail_regression_is_caught_with_evidence_carried_across_stages() -> None:
     """p99 of the candidate 60% higher. The first stage only measures stable's p99 (and runs
     the stage's own order-statistic test); from the second on, candidate requests beyond that
-    reference count, and their evidence carries."""
-    spec = _spec({"metric": "latency_p99", "max_increase": 0.0, "min_samples": 50})
+    reference count, and their evidence carries. Stages end by an operator's promote here
+    (``auto_advance: false``), so no stage-end test runs: the carried e-process alone."""
+    raw = {
+        **BASE,
+        "guardrails": [{"metric": "latency_p99", "max_increase": 0.0, "min_samples": 50}],
+    }
+    raw["rollout"] = {**BASE["rollout"], "auto_advance": False}
+    spec = parse_experiment(raw).spec
     evidence: dict[str, float] = {}
     stage_of_rollback = None
     for stage in range(3):
@@ -364,13 +374,43 @@ def test_a_tail_regression_is_caught_with_evidence_carried_across_stages() -> No
         if v.action == "rollback":
             stage_of_rollback = stage
             break
-        assert v.action == "advance", v.reasons
+        assert v.action == "none", v.reasons  # waits for the promote
         evidence = carry_evidence(spec, evidence, stage, v)
         assert "canary/latency_p99#reference" in evidence
     assert stage_of_rollback is not None
     assert stage_of_rollback >= 1
     assert "beyond" in v.reasons[0]
     assert "evidence e=" in v.reasons[0]
+
+
+def test_a_milder_tail_regression_is_caught_by_the_stage_end_test() -> None:
+    """p99 +30%: the carried e-process, readable at every look, does not see it in three
+    stages; the exact test read once at each stage's end, on the tail events of every stage so
+    far (the first included: it needs no reference), does, and only at the look that ends the
+    stage."""
+    spec = _spec({"metric": "latency_p99", "max_increase": 0.0, "min_samples": 50})
+    evidence: dict[str, float] = {}
+    for stage in range(3):
+        w = _stage(
+            _events("stable", 6000, sigma=0.8, seed=110 + stage),
+            _events("canary", 600, sigma=0.8 + math.log(1.3) / 2.326, seed=120 + stage),
+        )
+        early = judge(spec, w, _split(w), stage, 1, evidence)  # before min_stage_seconds
+        assert early.action == "none", early.reasons
+        v = judge(spec, w, _split(w), stage, 60, evidence)
+        if v.action == "rollback":
+            break
+        evidence = carry_evidence(spec, evidence, stage, v)
+    assert stage == 2
+    assert v.action == "rollback"
+    assert "exact stage-end test" in v.reasons[0]
+    assert "over 3 stages" in v.reasons[0]
+    for k in range(2):  # each finished stage left its tail events
+        key = f"canary/latency_p99#stage{k}"
+        assert 0 < evidence[f"{key}.treatment"] <= evidence[f"{key}.events"]
+    (check,) = v.checks
+    assert check.stratum is not None
+    assert 0 < check.stage_end_alpha < budget(spec).rollout
 
 
 def test_every_metric_in_the_registry_is_judged() -> None:

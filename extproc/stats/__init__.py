@@ -10,6 +10,8 @@ Modules, by the question they answer:
   continuous monitoring (means, event rates, quantiles). The evaluator's guardrails.
 * :mod:`~extproc.stats.exceedance`: tail and ceiling tests with e-values (quantile tails beyond
   a fixed reference, absolute ceilings), whose evidence carries across ramp stages.
+* :mod:`~extproc.stats.stratified`: the exact stage-end tail test, read once per stage on the
+  tail events of every stage so far.
 * :mod:`~extproc.stats.clustered`: design effects of requests clustered by conversation.
 * :mod:`~extproc.stats.classic`: *what does this sample say?* Welch, two-proportion z,
   Mann-Whitney U, effect sizes, win rate with a Wilson interval. One look only.
