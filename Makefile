@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint proto generate down clean browser promtool
+.PHONY: demo test test-fast lint proto generate down clean browser promtool
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,18 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint promtool
 	@# As root (CI, containers) the browser tests' Chromium is installed when missing; otherwise
 	@# they skip unless EXTPROC_REQUIRE_BROWSER=1 (`make browser` installs it with sudo).
 	@[ "$$(id -u)" != 0 ] || $(MAKE) --no-print-directory browser
 	$(BIN)/pytest
+
+# The unit and component tests only (no stack, no browser), on every core: the quick loop while
+# working. `make test` runs everything, as CI does.
+test-fast: $(VENV)/.installed
+	$(BIN)/pytest -n auto -m "not integration" tests/unit tests/component
 
 # Chromium and its driver for the dashboard's browser tests (Debian packages; root or sudo). Without
 # them those tests skip (or fail, with EXTPROC_REQUIRE_BROWSER=1 as in CI).

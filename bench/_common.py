@@ -13,8 +13,8 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
-from extproc import stack
 from extproc.config import Experiment, load_experiment
+from extproc.dev import stack
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 

@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from extproc import keys, stack, store
-from extproc.cli import EXAMPLE_EXPERIMENT
+from extproc import store
+from extproc.cli.main import EXAMPLE_EXPERIMENT
 from extproc.config import load_experiment
-from extproc.envoy_config import EnvoyLayout, build_baseline, to_yaml
+from extproc.contract import keys
+from extproc.dev import stack
+from extproc.envoyconf.bootstrap import EnvoyLayout, build_baseline, to_yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import experiment_at, start_fast_upstream

@@ -4,13 +4,14 @@ Why it exists: the ``route-als`` and ``hash-als`` configurations of ``bench/prox
 Envoy's ``http_grpc`` access log (one entry per request, many to a message over one long-lived
 stream) somewhere other than the package's sidecar: ``route-als`` keeps the sidecar for the
 ``route`` ext_proc filter only, ``hash-als`` runs no sidecar at all. This process receives those
-entries and serves them with the package's own code: ``extproc.sidecar.accesslog.AccessLogService``
-and ``EntryMapper`` (the mapping ``dataplane: native`` ships: variant from the echoed header,
-assignment and keyed hash of the sticky key, status, timings, bytes, error class, and TTFT,
-tokens and answer signals when a Lua filter put them in dynamic metadata), writing with the
-package's ``TelemetryWriter``. So the benchmark measures the whole cost of that design (Envoy's
-side, the Python side and Redis) with the mapping written once, and changes nothing in the
-package. Neither bench configuration has the Lua filter, so their events lack TTFT and tokens.
+entries and serves them with the package's own code:
+``extproc.dataplane.accesslog.AccessLogService`` and ``EntryMapper`` (the mapping ``dataplane:
+native`` ships: variant from the echoed header, assignment and keyed hash of the sticky key, status,
+timings, bytes, error class, and TTFT, tokens and answer signals when a Lua filter put them in
+dynamic metadata), writing with the package's ``TelemetryWriter``. So the benchmark measures the
+whole cost of that design (Envoy's side, the Python side and Redis) with the mapping written once,
+and changes nothing in the package. Neither bench configuration has the Lua filter, so their events
+lack TTFT and tokens.
 
     .venv/bin/python bench/als_sink.py --experiment exp.json --listen 127.0.0.1:50061 \
         --redis-url redis://127.0.0.1:6390/0
@@ -28,7 +29,7 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 
 from extproc import store
 from extproc.config import Experiment, load_experiment
-from extproc.sidecar.accesslog import AccessLogService, EntryMapper
+from extproc.dataplane.accesslog import AccessLogService, EntryMapper
 from extproc.telemetry.writer import TelemetryWriter
 
 log = logging.getLogger("als_sink")

@@ -36,7 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.special import expit, logit, ndtr
 
-from extproc.export import RecordedEvent
+from extproc.telemetry.export import RecordedEvent
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 
 FloatArray = NDArray[np.float64]

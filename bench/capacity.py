@@ -37,9 +37,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from extproc import keys, stack, store
-from extproc.cli import EXAMPLE_EXPERIMENT
+from extproc import store
+from extproc.cli.main import EXAMPLE_EXPERIMENT
 from extproc.config import load_experiment
+from extproc.contract import keys
+from extproc.dev import stack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_s, envoy_stats, experiment_at, process_tree, start_fast_upstream

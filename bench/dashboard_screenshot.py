@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from extproc import demo, stack
-from extproc.cli import DEMO_EXPERIMENT, DEMO_MODELS
+from extproc.cli.main import DEMO_EXPERIMENT, DEMO_MODELS
 from extproc.config import load_experiment
-from tests.test_dashboard_browser import WAIT_S, chrome, require_browser
+from extproc.dev import demo, stack
+from tests.integration.test_dashboard_browser import WAIT_S, chrome, require_browser
 
 ROOT = Path(__file__).resolve().parent.parent
 

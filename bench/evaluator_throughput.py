@@ -7,7 +7,7 @@ one evaluation over 1,000,000 events in at most 1 s.
 
 What is timed, done exactly as ``extproc/evaluator/service.py`` does it:
 
-1. decode: ``status.decode_event`` on each stream entry's fields (``{b"e": protobuf bytes}``), as
+1. decode: ``events.decode_event`` on each stream entry's fields (``{b"e": protobuf bytes}``), as
    ``Evaluator._read_events`` does for every entry it reads from Redis;
 2. add: ``StageWindow.add`` for each decoded event (the window of ``machine.new_window``);
 3. evaluate: ``machine.evaluate`` (``judge`` with every guardrail of the bundled experiment, the
@@ -47,14 +47,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from extproc import keys, stack, store
-from extproc.assignment import key_hash, salt_key
-from extproc.cli import EXAMPLE_EXPERIMENT
+from extproc import store
+from extproc.cli.main import EXAMPLE_EXPERIMENT
 from extproc.config import Experiment, load_experiment
+from extproc.contract import keys
+from extproc.contract.assignment import key_hash, salt_key
+from extproc.dev import stack
 from extproc.evaluator import machine
 from extproc.evaluator.service import Evaluator
 from extproc.evaluator.window import StageWindow
-from extproc.status import decode_event
+from extproc.telemetry.events import decode_event
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 
 T = TypeVar("T")

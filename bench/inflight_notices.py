@@ -1,7 +1,7 @@
 """What the observer's in-flight notices cost per request.
 
 Why: every observed request registers with the process's sweeper when its headers arrive and
-leaves it when it ends (``extproc.sidecar.observer.InflightNotices``), at 1,000 req/s and more
+leaves it when it ends (``extproc.dataplane.observer.InflightNotices``), at 1,000 req/s and more
 per process. The alternative, a timer per stream, costs a timer handle, a heap push and a cancel
 per request. This times both on a running asyncio loop over the real ``Observation`` objects:
 
@@ -20,9 +20,9 @@ import asyncio
 import time
 
 from extproc.config import parse_experiment
-from extproc.quality import QualityRules
-from extproc.sidecar.decide import Policy
-from extproc.sidecar.observer import InflightNotices, Observation, ObserverContext
+from extproc.dataplane.observer import InflightNotices, Observation, ObserverContext
+from extproc.quality.rules import QualityRules
+from extproc.routing.decide import Policy
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
 EXPERIMENT = parse_experiment(

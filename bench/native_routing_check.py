@@ -31,10 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from extproc import stack, store
-from extproc.cli import EXAMPLE_EXPERIMENT
+from extproc import store
+from extproc.cli.main import EXAMPLE_EXPERIMENT
 from extproc.config import Experiment, load_experiment
-from extproc.envoy_config import EnvoyLayout, build_native, runtime_weights
+from extproc.dev import stack
+from extproc.envoyconf.bootstrap import EnvoyLayout, build_native
+from extproc.routing.lanes import runtime_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from proxies import envoy_runtime, to_json, upstream_config

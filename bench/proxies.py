@@ -19,7 +19,7 @@ Variants (``PROXIES``):
     what ships as ``dataplane: native``, unedited (``envoy_config.build_native``): Envoy's own
     sticky weighted routing with weights from the sidecar's RTDS layer, forced-routing routes,
     the Lua filter ``extproc/data/inspect.lua`` and a gRPC access log to the sidecar, which turns
-    each entry into an event (``extproc/sidecar/accesslog.py``). The sidecar is off the request
+    each entry into an event (``extproc/dataplane/accesslog.py``). The sidecar is off the request
     path; ``bench/run.py`` starts measuring once Envoy holds the weights.
 ``route``
     the ``route`` filter alone: the price of the routing decision without telemetry.
@@ -67,16 +67,11 @@ from envoy.type.matcher.v3.regex_pb2 import RegexMatchAndSubstitute, RegexMatche
 from google.protobuf import any_pb2, json_format
 from google.protobuf.wrappers_pb2 import BoolValue
 
-from extproc import headers as h
 from extproc.config import Experiment
-from extproc.envoy_config import (
-    SIDECAR_CLUSTER,
-    EnvoyLayout,
-    build_baseline,
-    build_bootstrap,
-    build_native,
-    runtime_weights,
-)
+from extproc.contract import headers as h
+from extproc.contract.envoy import SIDECAR_CLUSTER
+from extproc.envoyconf.bootstrap import EnvoyLayout, build_baseline, build_bootstrap, build_native
+from extproc.routing.lanes import runtime_weights
 
 ALS_CLUSTER = "extproc_als"
 

@@ -65,11 +65,12 @@ from urllib.parse import quote
 
 import redis
 
-from extproc import keys, stack
-from extproc.cli import EXAMPLE_EXPERIMENT
+from extproc.cli.main import EXAMPLE_EXPERIMENT
 from extproc.config import Experiment, load_experiment
-from extproc.envoy_config import EnvoyLayout
-from extproc.status import decode_event
+from extproc.contract import keys
+from extproc.dev import stack
+from extproc.envoyconf.bootstrap import EnvoyLayout
+from extproc.telemetry.events import decode_event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from proxies import PROXIES, Proxy, envoy_runtime, native_layer, to_json, upstream_config
@@ -624,7 +625,7 @@ def streaming(
 
 
 def _frame_name(frame: str) -> str:
-    """``handler (extproc/sidecar/server.py:57)`` -> ``handler (extproc/sidecar/server.py)``:
+    """``handler (extproc/dataplane/server.py:57)`` -> ``handler (extproc/dataplane/server.py)``:
     lines apart, a function is one entry."""
     return re.sub(r":\d+\)$", ")", frame)
 

@@ -40,7 +40,7 @@ from typing import Any
 from canary_traffic import Arm, Burst, Drift, Scenario, Sessions, Traffic, p95, p99
 from scipy.stats import binomtest
 
-from extproc.cli import EXAMPLE_EXPERIMENT
+from extproc.cli.main import EXAMPLE_EXPERIMENT
 from extproc.config import ConfigError, ExperimentSpec, load_experiment, parse_experiment
 from extproc.evaluator.replay import replay_source
 

@@ -27,10 +27,11 @@ from typing import Any
 
 import redis
 
-from extproc import keys, stack
-from extproc.cli import EXAMPLE_EXPERIMENT
+from extproc.cli.main import EXAMPLE_EXPERIMENT
 from extproc.config import load_experiment
-from extproc.envoy_config import SIDECAR_CLUSTER
+from extproc.contract import keys
+from extproc.contract.envoy import SIDECAR_CLUSTER
+from extproc.dev import stack
 
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 

@@ -1,14 +1,14 @@
 """Write the generated files that docker-compose.yml and deploy/ ship; rerun after edits.
 
 Why a script: the Envoy bootstraps for docker-compose and for the Kubernetes Envoy pod differ from
-envoy/envoy.yaml only in addresses (service names, the pod's loopback), and `extproc
-envoy-config` has no flag for per-variant upstream addresses, so they are rendered here with
-``extproc.envoy_config.render``; the Kubernetes one also gets a readiness listener for the
-kubelet. The Istio EnvoyFilters carry the very filter configs that
-render produces (early header mutation, ext_proc route and observe), pointed at Istio's cluster
-for the sidecar Service. The Kubernetes ConfigMap of the experiment is a copy of the bundled
-example, because Kustomize cannot read files outside deploy/. tests/test_deploy.py checks that
-every file below is exactly what this script writes, so nothing drifts from the local stack:
+envoy/envoy.yaml only in addresses (service names, the pod's loopback), and `extproc envoy-config`
+has no flag for per-variant upstream addresses, so they are rendered here with
+``extproc.envoyconf.bootstrap.render``; the Kubernetes one also gets a readiness listener for the
+kubelet. The Istio EnvoyFilters carry the very filter configs that render produces (early header
+mutation, ext_proc route and observe), pointed at Istio's cluster for the sidecar Service. The
+Kubernetes ConfigMap of the experiment is a copy of the bundled example, because Kustomize cannot
+read files outside deploy/. tests/component/test_deploy.py checks that every file below is exactly
+what this script writes, so nothing drifts from the local stack:
 
     .venv/bin/python deploy/generate.py
 """
@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from extproc.cli import EXAMPLE_EXPERIMENT
+from extproc.cli.main import EXAMPLE_EXPERIMENT
 from extproc.config import Experiment, load_experiment
-from extproc.envoy_config import EnvoyLayout, render
+from extproc.envoyconf.bootstrap import EnvoyLayout, render
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "llm-rollout"
@@ -262,8 +262,8 @@ ENVOY_FILTER_DOC = """\
 #  4. VIRTUAL_HOST merge: 2 and 3 are inserted disabled and enabled on the model's virtual host
 #     only (Istio names it host:port).
 # The filter configs are those `extproc envoy-config` generates, pointed at Istio's cluster for
-# the extproc-sidecar Service (mTLS, per-pod balancing). tests/test_deploy.py applies the patches
-# to a bootstrap and runs `envoy --mode validate` on it.
+# the extproc-sidecar Service (mTLS, per-pod balancing). tests/component/test_deploy.py applies
+# the patches to a bootstrap and runs `envoy --mode validate` on it.
 """
 
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from extproc.cli import main
+from extproc.cli.main import main
 
 sys.exit(main())

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from extproc.assignment import BUCKETS
-from extproc.guardrail_metrics import METRICS, Direction, MetricInfo, sides
+from extproc.contract.assignment import BUCKETS
+from extproc.contract.guardrail_metrics import METRICS, Direction, MetricInfo, sides
 
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 HEADER_RE = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
@@ -95,9 +95,9 @@ Action = Literal["rollback", "hold", "warn"]
 class Guardrail(_Strict):
     """A one-sided check for harm (or two, ``direction: both``): the candidate worse than stable
     by more than a margin, and optionally above an absolute ceiling. What each metric is, which
-    test it takes and which side is harm: ``extproc.guardrail_metrics.METRICS``."""
+    test it takes and which side is harm: ``extproc.contract.guardrail_metrics.METRICS``."""
 
-    metric: str = Field(description="a name in extproc.guardrail_metrics.METRICS")
+    metric: str = Field(description="a name in extproc.contract.guardrail_metrics.METRICS")
     max_increase: float | None = Field(
         default=None, ge=0, description="relative margin, 0.2 = +20%; 0 = any increase"
     )
@@ -362,7 +362,7 @@ def lane_problems(stable: str, weights: Mapping[str, float], where: str) -> list
     """Each candidate ramps inside its own lane of buckets, so it can hold at most 100/k percent.
 
     Lanes are what make assignment monotone for every candidate at once: growing one candidate
-    never moves another candidate's conversations (see ``extproc.assignment``).
+    never moves another candidate's conversations (see ``extproc.contract.assignment``).
     """
     cands = [v for v in weights if v != stable]
     if not cands:

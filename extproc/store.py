@@ -16,8 +16,8 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from extproc import keys
 from extproc.config import Experiment, validate_weights
+from extproc.contract import keys
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -2,7 +2,7 @@
 
 Each target takes arbitrary bytes and either succeeds or raises the one error type its caller
 handles (a ``RoutingError`` becomes a 4xx, a ``ConfigError`` a listed problem); anything else is
-a bug. The test suite drives the same targets with hypothesis (``tests/test_fuzz.py``), so CI
+a bug. The test suite drives the same targets with hypothesis (``tests/unit/test_fuzz.py``), so CI
 runs them on every commit; for a long coverage-guided run:
 
     .venv/bin/pip install atheris
@@ -20,10 +20,11 @@ from collections.abc import Callable
 import yaml
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 
-from extproc.cli import EXAMPLE_EXPERIMENT
+from extproc.cli.main import EXAMPLE_EXPERIMENT
 from extproc.config import ConfigError, parse_experiment
-from extproc.live import Routing
-from extproc.sidecar.decide import Policy, RoutingError, attribute, choose_variant, read_headers
+from extproc.contract.errors import RoutingError
+from extproc.routing.decide import Policy, attribute, choose_variant, read_headers
+from extproc.routing.live import Routing
 from extproc.telemetry.inspect import ResponseInspector
 
 _EXPERIMENT = parse_experiment(yaml.safe_load(EXAMPLE_EXPERIMENT.read_text()))

@@ -21,9 +21,11 @@ import redis
 import redis.asyncio as aioredis
 import yaml
 
-from extproc import keys, stack, store
-from extproc.cli import EXAMPLE_EXPERIMENT
+from extproc import store
+from extproc.cli.main import EXAMPLE_EXPERIMENT
 from extproc.config import load_experiment
+from extproc.contract import keys
+from extproc.dev import stack
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
 # Tools the project installs into its virtualenv (`make promtool`) are found like those on PATH.

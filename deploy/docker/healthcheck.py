@@ -15,8 +15,8 @@ Exit 0 when healthy, 1 otherwise (Docker's contract). Kubernetes ignores HEALTHC
 manifests in deploy/ declare their own probes on the same endpoints.
 
 It runs every few seconds in every container, so it reads only the options it needs with a small
-parser of its own instead of importing the package's CLI (which loads Redis, pydantic and the
-rest: about a second of CPU per check). tests/test_deploy_healthcheck.py checks that its options
+parser of its own instead of importing the package's CLI (which loads Redis, pydantic and the rest:
+about a second of CPU per check). tests/component/test_deploy_healthcheck.py checks that its options
 and defaults are those of the real CLI.
 """
 

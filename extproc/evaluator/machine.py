@@ -40,13 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from extproc.config import ExperimentSpec
-from extproc.evaluator.judge import Verdict, carry_evidence, judge
-from extproc.evaluator.rollout import (
-    RolloutState,
-    flip_weights,
-    rollback_weights,
-    stage_weights,
-)
+from extproc.evaluator.guardrails import Verdict, carry_evidence, judge
+from extproc.evaluator.rollout import RolloutState, flip_weights, rollback_weights, stage_weights
 from extproc.evaluator.window import StageWindow
 
 

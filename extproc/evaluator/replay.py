@@ -7,8 +7,8 @@ these guardrails have fired on that traffic, and when?" before they guard a real
 How: virtual time starts at the first request in the log with a fresh rollout at stage 0; every
 ``cadence_s`` of virtual time is a checkpoint, as the live evaluator ticks. At a checkpoint the
 window receives every event an evaluator could have read by then (stream id time, see
-``extproc.export.RecordedEvent``), is judged, and the transition is applied: an advance starts a
-new stage window, a rollback or completion ends the replay.
+``extproc.telemetry.export.RecordedEvent``), is judged, and the transition is applied: an
+advance starts a new stage window, a rollback or completion ends the replay.
 
 What it cannot do: re-route. The split in the log is whatever it was when it was recorded, not
 the one the replayed schedule would have set, so
@@ -40,9 +40,9 @@ from typing import Any, Literal, Protocol
 
 from extproc.config import ExperimentSpec
 from extproc.evaluator import machine
-from extproc.evaluator.judge import Verdict
+from extproc.evaluator.guardrails import Verdict
 from extproc.evaluator.window import StageWindow
-from extproc.export import EventLogError, RecordedEvent
+from extproc.telemetry.export import EventLogError, RecordedEvent
 from extproc.telemetry.outcome import started_ms
 
 Split = Literal["schedule", "observed"]

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
-from extproc import keys
 from extproc.config import ExperimentSpec
+from extproc.contract import keys
 
 Status = Literal["running", "paused", "rolled_back", "completed", "aborted"]
 COMMANDS = ("pause", "resume", "promote", "rollback", "abort")

@@ -28,15 +28,16 @@ import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from extproc import keys, signals, store
+from extproc import store
 from extproc.config import Experiment
+from extproc.contract import keys, signals
 from extproc.evaluator import machine
-from extproc.evaluator.judge import Verdict
+from extproc.evaluator.guardrails import Verdict
 from extproc.evaluator.rollout import RolloutState, append_audit, load_state, stage_weights
 from extproc.evaluator.window import StageWindow
-from extproc.metrics import EvaluatorMetrics, serve_metrics
-from extproc.status import decode_event
 from extproc.supervise import TaskGroup, raise_if_cancelled
+from extproc.telemetry.events import decode_event
+from extproc.telemetry.prometheus import EvaluatorMetrics, serve_metrics
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from extproc.config import Price
+from extproc.contract.signals import FeedbackSignal, JudgeSignal, Signal, WatchdogSignal
 from extproc.evaluator.clusters import Clusters
-from extproc.signals import FeedbackSignal, JudgeSignal, Signal, WatchdogSignal
 from extproc.telemetry import outcome
 from extproc.telemetry.outcome import CLIENT_ERRORS, SERVER_ERRORS, is_forced, started_ms
 from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
@@ -89,7 +89,7 @@ class VariantWindow:
     cached_prompt_tokens: array[float] = field(default_factory=_column)
     keys: set[str] = field(default_factory=set)
     unkeyed: int = 0
-    # Quality signals (extproc.signals) attributed to this variant within the stage.
+    # Quality signals (extproc.contract.signals) attributed to this variant within the stage.
     judge_wins: int = 0  # pairwise verdicts this variant's answer won
     judge_losses: int = 0
     judge_ties: int = 0

@@ -35,11 +35,7 @@ from extproc.stats.classic import (
     win_rate,
 )
 from extproc.stats.clustered import column_design_effect, design_effect
-from extproc.stats.exceedance import (
-    mean_ceiling_test,
-    quantile_exceedance_test,
-    rate_ceiling_test,
-)
+from extproc.stats.exceedance import mean_ceiling_test, quantile_exceedance_test, rate_ceiling_test
 from extproc.stats.moments import RunningMoments
 from extproc.stats.power import sample_size_means, sample_size_proportions
 from extproc.stats.quantiles import quantile_ci, quantile_difference

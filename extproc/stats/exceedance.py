@@ -5,7 +5,7 @@ e-value, so a ramp that changes the split at every stage had to restart it per s
 alpha over the stages, and a tail regression close to its margin reached 100% undetected. These
 tests turn a quantile question into a count of *exceedances*, a binomial question with an exact
 e-value, which the evaluator multiplies across stages like the event-rate tests'
-(``extproc.evaluator.judge.carry_evidence``).
+(``extproc.evaluator.guardrails.carry_evidence``).
 
 * :func:`quantile_exceedance_test`: "is the candidate's tail beyond ``(1 + margin)`` times a
   reference heavier than stable's tail beyond the reference?" The reference is fixed before the

@@ -34,12 +34,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
 from extproc.stats._common import as_sample, check_alpha, check_alternative
-from extproc.stats.results import (
-    UNBOUNDED,
-    Alternative,
-    Interval,
-    QuantileComparison,
-)
+from extproc.stats.results import UNBOUNDED, Alternative, Interval, QuantileComparison
 
 QuantileMethod = Literal["order-statistic", "bootstrap"]
 

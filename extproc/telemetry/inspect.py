@@ -267,8 +267,8 @@ class ResponseInspector:
     def _partial_line_too_long(self, buf: bytearray, start: int, size: int) -> bool:
         """Decide early what :meth:`_line` would decide once the line ends, so the decision does
         not depend on where the chunks were cut, and an endless line cannot grow the buffer."""
-        if self._discarding:
-            return True
+        if self._discarding or self._in_dropped_line:
+            return True  # the rest of a line already dropped is dropped too, whatever it holds
         if buf.startswith(b"data:", start):
             value = start + 5
             if value < size and buf[value] == _SPACE:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from extproc import keys
+from extproc.contract import keys
 from extproc.supervise import raise_if_cancelled
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 

@@ -1,0 +1,28 @@
+"""Names the generated Envoy config and the sidecar must agree on.
+
+The config generator writes them into Envoy's bootstrap; the data plane reads them back (a route
+name in an access-log entry, a cluster in a mirror header, the RTDS layer it serves). They live here
+so that the request path never has to load the generator to know them.
+"""
+
+from __future__ import annotations
+
+SIDECAR_CLUSTER = "extproc_sidecar"
+SHADOW_CLUSTER = "extproc_shadow"
+"""The shadow listener's cluster: the sidecar names it in ``x-llm-shadow`` to mirror a request."""
+SIDECAR_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+"""The name the sidecar reports health under (gRPC health protocol), as Envoy asks for it."""
+RUNTIME_LAYER = "extproc"
+"""The RTDS layer the sidecar serves: ``extproc.routing.<cluster>`` = weight in basis points."""
+RUNTIME_PREFIX = "extproc.routing"
+ACCESS_LOG = "extproc"
+SHADOW_ACCESS_LOG = "extproc.shadow"
+"""Access-log names, one per listener (the shadow listener's entries also carry its mark,
+``x-llm-shadow-copy``, which is what the sidecar goes by)."""
+FORCED_ROUTE = "forced_"
+"""Route names ``forced_<variant>``: the access log tells a forced request by its route."""
+
+
+def lane_cluster(stable_cluster: str, candidate: str) -> str:
+    """The stable variant's cluster under another name, holding the unused part of a lane."""
+    return f"{stable_cluster}_lane_{candidate}"

@@ -1,0 +1,296 @@
+"""The gRPC server: dispatch each ext_proc stream to the router or the observer, nothing more.
+
+Envoy opens one stream per request per ext_proc filter. The first message tells which filter it
+came from (``observability_mode`` is set only by the observing filter), so one service serves both.
+For ``dataplane: native`` the same server also serves Envoy's runtime layer (RTDS, the live
+weights) and its access log (telemetry): two long-lived streams per Envoy instead of two per
+request.
+Background tasks follow the live routing in Redis, flush telemetry, and publish this replica's
+counters with a TTL so that operators can see which replicas are alive.
+
+Background tasks run supervised (``extproc.supervise``): one that dies of an unexpected error is
+logged and restarted with backoff, and the replica reports NOT_SERVING until it runs again.
+
+The standard gRPC health service answers probes (Kubernetes ``grpc`` probes, Envoy's gRPC health
+check): NOT_SERVING until the live routing has been read from Redis once, because a replica that
+only knows the file's weights could send users to a candidate that was rolled back meanwhile;
+SERVING from then on, also while Redis is away (the last good routing stays right), except while
+a background task is down (a dead routing follower would never apply a rollback); NOT_SERVING
+again when it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.service.runtime.v3 import rtds_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from redis.exceptions import RedisError
+
+from extproc import store
+from extproc.config import Experiment
+from extproc.contract import keys
+from extproc.contract.envoy import SIDECAR_SERVICE
+from extproc.dataplane.accesslog import AccessLogService, EntryMapper
+from extproc.dataplane.observer import InflightNotices, Observation, ObserverContext
+from extproc.dataplane.router import Router
+from extproc.dataplane.runtime import RuntimeService
+from extproc.quality.rules import QualityRules
+from extproc.routing.live import LiveRouting, Routing
+from extproc.supervise import TaskGroup, raise_if_cancelled
+from extproc.telemetry.prometheus import SidecarMetrics, serve_metrics
+from extproc.telemetry.writer import MAX_CAPTURE_BYTES, TelemetryWriter
+
+log = logging.getLogger(__name__)
+
+# Envoy pings idle HTTP/2 connections; grpcio answers pings more often than it allows with GOAWAY
+# too_many_pings unless told to accept them.
+GRPC_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_concurrent_streams", 10_000),
+    ("grpc.so_reuseport", 1),
+]
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, router: Router, observer: ObserverContext) -> None:
+        self.router = router
+        self.observer = observer
+
+    async def Process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
+        req = await context.read()
+        if req is grpc.aio.EOF:
+            return
+        if req.observability_mode:
+            await self._observe(req, context)
+            return
+        answer = self.router.answer
+        while req is not grpc.aio.EOF:
+            await context.write(answer(req))
+            if req.HasField("request_headers"):
+                # The only message the routing filter sends. Ending the stream here, rather than
+                # waiting in read() until Envoy resets it, avoids a cancelled pending receive,
+                # which leaks native memory in grpc.aio (grpc/grpc#43360; ~100 B a request).
+                return
+            req = await context.read()
+
+    async def _observe(self, req: pb.ProcessingRequest, context: grpc.aio.ServicerContext) -> None:
+        """Read the observed request until its event is emitted, then end the stream.
+
+        In observability mode Envoy keeps a stream open for ``deferred_close_timeout`` (5 s)
+        after the request unless the server ends it: reading until Envoy closes would hold one
+        stream per request for 5 s (a thousand at 200 req/s) for nothing.
+        """
+        obs = Observation(self.observer)
+        try:
+            while req is not grpc.aio.EOF:
+                obs.on_message(req)
+                if obs.emitted:
+                    return  # returning ends the stream with OK
+                req = await context.read()
+        finally:
+            obs.close()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The sidecar's certificate and key (PEM); with ``client_ca``, clients must present a
+    certificate it signed (mutual TLS). Read once at start: rotate by restarting replicas."""
+
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        def read(path: str) -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        ca = None if self.client_ca is None else read(self.client_ca)
+        return grpc.ssl_server_credentials(
+            [(read(self.key), read(self.cert))],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    listen: str = "127.0.0.1:50051"  # host:port or unix:/path
+    redis_url: str = store.DEFAULT_REDIS_URL
+    instance: str = ""
+    max_buffer: int = 100_000
+    max_capture_bytes: int = MAX_CAPTURE_BYTES  # captured texts buffered while Redis is away
+    heartbeat_s: float = 1.0
+    metrics: str | None = None  # host:port of the Prometheus endpoint; None = off
+    tls: TlsFiles | None = None  # None: plaintext (Unix socket, or a network you trust)
+
+
+class Sidecar:
+    def __init__(self, experiment: Experiment, settings: SidecarSettings) -> None:
+        self.settings = settings
+        self.instance = settings.instance or f"{socket.gethostname()}-{os.getpid()}"
+        self.redis = store.connect(settings.redis_url)
+        self.live = LiveRouting(experiment, self.redis, on_change=self._routing_changed)
+        self._beat = asyncio.Event()
+        self.writer = TelemetryWriter(
+            self.redis,
+            max_buffer=settings.max_buffer,
+            max_capture_bytes=settings.max_capture_bytes,
+        )
+        self.router = Router(self.live)
+        self.metrics = SidecarMetrics()
+        self.metrics.declare(
+            experiment.name,
+            experiment.variant_names,
+            {v: spec.price for v, spec in experiment.spec.variants.items()},
+        )
+        self.observer = ObserverContext(
+            experiment=experiment.name,
+            stable=experiment.stable,
+            variants=tuple(experiment.variant_names),
+            policy=self.router.policy,
+            recorder=self.instance,
+            emit=self.metrics.tee(self.writer.submit),
+            rules=QualityRules.compile(experiment.spec),
+            shadow_variant=experiment.spec.shadow.variant,
+            capture=self.writer.submit_capture if experiment.spec.capture.sample > 0 else None,
+            capture_ttl_s=experiment.spec.capture.ttl_s,
+            capture_max_pairs=experiment.spec.capture.max_pairs,
+            notices=InflightNotices(experiment.spec.inflight.notice_ms),
+        )
+        self.runtime = RuntimeService(self.live)
+        self.started = time.time()
+        self.health = health.aio.HealthServicer()
+        self.tasks = TaskGroup(self._report_health)
+
+    def _routing_changed(self, _routing: Routing) -> None:
+        """Push a new routing to the Envoys that read weights from us (dataplane native), and
+        report it at once: operators (and tests) wait for every replica."""
+        self.runtime.routing_changed()
+        self._beat.set()
+
+    def _add_services(self, server: grpc.aio.Server) -> None:
+        """ext_proc for the default data plane; RTDS and the access log for the native one."""
+        pb_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessor(self.router, self.observer), server
+        )
+        if self.live.experiment.spec.dataplane != "native":
+            return
+        rtds_pb2_grpc.add_RuntimeDiscoveryServiceServicer_to_server(self.runtime, server)
+        mapper = EntryMapper.for_experiment(self.live.experiment, self.instance)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+            AccessLogService(mapper, self.observer.emit), server
+        )
+
+    async def _heartbeat(self) -> None:
+        key = keys.sidecar(self.instance)
+        while True:
+            raise_if_cancelled()
+            self._beat.clear()
+            s = self.writer.stats
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(
+                        key,
+                        mapping={
+                            "experiment": self.live.experiment.name,
+                            "routing_version": self.live.current.version,
+                            "routing_error": self.live.routing_error or "",
+                            "tasks_down": ",".join(sorted(self.tasks.down)),
+                            "submitted": s.submitted,
+                            "written": s.written,
+                            "dropped": s.dropped,
+                            "captures_dropped": s.captures_dropped,
+                            "buffered": self.writer.buffered,
+                            "pid": os.getpid(),
+                            "started": self.started,
+                        },
+                    )
+                    pipe.expire(key, max(3, int(self.settings.heartbeat_s * 5)))
+                    await pipe.execute()
+            except (RedisError, OSError):
+                log.debug("heartbeat failed", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat.wait(), self.settings.heartbeat_s)
+
+    async def _report_health(self) -> None:
+        """SERVING once the live routing was read and while every background task runs."""
+        ok = self.live.loaded.is_set() and self.tasks.healthy
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SIDECAR_SERVICE):
+            await self.health.set(service, status)
+
+    async def _serving_once_loaded(self) -> None:
+        await self.live.loaded.wait()
+        await self._report_health()
+
+    def _refresh_gauges(self) -> None:
+        """Gauges read at scrape time: no work on the request path for them."""
+        m, routing = self.metrics, self.live.current
+        m.set_telemetry(dropped_total=self.writer.stats.dropped, buffered=self.writer.buffered)
+        m.set_routing(self.live.experiment.name, routing.version, routing.weights)
+        m.set_redis_up(self.live.redis_ok and self.writer.stats.redis_ok)
+
+    async def run(self, ready: Callable[[str], None] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT or cancellation; drain streams, then flush telemetry."""
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        self._add_services(server)
+        servicer = self.health
+        await self._report_health()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        tls = self.settings.tls
+        if tls is None:
+            bound = server.add_insecure_port(self.settings.listen)
+        else:
+            bound = server.add_secure_port(self.settings.listen, tls.credentials())
+        if not self.settings.listen.startswith("unix:") and bound == 0:
+            raise OSError(f"cannot listen on {self.settings.listen}")
+        self.tasks.start("live-routing", self.live.run)
+        self.tasks.start("telemetry", self.writer.run)
+        self.tasks.start("heartbeat", self._heartbeat)
+        self.tasks.start("health", self._serving_once_loaded)
+        await server.start()
+        runner = None
+        if self.settings.metrics:
+            host, _, port = self.settings.metrics.rpartition(":")
+            runner = await serve_metrics(
+                self.metrics.registry, host, int(port), before_scrape=self._refresh_gauges
+            )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        where = self.settings.listen
+        if not where.startswith("unix:"):
+            where = f"{where.rpartition(':')[0]}:{bound}"
+        log.info("sidecar %s serving %s on %s", self.instance, self.live.experiment.name, where)
+        if ready is not None:
+            ready(where)
+        try:
+            await stop.wait()
+        finally:
+            await servicer.enter_graceful_shutdown()
+            await server.stop(grace=2.0)
+            if runner is not None:
+                await runner.cleanup()
+            await self.tasks.close()
+            await self.redis.aclose()

@@ -1,0 +1,3 @@
+"""The local stack for development and demos: processes on this machine, a model stand-in and
+the demo rollout.
+"""

@@ -1,0 +1,1 @@
+"""Envoy bootstrap configs generated from an experiment file, for either data plane."""

@@ -1,0 +1,205 @@
+"""The documents the dashboard's JSON API serves, read from Redis through the library functions
+the CLI uses, so a figure on the page is the figure `extproc status --json` prints.
+
+The comparison table pairs each candidate's status figures with stable's (difference and
+relative change: the effect sizes) and with the evaluator's guardrail checks of its newest look
+(``keys.evaluation``, rewritten every tick), falling back to the newest audit record that has
+checks when no evaluator has looked yet; either way the table says when and at which stage.
+Each cell carries the text the page shows as given, made by :mod:`extproc.ops.figures` as
+`extproc status` makes its own: the page never rounds a figure itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from extproc import store
+from extproc.contract import keys, signals
+from extproc.evaluator.rollout import load_state, read_audit
+from extproc.ops import figures, status
+from extproc.ops.dashboard.series import series
+from extproc.ops.figures import Figure, flatten
+from extproc.telemetry.events import recent_events
+
+AUDIT_COUNT = 100
+SIGNAL_WINDOW = 5000  # newest quality signals charted (judge calls are budgeted, feedback sparse)
+# Totals rather than rates: shown for each variant, but a difference between them is no effect.
+COUNTERS = frozenset(
+    {
+        "requests",
+        "window_requests",
+        "errors",
+        "client_errors",
+        "forced_requests",
+        "open_requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "weight",
+        "stage.judge_verdicts",
+        "stage.watchdog_probes",
+    }
+)
+CHECK_FIGURES = ("estimate", "bound", "margin", "evidence")
+TIMELINE_FIELDS = ("id", "time", "action", "actor", "reasons", "stage", "status", "weights")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def overview(r: aioredis.Redis) -> dict[str, Any]:
+    """Every experiment's rollout status, stage and weights, and the live processes."""
+    experiments = []
+    for name in sorted(_text(n) for n in await r.smembers(keys.EXPERIMENTS)):
+        routing = await store.get_routing(r, name)
+        state = await load_state(r, name)
+        experiments.append(
+            {
+                "name": name,
+                "status": state.status if state else None,
+                "stage": state.stage if state else None,
+                "weights": routing.weights if routing else None,
+                "routing_version": routing.version if routing else None,
+            }
+        )
+    return {
+        "time": time.time(),
+        "experiments": experiments,
+        "sidecars": await status.sidecars(r),
+        "evaluators": await status.evaluators(r),
+    }
+
+
+def _effect(metric: str, stable: Figure, value: Figure) -> dict[str, Any]:
+    """A candidate's figure, its difference from stable and the relative change, each with
+    the text the page shows (made here: one formatting rule for page and CLI)."""
+    diff: Figure = None
+    rel: Figure = None
+    if metric not in COUNTERS and stable is not None and value is not None:
+        diff = round(value - stable, 4)
+        rel = round((value - stable) / stable, 4) if stable else None
+    return {
+        "value": value,
+        "diff": diff,
+        "rel": rel,
+        "text": {
+            "value": figures.value_text(metric, value),
+            "diff": figures.diff_text(metric, diff),
+            "rel": figures.rel_text(rel),
+        },
+    }
+
+
+def _quality(stage: dict[str, Any]) -> dict[str, Figure]:
+    """The evaluator's quality-signal figures of the stage, for the signals it has seen."""
+    out: dict[str, Figure] = {}
+    if stage.get("judge_verdicts"):
+        out["stage.judge_verdicts"] = stage["judge_verdicts"]
+        out["stage.judge_win_rate"] = stage.get("judge_win_rate")
+    if stage.get("feedback"):
+        out["stage.feedback_negative_rate"] = stage.get("feedback_negative_rate")
+    if stage.get("watchdog_probes"):
+        out["stage.watchdog_probes"] = stage["watchdog_probes"]
+        out["stage.watchdog_fail_rate"] = stage.get("watchdog_fail_rate")
+    return out
+
+
+def _check_text(x: Any) -> str:
+    """A guardrail check's estimate, bound, margin or evidence: four significant digits."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return figures.MISSING
+    return figures.significant(x, 4)
+
+
+def comparison(
+    doc: dict[str, Any], audit: list[dict[str, Any]], latest: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Per metric: stable's figure and each candidate's, with its difference from stable; and
+    the guardrail checks of the evaluator's newest look (else the newest audit record)."""
+    stable = doc.get("stable")
+    per = {v: flatten(f) for v, f in doc["variants"].items()}
+    for v, f in ((latest or {}).get("variants") or {}).items():
+        if v in per:
+            per[v].update(_quality(f))
+    candidates = [v for v in per if v != stable]
+    base = per.get(stable or "", {})
+    metrics = list(dict.fromkeys(k for f in per.values() for k in f))
+    rows = [
+        {
+            "metric": m,
+            "label": figures.label(m),
+            "stable": base.get(m),
+            "stable_text": figures.value_text(m, base.get(m)),
+            "candidates": {c: _effect(m, base.get(m), per[c].get(m)) for c in candidates},
+        }
+        for m in metrics
+    ]
+    judged = (
+        latest
+        if latest and latest.get("checks")
+        else next((rec for rec in reversed(audit) if rec.get("checks")), None)
+    )
+    checks = None
+    if judged is not None:
+        checks = {k: judged.get(k) for k in ("time", "stage", "action")}
+        checks["items"] = [
+            c | {"text": {k: _check_text(c.get(k)) for k in CHECK_FIGURES}}
+            for c in judged["checks"]
+        ]
+    return {"stable": stable, "candidates": candidates, "rows": rows, "checks": checks}
+
+
+async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
+    """`extproc status` figures of one experiment with its rollout, decisions and comparison;
+    None when Redis has no such experiment."""
+    definition = await store.get_definition(r, name)
+    if definition is None:
+        return None
+    doc = await status.experiment_status(r, name)
+    state = await load_state(r, name)
+    audit = await read_audit(r, name, AUDIT_COUNT)
+    doc["stages"] = (definition.get("rollout") or {}).get("stages")
+    doc["rollout"] = None if state is None else asdict(state)
+    doc["timeline"] = [{k: rec.get(k) for k in TIMELINE_FIELDS} for rec in audit]
+    doc["evaluation"] = await status.latest_evaluation(r, name)
+    doc["comparison"] = comparison(doc, audit, doc["evaluation"])
+    return doc
+
+
+async def experiment_series(
+    r: aioredis.Redis, name: str, span_s: float | None = None, step_s: float | None = None
+) -> dict[str, Any] | None:
+    """Chart data over the events `extproc status` summarises; None for an unknown experiment."""
+    definition = await store.get_definition(r, name)
+    if definition is None:
+        return None
+    events = await recent_events(r, name, status.DEFAULT_WINDOW)
+    quality: list[signals.Signal] = []
+    for _id, fields in await r.xrevrange(keys.signals(name), count=SIGNAL_WINDOW) or []:
+        with contextlib.suppress(ValueError):  # the evaluator logs malformed entries
+            quality.append(signals.parse((fields or {}).get(signals.FIELD, b"")))
+    doc = series(
+        events,
+        list(definition.get("variants", {})),
+        time.time(),
+        span_s=span_s,
+        step_s=step_s,
+        shadow_variant=(definition.get("shadow") or {}).get("variant"),
+        signals=quality,
+        prices=status.prices_of(definition),
+    )
+    names = {k for columns in (*doc["variants"].values(), *doc["shadow"].values()) for k in columns}
+    labels = {k: figures.label(k) for k in sorted(names | {"tokens_per_request"})}
+    return {"experiment": name, "window_events": len(events), "labels": labels, **doc}
+
+
+async def pairs(r: aioredis.Redis, name: str, count: int) -> list[dict[str, Any]] | None:
+    """Captured primary and shadow answers, newest first; None for an unknown experiment."""
+    if await store.get_definition(r, name) is None:
+        return None
+    return await status.recent_pairs(r, name, count)

@@ -1,0 +1,86 @@
+"""Per-response quality signals and the redaction of captured texts.
+
+A regressed model answers worse, not louder: refusals, empty answers and a change in length are
+visible in every response without any judge, so they are computed for every response (on the
+first ``SIGNAL_CHARS`` characters, where a refusal shows itself) and go into telemetry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from extproc.config import ExperimentSpec
+from extproc.contract.assignment import BUCKETS
+
+SIGNAL_CHARS = 600
+"""Answer text kept for signals when the request is not captured."""
+
+REDACTED = "[REDACTED]"
+
+CAPTURE_LOOKAHEAD = 2
+"""Texts are kept up to this many times ``capture.max_bytes`` for redaction to see past the cut."""
+
+
+@dataclass(frozen=True)
+class QualityRules:
+    refusal: re.Pattern[str] | None
+    redact: re.Pattern[str] | None
+    capture_share: float
+    capture_bytes: int
+
+    @classmethod
+    def compile(cls, spec: ExperimentSpec) -> QualityRules:
+        def union(patterns: list[str], flags: int) -> re.Pattern[str] | None:
+            return re.compile("|".join(f"(?:{p})" for p in patterns), flags) if patterns else None
+
+        return cls(
+            refusal=union(spec.quality.refusal_patterns, re.IGNORECASE | re.MULTILINE),
+            redact=union(spec.capture.redact, 0),
+            capture_share=spec.capture.sample,
+            capture_bytes=spec.capture.max_bytes,
+        )
+
+    def is_refusal(self, text: str) -> bool:
+        return self.refusal is not None and self.refusal.search(text[:SIGNAL_CHARS]) is not None
+
+    def captured(self, text: str) -> str:
+        """``text`` as stored: redacted first, then cut to ``capture_bytes`` of UTF-8.
+
+        Redacting what was already cut would miss a secret straddling the cut and store its
+        first part (``ann@exa``). So the patterns run over the whole text the caller kept (more
+        than the limit: see ``CAPTURE_LOOKAHEAD``), and a match that starts before the cut is
+        replaced whole. Only a match longer than the lookahead could still be cut unseen.
+        """
+        end = _chars_within(text, self.capture_bytes)
+        if self.redact is None:
+            return text[:end]
+        out: list[str] = []
+        pos = 0
+        for m in self.redact.finditer(text):
+            if m.start() >= end:
+                break
+            out += (text[pos : m.start()], REDACTED)
+            pos = max(pos, m.end())
+        out.append(text[pos:end])
+        return "".join(out)
+
+    def captures(self, request_id: str) -> bool:
+        """Whether this request's texts are kept: a pure function of the request id, so the
+        primary and its mirrored copy (same ``x-request-id``) agree without talking."""
+        if self.capture_share <= 0 or not request_id:
+            return False
+        digest = hashlib.blake2b(request_id.encode(), digest_size=8, person=b"extproc-cap").digest()
+        return int.from_bytes(digest, "big") % BUCKETS < self.capture_share * BUCKETS / 100
+
+
+def _chars_within(text: str, limit: int) -> int:
+    """How many leading characters of ``text`` fit in ``limit`` bytes of UTF-8."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return len(text)
+    cut = limit
+    while cut > 0 and raw[cut] & 0xC0 == 0x80:  # a continuation byte: that character straddles
+        cut -= 1
+    return len(raw[:cut].decode("utf-8", "surrogatepass"))

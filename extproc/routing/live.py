@@ -1,0 +1,144 @@
+"""Follow the live routing of an experiment in Redis, keeping the last good one when Redis is away.
+
+Every replica applies a change within a second: a pub/sub notice wakes the follower at once, and a
+short poll of the routing key catches anything a dropped subscription missed. A change that fails
+validation (unknown variant, weights not adding up) is logged and ignored: traffic keeps the last
+good routing. So does a routing value that is not a routing document at all (a bad manual edit):
+it is reported (log, ``routing_error``, the replica's heartbeat) until a valid change replaces it.
+A change is applied when its version or its weights differ from the current ones: after Redis
+restarts empty, versions start again at 1 and only the weights tell a new routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from extproc import store
+from extproc.config import ConfigError, Experiment, validate_weights
+from extproc.contract import keys
+from extproc.contract.assignment import BucketTable, compile_table
+from extproc.supervise import raise_if_cancelled
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """An immutable routing snapshot; replaced whole, so readers never see half a change."""
+
+    experiment: Experiment
+    version: int
+    weights: dict[str, float]
+    table: BucketTable
+
+    @classmethod
+    def build(cls, experiment: Experiment, version: int, weights: dict[str, float]) -> Routing:
+        table = compile_table(experiment.variant_names, experiment.stable, weights)
+        return cls(experiment=experiment, version=version, weights=weights, table=table)
+
+
+class LiveRouting:
+    """Holds the current Routing and keeps it in step with Redis."""
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        redis: aioredis.Redis,
+        *,
+        poll_interval_s: float = 0.5,
+        on_change: Callable[[Routing], None] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.poll_interval_s = poll_interval_s
+        self.on_change = on_change
+        self.current = Routing.build(experiment, 0, experiment.file_weights())
+        self.redis_ok = False
+        self.registered = False
+        self.routing_error: str | None = None
+        """Why the routing in Redis is not applied (malformed or invalid); None when it is."""
+        self.loaded = asyncio.Event()  # set once the routing has been read from Redis
+
+    @property
+    def experiment(self) -> Experiment:
+        return self.current.experiment
+
+    def _report(self, error: str | None) -> None:
+        """Log a problem with the stored routing once (not at every poll), and its end."""
+        if error != self.routing_error:
+            if error is not None:
+                log.error("keeping routing version %d: %s", self.current.version, error)
+            else:
+                log.info("the stored routing is valid again")
+        self.routing_error = error
+
+    def _apply(self, state: store.RoutingState) -> None:
+        try:
+            weights = validate_weights(self.experiment, state.weights)
+        except ConfigError as err:
+            self._report(f"routing version {state.version} is invalid: {err}")
+            return
+        self._report(None)
+        if state.version == self.current.version and weights == self.current.weights:
+            return
+        self.current = Routing.build(self.experiment, state.version, weights)
+        log.info("routing version %d: %s", state.version, weights)
+        if self.on_change is not None:
+            self.on_change(self.current)
+
+    async def refresh(self) -> None:
+        """One round trip: read the routing (and check the registration), register again
+        when any part of it is missing (Redis lost its data), then apply the routing."""
+        got = None
+        try:
+            if self.registered:
+                got = await store.get_registered_routing(self.redis, self.experiment.name)
+            if got is None:
+                self.registered = False
+                got = await store.register_experiment(self.redis, self.experiment)
+                self.registered = True
+        except store.MalformedRouting as err:
+            self._report(str(err))
+            return
+        self._apply(got)
+        self.loaded.set()
+
+    async def run(self) -> None:
+        """Follow changes until cancelled; never raises on Redis trouble."""
+        backoff = 0.1
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                # A cluster client learns the slot map with its first command, and its pub/sub
+                # needs the map to pick the node to subscribe on; the loop reads again anyway.
+                await self.refresh()
+                await pubsub.subscribe(keys.changes(self.experiment.name))
+                while True:
+                    raise_if_cancelled()
+                    await self.refresh()
+                    if not self.redis_ok:
+                        log.info("redis reachable; routing version %d", self.current.version)
+                    self.redis_ok = True
+                    backoff = 0.1
+                    await pubsub.get_message(timeout=self.poll_interval_s)
+            # KeyError: redis-py's cluster pub/sub while its slot map is being rebuilt.
+            except (RedisError, OSError, KeyError) as err:
+                if self.redis_ok:
+                    log.warning(
+                        "redis unreachable, keeping routing version %d: %s",
+                        self.current.version,
+                        err,
+                    )
+                self.redis_ok = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+            finally:
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except (RedisError, OSError):
+                    log.debug("pubsub close failed", exc_info=True)

@@ -1,1 +1,0 @@
-"""The Envoy external-processing (ext_proc) sidecar: routing decisions and telemetry."""

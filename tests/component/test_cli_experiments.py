@@ -1,0 +1,68 @@
+"""`extproc experiment create | list | show` against a real Redis: JSON output and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extproc.cli.main import EXAMPLE_EXPERIMENT
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", "experiment", *args, "--redis-url", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def doc(out: subprocess.CompletedProcess[str]) -> Any:
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_create_list_show(redis_url: str, tmp_path: Path) -> None:
+    first = doc(cli(redis_url, "create", str(EXAMPLE_EXPERIMENT), "--json"))
+    assert first["experiment"] == "chat-upgrade"
+    assert first["weights"] == {"stable": 95.0, "canary": 5.0}
+
+    again = cli(redis_url, "create", str(EXAMPLE_EXPERIMENT))
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
+    assert "--replace" in again.stderr
+
+    changed = tmp_path / "exp.yaml"
+    changed.write_text(EXAMPLE_EXPERIMENT.read_text().replace("alpha: 0.05", "alpha: 0.01"))
+    replaced = doc(cli(redis_url, "create", str(changed), "--replace", "--json"))
+    assert replaced["version"] == first["version"]  # live weights are kept
+
+    rows = doc(cli(redis_url, "list", "--json"))
+    row = next(r for r in rows if r["name"] == "chat-upgrade")
+    assert row["status"] == "not started"
+    assert row["weights"] == first["weights"]
+
+    shown = doc(cli(redis_url, "show", "chat-upgrade", "--json"))
+    assert shown["routing"]["version"] == first["version"]
+    assert shown["rollout"] is None
+    assert shown["definition"]["rollout"]["alpha"] == pytest.approx(0.01)
+
+
+def test_errors_say_what_to_do(redis_url: str, tmp_path: Path) -> None:
+    missing = cli(redis_url, "show", "no-such")
+    assert missing.returncode == 2
+    assert "extproc experiment list" in missing.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsalt: s\nstable: a\nvariants: {a: {cluster: c, weight: 150}}\n")
+    out = cli(redis_url, "create", str(bad))
+    assert out.returncode == 2
+    assert "variants.a.weight: must be 0..100" in out.stderr
+    assert "variants" in out.stderr

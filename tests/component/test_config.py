@@ -1,0 +1,124 @@
+"""The experiment file: every problem at once, with its path; routing changes validated."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from extproc.cli.main import EXAMPLE_EXPERIMENT
+from extproc.config import ConfigError, load_experiment, parse_experiment, validate_weights
+
+GOOD = {
+    "name": "exp",
+    "salt": "s",
+    "stable": "stable",
+    "variants": {
+        "stable": {"cluster": "a", "weight": 90},
+        "canary": {"cluster": "b", "weight": 10},
+    },
+}
+
+
+def problems(doc: object) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        parse_experiment(doc, "test.yaml")
+    return err.value.problems
+
+
+def test_bundled_example_is_valid() -> None:
+    exp = load_experiment(EXAMPLE_EXPERIMENT)
+    assert exp.stable == "stable"
+    assert exp.candidates == ["canary"]
+    assert sum(exp.file_weights().values()) == 100
+
+
+def test_every_problem_is_reported_at_once_with_its_path() -> None:
+    doc = {
+        "name": "Bad Name",
+        "salt": "s",
+        "stable": "prod",
+        "variants": {
+            "stable": {"cluster": "a", "weight": 150},
+            "canary": {"cluster": "a", "weight": 10, "address": "nowhere"},
+        },
+        "sticky_keys": ["X-Conversation-Id"],
+        "forced_routing": {"allow": ["ghost"]},
+        "colour": "blue",
+    }
+    got = problems(doc)
+    expected = [
+        "name: ",
+        "variants.stable.weight: must be 0..100",
+        "colour: ",
+        "stable: 'prod' is not one of the variants",
+        "variants.canary.cluster: 'a' is also used by 'stable'",
+        "variants.canary.address: 'nowhere' is not host:port",
+        "sticky_keys.0: 'X-Conversation-Id' is not a lower-case header name",
+        "forced_routing.allow.0: 'ghost' is not one of the variants",
+    ]
+    for want in expected:
+        assert any(p.startswith(want) for p in got), (want, got)
+
+
+def test_weights_must_add_up_to_100() -> None:
+    doc = {
+        **GOOD,
+        "variants": {
+            "stable": {"cluster": "a", "weight": 90},
+            "canary": {"cluster": "b", "weight": 20},
+        },
+    }
+    assert problems(doc) == ["variants: weights add up to 110, must be 100"]
+
+
+def test_candidates_beyond_their_lane_are_refused() -> None:
+    doc = {
+        **GOOD,
+        "variants": {
+            "stable": {"cluster": "a", "weight": 0},
+            "x": {"cluster": "b", "weight": 70},
+            "y": {"cluster": "c", "weight": 30},
+        },
+    }
+    assert problems(doc) == [
+        "variants.x: 70% exceeds this candidate's lane of 50% (2 candidates share the "
+        "non-stable buckets)"
+    ]
+
+
+def test_yaml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
+    p = tmp_path / "e.yaml"
+    p.write_text("name: x\nvariants: [\n")
+    with pytest.raises(ConfigError) as err:
+        load_experiment(p)
+    assert err.value.problems[0].startswith("line 3, column 1: not valid YAML")
+
+
+def test_routing_change_is_validated() -> None:
+    exp = parse_experiment(GOOD)
+    assert validate_weights(exp, {"canary": 100, "stable": 0}) == {"stable": 0.0, "canary": 100.0}
+    with pytest.raises(ConfigError) as err:
+        validate_weights(exp, {"canary": 10, "gpt5": 90})
+    assert err.value.problems[0].startswith("weights: unknown variant(s) ['gpt5']")
+    with pytest.raises(ConfigError):
+        validate_weights(exp, {"canary": "lots", "stable": 90})
+
+
+@pytest.mark.timeout(30)
+def test_cli_check_exits_2_and_lists_problems(tmp_path: Path) -> None:
+    p = tmp_path / "e.yaml"
+    p.write_text(
+        "name: exp\nsalt: s\nstable: stable\nvariants:\n  stable: {cluster: a, weight: -1}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "extproc", "check", str(p)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "variants.stable.weight: must be 0..100" in out.stderr
+    assert "variants: " in out.stderr  # min 2 variants

@@ -1,0 +1,34 @@
+"""The checked-in generated code matches proto/ (regenerate with `make proto`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(60)
+def test_generated_telemetry_code_is_current(tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'proto'}",
+            f"--python_out={tmp_path}",
+            f"--mypy_out={tmp_path}",
+            str(ROOT / "proto/extproc/telemetry/v1/event.proto"),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    for name in ("event_pb2.py", "event_pb2.pyi"):
+        fresh = (tmp_path / "extproc/telemetry/v1" / name).read_text()
+        assert fresh == (ROOT / "extproc/telemetry/v1" / name).read_text(), name

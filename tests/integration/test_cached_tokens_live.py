@@ -1,0 +1,196 @@
+"""Prompt-cache hits from ``usage`` reach the telemetry on both data planes, through a real
+Envoy, sidecar, Redis and the OpenAI stand-ins (which report half of the prompt as cached on
+stable and nothing on the canary: a server without prompt caching).
+
+ext_proc: the sidecar's response inspector reads the usage as the body streams through it.
+native: inspect.lua keeps the body's tail and the access-log mapping reads the usage from it;
+an Anthropic stream reports its cache in its first event, long gone from the tail, which
+inspect.lua reads as the stream passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiohttp import web
+
+from extproc.dev import stack
+from extproc.telemetry.v1.event_pb2 import TelemetryEvent
+from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+PROMPT = "one two three four five six seven eight nine"  # 9 prompt tokens: 4 cached on stable
+# On a loaded machine the sidecar may answer Envoy later than the example's 200 ms, and Envoy
+# then routes to stable whatever was forced: these tests are about usage, not that fallback.
+ENVOY = {"request_timeout_s": 300, "message_timeout_ms": 5000}
+
+
+@pytest.fixture(scope="module", params=["ext_proc", "native"])
+def plane(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveStack]:
+    tmp = tmp_path_factory.mktemp(request.param)
+    path: Path = write_experiment(
+        tmp,
+        dataplane=request.param,
+        strategy="ab",
+        rollout={"min_stage_seconds": 3600},
+        envoy=ENVOY,
+    )
+    s = start_stack(
+        tmp / "stack",
+        path,
+        mock_args={"stable": ["--fast", "--cached-prompt-ratio", "0.5"], "canary": ["--fast"]},
+    )
+    try:
+        yield s
+    finally:
+        stack.down(s.state_dir)
+
+
+def ask(s: LiveStack, http: httpx.Client, variant: str, stream: bool) -> str:
+    """One forced request; its request id (as Envoy assigned and echoed it)."""
+    r = s.chat(
+        http,
+        {"x-experiment": variant},
+        messages=[{"role": "user", "content": PROMPT}],
+        stream=stream,
+        stream_options={"include_usage": True} if stream else None,
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-llm-variant"] == variant
+    return r.headers["x-request-id"]
+
+
+def events_by_id(s: LiveStack, ids: set[str]) -> dict[str, TelemetryEvent]:
+    def found() -> dict[str, TelemetryEvent] | None:
+        by_id = {ev.request_id: ev for ev in s.events() if ev.request_id in ids and not ev.shadow}
+        return by_id if len(by_id) == len(ids) else None
+
+    result: dict[str, TelemetryEvent] = wait_for(found, "an event for every request")
+    return result
+
+
+def test_cached_prompt_tokens_arrive_in_the_events(plane: LiveStack, http: httpx.Client) -> None:
+    asked = {
+        (variant, stream): ask(plane, http, variant, stream)
+        for variant in ("stable", "canary")
+        for stream in (True, False)
+    }
+    events = events_by_id(plane, set(asked.values()))
+    for (variant, stream), rid in asked.items():
+        ev = events[rid]
+        assert (ev.variant, ev.prompt_tokens) == (variant, 9), (variant, stream)
+        if variant == "stable":
+            assert ev.HasField("cached_prompt_tokens"), (variant, stream)
+            assert ev.cached_prompt_tokens == 4, (variant, stream)
+        else:  # not reported by the server: unknown, not zero
+            assert not ev.HasField("cached_prompt_tokens"), (variant, stream)
+    # Shown by `extproc status`: the requests were forced, so in the tester traffic's figures.
+    forced = plane.status()["forced"]
+    assert forced["stable"]["cached_prompt_tokens"] == 4.0
+    assert forced["canary"]["cached_prompt_tokens"] is None
+
+
+def anthropic_stream() -> bytes:
+    """A Messages API stream whose only cache figure is in ``message_start``, followed by more
+    than a kilobyte of text, so the body's tail no longer holds it."""
+    events = [
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "content": [],
+                "usage": {"input_tokens": 3, "cache_read_input_tokens": 1800, "output_tokens": 1},
+            },
+        },
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 40},
+        },
+        {"type": "message_stop"},
+    ]
+    word = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "w"}}
+    events[2:2] = [word] * 40
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+
+
+@pytest.fixture(scope="module")
+def anthropic_upstream() -> Iterator[int]:
+    """A model server speaking the Messages API's stream, on a free port, in its own thread."""
+    port = stack.free_port()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(anthropic_stream())
+        await resp.write_eof()
+        return resp
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", messages)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        runner = loop.run_until_complete(start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield port
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@pytest.mark.parametrize("dataplane", ["ext_proc", "native"])
+def test_an_anthropic_streams_cache_arrives(
+    dataplane: str, anthropic_upstream: int, tmp_path: Path, http: httpx.Client
+) -> None:
+    assert len(anthropic_stream()) > 2048  # message_start is long out of the 1 KiB tail
+    address = f"127.0.0.1:{anthropic_upstream}"
+    path = write_experiment(
+        tmp_path,
+        dataplane=dataplane,
+        strategy="ab",
+        rollout={"min_stage_seconds": 3600},
+        envoy=ENVOY,
+        variants={
+            "stable": {"cluster": "model_stable", "address": address, "weight": 50},
+            "canary": {"cluster": "model_canary", "address": address, "weight": 50},
+        },
+    )
+    s = start_stack(tmp_path / "stack", path, mock_models=False)
+    try:
+        r = s.chat(http, {"x-experiment": "canary"}, stream=True)
+        assert r.status_code == 200, r.text
+        assert b"cache_read_input_tokens" in r.content
+        (ev,) = events_by_id(s, {r.headers["x-request-id"]}).values()
+        assert ev.HasField("cached_prompt_tokens")
+        assert ev.cached_prompt_tokens == 1800
+    finally:
+        stack.down(s.state_dir)

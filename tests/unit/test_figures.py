@@ -1,0 +1,107 @@
+"""The one number-formatting rule of the page and the CLI (extproc/ops/figures.py), on the values
+where binary rounding and decimal rounding part ways."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from extproc.ops import figures
+
+
+@pytest.mark.parametrize(
+    ("x", "places", "text"),
+    [
+        (10.25, 1, "10.3"),  # exact in binary: Python's f"{x:.1f}" says 10.2
+        (0.125, 2, "0.13"),  # exact in binary: Python's round-half-even says 0.12
+        (2.675, 2, "2.68"),  # a hair below in binary: f"{x:.2f}" and toFixed(2) say 2.67
+        (1.005, 2, "1.01"),  # toFixed(2) says 1.00
+        (0.15, 1, "0.2"),
+        (1e-5, 1, "0.0"),
+        (1e-5, 5, "0.00001"),
+        (-10.25, 1, "-10.3"),  # half away from zero, symmetric
+        (-2.675, 2, "-2.68"),
+        (-0.04, 1, "0.0"),  # never "-0.0"
+        (-0.0, 2, "0.00"),
+        (0.5, 0, "1"),
+        (2.5, 0, "3"),  # not round-half-even
+        (1e22, 1, "10000000000000000000000.0"),
+        (123456.789, 2, "123456.79"),
+    ],
+)
+def test_fixed_rounds_half_away_from_zero_on_the_decimal_form(
+    x: float, places: int, text: str
+) -> None:
+    assert figures.fixed(x, places) == text
+
+
+@given(m=st.integers(min_value=-(10**14), max_value=10**14), places=st.integers(0, 6))
+def test_fixed_agrees_with_integer_rounding_of_the_typed_decimal(m: int, places: int) -> None:
+    """``m`` read as a decimal with ``places + 1`` decimals (what a person typed, what repr
+    prints back), rounded by integer arithmetic: an independent statement of the rule."""
+    digits = f"{abs(m):0{places + 2}d}"
+    typed = f"{'-' if m < 0 else ''}{digits[: -places - 1]}.{digits[-places - 1 :]}"
+    rounded = (abs(m) + 5) // 10
+    body = f"{rounded:0{places + 1}d}"
+    whole, frac = body[: len(body) - places], body[len(body) - places :]
+    want = whole + (f".{frac}" if places else "")
+    if m < 0 and rounded:
+        want = "-" + want
+    assert figures.fixed(float(typed), places) == want
+
+
+@pytest.mark.parametrize(
+    ("x", "text"),
+    [
+        (0.012345, "0.0123"),
+        (0.0125, "0.0125"),
+        (0.01255, "0.0126"),
+        (9.996, "10.0"),  # three digits after rounding up to the next power of ten
+        (99.95, "100"),
+        (1e-5, "0.0000100"),
+        (-0.0999, "-0.0999"),
+        (0.0, "0.00"),
+    ],
+)
+def test_significant(x: float, text: str) -> None:
+    assert figures.significant(x, 3) == text
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "text"),
+    [
+        ("latency_ms.p50", 10.25, "10.3 ms"),
+        ("latency_ms.p50", None, figures.MISSING),
+        ("error_rate", 0.0105, "1.05%"),
+        ("error_rate", 0.00125, "0.13%"),
+        ("error_rate", 0.0, "0.00%"),
+        ("requests", 12345, "12,345"),
+        ("requests", 12345.0, "12,345"),  # by value: JSON through JavaScript loses int/float
+        ("cost_per_request", 1.25e-05, "0.0000125"),
+        ("cached_prompt_tokens", 10.25, "10.3"),
+        ("output_tokens_per_s", 123.45, "123.5"),
+        ("output_tokens_per_s", -2.675, "-2.68"),
+        ("output_tokens_per_s", math.inf, "inf"),
+    ],
+)
+def test_value_text(key: str, value: float | None, text: str) -> None:
+    assert figures.value_text(key, value) == text
+
+
+def test_differences_and_relative_changes() -> None:
+    assert figures.diff_text("error_rate", 0.0125) == "+1.25 pp"
+    assert figures.diff_text("error_rate", -1e-9) == "0.00 pp"  # no sign on a zero
+    assert figures.diff_text("latency_ms.p99", -10.25) == "-10.3 ms"
+    assert figures.diff_text("latency_ms.p99", 10.25) == "+10.3 ms"
+    assert figures.diff_text("latency_ms.p99", None) == figures.MISSING
+    assert figures.rel_text(0.1025) == "+10.3%"
+    assert figures.rel_text(-0.00049) == "0.0%"
+    assert figures.rel_text(None) == figures.MISSING
+
+
+def test_labels_carry_units_and_unknown_keys_read_as_words() -> None:
+    assert figures.label("latency_ms.p99") == "latency p99 (ms)"
+    assert figures.label("stage.some_new_score") == "stage some new score"

@@ -1,0 +1,226 @@
+"""Risk-graded plans (`extproc plan`): the tier table, the written experiment, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from extproc.cli import main as cli
+from extproc.config import ConfigError, load_experiment
+from extproc.ops.plan import GRADES, ModelMeta, classify, load_base, make_plan
+
+pytestmark = pytest.mark.timeout(30)
+
+LLAMA: dict[str, Any] = {
+    "name": "llama-3.1-8b-instruct",
+    "family": "llama-3.1",
+    "base_model": "llama-3.1-8b",
+    "weights_hash": "sha256:aaa",
+    "version": "1",
+}
+
+
+def meta(**fields: Any) -> ModelMeta:
+    return ModelMeta.model_validate(fields)
+
+
+@pytest.mark.parametrize(
+    ("case", "current", "target", "tier"),
+    [
+        ("same weights", LLAMA, {**LLAMA, "name": "llama-cfg2"}, "config"),
+        (
+            "same weights, kind declared riskier: kept",
+            LLAMA,
+            {**LLAMA, "kind": "new-version"},
+            "new-version",
+        ),
+        (
+            "declared config but the weights changed",
+            LLAMA,
+            {**LLAMA, "weights_hash": "sha256:bbb", "kind": "config"},
+            "fine-tune",
+        ),
+        ("fine-tune of the same base", LLAMA, {**LLAMA, "weights_hash": "sha256:bbb"}, "fine-tune"),
+        (
+            "fine-tune of the current model",
+            {"name": "m-base", "weights_hash": "1"},
+            {"name": "m-ft", "base_model": "m-base", "weights_hash": "2"},
+            "fine-tune",
+        ),
+        (
+            "back to the base the current one was tuned from",
+            {"name": "m-ft", "base_model": "m-base"},
+            {"name": "m-base"},
+            "fine-tune",
+        ),
+        (
+            "quantization declared",
+            {"name": "m"},
+            {"name": "m-awq", "kind": "quantization"},
+            "fine-tune",
+        ),
+        (
+            "new version of the family",
+            LLAMA,
+            {"name": "llama-3.1-70b", "family": "llama-3.1", "base_model": "llama-3.1-70b"},
+            "new-version",
+        ),
+        (
+            "same family, nothing else known",
+            {"name": "a", "family": "f"},
+            {"name": "b", "family": "f"},
+            "new-version",
+        ),
+        ("new family", LLAMA, {"name": "qwen-2.5-7b", "family": "qwen-2.5"}, "new-family"),
+        (
+            "declared fine-tune but another family",
+            LLAMA,
+            {"name": "q", "family": "qwen", "kind": "fine-tune"},
+            "new-family",
+        ),
+        (
+            "contradiction: same hash, another family",
+            LLAMA,
+            {**LLAMA, "family": "other"},
+            "new-family",
+        ),
+        ("nothing to compare", {"name": "a"}, {"name": "b"}, "new-family"),
+    ],
+)
+def test_risk_tiers(case: str, current: dict[str, Any], target: dict[str, Any], tier: str) -> None:
+    got, reasons = classify(meta(**current), meta(**target))
+    assert got == tier, (case, reasons)
+    assert reasons, case
+
+
+@pytest.mark.parametrize(
+    ("tier", "first", "total_s", "stages", "p99_margin"),
+    [
+        ("config", 25, 900, 3, 0.10),
+        ("fine-tune", 10, 3600, 4, 0.20),
+        ("new-version", 5, 4 * 3600, 5, 0.20),
+        ("new-family", 2, 24 * 3600, 6, 0.20),
+    ],
+)
+def test_each_tier_writes_a_valid_experiment(
+    tier: str, first: float, total_s: int, stages: int, p99_margin: float
+) -> None:
+    grade = GRADES[tier]  # type: ignore[index]
+    assert grade.stages[0] == first
+    assert len(grade.stages) == stages
+    assert grade.stages[-1] == 100
+    assert grade.min_stage_seconds * stages == total_s
+    current = meta(name="m1")
+    target = meta(name="m2", kind=tier)
+    plan = make_plan(current, target)
+    spec = plan.experiment.spec
+    assert plan.tier == tier
+    assert spec.strategy == "canary"
+    assert spec.rollout.stages == list(grade.stages)
+    assert spec.rollout.min_stage_seconds == total_s / stages
+    assert {n: v.weight for n, v in spec.variants.items()} == {
+        "stable": 100 - first,
+        "canary": first,
+    }
+    assert spec.variants["canary"].model == "m2"
+    p99 = next(g for g in spec.guardrails if g.metric == "latency_p99")
+    assert p99.max_increase == pytest.approx(p99_margin)
+    assert p99.action == "rollback"
+    # the text is the file: comments first, then YAML that parses back to the same experiment
+    header = plan.text.split("\n\n", 1)[0].splitlines()
+    assert all(line.startswith("#") for line in header)
+    assert any(f"risk: {tier}" in line for line in header)
+    assert yaml.safe_load(plan.text)["rollout"]["stages"] == list(grade.stages)
+
+
+def test_ungraded_default_guardrails_are_kept() -> None:
+    spec = make_plan(meta(name="a"), meta(name="b", kind="fine-tune")).experiment.spec
+    metrics = [g.metric for g in spec.guardrails]
+    assert len(metrics) == len(set(metrics))
+    assert {"latency_p99", "error_rate", "ttft_p95"} <= set(metrics)
+
+
+def test_plan_on_a_base_keeps_its_routing_and_extra_guardrails(tmp_path: Path) -> None:
+    base_doc = yaml.safe_load((Path(cli.EXAMPLE_EXPERIMENT)).read_text())
+    base_doc["guardrails"] = [
+        {"metric": "latency_p50", "max_increase": 0.1, "action": "hold"},
+        {"metric": "latency_p99", "max_increase": 0.9},
+    ]
+    base_doc["rollout"]["cadence_s"] = 2
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(base_doc))
+    base, raw = load_base(path)
+    plan = make_plan(meta(**LLAMA), meta(**{**LLAMA, "weights_hash": "x"}), base, raw)
+    spec = plan.experiment.spec
+    assert spec.name == base_doc["name"]
+    assert spec.salt == base_doc["salt"]
+    assert spec.variants["canary"].address == base_doc["variants"]["canary"]["address"]
+    assert spec.variants["canary"].weight == 10
+    assert spec.rollout.cadence_s == 2  # what the plan does not decide is kept
+    by_metric = {g.metric: g for g in spec.guardrails}
+    assert by_metric["latency_p50"].action == "hold"  # not graded: kept
+    assert by_metric["latency_p99"].max_increase == pytest.approx(0.2)  # graded: replaced
+    assert f"Based on {path}" in plan.text
+
+
+def test_plan_refuses_a_base_with_two_candidates(tmp_path: Path) -> None:
+    doc = yaml.safe_load(Path(cli.EXAMPLE_EXPERIMENT).read_text())
+    doc["variants"]["canary"]["weight"] = 3
+    doc["variants"]["other"] = {"cluster": "model_other", "weight": 2}
+    doc["rollout"]["stages"] = [2, 5, 50]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    base, raw = load_base(path)
+    with pytest.raises(ConfigError, match="one candidate"):
+        make_plan(meta(name="a"), meta(name="b"), base, raw)
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+
+def write(path: Path, doc: Any) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_plan_cli_writes_a_checked_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cur = write(tmp_path / "cur.yaml", LLAMA)
+    tgt = write(tmp_path / "tgt.yaml", {**LLAMA, "name": "llama-ft", "weights_hash": "sha256:b"})
+    out = tmp_path / "plan.yaml"
+    code = cli.main(["plan", "--current", str(cur), "--target", str(tgt), "-o", str(out), "--json"])
+    assert code == cli.EXIT_OK
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tier"] == "fine-tune"
+    assert summary["canary_share"] == 10
+    assert summary["evaluation_s"] == 3600
+    assert summary["output"] == str(out)
+    exp = load_experiment(out)
+    assert exp.spec.rollout.stages == [10, 25, 50, 100]
+    assert out.read_text().startswith("# Rollout plan written by `extproc plan`.")
+    assert cli.main(["check", str(out)]) == cli.EXIT_OK
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ({"name": "x", "weight_hash": "abc"}, "weight_hash: Extra inputs are not permitted"),
+        ({"name": "x", "kind": "retrain"}, "kind: Input should be"),
+        ({"family": "x"}, "name: Field required"),
+        (["a", "list"], "must be a mapping"),
+        (None, "cannot read"),
+    ],
+)
+def test_plan_cli_bad_metadata_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], target: Any, message: str
+) -> None:
+    cur = write(tmp_path / "cur.yaml", LLAMA)
+    tgt = tmp_path / "missing.yaml" if target is None else write(tmp_path / "tgt.yaml", target)
+    out = tmp_path / "plan.yaml"
+    code = cli.main(["plan", "--current", str(cur), "--target", str(tgt), "-o", str(out)])
+    assert code == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing half-written
