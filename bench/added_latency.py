@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from extproc import store
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.contract import keys
 from extproc.dev import stack
 from extproc.envoyconf.bootstrap import EnvoyLayout, build_baseline, to_yaml

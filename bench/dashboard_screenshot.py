@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from extproc.cli.main import DEMO_EXPERIMENT, DEMO_MODELS
 from extproc.config import load_experiment
 from extproc.dev import demo, stack
+from extproc.dev.demo import DEMO_EXPERIMENT, DEMO_MODELS
 from tests.integration.test_dashboard_browser import WAIT_S, chrome, require_browser
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -48,8 +48,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from extproc import store
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import Experiment, load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
 from extproc.contract import keys
 from extproc.contract.assignment import key_hash, salt_key
 from extproc.dev import stack

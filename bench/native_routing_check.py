@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 
 from extproc import store
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import Experiment, load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
 from extproc.dev import stack
 from extproc.envoyconf.bootstrap import EnvoyLayout, build_native
 from extproc.routing.lanes import runtime_weights

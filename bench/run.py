@@ -65,8 +65,7 @@ from urllib.parse import quote
 
 import redis
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import Experiment, load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
 from extproc.contract import keys
 from extproc.dev import stack
 from extproc.envoyconf.bootstrap import EnvoyLayout

@@ -40,8 +40,13 @@ from typing import Any
 from canary_traffic import Arm, Burst, Drift, Scenario, Sessions, Traffic, p95, p99
 from scipy.stats import binomtest
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import ConfigError, ExperimentSpec, load_experiment, parse_experiment
+from extproc.config import (
+    EXAMPLE_EXPERIMENT,
+    ConfigError,
+    ExperimentSpec,
+    load_experiment,
+    parse_experiment,
+)
 from extproc.evaluator.replay import replay_source
 
 T0_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: virtual time starts here

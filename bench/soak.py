@@ -27,8 +27,7 @@ from typing import Any
 
 import redis
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.contract import keys
 from extproc.contract.envoy import SIDECAR_CLUSTER
 from extproc.dev import stack

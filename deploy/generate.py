@@ -23,8 +23,7 @@ from typing import Any
 
 import yaml
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import Experiment, load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
 from extproc.envoyconf.bootstrap import EnvoyLayout, render
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,7 @@ from collections.abc import Callable
 import yaml
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import ConfigError, parse_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, ConfigError, parse_experiment
 from extproc.contract.errors import RoutingError
 from extproc.routing.decide import Policy, attribute, choose_variant, read_headers
 from extproc.routing.live import Routing

@@ -22,8 +22,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from extproc import store
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.contract import keys
 from extproc.dev import stack
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent

@@ -15,8 +15,36 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
+
+DEMO_EXPERIMENT = Path(__file__).parent.parent / "data" / "demo-experiment.yaml"
+"""The demo's schedule: short stages, so a whole rollout takes about a minute."""
+DEMO_MODELS = {
+    "stable": [
+        "--latency-ms",
+        "40",
+        "--latency-jitter-ms",
+        "15",
+        "--tokens-per-s",
+        "400",
+        "--completion-tokens",
+        "60",
+    ],
+    "canary": [
+        "--latency-ms",
+        "45",
+        "--latency-jitter-ms",
+        "15",
+        "--tokens-per-s",
+        "400",
+        "--completion-tokens",
+        "70",
+    ],
+}
+"""The stand-ins' settings: the candidate a little slower and wordier than stable (the regression
+scenario then degrades it at 25% through `/admin/behaviour`)."""
 
 
 @dataclass

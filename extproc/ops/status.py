@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from extproc import store
 from extproc.config import Price
 from extproc.contract import keys
+from extproc.evaluator.rollout import load_state, read_audit
 from extproc.ops.figures import flatten, label, value_text
 from extproc.telemetry import outcome
 from extproc.telemetry.events import recent_events
@@ -311,6 +312,29 @@ async def full_status(r: aioredis.Redis, window: int = DEFAULT_WINDOW) -> dict[s
         "sidecars": reps,
         "telemetry": {"dropped": sum(int(s.get("dropped", 0)) for s in reps)},
     }
+
+
+async def status_doc(
+    r: aioredis.Redis, name: str | None, window: int = DEFAULT_WINDOW
+) -> dict[str, Any] | None:
+    """Everything `extproc status` and `top` show of one experiment (``name``, else the first
+    in Redis): its figures, the rollout state, the last decisions and evaluation, and the
+    sidecars, evaluators and telemetry backlog. None when there is no such experiment."""
+    full = await full_status(r, window)
+    names = list(full["experiments"])
+    name = name or (names[0] if names else None)
+    if name is None or name not in full["experiments"]:
+        return None
+    doc: dict[str, Any] = full["experiments"][name]
+    doc["sidecars"] = full["sidecars"]
+    doc["telemetry"] = full["telemetry"]
+    doc["experiments"] = names
+    state = await load_state(r, name)
+    doc["rollout"] = None if state is None else json.loads(state.to_json())
+    doc["audit"] = await read_audit(r, name, 5)
+    doc["evaluation"] = await latest_evaluation(r, name)
+    doc["evaluators"] = await evaluators(r)
+    return doc
 
 
 def _table(groups: Mapping[str, Mapping[str, Any]]) -> list[str]:

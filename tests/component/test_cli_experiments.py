@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
+from extproc.config import EXAMPLE_EXPERIMENT
 
 pytestmark = pytest.mark.timeout(60)
 

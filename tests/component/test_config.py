@@ -8,8 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import ConfigError, load_experiment, parse_experiment, validate_weights
+from extproc.config import (
+    EXAMPLE_EXPERIMENT,
+    ConfigError,
+    load_experiment,
+    parse_experiment,
+    validate_weights,
+)
 
 GOOD = {
     "name": "exp",

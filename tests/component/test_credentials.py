@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from extproc import store
+from extproc.cli import common
 from extproc.cli import main as cli
 from extproc.config import ConfigError, load_experiment
 from extproc.contract import keys
@@ -192,12 +193,12 @@ def test_redis_url_from_the_environment_wins_over_a_running_stacks_state(
     me = _state_file(tmp_path / "live", os.getpid(), stack._start_time(os.getpid()))
     monkeypatch.delenv("REDIS_URL", raising=False)
     code, _, err = _list(capsys, me)
-    assert code == cli.EXIT_FAIL  # the running stack's (dead) Redis was used
+    assert code == common.EXIT_FAIL  # the running stack's (dead) Redis was used
     assert "Connection" in err
     monkeypatch.setenv("REDIS_URL", redis_url)
-    assert _list(capsys, me)[:2] == (cli.EXIT_OK, "[]\n")
+    assert _list(capsys, me)[:2] == (common.EXIT_OK, "[]\n")
     monkeypatch.setenv("REDIS_URL", DEAD_REDIS)
-    assert _list(capsys, me, "--redis-url", redis_url)[:2] == (cli.EXIT_OK, "[]\n")
+    assert _list(capsys, me, "--redis-url", redis_url)[:2] == (common.EXIT_OK, "[]\n")
 
 
 def test_a_stale_state_file_is_reported_and_not_used(
@@ -209,7 +210,7 @@ def test_a_stale_state_file_is_reported_and_not_used(
     # The recorded pid runs, but it is not the process that was started (another start time).
     stale = _state_file(tmp_path / "stale", os.getpid(), "0")
     monkeypatch.setenv("REDIS_URL", redis_url)
-    assert _list(capsys, stale)[:2] == (cli.EXIT_OK, "[]\n")
+    assert _list(capsys, stale)[:2] == (common.EXIT_OK, "[]\n")
     monkeypatch.delenv("REDIS_URL")
     _, _, err = _list(capsys, stale)  # the default Redis: there may be one on this machine
     assert err.count(f"ignoring {stale / stack.STATE_FILE}") == 1

@@ -46,8 +46,8 @@ from cloudcoil.models.istio.networking import v1alpha3 as istio_v1alpha3
 from cloudcoil.models.istio.security import v1 as istio_security_v1
 from cloudcoil.models.prometheus_operator import v1 as prometheus_v1
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT, build_parser
-from extproc.config import Experiment, load_experiment
+from extproc.cli.main import build_parser
+from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
 from extproc.contract.envoy import SIDECAR_SERVICE
 from extproc.dev import stack
 from extproc.dev.stack import envoy_binary

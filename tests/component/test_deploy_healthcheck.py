@@ -21,7 +21,8 @@ from types import ModuleType
 import pytest
 import yaml
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT, build_parser
+from extproc.cli.main import build_parser
+from extproc.config import EXAMPLE_EXPERIMENT
 from extproc.dev import stack
 from tests.component.test_deploy import (
     DEPLOY,

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.dev.stack import envoy_binary
 from extproc.envoyconf.bootstrap import EnvoyLayout, render
 

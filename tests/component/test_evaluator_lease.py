@@ -9,8 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from extproc import store
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.contract import keys
 from extproc.evaluator.service import Evaluator
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent

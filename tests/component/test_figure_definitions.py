@@ -15,8 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from extproc import store
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import Price, load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, Price, load_experiment
 from extproc.evaluator.window import StageWindow
 from extproc.ops import status
 from extproc.ops.dashboard import views

@@ -18,8 +18,7 @@ from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 from envoy.service.runtime.v3 import rtds_pb2, rtds_pb2_grpc
 from google.protobuf.struct_pb2 import Struct
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import ConfigError, Experiment, parse_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, ConfigError, Experiment, parse_experiment
 from extproc.contract.assignment import compile_table
 from extproc.contract.envoy import RUNTIME_LAYER, RUNTIME_PREFIX
 from extproc.dataplane.accesslog import EntryMapper, decode_text

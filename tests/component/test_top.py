@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 
 from extproc import store
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.contract import keys
 from extproc.dev import stack
 from extproc.evaluator.rollout import RolloutState, append_audit

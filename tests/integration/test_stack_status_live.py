@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from extproc.cli import main as cli
+from extproc.cli import common
 from extproc.dev import stack
 from tests.conftest import LiveStack, wait_for
 
@@ -34,7 +34,7 @@ def test_status_names_a_killed_evaluator_and_then_a_killed_redis(own_stack: Live
 
     pid = kill(s, "evaluator")
     out = s.cli("status", "--json")
-    assert out.returncode == cli.EXIT_OK, out.stderr
+    assert out.returncode == common.EXIT_OK, out.stderr
     report = json.loads(out.stdout)["stack"]
     assert report["down"] == ["evaluator"]
     assert report["components"]["evaluator"] == {
@@ -53,6 +53,6 @@ def test_status_names_a_killed_evaluator_and_then_a_killed_redis(own_stack: Live
     # With Redis gone there are no figures, but status still says what is down.
     kill(s, "redis")
     out = s.cli("status")
-    assert out.returncode == cli.EXIT_FAIL
+    assert out.returncode == common.EXIT_FAIL
     assert "DOWN       evaluator" in out.stderr
     assert "DOWN       redis" in out.stderr

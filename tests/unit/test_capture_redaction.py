@@ -11,8 +11,7 @@ import yaml
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import parse_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, parse_experiment
 from extproc.dataplane.observer import Observation, ObserverContext
 from extproc.quality.rules import REDACTED, QualityRules
 from extproc.routing.decide import Policy

@@ -15,7 +15,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
+from extproc.config import EXAMPLE_EXPERIMENT
 from fuzz import targets
 
 pytestmark = pytest.mark.timeout(120)

@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import ConfigError, parse_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, ConfigError, parse_experiment
 from extproc.contract.guardrail_metrics import METRICS
 from extproc.evaluator.clusters import COUNTERS
 from extproc.evaluator.window import VariantWindow

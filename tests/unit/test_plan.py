@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
+from extproc.cli import common
 from extproc.cli import main as cli
-from extproc.config import ConfigError, load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, ConfigError, load_experiment
 from extproc.ops.plan import GRADES, ModelMeta, classify, load_base, make_plan
 
 pytestmark = pytest.mark.timeout(30)
@@ -145,7 +146,7 @@ def test_ungraded_default_guardrails_are_kept() -> None:
 
 
 def test_plan_on_a_base_keeps_its_routing_and_extra_guardrails(tmp_path: Path) -> None:
-    base_doc = yaml.safe_load((Path(cli.EXAMPLE_EXPERIMENT)).read_text())
+    base_doc = yaml.safe_load((Path(EXAMPLE_EXPERIMENT)).read_text())
     base_doc["guardrails"] = [
         {"metric": "latency_p50", "max_increase": 0.1, "action": "hold"},
         {"metric": "latency_p99", "max_increase": 0.9},
@@ -168,7 +169,7 @@ def test_plan_on_a_base_keeps_its_routing_and_extra_guardrails(tmp_path: Path) -
 
 
 def test_plan_refuses_a_base_with_two_candidates(tmp_path: Path) -> None:
-    doc = yaml.safe_load(Path(cli.EXAMPLE_EXPERIMENT).read_text())
+    doc = yaml.safe_load(Path(EXAMPLE_EXPERIMENT).read_text())
     doc["variants"]["canary"]["weight"] = 3
     doc["variants"]["other"] = {"cluster": "model_other", "weight": 2}
     doc["rollout"]["stages"] = [2, 5, 50]
@@ -192,7 +193,7 @@ def test_plan_cli_writes_a_checked_file(tmp_path: Path, capsys: pytest.CaptureFi
     tgt = write(tmp_path / "tgt.yaml", {**LLAMA, "name": "llama-ft", "weights_hash": "sha256:b"})
     out = tmp_path / "plan.yaml"
     code = cli.main(["plan", "--current", str(cur), "--target", str(tgt), "-o", str(out), "--json"])
-    assert code == cli.EXIT_OK
+    assert code == common.EXIT_OK
     summary = json.loads(capsys.readouterr().out)
     assert summary["tier"] == "fine-tune"
     assert summary["canary_share"] == 10
@@ -201,7 +202,7 @@ def test_plan_cli_writes_a_checked_file(tmp_path: Path, capsys: pytest.CaptureFi
     exp = load_experiment(out)
     assert exp.spec.rollout.stages == [10, 25, 50, 100]
     assert out.read_text().startswith("# Rollout plan written by `extproc plan`.")
-    assert cli.main(["check", str(out)]) == cli.EXIT_OK
+    assert cli.main(["check", str(out)]) == common.EXIT_OK
 
 
 @pytest.mark.parametrize(
@@ -221,6 +222,6 @@ def test_plan_cli_bad_metadata_exits_2(
     tgt = tmp_path / "missing.yaml" if target is None else write(tmp_path / "tgt.yaml", target)
     out = tmp_path / "plan.yaml"
     code = cli.main(["plan", "--current", str(cur), "--target", str(tgt), "-o", str(out)])
-    assert code == cli.EXIT_USAGE
+    assert code == common.EXIT_USAGE
     assert message in capsys.readouterr().err
     assert not out.exists()  # nothing half-written

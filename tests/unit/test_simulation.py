@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extproc.cli.main import EXAMPLE_EXPERIMENT
-from extproc.config import load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.evaluator.replay import replay_source
 from extproc.telemetry.export import RecordedEvent
 from extproc.telemetry.v1.event_pb2 import ErrorClass

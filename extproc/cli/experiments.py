@@ -1,0 +1,205 @@
+"""`extproc experiment ...`: publish, list and show experiments, set weights, and record an
+operator's intent (pause, resume, promote, rollback, abort) for the evaluator to apply."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from extproc import store
+from extproc.cli.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    AddVerb,
+    add_common,
+    err,
+    load,
+    with_redis,
+)
+from extproc.config import ConfigError, parse_experiment
+from extproc.contract import keys
+
+
+def cmd_command(ns: argparse.Namespace) -> int:
+    """pause | resume | promote | rollback | abort: record intent; the evaluator acts on it."""
+    from extproc.evaluator.rollout import send_command
+
+    async def go(r: aioredis.Redis) -> str:
+        if await store.get_definition(r, ns.name) is None:
+            raise ConfigError(ns.name, ["no such experiment in Redis (see `extproc status`)"])
+        return await send_command(r, ns.name, ns.action, ns.actor, ns.reason)
+
+    entry = with_redis(ns, go)
+    if ns.json:
+        print(json.dumps({"experiment": ns.name, "command": ns.action, "id": entry}))
+    else:
+        print(
+            f"{ns.name}: {ns.action} recorded ({entry}); the evaluator applies it on its next tick"
+        )
+    return EXIT_OK
+
+
+def cmd_create(ns: argparse.Namespace) -> int:
+    """Publish an experiment file to Redis: definition and, when new, its file weights."""
+    exp, p = load(ns.file)
+
+    async def go(r: aioredis.Redis) -> store.RoutingState | None:
+        if await store.get_definition(r, exp.name) is not None and not ns.replace:
+            return None
+        return await store.register_experiment(r, exp)
+
+    state = with_redis(ns, go)
+    if state is None:
+        err(
+            f"experiment {exp.name!r} already exists in Redis; "
+            "`--replace` publishes the new definition (live weights are kept)"
+        )
+        return EXIT_USAGE
+    if ns.json:
+        print(
+            json.dumps({"experiment": exp.name, "version": state.version, "weights": state.weights})
+        )
+    else:
+        print(f"{exp.name}: published from {p}; routing version {state.version}: {state.weights}")
+    return EXIT_OK
+
+
+async def _experiment_rows(r: aioredis.Redis) -> list[dict[str, Any]]:
+    from extproc.evaluator.rollout import load_state
+
+    rows = []
+    for raw in sorted(await r.smembers(keys.EXPERIMENTS)):
+        name = raw.decode() if isinstance(raw, bytes) else str(raw)
+        definition = await store.get_definition(r, name) or {}
+        routing = await store.get_routing(r, name)
+        state = await load_state(r, name)
+        rows.append(
+            {
+                "name": name,
+                "strategy": definition.get("strategy", "canary"),
+                "stable": definition.get("stable"),
+                "weights": routing.weights if routing else None,
+                "routing_version": routing.version if routing else None,
+                "status": state.status if state else "not started",
+                "stage": state.stage + 1 if state else None,
+            }
+        )
+    return rows
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    rows = with_redis(ns, _experiment_rows)
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no experiments in Redis (`extproc experiment create FILE`, or `extproc up`)")
+    for row in rows:
+        w = ", ".join(f"{k} {v:g}%" for k, v in (row["weights"] or {}).items())
+        stage = f" stage {row['stage']}" if row["stage"] else ""
+        print(f"{row['name']:<24} {row['strategy']:<10} {row['status']}{stage}  [{w}]")
+    return EXIT_OK
+
+
+def cmd_show(ns: argparse.Namespace) -> int:
+    from extproc.evaluator.rollout import load_state
+
+    async def go(r: aioredis.Redis) -> dict[str, Any] | None:
+        definition = await store.get_definition(r, ns.name)
+        if definition is None:
+            return None
+        routing = await store.get_routing(r, ns.name)
+        state = await load_state(r, ns.name)
+        return {
+            "definition": definition,
+            "routing": None if routing is None else dataclasses.asdict(routing),
+            "rollout": None if state is None else json.loads(state.to_json()),
+        }
+
+    doc = with_redis(ns, go)
+    if doc is None:
+        err(f"no experiment {ns.name!r} in Redis (see `extproc experiment list`)")
+        return EXIT_USAGE
+    if ns.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        import yaml
+
+        sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
+    return EXIT_OK
+
+
+def cmd_set_weights(ns: argparse.Namespace) -> int:
+    weights: dict[str, Any] = {}
+    for item in ns.weights:
+        name, sep, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            err(f"{item!r}: expected VARIANT=PERCENT, e.g. canary=10")
+            return EXIT_USAGE
+
+    async def go(r: aioredis.Redis) -> store.RoutingState:
+        definition = await store.get_definition(r, ns.name)
+        if definition is None:
+            raise ConfigError(ns.name, ["no such experiment in Redis"])
+
+        exp = parse_experiment(definition, f"experiment {ns.name}")
+        return await store.set_weights(r, exp, weights, reason=ns.reason, actor=ns.actor)
+
+    state = with_redis(ns, go)
+    if ns.json:
+        print(json.dumps({"version": state.version, "weights": state.weights}))
+    else:
+        print(f"{ns.name}: routing version {state.version}: {state.weights}")
+    return EXIT_OK
+
+
+def register(add: AddVerb) -> None:
+    p = add("experiment", lambda ns: EXIT_USAGE, "manage experiments")
+    esub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cp = esub.add_parser("create", help="publish an experiment file to Redis")
+    cp.set_defaults(fn=cmd_create)
+    cp.add_argument("file", help="the experiment file (checked first; every problem listed)")
+    cp.add_argument("--replace", action="store_true", help="replace an existing definition")
+    cp.add_argument("--json", action="store_true")
+    add_common(cp)
+    lp = esub.add_parser("list", help="experiments in Redis: strategy, status, stage, weights")
+    lp.set_defaults(fn=cmd_list)
+    lp.add_argument("--json", action="store_true")
+    add_common(lp)
+    shp = esub.add_parser("show", help="one experiment: definition, live routing, rollout state")
+    shp.set_defaults(fn=cmd_show)
+    shp.add_argument("name")
+    shp.add_argument("--json", action="store_true")
+    add_common(shp)
+    sw = esub.add_parser("set-weights", help="change the live weights (every replica follows)")
+    sw.set_defaults(fn=cmd_set_weights)
+    sw.add_argument("name")
+    sw.add_argument("weights", nargs="+", metavar="VARIANT=PERCENT")
+    sw.add_argument("--reason", default="set by operator")
+    sw.add_argument("--actor", default=os.environ.get("USER", "cli"))
+    sw.add_argument("--json", action="store_true")
+    add_common(sw)
+    for action, text in (
+        ("pause", "hold the current stage (weights stay)"),
+        ("resume", "continue a paused rollout"),
+        ("promote", "move to the next stage now"),
+        ("rollback", "send all traffic to the stable variant"),
+        ("abort", "end the experiment on the stable variant"),
+    ):
+        ap = esub.add_parser(action, help=text, description=text)
+        ap.set_defaults(fn=cmd_command)
+        ap.add_argument("name")
+        ap.add_argument("--reason", default="")
+        ap.add_argument("--actor", default=os.environ.get("USER", "cli"))
+        ap.add_argument("--json", action="store_true")
+        add_common(ap)

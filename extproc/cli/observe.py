@@ -1,0 +1,229 @@
+"""What operators read: `status`, `top`, `pairs`, `log`, and the web `dashboard`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from extproc.cli.common import (
+    EXIT_FAIL,
+    EXIT_OK,
+    AddVerb,
+    add_common,
+    err,
+    redis_url,
+    stack_state,
+    using_redis,
+    with_redis,
+)
+from extproc.dev import stack
+from extproc.ops import status
+
+
+def _render_status(doc: dict[str, Any]) -> str:
+    from extproc.ops import status
+
+    lines = [f"experiment {doc['experiment']}  (stable: {doc.get('stable')})"]
+    routing = doc.get("routing") or {}
+    if routing:
+        w = ", ".join(f"{k} {v:g}%" for k, v in routing["weights"].items())
+        lines.append(f"weights    {w}   (version {routing['version']}: {routing['reason']})")
+    if doc.get("endpoints", {}).get("listener"):
+        lines.append(f"listener   {doc['endpoints']['listener']}")
+    if doc.get("endpoints", {}).get("feedback"):
+        token = doc.get("feedback_token")
+        auth = f"   (Authorization: Bearer {token})" if token else ""
+        lines.append(f"feedback   {doc['endpoints']['feedback']}{auth}")
+    if doc.get("dashboard_url"):
+        lines.append(f"dashboard  {doc['dashboard_url']}")
+    lines += _down_lines(doc.get("stack"))
+    ro = doc.get("rollout")
+    if ro:
+        lines.append(
+            f"rollout    {ro['status']}, stage {ro['stage'] + 1} ({ro['strategy']}); "
+            f"last: {ro['last_action'] or '-'} {'; '.join(ro['last_reasons'])}"
+        )
+    lines += status.figure_lines(doc)
+    return "\n".join(lines)
+
+
+def _stack_report(ns: argparse.Namespace) -> dict[str, Any] | None:
+    """Which processes of the running local stack are up and which are down (None: no stack)."""
+    st = stack_state(ns)
+    if not st:
+        return None
+    parts = stack.components(st)
+    return {
+        "state_dir": str(ns.state_dir),
+        "components": parts,
+        "down": [name for name, part in parts.items() if not part["running"]],
+    }
+
+
+def _down_lines(report: dict[str, Any] | None) -> list[str]:
+    """One loud line per stopped part of the local stack: a crashed sidecar or evaluator is not
+    restarted by itself, and its figures would otherwise just go stale."""
+    if not report:
+        return []
+    lines = []
+    for name in report["down"]:
+        part = report["components"][name]
+        lines.append(f"DOWN       {name} (pid {part['pid']}) is not running; log: {part['log']}")
+    if lines:
+        lines.append("           restart the stack: `extproc down` then `extproc up`")
+    return lines
+
+
+async def _status_doc(ns: argparse.Namespace) -> dict[str, Any] | None:
+    """The status read model (``ops.status.status_doc``) plus what only the local stack knows:
+    its endpoints, the dashboard's address, the feedback token and which of its parts are down."""
+    st = stack_state(ns)
+    name = ns.name or st.get("experiment", {}).get("name")
+    doc = await using_redis(ns, lambda r: status.status_doc(r, name, ns.window))
+    if doc is None:
+        return None
+    doc["endpoints"] = st.get("endpoints", {})
+    if dashboard := stack.dashboard_url(st):
+        doc["dashboard_url"] = dashboard
+    if st.get("feedback_token"):
+        doc["feedback_token"] = st["feedback_token"]
+    doc["stack"] = _stack_report(ns)
+    return doc
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    """Figures from Redis. A part of the local stack that is down is named in the table, in
+    ``stack.down`` of the JSON and on stderr with it, and on stderr when there are no figures to
+    show (the part that is down may be Redis itself)."""
+    try:
+        doc = asyncio.run(_status_doc(ns))
+    except (RedisError, OSError):
+        _print_down(ns)
+        raise
+    if doc is None:
+        _print_down(ns)
+        err("no experiment found in Redis: is the stack up (`extproc up`)?")
+        return EXIT_FAIL
+    if ns.json:
+        _print_down(ns)
+        print(json.dumps(doc, indent=2))
+    else:
+        print(_render_status(doc))
+    return EXIT_OK
+
+
+def _print_down(ns: argparse.Namespace) -> None:
+    for line in _down_lines(_stack_report(ns)):
+        print(line, file=sys.stderr)
+
+
+def cmd_top(ns: argparse.Namespace) -> int:
+    """A live per-variant table; ``--once`` prints one frame (exit 1 if there is no experiment)."""
+    from extproc.ops import top
+
+    if ns.once:
+        doc = asyncio.run(_status_doc(ns))
+        if doc is None:
+            err("no experiment found in Redis: is the stack up (`extproc up`)?")
+            return EXIT_FAIL
+        print(top.render_for(doc, sys.stdout))
+        return EXIT_OK
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(top.live(lambda: _status_doc(ns), interval=ns.interval, stdin=sys.stdin))
+    return EXIT_OK
+
+
+def cmd_pairs(ns: argparse.Namespace) -> int:
+    from extproc.ops.status import recent_pairs
+
+    pairs = with_redis(ns, lambda r: recent_pairs(r, ns.name, ns.count))
+    if ns.json:
+        print(json.dumps(pairs, indent=2))
+        return EXIT_OK
+    for p in pairs:
+        print(f"== {p['request_id']}")
+        if "primary" in p and p["primary"].get("prompt"):
+            print(f"   prompt: {p['primary']['prompt'][:300]}")
+        for role in ("primary", "shadow"):
+            side = p.get(role)
+            if side:
+                print(
+                    f"   {role:<8}({side['variant']}, {side['status']}): "
+                    f"{(side.get('answer') or '')[:300]}"
+                )
+        if p.get("judge"):
+            j = p["judge"]
+            agreed = "both orders agree" if j["consistent"] else "orders disagree"
+            print(f"   judge:   {j['winner']} ({agreed}; {j['model']})")
+    return EXIT_OK
+
+
+def cmd_log(ns: argparse.Namespace) -> int:
+    from extproc.evaluator.rollout import read_audit
+
+    records = with_redis(ns, lambda r: read_audit(r, ns.name, ns.count))
+    if ns.json:
+        print(json.dumps(records, indent=2))
+        return EXIT_OK
+    for rec in records:
+        when = time.strftime("%H:%M:%S", time.localtime(rec["time"]))
+        w = ", ".join(f"{k} {v:g}%" for k, v in (rec.get("weights") or {}).items())
+        print(f"{when}  {rec['action']:<9} stage {rec['stage'] + 1}  [{w}]  by {rec['actor']}")
+        for reason in rec.get("reasons", []):
+            print(f"          {reason}")
+    return EXIT_OK
+
+
+def cmd_dashboard(ns: argparse.Namespace) -> int:
+    """The web dashboard; actions need --token, else $EXTPROC_DASHBOARD_TOKEN, else a new one."""
+    from extproc.ops.dashboard import TOKEN_ENV, server
+
+    token = ns.token or os.environ.get(TOKEN_ENV) or None
+    server.run(redis_url(ns), ns.host, ns.port, token)
+    return EXIT_OK
+
+
+def register(add: AddVerb) -> None:
+    p = add("status", cmd_status, "per-variant requests, latency, TTFT, errors, tokens, weights")
+    p.add_argument("name", nargs="?", help="experiment (default: the local stack's)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--window", type=int, default=20_000, help="recent events to summarise")
+    add_common(p)
+    p = add("pairs", cmd_pairs, "captured primary and shadow answers, side by side")
+    p.add_argument("name")
+    p.add_argument("--count", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    add_common(p)
+
+    p = add("log", cmd_log, "the audit log: decisions, their reasons, operator actions")
+    p.add_argument("name")
+    p.add_argument("--count", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    add_common(p)
+    p = add("dashboard", cmd_dashboard, "the web dashboard: figures, decisions, pairs, actions")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--token",
+        default=None,
+        help="bearer token for actions and captured texts (default: $EXTPROC_DASHBOARD_TOKEN, "
+        "else a new one; prefer the variable: every local user can read a command line)",
+    )
+    add_common(p)
+
+    from extproc.ops.top import seconds
+
+    p = add("top", cmd_top, "live per-variant table of an experiment (q or Ctrl-C quits)")
+    p.add_argument("name", nargs="?", help="experiment (default: the local stack's)")
+    p.add_argument("--interval", type=seconds, default=2.0, help="seconds between frames")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--window", type=int, default=20_000, help="recent events to summarise")
+    add_common(p)
