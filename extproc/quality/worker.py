@@ -111,11 +111,12 @@ async def serve(
     session = aiohttp.ClientSession()
     tasks: list[asyncio.Task[None]] = []
     runner: web.AppRunner | None = None
+    judge: JudgeClient | None = None
     spec = experiment.spec
     try:
         if spec.judge is not None:
-            client = JudgeClient(spec.judge, session, prepared.api_key)
-            worker = JudgeWorker(redis, experiment.name, client)
+            judge = JudgeClient(spec.judge, prepared.api_key)
+            worker = JudgeWorker(redis, experiment.name, judge)
             tasks.append(asyncio.create_task(worker.run(), name="judge"))
         if prepared.probes is not None and settings.listener:
             loop = WatchdogLoop(
@@ -153,5 +154,7 @@ async def serve(
         await asyncio.gather(*tasks, return_exceptions=True)
         if runner is not None:
             await runner.cleanup()
+        if judge is not None:
+            await judge.close()
         await session.close()
         await redis.aclose()
