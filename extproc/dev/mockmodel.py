@@ -1,10 +1,11 @@
 """An OpenAI-compatible model server stand-in with knobs for the regressions a rollout must catch.
 
 A regressed model still answers ``200 OK``; what changes is latency, time to first token, length,
-error and refusal rates. This server makes each of those a setting, so that dry runs and integration
-tests can put a "good" and a "bad" variant behind a real Envoy and check that the sidecar and the
-evaluator see the difference. Settings can change while it runs (``POST /admin/behaviour``), so a
-test can make a canary go bad mid-experiment without restarting anything.
+error and refusal rates, and how often it calls the tools a request offers (an agent's model that
+stops calling tools answers in prose instead). This server makes each of those a setting, so that
+dry runs and integration tests can put a "good" and a "bad" variant behind a real Envoy and check
+that the sidecar and the evaluator see the difference. Settings can change while it runs (``POST
+/admin/behaviour``), so a test can make a canary go bad mid-experiment without restarting anything.
 
 The words of an answer are deterministic in the prompt (a run of a lorem-like vocabulary starting at
 a point chosen by a hash of the prompt), so two variants answer the same prompt with the same words
@@ -68,7 +69,14 @@ _DELAY_FIELDS: Final = frozenset({"latency_ms", "latency_jitter_ms", "tail_ms", 
 # Model servers take long prompts; aiohttp's 1 MiB default would answer 413 to a 10 MB one.
 MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 _RATE_FIELDS: Final = frozenset(
-    {"tail_rate", "error_rate", "refusal_rate", "hang_rate", "cached_prompt_ratio"}
+    {
+        "tail_rate",
+        "error_rate",
+        "refusal_rate",
+        "tool_call_rate",
+        "hang_rate",
+        "cached_prompt_ratio",
+    }
 )
 _FLOAT_FIELDS: Final = _DELAY_FIELDS | _RATE_FIELDS | {"tokens_per_s", "verbosity"}
 _INT_FIELDS: Final = frozenset({"completion_tokens"})
@@ -121,6 +129,13 @@ class MockBehaviour:
     )
     refusal_rate: float = dataclasses.field(
         default=0.0, metadata=_help("probability that the answer is a refusal")
+    )
+    tool_call_rate: float = dataclasses.field(
+        default=0.0,
+        metadata=_help(
+            "probability that the answer to a request offering tools is a call of one of them "
+            "(tool_calls, finish_reason tool_calls) instead of text; never with tool_choice none"
+        ),
     )
     hang_rate: float = dataclasses.field(
         default=0.0, metadata=_help("probability of never answering (for timeout tests)")
@@ -271,6 +286,9 @@ class _ChatRequest:
     include_usage: bool
     max_tokens: int | None
     json_mode: bool
+    # Names of the tools offered (``tools``), empty when none may be called (``tool_choice``
+    # ``none``): what a tool call can name.
+    tools: tuple[str, ...] = ()
 
 
 def _message_text(index: int, message: object) -> str:
@@ -297,6 +315,26 @@ def _message_text(index: int, message: object) -> str:
         f"messages[{index}].content must be a string, an array or null",
         f"messages[{index}].content",
     )
+
+
+def _tool_names(body: dict[str, Any]) -> tuple[str, ...]:
+    """The names of the tools a request offers, in its order: a function tool's
+    ``function.name`` (Chat Completions), else a ``name`` of its own (other tool kinds)."""
+    tools = body.get("tools")
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise _BadRequest("tools must be an array", "tools")
+    names: list[str] = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise _BadRequest(f"tools[{i}] must be an object", f"tools[{i}]")
+        function = tool.get("function")
+        name = function.get("name") if isinstance(function, dict) else tool.get("name")
+        names.append(name if isinstance(name, str) and name else "tool")
+    # tool_choice "none" forbids calls; a choice naming a function ("required", an object) allows
+    # them, and the rate decides as for "auto".
+    return () if body.get("tool_choice") == "none" else tuple(names)
 
 
 def _parse_request(body: object) -> _ChatRequest:
@@ -343,6 +381,7 @@ def _parse_request(body: object) -> _ChatRequest:
                 "response_format",
             )
         json_mode = kind != "text"
+    tools = _tool_names(body)
     prompt_text = "\n".join(texts)
     return _ChatRequest(
         prompt_text=prompt_text,
@@ -351,6 +390,7 @@ def _parse_request(body: object) -> _ChatRequest:
         include_usage=include_usage,
         max_tokens=max_tokens,
         json_mode=json_mode,
+        tools=tools,
     )
 
 
@@ -367,6 +407,16 @@ def _answer_tokens(prompt_text: str, words: int, json_mode: bool) -> list[str]:
         # with real models.
         tokens = ['{"answer": "', *tokens, '"}']
     return tokens
+
+
+def _tool_call(prompt_text: str, tools: tuple[str, ...]) -> tuple[str, list[str]]:
+    """A call of one offered tool, deterministic in the prompt (as the words of an answer are):
+    its name, and its JSON arguments in the pieces a stream sends them in (one per token)."""
+    start = zlib.crc32(prompt_text.encode("utf-8", "surrogatepass"))
+    query = " ".join(prompt_text.split()[:8])
+    arguments = json.dumps({"query": query})
+    pieces = re.findall(r"\S+\s*|\s+", arguments)
+    return tools[start % len(tools)], pieces
 
 
 def _judge_verdict(prompt_text: str, prefers: str) -> str:
@@ -452,7 +502,7 @@ def _answer_length(b: MockBehaviour, rng: random.Random) -> int:
 
 
 def _chunk(
-    cid: str, created: int, model: str, delta: dict[str, str], finish: str | None, usage: bool
+    cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None, usage: bool
 ) -> bytes:
     payload: dict[str, Any] = {
         "id": cid,
@@ -528,16 +578,30 @@ async def _answer(request: web.Request, state: _State, outcome: _Outcome) -> web
         outcome.value = "error"
         return _error(500, _SERVER_ERROR, "server_error", name=b.name)
     refused = not b.judge_prefers and bool(b.refusal_rate) and rng.random() < b.refusal_rate
+    # No draw unless a call is possible: seeded runs without tools keep their sequence.
+    calls = (
+        not b.judge_prefers
+        and not refused
+        and bool(req.tools)
+        and bool(b.tool_call_rate)
+        and rng.random() < b.tool_call_rate
+    )
+    tool = ""
     if b.judge_prefers:
         tokens = [_judge_verdict(req.prompt_text, b.judge_prefers)]
     elif refused:
         tokens = _refusal_tokens()
+    elif calls:
+        # tokens are the pieces of the call's arguments; the answer has no text.
+        tool, tokens = _tool_call(req.prompt_text, req.tools)
     else:
         tokens = _answer_tokens(req.prompt_text, _answer_length(b, rng), req.json_mode)
-    finish = "stop"
+    finish = "tool_calls" if calls else "stop"
     if req.max_tokens is not None and len(tokens) > req.max_tokens:
         tokens = tokens[: req.max_tokens]
         finish = "length"
+    call_id = "call_" + uuid.uuid4().hex[:24] if calls else ""
+    answered = "refusal" if refused else "tool_call" if calls else "ok"
     cid = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
     usage: dict[str, Any] = {
@@ -553,22 +617,25 @@ async def _answer(request: web.Request, state: _State, outcome: _Outcome) -> web
             # A longer answer takes longer even unstreamed: verbosity regressions show as latency.
             delay += len(tokens) / b.tokens_per_s
         await _pause(delay)
+        reply: dict[str, Any] = {"role": "assistant", "content": "".join(tokens), "refusal": None}
+        if calls:
+            reply["content"] = None
+            reply["tool_calls"] = [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": tool, "arguments": "".join(tokens)},
+                }
+            ]
         body = {
             "id": cid,
             "object": "chat.completion",
             "created": created,
             "model": b.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(tokens), "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
-            ],
+            "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason": finish}],
             "usage": usage,
         }
-        outcome.value = "refusal" if refused else "ok"
+        outcome.value = answered
         return web.json_response(body, headers={"x-mock-model": b.name})
 
     response = web.StreamResponse(
@@ -583,22 +650,31 @@ async def _answer(request: web.Request, state: _State, outcome: _Outcome) -> web
     await _pause(delay + b.ttft_ms / 1000.0)
     loop = asyncio.get_running_loop()
     interval = 1.0 / b.tokens_per_s if b.tokens_per_s else 0.0
+
+    def piece(i: int) -> dict[str, Any]:
+        """The delta of token ``i``: text, or a fragment of the call's arguments (as OpenAI
+        streams them: the call's id, type and name with the first, only ``index`` after)."""
+        if not calls:
+            return {"content": tokens[i]}
+        call: dict[str, Any] = {"index": 0, "function": {"arguments": tokens[i]}}
+        if i == 0:
+            call = {"index": 0, "id": call_id, "type": "function"}
+            call["function"] = {"name": tool, "arguments": tokens[i]}
+        return {"tool_calls": [call]}
+
     try:
         # The role chunk travels with the first token, as with vLLM: no early byte that a
         # first-body-byte measurement would mistake for the first token.
-        head = _chunk(
-            cid, created, b.name, {"role": "assistant", "content": ""}, None, req.include_usage
-        )
+        role: dict[str, Any] = {"role": "assistant", "content": None if calls else ""}
+        head = _chunk(cid, created, b.name, role, None, req.include_usage)
         if tokens:
-            head += _chunk(cid, created, b.name, {"content": tokens[0]}, None, req.include_usage)
+            head += _chunk(cid, created, b.name, piece(0), None, req.include_usage)
         await response.write(head)
         started = loop.time()
-        for i, token in enumerate(tokens[1:], start=1):
+        for i in range(1, len(tokens)):
             if interval:
                 await _pause(started + i * interval - loop.time())
-            await response.write(
-                _chunk(cid, created, b.name, {"content": token}, None, req.include_usage)
-            )
+            await response.write(_chunk(cid, created, b.name, piece(i), None, req.include_usage))
         tail = _chunk(cid, created, b.name, {}, finish, req.include_usage)
         if req.include_usage:
             final = {
@@ -615,7 +691,7 @@ async def _answer(request: web.Request, state: _State, outcome: _Outcome) -> web
     except ConnectionResetError:
         # The client went away; aiohttp finishes quietly when we return the prepared response.
         return response
-    outcome.value = "refusal" if refused else "ok"
+    outcome.value = answered
     return response
 
 

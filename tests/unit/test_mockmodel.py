@@ -18,16 +18,27 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 
 from extproc.dev import mockmodel
 from extproc.dev.mockmodel import REFUSAL, MockBehaviour, add_arguments, behaviour_from_args, serve
+from extproc.telemetry.inspect import ResponseInspector
 
 pytestmark = pytest.mark.timeout(30)
 
 Start = Callable[[MockBehaviour], Awaitable[str]]
 USER: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Tell me about rollouts please"}
+]
+TOOLS: list[ChatCompletionToolParam] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search_docs",
+            "description": "Search the documentation",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+        },
+    }
 ]
 
 
@@ -214,6 +225,110 @@ async def test_refusal_rate_one_gives_refusals(start_mock: Start) -> None:
     assert streamed == REFUSAL
 
 
+async def test_tool_call_rate_one_calls_an_offered_tool(start_mock: Start) -> None:
+    """A request that offers tools gets a call of one of them, as OpenAI sends it: no text, the
+    call's JSON arguments, ``finish_reason: tool_calls``, streamed in fragments too."""
+    base = await start_mock(MockBehaviour(tool_call_rate=1.0, completion_tokens=50))
+    async with client(base) as api:
+        completion = await api.chat.completions.create(model="x", messages=USER, tools=TOOLS)
+        stream = await api.chat.completions.create(
+            model="x",
+            messages=USER,
+            tools=TOOLS,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [c async for c in stream]
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert choice.message.tool_calls is not None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function"
+    assert call.id.startswith("call_")
+    assert call.function.name == "search_docs"
+    assert json.loads(call.function.arguments) == {"query": "Tell me about rollouts please"}
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens >= 1
+
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.content for d in deltas)
+    fragments = [tc for d in deltas for tc in d.tool_calls or []]
+    assert len(fragments) > 1  # streamed in pieces, as real servers do
+    assert {f.index for f in fragments} == {0}
+    assert fragments[0].id is not None
+    assert fragments[0].id.startswith("call_")
+    assert fragments[0].function is not None
+    assert fragments[0].function.name == "search_docs"
+    assert all(f.id is None for f in fragments[1:])
+    arguments = "".join(f.function.arguments or "" for f in fragments if f.function)
+    assert arguments == call.function.arguments  # deterministic in the prompt
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(fragments)
+
+
+async def test_tool_calls_need_tools_offered_and_allowed(
+    start_mock: Start, session: aiohttp.ClientSession
+) -> None:
+    """No tools, or tool_choice none: a text answer at any rate, as a real model gives."""
+    base = await start_mock(MockBehaviour(tool_call_rate=1.0))
+    for body in (
+        {"messages": USER},
+        {"messages": USER, "tools": []},
+        {"messages": USER, "tools": TOOLS, "tool_choice": "none"},
+    ):
+        status, answer = await post_chat(session, base, body)
+        assert status == 200
+        choice = answer["choices"][0]
+        assert (choice["finish_reason"], "tool_calls" in choice["message"]) == ("stop", False)
+        assert choice["message"]["content"]
+    assert (await stats(session, base))["outcomes"] == {"ok": 3}
+
+
+async def test_tool_call_rate_mixes_calls_and_text(
+    start_mock: Start, session: aiohttp.ClientSession
+) -> None:
+    """A rate between 0 and 1 mixes both answers; the admin endpoint changes it at run time."""
+    base = await start_mock(MockBehaviour(seed=7))
+    body = {"messages": USER, "tools": TOOLS}
+    status, answer = await post_chat(session, base, body)
+    assert (status, answer["choices"][0]["finish_reason"]) == (200, "stop")
+    async with session.post(f"{base}/admin/behaviour", json={"tool_call_rate": 0.5}) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["tool_call_rate"] == 0.5
+    reasons = []
+    for _ in range(40):
+        status, answer = await post_chat(session, base, body)
+        assert status == 200
+        reasons.append(answer["choices"][0]["finish_reason"])
+    assert set(reasons) == {"stop", "tool_calls"}
+    outcomes = (await stats(session, base))["outcomes"]
+    assert outcomes == {"ok": 1 + reasons.count("stop"), "tool_call": reasons.count("tool_calls")}
+
+
+async def test_sidecar_inspector_sees_the_tool_calls(
+    start_mock: Start, session: aiohttp.ClientSession
+) -> None:
+    """What the mock sends is what the observer counts as a tool call (``tool_call_rate``
+    guardrails depend on it): streamed and whole; a text answer is no call."""
+    base = await start_mock(MockBehaviour(tool_call_rate=1.0))
+    seen = []
+    for body in (
+        {"messages": USER, "tools": TOOLS},
+        {"messages": USER, "tools": TOOLS, "stream": True},
+        {"messages": USER, "tools": TOOLS, "stream": True, "tool_choice": "none"},
+    ):
+        async with session.post(f"{base}/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            inspector = ResponseInspector(resp.headers["Content-Type"])
+            inspector.feed(await resp.read(), 0)
+        summary = inspector.finish()
+        assert not summary.malformed
+        seen.append((summary.tool_calls, summary.finish_reason))
+    assert seen == [(True, "tool_calls"), (True, "tool_calls"), (False, "stop")]
+
+
 async def test_json_response_format_gives_json(start_mock: Start) -> None:
     base = await start_mock(MockBehaviour(completion_tokens=8))
     async with client(base) as api:
@@ -283,6 +398,8 @@ async def test_models_and_healthz(start_mock: Start, session: aiohttp.ClientSess
         ({"messages": USER, "max_tokens": 0}, "max_tokens"),
         ({"messages": USER, "max_tokens": True}, "max_tokens"),
         ({"messages": USER, "response_format": {"type": "xml"}}, "response_format"),
+        ({"messages": USER, "tools": "search"}, "tools"),
+        ({"messages": USER, "tools": ["search"]}, "tools[0]"),
     ],
 )
 async def test_malformed_requests_get_400(
@@ -624,6 +741,8 @@ def test_cli_flags_map_to_behaviour() -> None:
             "0.1",
             "--hang-rate",
             "0.001",
+            "--tool-call-rate",
+            "0.3",
             "--seed",
             "7",
         ]
@@ -642,6 +761,7 @@ def test_cli_flags_map_to_behaviour() -> None:
         error_rate=0.02,
         refusal_rate=0.1,
         hang_rate=0.001,
+        tool_call_rate=0.3,
         seed=7,
     )
 
@@ -678,6 +798,7 @@ def test_cli_rejects_bad_values(argv: list[str]) -> None:
         {"name": "tab\there"},
         {"error_rate": 1.01},
         {"tail_rate": -0.1},
+        {"tool_call_rate": 1.5},
         {"latency_ms": float("nan")},
         {"tokens_per_s": float("inf")},
         {"completion_tokens": -1},
