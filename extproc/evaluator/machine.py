@@ -37,6 +37,7 @@ Functions never mutate the state they are given: they return a new one.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 from extproc.config import ExperimentSpec
@@ -200,11 +201,22 @@ def command(
     return Transition(s, intent, why, weights, weights_reason, actor=actor)
 
 
+_FIGURE = re.compile(r"(?<![A-Za-z_-])\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?")
+"""A number in a reason (a count, a rate, an e-value); digits inside a name (``v2``) are not."""
+
+
+def hold_shape(reasons: list[str]) -> list[str]:
+    """A hold's reasons without their figures: what is held and why, not by how much."""
+    return [_FIGURE.sub("#", r) for r in reasons]
+
+
 def step(spec: ExperimentSpec, state: RolloutState, verdict: Verdict, now: float) -> Transition:
     """Act on the judge's verdict for a running rollout.
 
-    A hold is recorded only when its reasons change, so a stage held for an hour leaves one
-    audit record, not 720.
+    A hold is recorded only when what is held, or why, changes: its reasons carry live counts
+    and evidence that move at every look, so they are compared without their figures. A stage
+    held for an hour leaves one audit record (and one webhook call), not 720; the figures of
+    every look are in the latest evaluation (`extproc status`).
     """
     if state.status != "running":
         return Transition(state, verdict=verdict)
@@ -212,7 +224,7 @@ def step(spec: ExperimentSpec, state: RolloutState, verdict: Verdict, now: float
         return _rollback(spec, state, verdict, verdict.reasons)
     if verdict.action in ("advance", "complete"):
         return _advance(spec, state, verdict, verdict.reasons, now)
-    if verdict.action == "hold" and state.last_reasons != verdict.reasons:
+    if verdict.action == "hold" and hold_shape(state.last_reasons) != hold_shape(verdict.reasons):
         s = replace(state, last_action="hold", last_reasons=list(verdict.reasons))
         return Transition(s, "hold", list(verdict.reasons), verdict=verdict)
     return Transition(state, verdict=verdict)

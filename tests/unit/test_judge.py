@@ -11,6 +11,7 @@ import pytest
 from extproc.config import parse_experiment
 from extproc.evaluator import machine
 from extproc.evaluator.guardrails import (
+    Verdict,
     budget,
     carry_evidence,
     initial_evidence,
@@ -156,6 +157,28 @@ def test_promote_carries_the_last_verdicts_evidence() -> None:
         "canary/latency_p50#stage0.share",
     }
     assert t.state.evidence == carry_evidence(spec, {}, 0, v)
+
+
+def test_a_hold_is_recorded_when_its_cause_changes_not_its_figures() -> None:
+    """A shared incident held for many looks leaves one audit record; a new cause leaves one
+    more. (The reasons carry counts and an e-value that change at every look.)"""
+    spec = parse_experiment(BASE).spec
+    state = machine.start(spec, 0.0).state
+    actions = []
+    held = [
+        "canary: error rate 10/50, ceiling 2.00%; evidence e=1.17e+03 holding",
+        "canary: error rate 195/973, ceiling 2.00%; evidence e=1.02e+119 holding",
+        "canary: error rate 201/1010, ceiling 2.00%; evidence e=3.4e+121 holding",
+        "canary: needs 12 more conversations",
+        "canary: needs 3 more conversations",
+        "canary-2: needs 3 more conversations",
+    ]
+    for n, reason in enumerate(held):
+        t = machine.step(spec, state, Verdict("hold", [reason]), float(n))
+        actions.append(t.action)
+        state = t.state
+    assert actions == ["hold", "", "", "hold", "", "hold"]
+    assert state.last_reasons == [held[-1]]
 
 
 def test_blue_green_flips_after_mirrored_checks() -> None:
