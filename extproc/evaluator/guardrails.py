@@ -418,6 +418,11 @@ def _margin_test(look: _Look, side: Side, alpha: float, budget_: Budget) -> _Res
     worse = side == "increase"
     name = _side_name(g, side)
     sign = "+" if worse else "-"
+
+    def change(harm: float) -> str:
+        """A harm-oriented figure as a change of the metric (a shortfall shows as minus)."""
+        return f"{harm if worse else -harm:+.0%}"
+
     if info.kind == "win_rate":
         c = look.cand
         decisive = c.judge_wins + c.judge_losses
@@ -437,7 +442,7 @@ def _margin_test(look: _Look, side: Side, alpha: float, budget_: Budget) -> _Res
         )
         text = (
             f"{info.label} {events}/{n} vs stable {s_events}/{s_n} "
-            f"(bound {t.bound:+.0%}, limit {sign}{margin:.0%}{_deff_note(deff)})"
+            f"(bound {change(t.bound)}, limit {sign}{margin:.0%}{_deff_note(deff)})"
         )
         return _verdict((look.part(name, t, alpha),), t.estimate, t.bound, text)
     if info.kind == "quantile":
@@ -458,7 +463,7 @@ def _margin_test(look: _Look, side: Side, alpha: float, budget_: Budget) -> _Res
     if not mt.ready:
         return _Result("waiting", mt.estimate, mt.bound, "not enough samples")
     text = (
-        f"{g.metric} mean {sign}{mt.estimate:.0%} vs stable (lower bound {mt.bound:+.0%}, "
+        f"{g.metric} mean {change(mt.estimate)} vs stable (bound {change(mt.bound)}, "
         f"limit {sign}{margin:.0%}{_deff_note(max(d_c, d_t))})"
     )
     return _verdict((look.part(name, mt, alpha),), mt.estimate, mt.bound, text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -341,6 +342,8 @@ def test_tool_call_rate_is_two_sided_by_default() -> None:
     v = judge(spec, halved, _split(halved), stage=0, stage_age_s=60)
     assert v.action == "rollback", v.reasons
     assert "tool-call rate" in v.reasons[0]
+    # A shortfall reads as one: the bound on the change is negative, like the limit.
+    assert re.search(r"bound -\d+%, limit -30%", v.reasons[0]), v.reasons[0]
     (check,) = v.checks
     assert [p for p, _ in check.parts] == ["increase", "decrease"]
     same = _stage(_events("stable", 4000), _events("canary", 600, seed=2))
