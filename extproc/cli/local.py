@@ -91,7 +91,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         )
     )
     ns.redis_url = ep["redis"]
-    ns.name, ns.window, ns.json = exp.name, 20_000, False
+    ns.name, ns.window, ns.json, ns.schema = exp.name, 20_000, False, False
     print(f"\nRollout ended: {end}. Per-variant figures (extproc status):\n")
     cmd_status(ns)
     print(

@@ -25,7 +25,7 @@ from extproc.cli.common import (
     with_redis,
 )
 from extproc.dev import stack
-from extproc.ops import status
+from extproc.ops import model, status
 
 
 def _render_status(doc: dict[str, Any]) -> str:
@@ -82,7 +82,7 @@ def _down_lines(report: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-async def _status_doc(ns: argparse.Namespace) -> dict[str, Any] | None:
+async def _status_doc(ns: argparse.Namespace) -> model.StatusDoc | None:
     """The status read model (``ops.status.status_doc``) plus what only the local stack knows:
     its endpoints, the dashboard's address, the feedback token and which of its parts are down."""
     st = stack_state(ns)
@@ -90,21 +90,32 @@ async def _status_doc(ns: argparse.Namespace) -> dict[str, Any] | None:
     doc = await using_redis(ns, lambda r: status.status_doc(r, name, ns.window))
     if doc is None:
         return None
-    doc["endpoints"] = st.get("endpoints", {})
-    if dashboard := stack.dashboard_url(st):
-        doc["dashboard_url"] = dashboard
-    if st.get("feedback_token"):
-        doc["feedback_token"] = st["feedback_token"]
-    doc["stack"] = _stack_report(ns)
-    return doc
+    report = _stack_report(ns)
+    return doc.model_copy(
+        update={
+            "endpoints": st.get("endpoints", {}),
+            "dashboard_url": stack.dashboard_url(st) or None,
+            "feedback_token": st.get("feedback_token") or None,
+            "stack": None if report is None else model.StackReport.model_validate(report),
+        }
+    )
+
+
+async def _status_json(ns: argparse.Namespace) -> dict[str, Any] | None:
+    """The read model as the JSON object `status --json` prints (what `top` renders)."""
+    doc = await _status_doc(ns)
+    return None if doc is None else doc.model_dump(mode="json")
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
     """Figures from Redis. A part of the local stack that is down is named in the table, in
     ``stack.down`` of the JSON and on stderr with it, and on stderr when there are no figures to
     show (the part that is down may be Redis itself)."""
+    if ns.schema:
+        print(json.dumps(model.StatusDoc.model_json_schema(), indent=2))
+        return EXIT_OK
     try:
-        doc = asyncio.run(_status_doc(ns))
+        doc = asyncio.run(_status_json(ns))
     except (RedisError, OSError):
         _print_down(ns)
         raise
@@ -130,14 +141,14 @@ def cmd_top(ns: argparse.Namespace) -> int:
     from extproc.ops import top
 
     if ns.once:
-        doc = asyncio.run(_status_doc(ns))
+        doc = asyncio.run(_status_json(ns))
         if doc is None:
             err("no experiment found in Redis: is the stack up (`extproc up`)?")
             return EXIT_FAIL
         print(top.render_for(doc, sys.stdout))
         return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(top.live(lambda: _status_doc(ns), interval=ns.interval, stdin=sys.stdin))
+        asyncio.run(top.live(lambda: _status_json(ns), interval=ns.interval, stdin=sys.stdin))
     return EXIT_OK
 
 
@@ -195,6 +206,9 @@ def register(add: AddVerb) -> None:
     p = add("status", cmd_status, "per-variant requests, latency, TTFT, errors, tokens, weights")
     p.add_argument("name", nargs="?", help="experiment (default: the local stack's)")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--schema", action="store_true", help="print the JSON schema of --json's output and exit"
+    )
     p.add_argument("--window", type=int, default=20_000, help="recent events to summarise")
     add_common(p)
     p = add("pairs", cmd_pairs, "captured primary and shadow answers, side by side")

@@ -13,10 +13,9 @@ apart, and in-flight notices are never requests. The dashboard's figures are the
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from extproc import store
 from extproc.config import Price
 from extproc.contract import keys
 from extproc.evaluator.rollout import load_state, read_audit
+from extproc.ops import model
 from extproc.ops.figures import flatten, label, value_text
 from extproc.telemetry import outcome
 from extproc.telemetry.events import recent_events
@@ -214,7 +214,7 @@ def summarise(
 
 async def experiment_status(
     r: aioredis.Redis, name: str, window: int = DEFAULT_WINDOW
-) -> dict[str, Any]:
+) -> model.ExperimentStatus:
     definition = await store.get_definition(r, name) or {}
     routing = await store.get_routing(r, name)
     variants = list(definition.get("variants", {}))
@@ -238,7 +238,7 @@ async def experiment_status(
         v: {"requests": counts.get(v, 0), "weight": weights.get(v), **figures}
         for v, figures in per_variant.items()
     }
-    return {
+    doc = {
         "experiment": name,
         "stable": definition.get("stable"),
         "strategy": definition.get("strategy"),
@@ -257,6 +257,7 @@ async def experiment_status(
         "forced": forced,
         "shadow": shadow,
     }
+    return model.ExperimentStatus.model_validate(doc)
 
 
 async def latest_evaluation(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
@@ -279,62 +280,48 @@ async def recent_pairs(r: aioredis.Redis, name: str, count: int = 20) -> list[di
     return out
 
 
-async def sidecars(r: aioredis.Redis) -> list[dict[str, Any]]:
+async def _heartbeats(r: aioredis.Redis, pattern: str) -> list[dict[str, str]]:
     out = []
-    async for key in r.scan_iter(match=keys.SIDECAR_PATTERN, count=100):
+    async for key in r.scan_iter(match=pattern, count=100):
         raw = await r.hgetall(key)
-        doc: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
+        doc = {_text(k): _text(v) for k, v in raw.items()}
         doc["instance"] = _text(key).rsplit(":", 1)[-1]
-        for f in ("submitted", "written", "dropped", "buffered", "routing_version", "pid"):
-            if f in doc:
-                doc[f] = int(doc[f])
         out.append(doc)
-    return sorted(out, key=lambda d: str(d["instance"]))
+    return sorted(out, key=lambda d: d["instance"])
 
 
-async def evaluators(r: aioredis.Redis) -> list[dict[str, Any]]:
-    out = []
-    async for key in r.scan_iter(match=keys.EVALUATOR_PATTERN, count=100):
-        raw = await r.hgetall(key)
-        doc: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
-        doc["instance"] = _text(key).rsplit(":", 1)[-1]
-        doc["active"] = doc.get("active") == "1"
-        out.append(doc)
-    return sorted(out, key=lambda d: str(d["instance"]))
+async def sidecars(r: aioredis.Redis) -> list[model.Sidecar]:
+    return [model.Sidecar.model_validate(d) for d in await _heartbeats(r, keys.SIDECAR_PATTERN)]
 
 
-async def full_status(r: aioredis.Redis, window: int = DEFAULT_WINDOW) -> dict[str, Any]:
-    names = sorted(_text(n) for n in await r.smembers(keys.EXPERIMENTS))
-    reps = await sidecars(r)
-    return {
-        "time": time.time(),
-        "experiments": {n: await experiment_status(r, n, window) for n in names},
-        "sidecars": reps,
-        "telemetry": {"dropped": sum(int(s.get("dropped", 0)) for s in reps)},
-    }
+async def evaluators(r: aioredis.Redis) -> list[model.Evaluator]:
+    found = await _heartbeats(r, keys.EVALUATOR_PATTERN)
+    return [model.Evaluator.model_validate({**d, "active": d.get("active") == "1"}) for d in found]
 
 
 async def status_doc(
     r: aioredis.Redis, name: str | None, window: int = DEFAULT_WINDOW
-) -> dict[str, Any] | None:
+) -> model.StatusDoc | None:
     """Everything `extproc status` and `top` show of one experiment (``name``, else the first
     in Redis): its figures, the rollout state, the last decisions and evaluation, and the
     sidecars, evaluators and telemetry backlog. None when there is no such experiment."""
-    full = await full_status(r, window)
-    names = list(full["experiments"])
+    names = sorted(_text(n) for n in await r.smembers(keys.EXPERIMENTS))
     name = name or (names[0] if names else None)
-    if name is None or name not in full["experiments"]:
+    if name is None or name not in names:
         return None
-    doc: dict[str, Any] = full["experiments"][name]
-    doc["sidecars"] = full["sidecars"]
-    doc["telemetry"] = full["telemetry"]
-    doc["experiments"] = names
+    figures = await experiment_status(r, name, window)
+    reps = await sidecars(r)
     state = await load_state(r, name)
-    doc["rollout"] = None if state is None else json.loads(state.to_json())
-    doc["audit"] = await read_audit(r, name, 5)
-    doc["evaluation"] = await latest_evaluation(r, name)
-    doc["evaluators"] = await evaluators(r)
-    return doc
+    return model.StatusDoc(
+        **dict(figures),
+        sidecars=reps,
+        telemetry=model.Telemetry(dropped=sum(s.dropped for s in reps)),
+        experiments=names,
+        rollout=None if state is None else model.Rollout.model_validate(asdict(state)),
+        audit=[model.AuditRecord.model_validate(a) for a in await read_audit(r, name, 5)],
+        evaluation=await latest_evaluation(r, name),
+        evaluators=await evaluators(r),
+    )
 
 
 def _table(groups: Mapping[str, Mapping[str, Any]]) -> list[str]:

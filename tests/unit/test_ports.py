@@ -17,4 +17,7 @@ def test_ports_are_distinct_free_and_below_the_ephemeral_range() -> None:
         assert all(p < low for p in ports)
     for p in ports:
         with socket.socket() as s:
+            # As every server the stack starts binds (SO_REUSEADDR): a port whose last
+            # connection lingers in TIME_WAIT is free for it, if not for a plain bind.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", p))  # still free to bind

@@ -70,8 +70,8 @@ async def overview(r: aioredis.Redis) -> dict[str, Any]:
     return {
         "time": time.time(),
         "experiments": experiments,
-        "sidecars": await status.sidecars(r),
-        "evaluators": await status.evaluators(r),
+        "sidecars": [s.model_dump(mode="json") for s in await status.sidecars(r)],
+        "evaluators": [e.model_dump(mode="json") for e in await status.evaluators(r)],
     }
 
 
@@ -160,7 +160,7 @@ async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
     definition = await store.get_definition(r, name)
     if definition is None:
         return None
-    doc = await status.experiment_status(r, name)
+    doc = (await status.experiment_status(r, name)).model_dump(mode="json")
     state = await load_state(r, name)
     audit = await read_audit(r, name, AUDIT_COUNT)
     doc["stages"] = (definition.get("rollout") or {}).get("stages")

@@ -1,0 +1,63 @@
+"""The status read model on a real Redis: `status --json` is a ``StatusDoc`` with a published
+schema, and records another release wrote (heartbeats with fields this one lacks, or without
+fields it has) never break it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis.asyncio as aioredis
+
+from extproc import store
+from extproc.cli.main import main
+from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
+from extproc.contract import keys
+from extproc.ops import model, status
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_the_status_doc_of_an_experiment_with_foreign_heartbeats(
+    client: aioredis.Redis,
+) -> None:
+    exp = load_experiment(EXAMPLE_EXPERIMENT)
+    await store.register_experiment(client, exp)
+    # A newer sidecar with a field this release does not know, an older one missing several.
+    await client.hset(
+        keys.sidecar("new-1"),
+        mapping={"experiment": exp.name, "routing_version": 3, "dropped": 2, "gpu": "a100"},
+    )
+    await client.hset(keys.sidecar("old-1"), mapping={"experiment": exp.name, "dropped": "5"})
+    await client.hset(
+        keys.evaluator("ev-1"),
+        mapping={"experiment": exp.name, "active": 1, "ticks": "7", "time": 1.5, "pid": 9},
+    )
+    doc = await status.status_doc(client, None, 100)
+    assert doc is not None
+    assert doc.experiment == exp.name
+    assert doc.experiments == [exp.name]
+    assert [s.instance for s in doc.sidecars] == ["new-1", "old-1"]
+    assert doc.sidecars[0].routing_version == 3
+    assert doc.telemetry.dropped == 7
+    assert doc.evaluators[0].active
+    assert doc.evaluators[0].ticks == 7
+    assert set(doc.variants) == set(exp.spec.variants)
+    assert doc.variants[exp.stable].window_requests == 0
+    # What `status --json` prints is the model's JSON, and reads back as the model.
+    again = model.StatusDoc.model_validate_json(doc.model_dump_json())
+    assert again == doc
+
+
+async def test_no_such_experiment_is_none(client: aioredis.Redis) -> None:
+    assert await status.status_doc(client, "nothing", 100) is None
+
+
+def test_status_publishes_its_json_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "StatusDoc"
+    assert {"variants", "rollout", "audit", "sidecars", "evaluators"} <= set(schema["required"])
+    figures = schema["$defs"]["VariantFigures"]
+    assert figures["additionalProperties"] is False  # a renamed figure fails validation
+    assert "error_rate" in figures["properties"]
