@@ -15,15 +15,11 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
 from extproc.stats.clustered import column_design_effect, design_effect
-
-if TYPE_CHECKING:
-    from extproc.evaluator.window import VariantWindow
 
 # The window's counters behind every request-level rate (guardrail_metrics.METRICS), and its
 # sample columns with the name ``VariantWindow.samples`` knows them by.
@@ -68,8 +64,10 @@ class Clusters:
     ids: dict[str, array[int]] = field(default_factory=lambda: {s: _ids() for s in COLUMNS})
     seen: dict[str, int] = field(default_factory=dict)
 
-    def add(self, window: VariantWindow, key_hash: str) -> None:
-        """Attribute to ``key_hash`` whatever ``window`` counted since the last call."""
+    def add(self, window: object, key_hash: str) -> None:
+        """Attribute to ``key_hash`` whatever ``window`` (a ``VariantWindow``, read by the counter
+        and column names above, so the two modules do not import each other) counted since the
+        last call."""
         cid = self.index.get(key_hash) if key_hash else None
         if cid is None:
             cid = self.size
