@@ -5,12 +5,17 @@ Every port is chosen free at run time; every wait is on a readiness condition wi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +27,9 @@ import redis.asyncio as aioredis
 import yaml
 
 from extproc import store
+from extproc.cli import observe
+from extproc.cli.main import build_parser
+from extproc.cli.main import main as cli_main
 from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.contract import keys
 from extproc.dev import stack
@@ -49,6 +57,31 @@ def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 15.0) -> An
         return stack.wait_until(check, what, timeout_s)
     except stack.StackError as err:
         pytest.fail(str(err))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`extproc ARGS` in this process: the CLI's own code from argument parsing to exit code,
+    output captured, without the second of a process start (for tests of what a verb does; the
+    stack's tests still run it as a process). Its log setup is undone afterwards, and it runs on
+    a thread of its own, so an async test may call it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    out, err = io.StringIO(), io.StringIO()
+
+    def run() -> int:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                return cli_main(list(args))
+            except SystemExit as exit_:  # argparse's usage errors
+                return exit_.code if isinstance(exit_.code, int) else 2
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            code = pool.submit(run).result(timeout=60)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return subprocess.CompletedProcess(["extproc", *args], code, out.getvalue(), err.getvalue())
 
 
 @dataclass
@@ -94,9 +127,12 @@ class LiveStack:
         )
 
     def status(self) -> dict[str, Any]:
-        out = self.cli("status", "--json")
-        assert out.returncode == 0, out.stderr
-        doc: dict[str, Any] = json.loads(out.stdout)
+        """What `extproc status --json` prints, read in-process (the CLI's own code path, without
+        a process start per look). Safe to call from inside an event loop: it runs its own."""
+        ns = build_parser().parse_args(["status", "--json", "--state-dir", str(self.state_dir)])
+        with ThreadPoolExecutor(1) as pool:
+            doc = pool.submit(asyncio.run, observe.status_json(ns)).result(timeout=60)
+        assert doc is not None, "no experiment in Redis"
         return doc
 
     def set_weights(self, *, wait: bool = True, **weights: float) -> int:

@@ -101,8 +101,9 @@ async def _status_doc(ns: argparse.Namespace) -> model.StatusDoc | None:
     )
 
 
-async def _status_json(ns: argparse.Namespace) -> dict[str, Any] | None:
-    """The read model as the JSON object `status --json` prints (what `top` renders)."""
+async def status_json(ns: argparse.Namespace) -> dict[str, Any] | None:
+    """The read model as the JSON object `status --json` prints (what `top` renders; what the
+    tests read in-process instead of starting a CLI process per look)."""
     doc = await _status_doc(ns)
     return None if doc is None else doc.model_dump(mode="json")
 
@@ -115,7 +116,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
         print(json.dumps(model.StatusDoc.model_json_schema(), indent=2))
         return EXIT_OK
     try:
-        doc = asyncio.run(_status_json(ns))
+        doc = asyncio.run(status_json(ns))
     except (RedisError, OSError):
         _print_down(ns)
         raise
@@ -141,14 +142,14 @@ def cmd_top(ns: argparse.Namespace) -> int:
     from extproc.ops import top
 
     if ns.once:
-        doc = asyncio.run(_status_json(ns))
+        doc = asyncio.run(status_json(ns))
         if doc is None:
             err("no experiment found in Redis: is the stack up (`extproc up`)?")
             return EXIT_FAIL
         print(top.render_for(doc, sys.stdout))
         return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(top.live(lambda: _status_json(ns), interval=ns.interval, stdin=sys.stdin))
+        asyncio.run(top.live(lambda: status_json(ns), interval=ns.interval, stdin=sys.stdin))
     return EXIT_OK
 
 

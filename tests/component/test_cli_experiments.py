@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from extproc.config import EXAMPLE_EXPERIMENT
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "extproc", "experiment", *args, "--redis-url", redis_url],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    return run_cli("experiment", *args, "--redis-url", redis_url)
 
 
 def doc(out: subprocess.CompletedProcess[str]) -> Any:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import importlib
 import importlib.util
 import os
 import re
@@ -41,10 +42,6 @@ import httpx
 import kubernetes_validate
 import pytest
 import yaml
-from cloudcoil.models.istio.networking import v1 as istio_v1
-from cloudcoil.models.istio.networking import v1alpha3 as istio_v1alpha3
-from cloudcoil.models.istio.security import v1 as istio_security_v1
-from cloudcoil.models.prometheus_operator import v1 as prometheus_v1
 
 from extproc.cli.main import build_parser
 from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
@@ -67,20 +64,27 @@ PYTHON_IMAGE = "python:3.11.14-slim-bookworm"
 # The oldest Kubernetes we support (native sidecars are not used; everything here is GA by 1.30)
 # and the newest the schema package knows.
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-ISTIO_MODELS: dict[tuple[str, str], Any] = {
-    ("networking.istio.io/v1", "VirtualService"): istio_v1.VirtualService,
-    ("networking.istio.io/v1", "DestinationRule"): istio_v1.DestinationRule,
-    ("networking.istio.io/v1", "Gateway"): istio_v1.Gateway,
-    ("networking.istio.io/v1alpha3", "EnvoyFilter"): istio_v1alpha3.EnvoyFilter,
-    ("security.istio.io/v1", "PeerAuthentication"): istio_security_v1.PeerAuthentication,
-    ("security.istio.io/v1", "AuthorizationPolicy"): istio_security_v1.AuthorizationPolicy,
+# Each custom resource kind the manifests use -> its project's own model (cloudcoil's Istio and
+# Prometheus Operator models, generated from their CRDs), as "module:class": the models take
+# seconds to import, so they are loaded by the tests that check a resource, not at collection.
+CRD_MODELS: dict[tuple[str, str], str] = {
+    ("networking.istio.io/v1", "VirtualService"): "istio.networking.v1:VirtualService",
+    ("networking.istio.io/v1", "DestinationRule"): "istio.networking.v1:DestinationRule",
+    ("networking.istio.io/v1", "Gateway"): "istio.networking.v1:Gateway",
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"): "istio.networking.v1alpha3:EnvoyFilter",
+    ("security.istio.io/v1", "PeerAuthentication"): "istio.security.v1:PeerAuthentication",
+    ("security.istio.io/v1", "AuthorizationPolicy"): "istio.security.v1:AuthorizationPolicy",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "prometheus_operator.v1:PodMonitor",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheus_operator.v1:PrometheusRule",
 }
-# The Prometheus Operator's CRD models (cloudcoil), checked the same way as Istio's.
-PROMETHEUS_MODELS: dict[tuple[str, str], Any] = {
-    ("monitoring.coreos.com/v1", "PodMonitor"): prometheus_v1.PodMonitor,
-    ("monitoring.coreos.com/v1", "PrometheusRule"): prometheus_v1.PrometheusRule,
-}
-CRD_MODELS = ISTIO_MODELS | PROMETHEUS_MODELS
+
+
+@functools.cache
+def crd_model(api_version: str, kind: str) -> Any:
+    module, _, name = CRD_MODELS[(api_version, kind)].partition(":")
+    return getattr(importlib.import_module(f"cloudcoil.models.{module}"), name)
+
+
 # Components no overlay includes, because they need CRDs a cluster may not have: each is rendered
 # with every overlay by the tests.
 OPTIONAL_COMPONENTS = ("monitoring",)
@@ -705,7 +709,7 @@ def crd_check(doc: dict[str, Any]) -> None:
     """A custom resource against its project's own (CRD-generated) model: Istio's, the Prometheus
     Operator's. Unknown fields are dropped by the model, so a dump that differs from the input
     means a misspelt or misplaced field."""
-    model = CRD_MODELS[(doc["apiVersion"], doc["kind"])].model_validate(doc)
+    model = crd_model(doc["apiVersion"], doc["kind"]).model_validate(doc)
     assert model.model_dump(mode="json", by_alias=True, exclude_unset=True) == doc
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from extproc.telemetry.export import (
     read_jsonl,
 )
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -273,13 +273,7 @@ def test_since_accepts_ms_and_iso() -> None:
 
 
 def extproc(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "extproc", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(*args)
 
 
 def write_log(path: Path, lines: list[dict[str, Any]]) -> Path:

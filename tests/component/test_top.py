@@ -31,6 +31,7 @@ from extproc.ops import top
 from extproc.ops.figures import fixed
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 from extproc.telemetry.writer import TelemetryWriter
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,14 +116,8 @@ def seeded(redis_url: str) -> str:
 
 
 def cli(url: str, tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "extproc", *args, "--redis-url", url, "--state-dir", str(tmp)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
+    """In-process; its output is no terminal, so `top` draws no colours (as with NO_COLOR)."""
+    return run_cli(*args, "--redis-url", url, "--state-dir", str(tmp))
 
 
 def row(text: str, label: str) -> list[str]:
