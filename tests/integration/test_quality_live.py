@@ -464,6 +464,9 @@ def test_the_evaluator_attributes_every_signal_kind_to_its_variant(
 
     v = wait_for(figures, "signals in the evaluator's figures", timeout_s=60)
     assert v["canary"].get("feedback", {}) == {}  # users only ever saw stable's answers
-    # The judge prefers the longer (shadow) answers: the canary wins its decisive verdicts.
-    assert v["canary"]["judge_win_rate"] == 1.0
-    assert v["stable"]["judge_win_rate"] == 0.0
+    # The judge prefers the longer answer, and the shadow's are four times as long: the canary
+    # wins nearly every decisive verdict and stable's rate mirrors it. Not all of them: the window
+    # also holds pairs sampled from the module's earlier tests, and one of those went to stable
+    # in a loaded run (0.9), so the rates are compared rather than pinned.
+    assert v["canary"]["judge_win_rate"] > 0.5 > v["stable"]["judge_win_rate"]
+    assert v["canary"]["judge_win_rate"] + v["stable"]["judge_win_rate"] == pytest.approx(1.0)

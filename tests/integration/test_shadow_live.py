@@ -108,6 +108,11 @@ def test_refusal_and_verbosity_regressions_show_in_variant_rates(
     live_stack: LiveStack, http: httpx.Client
 ) -> None:
     canary = live_stack.state["endpoints"]["models"]["canary"]
+    before = live_stack.status()["forced"]
+
+    def counted(variant: str) -> int:
+        return int((before.get(variant) or {}).get("window_requests", 0))
+
     http.post(f"{canary}/admin/behaviour", json={"refusal_rate": 1.0}).raise_for_status()
     try:
         for i in range(10):
@@ -125,10 +130,16 @@ def test_refusal_and_verbosity_regressions_show_in_variant_rates(
         http.post(f"{canary}/admin/behaviour", json={"verbosity": 1.0}).raise_for_status()
 
     def figures() -> dict[str, Any] | None:
+        """Once every request above is counted (telemetry arrives in batches, so a first
+        refusal can show before the verbose answers do)."""
         v = live_stack.status()["forced"]  # forced tester traffic: its own figures
-        return v if (v["canary"]["refusal_rate"] or 0) > 0 else None
+        done = (
+            v.get("canary", {}).get("window_requests", 0) >= counted("canary") + 20
+            and v.get("stable", {}).get("window_requests", 0) >= counted("stable") + 10
+        )
+        return v if done else None
 
-    v = wait_for(figures, "refusals to show in the canary's rates")
+    v = wait_for(figures, "every forced request in the variants' rates")
     assert v["stable"]["refusal_rate"] == 0
     assert v["canary"]["refusal_rate"] >= 0.3
     assert v["canary"]["answer_chars_mean"] > v["stable"]["answer_chars_mean"]
