@@ -29,12 +29,17 @@ class _Written(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class Percentiles(_Model):
+class Median(_Model):
+    """Milliseconds at the median; None without samples."""
+
+    p50: float | None
+
+
+class Percentiles(Median):
     """Milliseconds at each percentile; None without samples."""
 
-    p50: float | None = None
-    p95: float | None = None
-    p99: float | None = None
+    p95: float | None
+    p99: float | None
 
 
 class VariantFigures(_Model):
@@ -48,7 +53,7 @@ class VariantFigures(_Model):
     client_error_rate: float | None
     timeout_rate: float | None
     latency_ms: Percentiles
-    ttft_ms: Percentiles
+    ttft_ms: Median
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: float | None

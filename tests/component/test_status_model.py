@@ -5,6 +5,7 @@ fields it has) never break it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,6 +15,7 @@ from extproc.cli.main import main
 from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.contract import keys
 from extproc.ops import model, status
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,3 +63,21 @@ def test_status_publishes_its_json_schema(capsys: pytest.CaptureFixture[str]) ->
     figures = schema["$defs"]["VariantFigures"]
     assert figures["additionalProperties"] is False  # a renamed figure fails validation
     assert "error_rate" in figures["properties"]
+
+
+def test_the_text_status_shows_each_figure_once_with_its_label(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The table lists the model's figures under their labels: no figure without a label (a
+    figure the model adds but the table does not know would print under its raw key)."""
+    exp = load_experiment(EXAMPLE_EXPERIMENT)
+    with store.connect_sync(redis_url) as r:
+        r.flushdb()
+    created = run_cli("experiment", "create", str(EXAMPLE_EXPERIMENT), "--redis-url", redis_url)
+    assert created.returncode == 0, created.stderr
+    out = run_cli("status", exp.name, "--redis-url", redis_url, "--state-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "time to first token p50 (ms)" in out.stdout
+    rows = [line.split("  ")[0] for line in out.stdout.splitlines()]
+    raw_keys = [row for row in rows if "_" in row or row.startswith(("ttft ms", "latency ms"))]
+    assert raw_keys == []
