@@ -1,4 +1,4 @@
-"""Three guardrail behaviours of the evaluator on the real stack (Envoy, the sidecar, Redis, the
+"""Guardrail behaviours of the evaluator on the real stack (Envoy, the sidecar, Redis, the
 evaluator, the mock models as local processes), each checked on the decision it must take:
 
 - a regression of the latency tail only (the median unchanged) is rolled back on the default ramp
@@ -6,7 +6,8 @@ evaluator, the mock models as local processes), each checked on the decision it 
 - an error burst that stable and the candidate share holds the rollout (``max_absolute`` with the
   default ``shared_incident: hold``) and never rolls it back, however often the evaluator looks;
 - a candidate that stops calling the tools its requests offer is rolled back by a
-  ``tool_call_rate`` guardrail.
+  ``tool_call_rate`` guardrail;
+- the dashboard's error rate of each variant is the one the error guardrail judged.
 
 Unit tests judge the statistics on synthetic numbers; these check that what the data plane records
 of real responses (latencies, 5xx answers, tool calls in JSON and SSE bodies) reaches the judge,
@@ -357,3 +358,62 @@ async def test_candidate_that_stops_calling_tools_is_rolled_back(
         f"\nrolled back after {canary['successes']} candidate answers "
         f"({traffic.answered} requests): {rollback['reasons']}"
     )
+
+
+async def test_the_pages_error_rate_is_the_guardrails(tmp_path: Path, dataplane: str) -> None:
+    """Server errors, client errors and good answers of both variants: once every request is in,
+    the dashboard's error rate of each variant is the rate the error guardrail judged (server
+    errors over assigned requests; client errors shown apart on the page, not counted)."""
+    with live(
+        tmp_path,
+        dataplane,
+        rollout={"stages": [50, 100], "cadence_s": 0.2, "min_stage_seconds": 600},
+        guardrails=[{"metric": "error_rate", "max_increase": 5.0, "min_samples": 20}],
+    ) as s:
+        sent: Counter[tuple[str, int]] = Counter()
+        async with httpx.AsyncClient(timeout=30) as http:
+            for variant, rate in (("stable", 0.1), ("canary", 0.2)):
+                await behave(http, s, variant, error_rate=rate)
+
+            async def one(i: int) -> None:
+                # Every fifth request lacks its messages: the model answers 400, a client error.
+                body = {"model": "m"} if i % 5 == 0 else chat(i)
+                r = await http.post(
+                    f"{s.listener}/v1/chat/completions",
+                    json=body,
+                    headers={"x-conversation-id": f"page-{i}"},
+                )
+                sent[(r.headers["x-llm-variant"], r.status_code // 100)] += 1
+
+            for start in range(0, 240, WORKERS):
+                await asyncio.gather(*(one(i) for i in range(start, start + WORKERS)))
+            assert {code for _, code in sent} == {2, 4, 5}
+            totals = Counter(dict.fromkeys(("stable", "canary"), 0))
+            for (variant, _), n in sent.items():
+                totals[variant] += n
+
+            page_url = f"{s.state['endpoints']['dashboard']}/api/experiments/chat-upgrade"
+
+            async def both() -> tuple[dict[str, Any], dict[str, Any]] | None:
+                """The page's and the evaluator's figures, once both count every request."""
+                page = (await http.get(page_url)).json()["variants"]
+                judged = ((await asyncio.to_thread(s.status))["evaluation"] or {}).get(
+                    "variants", {}
+                )
+                complete = all(
+                    page[v]["window_requests"] == totals[v]
+                    and judged.get(v, {}).get("requests") == totals[v]
+                    for v in totals
+                )
+                return (page, judged) if complete else None
+
+            deadline = asyncio.get_running_loop().time() + 60
+            while (seen := await both()) is None:
+                assert asyncio.get_running_loop().time() < deadline, "figures never complete"
+                await asyncio.sleep(0.2)  # polling Redis-backed figures, not synchronising
+            page, judged = seen
+    for v in totals:
+        assert page[v]["error_rate"] == judged[v]["error_rate"]
+        assert page[v]["errors"] == judged[v]["errors"] == sent[(v, 5)]
+        assert page[v]["client_errors"] == judged[v]["client_errors"] == sent[(v, 4)]
+        assert page[v]["error_rate"] == pytest.approx(sent[(v, 5)] / totals[v], abs=1e-4)
