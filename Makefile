@@ -4,13 +4,25 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast lint proto generate down clean browser promtool
+.PHONY: demo test test-fast lint lock proto generate down clean browser promtool
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every package the install resolves to, so CI and a newcomer get the versions
+# the suite last passed with (a new release of a type-checked library can fail `mypy --strict`).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,local]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,local]'
 	touch $@
+
+# Re-resolve pyproject.toml's ranges to the newest releases and pin them (then run `make test`).
+lock:
+	rm -rf $(VENV)-lock
+	$(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install --quiet --upgrade pip
+	$(VENV)-lock/bin/pip install --quiet -e '.[dev,local]'
+	{ echo "# Pinned by \`make lock\` from pyproject.toml's ranges; do not edit by hand."; \
+		$(VENV)-lock/bin/pip freeze --exclude-editable; } > constraints.txt
+	rm -rf $(VENV)-lock
 
 demo: $(VENV)/.installed
 	$(BIN)/extproc demo
