@@ -30,6 +30,7 @@ from envoy.service.accesslog.v3 import als_pb2_grpc
 from extproc import store
 from extproc.config import Experiment, load_experiment
 from extproc.dataplane.accesslog import AccessLogService, EntryMapper
+from extproc.dataplane.event import EventBuilder
 from extproc.telemetry.writer import TelemetryWriter
 
 log = logging.getLogger("als_sink")
@@ -47,8 +48,11 @@ async def serve(experiment: Experiment, listen: str, redis_url: str) -> None:
             ("grpc.http2.max_ping_strikes", 0),
         ]
     )
+    mapper = EntryMapper.for_experiment(
+        experiment, EventBuilder.for_experiment(experiment, RECORDER)
+    )
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-        AccessLogService(EntryMapper.for_experiment(experiment, RECORDER), writer.submit), server
+        AccessLogService(mapper, writer.submit), server
     )
     if server.add_insecure_port(listen) == 0:
         raise OSError(f"cannot listen on {listen}")

@@ -20,9 +20,8 @@ import asyncio
 import time
 
 from extproc.config import parse_experiment
+from extproc.dataplane.event import EventBuilder
 from extproc.dataplane.observer import InflightNotices, Observation, ObserverContext
-from extproc.quality.rules import QualityRules
-from extproc.routing.decide import Policy
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
 EXPERIMENT = parse_experiment(
@@ -42,14 +41,7 @@ async def main(requests: int, open_requests: int) -> None:
     sent: list[TelemetryEvent] = []
     notices = InflightNotices(notice_ms=60_000)
     ctx = ObserverContext(
-        experiment="exp",
-        stable="stable",
-        variants=("stable", "canary"),
-        policy=Policy.compile(EXPERIMENT),
-        recorder="bench",
-        emit=sent.append,
-        rules=QualityRules.compile(EXPERIMENT.spec),
-        notices=notices,
+        events=EventBuilder.for_experiment(EXPERIMENT, "bench"), emit=sent.append, notices=notices
     )
     standing = [Observation(ctx) for _ in range(open_requests)]
     for obs in standing:

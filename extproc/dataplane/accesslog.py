@@ -21,7 +21,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
@@ -32,9 +32,8 @@ from google.protobuf.struct_pb2 import Struct
 from extproc.config import Experiment
 from extproc.contract import headers as h
 from extproc.contract.envoy import FORCED_ROUTE, lane_cluster
-from extproc.dataplane.observer import classify
-from extproc.quality.rules import SIGNAL_CHARS, QualityRules
-from extproc.routing.decide import Policy, attribute
+from extproc.dataplane.event import EventBuilder, Observed
+from extproc.quality.rules import SIGNAL_CHARS
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 
 log = logging.getLogger(__name__)
@@ -80,9 +79,8 @@ def _cached_tokens(tail: str, md: Struct) -> int | None:
     return int(count) if 0 <= count < 2**32 and count.is_integer() else None
 
 
-def error_class(entry: al.HTTPAccessLogEntry, completed: bool, got_headers: bool) -> int:
-    """The observer's classification, plus the upstream troubles only Envoy's flags name."""
-    flags = entry.common_properties.response_flags
+def _flagged_failure(flags: al.ResponseFlags) -> ErrorClass.ValueType | None:
+    """The upstream troubles only Envoy's response flags name; None leaves it to the builder."""
     if flags.upstream_request_timeout:
         return _TIMEOUT
     if (
@@ -92,106 +90,65 @@ def error_class(entry: al.HTTPAccessLogEntry, completed: bool, got_headers: bool
         or flags.upstream_retry_limit_exceeded
     ):
         return _RESET
-    resp = entry.response
-    return classify(resp.response_code.value, resp.response_code_details, completed, got_headers)
+    return None
+
+
+def _duration_ms(common: al.AccessLogCommon) -> float | None:
+    """Until the last byte left, else the first; None when no byte left."""
+    if common.HasField("time_to_last_downstream_tx_byte"):
+        return _ms(common.time_to_last_downstream_tx_byte)
+    if common.HasField("time_to_first_downstream_tx_byte"):
+        return _ms(common.time_to_first_downstream_tx_byte)
+    return None
 
 
 @dataclass(frozen=True)
 class EntryMapper:
-    """Turns one HTTP access-log entry into the event the observer would have emitted."""
+    """Turns one HTTP access-log entry into the event the observer would have emitted: it reads
+    the entry into an :class:`Observed`, the builder both planes share makes the event."""
 
-    experiment: str
-    stable: str
-    variants: tuple[str, ...]
-    policy: Policy
-    rules: QualityRules
-    recorder: str
-    shadow_variant: str | None = None
-    clusters: Mapping[str, str] = field(default_factory=dict)  # Envoy cluster -> variant
+    events: EventBuilder
+    clusters: Mapping[str, str]  # Envoy cluster -> variant
 
     @classmethod
-    def for_experiment(cls, experiment: Experiment, recorder: str) -> EntryMapper:
-        """Compiled once per sidecar, from the same file the observer compiles its rules from."""
-        return cls(
-            experiment=experiment.name,
-            stable=experiment.stable,
-            variants=tuple(experiment.variant_names),
-            policy=Policy.compile(experiment),
-            rules=QualityRules.compile(experiment.spec),
-            recorder=recorder,
-            shadow_variant=experiment.spec.shadow.variant,
-            clusters=_variant_clusters(experiment),
-        )
+    def for_experiment(cls, experiment: Experiment, events: EventBuilder) -> EntryMapper:
+        """Compiled once per sidecar, with the builder its observer uses."""
+        return cls(events, _variant_clusters(experiment))
 
     def event(self, entry: al.HTTPAccessLogEntry) -> TelemetryEvent:
         req, resp, common = entry.request, entry.response, entry.common_properties
-        # The shadow listener's mark, logged with the request; the primary listener strips a
-        # client-sent one, and neither the client's Host nor anything else says "copy".
-        shadow = h.SHADOW_COPY in req.request_headers
         hdrs = {k: v.encode() for k, v in req.request_headers.items()}
         echoed = resp.response_headers.get(h.VARIANT)
         if echoed is not None:
             hdrs[h.VARIANT] = echoed.encode()
-        who = attribute(self.policy, self.stable, hdrs, self.variants)
-        ev = TelemetryEvent(
-            experiment=self.experiment,
-            recorder=self.recorder,
-            variant=who.variant,
-            assignment=who.assignment,
-            key_hash=who.key_hash,
-            request_id=req.request_id,
-            status=resp.response_code.value,
-            time_unix_ms=common.start_time.seconds * 1000 + common.start_time.nanos // 1_000_000,
-            response_bytes=resp.response_body_bytes,
-            shadow=shadow,
-        )
-        if common.route_name.startswith(FORCED_ROUTE):
-            # The forcing header is stripped before the log is written; the route tells.
-            ev.assignment = _FORCED
-        if shadow and self.shadow_variant is not None:
-            ev.variant = self.shadow_variant
-        ev.streamed = "text/event-stream" in resp.response_headers.get("content-type", "")
+        who = self.events.attribute(hdrs)
         got_headers = common.HasField("time_to_first_downstream_tx_byte")
-        completed = (
-            common.HasField("time_to_last_downstream_tx_byte")
-            and not common.response_flags.downstream_connection_termination
+        seen = Observed(
+            request_id=req.request_id,
+            variant=who.variant,
+            # The forcing header is stripped before the log is written; the route tells.
+            assignment=_FORCED if common.route_name.startswith(FORCED_ROUTE) else who.assignment,
+            key_hash=who.key_hash,
+            # The shadow listener's mark, logged with the request; the primary listener strips a
+            # client-sent one, and neither the client's Host nor anything else says "copy".
+            shadow=h.SHADOW_COPY in req.request_headers,
+            start_unix_ms=common.start_time.seconds * 1000 + common.start_time.nanos // 1_000_000,
+            headers_ms=_ms(common.time_to_first_downstream_tx_byte) if got_headers else None,
+            duration_ms=_duration_ms(common),
+            status=resp.response_code.value,
+            code_details=resp.response_code_details,
+            completed=(
+                common.HasField("time_to_last_downstream_tx_byte")
+                and not common.response_flags.downstream_connection_termination
+            ),
+            upstream_failure=_flagged_failure(common.response_flags),
+            streamed="text/event-stream" in resp.response_headers.get("content-type", ""),
+            response_bytes=resp.response_body_bytes,
         )
-        if got_headers:
-            ev.headers_ms = _ms(common.time_to_first_downstream_tx_byte)
-        if completed or got_headers:
-            ev.duration_ms = _ms(
-                common.time_to_last_downstream_tx_byte
-                if common.HasField("time_to_last_downstream_tx_byte")
-                else common.time_to_first_downstream_tx_byte
-            )
-        ev.error = error_class(entry, completed, got_headers)  # type: ignore[assignment]
         md = common.metadata.filter_metadata.get(METADATA)
         if md is not None:
-            self._body(ev, md, common)
-        return ev
-
-    def _body(self, ev: TelemetryEvent, md: Struct, common: al.AccessLogCommon) -> None:
-        f = md.fields
-        if "first_token_us" in f:
-            start_us = common.start_time.seconds * 1e6 + common.start_time.nanos / 1e3
-            ev.first_token_ms = (f["first_token_us"].number_value - start_us) / 1e3
-        ev.tool_calls = "tool_calls" in f and f["tool_calls"].bool_value
-        tail = f["tail"].string_value if "tail" in f else ""
-        for name, value in _USAGE.findall(tail):
-            if int(value) < 2**32:  # a uint32 field; a larger count is not believable
-                setattr(ev, name, int(value))
-        cached = _cached_tokens(tail, md)
-        if cached is not None:
-            ev.cached_prompt_tokens = cached
-        finish = _FINISH.findall(tail)
-        if finish:
-            ev.finish_reason = finish[-1]
-        if "text" in f and ev.status < 400:
-            text = decode_text(f["text"].string_value)
-            if text is not None:
-                ev.refusal = self.rules.is_refusal(text)
-                ev.empty_answer = not text.strip() and not ev.tool_calls
-                ev.answer_chars = len(text)
+            _body(seen, md, common)
+        return self.events.event(seen)
 
     # --- in-flight notices -----------------------------------------------------------------
 
@@ -205,32 +162,49 @@ class EntryMapper:
         """
         common = entry.common_properties
         shadow = h.SHADOW_COPY in entry.request.request_headers
+        shadow_variant = self.events.shadow_variant
         variant = (
-            self.shadow_variant
-            if shadow and self.shadow_variant
+            shadow_variant
+            if shadow and shadow_variant
             else self.clusters.get(common.upstream_cluster)
         )
         if variant is None or common.route_name.startswith(FORCED_ROUTE):
             return None
         hdrs = {k: v.encode() for k, v in entry.request.request_headers.items()}
         hdrs[h.VARIANT] = variant.encode()
-        who = attribute(self.policy, self.stable, hdrs, self.variants)
+        who = self.events.attribute(hdrs)
+        seen = Observed(
+            request_id=entry.request.request_id,
+            variant=who.variant,
+            assignment=who.assignment,
+            key_hash=who.key_hash,
+            shadow=shadow,
+        )
         start_ms = common.start_time.seconds * 1000 + common.start_time.nanos // 1_000_000
         age_ms = (
             _ms(common.duration) if common.HasField("duration") else time.time() * 1e3 - start_ms
         )
-        return TelemetryEvent(
-            experiment=self.experiment,
-            recorder=self.recorder,
-            variant=who.variant,
-            assignment=who.assignment,
-            key_hash=who.key_hash,
-            request_id=entry.request.request_id,
-            shadow=shadow,
-            in_flight=True,
-            time_unix_ms=start_ms + int(age_ms),
-            duration_ms=float(int(age_ms)),
-        )
+        return self.events.notice(seen, start_ms + int(age_ms), float(int(age_ms)))
+
+
+def _body(seen: Observed, md: Struct, common: al.AccessLogCommon) -> None:
+    """What inspect.lua read from the body: first token, tool calls, usage, the answer."""
+    f = md.fields
+    if "first_token_us" in f:
+        start_us = common.start_time.seconds * 1e6 + common.start_time.nanos / 1e3
+        seen.first_token_ms = (f["first_token_us"].number_value - start_us) / 1e3
+    seen.tool_calls = "tool_calls" in f and f["tool_calls"].bool_value
+    tail = f["tail"].string_value if "tail" in f else ""
+    # The last believable count of each: a uint32 field, a larger count is not believable.
+    tokens = {name: int(value) for name, value in _USAGE.findall(tail) if int(value) < 2**32}
+    seen.prompt_tokens = tokens.get("prompt_tokens")
+    seen.completion_tokens = tokens.get("completion_tokens")
+    seen.cached_prompt_tokens = _cached_tokens(tail, md)
+    finish = _FINISH.findall(tail)
+    if finish:
+        seen.finish_reason = finish[-1]
+    if "text" in f:
+        seen.answer = decode_text(f["text"].string_value)
 
 
 def _variant_clusters(experiment: Experiment) -> dict[str, str]:

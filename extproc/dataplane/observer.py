@@ -23,28 +23,24 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from extproc.contract import headers as h
-from extproc.quality.rules import CAPTURE_LOOKAHEAD, SIGNAL_CHARS, QualityRules
-from extproc.routing.decide import Policy, attribute, read_headers
+from extproc.dataplane.event import EventBuilder, Observed
+from extproc.quality.rules import CAPTURE_LOOKAHEAD, SIGNAL_CHARS
+from extproc.routing.decide import read_headers
 from extproc.telemetry.inspect import ResponseInspector
-from extproc.telemetry.outcome import is_forced
-from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
+from extproc.telemetry.v1.event_pb2 import Assignment, TelemetryEvent
 from extproc.telemetry.writer import Capture
 
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
+_FORCED = Assignment.ASSIGNMENT_FORCED
 
 
 @dataclass(frozen=True)
 class ObserverContext:
-    """What every observation of one sidecar needs; built once."""
+    """What every observation of one sidecar needs; built once. The event itself is the
+    builder's, shared with the native plane; the rest is what only this plane does."""
 
-    experiment: str
-    stable: str
-    variants: tuple[str, ...]
-    policy: Policy
-    recorder: str
+    events: EventBuilder
     emit: Callable[[TelemetryEvent], None]
-    rules: QualityRules
-    shadow_variant: str | None = None
     capture: Callable[[Capture], None] | None = None
     capture_ttl_s: int = 86_400
     capture_max_pairs: int = 10_000
@@ -60,32 +56,23 @@ def _attr(attributes: Mapping[str, Struct], name: str) -> object | None:
     return None
 
 
-def classify(status: int, code_details: str, completed: bool, got_headers: bool) -> int:
-    """Map what Envoy told us to an error class (see ErrorClass in proto/)."""
-    if not got_headers:
-        return ErrorClass.ERROR_CLASS_CLIENT_DISCONNECT
-    if "timeout" in code_details:
-        return ErrorClass.ERROR_CLASS_TIMEOUT
-    if code_details.startswith(("upstream_reset", "upstream_connect")) or "reset" in code_details:
-        return ErrorClass.ERROR_CLASS_RESET
-    if status >= 500:
-        return ErrorClass.ERROR_CLASS_UPSTREAM_5XX
-    if not completed:
-        return ErrorClass.ERROR_CLASS_CLIENT_DISCONNECT
-    if status >= 400:
-        return ErrorClass.ERROR_CLASS_CLIENT_ERROR
-    return ErrorClass.ERROR_CLASS_NONE
+def _status(raw: bytes) -> int:
+    """The ``:status`` Envoy sent; 0 for one that is no number a uint32 holds."""
+    try:
+        status = int(raw)
+    except ValueError:
+        return 0
+    return status if 0 <= status < 2**32 else 0
 
 
 class Observation:
-    """Per-stream state of one observed request."""
+    """Per-stream state of one observed request: what was seen so far, for the builder."""
 
     def __init__(self, ctx: ObserverContext) -> None:
         self.ctx = ctx
-        self.event = TelemetryEvent(experiment=ctx.experiment, recorder=ctx.recorder)
+        self.seen = Observed()
         self.start_ns = time.time_ns()
         self.inspector: ResponseInspector | None = None
-        self.code_details = ""
         self.emitted = False
         self.request_body: list[bytes] | None = None
         self.request_bytes = 0
@@ -104,42 +91,36 @@ class Observation:
             self._response_body(req.response_body, now)
         elif phase == "request_body" and self.request_body is not None:
             body = req.request_body.body
-            if self.request_bytes < self.ctx.rules.capture_bytes * 4:
+            if self.request_bytes < self.ctx.events.rules.capture_bytes * 4:
                 self.request_body.append(body)
             self.request_bytes += len(body)
 
     def _request_headers(self, msg: pb.HttpHeaders) -> None:
-        ctx = self.ctx
-        hdrs = read_headers(msg.headers, ctx.policy.wanted)
-        who = attribute(ctx.policy, ctx.stable, hdrs, ctx.variants)
-        ev = self.event
-        ev.variant = who.variant
-        ev.assignment = who.assignment
-        ev.key_hash = who.key_hash
-        ev.request_id = hdrs.get(h.REQUEST_ID, b"").decode("utf-8", "replace")
+        ctx, seen = self.ctx, self.seen
+        hdrs = read_headers(msg.headers, ctx.events.policy.wanted)
+        who = ctx.events.attribute(hdrs)
+        seen.variant, seen.assignment, seen.key_hash = who.variant, who.assignment, who.key_hash
+        seen.request_id = hdrs.get(h.REQUEST_ID, b"").decode("utf-8", "replace")
         # Only the shadow listener's own marker says so: the primary listener strips it from
         # client requests, and the client's Host says nothing.
-        ev.shadow = h.SHADOW_COPY in hdrs
-        if ev.shadow and ctx.shadow_variant is not None:
-            ev.variant = ctx.shadow_variant
-        ev.captured = ctx.capture is not None and ctx.rules.captures(ev.request_id)
-        if ev.captured:
+        seen.shadow = h.SHADOW_COPY in hdrs
+        seen.captured = ctx.capture is not None and ctx.events.rules.captures(seen.request_id)
+        if seen.captured:
             # Kept for the shadow copy too: its prompt is not stored twice, but whether it asked
             # for JSON decides the json_valid signal of the candidate's answer.
             self.request_body = []
-        if ctx.notices is not None and ev.variant and not is_forced(ev):
+        if ctx.notices is not None and seen.variant and seen.assignment != _FORCED:
             ctx.notices.opened(self)
 
     def _response_headers(self, req: pb.ProcessingRequest, now: int) -> None:
-        self.code_details = str(_attr(req.attributes, "response.code_details") or "")
+        seen = self.seen
+        seen.code_details = str(_attr(req.attributes, "response.code_details") or "")
         msg = req.response_headers
         hdrs = read_headers(msg.headers, _RESPONSE_HEADERS)
-        try:
-            self.event.status = int(hdrs.get(":status", b"0"))
-        except ValueError:
-            self.event.status = 0
-        self.event.headers_ms = (now - self.start_ns) / 1e6
-        keep = self._capture_keep() if self.event.captured else SIGNAL_CHARS
+        seen.status = _status(hdrs.get(":status", b"0"))
+        seen.headers_ms = (now - self.start_ns) / 1e6
+        keep = self._capture_keep() if seen.captured else SIGNAL_CHARS
+        seen.answer_kept_bytes = keep
         self.inspector = ResponseInspector(hdrs.get("content-type", b"").decode("latin-1"), keep)
         if msg.end_of_stream:
             self._finish(now, completed=True)
@@ -158,41 +139,30 @@ class Observation:
         self.emitted = True
         if self.ctx.notices is not None:
             self.ctx.notices.closed(self)
-        ev = self.event
-        ev.time_unix_ms = self.start_ns // 1_000_000
-        got_headers = self.inspector is not None
-        ev.error = classify(ev.status, self.code_details, completed, got_headers)  # type: ignore[assignment]
-        if completed or got_headers:
-            ev.duration_ms = (now - self.start_ns) / 1e6
+        seen = self.seen
+        seen.start_unix_ms = self.start_ns // 1_000_000
+        seen.completed = completed
+        seen.duration_ms = (now - self.start_ns) / 1e6
         if self.inspector is not None:
             s = self.inspector.finish()
-            ev.streamed = s.streamed
-            ev.response_bytes = s.response_bytes
+            seen.streamed = s.streamed
+            seen.response_bytes = s.response_bytes
             if s.first_token_ns is not None:
-                ev.first_token_ms = (s.first_token_ns - self.start_ns) / 1e6
-            if s.prompt_tokens is not None:
-                ev.prompt_tokens = s.prompt_tokens
-            if s.completion_tokens is not None:
-                ev.completion_tokens = s.completion_tokens
-            if s.cached_prompt_tokens is not None:
-                ev.cached_prompt_tokens = s.cached_prompt_tokens
-            if s.finish_reason:
-                ev.finish_reason = s.finish_reason
-            ev.tool_calls = s.tool_calls
-            if s.text is not None and ev.status < 400:
-                ev.refusal = self.ctx.rules.is_refusal(s.text)
-                ev.empty_answer = not s.text.strip() and not s.tool_calls
-                ev.answer_chars = len(s.text)
-                if completed and self._asked_for_json():
-                    valid = _json_valid(s.text, self._capture_keep())
-                    if valid is not None:
-                        ev.json_valid = valid
-            if ev.captured:
-                self._capture(s.text)
+                seen.first_token_ms = (s.first_token_ns - self.start_ns) / 1e6
+            seen.prompt_tokens = s.prompt_tokens
+            seen.completion_tokens = s.completion_tokens
+            seen.cached_prompt_tokens = s.cached_prompt_tokens
+            seen.finish_reason = s.finish_reason or ""
+            seen.tool_calls = s.tool_calls
+            seen.answer = s.text
+            seen.json_asked = self._asked_for_json()
+        ev = self.ctx.events.event(seen)
+        if self.inspector is not None and ev.captured:
+            self._capture(ev, seen.answer)
         self.ctx.emit(ev)
 
-    def _capture(self, text: str | None) -> None:
-        ctx, ev = self.ctx, self.event
+    def _capture(self, ev: TelemetryEvent, text: str | None) -> None:
+        ctx, rules = self.ctx, self.ctx.events.rules
         if ctx.capture is None:
             return
         doc: dict[str, object] = {
@@ -203,13 +173,13 @@ class Observation:
             "completion_tokens": ev.completion_tokens if ev.HasField("completion_tokens") else None,
             "finish_reason": ev.finish_reason,
             "refusal": ev.refusal if ev.HasField("refusal") else None,
-            "answer": None if text is None else ctx.rules.captured(text),
+            "answer": None if text is None else rules.captured(text),
         }
         if self.request_body is not None and not ev.shadow:
-            doc["prompt"] = ctx.rules.captured(_prompt(b"".join(self.request_body)))
+            doc["prompt"] = rules.captured(_prompt(b"".join(self.request_body)))
         ctx.capture(
             Capture(
-                experiment=ctx.experiment,
+                experiment=ev.experiment,
                 request_id=ev.request_id,
                 role="shadow" if ev.shadow else "primary",
                 doc=json.dumps(doc),
@@ -221,7 +191,7 @@ class Observation:
 
     def _capture_keep(self) -> int:
         """Answer bytes kept for a captured request: past the stored limit, for redaction."""
-        return self.ctx.rules.capture_bytes * CAPTURE_LOOKAHEAD
+        return self.ctx.events.rules.capture_bytes * CAPTURE_LOOKAHEAD
 
     def _asked_for_json(self) -> bool:
         """Whether the request (if its body was seen) set a JSON response_format."""
@@ -242,21 +212,8 @@ class Observation:
         """Emit the in-flight notice of this still-open request (see :class:`InflightNotices`)."""
         if self.emitted:
             return
-        ev = self.event
-        self.ctx.emit(
-            TelemetryEvent(
-                time_unix_ms=now_ns // 1_000_000,
-                duration_ms=(now_ns - self.start_ns) / 1e6,
-                in_flight=True,
-                request_id=ev.request_id,
-                experiment=ev.experiment,
-                variant=ev.variant,
-                key_hash=ev.key_hash,
-                assignment=ev.assignment,
-                shadow=ev.shadow,
-                recorder=ev.recorder,
-            )
-        )
+        age_ms = (now_ns - self.start_ns) / 1e6
+        self.ctx.emit(self.ctx.events.notice(self.seen, now_ns // 1_000_000, age_ms))
 
 
 # --- in-flight notices ---------------------------------------------------------------------------
@@ -313,18 +270,6 @@ class InflightNotices:
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _json_valid(answer: str, kept_bytes: int) -> bool | None:
-    """Whether a JSON-mode answer parses; None when it may have been cut at the capture limit
-    (the inspector keeps at most ``kept_bytes``, cut inside the last UTF-8 character)."""
-    if len(answer.encode("utf-8", "surrogatepass")) >= kept_bytes - 4:
-        return None
-    try:
-        json.loads(answer)
-    except (ValueError, RecursionError):
-        return False
-    return True
 
 
 def _prompt(body: bytes) -> str:

@@ -44,10 +44,10 @@ from extproc.config import Experiment
 from extproc.contract import keys
 from extproc.contract.envoy import SIDECAR_SERVICE
 from extproc.dataplane.accesslog import AccessLogService, EntryMapper
+from extproc.dataplane.event import EventBuilder
 from extproc.dataplane.observer import InflightNotices, Observation, ObserverContext
 from extproc.dataplane.router import Router
 from extproc.dataplane.runtime import RuntimeService
-from extproc.quality.rules import QualityRules
 from extproc.routing.live import LiveRouting, Routing
 from extproc.supervise import TaskGroup, raise_if_cancelled
 from extproc.telemetry.prometheus import SidecarMetrics, serve_metrics
@@ -159,15 +159,11 @@ class Sidecar:
             experiment.variant_names,
             {v: spec.price for v, spec in experiment.spec.variants.items()},
         )
+        # One builder for both data planes: the same request makes the same event on either.
+        self.events = EventBuilder.for_experiment(experiment, self.instance, self.router.policy)
         self.observer = ObserverContext(
-            experiment=experiment.name,
-            stable=experiment.stable,
-            variants=tuple(experiment.variant_names),
-            policy=self.router.policy,
-            recorder=self.instance,
+            events=self.events,
             emit=self.metrics.tee(self.writer.submit),
-            rules=QualityRules.compile(experiment.spec),
-            shadow_variant=experiment.spec.shadow.variant,
             capture=self.writer.submit_capture if experiment.spec.capture.sample > 0 else None,
             capture_ttl_s=experiment.spec.capture.ttl_s,
             capture_max_pairs=experiment.spec.capture.max_pairs,
@@ -192,7 +188,7 @@ class Sidecar:
         if self.live.experiment.spec.dataplane != "native":
             return
         rtds_pb2_grpc.add_RuntimeDiscoveryServiceServicer_to_server(self.runtime, server)
-        mapper = EntryMapper.for_experiment(self.live.experiment, self.instance)
+        mapper = EntryMapper.for_experiment(self.live.experiment, self.events)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(
             AccessLogService(mapper, self.observer.emit), server
         )

@@ -22,6 +22,7 @@ from extproc.config import EXAMPLE_EXPERIMENT, ConfigError, Experiment, parse_ex
 from extproc.contract.assignment import compile_table
 from extproc.contract.envoy import RUNTIME_LAYER, RUNTIME_PREFIX
 from extproc.dataplane.accesslog import EntryMapper, decode_text
+from extproc.dataplane.event import EventBuilder
 from extproc.dataplane.runtime import TYPE_URL, RuntimeService
 from extproc.envoyconf.bootstrap import EnvoyLayout, build_native, render, to_yaml
 from extproc.routing.lanes import runtime_weights
@@ -199,7 +200,8 @@ def entry(
 
 def mapper() -> EntryMapper:
     """The sidecar's mapping for the example, with the canary as its shadow variant."""
-    return EntryMapper.for_experiment(experiment(shadow={"variant": "canary", "share": 10}), "test")
+    exp = experiment(shadow={"variant": "canary", "share": 10})
+    return EntryMapper.for_experiment(exp, EventBuilder.for_experiment(exp, "test"))
 
 
 def test_an_access_log_entry_becomes_the_observers_event() -> None:

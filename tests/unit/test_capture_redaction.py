@@ -12,6 +12,7 @@ from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.config import EXAMPLE_EXPERIMENT, parse_experiment
+from extproc.dataplane.event import EventBuilder
 from extproc.dataplane.observer import Observation, ObserverContext
 from extproc.quality.rules import REDACTED, QualityRules
 from extproc.routing.decide import Policy
@@ -29,16 +30,15 @@ def experiment(redact: list[str]) -> tuple[ObserverContext, list[Capture]]:
     doc["capture"] = {"sample": 100, "max_bytes": LIMIT, "redact": redact}
     exp = parse_experiment(doc)
     stored: list[Capture] = []
-    ctx = ObserverContext(
+    events = EventBuilder(
         experiment=exp.name,
+        recorder="test",
         stable=exp.stable,
         variants=tuple(exp.variant_names),
         policy=Policy.compile(exp),
-        recorder="test",
-        emit=lambda _ev: None,
         rules=QualityRules.compile(exp.spec),
-        capture=stored.append,
     )
+    ctx = ObserverContext(events=events, emit=lambda _ev: None, capture=stored.append)
     return ctx, stored
 
 

@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.config import parse_experiment
 from extproc.contract.envoy import ACCESS_LOG
 from extproc.dataplane.accesslog import AccessLogService, EntryMapper
+from extproc.dataplane.event import EventBuilder
 from extproc.dataplane.observer import InflightNotices, Observation, ObserverContext
 from extproc.quality.rules import QualityRules
 from extproc.routing.decide import Policy
@@ -39,16 +40,15 @@ EXPERIMENT = parse_experiment(
 
 
 def context(notices: InflightNotices, out: list[TelemetryEvent]) -> ObserverContext:
-    return ObserverContext(
+    events = EventBuilder(
         experiment="exp",
+        recorder="test",
         stable="stable",
         variants=("stable", "canary"),
         policy=Policy.compile(EXPERIMENT),
-        recorder="test",
-        emit=out.append,
         rules=QualityRules.compile(EXPERIMENT.spec),
-        notices=notices,
     )
+    return ObserverContext(events=events, emit=out.append, notices=notices)
 
 
 def request(rid: str, variant: str = "canary", forced: bool = False) -> pb.ProcessingRequest:
@@ -86,8 +86,8 @@ async def test_the_sweeper_notices_only_requests_open_past_the_bound() -> None:
     assert [(e.request_id, e.in_flight) for e in out] == [("done", False), ("old", True)]
     n = out[-1]
     assert (n.variant, n.key_hash, n.assignment) == (
-        old.event.variant,
-        old.event.key_hash,
+        old.seen.variant,
+        old.seen.key_hash,
         Assignment.ASSIGNMENT_STICKY,
     )
     assert n.time_unix_ms - int(n.duration_ms) == pytest.approx(old.start_ns // 1_000_000, abs=1)
@@ -147,7 +147,8 @@ async def test_native_periodic_entries_become_one_notice_per_request() -> None:
     }
     exp = parse_experiment(doc)
     out: list[TelemetryEvent] = []
-    service = AccessLogService(EntryMapper.for_experiment(exp, "test"), out.append)
+    mapper = EntryMapper.for_experiment(exp, EventBuilder.for_experiment(exp, "test"))
+    service = AccessLogService(mapper, out.append)
 
     async def stream() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
         msg = als_pb2.StreamAccessLogsMessage()
