@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast lint lock proto generate down clean browser promtool
+.PHONY: demo test test-fast lint lock proto stubs generate down clean browser promtool
 
 # constraints.txt pins every package the install resolves to, so CI and a newcomer get the versions
 # the suite last passed with (a new release of a type-checked library can fail `mypy --strict`).
@@ -70,6 +70,11 @@ $(BIN)/promtool: | $(VENV)/.installed
 proto: $(VENV)/.installed
 	PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --mypy_out=. \
 		proto/extproc/telemetry/v1/event.proto
+
+# Regenerate the type stubs of the Envoy services the data plane serves (a test checks them).
+stubs: $(VENV)/.installed
+	rm -rf typings/envoy
+	PATH=$(BIN):$$PATH $(BIN)/python typings/generate.py typings
 
 # Regenerate the Envoy configs and manifests derived from the example experiment (tests check them).
 generate: $(VENV)/.installed

@@ -222,7 +222,7 @@ MAX_NOTICED = 100_000
 _PERIODIC = al.AccessLogType.DownstreamPeriodic
 
 
-class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
     """Envoy's access-log stream: every HTTP entry becomes one telemetry event; the first
     periodic entry of a request still open becomes its in-flight notice."""
 
@@ -246,7 +246,9 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
     async def StreamAccessLogs(
         self,
         request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[
+            als_pb2.StreamAccessLogsMessage, als_pb2.StreamAccessLogsResponse
+        ],
     ) -> als_pb2.StreamAccessLogsResponse:
         event, emit = self.mapper.event, self.emit
         async for msg in request_iterator:

@@ -31,6 +31,7 @@ from extproc.routing.live import LiveRouting, Routing
 log = logging.getLogger(__name__)
 
 TYPE_URL = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
+_Context = grpc.aio.ServicerContext[DiscoveryRequest, DiscoveryResponse]
 
 
 def layer_response(routing: Routing) -> DiscoveryResponse:
@@ -45,7 +46,7 @@ def layer_response(routing: Routing) -> DiscoveryResponse:
     )
 
 
-class RuntimeService(rtds_pb2_grpc.RuntimeDiscoveryServiceServicer):  # type: ignore[misc]
+class RuntimeService(rtds_pb2_grpc.RuntimeDiscoveryServiceServicer):
     """Serves the runtime layer to every Envoy that asks, and pushes each routing change."""
 
     def __init__(self, live: LiveRouting) -> None:
@@ -58,7 +59,7 @@ class RuntimeService(rtds_pb2_grpc.RuntimeDiscoveryServiceServicer):  # type: ig
         self._changed = asyncio.Event()
 
     async def StreamRuntime(
-        self, request_iterator: AsyncIterator[DiscoveryRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[DiscoveryRequest], context: _Context
     ) -> AsyncIterator[DiscoveryResponse]:
         first = await anext(aiter(request_iterator), None)
         if first is None:
@@ -80,6 +81,11 @@ class RuntimeService(rtds_pb2_grpc.RuntimeDiscoveryServiceServicer):  # type: ig
             acks.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await acks
+
+    # Envoy is configured for the state-of-the-world stream only; the incremental and polling
+    # forms keep the generated base's answer, UNIMPLEMENTED.
+    DeltaRuntime = rtds_pb2_grpc.RuntimeDiscoveryServiceServicer.DeltaRuntime
+    FetchRuntime = rtds_pb2_grpc.RuntimeDiscoveryServiceServicer.FetchRuntime
 
     async def _read_acks(self, requests: AsyncIterator[DiscoveryRequest]) -> None:
         """Envoy acknowledges each layer; a rejection names the reason, which goes to the log."""

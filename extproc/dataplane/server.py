@@ -66,29 +66,43 @@ GRPC_OPTIONS = [
 ]
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+_Context = grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse]
+
+
+async def _next(context: _Context) -> pb.ProcessingRequest | None:
+    """The stream's next message; None at its end (grpc.aio's EOF, which the stubs' ``read``
+    leaves out of its type)."""
+    msg: object = await context.read()
+    return msg if isinstance(msg, pb.ProcessingRequest) else None
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, router: Router, observer: ObserverContext) -> None:
         self.router = router
         self.observer = observer
 
-    async def Process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
-        req = await context.read()
-        if req is grpc.aio.EOF:
+    # grpc.aio also takes a coroutine that reads and writes through the context, which the
+    # generated stub's signature (an iterator of answers) does not describe.
+    async def Process(  # type: ignore[override]
+        self, request_iterator: object, context: _Context
+    ) -> None:
+        req = await _next(context)
+        if req is None:
             return
         if req.observability_mode:
             await self._observe(req, context)
             return
         answer = self.router.answer
-        while req is not grpc.aio.EOF:
+        while req is not None:
             await context.write(answer(req))
             if req.HasField("request_headers"):
                 # The only message the routing filter sends. Ending the stream here, rather than
                 # waiting in read() until Envoy resets it, avoids a cancelled pending receive,
                 # which leaks native memory in grpc.aio (grpc/grpc#43360; ~100 B a request).
                 return
-            req = await context.read()
+            req = await _next(context)
 
-    async def _observe(self, req: pb.ProcessingRequest, context: grpc.aio.ServicerContext) -> None:
+    async def _observe(self, first: pb.ProcessingRequest, context: _Context) -> None:
         """Read the observed request until its event is emitted, then end the stream.
 
         In observability mode Envoy keeps a stream open for ``deferred_close_timeout`` (5 s)
@@ -96,12 +110,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         stream per request for 5 s (a thousand at 200 req/s) for nothing.
         """
         obs = Observation(self.observer)
+        req: pb.ProcessingRequest | None = first
         try:
-            while req is not grpc.aio.EOF:
+            while req is not None:
                 obs.on_message(req)
                 if obs.emitted:
                     return  # returning ends the stream with OK
-                req = await context.read()
+                req = await _next(context)
         finally:
             obs.close()
 

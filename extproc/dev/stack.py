@@ -9,6 +9,7 @@ the process that was started (same start time), so a recycled pid is never hit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -461,7 +462,7 @@ def up(opts: UpOptions) -> dict[str, Any]:
                 wait_until(
                     http_ok(f"http://127.0.0.1:{port}/healthz"),
                     f"model stand-in {v}",
-                    alive=lambda v=v: stack.check_running(f"model-{v}"),  # type: ignore[misc]
+                    alive=functools.partial(stack.check_running, f"model-{v}"),
                 )
             ep["models"] = {v: f"http://{a}" for v, a in upstreams.items()}
 
@@ -488,7 +489,7 @@ def up(opts: UpOptions) -> dict[str, Any]:
             wait_until(
                 tcp_ok("127.0.0.1", port),
                 name,
-                alive=lambda name=name: stack.check_running(name),  # type: ignore[misc]
+                alive=functools.partial(stack.check_running, name),
             )
             sidecars.append(f"127.0.0.1:{port}")
         ep["sidecar"] = sidecars[0]

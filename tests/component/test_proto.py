@@ -32,3 +32,22 @@ def test_generated_telemetry_code_is_current(tmp_path: Path) -> None:
     for name in ("event_pb2.py", "event_pb2.pyi"):
         fresh = (tmp_path / "extproc/telemetry/v1" / name).read_text()
         assert fresh == (ROOT / "extproc/telemetry/v1" / name).read_text(), name
+
+
+@pytest.mark.timeout(60)
+def test_envoy_service_stubs_are_current(tmp_path: Path) -> None:
+    """typings/ holds what `make stubs` writes from the installed xds-protos."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    subprocess.run(
+        [sys.executable, str(ROOT / "typings/generate.py"), str(tmp_path)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    fresh = {p.relative_to(tmp_path): p.read_text() for p in tmp_path.rglob("*.pyi")}
+    kept = {
+        p.relative_to(ROOT / "typings"): p.read_text() for p in (ROOT / "typings").rglob("*.pyi")
+    }
+    assert fresh.keys() == kept.keys()
+    stale = sorted(str(name) for name, text in fresh.items() if kept[name] != text)
+    assert not stale, f"run `make stubs`: {stale}"
