@@ -192,6 +192,21 @@ def write_experiment(tmp: Path, **changes: Any) -> Path:
     return path
 
 
+# For `start_stack(components=...)`: the request path only (Redis, model stand-ins, sidecars,
+# Envoy), for tests of routing and telemetry that set the weights themselves.
+REQUEST_PATH: frozenset[str] = frozenset()
+
+
+@pytest.fixture(scope="module")
+def data_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    """One stack without evaluator, quality worker or dashboard, shared by a module's tests."""
+    s = start_stack(tmp_path_factory.mktemp("stack"), components=REQUEST_PATH)
+    try:
+        yield s
+    finally:
+        stack.down(s.state_dir)
+
+
 @pytest.fixture(scope="module")
 def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     """One stack shared by the tests of a module that do not break it."""

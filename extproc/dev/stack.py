@@ -330,6 +330,9 @@ class Stack:
         return stopped
 
 
+OPTIONAL_COMPONENTS = frozenset({"evaluator", "quality", "dashboard"})
+
+
 @dataclass
 class UpOptions:
     experiment: Experiment
@@ -346,6 +349,10 @@ class UpOptions:
     sidecars: int = 1
     sidecar_args: tuple[str, ...] = ()
     sidecar_tls: SidecarTls | None = None
+    # The parts beside the request path (Redis, model stand-ins, sidecars, Envoy) to start:
+    # `extproc up` starts all; a test starts those it exercises, so a stack for a routing test
+    # costs no evaluator, quality worker or dashboard.
+    components: frozenset[str] = OPTIONAL_COMPONENTS
 
 
 def _choose_ports(opts: UpOptions) -> Ports:
@@ -495,28 +502,30 @@ def up(opts: UpOptions) -> dict[str, Any]:
         ep["sidecar"] = sidecars[0]
         ep["sidecars"] = sidecars
         ep["sidecar_metrics"] = f"http://127.0.0.1:{ports.sidecar_metrics}/metrics"
-        stack.spawn(
-            "evaluator",
-            [
-                *py,
-                "evaluate",
-                "--experiment",
-                str(opts.experiment_path),
-                "--metrics",
-                f"127.0.0.1:{ports.evaluator_metrics}",
-            ],
-            env=secret_env,
-        )
-        ep["evaluator_metrics"] = f"http://127.0.0.1:{ports.evaluator_metrics}/metrics"
-        # The tokens go to their servers in the environment and into the state file (mode 0600),
-        # so `status` and `demo` can show them.
-        token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
-        stack.state["dashboard_token"] = token
-        stack.spawn(
-            "dashboard",
-            [*py, "dashboard", "--host", "127.0.0.1", "--port", str(ports.dashboard)],
-            env={**secret_env, TOKEN_ENV: token},
-        )
+        if "evaluator" in opts.components:
+            stack.spawn(
+                "evaluator",
+                [
+                    *py,
+                    "evaluate",
+                    "--experiment",
+                    str(opts.experiment_path),
+                    "--metrics",
+                    f"127.0.0.1:{ports.evaluator_metrics}",
+                ],
+                env=secret_env,
+            )
+            ep["evaluator_metrics"] = f"http://127.0.0.1:{ports.evaluator_metrics}/metrics"
+        if "dashboard" in opts.components:
+            # The token goes to its server in the environment and into the state file (mode
+            # 0600), so `status` and `demo` can show it.
+            token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+            stack.state["dashboard_token"] = token
+            stack.spawn(
+                "dashboard",
+                [*py, "dashboard", "--host", "127.0.0.1", "--port", str(ports.dashboard)],
+                env={**secret_env, TOKEN_ENV: token},
+            )
 
         layout = EnvoyLayout(
             listen_host="127.0.0.1",
@@ -540,38 +549,41 @@ def up(opts: UpOptions) -> dict[str, Any]:
         )
         ep["listener"] = f"http://127.0.0.1:{ports.listener}"
         ep["envoy_admin"] = f"http://127.0.0.1:{ports.admin}"
-        # Judge, watchdog (probing through the listener) and the feedback endpoint.
-        stack.spawn(
-            "quality",
-            [
-                *py,
+        if "quality" in opts.components:
+            # Judge, watchdog (probing through the listener) and the feedback endpoint.
+            stack.spawn(
                 "quality",
-                "--experiment",
-                str(opts.experiment_path),
-                "--listener",
-                ep["listener"],
-                "--feedback-listen",
-                f"127.0.0.1:{ports.feedback}",
-            ],
-            env={**secret_env, FEEDBACK_TOKEN_ENV: feedback_token},
-        )
-        wait_until(
-            http_ok(f"http://127.0.0.1:{ports.feedback}/healthz"),
-            "quality worker",
-            alive=lambda: stack.check_running("quality"),
-        )
-        ep["feedback"] = f"http://127.0.0.1:{ports.feedback}/v1/feedback"
-        wait_until(
-            http_ok(f"http://127.0.0.1:{ports.dashboard}/healthz"),
-            "dashboard",
-            alive=lambda: stack.check_running("dashboard"),
-        )
-        ep["dashboard"] = f"http://127.0.0.1:{ports.dashboard}"
-        wait_until(
-            redis_has(redis_url, keys.rollout(opts.experiment.name)),
-            "evaluator",
-            alive=lambda: stack.check_running("evaluator"),
-        )
+                [
+                    *py,
+                    "quality",
+                    "--experiment",
+                    str(opts.experiment_path),
+                    "--listener",
+                    ep["listener"],
+                    "--feedback-listen",
+                    f"127.0.0.1:{ports.feedback}",
+                ],
+                env={**secret_env, FEEDBACK_TOKEN_ENV: feedback_token},
+            )
+            wait_until(
+                http_ok(f"http://127.0.0.1:{ports.feedback}/healthz"),
+                "quality worker",
+                alive=lambda: stack.check_running("quality"),
+            )
+            ep["feedback"] = f"http://127.0.0.1:{ports.feedback}/v1/feedback"
+        if "dashboard" in opts.components:
+            wait_until(
+                http_ok(f"http://127.0.0.1:{ports.dashboard}/healthz"),
+                "dashboard",
+                alive=lambda: stack.check_running("dashboard"),
+            )
+            ep["dashboard"] = f"http://127.0.0.1:{ports.dashboard}"
+        if "evaluator" in opts.components:
+            wait_until(
+                redis_has(redis_url, keys.rollout(opts.experiment.name)),
+                "evaluator",
+                alive=lambda: stack.check_running("evaluator"),
+            )
         stack.save()
     except BaseException:
         stack.save()

@@ -18,7 +18,7 @@ import pytest
 from extproc.contract.envoy import RUNTIME_PREFIX
 from extproc.dev import stack
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
-from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
+from tests.conftest import REQUEST_PATH, LiveStack, start_stack, wait_for, write_experiment
 from tests.integration.test_faults_load_live import kill
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -35,7 +35,7 @@ def native_experiment(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def native(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     tmp = tmp_path_factory.mktemp("native")
-    s = start_stack(tmp / "stack", native_experiment(tmp))
+    s = start_stack(tmp / "stack", native_experiment(tmp), components=REQUEST_PATH)
     try:
         yield s
     finally:

@@ -26,41 +26,41 @@ def events(s: LiveStack) -> list[TelemetryEvent]:
     return out
 
 
-def test_forced_routing_reaches_the_forced_model(live_stack: LiveStack, http: httpx.Client) -> None:
+def test_forced_routing_reaches_the_forced_model(data_stack: LiveStack, http: httpx.Client) -> None:
     for variant in ("canary", "stable"):
-        r = live_stack.chat(http, {"x-experiment": variant})
+        r = data_stack.chat(http, {"x-experiment": variant})
         assert r.status_code == 200
         assert r.headers["x-llm-variant"] == variant
         assert r.headers["x-mock-model"] == variant  # the upstream that really answered
 
 
 def test_unknown_forced_variant_is_a_400_listing_the_variants(
-    live_stack: LiveStack, http: httpx.Client
+    data_stack: LiveStack, http: httpx.Client
 ) -> None:
-    r = live_stack.chat(http, {"x-experiment": "gpt-9"})
+    r = data_stack.chat(http, {"x-experiment": "gpt-9"})
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["valid_variants"] == ["stable", "canary"]
     assert "gpt-9" in err["message"]
 
 
-def test_client_sent_variant_header_is_ignored(live_stack: LiveStack, http: httpx.Client) -> None:
-    live_stack.set_weights(stable=100, canary=0)
+def test_client_sent_variant_header_is_ignored(data_stack: LiveStack, http: httpx.Client) -> None:
+    data_stack.set_weights(stable=100, canary=0)
     for i in range(20):
-        r = live_stack.chat(http, {"x-llm-variant": "canary", "x-conversation-id": f"spoof-{i}"})
+        r = data_stack.chat(http, {"x-llm-variant": "canary", "x-conversation-id": f"spoof-{i}"})
         assert r.headers["x-llm-variant"] == "stable"
         assert r.headers["x-mock-model"] == "stable"
 
 
 def test_conversations_are_sticky_and_weights_apply_live(
-    live_stack: LiveStack, http: httpx.Client
+    data_stack: LiveStack, http: httpx.Client
 ) -> None:
-    live_stack.set_weights(stable=50, canary=50)
+    data_stack.set_weights(stable=50, canary=50)
     seen: Counter[str] = Counter()
     for c in range(12):
         conv = f"conv-{c}"
         variants = {
-            live_stack.chat(http, {"x-conversation-id": conv}).headers["x-llm-variant"]
+            data_stack.chat(http, {"x-conversation-id": conv}).headers["x-llm-variant"]
             for _turn in range(10)
         }
         assert len(variants) == 1, f"{conv} moved between variants: {variants}"
@@ -69,34 +69,34 @@ def test_conversations_are_sticky_and_weights_apply_live(
 
 
 def test_a_weight_change_reaches_every_sidecar_and_then_every_request(
-    live_stack: LiveStack, http: httpx.Client
+    data_stack: LiveStack, http: httpx.Client
 ) -> None:
     """Once every sidecar reports the new routing version in its heartbeat, every request
     follows the new weights. How long that took is printed as a figure, not asserted (the time
     depends on the machine; `bench/` measures it)."""
-    live_stack.set_weights(stable=100, canary=0)
-    assert live_stack.chat(http, {"x-conversation-id": "probe"}).headers["x-llm-variant"] == (
+    data_stack.set_weights(stable=100, canary=0)
+    assert data_stack.chat(http, {"x-conversation-id": "probe"}).headers["x-llm-variant"] == (
         "stable"
     )
     t0 = time.monotonic()
-    version = live_stack.set_weights(stable=0, canary=100)  # waits on the sidecars' version
+    version = data_stack.set_weights(stable=0, canary=100)  # waits on the sidecars' version
     elapsed = time.monotonic() - t0
     for i in range(10):
-        r = live_stack.chat(http, {"x-conversation-id": "probe" if i == 0 else f"after-{i}"})
+        r = data_stack.chat(http, {"x-conversation-id": "probe" if i == 0 else f"after-{i}"})
         assert r.headers["x-llm-variant"] == "canary"
         assert r.headers["x-mock-model"] == "canary"
     print(f"routing version {version} on every sidecar {elapsed * 1000:.0f} ms after set-weights")
-    live_stack.set_weights(stable=95, canary=5)
+    data_stack.set_weights(stable=95, canary=5)
 
 
 def test_one_event_per_request_with_the_right_variant(
-    live_stack: LiveStack, http: httpx.Client
+    data_stack: LiveStack, http: httpx.Client
 ) -> None:
-    live_stack.set_weights(stable=50, canary=50)
+    data_stack.set_weights(stable=50, canary=50)
     served: dict[str, str] = {}
     for i in range(40):
         stream = i % 2 == 0
-        r = live_stack.chat(
+        r = data_stack.chat(
             http,
             {"x-conversation-id": f"ev-{uuid.uuid4()}"},
             stream=stream,
@@ -107,7 +107,7 @@ def test_one_event_per_request_with_the_right_variant(
 
     def recorded() -> dict[str, list[TelemetryEvent]] | None:
         by_id: dict[str, list[TelemetryEvent]] = {}
-        for ev in events(live_stack):
+        for ev in events(data_stack):
             if ev.request_id in served:
                 by_id.setdefault(ev.request_id, []).append(ev)
         return by_id if len(by_id) == len(served) else None
@@ -126,8 +126,8 @@ def test_one_event_per_request_with_the_right_variant(
         assert 0 < ev.headers_ms <= ev.first_token_ms <= ev.duration_ms
 
 
-def test_openai_client_gets_completions_with_the_variant_header(live_stack: LiveStack) -> None:
-    client = openai.OpenAI(base_url=f"{live_stack.listener}/v1", api_key="unused", timeout=10)
+def test_openai_client_gets_completions_with_the_variant_header(data_stack: LiveStack) -> None:
+    client = openai.OpenAI(base_url=f"{data_stack.listener}/v1", api_key="unused", timeout=10)
     raw = client.chat.completions.with_raw_response.create(
         model="m",
         messages=[{"role": "user", "content": "Say hi"}],
@@ -151,13 +151,13 @@ def test_openai_client_gets_completions_with_the_variant_header(live_stack: Live
 
 
 def test_upstream_5xx_is_recorded_against_the_variant_that_failed(
-    live_stack: LiveStack, http: httpx.Client
+    data_stack: LiveStack, http: httpx.Client
 ) -> None:
-    canary_model = live_stack.state["endpoints"]["models"]["canary"]
+    canary_model = data_stack.state["endpoints"]["models"]["canary"]
     http.post(f"{canary_model}/admin/behaviour", json={"error_rate": 1.0}).raise_for_status()
     try:
-        r = live_stack.chat(http, {"x-experiment": "canary"})
-        ok = live_stack.chat(http, {"x-experiment": "stable"})
+        r = data_stack.chat(http, {"x-experiment": "canary"})
+        ok = data_stack.chat(http, {"x-experiment": "stable"})
     finally:
         http.post(f"{canary_model}/admin/behaviour", json={"error_rate": 0.0}).raise_for_status()
     assert r.status_code == 500
@@ -165,7 +165,7 @@ def test_upstream_5xx_is_recorded_against_the_variant_that_failed(
     rid, ok_rid = r.headers["x-request-id"], ok.headers["x-request-id"]
     got = wait_for(
         lambda: (
-            (evs := {e.request_id: e for e in events(live_stack)}).get(rid)
+            (evs := {e.request_id: e for e in events(data_stack)}).get(rid)
             and evs.get(ok_rid)
             and evs
         ),
@@ -176,12 +176,12 @@ def test_upstream_5xx_is_recorded_against_the_variant_that_failed(
     assert got[ok_rid].error == ErrorClass.ERROR_CLASS_NONE
 
 
-def test_sidecar_metrics_are_scraped_and_parse(live_stack: LiveStack, http: httpx.Client) -> None:
+def test_sidecar_metrics_are_scraped_and_parse(data_stack: LiveStack, http: httpx.Client) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     for _ in range(5):
-        live_stack.chat(http, {"x-experiment": "canary"})
-    url = live_stack.state["endpoints"]["sidecar_metrics"]
+        data_stack.chat(http, {"x-experiment": "canary"})
+    url = data_stack.state["endpoints"]["sidecar_metrics"]
 
     def canary_requests() -> float:
         families = {f.name: f for f in text_string_to_metric_families(http.get(url).text)}

@@ -23,7 +23,7 @@ import pytest
 from extproc.config import load_experiment
 from extproc.contract import keys
 from extproc.dev import stack
-from tests.conftest import LiveStack, start_stack, wait_for
+from tests.conftest import REQUEST_PATH, LiveStack, start_stack, wait_for
 from tests.integration.sidecar_probe import (
     apply_and_measure,
     events_by_request,
@@ -43,7 +43,12 @@ FAST_MODELS = {"stable": ["--fast"], "canary": ["--fast"]}
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
-    s = start_stack(tmp_path_factory.mktemp("scaleout"), sidecars=2, mock_args=FAST_MODELS)
+    s = start_stack(
+        tmp_path_factory.mktemp("scaleout"),
+        sidecars=2,
+        mock_args=FAST_MODELS,
+        components=REQUEST_PATH,
+    )
     try:
         yield s
     finally:
