@@ -104,3 +104,8 @@ def evaluation(experiment: str) -> str:
 
 def batch(experiment: str, batch_id: str) -> str:
     return _tagged(experiment, f"batch:{batch_id}")
+
+
+def rollup(experiment: str, width_s: int, start_s: int) -> str:
+    """One time bucket's aggregates (``telemetry/rollup.py``): ``width_s`` from ``start_s``."""
+    return _tagged(experiment, f"rollup:{width_s}:{start_s}")

@@ -60,6 +60,18 @@ def is_assigned(ev: TelemetryEvent) -> bool:
     return not ev.shadow and ev.assignment != _FORCED
 
 
+TRAFFIC = ("assigned", "forced", "shadow")
+"""Kinds of traffic, counted apart: assigned live requests (what variants are compared on),
+forced tester requests, and mirrored shadow copies."""
+
+
+def traffic(ev: TelemetryEvent) -> str:
+    """Which kind of traffic an event is (see :data:`TRAFFIC`)."""
+    if ev.shadow:
+        return "shadow"
+    return "forced" if is_forced(ev) else "assigned"
+
+
 def is_success(ev: TelemetryEvent) -> bool:
     """A complete answer: only then do its timings, tokens and answer signals count (a fast
     5xx would otherwise make a failing variant look quick and cheap)."""

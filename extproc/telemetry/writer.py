@@ -6,8 +6,9 @@ buffer up to ``max_capture_bytes`` of captured texts; past either bound the newe
 counted (what is buffered stays one stretch from the start of the outage, and dropping costs the
 request path nothing), so memory stays bounded and user traffic never waits.
 
-Each batch of one experiment is applied by one Lua script: ``XADD`` per event and one
-``HINCRBY`` per variant, so the stream and the exact per-variant counters move together. The
+Each batch of one experiment is applied by one Lua script: ``XADD`` per event, one ``HINCRBY``
+per variant, and the batch's increments of the time-bucketed rollups (``rollup.py``), so the
+stream, the exact per-variant counters and the rollups move together. The
 script first claims the batch's id (``SET NX`` with a TTL): when a reply is lost (the script
 ran, the socket timed out), the retry sends the same batch under the same id and the script does
 nothing, so no event is written twice and the counts stay exact. The next batch deletes the id
@@ -30,6 +31,7 @@ from redis.exceptions import RedisError
 
 from extproc.contract import keys
 from extproc.supervise import raise_if_cancelled
+from extproc.telemetry import rollup
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
 log = logging.getLogger(__name__)
@@ -66,24 +68,44 @@ class _Batch:
 
 
 # KEYS: stream, counts, this batch's id key, the previous batch's id key (deleted; the same key
-# for an experiment's first batch).
-# ARGV: id TTL (s), stream MAXLEN, the events' field, event count, the events, then variant and
-# count pairs.
+# for an experiment's first batch), then one key per rollup bucket the batch touches.
+# ARGV: id TTL (s), stream MAXLEN, the events' field, event count, variant count, rollup
+# retention (s), the events, the variant and count pairs, then for each rollup key: its number
+# of integer fields and of float fields, and those fields as name and increment pairs.
 _APPLY_BATCH = """
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 if KEYS[4] ~= KEYS[3] then redis.call('DEL', KEYS[4]) end
 local n = tonumber(ARGV[4])
-for i = 5, 4 + n do
+local i = 7
+for _ = 1, n do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', ARGV[3], ARGV[i])
+  i = i + 1
 end
-for i = 5 + n, #ARGV, 2 do
+for _ = 1, tonumber(ARGV[5]) do
   redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+for k = 5, #KEYS do
+  local ints, floats = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  i = i + 2
+  for _ = 1, ints do
+    redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  for _ = 1, floats do
+    redis.call('HINCRBYFLOAT', KEYS[k], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[6])
 end
 return n
 """
 
 BATCH_ID_TTL_S = 86_400
 """How long a batch id guards against a duplicate write: longer than any retry can come."""
+
+ROLLUP_RETENTION_S = 30 * 86_400
+"""How long a rollup bucket is kept after its last write: longer than any rollout runs."""
 
 MAX_CAPTURE_BYTES = 64 * 1024 * 1024
 """Default bound of the capture buffer: 64 MiB of captured texts while Redis is away (about
@@ -101,6 +123,7 @@ class TelemetryWriter:
         batch_size: int = 500,
         flush_interval_s: float = 0.05,
         stream_maxlen: int = 1_000_000,
+        rollup_retention_s: int = ROLLUP_RETENTION_S,
     ) -> None:
         self.redis = redis
         self.max_buffer = max_buffer
@@ -108,6 +131,7 @@ class TelemetryWriter:
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.stream_maxlen = stream_maxlen
+        self.rollup_retention_s = rollup_retention_s
         self.stats = WriterStats()
         self._buffer: deque[TelemetryEvent] = deque()
         self._pending: _Batch | None = None  # taken from the buffer, outcome not known yet
@@ -171,22 +195,29 @@ class TelemetryWriter:
             by_experiment.setdefault(ev.experiment, []).append(ev)
         for name, events in by_experiment.items():
             # Requests refused before routing (no variant) are events but count for no variant.
-            counts = Counter(ev.variant for ev in events if ev.variant and not ev.shadow)
+            counts = Counter(
+                ev.variant for ev in events if ev.variant and not ev.shadow and not ev.in_flight
+            )
             batch_key = keys.batch(name, batch.id)
+            rollup_keys, rollup_args = _rollups(name, events)
             await self._script(
                 keys=[
                     keys.events(name),
                     keys.counts(name),
                     batch_key,
                     self._last_batch.get(name, batch_key),
+                    *rollup_keys,
                 ],
                 args=[
                     BATCH_ID_TTL_S,
                     self.stream_maxlen,
                     keys.EVENT_FIELD,
                     len(events),
+                    len(counts),
+                    self.rollup_retention_s,
                     *(ev.SerializeToString() for ev in events),
                     *(x for variant, n in counts.items() for x in (variant, n)),
+                    *rollup_args,
                 ],
             )
             self._last_batch[name] = batch_key
@@ -234,6 +265,23 @@ class TelemetryWriter:
                     await asyncio.wait_for(self.flush(), 2.0)
                 except (RedisError, OSError, TimeoutError):
                     log.warning("telemetry: %d events lost at shutdown", self.buffered)
+
+
+def _rollups(
+    experiment: str, events: list[TelemetryEvent]
+) -> tuple[list[str], list[str | int | float]]:
+    """The rollup keys a batch adds to, and the script's arguments for them."""
+    names: list[str] = []
+    args: list[str | int | float] = []
+    for width in rollup.WIDTHS_S:
+        for start, (ints, floats) in rollup.bucket_fields(events, width).items():
+            names.append(keys.rollup(experiment, width, start))
+            args += [len(ints), len(floats)]
+            for k, v in ints.items():
+                args += [k, v]
+            for k, f in floats.items():
+                args += [k, repr(f)]
+    return names, args
 
 
 def _size(capture: Capture) -> int:

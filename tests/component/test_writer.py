@@ -13,7 +13,8 @@ from redis.exceptions import RedisError
 from extproc import store
 from extproc.contract import keys
 from extproc.dev import stack
-from extproc.telemetry.v1.event_pb2 import TelemetryEvent
+from extproc.telemetry import rollup
+from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
 from extproc.telemetry.writer import Capture, TelemetryWriter
 
 pytestmark = pytest.mark.timeout(30)
@@ -21,6 +22,45 @@ pytestmark = pytest.mark.timeout(30)
 
 def ev(i: int, variant: str = "stable", shadow: bool = False) -> TelemetryEvent:
     return TelemetryEvent(experiment="e", variant=variant, request_id=f"r{i}", shadow=shadow)
+
+
+async def test_rollups_are_written_per_bucket_and_width_and_read_back(
+    client: aioredis.Redis,
+) -> None:
+    w = TelemetryWriter(client, batch_size=5, rollup_retention_s=3600)
+    # 40 requests over 100 s, every fourth a server error; and one request's in-flight notice,
+    # which is no request of its own.
+    for i in range(40):
+        e = ev(i, "canary" if i % 2 else "stable")
+        e.time_unix_ms = 1_000_000 + i * 2_500
+        e.duration_ms = 100.0 + i
+        e.error = ErrorClass.ERROR_CLASS_UPSTREAM_5XX if i % 4 == 0 else ErrorClass.ERROR_CLASS_NONE
+        w.submit(e)
+    notice = ev(0, "canary")
+    notice.in_flight, notice.time_unix_ms, notice.duration_ms = True, 1_010_000, 5_000.0
+    w.submit(notice)
+    await w.flush()
+    assert await client.hgetall(keys.counts("e")) == {b"canary": b"20", b"stable": b"20"}
+    fine = await rollup.read(client, "e", 10, 1_000, 1_100)
+    assert [start for start, _ in fine] == list(range(1_000, 1_100, 10))
+    # Four requests start in each 10 s bucket, two per variant.
+    assert all(t.counts["requests"] == 2 for _, b in fine for t in b.values())
+    coarse = rollup.merged(await rollup.read(client, "e", 300, 1_000, 1_100))
+    assert (
+        rollup.merged(fine).keys()
+        == coarse.keys()
+        == {
+            ("assigned", "stable"),
+            ("assigned", "canary"),
+        }
+    )
+    for key, t in rollup.merged(fine).items():
+        assert t.counts == coarse[key].counts
+        assert t.figures() == coarse[key].figures()
+    stable = coarse[("assigned", "stable")].figures()
+    assert (stable["window_requests"], stable["errors"]) == (20, 10)
+    ttl = await client.ttl(keys.rollup("e", 300, 900))
+    assert 0 < ttl <= 3600
 
 
 async def test_flush_writes_events_and_exact_counts(client: aioredis.Redis) -> None:
@@ -107,6 +147,11 @@ async def test_a_batch_whose_reply_was_lost_is_not_written_twice(
         ]
         assert sorted(ids) == sorted(f"r{i}" for i in range(10))
         assert await client.hgetall(keys.counts("e")) == {b"canary": b"5", b"stable": b"5"}
+        tallies = rollup.merged(await rollup.read(client, "e", 10, 0, 10))
+        assert {v: t.counts["requests"] for (_, v), t in tallies.items()} == {
+            "canary": 5,
+            "stable": 5,
+        }
         w.submit(ev(10))
         await w.flush()
         # Only the last confirmed batch's id is kept (the ones before are deleted).

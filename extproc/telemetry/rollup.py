@@ -1,0 +1,334 @@
+"""Per-variant aggregates per time bucket, written as events arrive, so reads cost the same at
+1 request a second and at 1,000.
+
+Why: every operator surface used to decode the newest raw events on each refresh. That costs
+seconds under load and still covers only the newest few seconds of a busy rollout, so no chart
+could show a rollout whole. The writer now also adds each batch into rollups: for every bucket
+of time, and for every kind of traffic and variant, the counts, sums and latency sketches the
+figures are made of. A refresh reads a few dozen small hashes, whatever the traffic.
+
+What is exact and what is not: counts, sums, rates and means are exact (integers, and float
+sums of the output speed). Quantiles come from a log-bucketed sketch (the DDSketch layout):
+every latency is kept as the index of the bucket ``(gamma^(i-1), gamma^i]`` it falls in, so a
+quantile read back is within ``ALPHA`` (2%) of the true sample quantile's value, whatever the
+distribution, and sketches of many buckets merge by adding counts. The evaluator does not judge
+from rollups: its tests need exact ranks, and it keeps reading the events of its stage.
+
+Layout in Redis (one hash per bucket, all under the experiment's hash tag): field
+``<traffic>|<variant>|<name>``; a sketch bin is ``<name>:<index>``. Buckets are written at two
+widths (:data:`WIDTHS_S`) so that a range of minutes and one of hours both read a few dozen
+hashes. Cost is not stored: a price is linear in tokens, so the priced token sums give it back
+at read time at the variant's current price.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+import redis.asyncio as aioredis
+
+from extproc.contract import keys
+from extproc.telemetry import outcome
+from extproc.telemetry.v1.event_pb2 import TelemetryEvent
+
+WIDTHS_S: Final = (10, 300)
+"""Bucket widths written (seconds): 10 s buckets for ranges of minutes, 5 min ones for hours."""
+
+ALPHA: Final = 0.02
+"""Relative accuracy of a sketch's quantiles."""
+
+_GAMMA: Final = (1 + ALPHA) / (1 - ALPHA)
+_LOG_GAMMA: Final = math.log(_GAMMA)
+_ZERO: Final = "z"  # the sketch bin of values <= 0 (a request answered within the clock's tick)
+
+
+@dataclass
+class Sketch:
+    """A mergeable quantile sketch of positive values (milliseconds), relative accuracy ALPHA."""
+
+    bins: Counter[str] = field(default_factory=Counter)
+
+    def add(self, x: float) -> None:
+        self.bins[_ZERO if x <= 0 else str(math.ceil(math.log(x) / _LOG_GAMMA))] += 1
+
+    def merge(self, other: Sketch) -> None:
+        self.bins.update(other.bins)
+
+    @property
+    def count(self) -> int:
+        return sum(self.bins.values())
+
+    def quantile(self, q: float) -> float | None:
+        """The value at rank ``q * (n - 1)`` (the lower one, as a sample has it), within ALPHA
+        of it; None for an empty sketch."""
+        n = self.count
+        if n == 0:
+            return None
+        rank = q * (n - 1)
+        seen = 0
+        for key in sorted(self.bins, key=_order):
+            seen += self.bins[key]
+            if seen > rank:
+                return 0.0 if key == _ZERO else 2 * _GAMMA ** int(key) / (_GAMMA + 1)
+        raise AssertionError("unreachable: the ranks are covered")  # pragma: no cover
+
+
+def _order(key: str) -> float:
+    return -math.inf if key == _ZERO else int(key)
+
+
+# Counters of a tally, each an integer.
+_COUNTS: Final = (
+    "requests",
+    "errors",
+    "client_errors",
+    "timeouts",
+    "successes",
+    "tool_calls",
+    "prompt_tokens",
+    "completion_tokens",
+    "priced",
+    "priced_prompt_tokens",
+    "priced_completion_tokens",
+    "cached_reported",
+    "cached_prompt_tokens",
+    "tps_n",
+    "answered",
+    "refusals",
+    "answer_chars",
+    "inspected",
+    "empty",
+    "json_checked",
+    "json_invalid",
+)
+_SUMS: Final = ("tps_sum",)
+_SKETCHES: Final = ("latency", "ttft")
+
+
+@dataclass
+class Tally:
+    """One variant's aggregates over one kind of traffic: what its figures are made of.
+
+    The rules are :mod:`extproc.telemetry.outcome`'s, as for the evaluator's window: errors are
+    server errors; timings, tokens per answer and answer signals count complete answers only.
+    """
+
+    counts: Counter[str] = field(default_factory=Counter)
+    sums: dict[str, float] = field(default_factory=dict)
+    sketches: dict[str, Sketch] = field(default_factory=dict)
+
+    def add(self, ev: TelemetryEvent) -> None:
+        c = self.counts
+        c["requests"] += 1
+        if ev.error in outcome.SERVER_ERRORS:
+            c["errors"] += 1
+            c["timeouts"] += outcome.is_timeout(ev)
+        elif ev.error in outcome.CLIENT_ERRORS:
+            c["client_errors"] += 1
+        c["prompt_tokens"] += ev.prompt_tokens
+        c["completion_tokens"] += ev.completion_tokens
+        if not outcome.is_success(ev):
+            return
+        c["successes"] += 1
+        if ev.HasField("prompt_tokens") or ev.HasField("completion_tokens"):
+            c["priced"] += 1
+            c["priced_prompt_tokens"] += ev.prompt_tokens
+            c["priced_completion_tokens"] += ev.completion_tokens
+        if (cached := outcome.cached_prompt_tokens(ev)) is not None:
+            c["cached_reported"] += 1
+            c["cached_prompt_tokens"] += cached
+        c["tool_calls"] += outcome.called_tool(ev)
+        if ev.HasField("duration_ms"):
+            self._sketch("latency").add(ev.duration_ms)
+        if ev.HasField("first_token_ms"):
+            self._sketch("ttft").add(ev.first_token_ms)
+        if (tps := outcome.output_tokens_per_s(ev)) is not None:
+            c["tps_n"] += 1
+            self.sums["tps_sum"] = self.sums.get("tps_sum", 0.0) + tps
+        if ev.HasField("refusal"):
+            c["answered"] += 1
+            c["refusals"] += ev.refusal
+            c["answer_chars"] += ev.answer_chars
+        if ev.HasField("empty_answer"):
+            c["inspected"] += 1
+            c["empty"] += ev.empty_answer
+        if ev.HasField("json_valid"):
+            c["json_checked"] += 1
+            c["json_invalid"] += not ev.json_valid
+
+    def _sketch(self, name: str) -> Sketch:
+        s = self.sketches.get(name)
+        if s is None:
+            s = self.sketches[name] = Sketch()
+        return s
+
+    def merge(self, other: Tally) -> None:
+        self.counts.update(other.counts)
+        for k, v in other.sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        for k, s in other.sketches.items():
+            self._sketch(k).merge(s)
+
+    def figures(self, price: outcome.TokenPrice | None = None) -> dict[str, object]:
+        """The variant's figures, named and rounded as `extproc status` shows them; cost per
+        request at ``price`` (None without one)."""
+        c = self.counts
+        n, answered = c["requests"], c["answered"]
+        latency, ttft = self._sketch("latency"), self._sketch("ttft")
+        cost = None
+        if price is not None and c["priced"]:
+            total = price.cost(c["priced_prompt_tokens"], c["priced_completion_tokens"])
+            cost = round(total / c["priced"], 8)
+        return {
+            "window_requests": n,
+            "errors": c["errors"],
+            "error_rate": _rate(c["errors"], n),
+            "client_errors": c["client_errors"],
+            "client_error_rate": _rate(c["client_errors"], n),
+            "timeout_rate": _rate(c["timeouts"], n),
+            "latency_ms": {f"p{q}": _round(latency.quantile(q / 100)) for q in (50, 95, 99)},
+            "ttft_ms": {"p50": _round(ttft.quantile(0.5))},
+            "prompt_tokens": c["prompt_tokens"],
+            "completion_tokens": c["completion_tokens"],
+            "cached_prompt_tokens": _ratio(c["cached_prompt_tokens"], c["cached_reported"], 2),
+            "output_tokens_per_s": _ratio(self.sums.get("tps_sum", 0.0), c["tps_n"], 2),
+            "cost_per_request": cost,
+            "refusal_rate": _rate(c["refusals"], answered),
+            "answer_chars_mean": _ratio(c["answer_chars"], answered, 1),
+            "tool_call_rate": _rate(c["tool_calls"], c["successes"]),
+            "empty_answer_rate": _rate(c["empty"], c["inspected"]),
+            "json_invalid_rate": _rate(c["json_invalid"], c["json_checked"]),
+        }
+
+    def fields(self) -> tuple[dict[str, int], dict[str, float]]:
+        """The tally as hash fields: integer increments, and float ones (HINCRBYFLOAT)."""
+        ints = {k: v for k, v in self.counts.items() if v}
+        for name, s in self.sketches.items():
+            ints.update({f"{name}:{b}": n for b, n in s.bins.items()})
+        return ints, {k: v for k, v in self.sums.items() if v}
+
+
+def _rate(k: int, n: int) -> float | None:
+    return round(k / n, 4) if n else None
+
+
+def _ratio(total: float, n: int, places: int) -> float | None:
+    return round(total / n, places) if n else None
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
+def tally(events: Iterable[TelemetryEvent]) -> dict[tuple[str, str], Tally]:
+    """Final events by (traffic, variant); in-flight notices and unrouted requests are not
+    requests of a variant and are left out."""
+    out: dict[tuple[str, str], Tally] = {}
+    for ev in events:
+        if ev.in_flight or not ev.variant:
+            continue
+        key = (outcome.traffic(ev), ev.variant)
+        t = out.get(key)
+        if t is None:
+            t = out[key] = Tally()
+        t.add(ev)
+    return out
+
+
+def bucket_fields(
+    events: Iterable[TelemetryEvent], width_s: int
+) -> dict[int, tuple[dict[str, int], dict[str, float]]]:
+    """A batch of events as increments of the buckets of ``width_s`` they started in: bucket
+    start (unix seconds) -> (integer fields, float fields)."""
+    by_bucket: dict[int, list[TelemetryEvent]] = {}
+    for ev in events:
+        start = outcome.started_ms(ev) // 1000
+        by_bucket.setdefault(start - start % width_s, []).append(ev)
+    out: dict[int, tuple[dict[str, int], dict[str, float]]] = {}
+    for start, evs in by_bucket.items():
+        ints: dict[str, int] = {}
+        floats: dict[str, float] = {}
+        for (kind, variant), t in tally(evs).items():
+            i, f = t.fields()
+            ints.update({f"{kind}|{variant}|{k}": v for k, v in i.items()})
+            floats.update({f"{kind}|{variant}|{k}": v for k, v in f.items()})
+        if ints or floats:
+            out[start] = (ints, floats)
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _field(raw: bytes) -> tuple[tuple[str, str], str, str] | None:
+    """What a hash field holds: ((traffic, variant), where, name), where is ``"count"``,
+    ``"sum"`` or a sketch's name (then name is its bin). None for a field this version does not
+    know (a newer writer's), which a reader leaves out. Cached: every bucket repeats the names,
+    and a refresh reads tens of thousands of fields."""
+    kind, _, rest = raw.decode(errors="replace").partition("|")
+    variant, _, name = rest.rpartition("|")
+    if not variant or kind not in outcome.TRAFFIC:
+        return None
+    sketch, _, b = name.partition(":")
+    if b and sketch in _SKETCHES:
+        return (kind, variant), sketch, b
+    if name in _COUNTS:
+        return (kind, variant), "count", name
+    if name in _SUMS:
+        return (kind, variant), "sum", name
+    return None
+
+
+def parse(fields: Mapping[bytes, bytes]) -> dict[tuple[str, str], Tally]:
+    """One bucket's hash, read back by (traffic, variant): the inverse of the writer's
+    :func:`bucket_fields`."""
+    out: dict[tuple[str, str], Tally] = {}
+    for raw, value in fields.items():
+        f = _field(raw)
+        if f is None:
+            continue
+        key, where, name = f
+        t = out.get(key)
+        if t is None:
+            t = out[key] = Tally()
+        if where == "sum":
+            t.sums[name] = float(value)
+        else:
+            # A bucket's hash holds each field once: set, not add.
+            (t.counts if where == "count" else t._sketch(where).bins)[name] = int(value)
+    return out
+
+
+async def read(
+    r: aioredis.Redis | aioredis.RedisCluster,
+    experiment: str,
+    width_s: int,
+    since_s: int,
+    until_s: int,
+) -> list[tuple[int, dict[tuple[str, str], Tally]]]:
+    """The buckets of ``width_s`` that start in ``[since_s, until_s)``, oldest first, each by
+    (traffic, variant); a bucket no event started in reads as empty. One round trip."""
+    first = since_s - since_s % width_s
+    starts = list(range(first, until_s, width_s))
+    async with r.pipeline(transaction=False) as pipe:
+        for start in starts:
+            pipe.hgetall(keys.rollup(experiment, width_s, start))
+        hashes = await pipe.execute()
+    return [(start, parse(h)) for start, h in zip(starts, hashes, strict=True)]
+
+
+def merged(
+    buckets: Iterable[tuple[int, dict[tuple[str, str], Tally]]],
+) -> dict[tuple[str, str], Tally]:
+    """The buckets' tallies added together: the figures of their whole span."""
+    out: dict[tuple[str, str], Tally] = {}
+    for _, tallies in buckets:
+        for key, t in tallies.items():
+            mine = out.get(key)
+            if mine is None:
+                mine = out[key] = Tally()
+            mine.merge(t)
+    return out
