@@ -9,7 +9,11 @@ decimal form of the double (what ``repr`` prints, and what a person reads in the
 2.675 reads "2.68" although the double is a hair below it. The rule is the one taught at school
 and the one a reader checks the JSON against.
 
-The labels, with their units, live here too, so a figure is named the same everywhere.
+The labels, with their units, live here too, so a figure is named the same everywhere; a
+guardrail metric's name and unit come from the metric registry
+(:data:`extproc.contract.guardrail_metrics.METRICS`), so a guardrail and the figure it judges are
+named alike. So does a guardrail's verdict (:func:`verdict`): what `extproc top` and the
+dashboard show of the evaluator's checks.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import re
 from collections.abc import Mapping
 from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import Any
+
+from extproc.contract.guardrail_metrics import METRICS
 
 Figure = float | int | None
 
@@ -33,10 +39,8 @@ LABELS: dict[str, str] = {
     "weight": "weight (%)",
     "window_requests": "requests (newest events)",
     "errors": "server errors (5xx, timeout, reset)",
-    "error_rate": "error rate (5xx, timeout, reset)",
     "client_errors": "client errors (4xx, disconnect)",
     "client_error_rate": "client error rate (4xx, disconnect)",
-    "timeout_rate": "timeout rate",
     "forced_requests": "tester requests (forced, not compared)",
     "open_requests": "requests still open (in-flight notices)",
     "latency_ms.p50": "latency p50 (ms)",
@@ -46,27 +50,38 @@ LABELS: dict[str, str] = {
     "prompt_tokens": "prompt tokens",
     "completion_tokens": "completion tokens",
     "tokens_per_request": "completion tokens per request",
-    "cached_prompt_tokens": "cached prompt tokens per request",
-    "output_tokens_per_s": "output tokens/s (mean)",
-    "cost_per_request": "cost per request (price currency)",
-    "refusal_rate": "refusal rate",
-    "tool_call_rate": "tool-call rate",
-    "empty_answer_rate": "empty-answer rate",
-    "json_invalid_rate": "JSON-invalid rate",
     "answer_chars_mean": "answer length (chars)",
-    "judge_win_rate": "judge win rate",
     "feedback_negative": "negative feedback posts",
-    "watchdog_fail_rate": "watchdog failure rate",
     "stage.judge_verdicts": "judge verdicts (stage)",
-    "stage.judge_win_rate": "judge win rate (stage)",
-    "stage.feedback_negative_rate": "negative feedback rate (stage)",
     "stage.watchdog_probes": "watchdog probes (stage)",
-    "stage.watchdog_fail_rate": "watchdog failure rate (stage)",
 }
 
 
+# What a status figure of a registry metric counts, beyond the registry's name for it.
+_COUNTS = {
+    "error_rate": "5xx, timeout, reset",
+    "output_tokens_per_s": "mean",
+    "cached_prompt_tokens": "per request",
+}
+
+
+def metric_label(name: str) -> str:
+    """A registry metric's label with its unit (left out when the label names it already, and
+    for fractions, which every surface shows as percentages)."""
+    info = METRICS[name]
+    unit = "" if info.unit == "fraction" or info.unit in info.label else info.unit
+    notes = [n for n in (_COUNTS.get(name), unit) if n]
+    return f"{info.label} ({', '.join(notes)})" if notes else info.label
+
+
 def label(key: str) -> str:
-    """A figure's name with its unit; an unknown key reads as its words."""
+    """A figure's name with its unit: a guardrail metric's from the registry (a stage figure of
+    one says so); an unknown key reads as its words."""
+    if key in METRICS:
+        return metric_label(key)
+    stage, _, name = key.partition(".")
+    if stage == "stage" and name in METRICS:
+        return f"{METRICS[name].label} (stage)"
     return LABELS.get(key) or key.replace("_", " ").replace(".", " ")
 
 
@@ -155,3 +170,91 @@ def flatten(figures: Mapping[str, Any], prefix: str = "") -> dict[str, Figure]:
         elif value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
             out[path] = value
     return out
+
+
+# The evaluator states each e-valued test's threshold in its detail ("fails at 60"): the alpha it
+# spent is its own, so the threshold is read from what it wrote, never recomputed here.
+_NEEDED = re.compile(r"fails at ([0-9.eE+-]+)")
+# A check waiting for samples says "have/min what" ("12/100 candidate requests").
+_WAITING = re.compile(r"^(\d+)/(\d+) (.+)$")
+_BIG_E = 1e6
+STATES = {"pass": "passing", "fail": "failing", "waiting": "waiting"}
+
+
+def _number(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def e_text(e: float) -> str:
+    """An e-value: two significant digits, whole numbers from 10 up (77, 4.4, 0.031)."""
+    if e >= _BIG_E:
+        return f"> {int(_BIG_E):,}"
+    return _bare("e", float(fixed(e, 0))) if e >= 10 else significant(e, 2)
+
+
+def _evidence(check: Mapping[str, Any]) -> tuple[str | None, float | None]:
+    """The text "e = 77 of 60 needed" and the progress toward the threshold, on the log scale
+    on which evidence adds up (0 at e = 1, 1 at the threshold); (None, None) for a look without
+    evidence (no samples yet, or a test that keeps none)."""
+    log_e = _number(check.get("evidence"))
+    if log_e is None:
+        return None, None
+    e = math.exp(min(log_e, 700.0))
+    found = _NEEDED.search(str(check.get("detail") or ""))
+    needed = float(found.group(1)) if found else None
+    if needed is None or needed <= 1:
+        return f"e = {e_text(e)}", None
+    progress = min(max(log_e / math.log(needed), 0.0), 1.0)
+    return f"e = {e_text(e)} of {e_text(needed)} needed", progress
+
+
+def _needs(check: Mapping[str, Any]) -> str | None:
+    """What a waiting check waits for, in words: "needs 88 more candidate requests (12 of 100)"."""
+    if check.get("status") != "waiting":
+        return None
+    detail = str(check.get("detail") or "")
+    found = _WAITING.match(detail)
+    if found is None:
+        return detail if detail.startswith("needs") else f"needs more samples: {detail}"
+    have, need, what = int(found.group(1)), int(found.group(2)), found.group(3)
+    return f"needs {need - have:,} more {what} ({have:,} of {need:,})"
+
+
+def verdict(check: Mapping[str, Any]) -> dict[str, Any]:
+    """A guardrail check as every surface shows it: the harm the evaluator estimated (relative,
+    positive when the candidate is worse, whichever way the metric is harmed) with its own lower
+    bound, the margin it is judged against, the evidence toward failing and what a waiting
+    check still needs; each as the text shown, and the numbers a chart or bar is drawn from.
+
+    A win rate's harm is in points below an even split, not relative; a check failed by its
+    ceiling (``max_absolute``) holds the ceiling test's figures, so its harm is not shown as a
+    change from stable: its detail says what crossed the ceiling.
+    """
+    metric = str(check.get("metric") or "")
+    info = METRICS.get(metric)
+    detail = str(check.get("detail") or "")
+    status = str(check.get("status") or "")
+    estimate, bound = _number(check.get("estimate")), _number(check.get("bound"))
+    margin = _number(check.get("margin"))
+    if status == "fail" and "ceiling" in detail:
+        estimate = bound = None
+    pct = info is None or info.kind != "win_rate"
+    evidence, progress = _evidence(check)
+    return {
+        "label": label(metric),
+        "unit": info.unit if info else "",
+        "state": STATES.get(status, status),
+        "estimate": estimate,
+        "bound": bound,
+        "margin": margin,
+        "progress": progress,
+        "text": {
+            "estimate": rel_text(estimate) if pct else diff_text("win_rate", estimate),
+            "bound": MISSING if bound is None else f"\u2265 {rel_text(bound)}",
+            "margin": rel_text(margin) if pct else diff_text("win_rate", margin),
+            "evidence": evidence or MISSING,
+            "needs": _needs(check),
+        },
+    }

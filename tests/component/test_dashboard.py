@@ -439,9 +439,8 @@ def test_comparison_prefers_the_evaluators_latest_look_and_shows_quality_signals
         },
     }
     got = comparison(doc, audit, latest)
-    # Each figure of a check with its text, by the one rule (four significant digits).
-    text = {"estimate": "0.1250", "bound": "-0.00002675", "margin": "\u2013", "evidence": "\u2013"}
-    assert got["checks"]["items"] == [check | {"text": text}]
+    # Each check with its verdict, made by the rule `extproc top` uses.
+    assert got["checks"]["items"] == [check | {"verdict": fig.verdict(check)}]
     assert got["checks"]["stage"] == 1
     rows = {r["metric"]: r for r in got["rows"]}
     assert rows["stage.judge_win_rate"]["candidates"]["canary"]["value"] == 0.25

@@ -105,3 +105,80 @@ def test_differences_and_relative_changes() -> None:
 def test_labels_carry_units_and_unknown_keys_read_as_words() -> None:
     assert figures.label("latency_ms.p99") == "latency p99 (ms)"
     assert figures.label("stage.some_new_score") == "stage some new score"
+
+
+def test_guardrail_metrics_are_named_by_the_registry() -> None:
+    """A figure that a guardrail judges reads as the registry names it, with its unit."""
+    from extproc.contract.guardrail_metrics import METRICS
+
+    for name, info in METRICS.items():
+        assert figures.label(name).startswith(info.label), name
+    assert figures.label("cost_per_request") == "cost per request (currency units)"
+    assert figures.label("error_rate") == "error rate (5xx, timeout, reset)"
+    assert figures.label("latency_p99") == "p99 latency (ms)"
+    assert figures.label("completion_tokens") == "tokens per answer"  # the unit is in the name
+    assert figures.label("stage.judge_win_rate") == "judge win rate (stage)"
+
+
+def _check(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "variant": "canary",
+        "metric": "latency_p99",
+        "status": "pass",
+        "estimate": None,
+        "bound": None,
+        "margin": 0.2,
+        "evidence": None,
+        "detail": "",
+    }
+    return base | kw
+
+
+def test_a_verdict_reads_harm_bound_limit_and_evidence_by_the_one_rule() -> None:
+    v = figures.verdict(
+        _check(
+            status="fail",
+            estimate=0.1025,  # on a rounding edge: 10.25% reads +10.3%, as everywhere
+            bound=0.0525,
+            margin=0.1025,
+            evidence=math.log(77.4),
+            detail="...; evidence e=77.4 over the rollout (fails at 60): worse beyond the margin",
+        )
+    )
+    assert v["state"] == "failing"
+    assert v["text"]["estimate"] == "+10.3%" == figures.rel_text(0.1025)
+    assert v["text"]["bound"] == "\u2265 +5.3%"
+    assert v["text"]["margin"] == "+10.3%"
+    assert v["text"]["evidence"] == "e = 77 of 60 needed"
+    assert v["progress"] == 1.0
+    assert v["text"]["needs"] is None
+
+
+def test_evidence_progress_is_on_the_log_scale_and_absent_without_evidence() -> None:
+    half = figures.verdict(_check(evidence=math.log(20) / 2, detail="(fails at 20)"))
+    assert half["progress"] == pytest.approx(0.5)
+    assert half["text"]["evidence"] == "e = 4.5 of 20 needed"
+    bare = figures.verdict(_check(evidence=0.0, detail="no threshold stated"))
+    assert (bare["text"]["evidence"], bare["progress"]) == ("e = 1.0", None)
+    none = figures.verdict(_check(detail="error rate: no candidate requests yet"))
+    assert (none["text"]["evidence"], none["progress"]) == (figures.MISSING, None)
+
+
+def test_a_waiting_verdict_says_what_it_needs() -> None:
+    v = figures.verdict(_check(status="waiting", detail="1234/2000 candidate requests"))
+    assert v["text"]["needs"] == "needs 766 more candidate requests (1,234 of 2,000)"
+    assert v["text"]["estimate"] == figures.MISSING
+    conv = "needs 5 more conversations (15/20): requests of one conversation are not independent"
+    assert figures.verdict(_check(status="waiting", detail=conv))["text"]["needs"] == conv
+
+
+def test_a_ceiling_failure_shows_no_change_from_stable() -> None:
+    v = figures.verdict(
+        _check(status="fail", estimate=0.3, bound=0.2, detail="x, ceiling 2.00%: above the ceiling")
+    )
+    assert (v["estimate"], v["text"]["estimate"]) == (None, figures.MISSING)
+
+
+def test_a_win_rate_verdict_is_in_points() -> None:
+    v = figures.verdict(_check(metric="judge_win_rate", estimate=0.125, margin=0.1))
+    assert (v["text"]["estimate"], v["text"]["margin"]) == ("+12.50 pp", "+10.00 pp")

@@ -4,7 +4,8 @@ the CLI uses, so a figure on the page is the figure `extproc status --json` prin
 The comparison table pairs each candidate's status figures with stable's (difference and
 relative change: the effect sizes) and with the evaluator's guardrail checks of its newest look
 (``keys.evaluation``, rewritten every tick), falling back to the newest audit record that has
-checks when no evaluator has looked yet; either way the table says when and at which stage.
+checks when no evaluator has looked yet; either way the table says when and at which stage. Each
+check carries its verdict (:func:`extproc.ops.figures.verdict`), as `extproc top` shows it.
 Each cell carries the text the page shows as given, made by :mod:`extproc.ops.figures` as
 `extproc status` makes its own: the page never rounds a figure itself.
 """
@@ -44,7 +45,6 @@ COUNTERS = frozenset(
         "stage.watchdog_probes",
     }
 )
-CHECK_FIGURES = ("estimate", "bound", "margin", "evidence")
 TIMELINE_FIELDS = ("id", "time", "action", "actor", "reasons", "stage", "status", "weights")
 
 
@@ -109,13 +109,6 @@ def _quality(stage: dict[str, Any]) -> dict[str, Figure]:
     return out
 
 
-def _check_text(x: Any) -> str:
-    """A guardrail check's estimate, bound, margin or evidence: four significant digits."""
-    if isinstance(x, bool) or not isinstance(x, int | float):
-        return figures.MISSING
-    return figures.significant(x, 4)
-
-
 def comparison(
     doc: dict[str, Any], audit: list[dict[str, Any]], latest: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -147,10 +140,7 @@ def comparison(
     checks = None
     if judged is not None:
         checks = {k: judged.get(k) for k in ("time", "stage", "action")}
-        checks["items"] = [
-            c | {"text": {k: _check_text(c.get(k)) for k in CHECK_FIGURES}}
-            for c in judged["checks"]
-        ]
+        checks["items"] = [c | {"verdict": figures.verdict(c)} for c in judged["checks"]]
     return {"stable": stable, "candidates": candidates, "rows": rows, "checks": checks}
 
 

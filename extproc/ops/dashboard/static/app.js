@@ -262,19 +262,53 @@ function renderComparison(cmp) {
   return el("table", { id: "comparison-table" }, el("thead", {}, head), el("tbody", {}, rows));
 }
 
+// One row per guardrail and candidate: its verdict coloured by state, the harm the evaluator
+// estimated with its own lower bound, drawn against the margin, and the evidence toward failing
+// (or what a waiting check still needs). Texts and numbers come from the API (figures.verdict).
 function renderChecks(checks) {
   $("checks-note").textContent = checks
     ? `(evaluator's look at ${clock(checks.time)}, stage ${checks.stage + 1}, decision: ${checks.action})`
     : "";
   if (!checks) return el("p", { class: "muted" }, "No guardrail verdict recorded yet in this rollout.");
-  const cols = ["variant", "metric", "action", "status", "estimate", "bound", "margin", "evidence", "detail"];
-  return el("table", { id: "checks-table" },
+  const cols = ["variant", "guardrail", "verdict", "worse by", "interval", "limit", "evidence", "action", "detail"];
+  return el("div", { class: "scroll" }, el("table", { id: "checks-table" },
     el("thead", {}, el("tr", {}, cols.map((c) => el("th", {}, c)))),
-    el("tbody", {}, checks.items.map((c) => el("tr", { "data-variant": c.variant, "data-metric": c.metric, "data-status": c.status },
-      el("td", {}, c.variant), el("td", {}, c.metric), el("td", {}, c.action),
-      el("td", {}, badge(c.status)),
-      ["estimate", "bound", "margin", "evidence"].map((k) => el("td", { "data-field": k, "data-value": JSON.stringify(c[k] ?? null) }, c.text[k])),
-      el("td", { class: "detail" }, c.detail)))));
+    el("tbody", {}, checks.items.map((c) => {
+      const v = c.verdict;
+      const field = (k, text) => el("td", { "data-field": k, "data-value": JSON.stringify(v[k] ?? null) }, text);
+      return el("tr", { class: `verdict ${v.state}`, "data-variant": c.variant, "data-metric": c.metric, "data-state": v.state },
+        el("td", {}, c.variant), el("td", { "data-field": "label" }, v.label),
+        el("td", {}, badge(v.state)),
+        field("estimate", [el("span", { class: "estimate" }, v.text.estimate), intervalBar(v)]),
+        field("bound", v.text.bound), field("margin", v.text.margin),
+        el("td", { "data-field": "evidence", "data-progress": JSON.stringify(v.progress) },
+          v.text.needs ? el("span", { class: "needs" }, v.text.needs) : evidenceBar(v)),
+        el("td", {}, c.action),
+        el("td", { class: "detail" }, c.detail));
+    }))));
+}
+
+// The interval as a bar: from the lower bound on, the estimate a dot, the margin a tick; the
+// scale spans zero, the margin and the interval's start (drawn, not read: the texts say it).
+function intervalBar(v) {
+  if (v.estimate === null || v.estimate === undefined) return null;
+  const ends = [0, v.estimate, v.bound, v.margin].filter((x) => x !== null && x !== undefined);
+  const lo = Math.min(...ends), hi = Math.max(...ends);
+  const pad = (hi - lo || 1) * 0.1;
+  const W = 90, H = 10;
+  const x = (t) => ((t - lo + pad) / (hi - lo + 2 * pad)) * W;
+  return svg("svg", { class: "interval", viewBox: `0 0 ${W} ${H}`, width: W, height: H, "aria-hidden": "true" },
+    v.bound !== null ? svg("rect", { class: "range", x: x(v.bound), y: 3, width: Math.max(W - x(v.bound), 1), height: 4 }) : null,
+    svg("line", { class: "zero", x1: x(0), x2: x(0), y1: 0, y2: H }),
+    v.margin !== null ? svg("line", { class: "limit", x1: x(v.margin), x2: x(v.margin), y1: 0, y2: H }) : null,
+    svg("circle", { class: "point", cx: x(v.estimate), cy: H / 2, r: 2.5 }));
+}
+
+function evidenceBar(v) {
+  if (v.progress === null || v.progress === undefined) return v.text.evidence;
+  const bar = el("span", { class: "progress", title: "evidence toward failing (log scale)" }, el("span", {}));
+  bar.firstChild.style.width = `${Math.round(100 * v.progress)}%`;
+  return [bar, v.text.evidence];
 }
 
 function renderTimeline(records) {

@@ -1,0 +1,216 @@
+"""What an operator decides from, in headless Chromium: the dashboard on a Redis seeded with an
+experiment, its rollout state and an evaluator's look, so each test states exactly what the
+evaluator published and checks what the page makes of it (issue 18).
+
+No Envoy, sidecar or evaluator runs here: the page reads only Redis, and a seeded look is the
+only way to show a failing guardrail or a rolled-back rollout without waiting for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.by import By
+
+from extproc import store
+from extproc.config import load_experiment
+from extproc.contract import keys
+from extproc.ops import figures as fig
+from tests.component.test_dashboard import own_dashboard
+from tests.conftest import write_experiment
+from tests.integration.test_dashboard_browser import chrome, page_data, require_browser, until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+NAME = "chat-upgrade"
+TOKEN = "decide-t0ken"
+STAGES = [2, 5, 10, 25, 50, 100]
+# The failing p99 of the issue: +870.9% with the evaluator's bound, its evidence past the
+# threshold the evaluator wrote into its detail.
+FAILING = {
+    "variant": "canary",
+    "metric": "latency_p99",
+    "action": "rollback",
+    "status": "fail",
+    "estimate": 8.709,
+    "bound": 6.2,
+    "margin": 0.5,
+    "detail": "latency_p99: 40/120 beyond 150 ms vs stable 2/2000 beyond 100 ms (tail ratio "
+    "9.71); evidence e=77.4 over the rollout (fails at 60): worse beyond the margin",
+    "log_e": 4.35,
+    "evidence": 4.349,
+    "parts": {"": 4.35},
+    "reference": 100.0,
+}
+WAITING = {
+    "variant": "canary",
+    "metric": "error_rate",
+    "action": "rollback",
+    "status": "waiting",
+    "estimate": None,
+    "bound": None,
+    "margin": 0.5,
+    "detail": "12/100 candidate requests",
+    "log_e": None,
+    "evidence": None,
+    "parts": {},
+    "reference": None,
+}
+PASSING = {
+    "variant": "canary",
+    "metric": "cost_per_request",
+    "action": "warn",
+    "status": "pass",
+    "estimate": 0.309,
+    "bound": 0.21,
+    "margin": 0.5,
+    "detail": "cost_per_request mean +31% vs stable (bound +21%, limit +50%); evidence e=0.5 "
+    "over the rollout (fails at 20)",
+    "log_e": -0.69,
+    "evidence": -0.69,
+    "parts": {"": -0.69},
+    "reference": None,
+}
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
+    require_browser()
+    driver = chrome(tmp_path_factory.mktemp("chromium"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page(redis_url: str) -> Iterator[str]:
+    """`extproc dashboard` on the module's Redis, with a known token."""
+    with own_dashboard(redis_url, "--token", TOKEN) as (url, _line):
+        yield url
+
+
+def seed(
+    redis_url: str,
+    tmp: Path,
+    *,
+    status: str = "running",
+    stage: int = 2,
+    checks: list[dict[str, Any]] | None = None,
+    weights: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """An experiment in Redis as an evaluator leaves it: rollout state, routing, its newest look
+    (with ``checks``) and, for a rollback, the audit record."""
+    exp = load_experiment(write_experiment(tmp, rollout={"stages": STAGES, "cadence_s": 5}))
+    now = time.time()
+
+    async def run() -> None:
+        r = store.connect(redis_url)
+        try:
+            await r.flushdb()
+            await store.register_experiment(r, exp)
+            if weights is not None:
+                await store.set_weights(r, exp, weights, reason=status, actor="evaluator")
+            state = {
+                "status": status,
+                "stage": stage,
+                "stage_started": now - 60,
+                "strategy": "canary",
+                "commands_seen": "0-0",
+                "last_action": "",
+                "last_reasons": [],
+                "updated": now,
+                "evidence": {},
+            }
+            await r.set(keys.rollout(NAME), json.dumps(state))
+            look = {
+                "time": now,
+                "stage": stage,
+                "status": status,
+                "variants": {},
+                "feedback_unattributed": 0,
+                "action": "rollback" if status == "rolled_back" else "none",
+                "reasons": [],
+                "checks": checks or [],
+                "srm_p": None,
+            } | (extra or {})
+            await r.set(keys.evaluation(NAME), json.dumps(look))
+        finally:
+            await r.aclose()
+
+    asyncio.run(run())
+
+
+def open_page(browser: WebDriver, url: str, what: str) -> None:
+    browser.get(f"{url}/?experiment={NAME}")
+    until(browser, lambda d: (page_data(d).get("experiment") or {}).get("rollout"), what)
+
+
+def row(browser: WebDriver, metric: str) -> dict[str, Any]:
+    """A guardrail row as drawn: its state, class, and each field's number, text and colour."""
+    doc: dict[str, Any] = browser.execute_script(
+        """const tr = document.querySelector(`#checks-table tr[data-metric="${arguments[0]}"]`);
+           if (!tr) return null;
+           const cells = {};
+           for (const td of tr.querySelectorAll("td[data-field]")) {
+             cells[td.dataset.field] = {
+               value: td.dataset.value === undefined ? null : JSON.parse(td.dataset.value),
+               text: td.textContent, colour: getComputedStyle(td).color,
+               progress: td.dataset.progress === undefined ? null : JSON.parse(td.dataset.progress),
+             };
+           }
+           return {state: tr.dataset.state, cls: tr.className, cells,
+                   background: getComputedStyle(tr).backgroundColor,
+                   bar: !!tr.querySelector("svg.interval .range")};""",
+        metric,
+    )
+    return doc
+
+
+def test_a_failing_metric_shows_its_interval_in_red_and_a_waiting_one_what_it_needs(
+    redis_url: str, page: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    seed(redis_url, tmp_path, checks=[FAILING, WAITING, PASSING])
+    open_page(browser, page, "the seeded look")
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#checks-table tr.verdict"), "rows")
+
+    failing = row(browser, "latency_p99")
+    assert failing["state"] == "failing"
+    cells = failing["cells"]
+    assert cells["label"]["text"] == "p99 latency (ms)"  # the registry's label and unit
+    assert cells["estimate"]["text"] == "+870.9%"
+    assert cells["bound"]["text"] == "\u2265 +620.0%"
+    assert cells["margin"]["text"] == "+50.0%"
+    assert cells["evidence"]["text"] == "e = 77 of 60 needed"
+    assert cells["evidence"]["progress"] == 1.0
+    assert cells["estimate"]["colour"] == "rgb(197, 48, 48)"  # --fail
+    assert failing["background"] != "rgba(0, 0, 0, 0)"
+    assert failing["bar"]
+
+    waiting = row(browser, "error_rate")
+    assert waiting["state"] == "waiting"
+    assert waiting["cells"]["label"]["text"] == fig.label("error_rate")
+    assert waiting["cells"]["evidence"]["text"] == "needs 88 more candidate requests (12 of 100)"
+    assert waiting["cells"]["estimate"]["text"] == fig.MISSING  # no samples, no figures
+    assert not waiting["bar"]
+
+    passing = row(browser, "cost_per_request")
+    assert passing["state"] == "passing"
+    assert passing["cells"]["label"]["text"] == "cost per request (currency units)"
+    assert passing["cells"]["evidence"]["text"] == "e = 0.50 of 20 needed"
+    assert passing["cells"]["evidence"]["progress"] == 0.0
+    assert passing["cells"]["estimate"]["colour"] == "rgb(47, 133, 90)"  # --pass
+    # Every text is the one the CLI's rule makes of the same check.
+    for check in (FAILING, WAITING, PASSING):
+        shown = row(browser, check["metric"])["cells"]
+        want = fig.verdict(check)["text"]
+        assert shown["estimate"]["text"] == want["estimate"]
+        assert shown["bound"]["text"] == want["bound"]
