@@ -489,3 +489,26 @@ def test_quality_signals_become_chart_columns() -> None:
     assert canary["judge_win_rate"][i + 1] is None
     plain = series(events, ["stable", "canary"], 70.0, span_s=60, step_s=10)
     assert "judge_win_rate" not in plain["variants"]["canary"]
+
+
+@pytest.mark.parametrize(
+    ("status", "valid"),
+    [
+        ("running", ["pause", "promote", "rollback", "abort"]),
+        ("paused", ["resume", "promote", "rollback", "abort"]),
+        ("completed", ["rollback"]),
+        ("rolled_back", []),
+        ("aborted", []),
+    ],
+)
+def test_actions_offered_are_those_the_evaluator_applies(
+    tmp_path: Path, status: str, valid: list[str]
+) -> None:
+    from extproc.evaluator.rollout import COMMANDS, RolloutState
+    from extproc.ops.dashboard.views import valid_actions
+
+    definition = load_experiment(write_experiment(tmp_path)).to_json_dict()
+    state = RolloutState(status, 1, 0.0, "canary")  # type: ignore[arg-type]
+    assert valid_actions(definition, state) == valid
+    assert valid_actions(definition, None) == list(COMMANDS)  # no evaluator yet: it decides
+    assert valid_actions({"name": "unreadable"}, state) == list(COMMANDS)

@@ -214,3 +214,97 @@ def test_a_failing_metric_shows_its_interval_in_red_and_a_waiting_one_what_it_ne
         want = fig.verdict(check)["text"]
         assert shown["estimate"]["text"] == want["estimate"]
         assert shown["bound"]["text"] == want["bound"]
+
+
+def buttons(browser: WebDriver) -> dict[str, bool]:
+    """{action: enabled} of the summary's buttons."""
+    found: dict[str, bool] = browser.execute_script(
+        """return Object.fromEntries([...document.querySelectorAll("#actions button")].map(
+             (b) => [b.dataset.action, !b.disabled]));"""
+    )
+    return found
+
+
+def polls(browser: WebDriver, n: int) -> None:
+    """Return once the page has drawn ``n`` more answers of the API (its own 2 s poll)."""
+    start = page_data(browser)["updated"]
+    seen: list[float] = []
+
+    def more(d: WebDriver) -> bool:
+        t = page_data(d)["updated"]
+        if t != start and t not in seen:
+            seen.append(t)
+        return len(seen) >= n
+
+    until(browser, more, f"{n} more polls")
+
+
+def test_after_a_rollback_no_action_is_enabled(
+    redis_url: str, page: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    seed(
+        redis_url,
+        tmp_path,
+        status="rolled_back",
+        checks=[FAILING],
+        weights={"stable": 100, "canary": 0},
+    )
+    open_page(browser, page, "the rolled-back experiment")
+    until(browser, lambda d: buttons(d), "the buttons")
+    assert buttons(browser) == {
+        "pause": False,
+        "resume": False,
+        "promote": False,
+        "rollback": False,
+        "abort": False,
+    }
+
+
+def test_a_running_rollout_offers_what_the_evaluator_would_apply_and_abort_records_it(
+    redis_url: str, page: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    seed(redis_url, tmp_path, status="running", checks=[PASSING])
+    open_page(browser, page, "the running experiment")
+    until(browser, lambda d: buttons(d), "the buttons")
+    assert buttons(browser) == {
+        "pause": True,
+        "resume": False,
+        "promote": True,
+        "rollback": True,
+        "abort": True,
+    }
+    # Polls that change nothing leave the buttons in place: a click lands where it was aimed.
+    browser.execute_script(
+        """document.querySelector("#actions button[data-action=abort]").dataset.mark = "kept";
+           document.querySelector("#summary h2").dataset.mark = "kept";"""
+    )
+    polls(browser, 2)
+    assert browser.execute_script(
+        """return [document.querySelector("#actions button[data-action=abort]").dataset.mark,
+                   document.querySelector("#summary h2").dataset.mark];"""
+    ) == ["kept", "kept"]
+
+    browser.find_element(By.CSS_SELECTOR, "#actions button[data-action=abort]").click()
+    assert browser.find_element(By.ID, "confirm-title").text == f"Abort {NAME}?"
+    browser.find_element(By.ID, "confirm-token").send_keys(TOKEN)
+    browser.find_element(By.ID, "confirm-ok").click()
+    until(
+        browser,
+        lambda d: d.find_element(By.ID, "confirm").get_attribute("open") is None,
+        "the dialog to close",
+    )
+    r = store.connect_sync(redis_url)
+    entries = r.xrange(keys.commands(NAME))
+    assert [e[1][b"command"] for e in entries] == [b"abort"]
+
+
+def test_a_token_link_opened_in_an_open_tab_unlocks_the_page(
+    redis_url: str, page: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    seed(redis_url, tmp_path)
+    open_page(browser, page, "the experiment")
+    browser.execute_script("sessionStorage.clear()")
+    until(browser, lambda d: (page_data(d).get("pairs") or {}).get("locked"), "a locked page")
+    browser.execute_script(f"location.hash = 'token={TOKEN}'")  # the same tab: no reload
+    until(browser, lambda d: page_data(d).get("pairs") == [], "the pairs unlocked by the link")
+    assert browser.execute_script("return location.hash") == ""

@@ -20,8 +20,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from extproc import store
+from extproc.config import ConfigError, parse_experiment
 from extproc.contract import keys, signals
-from extproc.evaluator.rollout import load_state, read_audit
+from extproc.evaluator import machine
+from extproc.evaluator.rollout import COMMANDS, RolloutState, load_state, read_audit
 from extproc.ops import figures, status
 from extproc.ops.dashboard.series import series
 from extproc.ops.figures import Figure, flatten
@@ -144,6 +146,35 @@ def comparison(
     return {"stable": stable, "candidates": candidates, "rows": rows, "checks": checks}
 
 
+def valid_actions(definition: dict[str, Any], state: RolloutState | None) -> list[str]:
+    """The operator intents the evaluator would apply now, asked of its own transition function
+    (``machine.command``) on the current state, so a button is enabled exactly when a click
+    would do something: after a rollback none is. Without a rollout state (no evaluator yet) or
+    with a definition this release cannot read, every intent is offered: the evaluator applies
+    or ignores it, and says which in the audit log."""
+    if state is None:
+        return list(COMMANDS)
+    try:
+        spec = parse_experiment(definition).spec
+    except ConfigError:
+        return list(COMMANDS)
+    out = []
+    for intent in COMMANDS:
+        after = machine.command(spec, state, intent, "dashboard", "", time.time()).state
+        if (after.status, after.stage) != (state.status, state.stage):
+            out.append(intent)
+    return out
+
+
+def models(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each variant's model and price, as the experiment file names them (for the reader: the
+    figures never depend on them)."""
+    return {
+        v: {"model": spec.get("model"), "price": spec.get("price")}
+        for v, spec in (definition.get("variants") or {}).items()
+    }
+
+
 async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
     """`extproc status` figures of one experiment with its rollout, decisions and comparison;
     None when Redis has no such experiment."""
@@ -155,6 +186,8 @@ async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
     audit = await read_audit(r, name, AUDIT_COUNT)
     doc["stages"] = (definition.get("rollout") or {}).get("stages")
     doc["rollout"] = None if state is None else asdict(state)
+    doc["actions"] = valid_actions(definition, state)
+    doc["models"] = models(definition)
     doc["timeline"] = [{k: rec.get(k) for k in TIMELINE_FIELDS} for rec in audit]
     doc["evaluation"] = await status.latest_evaluation(r, name)
     doc["comparison"] = comparison(doc, audit, doc["evaluation"])

@@ -12,6 +12,7 @@ const VERBS = {
   resume: ["Resume", "Continue the paused rollout from its current stage."],
   promote: ["Promote", "Move to the next stage now, without waiting for the guardrails."],
   rollback: ["Roll back", "Send all traffic to the stable variant; every sidecar follows within a second."],
+  abort: ["Abort", "End the rollout for good: all traffic to the stable variant; it cannot be resumed."],
 };
 // Charts in this order first; any other figure the API sends (quality scores, judge win rates)
 // gets a chart of its own when it has data. Token totals are drawn per request instead. Names
@@ -112,12 +113,16 @@ function draw(id, data, render) {
 
 // --- token --------------------------------------------------------------------------------------
 
+// Taken on load and on every hash change: a `#token=` link opened in a tab already on the page
+// changes only the fragment, and the page must not need a reload to use it.
 function takeTokenFromUrl() {
   const params = new URLSearchParams(location.hash.slice(1));
   if (params.get("token")) {
     sessionStorage.setItem(TOKEN_KEY, params.get("token"));
     history.replaceState(null, "", location.pathname + location.search);
+    return true;
   }
+  return false;
 }
 
 // --- API ----------------------------------------------------------------------------------------
@@ -177,11 +182,17 @@ function render() {
   draw("experiments", [state.overview.experiments, selected], renderNav);
   if (!state.experiment) {
     $("summary").replaceChildren(el("p", {}, "No experiment in Redis yet: start one with `extproc up`."));
+    $("actions").replaceChildren();
+    delete drawn.summary;
+    delete drawn.actions;
     return;
   }
   const exp = state.experiment;
   const processes = [state.overview.sidecars.map((s) => s.routing_version), state.overview.evaluators.map((e) => [e.instance, e.active])];
-  draw("summary", [exp.experiment, exp.rollout, exp.routing, exp.stages, processes], renderSummary);
+  // The rollout's clock fields move on every evaluator tick; the summary shows none of them.
+  const ro = exp.rollout && { status: exp.rollout.status, stage: exp.rollout.stage, stage_started: exp.rollout.stage_started };
+  draw("summary", [exp.experiment, ro, exp.routing, exp.stages, exp.models, processes], renderSummary);
+  draw("actions", [exp.experiment, exp.actions], renderActions);
   draw("comparison", exp.comparison, renderComparison);
   draw("checks", exp.comparison.checks, renderChecks);
   draw("timeline", exp.timeline, renderTimeline);
@@ -224,11 +235,6 @@ function renderSummary() {
   const sidecars = state.overview.sidecars.filter((s) => !s.experiment || s.experiment === exp.experiment);
   const versions = [...new Set(sidecars.map((s) => s.routing_version))].join(", ");
   const active = state.overview.evaluators.filter((e) => e.experiment === exp.experiment && e.active);
-  const buttons = Object.entries(VERBS).map(([verb, [text]]) => {
-    const b = el("button", { type: "button", "data-action": verb, class: verb === "rollback" ? "danger" : null }, text);
-    b.addEventListener("click", () => openConfirm(verb));
-    return b;
-  });
   return [
     el("div", { class: "title" },
       el("h2", {}, exp.experiment),
@@ -241,8 +247,22 @@ function renderSummary() {
     el("p", { class: "muted" },
       `sidecars alive: ${sidecars.length} (on routing version ${versions || "–"}) · `
       + `evaluator: ${active.length ? active.map((e) => e.instance).join(", ") : "none active"}`),
-    el("div", { class: "actions" }, buttons),
   ];
+}
+
+// Only the intents the evaluator would apply now are enabled (the API asks its transition
+// function); the buttons are redrawn only when that set changes, so a click never lands on a
+// button replaced by a poll.
+function renderActions([, actions]) {
+  return Object.entries(VERBS).map(([verb, [text, explanation]]) => {
+    const valid = actions.includes(verb);
+    const b = el("button", {
+      type: "button", "data-action": verb, class: ["rollback", "abort"].includes(verb) ? "danger" : null,
+      disabled: !valid, title: valid ? explanation : `Not possible while the rollout is ${(state.experiment.rollout || {}).status}.`,
+    }, text);
+    b.addEventListener("click", () => openConfirm(verb));
+    return b;
+  });
 }
 
 function renderComparison(cmp) {
@@ -491,6 +511,7 @@ async function submitAction(ev) {
 
 document.addEventListener("DOMContentLoaded", () => {
   takeTokenFromUrl();
+  window.addEventListener("hashchange", () => { if (takeTokenFromUrl()) refresh(); });
   $("confirm-form").addEventListener("submit", submitAction);
   $("confirm-cancel").addEventListener("click", () => $("confirm").close());
   refresh();
