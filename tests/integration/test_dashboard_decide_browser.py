@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from extproc import store
 from extproc.config import load_experiment
 from extproc.contract import keys
 from extproc.ops import figures as fig
+from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
+from extproc.telemetry.writer import TelemetryWriter
 from tests.component.test_dashboard import own_dashboard
 from tests.conftest import write_experiment
 from tests.integration.test_dashboard_browser import chrome, page_data, require_browser, until
@@ -106,6 +108,7 @@ def seed(
     checks: list[dict[str, Any]] | None = None,
     weights: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
+    events: Sequence[TelemetryEvent] = (),
 ) -> None:
     """An experiment in Redis as an evaluator leaves it: rollout state, routing, its newest look
     (with ``checks``) and, for a rollback, the audit record."""
@@ -143,6 +146,10 @@ def seed(
                 "srm_p": None,
             } | (extra or {})
             await r.set(keys.evaluation(NAME), json.dumps(look))
+            writer = TelemetryWriter(r)
+            for ev in events:
+                writer.submit(ev)
+            await writer.flush()
         finally:
             await r.aclose()
 
@@ -308,3 +315,61 @@ def test_a_token_link_opened_in_an_open_tab_unlocks_the_page(
     browser.execute_script(f"location.hash = 'token={TOKEN}'")  # the same tab: no reload
     until(browser, lambda d: page_data(d).get("pairs") == [], "the pairs unlocked by the link")
     assert browser.execute_script("return location.hash") == ""
+
+
+def request(i: int, variant: str, assignment: int, *, error: bool = False) -> TelemetryEvent:
+    return TelemetryEvent(
+        experiment=NAME,
+        variant=variant,
+        request_id=f"{variant}-{assignment}-{i}",
+        assignment=assignment,
+        status=500 if error else 200,
+        error=ErrorClass.ERROR_CLASS_UPSTREAM_5XX if error else ErrorClass.ERROR_CLASS_NONE,
+        time_unix_ms=int(time.time() * 1000) - 100 * i,
+        duration_ms=80.0,
+        prompt_tokens=10,
+        completion_tokens=5,
+    )
+
+
+def test_a_forced_only_canary_shows_0_assigned_requests_beside_its_model(
+    redis_url: str, page: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    """Testers forced 8 requests to the canary, one in four failing; no user was assigned to
+    it: the page says 0 assigned and 8 forced, and compares nothing of the testers'."""
+    events = [request(i, "stable", Assignment.ASSIGNMENT_STICKY) for i in range(20)] + [
+        request(i, "canary", Assignment.ASSIGNMENT_FORCED, error=i % 4 == 0) for i in range(8)
+    ]
+    seed(redis_url, tmp_path, checks=[WAITING], events=events)
+    open_page(browser, page, "the experiment with tester traffic")
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#traffic-table tr"), "traffic")
+    shown = browser.execute_script(
+        """return Object.fromEntries([...document.querySelectorAll("#traffic-table tbody tr")]
+             .map((tr) => [tr.dataset.variant, Object.fromEntries(
+               [...tr.querySelectorAll("td[data-field]")].map((td) =>
+                 [td.dataset.field, td.textContent]))]));"""
+    )
+    assert shown["canary"]["assigned"] == "0"
+    assert shown["canary"]["forced"] == "8"
+    assert shown["canary"]["model"] == "llama-3.1-8b-instruct-ft2"
+    assert shown["canary"]["price"] == "0.120 in, 0.240 out per million tokens"
+    assert shown["stable"]["assigned"] == "20"
+    assert shown["stable"]["model"] == "llama-3.1-8b-instruct"
+    # The comparison's canary error rate is of assigned requests: none, so no figure.
+    cell = browser.find_element(
+        By.CSS_SELECTOR,
+        '#comparison-table td[data-variant="canary"][data-metric="error_rate"][data-field="value"]',
+    )
+    assert cell.text == fig.MISSING
+    assert not browser.find_elements(By.ID, "srm")
+
+
+def test_a_sample_ratio_mismatch_raises_a_banner(
+    redis_url: str, page: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    seed(redis_url, tmp_path, checks=[PASSING], extra={"srm_p": 2.5e-5, "action": "hold"})
+    open_page(browser, page, "the experiment with a mismatch")
+    banner = until(browser, lambda d: d.find_elements(By.ID, "srm"), "the SRM banner")[0]
+    assert banner.is_displayed()
+    assert "Sample ratio mismatch" in banner.text
+    assert "p = 0.000025 (mismatch below 0.001)" in banner.text

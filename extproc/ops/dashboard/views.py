@@ -23,6 +23,7 @@ from extproc import store
 from extproc.config import ConfigError, parse_experiment
 from extproc.contract import keys, signals
 from extproc.evaluator import machine
+from extproc.evaluator.guardrails import SRM_THRESHOLD
 from extproc.evaluator.rollout import COMMANDS, RolloutState, load_state, read_audit
 from extproc.ops import figures, status
 from extproc.ops.dashboard.series import series
@@ -166,12 +167,49 @@ def valid_actions(definition: dict[str, Any], state: RolloutState | None) -> lis
     return out
 
 
-def models(definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each variant's model and price, as the experiment file names them (for the reader: the
-    figures never depend on them)."""
+def _price_text(price: Any) -> str:
+    if not isinstance(price, dict):
+        return figures.MISSING
+    cost = [
+        figures.value_text("price", price.get(k)) for k in ("input_per_mtok", "output_per_mtok")
+    ]
+    return f"{cost[0]} in, {cost[1]} out per million tokens"
+
+
+def traffic(doc: dict[str, Any], definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per variant: its model and price as the experiment file names them, and its requests in
+    the window apart by kind: assigned (what the guardrails compare) and forced (testers', which
+    no guardrail counts), so a canary served only by testers reads as 0 assigned."""
+    out = {}
+    for v, spec in (definition.get("variants") or {}).items():
+        figs = doc["variants"].get(v) or {}
+        assigned = figs.get("window_requests") or 0
+        forced = (doc["forced"].get(v) or {}).get("window_requests") or 0
+        out[v] = {
+            "model": spec.get("model"),
+            "assigned": assigned,
+            "forced": forced,
+            "text": {
+                "price": _price_text(spec.get("price")),
+                "assigned": figures.value_text("window_requests", assigned),
+                "forced": figures.value_text("forced_requests", forced),
+            },
+        }
+    return out
+
+
+def srm(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The evaluator's sample-ratio check of its newest look (p of the split the weights ask
+    for, on conversations); None before it has one (fewer than 50 conversations, one live
+    variant, a mirrored strategy). ``mismatch`` at its own threshold, where it holds."""
+    p = (evaluation or {}).get("srm_p")
+    if isinstance(p, bool) or not isinstance(p, int | float):
+        return None
     return {
-        v: {"model": spec.get("model"), "price": spec.get("price")}
-        for v, spec in (definition.get("variants") or {}).items()
+        "p": p,
+        "threshold": SRM_THRESHOLD,
+        "mismatch": p < SRM_THRESHOLD,
+        "text": f"p = {figures.significant(p, 2)} (mismatch below {SRM_THRESHOLD:g})",
     }
 
 
@@ -187,10 +225,11 @@ async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
     doc["stages"] = (definition.get("rollout") or {}).get("stages")
     doc["rollout"] = None if state is None else asdict(state)
     doc["actions"] = valid_actions(definition, state)
-    doc["models"] = models(definition)
+    doc["traffic"] = traffic(doc, definition)
     doc["timeline"] = [{k: rec.get(k) for k in TIMELINE_FIELDS} for rec in audit]
     doc["evaluation"] = await status.latest_evaluation(r, name)
     doc["comparison"] = comparison(doc, audit, doc["evaluation"])
+    doc["srm"] = srm(doc["evaluation"])
     return doc
 
 

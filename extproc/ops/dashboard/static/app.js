@@ -191,7 +191,7 @@ function render() {
   const processes = [state.overview.sidecars.map((s) => s.routing_version), state.overview.evaluators.map((e) => [e.instance, e.active])];
   // The rollout's clock fields move on every evaluator tick; the summary shows none of them.
   const ro = exp.rollout && { status: exp.rollout.status, stage: exp.rollout.stage, stage_started: exp.rollout.stage_started };
-  draw("summary", [exp.experiment, ro, exp.routing, exp.stages, exp.models, processes], renderSummary);
+  draw("summary", [exp.experiment, ro, exp.routing, exp.stages, exp.traffic, exp.srm, processes], renderSummary);
   draw("actions", [exp.experiment, exp.actions], renderActions);
   draw("comparison", exp.comparison, renderComparison);
   draw("checks", exp.comparison.checks, renderChecks);
@@ -235,19 +235,44 @@ function renderSummary() {
   const sidecars = state.overview.sidecars.filter((s) => !s.experiment || s.experiment === exp.experiment);
   const versions = [...new Set(sidecars.map((s) => s.routing_version))].join(", ");
   const active = state.overview.evaluators.filter((e) => e.experiment === exp.experiment && e.active);
+  const srm = exp.srm && exp.srm.mismatch
+    ? el("p", { id: "srm", class: "banner fail", role: "alert" },
+      el("strong", {}, "Sample ratio mismatch: "),
+      `assignment is not following the weights (${exp.srm.text}); the evaluator holds the rollout. Check routing before trusting any figure.`)
+    : null;
   return [
+    srm,
     el("div", { class: "title" },
       el("h2", {}, exp.experiment),
       badge(ro ? ro.status : "no evaluator", ro ? ro.status : "unknown"),
       el("span", { class: "muted" }, `${exp.strategy} · stable: ${exp.stable}`)),
     el("p", { id: "stage" }, stage),
     bar,
+    renderTraffic(exp.traffic, variants),
     el("p", {}, `routing version ${routing.version ?? "–"}, set by ${routing.actor || "–"}`
       + `${routing.updated_at ? ` at ${clock(routing.updated_at)}` : ""}: `, el("span", { class: "muted" }, routing.reason || "–")),
     el("p", { class: "muted" },
       `sidecars alive: ${sidecars.length} (on routing version ${versions || "–"}) · `
       + `evaluator: ${active.length ? active.map((e) => e.instance).join(", ") : "none active"}`),
   ];
+}
+
+// Per variant: its model, and its requests in the window apart by kind (the guardrails compare
+// assigned requests only; testers' forced ones are counted, never compared).
+function renderTraffic(traffic, variants) {
+  const cols = ["variant", "model", "price", "assigned requests", "forced (testers)"];
+  return el("div", { class: "scroll" }, el("table", { id: "traffic-table" },
+    el("thead", {}, el("tr", {}, cols.map((c) => el("th", {}, c)))),
+    el("tbody", {}, variants.filter((v) => traffic[v]).map((v) => {
+      const t = traffic[v];
+      const key = el("span", { class: "swatch" });
+      key.style.background = colour(v, variants);
+      return el("tr", { "data-variant": v },
+        el("td", {}, key, v), el("td", { "data-field": "model" }, t.model || "–"),
+        el("td", { "data-field": "price" }, t.text.price),
+        el("td", { "data-field": "assigned", "data-value": t.assigned }, t.text.assigned),
+        el("td", { "data-field": "forced", "data-value": t.forced }, t.text.forced));
+    }))));
 }
 
 // Only the intents the evaluator would apply now are enabled (the API asks its transition
@@ -266,7 +291,7 @@ function renderActions([, actions]) {
 }
 
 function renderComparison(cmp) {
-  $("comparison-note").textContent = `(the newest ${state.experiment.window_events} events, as \`extproc status\`)`;
+  $("comparison-note").textContent = `(assigned requests of the newest ${state.experiment.window_events} events, as \`extproc status\`; forced ones are not compared)`;
   const head = el("tr", {}, el("th", {}, "figure"), el("th", {}, cmp.stable || "stable"),
     cmp.candidates.map((c) => [el("th", {}, c), el("th", {}, `Δ ${c}`), el("th", {}, `Δ% ${c}`)]));
   const cell = (variant, metric, field, value, text) => el("td", {
