@@ -258,3 +258,115 @@ def verdict(check: Mapping[str, Any]) -> dict[str, Any]:
             "needs": _needs(check),
         },
     }
+
+
+def duration_text(seconds: float) -> str:
+    """A span of time, as a schedule states it: "90 s", "5 min", "1.5 h"."""
+    if seconds < 120:
+        return f"{fixed(seconds, 0)} s"
+    minutes = seconds < 7200
+    text = significant(seconds / 60 if minutes else seconds / 3600, 3)
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return f"{text} {'min' if minutes else 'h'}"
+
+
+def countdown_text(seconds: float) -> str:
+    """Time left as a clock, "4:05", whole seconds rounded up (so "0:00" only once it is over);
+    the page's script ticks it down between polls with the same rule (app.js ``countdown``)."""
+    left = max(math.ceil(seconds), 0)
+    return f"{left // 60}:{left % 60:02d}"
+
+
+def _schedule(rollout: Mapping[str, Any], entry: Any) -> dict[str, Any]:
+    """One stage's share and schedule from the definition: a plain share takes the rollout's
+    defaults, a stage object (``{share, min_seconds, min_samples, gate}``) its own where set."""
+    own = entry if isinstance(entry, Mapping) else {"share": entry}
+    seconds, samples, gate = own.get("min_seconds"), own.get("min_samples"), own.get("gate")
+    return {
+        "share": own.get("share"),
+        "min_seconds": float(rollout.get("min_stage_seconds", 300) if seconds is None else seconds),
+        "min_samples": int(rollout.get("min_stage_samples", 200) if samples is None else samples),
+        "gate": gate or ("auto" if rollout.get("auto_advance", True) else "manual"),
+    }
+
+
+_STAGE_STATES = {"rolled_back": "rolled back", "aborted": "aborted", "paused": "paused"}
+
+
+def ladder(
+    definition: Mapping[str, Any],
+    rollout: Mapping[str, Any] | None,
+    evaluation: Mapping[str, Any] | None,
+    now: float,
+) -> dict[str, Any] | None:
+    """The rollout's stages as a ladder: each with its share and schedule, done, current or to
+    come, and the current one's progress toward its minimum time and samples (the fewest
+    requests of a live candidate in the evaluator's newest look at this stage). After a
+    rollback or an abort the stage it ended in is marked so, and no progress is shown: the
+    weights are stable's, whatever the stage's share was. None for a strategy without stages
+    or before the evaluator's first state."""
+    spec = definition.get("rollout") or {}
+    entries = spec.get("stages") or []
+    if rollout is None or definition.get("strategy", "canary") != "canary" or not entries:
+        return None
+    status, current = str(rollout.get("status")), int(rollout.get("stage", 0))
+    stages = []
+    for i, entry in enumerate(entries):
+        s = _schedule(spec, entry)
+        if status == "completed" or i < current:
+            s["state"] = "done"
+        elif i == current:
+            s["state"] = _STAGE_STATES.get(status, "current")
+        else:
+            s["state"] = "next"
+        s["text"] = {
+            "share": f"{_bare('share', s['share'])}%",
+            "schedule": f"{duration_text(s['min_seconds'])}, {s['min_samples']:,} requests",
+        }
+        stages.append(s)
+    here = stages[min(current, len(stages) - 1)]
+    out: dict[str, Any] = {
+        "status": status,
+        "stage": current,
+        "attempt": rollout.get("attempt"),
+        "stages": stages,
+        "progress": None,
+    }
+    where = f"stage {current + 1} of {len(stages)} ({here['text']['share']})"
+    out["phase"] = {
+        "running": f"{where}, running",
+        "paused": f"{where}, paused",
+        "completed": "completed: every stage passed",
+        "rolled_back": f"rolled back in {where}: all traffic on stable",
+        "aborted": f"aborted in {where}: all traffic on stable",
+    }.get(status, f"{where}, {status}")
+    if status not in ("running", "paused"):
+        return out
+    started = float(rollout.get("stage_started", now))
+    look = evaluation if evaluation and evaluation.get("stage") == current else {}
+    stable = definition.get("stable")
+    cands = [v for v in (definition.get("variants") or {}) if v != stable]
+    counts = [(look.get("variants") or {}).get(v, {}).get("requests") for v in cands]
+    samples = min((int(n) for n in counts if isinstance(n, int)), default=0)
+    ends_at = started + here["min_seconds"]
+    minimum = duration_text(here["min_seconds"])
+    out["progress"] = {
+        "started": started,
+        "ends_at": ends_at,
+        "now": now,
+        "seconds": now - started,
+        "min_seconds": here["min_seconds"],
+        "samples": samples,
+        "min_samples": here["min_samples"],
+        "text": {
+            "time": f"{duration_text(max(now - started, 0))} of {minimum}",
+            "min_time": minimum,
+            "left": countdown_text(ends_at - now),
+            "samples": f"{samples:,} of {here['min_samples']:,} candidate requests",
+            "gate": "then the guardrails decide"
+            if here["gate"] == "auto"
+            else "then an operator promotes (gate: manual)",
+        },
+    }
+    return out

@@ -373,3 +373,109 @@ def test_a_sample_ratio_mismatch_raises_a_banner(
     assert banner.is_displayed()
     assert "Sample ratio mismatch" in banner.text
     assert "p = 0.000025 (mismatch below 0.001)" in banner.text
+
+
+def ladder(browser: WebDriver) -> list[tuple[str, str]]:
+    """(share text, state) of every stage as drawn."""
+    steps: list[list[str]] = browser.execute_script(
+        """return [...document.querySelectorAll("#ladder li.step")].map((li) =>
+             [li.querySelector("strong").textContent, li.dataset.state]);"""
+    )
+    return [(share, st) for share, st in steps]
+
+
+def test_the_ladder_marks_the_current_stage_and_its_countdown_moves(
+    redis_url: str, page: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    seed(
+        redis_url,
+        tmp_path,
+        stage=2,
+        checks=[PASSING],
+        extra={"variants": {"stable": {"requests": 900}, "canary": {"requests": 120}}},
+    )
+    open_page(browser, page, "the running experiment")
+    until(browser, lambda d: d.find_elements(By.ID, "countdown"), "the countdown")
+    assert ladder(browser) == [
+        ("2%", "done"),
+        ("5%", "done"),
+        ("10%", "current"),
+        ("25%", "next"),
+        ("50%", "next"),
+        ("100%", "next"),
+    ]
+    assert browser.find_element(By.ID, "stage").text.startswith("stage 3 of 6 (10%), running")
+    samples = browser.find_element(By.ID, "samples")
+    assert samples.text == "120 of 200 candidate requests"
+    first = browser.find_element(By.ID, "countdown").text
+    # Started 60 s before the seed, 300 s minimum: about four minutes left, ticking down.
+    minutes, secs = (int(x) for x in first.split(":"))
+    assert 0 < 60 * minutes + secs <= 240
+    until(
+        browser,
+        lambda d: d.find_element(By.ID, "countdown").text not in ("", first),
+        "the countdown to move",
+    )
+    later = browser.find_element(By.ID, "countdown").text
+    assert [int(x) for x in later.split(":")] < [minutes, secs]
+
+
+def test_after_a_rollback_the_ladder_says_so_and_shows_no_progress(
+    redis_url: str, page: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    seed(
+        redis_url,
+        tmp_path,
+        status="rolled_back",
+        stage=2,
+        checks=[FAILING],
+        weights={"stable": 100, "canary": 0},
+    )
+    open_page(browser, page, "the rolled-back experiment")
+    until(browser, lambda d: ladder(d), "the ladder")
+    assert ladder(browser)[2] == ("10%", "rolled back")
+    stage = browser.find_element(By.ID, "stage").text
+    assert stage.startswith("rolled back in stage 3 of 6 (10%): all traffic on stable")
+    assert not browser.find_elements(By.ID, "countdown")
+
+
+@pytest.fixture(scope="module")
+def phone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
+    """Chromium with a viewport 420 px wide, a phone held upright (emulated: a headless
+    window is at least 500 px wide)."""
+    require_browser()
+    driver = chrome(tmp_path_factory.mktemp("chromium-phone"))
+    metrics = {"width": 420, "height": 900, "deviceScaleFactor": 1, "mobile": True}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_no_sideways_scroll_at_420_px(
+    redis_url: str, page: str, phone: WebDriver, tmp_path: Path
+) -> None:
+    events = [request(i, "stable", Assignment.ASSIGNMENT_STICKY) for i in range(20)] + [
+        request(i, "canary", Assignment.ASSIGNMENT_STICKY, error=i == 0) for i in range(8)
+    ]
+    seed(
+        redis_url,
+        tmp_path,
+        checks=[FAILING, WAITING, PASSING],
+        events=events,
+        extra={"srm_p": 1e-5},
+    )
+    open_page(phone, page, "the experiment on a phone")
+    until(phone, lambda d: d.find_elements(By.CSS_SELECTOR, "#checks-table tr.verdict"), "rows")
+    until(phone, lambda d: d.find_elements(By.CSS_SELECTOR, "figure.chart"), "charts")
+    widths = phone.execute_script(
+        """const doc = document.documentElement;
+           return [doc.scrollWidth, doc.clientWidth, window.innerWidth,
+                   document.querySelector("#checks-table").parentElement.scrollWidth,
+                   document.querySelector("#checks-table").parentElement.clientWidth];"""
+    )
+    page_width, viewport, inner, table_width, card_width = widths
+    assert inner == 420
+    assert page_width <= viewport, widths
+    assert table_width > card_width  # the wide table scrolls inside its card instead

@@ -182,3 +182,64 @@ def test_a_ceiling_failure_shows_no_change_from_stable() -> None:
 def test_a_win_rate_verdict_is_in_points() -> None:
     v = figures.verdict(_check(metric="judge_win_rate", estimate=0.125, margin=0.1))
     assert (v["text"]["estimate"], v["text"]["margin"]) == ("+12.50 pp", "+10.00 pp")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "duration", "left"),
+    [
+        (0, "0 s", "0:00"),
+        (-3, "0 s", "0:00"),  # over: never a negative clock
+        (59.25, "59 s", "1:00"),  # rounded up: "0:00" only once it is over
+        (119.5, "120 s", "2:00"),
+        (450, "7.5 min", "7:30"),
+        (7199, "120 min", "119:59"),
+        (10800, "3 h", "180:00"),
+    ],
+)
+def test_durations_and_countdowns(seconds: float, duration: str, left: str) -> None:
+    assert figures.duration_text(max(seconds, 0)) == duration
+    assert figures.countdown_text(seconds) == left
+
+
+DEFINITION = {
+    "strategy": "canary",
+    "stable": "stable",
+    "variants": {"stable": {}, "canary": {}},
+    "rollout": {
+        "stages": [5, {"share": 25, "min_seconds": 60, "min_samples": None, "gate": "manual"}, 100],
+        "min_stage_seconds": 300,
+        "min_stage_samples": 200,
+    },
+}
+
+
+def test_the_ladder_takes_each_stages_own_schedule_and_the_stage_samples() -> None:
+    look = {"stage": 1, "variants": {"stable": {"requests": 900}, "canary": {"requests": 50}}}
+    doc = figures.ladder(
+        DEFINITION, {"status": "running", "stage": 1, "stage_started": 100.0}, look, 130.0
+    )
+    assert doc is not None
+    assert [(s["share"], s["state"], s["min_seconds"], s["gate"]) for s in doc["stages"]] == [
+        (5, "done", 300.0, "auto"),
+        (25, "current", 60.0, "manual"),
+        (100, "next", 300.0, "auto"),
+    ]
+    p = doc["progress"]
+    assert (p["samples"], p["min_samples"], p["ends_at"]) == (50, 200, 160.0)
+    assert p["text"]["left"] == "0:30"
+    assert p["text"]["samples"] == "50 of 200 candidate requests"
+    assert doc["phase"] == "stage 2 of 3 (25%), running"
+    stale = figures.ladder(
+        DEFINITION, {"status": "running", "stage": 2, "stage_started": 0}, look, 1
+    )
+    assert stale is not None
+    assert stale["progress"]["samples"] == 0  # the look was of another stage
+
+
+def test_a_rolled_back_ladder_shows_where_it_ended_and_no_progress() -> None:
+    doc = figures.ladder(DEFINITION, {"status": "rolled_back", "stage": 1}, None, 0.0)
+    assert doc is not None
+    assert [s["state"] for s in doc["stages"]] == ["done", "rolled back", "next"]
+    assert doc["progress"] is None
+    assert doc["phase"] == "rolled back in stage 2 of 3 (25%): all traffic on stable"
+    assert figures.ladder({**DEFINITION, "strategy": "ab"}, {"status": "running"}, None, 0) is None

@@ -230,6 +230,7 @@ async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
     doc["evaluation"] = await status.latest_evaluation(r, name)
     doc["comparison"] = comparison(doc, audit, doc["evaluation"])
     doc["srm"] = srm(doc["evaluation"])
+    doc["ladder"] = figures.ladder(definition, doc["rollout"], doc["evaluation"], time.time())
     return doc
 
 

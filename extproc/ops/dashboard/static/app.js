@@ -162,6 +162,7 @@ async function refresh() {
         getJson(base), getJson(`${base}/series`), getPairs(`${base}/pairs`),
       ]);
     }
+    clockOffset = overview.time - Date.now() / 1000;
     Object.assign(state, { overview, experiment, series, pairs, updated: Date.now() / 1000, error: null });
     render();
   } catch (err) {
@@ -191,7 +192,12 @@ function render() {
   const processes = [state.overview.sidecars.map((s) => s.routing_version), state.overview.evaluators.map((e) => [e.instance, e.active])];
   // The rollout's clock fields move on every evaluator tick; the summary shows none of them.
   const ro = exp.rollout && { status: exp.rollout.status, stage: exp.rollout.stage, stage_started: exp.rollout.stage_started };
-  draw("summary", [exp.experiment, ro, exp.routing, exp.stages, exp.traffic, exp.srm, processes], renderSummary);
+  draw("summary", [exp.experiment, ro, exp.routing, exp.ladder && exp.ladder.phase, exp.traffic, exp.srm, processes], renderSummary);
+  // The ladder's clock moves between polls on its own (tickLadder): its moving texts are no
+  // reason to redraw it.
+  const still = exp.ladder && { ...exp.ladder, progress: exp.ladder.progress && { ...exp.ladder.progress, now: null, seconds: null, text: { ...exp.ladder.progress.text, time: null, left: null } } };
+  draw("ladder", still, renderLadder);
+  tickLadder();
   draw("actions", [exp.experiment, exp.actions], renderActions);
   draw("comparison", exp.comparison, renderComparison);
   draw("checks", exp.comparison.checks, renderChecks);
@@ -222,9 +228,9 @@ function renderSummary() {
   const ro = exp.rollout;
   const routing = exp.routing || {};
   const variants = variantOrder(exp);
-  const stage = ro && exp.stages
-    ? `stage ${ro.stage + 1} of ${exp.stages.length} (${exp.stages[ro.stage]}%) since ${clock(ro.stage_started)}`
-    : "no rollout state yet";
+  const stage = exp.ladder
+    ? `${exp.ladder.phase}${exp.ladder.attempt ? ` · attempt ${exp.ladder.attempt}` : ""} · since ${clock(ro.stage_started)}`
+    : ro ? `${ro.status} since ${clock(ro.stage_started)}` : "no rollout state yet";
   const bar = el("div", { class: "weights", "data-weights": JSON.stringify(routing.weights || {}) },
     variants.map((v) => [v, (routing.weights || {})[v] || 0]).filter(([, w]) => w > 0).map(([v, w]) => {
       const seg = el("span", { class: "segment", title: `${v} ${w}%` }, `${v} ${w}%`);
@@ -255,6 +261,46 @@ function renderSummary() {
       `sidecars alive: ${sidecars.length} (on routing version ${versions || "–"}) · `
       + `evaluator: ${active.length ? active.map((e) => e.instance).join(", ") : "none active"}`),
   ];
+}
+
+// Every stage with its share and schedule, the current one highlighted; under it the progress
+// toward the stage's minimum time (a countdown ticking between polls) and samples.
+function renderLadder(ladder) {
+  if (!ladder) return [];
+  const steps = el("ol", { class: "ladder", "aria-label": "rollout stages" }, ladder.stages.map((s, i) =>
+    el("li", { class: `step ${s.state.replace(" ", "-")}`, "data-stage": i, "data-state": s.state },
+      el("strong", {}, s.text.share), el("span", { class: "muted" }, s.text.schedule),
+      s.gate === "manual" ? el("span", { class: "gate" }, "manual gate") : null,
+      i === ladder.stage && s.state !== "done" && s.state !== "next" ? el("span", { class: "here" }, s.state) : null)));
+  const p = ladder.progress;
+  if (!p) return steps;
+  const samples = el("span", { class: "progress" }, el("span", {}));
+  samples.firstChild.style.width = `${Math.round(100 * Math.min(p.min_samples ? p.samples / p.min_samples : 1, 1))}%`;
+  return [steps, el("div", { class: "stage-progress" },
+    el("p", {}, el("span", { id: "time-bar", class: "progress" }, el("span", {})),
+      `minimum time ${p.text.min_time}: `,
+      el("strong", { id: "countdown", "data-ends-at": p.ends_at }, p.text.left), " left"),
+    el("p", { id: "samples", "data-samples": p.samples, "data-min-samples": p.min_samples }, samples, p.text.samples),
+    el("p", { class: "muted" }, p.text.gate))];
+}
+
+// The countdown by the CLI's rule (figures.countdown_text): whole seconds rounded up, "m:ss".
+function countdown(seconds) {
+  const left = Math.max(Math.ceil(seconds), 0);
+  return `${Math.floor(left / 60)}:${String(left % 60).padStart(2, "0")}`;
+}
+
+// Server time minus this browser's, from the newest answer: the countdown runs on the server's
+// clock, whatever this machine's says.
+let clockOffset = 0;
+
+function tickLadder() {
+  const p = state.experiment && state.experiment.ladder && state.experiment.ladder.progress;
+  const node = $("countdown");
+  if (!p || !node) return;
+  const now = Date.now() / 1000 + clockOffset;
+  node.textContent = countdown(p.ends_at - now);
+  $("time-bar").firstChild.style.width = `${Math.round(100 * Math.min(p.min_seconds ? (now - p.started) / p.min_seconds : 1, 1))}%`;
 }
 
 // Per variant: its model, and its requests in the window apart by kind (the guardrails compare
@@ -304,7 +350,7 @@ function renderComparison(cmp) {
       const e = row.candidates[c];
       return ["value", "diff", "rel"].map((f) => cell(c, row.metric, f, e[f], e.text[f]));
     })));
-  return el("table", { id: "comparison-table" }, el("thead", {}, head), el("tbody", {}, rows));
+  return el("div", { class: "scroll" }, el("table", { id: "comparison-table" }, el("thead", {}, head), el("tbody", {}, rows)));
 }
 
 // One row per guardrail and candidate: its verdict coloured by state, the harm the evaluator
@@ -536,6 +582,7 @@ async function submitAction(ev) {
 
 document.addEventListener("DOMContentLoaded", () => {
   takeTokenFromUrl();
+  setInterval(tickLadder, 1000);
   window.addEventListener("hashchange", () => { if (takeTokenFromUrl()) refresh(); });
   $("confirm-form").addEventListener("submit", submitAction);
   $("confirm-cancel").addEventListener("click", () => $("confirm").close());
