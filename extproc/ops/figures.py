@@ -85,6 +85,26 @@ def label(key: str) -> str:
     return LABELS.get(key) or key.replace("_", " ").replace(".", " ")
 
 
+# Units of figures that are neither rates, milliseconds nor registry metrics.
+_UNITS = {
+    "window_requests": "requests",
+    "tokens_per_request": "tokens",
+    "answer_chars_mean": "characters",
+    "feedback_negative": "posts",
+}
+
+
+def unit(key: str) -> str:
+    """A figure's unit as a chart's axis is titled: rates in percent, as every surface shows
+    them; a registry metric's own unit; "" for a count of nothing in particular."""
+    if is_rate(key):
+        return "%"
+    if _MS.search(key):
+        return "ms"
+    info = METRICS.get(key.removeprefix("stage."))
+    return _UNITS.get(key) or (info.unit if info else "")
+
+
 def _decimal(x: float) -> Decimal:
     return Decimal(repr(float(x)))
 

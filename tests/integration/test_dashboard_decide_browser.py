@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.select import Select
 
 from extproc import store
 from extproc.config import load_experiment
@@ -109,10 +110,15 @@ def seed(
     weights: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
     events: Sequence[TelemetryEvent] = (),
+    audit: Sequence[dict[str, Any]] = (),
+    guardrails: list[dict[str, Any]] | None = None,
 ) -> None:
     """An experiment in Redis as an evaluator leaves it: rollout state, routing, its newest look
-    (with ``checks``) and, for a rollback, the audit record."""
-    exp = load_experiment(write_experiment(tmp, rollout={"stages": STAGES, "cadence_s": 5}))
+    (with ``checks``), its decisions (``audit``) and the requests of ``events``."""
+    changes: dict[str, Any] = {"rollout": {"stages": STAGES, "cadence_s": 5}}
+    if guardrails is not None:
+        changes["guardrails"] = guardrails
+    exp = load_experiment(write_experiment(tmp, **changes))
     now = time.time()
 
     async def run() -> None:
@@ -146,6 +152,8 @@ def seed(
                 "srm_p": None,
             } | (extra or {})
             await r.set(keys.evaluation(NAME), json.dumps(look))
+            for rec in audit:
+                await r.xadd(keys.audit(NAME), {"j": json.dumps(rec)})
             writer = TelemetryWriter(r)
             for ev in events:
                 writer.submit(ev)
@@ -479,3 +487,75 @@ def test_no_sideways_scroll_at_420_px(
     assert inner == 420
     assert page_width <= viewport, widths
     assert table_width > card_width  # the wide table scrolls inside its card instead
+
+
+def test_charts_have_axis_titles_the_limit_at_the_margin_and_labelled_decisions(
+    redis_url: str, page: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    """Stable's p99 is 80 ms and the guardrail tolerates +50%: the p99 chart draws its limit at
+    120 ms; the error rate's ceiling of 2% is drawn on the error-rate chart; the hold an
+    evaluator recorded is a line labelled "hold", with its kind in the legend."""
+    events = [request(i, "stable", Assignment.ASSIGNMENT_STICKY) for i in range(20)] + [
+        request(i, "canary", Assignment.ASSIGNMENT_STICKY) for i in range(8)
+    ]
+    hold = {
+        "time": time.time() - 0.5,
+        "action": "hold",
+        "actor": "evaluator",
+        "reasons": ["canary: latency_p99 worse beyond the margin"],
+        "stage": 2,
+        "status": "running",
+        "weights": {"stable": 90, "canary": 10},
+    }
+    guardrails = [
+        {"metric": "latency_p99", "max_increase": 0.5, "action": "rollback"},
+        {"metric": "error_rate", "max_increase": 0.5, "max_absolute": 0.02, "action": "hold"},
+    ]
+    seed(redis_url, tmp_path, checks=[PASSING], events=events, audit=[hold], guardrails=guardrails)
+    open_page(browser, page, "the experiment with decisions")
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "figure.chart"), "charts")
+    drawn = browser.execute_script(
+        """const out = {};
+           for (const f of document.querySelectorAll("figure.chart")) {
+             out[f.dataset.metric] = {
+               titles: [...f.querySelectorAll("text.axis-title")].map((t) => t.textContent),
+               limits: [...f.querySelectorAll("line.limit")].map((l) =>
+                 [l.classList[1], JSON.parse(l.dataset.value), l.textContent]),
+               decisions: [...f.querySelectorAll("text.marker-label")].map((t) =>
+                 t.firstChild.textContent),
+             };
+           }
+           out.legend = [...document.querySelectorAll("#legend [data-decision]")].map(
+             (k) => k.dataset.decision);
+           return out;"""
+    )
+    p99 = drawn["latency_ms.p99"]
+    assert p99["titles"][0] == "ms"
+    assert p99["titles"][1].startswith("time of day")
+    assert p99["limits"] == [
+        ["margin", 120.0, "p99 latency limit 120.0 ms (stable +50.0%, rollback)"]
+    ]
+    assert drawn["error_rate"]["titles"][0] == "%"
+    assert ["ceiling", 0.02, "error rate ceiling 2.00% (hold)"] in drawn["error_rate"]["limits"]
+    assert p99["decisions"] == ["hold"]
+    assert drawn["legend"] == ["hold"]
+
+
+def test_the_range_control_sizes_the_buckets_to_the_range(
+    redis_url: str, page: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    seed(
+        redis_url,
+        tmp_path,
+        events=[request(i, "stable", Assignment.ASSIGNMENT_STICKY) for i in range(5)],
+    )
+    open_page(browser, page, "the experiment")
+    until(browser, lambda d: page_data(d).get("series"), "the series")
+    assert page_data(browser)["series"]["step_s"] == 1  # a minute of events: 1 s buckets
+    Select(browser.find_element(By.ID, "range")).select_by_value("3600")
+    until(browser, lambda d: page_data(d)["series"]["span_s"] == 3600, "the hour's series")
+    series = page_data(browser)["series"]
+    assert series["step_s"] == 60
+    assert len(series["t"]) <= 61
+    caption = browser.find_element(By.CSS_SELECTOR, 'figure[data-metric="window_requests"]')
+    assert "requests per 60 s" in caption.text

@@ -243,3 +243,12 @@ def test_a_rolled_back_ladder_shows_where_it_ended_and_no_progress() -> None:
     assert doc["progress"] is None
     assert doc["phase"] == "rolled back in stage 2 of 3 (25%): all traffic on stable"
     assert figures.ladder({**DEFINITION, "strategy": "ab"}, {"status": "running"}, None, 0) is None
+
+
+def test_units_title_the_axes() -> None:
+    assert figures.unit("error_rate") == "%"
+    assert figures.unit("latency_ms.p99") == "ms"
+    assert figures.unit("output_tokens_per_s") == "tokens/s"  # from the registry
+    assert figures.unit("window_requests") == "requests"
+    assert figures.unit("stage.judge_win_rate") == "%"
+    assert figures.unit("some_new_score") == ""

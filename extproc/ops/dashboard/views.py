@@ -198,6 +198,59 @@ def traffic(doc: dict[str, Any], definition: dict[str, Any]) -> dict[str, dict[s
     return out
 
 
+# The status figure (and chart) each guardrail metric judges, where the names differ; a metric
+# with no status figure of its own (response size, tokens per answer) gets no limit line.
+CHART_OF = {
+    "latency_p99": "latency_ms.p99",
+    "latency_p95": "latency_ms.p95",
+    "latency_p50": "latency_ms.p50",
+    "ttft_p50": "ttft_ms.p50",
+    "answer_chars": "answer_chars_mean",
+}
+
+
+def limits(definition: dict[str, Any], doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per chart, the lines its guardrails draw: the margin over stable's figure in the window
+    (the level the candidate must not provably exceed: a relative margin has no level of its
+    own, so it moves with stable) and the ceiling (``max_absolute``), in the figure's unit."""
+    try:
+        spec = parse_experiment(definition).spec
+    except ConfigError:
+        return {}
+    base = flatten(doc["variants"].get(spec.stable) or {})
+    out: dict[str, list[dict[str, Any]]] = {}
+    for g in spec.guardrails:
+        key = CHART_OF.get(g.metric, g.metric)
+        if key not in base:
+            continue
+        name = g.info.label
+        stable = base[key]
+        for side in g.harm_sides:
+            if stable is None:
+                continue
+            margin = g.margin_of(side)
+            value = stable * (1 + margin if side == "increase" else 1 - margin)
+            change = figures.rel_text(margin if side == "increase" else -margin)
+            out.setdefault(key, []).append(
+                {
+                    "kind": "margin",
+                    "value": value,
+                    "text": f"{name} limit {figures.value_text(key, value)} "
+                    f"(stable {change}, {g.action})",
+                }
+            )
+        if g.max_absolute is not None:
+            out.setdefault(key, []).append(
+                {
+                    "kind": "ceiling",
+                    "value": g.max_absolute,
+                    "text": f"{name} ceiling {figures.value_text(key, g.max_absolute)} "
+                    f"({g.action})",
+                }
+            )
+    return out
+
+
 def srm(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
     """The evaluator's sample-ratio check of its newest look (p of the split the weights ask
     for, on conversations); None before it has one (fewer than 50 conversations, one live
@@ -230,6 +283,7 @@ async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
     doc["evaluation"] = await status.latest_evaluation(r, name)
     doc["comparison"] = comparison(doc, audit, doc["evaluation"])
     doc["srm"] = srm(doc["evaluation"])
+    doc["limits"] = limits(definition, doc)
     doc["ladder"] = figures.ladder(definition, doc["rollout"], doc["evaluation"], time.time())
     return doc
 
@@ -257,8 +311,16 @@ async def experiment_series(
         prices=status.prices_of(definition),
     )
     names = {k for columns in (*doc["variants"].values(), *doc["shadow"].values()) for k in columns}
-    labels = {k: figures.label(k) for k in sorted(names | {"tokens_per_request"})}
-    return {"experiment": name, "window_events": len(events), "labels": labels, **doc}
+    keys_ = sorted(names | {"tokens_per_request"})
+    labels = {k: figures.label(k) for k in keys_}
+    units = {k: figures.unit(k) for k in keys_}
+    return {
+        "experiment": name,
+        "window_events": len(events),
+        "labels": labels,
+        "units": units,
+        **doc,
+    }
 
 
 async def pairs(r: aioredis.Redis, name: str, count: int) -> list[dict[str, Any]] | None:

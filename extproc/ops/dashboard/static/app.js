@@ -31,6 +31,9 @@ const state = { overview: null, experiment: null, series: null, pairs: null, upd
 window.extproc = state;
 const drawn = {};
 let selected = new URLSearchParams(location.search).get("experiment");
+// The charts' range in seconds ("" : every event `extproc status` summarises); the server sizes
+// the buckets to it (about 60 per range), so a 2% canary's line is not one request per point.
+let span = "";
 let timer = null;
 
 // --- small helpers ------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ async function refresh() {
     if (selected) {
       const base = `/api/experiments/${encodeURIComponent(selected)}`;
       [experiment, series, pairs] = await Promise.all([
-        getJson(base), getJson(`${base}/series`), getPairs(`${base}/pairs`),
+        getJson(base), getJson(`${base}/series${span ? `?span=${span}` : ""}`), getPairs(`${base}/pairs`),
       ]);
     }
     clockOffset = overview.time - Date.now() / 1000;
@@ -202,7 +205,7 @@ function render() {
   draw("comparison", exp.comparison, renderComparison);
   draw("checks", exp.comparison.checks, renderChecks);
   draw("timeline", exp.timeline, renderTimeline);
-  draw("charts", [state.series, exp.timeline, variantOrder(exp)], renderCharts);
+  draw("charts", [state.series, exp.timeline, variantOrder(exp), exp.limits], renderCharts);
   draw("pairs", state.pairs, renderPairs);
 }
 
@@ -415,7 +418,7 @@ function chartValues(columns, key) {
   return (columns.completion_tokens || []).map((t, i) => (n[i] ? t / n[i] : null));
 }
 
-function renderCharts([series, timeline, variants]) {
+function renderCharts([series, timeline, variants, limits]) {
   $("series-note").textContent = `(${duration(series.step_s)} buckets over the last `
     + `${duration(Math.round(series.span_s))}: the ${series.window_events} events \`extproc status\` summarises)`;
   const lines = [];
@@ -424,9 +427,16 @@ function renderCharts([series, timeline, variants]) {
     lines.push({ name: v, variant: v, cols: series.variants[v], shadow: false });
   }
   for (const [v, cols] of Object.entries(series.shadow)) lines.push({ name: `${v} (shadow)`, variant: v, cols, shadow: true });
-  $("legend").replaceChildren(...lines.map((l) => el("span", { class: "key" },
-    svg("svg", { width: 22, height: 10 }, svg("line", { x1: 0, y1: 5, x2: 22, y2: 5, stroke: colour(l.variant, variants), "stroke-width": 3, "stroke-dasharray": l.shadow ? "4 3" : null })),
-    l.name)));
+  const t0 = series.t[0] || 0;
+  const shownDecisions = timeline.filter((rec) => rec.time >= t0);
+  const kinds = [...new Set(shownDecisions.map((rec) => rec.action))];
+  const sample = (cls, attrs) => svg("svg", { width: 22, height: 10 }, svg("line", { x1: 0, y1: 5, x2: 22, y2: 5, class: cls, ...attrs }));
+  $("legend").replaceChildren(
+    ...lines.map((l) => el("span", { class: "key" },
+      sample("line", { stroke: colour(l.variant, variants), "stroke-width": 3, "stroke-dasharray": l.shadow ? "4 3" : null }), l.name)),
+    el("span", { class: "key" }, sample("limit margin", {}), "guardrail limit (stable + margin)"),
+    el("span", { class: "key" }, sample("limit ceiling", {}), "ceiling (max_absolute)"),
+    ...kinds.map((k) => el("span", { class: "key", "data-decision": k }, sample(`marker action-${k}`, {}), `decision: ${k}`)));
   const keys = new Set(lines.flatMap((l) => Object.keys(l.cols)));
   const extra = [...keys].filter((k) => !CHARTS.includes(k) && !NOT_CHARTED.has(k)).sort();
   const figures = [];
@@ -435,7 +445,7 @@ function renderCharts([series, timeline, variants]) {
     const hasData = data.some((d) => d.values.some((x) => x !== null));
     if (!hasData && !CHARTS.includes(key)) continue;
     const caption = key === "window_requests" ? `requests per ${duration(series.step_s)}` : label(key);
-    figures.push(chart(key, caption, series, data, timeline, variants));
+    figures.push(chart(key, caption, series, data, timeline, variants, (limits || {})[key] || []));
   }
   return figures;
 }
@@ -446,12 +456,15 @@ function niceMax(x) {
   return [1, 2, 2.5, 5, 10].map((m) => m * p).find((m) => m >= x);
 }
 
-function chart(key, caption, series, data, timeline, variants) {
-  const W = 320, H = 150, L = 40, R = 8, T = 8, B = 22;
+// One figure over time: the y axis titled with its unit, the x axis with the time of day, the
+// guardrails' limit lines (in the scale, so a line is never off the chart), and each decision
+// a labelled vertical line.
+function chart(key, caption, series, data, timeline, variants, limits) {
+  const W = 320, H = 168, L = 46, R = 8, T = 14, B = 34;
   const t0 = series.t[0] || 0;
   const t1 = (series.t[series.t.length - 1] || 0) + series.step_s;
   const all = data.flatMap((d) => d.values).filter((x) => x !== null);
-  const top = niceMax(Math.max(...all, isRate(key) ? 0.01 : 0) * 1.05);
+  const top = niceMax(Math.max(...all, ...limits.map((l) => l.value), isRate(key) ? 0.01 : 0) * 1.05);
   const x = (t) => L + ((t - t0) / (t1 - t0 || 1)) * (W - L - R);
   const y = (v) => T + (1 - v / top) * (H - T - B);
   const parts = [];
@@ -459,14 +472,25 @@ function chart(key, caption, series, data, timeline, variants) {
     parts.push(svg("line", { class: "grid", x1: L, x2: W - R, y1: y(top * f), y2: y(top * f) }));
     parts.push(svg("text", { class: "tick", x: L - 4, y: y(top * f) + 3, "text-anchor": "end" }, tick(key, top * f)));
   }
+  const units = (state.series && state.series.units) || {};
+  const yTitle = key === "window_requests" ? `requests / ${duration(series.step_s)}` : units[key] || "count";
+  parts.push(svg("text", { class: "axis-title", x: 0, y: 0, transform: `translate(9 ${T + (H - T - B) / 2}) rotate(-90)`, "text-anchor": "middle" }, yTitle));
+  parts.push(svg("text", { class: "axis-title", x: L + (W - L - R) / 2, y: H - 2, "text-anchor": "middle" }, `time of day (${duration(series.step_s)} buckets)`));
   const seconds = t1 - t0 < 600;
   for (const [t, anchor] of [[t0, "start"], [(t0 + t1) / 2, "middle"], [t1, "end"]]) {
-    parts.push(svg("text", { class: "tick", x: x(t), y: H - 6, "text-anchor": anchor }, clock(t, seconds)));
+    parts.push(svg("text", { class: "tick", x: x(t), y: H - 14, "text-anchor": anchor }, clock(t, seconds)));
+  }
+  for (const limit of limits) {
+    parts.push(svg("line", { class: `limit ${limit.kind}`, x1: L, x2: W - R, y1: y(limit.value), y2: y(limit.value), "data-value": JSON.stringify(limit.value) },
+      svg("title", {}, limit.text)));
+    parts.push(svg("text", { class: `limit-label ${limit.kind}`, x: W - R - 2, y: y(limit.value) - 2, "text-anchor": "end" }, limit.kind === "ceiling" ? "ceiling" : "limit"));
   }
   for (const rec of timeline) {
     if (rec.time < t0 || rec.time > t1) continue;
+    const why = `${clock(rec.time)} ${rec.action}: ${(rec.reasons || []).join("; ")}`;
     parts.push(svg("line", { class: `marker action-${rec.action}`, x1: x(rec.time), x2: x(rec.time), y1: T, y2: H - B },
-      svg("title", {}, `${clock(rec.time)} ${rec.action}: ${(rec.reasons || []).join("; ")}`)));
+      svg("title", {}, why)));
+    parts.push(svg("text", { class: `marker-label action-${rec.action}`, x: x(rec.time) + 2, y: T - 3, "data-id": rec.id }, rec.action, svg("title", {}, why)));
   }
   for (const d of data) {
     let path = "";
@@ -583,6 +607,7 @@ async function submitAction(ev) {
 document.addEventListener("DOMContentLoaded", () => {
   takeTokenFromUrl();
   setInterval(tickLadder, 1000);
+  $("range").addEventListener("change", (ev) => { span = ev.target.value; refresh(); });
   window.addEventListener("hashchange", () => { if (takeTokenFromUrl()) refresh(); });
   $("confirm-form").addEventListener("submit", submitAction);
   $("confirm-cancel").addEventListener("click", () => $("confirm").close());
