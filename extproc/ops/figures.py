@@ -76,13 +76,16 @@ def metric_label(name: str) -> str:
 
 def label(key: str) -> str:
     """A figure's name with its unit: a guardrail metric's from the registry (a stage figure of
-    one says so); an unknown key reads as its words."""
+    one says so), unless the status figure of that name is another quantity (``completion_tokens``
+    is a total there, a mean per answer in the registry); an unknown key reads as its words."""
+    if key in LABELS:
+        return LABELS[key]
     if key in METRICS:
         return metric_label(key)
     stage, _, name = key.partition(".")
     if stage == "stage" and name in METRICS:
         return f"{METRICS[name].label} (stage)"
-    return LABELS.get(key) or key.replace("_", " ").replace(".", " ")
+    return key.replace("_", " ").replace(".", " ")
 
 
 # Units of figures that are neither rates, milliseconds nor registry metrics.
@@ -263,7 +266,7 @@ def verdict(check: Mapping[str, Any]) -> dict[str, Any]:
     pct = info is None or info.kind != "win_rate"
     evidence, progress = _evidence(check)
     return {
-        "label": label(metric),
+        "label": metric_label(metric) if info else label(metric),
         "unit": info.unit if info else "",
         "state": STATES.get(status, status),
         "estimate": estimate,

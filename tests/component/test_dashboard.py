@@ -512,3 +512,19 @@ def test_actions_offered_are_those_the_evaluator_applies(
     assert valid_actions(definition, state) == valid
     assert valid_actions(definition, None) == list(COMMANDS)  # no evaluator yet: it decides
     assert valid_actions({"name": "unreadable"}, state) == list(COMMANDS)
+
+
+def test_a_small_difference_is_not_rounded_away() -> None:
+    """Cost per request differs in the fifth decimal: the difference reads as such, not 0."""
+    from extproc.ops.dashboard.views import comparison
+
+    doc = {
+        "stable": "stable",
+        "variants": {
+            "stable": {"cost_per_request": 0.0000324},
+            "canary": {"cost_per_request": 0.0000424},
+        },
+    }
+    cell = comparison(doc, [])["rows"][0]["candidates"]["canary"]
+    assert cell["text"]["diff"] == "+0.0000100"
+    assert cell["text"]["rel"] == "+30.9%"

@@ -223,6 +223,12 @@ def test_a_failing_metric_shows_its_interval_in_red_and_a_waiting_one_what_it_ne
     assert passing["cells"]["evidence"]["text"] == "e = 0.50 of 20 needed"
     assert passing["cells"]["evidence"]["progress"] == 0.0
     assert passing["cells"]["estimate"]["colour"] == "rgb(47, 133, 90)"  # --pass
+    # The comparison's p99 change is coloured as its guardrail's verdict.
+    rel = browser.find_element(
+        By.CSS_SELECTOR,
+        '#comparison-table td[data-variant="canary"][data-metric="latency_ms.p99"][data-field="rel"]',
+    )
+    assert "judged-failing" in (rel.get_attribute("class") or "")
     # Every text is the one the CLI's rule makes of the same check.
     for check in (FAILING, WAITING, PASSING):
         shown = row(browser, check["metric"])["cells"]

@@ -112,11 +112,12 @@ def test_guardrail_metrics_are_named_by_the_registry() -> None:
     from extproc.contract.guardrail_metrics import METRICS
 
     for name, info in METRICS.items():
-        assert figures.label(name).startswith(info.label), name
+        assert figures.metric_label(name).startswith(info.label), name
     assert figures.label("cost_per_request") == "cost per request (currency units)"
     assert figures.label("error_rate") == "error rate (5xx, timeout, reset)"
     assert figures.label("latency_p99") == "p99 latency (ms)"
-    assert figures.label("completion_tokens") == "tokens per answer"  # the unit is in the name
+    assert figures.label("completion_tokens") == "completion tokens"  # a total, not the mean
+    assert figures.metric_label("completion_tokens") == "tokens per answer"  # unit in the name
     assert figures.label("stage.judge_win_rate") == "judge win rate (stage)"
 
 
@@ -177,6 +178,11 @@ def test_a_ceiling_failure_shows_no_change_from_stable() -> None:
         _check(status="fail", estimate=0.3, bound=0.2, detail="x, ceiling 2.00%: above the ceiling")
     )
     assert (v["estimate"], v["text"]["estimate"]) == (None, figures.MISSING)
+
+
+def test_a_verdict_names_the_guardrails_metric() -> None:
+    """The status total "completion tokens" is not the guardrail's mean per answer."""
+    assert figures.verdict(_check(metric="completion_tokens"))["label"] == "tokens per answer"
 
 
 def test_a_win_rate_verdict_is_in_points() -> None:

@@ -84,8 +84,10 @@ def _effect(metric: str, stable: Figure, value: Figure) -> dict[str, Any]:
     diff: Figure = None
     rel: Figure = None
     if metric not in COUNTERS and stable is not None and value is not None:
-        diff = round(value - stable, 4)
-        rel = round((value - stable) / stable, 4) if stable else None
+        # Unrounded: the text rule rounds for display, to significant digits where the figure
+        # needs them (a cost per request differs in its fifth decimal; four places made it 0).
+        diff = value - stable
+        rel = (value - stable) / stable if stable else None
     return {
         "value": value,
         "diff": diff,
@@ -125,7 +127,7 @@ def comparison(
     candidates = [v for v in per if v != stable]
     base = per.get(stable or "", {})
     metrics = list(dict.fromkeys(k for f in per.values() for k in f))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "metric": m,
             "label": figures.label(m),
@@ -143,7 +145,15 @@ def comparison(
     checks = None
     if judged is not None:
         checks = {k: judged.get(k) for k in ("time", "stage", "action")}
-        checks["items"] = [c | {"verdict": figures.verdict(c)} for c in judged["checks"]]
+        items = [c | {"verdict": figures.verdict(c)} for c in judged["checks"]]
+        checks["items"] = items
+        # Each figure a guardrail judges carries that guardrail's state per candidate, so the
+        # table's change is coloured as the verdict is (a +870% p99 never reads as neutral).
+        by_metric = {row["metric"]: row for row in rows}
+        for c in items:
+            row = by_metric.get(CHART_OF.get(str(c.get("metric")), str(c.get("metric"))))
+            if row is not None:
+                row.setdefault("states", {})[c.get("variant")] = c["verdict"]["state"]
     return {"stable": stable, "candidates": candidates, "rows": rows, "checks": checks}
 
 

@@ -111,7 +111,7 @@ function draw(id, data, render) {
   const key = JSON.stringify(data);
   if (drawn[id] === key) return;
   drawn[id] = key;
-  $(id).replaceChildren(...[render(data)].flat(Infinity));
+  $(id).replaceChildren(...[render(data)].flat(Infinity).filter((n) => n !== null && n !== undefined));
 }
 
 // --- token --------------------------------------------------------------------------------------
@@ -351,7 +351,12 @@ function renderComparison(cmp) {
     cell(cmp.stable, row.metric, "value", row.stable, row.stable_text),
     cmp.candidates.map((c) => {
       const e = row.candidates[c];
-      return ["value", "diff", "rel"].map((f) => cell(c, row.metric, f, e[f], e.text[f]));
+      const judged = (row.states || {})[c];
+      return ["value", "diff", "rel"].map((f) => {
+        const td = cell(c, row.metric, f, e[f], e.text[f]);
+        if (judged) td.classList.add(`judged-${judged}`);
+        return td;
+      });
     })));
   return el("div", { class: "scroll" }, el("table", { id: "comparison-table" }, el("thead", {}, head), el("tbody", {}, rows)));
 }
@@ -490,7 +495,8 @@ function chart(key, caption, series, data, timeline, variants, limits) {
     const why = `${clock(rec.time)} ${rec.action}: ${(rec.reasons || []).join("; ")}`;
     parts.push(svg("line", { class: `marker action-${rec.action}`, x1: x(rec.time), x2: x(rec.time), y1: T, y2: H - B },
       svg("title", {}, why)));
-    parts.push(svg("text", { class: `marker-label action-${rec.action}`, x: x(rec.time) + 2, y: T - 3, "data-id": rec.id }, rec.action, svg("title", {}, why)));
+    const late = x(rec.time) > W - R - 40;  // near the right edge: the label reads leftwards
+    parts.push(svg("text", { class: `marker-label action-${rec.action}`, x: x(rec.time) + (late ? -2 : 2), y: T - 3, "text-anchor": late ? "end" : "start", "data-id": rec.id }, rec.action, svg("title", {}, why)));
   }
   for (const d of data) {
     let path = "";
