@@ -226,7 +226,8 @@ def test_a_failing_metric_shows_its_interval_in_red_and_a_waiting_one_what_it_ne
     # The comparison's p99 change is coloured as its guardrail's verdict.
     rel = browser.find_element(
         By.CSS_SELECTOR,
-        '#comparison-table td[data-variant="canary"][data-metric="latency_ms.p99"][data-field="rel"]',
+        '#comparison-table td[data-variant="canary"][data-metric="latency_ms.p99"]'
+        '[data-field="rel"]',
     )
     assert "judged-failing" in (rel.get_attribute("class") or "")
     # Every text is the one the CLI's rule makes of the same check.

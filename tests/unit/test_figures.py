@@ -235,6 +235,9 @@ def test_the_ladder_takes_each_stages_own_schedule_and_the_stage_samples() -> No
     assert p["text"]["left"] == "0:30"
     assert p["text"]["samples"] == "50 of 200 candidate requests"
     assert doc["phase"] == "stage 2 of 3 (25%), running"
+    assert doc["attempt"] is None  # shown once the evaluator counts attempts
+    again = {"status": "running", "stage": 1, "stage_started": 100.0, "attempt": 2}
+    assert figures.ladder(DEFINITION, again, look, 130.0)["attempt"] == 2  # type: ignore[index]
     stale = figures.ladder(
         DEFINITION, {"status": "running", "stage": 2, "stage_started": 0}, look, 1
     )

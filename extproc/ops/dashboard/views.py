@@ -285,7 +285,6 @@ async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
     doc = (await status.experiment_status(r, name)).model_dump(mode="json")
     state = await load_state(r, name)
     audit = await read_audit(r, name, AUDIT_COUNT)
-    doc["stages"] = (definition.get("rollout") or {}).get("stages")
     doc["rollout"] = None if state is None else asdict(state)
     doc["actions"] = valid_actions(definition, state)
     doc["traffic"] = traffic(doc, definition)

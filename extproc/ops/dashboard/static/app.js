@@ -390,17 +390,18 @@ function renderChecks(checks) {
 // The interval as a bar: from the lower bound on, the estimate a dot, the margin a tick; the
 // scale spans zero, the margin and the interval's start (drawn, not read: the texts say it).
 function intervalBar(v) {
-  if (v.estimate === null || v.estimate === undefined) return null;
-  const ends = [0, v.estimate, v.bound, v.margin].filter((x) => x !== null && x !== undefined);
+  const known = (x) => x !== null && x !== undefined;
+  if (!known(v.estimate) && !known(v.bound)) return null;
+  const ends = [0, v.estimate, v.bound, v.margin].filter(known);
   const lo = Math.min(...ends), hi = Math.max(...ends);
   const pad = (hi - lo || 1) * 0.1;
   const W = 90, H = 10;
   const x = (t) => ((t - lo + pad) / (hi - lo + 2 * pad)) * W;
   return svg("svg", { class: "interval", viewBox: `0 0 ${W} ${H}`, width: W, height: H, "aria-hidden": "true" },
-    v.bound !== null ? svg("rect", { class: "range", x: x(v.bound), y: 3, width: Math.max(W - x(v.bound), 1), height: 4 }) : null,
+    known(v.bound) ? svg("rect", { class: "range", x: x(v.bound), y: 3, width: Math.max(W - x(v.bound), 1), height: 4 }) : null,
     svg("line", { class: "zero", x1: x(0), x2: x(0), y1: 0, y2: H }),
-    v.margin !== null ? svg("line", { class: "limit", x1: x(v.margin), x2: x(v.margin), y1: 0, y2: H }) : null,
-    svg("circle", { class: "point", cx: x(v.estimate), cy: H / 2, r: 2.5 }));
+    known(v.margin) ? svg("line", { class: "limit", x1: x(v.margin), x2: x(v.margin), y1: 0, y2: H }) : null,
+    known(v.estimate) ? svg("circle", { class: "point", cx: x(v.estimate), cy: H / 2, r: 2.5 }) : null);
 }
 
 function evidenceBar(v) {
