@@ -83,14 +83,40 @@ PASSING = {
 }
 
 
+# Collects the page's uncaught errors (a script injected before the page's own, which the
+# page's Content-Security-Policy does not govern), so every test can require none.
+CATCH_ERRORS = """window.__errors = [];
+addEventListener("error", (e) => window.__errors.push(String(e.message)));
+addEventListener("unhandledrejection", (e) => window.__errors.push(String(e.reason)));"""
+
+
+def catching(driver: WebDriver) -> WebDriver:
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": CATCH_ERRORS})
+    return driver
+
+
+def page_errors(driver: WebDriver) -> list[str]:
+    errors: list[str] = driver.execute_script("return window.__errors || []")
+    return errors
+
+
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
     require_browser()
-    driver = chrome(tmp_path_factory.mktemp("chromium"))
+    driver = catching(chrome(tmp_path_factory.mktemp("chromium")))
     try:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(autouse=True)
+def no_script_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test, the page it drove threw nothing."""
+    yield
+    for name in ("browser", "phone"):
+        if name in request.fixturenames:
+            assert page_errors(request.getfixturevalue(name)) == []
 
 
 @pytest.fixture(scope="module")
@@ -459,7 +485,7 @@ def phone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
     """Chromium with a viewport 420 px wide, a phone held upright (emulated: a headless
     window is at least 500 px wide)."""
     require_browser()
-    driver = chrome(tmp_path_factory.mktemp("chromium-phone"))
+    driver = catching(chrome(tmp_path_factory.mktemp("chromium-phone")))
     metrics = {"width": 420, "height": 900, "deviceScaleFactor": 1, "mobile": True}
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
     try:
