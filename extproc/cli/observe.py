@@ -153,6 +153,18 @@ def cmd_top(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+TEXT_LIMIT = 300  # characters of a prompt or an answer in the text view; --json has them all
+
+
+def hanging(head: str, text: str) -> str:
+    """``head`` then ``text``, its later lines indented under its first: a multi-line prompt
+    or answer stays one block beside its label instead of running back to the margin, where it
+    reads as the next pair's label."""
+    lines = text[:TEXT_LIMIT].splitlines() or [""]
+    pad = "\n" + " " * len(head)
+    return head + pad.join(lines)
+
+
 def cmd_pairs(ns: argparse.Namespace) -> int:
     from extproc.ops.status import recent_pairs
 
@@ -163,14 +175,12 @@ def cmd_pairs(ns: argparse.Namespace) -> int:
     for p in pairs:
         print(f"== {p['request_id']}")
         if "primary" in p and p["primary"].get("prompt"):
-            print(f"   prompt: {p['primary']['prompt'][:300]}")
+            print(hanging("   prompt: ", p["primary"]["prompt"]))
         for role in ("primary", "shadow"):
             side = p.get(role)
             if side:
-                print(
-                    f"   {role:<8}({side['variant']}, {side['status']}): "
-                    f"{(side.get('answer') or '')[:300]}"
-                )
+                head = f"   {role:<8}({side['variant']}, {side['status']}): "
+                print(hanging(head, side.get("answer") or ""))
         if p.get("judge"):
             j = p["judge"]
             agreed = "both orders agree" if j["consistent"] else "orders disagree"

@@ -177,6 +177,11 @@ class StatusDoc(ExperimentStatus):
     rollout: Rollout | None
     audit: list[AuditRecord] = Field(description="the newest decisions, oldest first")
     evaluation: dict[str, Any] | None = Field(description="the evaluator's latest look")
+    ladder: dict[str, Any] | None = Field(
+        default=None,
+        description="the stages with their schedules and the current one's progress "
+        "(extproc.ops.figures.ladder); None without stages or rollout state",
+    )
     evaluators: list[Evaluator]
     endpoints: dict[str, Any] = Field(
         default_factory=dict, description="the local stack's addresses"

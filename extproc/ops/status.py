@@ -13,6 +13,7 @@ apart, and in-flight notices are never requests. The dashboard's figures are the
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from extproc.config import Price
 from extproc.contract import keys
 from extproc.evaluator.rollout import load_state, read_audit
 from extproc.ops import model
-from extproc.ops.figures import flatten, label, value_text
+from extproc.ops.figures import flatten, label, ladder, value_text
 from extproc.telemetry import outcome
 from extproc.telemetry.events import recent_events
 from extproc.telemetry.outcome import TokenPrice
@@ -312,14 +313,18 @@ async def status_doc(
     figures = await experiment_status(r, name, window)
     reps = await sidecars(r)
     state = await load_state(r, name)
+    evaluation = await latest_evaluation(r, name)
+    rollout = None if state is None else asdict(state)
+    definition = await store.get_definition(r, name) or {}
     return model.StatusDoc(
         **dict(figures),
         sidecars=reps,
         telemetry=model.Telemetry(dropped=sum(s.dropped for s in reps)),
         experiments=names,
-        rollout=None if state is None else model.Rollout.model_validate(asdict(state)),
+        rollout=None if rollout is None else model.Rollout.model_validate(rollout),
         audit=[model.AuditRecord.model_validate(a) for a in await read_audit(r, name, 5)],
-        evaluation=await latest_evaluation(r, name),
+        evaluation=evaluation,
+        ladder=ladder(definition, rollout, evaluation, time.time()),
         evaluators=await evaluators(r),
     )
 

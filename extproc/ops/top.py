@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from redis.exceptions import RedisError
 
-from extproc.ops.figures import fixed, significant
+from extproc.ops.figures import countdown_text, fixed, significant, verdict
 
 Doc = dict[str, Any]
 Fetch = Callable[[], Awaitable[Doc | None]]
@@ -185,6 +185,66 @@ def _signal_row(label: str, v: Doc, first: int) -> Line:
     return [(_cell(text, width), "") for width, text in zip(widths, values, strict=True)]
 
 
+_STEP_STYLE = {"done": GREEN, "current": BOLD, "paused": YELLOW, "rolled back": RED, "aborted": RED}
+_VERDICT_STYLE = {"passing": GREEN, "waiting": YELLOW, "failing": RED}
+
+
+def _ladder_lines(ladder: Doc | None, now: float) -> list[Line]:
+    """The stages as the dashboard's ladder shows them: the current one in brackets, then its
+    countdown to the minimum time and its samples (the same texts: figures.ladder)."""
+    if not ladder:
+        return []
+    steps: Line = [("stages    ", DIM)]
+    for i, st in enumerate(ladder["stages"]):
+        text = st["text"]["share"]
+        mark = " ✓" if st["state"] == "done" else ""
+        here = i == ladder["stage"] and st["state"] not in ("done", "next")
+        steps += [
+            (f"[{text} {st['state']}]" if here else text + mark, _STEP_STYLE.get(st["state"], DIM))
+        ]
+        steps.append(("  ", ""))
+    steps.append((ladder["phase"], ""))
+    if ladder.get("attempt"):
+        steps.append((f" · attempt {ladder['attempt']}", ""))
+    out = [steps]
+    p = ladder.get("progress")
+    if p:
+        out.append(
+            [
+                ("progress  ", DIM),
+                (f"{countdown_text(p['ends_at'] - now)} left", BOLD),
+                (f" of the minimum {p['text']['min_time']}", ""),
+                (f" · {p['text']['samples']}", ""),
+                (f" · {p['text']['gate']}", DIM),
+            ]
+        )
+    return out
+
+
+def _verdict_lines(checks: list[Doc]) -> list[Line]:
+    """The evaluator's newest verdict per guardrail, as the dashboard's table shows it: the
+    harm with the evaluator's bound, the limit, the evidence or what a waiting check needs."""
+    if not checks:
+        return []
+    out: list[Line] = [[], [("guardrails", BOLD), ("  (worse by · bound · limit · evidence)", DIM)]]
+    for c in checks:
+        v = verdict(c)
+        t = v["text"]
+        out.append(
+            [
+                (f"{c.get('variant')!s:<10}", ""),
+                (f"{v['label']:<36}", ""),
+                (f"{v['state']:<8}", _VERDICT_STYLE.get(v["state"], "")),
+                (f"{t['estimate']:>9}", _VERDICT_STYLE.get(v["state"], "")),
+                (f"  {t['bound']:<10}", ""),
+                (f" limit {t['margin']:<7}", DIM),
+                (f"  {t['needs'] or t['evidence']}", ""),
+                (f"  ({c.get('action')})", DIM),
+            ]
+        )
+    return out
+
+
 def _clock(t: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(t))
 
@@ -233,6 +293,7 @@ def frame_lines(
         )
     else:
         lines.append([("rollout   ", DIM), ("no evaluator state (fixed weights)", DIM)])
+    lines += _ladder_lines(doc.get("ladder"), now)
     routing = doc.get("routing")
     if routing:
         w = ", ".join(f"{k} {v:g}%" for k, v in routing["weights"].items())
@@ -292,6 +353,7 @@ def frame_lines(
             )
         ]
     )
+    lines += _verdict_lines((doc.get("evaluation") or {}).get("checks") or [])
     audit = doc.get("audit") or []
     if audit:
         lines += [[], [("recent decisions", BOLD)]]

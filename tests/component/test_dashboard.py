@@ -439,9 +439,8 @@ def test_comparison_prefers_the_evaluators_latest_look_and_shows_quality_signals
         },
     }
     got = comparison(doc, audit, latest)
-    # Each figure of a check with its text, by the one rule (four significant digits).
-    text = {"estimate": "0.1250", "bound": "-0.00002675", "margin": "\u2013", "evidence": "\u2013"}
-    assert got["checks"]["items"] == [check | {"text": text}]
+    # Each check with its verdict, made by the rule `extproc top` uses.
+    assert got["checks"]["items"] == [check | {"verdict": fig.verdict(check)}]
     assert got["checks"]["stage"] == 1
     rows = {r["metric"]: r for r in got["rows"]}
     assert rows["stage.judge_win_rate"]["candidates"]["canary"]["value"] == 0.25
@@ -490,3 +489,42 @@ def test_quality_signals_become_chart_columns() -> None:
     assert canary["judge_win_rate"][i + 1] is None
     plain = series(events, ["stable", "canary"], 70.0, span_s=60, step_s=10)
     assert "judge_win_rate" not in plain["variants"]["canary"]
+
+
+@pytest.mark.parametrize(
+    ("status", "valid"),
+    [
+        ("running", ["pause", "promote", "rollback", "abort"]),
+        ("paused", ["resume", "promote", "rollback", "abort"]),
+        ("completed", ["rollback"]),
+        ("rolled_back", []),
+        ("aborted", []),
+    ],
+)
+def test_actions_offered_are_those_the_evaluator_applies(
+    tmp_path: Path, status: str, valid: list[str]
+) -> None:
+    from extproc.evaluator.rollout import COMMANDS, RolloutState
+    from extproc.ops.dashboard.views import valid_actions
+
+    definition = load_experiment(write_experiment(tmp_path)).to_json_dict()
+    state = RolloutState(status, 1, 0.0, "canary")  # type: ignore[arg-type]
+    assert valid_actions(definition, state) == valid
+    assert valid_actions(definition, None) == list(COMMANDS)  # no evaluator yet: it decides
+    assert valid_actions({"name": "unreadable"}, state) == list(COMMANDS)
+
+
+def test_a_small_difference_is_not_rounded_away() -> None:
+    """Cost per request differs in the fifth decimal: the difference reads as such, not 0."""
+    from extproc.ops.dashboard.views import comparison
+
+    doc = {
+        "stable": "stable",
+        "variants": {
+            "stable": {"cost_per_request": 0.0000324},
+            "canary": {"cost_per_request": 0.0000424},
+        },
+    }
+    cell = comparison(doc, [])["rows"][0]["candidates"]["canary"]
+    assert cell["text"]["diff"] == "+0.0000100"
+    assert cell["text"]["rel"] == "+30.9%"

@@ -374,3 +374,48 @@ def test_signals_and_forced_traffic_match_status_json(redis_url: str, tmp_path: 
     assert row(out.stdout, "canary")[3] == "0.0"
     assert row(out.stdout, "canary (forced)")[3] == "100.0"
     assert doc["forced"]["canary"]["error_rate"] == 1.0
+
+
+FAILING = {
+    "variant": "canary",
+    "metric": "latency_p99",
+    "action": "rollback",
+    "status": "fail",
+    "estimate": 8.709,
+    "bound": 6.2,
+    "margin": 0.5,
+    "detail": "latency_p99: tail ratio 9.71; evidence e=77.4 over the rollout (fails at 60)",
+    "evidence": 4.349,
+}
+WAITING = {
+    "variant": "canary",
+    "metric": "error_rate",
+    "action": "rollback",
+    "status": "waiting",
+    "estimate": None,
+    "bound": None,
+    "margin": 0.5,
+    "detail": "12/100 candidate requests",
+    "evidence": None,
+}
+
+
+def test_top_shows_the_ladder_and_the_dashboards_verdicts(seeded: str, tmp_path: Path) -> None:
+    """The same texts as the dashboard's guardrail table and ladder (both from figures)."""
+    from extproc.ops import figures
+
+    look = {"time": time.time(), "stage": 1, "variants": {"canary": {"requests": 10}}}
+    look["checks"] = [FAILING, WAITING]
+    store.connect_sync(seeded).set(keys.evaluation(NAME), json.dumps(look))
+    out = cli(seeded, tmp_path, "top", NAME, "--once")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "2% \u2713  [5% current]  10%  25%  50%  100%  stage 2 of 6 (5%), running" in out.stdout
+    assert "of the minimum 5 min · 10 of 200 candidate requests · then the guardrails" in out.stdout
+    failing = next(line for line in lines if "p99 latency (ms)" in line)
+    want = figures.verdict(FAILING)["text"]
+    assert want["evidence"] == "e = 77 of 60 needed"
+    for part in ("failing", want["estimate"], want["bound"], want["margin"], want["evidence"]):
+        assert part in failing
+    waiting = next(line for line in lines if figures.label("error_rate") in line)
+    assert "needs 88 more candidate requests (12 of 100)" in waiting

@@ -202,13 +202,17 @@ def test_table_and_charts_show_the_figures_of_status(
     assert_page_reads_as_the_cli(cells, cli.stdout)
     # The guardrail checks' figures too are shown as the API wrote them.
     until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#checks-table td"), "checks")
-    checks = browser.execute_script(
-        """return [...document.querySelectorAll("#checks-table td[data-field]")].map((c) =>
-             [JSON.parse(c.dataset.value), c.textContent]);"""
+    shown_checks = browser.execute_script(
+        """return [...document.querySelectorAll("#checks-table tr.verdict")].map((tr) =>
+             [tr.dataset.variant, tr.dataset.metric,
+              tr.querySelector("td[data-field=estimate]").textContent,
+              tr.querySelector("td[data-field=bound]").textContent]);"""
     )
-    assert checks
-    for value, shown in checks:
-        assert shown == (fig.MISSING if value is None else fig.significant(value, 4))
+    assert shown_checks
+    items = page_data(browser)["experiment"]["comparison"]["checks"]["items"]
+    verdicts = {(c["variant"], c["metric"]): fig.verdict(c)["text"] for c in items}
+    for variant, metric, estimate, bound in shown_checks:
+        assert [estimate, bound] == [verdicts[(variant, metric)][k] for k in ("estimate", "bound")]
     diffs = {m: value for v, m, field, value, _ in cells if field == "diff"}
     assert diffs["latency_ms.p99"] == pytest.approx(
         p99 - st["variants"]["stable"]["latency_ms"]["p99"]

@@ -4,7 +4,8 @@ the CLI uses, so a figure on the page is the figure `extproc status --json` prin
 The comparison table pairs each candidate's status figures with stable's (difference and
 relative change: the effect sizes) and with the evaluator's guardrail checks of its newest look
 (``keys.evaluation``, rewritten every tick), falling back to the newest audit record that has
-checks when no evaluator has looked yet; either way the table says when and at which stage.
+checks when no evaluator has looked yet; either way the table says when and at which stage. Each
+check carries its verdict (:func:`extproc.ops.figures.verdict`), as `extproc top` shows it.
 Each cell carries the text the page shows as given, made by :mod:`extproc.ops.figures` as
 `extproc status` makes its own: the page never rounds a figure itself.
 """
@@ -19,8 +20,11 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from extproc import store
+from extproc.config import ConfigError, parse_experiment
 from extproc.contract import keys, signals
-from extproc.evaluator.rollout import load_state, read_audit
+from extproc.evaluator import machine
+from extproc.evaluator.guardrails import SRM_THRESHOLD
+from extproc.evaluator.rollout import COMMANDS, RolloutState, load_state, read_audit
 from extproc.ops import figures, status
 from extproc.ops.dashboard.series import series
 from extproc.ops.figures import Figure, flatten
@@ -44,7 +48,6 @@ COUNTERS = frozenset(
         "stage.watchdog_probes",
     }
 )
-CHECK_FIGURES = ("estimate", "bound", "margin", "evidence")
 TIMELINE_FIELDS = ("id", "time", "action", "actor", "reasons", "stage", "status", "weights")
 
 
@@ -81,8 +84,10 @@ def _effect(metric: str, stable: Figure, value: Figure) -> dict[str, Any]:
     diff: Figure = None
     rel: Figure = None
     if metric not in COUNTERS and stable is not None and value is not None:
-        diff = round(value - stable, 4)
-        rel = round((value - stable) / stable, 4) if stable else None
+        # Unrounded: the text rule rounds for display, to significant digits where the figure
+        # needs them (a cost per request differs in its fifth decimal; four places made it 0).
+        diff = value - stable
+        rel = (value - stable) / stable if stable else None
     return {
         "value": value,
         "diff": diff,
@@ -109,13 +114,6 @@ def _quality(stage: dict[str, Any]) -> dict[str, Figure]:
     return out
 
 
-def _check_text(x: Any) -> str:
-    """A guardrail check's estimate, bound, margin or evidence: four significant digits."""
-    if isinstance(x, bool) or not isinstance(x, int | float):
-        return figures.MISSING
-    return figures.significant(x, 4)
-
-
 def comparison(
     doc: dict[str, Any], audit: list[dict[str, Any]], latest: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -129,7 +127,7 @@ def comparison(
     candidates = [v for v in per if v != stable]
     base = per.get(stable or "", {})
     metrics = list(dict.fromkeys(k for f in per.values() for k in f))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "metric": m,
             "label": figures.label(m),
@@ -147,11 +145,135 @@ def comparison(
     checks = None
     if judged is not None:
         checks = {k: judged.get(k) for k in ("time", "stage", "action")}
-        checks["items"] = [
-            c | {"text": {k: _check_text(c.get(k)) for k in CHECK_FIGURES}}
-            for c in judged["checks"]
-        ]
+        items = [c | {"verdict": figures.verdict(c)} for c in judged["checks"]]
+        checks["items"] = items
+        # Each figure a guardrail judges carries that guardrail's state per candidate, so the
+        # table's change is coloured as the verdict is (a +870% p99 never reads as neutral).
+        by_metric = {row["metric"]: row for row in rows}
+        for c in items:
+            row = by_metric.get(CHART_OF.get(str(c.get("metric")), str(c.get("metric"))))
+            if row is not None:
+                row.setdefault("states", {})[c.get("variant")] = c["verdict"]["state"]
     return {"stable": stable, "candidates": candidates, "rows": rows, "checks": checks}
+
+
+def valid_actions(definition: dict[str, Any], state: RolloutState | None) -> list[str]:
+    """The operator intents the evaluator would apply now, asked of its own transition function
+    (``machine.command``) on the current state, so a button is enabled exactly when a click
+    would do something: after a rollback none is. Without a rollout state (no evaluator yet) or
+    with a definition this release cannot read, every intent is offered: the evaluator applies
+    or ignores it, and says which in the audit log."""
+    if state is None:
+        return list(COMMANDS)
+    try:
+        spec = parse_experiment(definition).spec
+    except ConfigError:
+        return list(COMMANDS)
+    out = []
+    for intent in COMMANDS:
+        after = machine.command(spec, state, intent, "dashboard", "", time.time()).state
+        if (after.status, after.stage) != (state.status, state.stage):
+            out.append(intent)
+    return out
+
+
+def _price_text(price: Any) -> str:
+    if not isinstance(price, dict):
+        return figures.MISSING
+    cost = [
+        figures.value_text("price", price.get(k)) for k in ("input_per_mtok", "output_per_mtok")
+    ]
+    return f"{cost[0]} in, {cost[1]} out per million tokens"
+
+
+def traffic(doc: dict[str, Any], definition: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per variant: its model and price as the experiment file names them, and its requests in
+    the window apart by kind: assigned (what the guardrails compare) and forced (testers', which
+    no guardrail counts), so a canary served only by testers reads as 0 assigned."""
+    out = {}
+    for v, spec in (definition.get("variants") or {}).items():
+        figs = doc["variants"].get(v) or {}
+        assigned = figs.get("window_requests") or 0
+        forced = (doc["forced"].get(v) or {}).get("window_requests") or 0
+        out[v] = {
+            "model": spec.get("model"),
+            "assigned": assigned,
+            "forced": forced,
+            "text": {
+                "price": _price_text(spec.get("price")),
+                "assigned": figures.value_text("window_requests", assigned),
+                "forced": figures.value_text("forced_requests", forced),
+            },
+        }
+    return out
+
+
+# The status figure (and chart) each guardrail metric judges, where the names differ; a metric
+# with no status figure of its own (response size, tokens per answer) gets no limit line.
+CHART_OF = {
+    "latency_p99": "latency_ms.p99",
+    "latency_p95": "latency_ms.p95",
+    "latency_p50": "latency_ms.p50",
+    "ttft_p50": "ttft_ms.p50",
+    "answer_chars": "answer_chars_mean",
+}
+
+
+def limits(definition: dict[str, Any], doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per chart, the lines its guardrails draw: the margin over stable's figure in the window
+    (the level the candidate must not provably exceed: a relative margin has no level of its
+    own, so it moves with stable) and the ceiling (``max_absolute``), in the figure's unit."""
+    try:
+        spec = parse_experiment(definition).spec
+    except ConfigError:
+        return {}
+    base = flatten(doc["variants"].get(spec.stable) or {})
+    out: dict[str, list[dict[str, Any]]] = {}
+    for g in spec.guardrails:
+        key = CHART_OF.get(g.metric, g.metric)
+        if key not in base:
+            continue
+        name = g.info.label
+        stable = base[key]
+        for side in g.harm_sides:
+            if stable is None:
+                continue
+            margin = g.margin_of(side)
+            value = stable * (1 + margin if side == "increase" else 1 - margin)
+            change = figures.rel_text(margin if side == "increase" else -margin)
+            out.setdefault(key, []).append(
+                {
+                    "kind": "margin",
+                    "value": value,
+                    "text": f"{name} limit {figures.value_text(key, value)} "
+                    f"(stable {change}, {g.action})",
+                }
+            )
+        if g.max_absolute is not None:
+            out.setdefault(key, []).append(
+                {
+                    "kind": "ceiling",
+                    "value": g.max_absolute,
+                    "text": f"{name} ceiling {figures.value_text(key, g.max_absolute)} "
+                    f"({g.action})",
+                }
+            )
+    return out
+
+
+def srm(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The evaluator's sample-ratio check of its newest look (p of the split the weights ask
+    for, on conversations); None before it has one (fewer than 50 conversations, one live
+    variant, a mirrored strategy). ``mismatch`` at its own threshold, where it holds."""
+    p = (evaluation or {}).get("srm_p")
+    if isinstance(p, bool) or not isinstance(p, int | float):
+        return None
+    return {
+        "p": p,
+        "threshold": SRM_THRESHOLD,
+        "mismatch": p < SRM_THRESHOLD,
+        "text": f"p = {figures.significant(p, 2)} (mismatch below {SRM_THRESHOLD:g})",
+    }
 
 
 async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
@@ -163,11 +285,15 @@ async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
     doc = (await status.experiment_status(r, name)).model_dump(mode="json")
     state = await load_state(r, name)
     audit = await read_audit(r, name, AUDIT_COUNT)
-    doc["stages"] = (definition.get("rollout") or {}).get("stages")
     doc["rollout"] = None if state is None else asdict(state)
+    doc["actions"] = valid_actions(definition, state)
+    doc["traffic"] = traffic(doc, definition)
     doc["timeline"] = [{k: rec.get(k) for k in TIMELINE_FIELDS} for rec in audit]
     doc["evaluation"] = await status.latest_evaluation(r, name)
     doc["comparison"] = comparison(doc, audit, doc["evaluation"])
+    doc["srm"] = srm(doc["evaluation"])
+    doc["limits"] = limits(definition, doc)
+    doc["ladder"] = figures.ladder(definition, doc["rollout"], doc["evaluation"], time.time())
     return doc
 
 
@@ -194,8 +320,16 @@ async def experiment_series(
         prices=status.prices_of(definition),
     )
     names = {k for columns in (*doc["variants"].values(), *doc["shadow"].values()) for k in columns}
-    labels = {k: figures.label(k) for k in sorted(names | {"tokens_per_request"})}
-    return {"experiment": name, "window_events": len(events), "labels": labels, **doc}
+    keys_ = sorted(names | {"tokens_per_request"})
+    labels = {k: figures.label(k) for k in keys_}
+    units = {k: figures.unit(k) for k in keys_}
+    return {
+        "experiment": name,
+        "window_events": len(events),
+        "labels": labels,
+        "units": units,
+        **doc,
+    }
 
 
 async def pairs(r: aioredis.Redis, name: str, count: int) -> list[dict[str, Any]] | None:

@@ -12,6 +12,7 @@ const VERBS = {
   resume: ["Resume", "Continue the paused rollout from its current stage."],
   promote: ["Promote", "Move to the next stage now, without waiting for the guardrails."],
   rollback: ["Roll back", "Send all traffic to the stable variant; every sidecar follows within a second."],
+  abort: ["Abort", "End the rollout for good: all traffic to the stable variant; it cannot be resumed."],
 };
 // Charts in this order first; any other figure the API sends (quality scores, judge win rates)
 // gets a chart of its own when it has data. Token totals are drawn per request instead. Names
@@ -30,6 +31,9 @@ const state = { overview: null, experiment: null, series: null, pairs: null, upd
 window.extproc = state;
 const drawn = {};
 let selected = new URLSearchParams(location.search).get("experiment");
+// The charts' range in seconds ("" : every event `extproc status` summarises); the server sizes
+// the buckets to it (about 60 per range), so a 2% canary's line is not one request per point.
+let span = "";
 let timer = null;
 
 // --- small helpers ------------------------------------------------------------------------------
@@ -107,17 +111,21 @@ function draw(id, data, render) {
   const key = JSON.stringify(data);
   if (drawn[id] === key) return;
   drawn[id] = key;
-  $(id).replaceChildren(...[render(data)].flat(Infinity));
+  $(id).replaceChildren(...[render(data)].flat(Infinity).filter((n) => n !== null && n !== undefined));
 }
 
 // --- token --------------------------------------------------------------------------------------
 
+// Taken on load and on every hash change: a `#token=` link opened in a tab already on the page
+// changes only the fragment, and the page must not need a reload to use it.
 function takeTokenFromUrl() {
   const params = new URLSearchParams(location.hash.slice(1));
   if (params.get("token")) {
     sessionStorage.setItem(TOKEN_KEY, params.get("token"));
     history.replaceState(null, "", location.pathname + location.search);
+    return true;
   }
+  return false;
 }
 
 // --- API ----------------------------------------------------------------------------------------
@@ -154,9 +162,10 @@ async function refresh() {
     if (selected) {
       const base = `/api/experiments/${encodeURIComponent(selected)}`;
       [experiment, series, pairs] = await Promise.all([
-        getJson(base), getJson(`${base}/series`), getPairs(`${base}/pairs`),
+        getJson(base), getJson(`${base}/series${span ? `?span=${span}` : ""}`), getPairs(`${base}/pairs`),
       ]);
     }
+    clockOffset = overview.time - Date.now() / 1000;
     Object.assign(state, { overview, experiment, series, pairs, updated: Date.now() / 1000, error: null });
     render();
   } catch (err) {
@@ -177,15 +186,26 @@ function render() {
   draw("experiments", [state.overview.experiments, selected], renderNav);
   if (!state.experiment) {
     $("summary").replaceChildren(el("p", {}, "No experiment in Redis yet: start one with `extproc up`."));
+    $("actions").replaceChildren();
+    delete drawn.summary;
+    delete drawn.actions;
     return;
   }
   const exp = state.experiment;
   const processes = [state.overview.sidecars.map((s) => s.routing_version), state.overview.evaluators.map((e) => [e.instance, e.active])];
-  draw("summary", [exp.experiment, exp.rollout, exp.routing, exp.stages, processes], renderSummary);
+  // The rollout's clock fields move on every evaluator tick; the summary shows none of them.
+  const ro = exp.rollout && { status: exp.rollout.status, stage: exp.rollout.stage, stage_started: exp.rollout.stage_started };
+  draw("summary", [exp.experiment, ro, exp.routing, exp.ladder && exp.ladder.phase, exp.traffic, exp.srm, processes], renderSummary);
+  // The ladder's clock moves between polls on its own (tickLadder): its moving texts are no
+  // reason to redraw it.
+  const still = exp.ladder && { ...exp.ladder, progress: exp.ladder.progress && { ...exp.ladder.progress, now: null, seconds: null, text: { ...exp.ladder.progress.text, time: null, left: null } } };
+  draw("ladder", still, renderLadder);
+  tickLadder();
+  draw("actions", [exp.experiment, exp.actions], renderActions);
   draw("comparison", exp.comparison, renderComparison);
   draw("checks", exp.comparison.checks, renderChecks);
   draw("timeline", exp.timeline, renderTimeline);
-  draw("charts", [state.series, exp.timeline, variantOrder(exp)], renderCharts);
+  draw("charts", [state.series, exp.timeline, variantOrder(exp), exp.limits], renderCharts);
   draw("pairs", state.pairs, renderPairs);
 }
 
@@ -211,9 +231,9 @@ function renderSummary() {
   const ro = exp.rollout;
   const routing = exp.routing || {};
   const variants = variantOrder(exp);
-  const stage = ro && exp.stages
-    ? `stage ${ro.stage + 1} of ${exp.stages.length} (${exp.stages[ro.stage]}%) since ${clock(ro.stage_started)}`
-    : "no rollout state yet";
+  const stage = exp.ladder
+    ? `${exp.ladder.phase}${exp.ladder.attempt ? ` · attempt ${exp.ladder.attempt}` : ""} · since ${clock(ro.stage_started)}`
+    : ro ? `${ro.status} since ${clock(ro.stage_started)}` : "no rollout state yet";
   const bar = el("div", { class: "weights", "data-weights": JSON.stringify(routing.weights || {}) },
     variants.map((v) => [v, (routing.weights || {})[v] || 0]).filter(([, w]) => w > 0).map(([v, w]) => {
       const seg = el("span", { class: "segment", title: `${v} ${w}%` }, `${v} ${w}%`);
@@ -224,29 +244,103 @@ function renderSummary() {
   const sidecars = state.overview.sidecars.filter((s) => !s.experiment || s.experiment === exp.experiment);
   const versions = [...new Set(sidecars.map((s) => s.routing_version))].join(", ");
   const active = state.overview.evaluators.filter((e) => e.experiment === exp.experiment && e.active);
-  const buttons = Object.entries(VERBS).map(([verb, [text]]) => {
-    const b = el("button", { type: "button", "data-action": verb, class: verb === "rollback" ? "danger" : null }, text);
-    b.addEventListener("click", () => openConfirm(verb));
-    return b;
-  });
+  const srm = exp.srm && exp.srm.mismatch
+    ? el("p", { id: "srm", class: "banner fail", role: "alert" },
+      el("strong", {}, "Sample ratio mismatch: "),
+      `assignment is not following the weights (${exp.srm.text}); the evaluator holds the rollout. Check routing before trusting any figure.`)
+    : null;
   return [
+    srm,
     el("div", { class: "title" },
       el("h2", {}, exp.experiment),
       badge(ro ? ro.status : "no evaluator", ro ? ro.status : "unknown"),
       el("span", { class: "muted" }, `${exp.strategy} · stable: ${exp.stable}`)),
     el("p", { id: "stage" }, stage),
     bar,
+    renderTraffic(exp.traffic, variants),
     el("p", {}, `routing version ${routing.version ?? "–"}, set by ${routing.actor || "–"}`
       + `${routing.updated_at ? ` at ${clock(routing.updated_at)}` : ""}: `, el("span", { class: "muted" }, routing.reason || "–")),
     el("p", { class: "muted" },
       `sidecars alive: ${sidecars.length} (on routing version ${versions || "–"}) · `
       + `evaluator: ${active.length ? active.map((e) => e.instance).join(", ") : "none active"}`),
-    el("div", { class: "actions" }, buttons),
   ];
 }
 
+// Every stage with its share and schedule, the current one highlighted; under it the progress
+// toward the stage's minimum time (a countdown ticking between polls) and samples.
+function renderLadder(ladder) {
+  if (!ladder) return [];
+  const steps = el("ol", { class: "ladder", "aria-label": "rollout stages" }, ladder.stages.map((s, i) =>
+    el("li", { class: `step ${s.state.replace(" ", "-")}`, "data-stage": i, "data-state": s.state },
+      el("strong", {}, s.text.share), el("span", { class: "muted" }, s.text.schedule),
+      s.gate === "manual" ? el("span", { class: "gate" }, "manual gate") : null,
+      i === ladder.stage && s.state !== "done" && s.state !== "next" ? el("span", { class: "here" }, s.state) : null)));
+  const p = ladder.progress;
+  if (!p) return steps;
+  const samples = el("span", { class: "progress" }, el("span", {}));
+  samples.firstChild.style.width = `${Math.round(100 * Math.min(p.min_samples ? p.samples / p.min_samples : 1, 1))}%`;
+  return [steps, el("div", { class: "stage-progress" },
+    el("p", {}, el("span", { id: "time-bar", class: "progress" }, el("span", {})),
+      `minimum time ${p.text.min_time}: `,
+      el("strong", { id: "countdown", "data-ends-at": p.ends_at }, p.text.left), " left"),
+    el("p", { id: "samples", "data-samples": p.samples, "data-min-samples": p.min_samples }, samples, p.text.samples),
+    el("p", { class: "muted" }, p.text.gate))];
+}
+
+// The countdown by the CLI's rule (figures.countdown_text): whole seconds rounded up, "m:ss".
+function countdown(seconds) {
+  const left = Math.max(Math.ceil(seconds), 0);
+  return `${Math.floor(left / 60)}:${String(left % 60).padStart(2, "0")}`;
+}
+
+// Server time minus this browser's, from the newest answer: the countdown runs on the server's
+// clock, whatever this machine's says.
+let clockOffset = 0;
+
+function tickLadder() {
+  const p = state.experiment && state.experiment.ladder && state.experiment.ladder.progress;
+  const node = $("countdown");
+  if (!p || !node) return;
+  const now = Date.now() / 1000 + clockOffset;
+  node.textContent = countdown(p.ends_at - now);
+  $("time-bar").firstChild.style.width = `${Math.round(100 * Math.min(p.min_seconds ? (now - p.started) / p.min_seconds : 1, 1))}%`;
+}
+
+// Per variant: its model, and its requests in the window apart by kind (the guardrails compare
+// assigned requests only; testers' forced ones are counted, never compared).
+function renderTraffic(traffic, variants) {
+  const cols = ["variant", "model", "price", "assigned requests", "forced (testers)"];
+  return el("div", { class: "scroll" }, el("table", { id: "traffic-table" },
+    el("thead", {}, el("tr", {}, cols.map((c) => el("th", {}, c)))),
+    el("tbody", {}, variants.filter((v) => traffic[v]).map((v) => {
+      const t = traffic[v];
+      const key = el("span", { class: "swatch" });
+      key.style.background = colour(v, variants);
+      return el("tr", { "data-variant": v },
+        el("td", {}, key, v), el("td", { "data-field": "model" }, t.model || "–"),
+        el("td", { "data-field": "price" }, t.text.price),
+        el("td", { "data-field": "assigned", "data-value": t.assigned }, t.text.assigned),
+        el("td", { "data-field": "forced", "data-value": t.forced }, t.text.forced));
+    }))));
+}
+
+// Only the intents the evaluator would apply now are enabled (the API asks its transition
+// function); the buttons are redrawn only when that set changes, so a click never lands on a
+// button replaced by a poll.
+function renderActions([, actions]) {
+  return Object.entries(VERBS).map(([verb, [text, explanation]]) => {
+    const valid = actions.includes(verb);
+    const b = el("button", {
+      type: "button", "data-action": verb, class: ["rollback", "abort"].includes(verb) ? "danger" : null,
+      disabled: !valid, title: valid ? explanation : `Not possible while the rollout is ${(state.experiment.rollout || {}).status}.`,
+    }, text);
+    b.addEventListener("click", () => openConfirm(verb));
+    return b;
+  });
+}
+
 function renderComparison(cmp) {
-  $("comparison-note").textContent = `(the newest ${state.experiment.window_events} events, as \`extproc status\`)`;
+  $("comparison-note").textContent = `(assigned requests of the newest ${state.experiment.window_events} events, as \`extproc status\`; forced ones are not compared)`;
   const head = el("tr", {}, el("th", {}, "figure"), el("th", {}, cmp.stable || "stable"),
     cmp.candidates.map((c) => [el("th", {}, c), el("th", {}, `Δ ${c}`), el("th", {}, `Δ% ${c}`)]));
   const cell = (variant, metric, field, value, text) => el("td", {
@@ -257,24 +351,64 @@ function renderComparison(cmp) {
     cell(cmp.stable, row.metric, "value", row.stable, row.stable_text),
     cmp.candidates.map((c) => {
       const e = row.candidates[c];
-      return ["value", "diff", "rel"].map((f) => cell(c, row.metric, f, e[f], e.text[f]));
+      const judged = (row.states || {})[c];
+      return ["value", "diff", "rel"].map((f) => {
+        const td = cell(c, row.metric, f, e[f], e.text[f]);
+        if (judged) td.classList.add(`judged-${judged}`);
+        return td;
+      });
     })));
-  return el("table", { id: "comparison-table" }, el("thead", {}, head), el("tbody", {}, rows));
+  return el("div", { class: "scroll" }, el("table", { id: "comparison-table" }, el("thead", {}, head), el("tbody", {}, rows)));
 }
 
+// One row per guardrail and candidate: its verdict coloured by state, the harm the evaluator
+// estimated with its own lower bound, drawn against the margin, and the evidence toward failing
+// (or what a waiting check still needs). Texts and numbers come from the API (figures.verdict).
 function renderChecks(checks) {
   $("checks-note").textContent = checks
     ? `(evaluator's look at ${clock(checks.time)}, stage ${checks.stage + 1}, decision: ${checks.action})`
     : "";
   if (!checks) return el("p", { class: "muted" }, "No guardrail verdict recorded yet in this rollout.");
-  const cols = ["variant", "metric", "action", "status", "estimate", "bound", "margin", "evidence", "detail"];
-  return el("table", { id: "checks-table" },
+  const cols = ["variant", "guardrail", "verdict", "worse by", "interval", "limit", "evidence", "action", "detail"];
+  return el("div", { class: "scroll" }, el("table", { id: "checks-table" },
     el("thead", {}, el("tr", {}, cols.map((c) => el("th", {}, c)))),
-    el("tbody", {}, checks.items.map((c) => el("tr", { "data-variant": c.variant, "data-metric": c.metric, "data-status": c.status },
-      el("td", {}, c.variant), el("td", {}, c.metric), el("td", {}, c.action),
-      el("td", {}, badge(c.status)),
-      ["estimate", "bound", "margin", "evidence"].map((k) => el("td", { "data-field": k, "data-value": JSON.stringify(c[k] ?? null) }, c.text[k])),
-      el("td", { class: "detail" }, c.detail)))));
+    el("tbody", {}, checks.items.map((c) => {
+      const v = c.verdict;
+      const field = (k, text) => el("td", { "data-field": k, "data-value": JSON.stringify(v[k] ?? null) }, text);
+      return el("tr", { class: `verdict ${v.state}`, "data-variant": c.variant, "data-metric": c.metric, "data-state": v.state },
+        el("td", {}, c.variant), el("td", { "data-field": "label" }, v.label),
+        el("td", {}, badge(v.state)),
+        field("estimate", [el("span", { class: "estimate" }, v.text.estimate), intervalBar(v)]),
+        field("bound", v.text.bound), field("margin", v.text.margin),
+        el("td", { "data-field": "evidence", "data-progress": JSON.stringify(v.progress) },
+          v.text.needs ? el("span", { class: "needs" }, v.text.needs) : evidenceBar(v)),
+        el("td", {}, c.action),
+        el("td", { class: "detail" }, c.detail));
+    }))));
+}
+
+// The interval as a bar: from the lower bound on, the estimate a dot, the margin a tick; the
+// scale spans zero, the margin and the interval's start (drawn, not read: the texts say it).
+function intervalBar(v) {
+  const known = (x) => x !== null && x !== undefined;
+  if (!known(v.estimate) && !known(v.bound)) return null;
+  const ends = [0, v.estimate, v.bound, v.margin].filter(known);
+  const lo = Math.min(...ends), hi = Math.max(...ends);
+  const pad = (hi - lo || 1) * 0.1;
+  const W = 90, H = 10;
+  const x = (t) => ((t - lo + pad) / (hi - lo + 2 * pad)) * W;
+  return svg("svg", { class: "interval", viewBox: `0 0 ${W} ${H}`, width: W, height: H, "aria-hidden": "true" },
+    known(v.bound) ? svg("rect", { class: "range", x: x(v.bound), y: 3, width: Math.max(W - x(v.bound), 1), height: 4 }) : null,
+    svg("line", { class: "zero", x1: x(0), x2: x(0), y1: 0, y2: H }),
+    known(v.margin) ? svg("line", { class: "limit", x1: x(v.margin), x2: x(v.margin), y1: 0, y2: H }) : null,
+    known(v.estimate) ? svg("circle", { class: "point", cx: x(v.estimate), cy: H / 2, r: 2.5 }) : null);
+}
+
+function evidenceBar(v) {
+  if (v.progress === null || v.progress === undefined) return v.text.evidence;
+  const bar = el("span", { class: "progress", title: "evidence toward failing (log scale)" }, el("span", {}));
+  bar.firstChild.style.width = `${Math.round(100 * v.progress)}%`;
+  return [bar, v.text.evidence];
 }
 
 function renderTimeline(records) {
@@ -290,7 +424,7 @@ function chartValues(columns, key) {
   return (columns.completion_tokens || []).map((t, i) => (n[i] ? t / n[i] : null));
 }
 
-function renderCharts([series, timeline, variants]) {
+function renderCharts([series, timeline, variants, limits]) {
   $("series-note").textContent = `(${duration(series.step_s)} buckets over the last `
     + `${duration(Math.round(series.span_s))}: the ${series.window_events} events \`extproc status\` summarises)`;
   const lines = [];
@@ -299,9 +433,16 @@ function renderCharts([series, timeline, variants]) {
     lines.push({ name: v, variant: v, cols: series.variants[v], shadow: false });
   }
   for (const [v, cols] of Object.entries(series.shadow)) lines.push({ name: `${v} (shadow)`, variant: v, cols, shadow: true });
-  $("legend").replaceChildren(...lines.map((l) => el("span", { class: "key" },
-    svg("svg", { width: 22, height: 10 }, svg("line", { x1: 0, y1: 5, x2: 22, y2: 5, stroke: colour(l.variant, variants), "stroke-width": 3, "stroke-dasharray": l.shadow ? "4 3" : null })),
-    l.name)));
+  const t0 = series.t[0] || 0;
+  const shownDecisions = timeline.filter((rec) => rec.time >= t0);
+  const kinds = [...new Set(shownDecisions.map((rec) => rec.action))];
+  const sample = (cls, attrs) => svg("svg", { width: 22, height: 10 }, svg("line", { x1: 0, y1: 5, x2: 22, y2: 5, class: cls, ...attrs }));
+  $("legend").replaceChildren(
+    ...lines.map((l) => el("span", { class: "key" },
+      sample("line", { stroke: colour(l.variant, variants), "stroke-width": 3, "stroke-dasharray": l.shadow ? "4 3" : null }), l.name)),
+    el("span", { class: "key" }, sample("limit margin", {}), "guardrail limit (stable + margin)"),
+    el("span", { class: "key" }, sample("limit ceiling", {}), "ceiling (max_absolute)"),
+    ...kinds.map((k) => el("span", { class: "key", "data-decision": k }, sample(`marker action-${k}`, {}), `decision: ${k}`)));
   const keys = new Set(lines.flatMap((l) => Object.keys(l.cols)));
   const extra = [...keys].filter((k) => !CHARTS.includes(k) && !NOT_CHARTED.has(k)).sort();
   const figures = [];
@@ -310,7 +451,7 @@ function renderCharts([series, timeline, variants]) {
     const hasData = data.some((d) => d.values.some((x) => x !== null));
     if (!hasData && !CHARTS.includes(key)) continue;
     const caption = key === "window_requests" ? `requests per ${duration(series.step_s)}` : label(key);
-    figures.push(chart(key, caption, series, data, timeline, variants));
+    figures.push(chart(key, caption, series, data, timeline, variants, (limits || {})[key] || []));
   }
   return figures;
 }
@@ -321,12 +462,15 @@ function niceMax(x) {
   return [1, 2, 2.5, 5, 10].map((m) => m * p).find((m) => m >= x);
 }
 
-function chart(key, caption, series, data, timeline, variants) {
-  const W = 320, H = 150, L = 40, R = 8, T = 8, B = 22;
+// One figure over time: the y axis titled with its unit, the x axis with the time of day, the
+// guardrails' limit lines (in the scale, so a line is never off the chart), and each decision
+// a labelled vertical line.
+function chart(key, caption, series, data, timeline, variants, limits) {
+  const W = 320, H = 168, L = 46, R = 8, T = 14, B = 34;
   const t0 = series.t[0] || 0;
   const t1 = (series.t[series.t.length - 1] || 0) + series.step_s;
   const all = data.flatMap((d) => d.values).filter((x) => x !== null);
-  const top = niceMax(Math.max(...all, isRate(key) ? 0.01 : 0) * 1.05);
+  const top = niceMax(Math.max(...all, ...limits.map((l) => l.value), isRate(key) ? 0.01 : 0) * 1.05);
   const x = (t) => L + ((t - t0) / (t1 - t0 || 1)) * (W - L - R);
   const y = (v) => T + (1 - v / top) * (H - T - B);
   const parts = [];
@@ -334,14 +478,26 @@ function chart(key, caption, series, data, timeline, variants) {
     parts.push(svg("line", { class: "grid", x1: L, x2: W - R, y1: y(top * f), y2: y(top * f) }));
     parts.push(svg("text", { class: "tick", x: L - 4, y: y(top * f) + 3, "text-anchor": "end" }, tick(key, top * f)));
   }
+  const units = (state.series && state.series.units) || {};
+  const yTitle = key === "window_requests" ? `requests / ${duration(series.step_s)}` : units[key] || "count";
+  parts.push(svg("text", { class: "axis-title", x: 0, y: 0, transform: `translate(9 ${T + (H - T - B) / 2}) rotate(-90)`, "text-anchor": "middle" }, yTitle));
+  parts.push(svg("text", { class: "axis-title", x: L + (W - L - R) / 2, y: H - 2, "text-anchor": "middle" }, `time of day (${duration(series.step_s)} buckets)`));
   const seconds = t1 - t0 < 600;
   for (const [t, anchor] of [[t0, "start"], [(t0 + t1) / 2, "middle"], [t1, "end"]]) {
-    parts.push(svg("text", { class: "tick", x: x(t), y: H - 6, "text-anchor": anchor }, clock(t, seconds)));
+    parts.push(svg("text", { class: "tick", x: x(t), y: H - 14, "text-anchor": anchor }, clock(t, seconds)));
+  }
+  for (const limit of limits) {
+    parts.push(svg("line", { class: `limit ${limit.kind}`, x1: L, x2: W - R, y1: y(limit.value), y2: y(limit.value), "data-value": JSON.stringify(limit.value) },
+      svg("title", {}, limit.text)));
+    parts.push(svg("text", { class: `limit-label ${limit.kind}`, x: W - R - 2, y: y(limit.value) - 2, "text-anchor": "end" }, limit.kind === "ceiling" ? "ceiling" : "limit"));
   }
   for (const rec of timeline) {
     if (rec.time < t0 || rec.time > t1) continue;
+    const why = `${clock(rec.time)} ${rec.action}: ${(rec.reasons || []).join("; ")}`;
     parts.push(svg("line", { class: `marker action-${rec.action}`, x1: x(rec.time), x2: x(rec.time), y1: T, y2: H - B },
-      svg("title", {}, `${clock(rec.time)} ${rec.action}: ${(rec.reasons || []).join("; ")}`)));
+      svg("title", {}, why)));
+    const late = x(rec.time) > W - R - 40;  // near the right edge: the label reads leftwards
+    parts.push(svg("text", { class: `marker-label action-${rec.action}`, x: x(rec.time) + (late ? -2 : 2), y: T - 3, "text-anchor": late ? "end" : "start", "data-id": rec.id }, rec.action, svg("title", {}, why)));
   }
   for (const d of data) {
     let path = "";
@@ -457,6 +613,9 @@ async function submitAction(ev) {
 
 document.addEventListener("DOMContentLoaded", () => {
   takeTokenFromUrl();
+  setInterval(tickLadder, 1000);
+  $("range").addEventListener("change", (ev) => { span = ev.target.value; refresh(); });
+  window.addEventListener("hashchange", () => { if (takeTokenFromUrl()) refresh(); });
   $("confirm-form").addEventListener("submit", submitAction);
   $("confirm-cancel").addEventListener("click", () => $("confirm").close());
   refresh();
