@@ -85,7 +85,10 @@ class Check:
     this). ``parts`` holds every e-valued test of the look (name, log e), carried separately;
     ``reference`` is stable's quantile in this stage, the next stage's reference; ``stratum``
     this stage's tail events (events, the candidate's, its share), for the stage-end test at
-    ``stage_end_alpha``."""
+    ``stage_end_alpha``. ``threshold`` is the e-value at which ``evidence`` fails the check (the
+    inverse of the alpha it spends); a waiting check has ``have`` of the ``need`` samples it
+    waits for, counted in ``counting`` (the operator surfaces show these, never parse
+    ``detail``)."""
 
     variant: str
     metric: str
@@ -101,6 +104,10 @@ class Check:
     reference: float | None = None
     stratum: Stratum | None = None
     stage_end_alpha: float = 0.0
+    threshold: float | None = None
+    have: int | None = None
+    need: int | None = None
+    counting: str = ""
 
     @property
     def key(self) -> str:
@@ -108,7 +115,7 @@ class Check:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("estimate", "bound", "log_e", "evidence", "reference"):
+        for k in ("estimate", "bound", "log_e", "evidence", "reference", "threshold"):
             v = d[k]
             d[k] = None if v is None or not math.isfinite(v) else round(v, 4)
         d["parts"] = {p: round(v, 4) if math.isfinite(v) else None for p, v in self.parts}
@@ -339,16 +346,31 @@ def check_guardrail(
     # Conversations are known for what the request events carry (not feedback or probes).
     per_request = info.kind in ("quantile", "mean") or info.events in COUNTERS
 
-    def waiting(detail: str) -> Check:
-        return Check(variant, g.metric, g.action, "waiting", None, None, g.margin, detail)
+    def waiting(detail: str, got: int, need: int, counting: str) -> Check:
+        return Check(
+            variant,
+            g.metric,
+            g.action,
+            "waiting",
+            None,
+            None,
+            g.margin,
+            detail,
+            have=got,
+            need=need,
+            counting=counting,
+        )
 
     if have < g.min_samples:
-        return waiting(f"{have}/{g.min_samples} {info.trials}")
+        return waiting(f"{have}/{g.min_samples} {info.trials}", have, g.min_samples, info.trials)
     if per_request and cand.assignment_units < g.min_conversations:
-        more = g.min_conversations - cand.assignment_units
+        units, more = cand.assignment_units, g.min_conversations - cand.assignment_units
         return waiting(
-            f"needs {more} more conversations ({cand.assignment_units}/{g.min_conversations}): "
-            "requests of one conversation are not independent"
+            f"needs {more} more conversations ({units}/{g.min_conversations}): "
+            "requests of one conversation are not independent",
+            units,
+            g.min_conversations,
+            "conversations",
         )
     ceiling = g.max_absolute is not None and info.kind != "win_rate"
     share = alpha.rollout * (1.0 - CEILING_SHARE) if ceiling else alpha.rollout
@@ -377,6 +399,7 @@ def check_guardrail(
             reference,
             main.stratum,
             main.stage_end_alpha,
+            1 / main_e.alpha if main_e else None,
         )
 
     for r in results:

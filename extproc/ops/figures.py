@@ -195,11 +195,6 @@ def flatten(figures: Mapping[str, Any], prefix: str = "") -> dict[str, Figure]:
     return out
 
 
-# The evaluator states each e-valued test's threshold in its detail ("fails at 60"): the alpha it
-# spent is its own, so the threshold is read from what it wrote, never recomputed here.
-_NEEDED = re.compile(r"fails at ([0-9.eE+-]+)")
-# A check waiting for samples says "have/min what" ("12/100 candidate requests").
-_WAITING = re.compile(r"^(\d+)/(\d+) (.+)$")
 _BIG_E = 1e6
 STATES = {"pass": "passing", "fail": "failing", "waiting": "waiting"}
 
@@ -225,8 +220,8 @@ def _evidence(check: Mapping[str, Any]) -> tuple[str | None, float | None]:
     if log_e is None:
         return None, None
     e = math.exp(min(log_e, 700.0))
-    found = _NEEDED.search(str(check.get("detail") or ""))
-    needed = float(found.group(1)) if found else None
+    # The evaluator's own threshold (the alpha it spent is its own), never recomputed here.
+    needed = _number(check.get("threshold"))
     if needed is None or needed <= 1:
         return f"e = {e_text(e)}", None
     progress = min(max(log_e / math.log(needed), 0.0), 1.0)
@@ -237,11 +232,9 @@ def _needs(check: Mapping[str, Any]) -> str | None:
     """What a waiting check waits for, in words: "needs 88 more candidate requests (12 of 100)"."""
     if check.get("status") != "waiting":
         return None
-    detail = str(check.get("detail") or "")
-    found = _WAITING.match(detail)
-    if found is None:
-        return detail if detail.startswith("needs") else f"needs more samples: {detail}"
-    have, need, what = int(found.group(1)), int(found.group(2)), found.group(3)
+    have, need, what = check.get("have"), check.get("need"), check.get("counting")
+    if not (isinstance(have, int) and isinstance(need, int) and what):
+        return f"needs more samples: {check.get('detail') or ''}"
     return f"needs {need - have:,} more {what} ({have:,} of {need:,})"
 
 

@@ -386,6 +386,7 @@ FAILING = {
     "margin": 0.5,
     "detail": "latency_p99: tail ratio 9.71; evidence e=77.4 over the rollout (fails at 60)",
     "evidence": 4.349,
+    "threshold": 60.0,
 }
 WAITING = {
     "variant": "canary",
@@ -397,6 +398,9 @@ WAITING = {
     "margin": 0.5,
     "detail": "12/100 candidate requests",
     "evidence": None,
+    "have": 12,
+    "need": 100,
+    "counting": "candidate requests",
 }
 
 

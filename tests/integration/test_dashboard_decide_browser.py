@@ -51,6 +51,7 @@ FAILING = {
     "evidence": 4.349,
     "parts": {"": 4.35},
     "reference": 100.0,
+    "threshold": 60.0,
 }
 WAITING = {
     "variant": "canary",
@@ -61,6 +62,9 @@ WAITING = {
     "bound": None,
     "margin": 0.5,
     "detail": "12/100 candidate requests",
+    "have": 12,
+    "need": 100,
+    "counting": "candidate requests",
     "log_e": None,
     "evidence": None,
     "parts": {},
@@ -80,6 +84,7 @@ PASSING = {
     "evidence": -0.69,
     "parts": {"": -0.69},
     "reference": None,
+    "threshold": 20.0,
 }
 
 

@@ -144,6 +144,7 @@ def test_a_verdict_reads_harm_bound_limit_and_evidence_by_the_one_rule() -> None
             margin=0.1025,
             evidence=math.log(77.4),
             detail="...; evidence e=77.4 over the rollout (fails at 60): worse beyond the margin",
+            threshold=60.0,
         )
     )
     assert v["state"] == "failing"
@@ -156,21 +157,26 @@ def test_a_verdict_reads_harm_bound_limit_and_evidence_by_the_one_rule() -> None
 
 
 def test_evidence_progress_is_on_the_log_scale_and_absent_without_evidence() -> None:
-    half = figures.verdict(_check(evidence=math.log(20) / 2, detail="(fails at 20)"))
+    half = figures.verdict(_check(evidence=math.log(20) / 2, threshold=20.0))
     assert half["progress"] == pytest.approx(0.5)
     assert half["text"]["evidence"] == "e = 4.5 of 20 needed"
-    bare = figures.verdict(_check(evidence=0.0, detail="no threshold stated"))
+    bare = figures.verdict(_check(evidence=0.0, threshold=None))
     assert (bare["text"]["evidence"], bare["progress"]) == ("e = 1.0", None)
     none = figures.verdict(_check(detail="error rate: no candidate requests yet"))
     assert (none["text"]["evidence"], none["progress"]) == (figures.MISSING, None)
 
 
 def test_a_waiting_verdict_says_what_it_needs() -> None:
-    v = figures.verdict(_check(status="waiting", detail="1234/2000 candidate requests"))
+    v = figures.verdict(
+        _check(status="waiting", have=1234, need=2000, counting="candidate requests")
+    )
     assert v["text"]["needs"] == "needs 766 more candidate requests (1,234 of 2,000)"
     assert v["text"]["estimate"] == figures.MISSING
-    conv = "needs 5 more conversations (15/20): requests of one conversation are not independent"
-    assert figures.verdict(_check(status="waiting", detail=conv))["text"]["needs"] == conv
+    conv = _check(status="waiting", have=15, need=20, counting="conversations")
+    assert figures.verdict(conv)["text"]["needs"] == "needs 5 more conversations (15 of 20)"
+    # A waiting test that counts nothing of its own says why it waits.
+    tail = _check(status="waiting", detail="no tail events yet")
+    assert figures.verdict(tail)["text"]["needs"] == "needs more samples: no tail events yet"
 
 
 def test_a_ceiling_failure_shows_no_change_from_stable() -> None:

@@ -358,7 +358,21 @@ def test_a_verdict_waits_for_enough_conversations() -> None:
     (check,) = v.checks
     assert check.status == "waiting"
     assert "needs 17 more conversations" in check.detail
+    assert (check.have, check.need, check.counting) == (3, 20, "conversations")
     assert v.action == "none"
+    few = _stage(_events("stable", 4000), _events("canary", 30, seed=2))
+    (check,) = judge(spec, few, _split(few), stage=0, stage_age_s=60).checks
+    assert (check.have, check.need, check.counting) == (30, 50, "candidate requests")
+
+
+def test_a_check_states_the_evidence_it_fails_at() -> None:
+    """The threshold the operator surfaces show ("e = 77 of 60 needed") is the evaluator's own:
+    the inverse of the alpha the check spends, as its detail states it."""
+    w = _stage(_events("stable", 4000), _events("canary", 400, seed=2))
+    (check,) = judge(_spec(CEILING), w, _split(w), stage=0, stage_age_s=60).checks
+    assert check.threshold is not None
+    assert f"fails at {check.threshold:.3g}" in check.detail
+    assert check.to_json()["threshold"] == round(check.threshold, 4)
 
 
 def test_clustered_refusals_are_weighed_by_conversation() -> None:
