@@ -19,8 +19,13 @@ from pathlib import Path
 
 import aiohttp
 
+from extproc.telemetry.inspect import ResponseInspector
+
 DEMO_EXPERIMENT = Path(__file__).parent.parent / "data" / "demo-experiment.yaml"
 """The demo's schedule: short stages, so a whole rollout takes about a minute."""
+ANSWER_BYTES = 200
+"""How much of each answer the demo's conversations send back as the assistant's turn."""
+
 DEMO_MODELS = {
     "stable": [
         "--latency-ms",
@@ -55,13 +60,16 @@ class TrafficReport:
     moved_conversations: int
 
 
-async def _conversation(
+async def conversation(
     session: aiohttp.ClientSession,
     url: str,
     turns: int,
     report: TrafficReport,
     rng: random.Random,
 ) -> None:
+    """One user's conversation of ``turns`` requests, streamed or not at random, under one
+    conversation id (so it stays on one variant while the weights allow), counted in
+    ``report``."""
     conv = f"demo-{uuid.uuid4()}"
     seen: set[str] = set()
     messages: list[dict[str, str]] = []
@@ -76,7 +84,8 @@ async def _conversation(
         }
         try:
             async with session.post(url, json=body, headers={"x-conversation-id": conv}) as resp:
-                text = await resp.text()
+                answer = ResponseInspector(resp.headers.get("content-type", ""), ANSWER_BYTES)
+                answer.feed(await resp.read(), 0)
                 variant = resp.headers.get("x-llm-variant", "?")
                 ok = resp.status == 200
         except aiohttp.ClientError:
@@ -86,7 +95,8 @@ async def _conversation(
         report.errors += 0 if ok else 1
         report.by_variant[variant] += 1
         seen.add(variant)
-        messages.append({"role": "assistant", "content": text[:200]})
+        # The answer's text, as a chat client sends the conversation back (not the raw body).
+        messages.append({"role": "assistant", "content": answer.finish().text or ""})
     if len(seen) > 1:
         report.moved_conversations += 1
 
@@ -114,7 +124,7 @@ async def _traffic_until(listener: str, stop: asyncio.Event, report: TrafficRepo
 
         async def worker() -> None:
             while not stop.is_set():
-                await _conversation(session, url, rng.randint(2, 6), report, rng)
+                await conversation(session, url, rng.randint(2, 6), report, rng)
 
         await asyncio.gather(*(worker() for _ in range(8)))
 
