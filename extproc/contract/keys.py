@@ -109,3 +109,9 @@ def batch(experiment: str, batch_id: str) -> str:
 def rollup(experiment: str, width_s: int, start_s: int) -> str:
     """One time bucket's aggregates (``telemetry/rollup.py``): ``width_s`` from ``start_s``."""
     return _tagged(experiment, f"rollup:{width_s}:{start_s}")
+
+
+def open_requests(experiment: str, traffic: str, variant: str) -> str:
+    """Requests of one variant and kind of traffic reported still open (in-flight notices whose
+    final event has not come yet), scored by start time (``telemetry/rollup.py``)."""
+    return _tagged(experiment, f"open:{traffic}:{variant}")

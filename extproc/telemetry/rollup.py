@@ -14,6 +14,12 @@ quantile read back is within ``ALPHA`` (2%) of the true sample quantile's value,
 distribution, and sketches of many buckets merge by adding counts. The evaluator does not judge
 from rollups: its tests need exact ranks, and it keeps reading the events of its stage.
 
+Requests still open are not a sum: a request noticed open (its in-flight notice) stops being
+open when its final event comes. The writer keeps them in one sorted set per kind of traffic and
+variant (member: the request id, score: its start), adding on the notice and removing on the
+final event, in the same script; a reader counts members. A request whose final event never
+comes (its sidecar died) stops counting after :data:`OPEN_FOR_AT_MOST_MS`.
+
 Layout in Redis (one hash per bucket, all under the experiment's hash tag): field
 ``<traffic>|<variant>|<name>``; a sketch bin is ``<name>:<index>``. Buckets are written at two
 widths (:data:`WIDTHS_S`) so that a range of minutes and one of hours both read a few dozen
@@ -44,6 +50,9 @@ ALPHA: Final = 0.02
 
 _GAMMA: Final = (1 + ALPHA) / (1 - ALPHA)
 _LOG_GAMMA: Final = math.log(_GAMMA)
+OPEN_FOR_AT_MOST_MS: Final = 3_600_000
+"""A request noticed open longer than this is taken as lost (its final event never came)."""
+
 _ZERO: Final = "z"  # the sketch bin of values <= 0 (a request answered within the clock's tick)
 
 
@@ -332,3 +341,42 @@ def merged(
                 mine = out[key] = Tally()
             mine.merge(t)
     return out
+
+
+OpenChanges = dict[tuple[str, str], tuple[list[tuple[int, str]], list[str]]]
+
+
+def open_changes(events: Iterable[TelemetryEvent], notice_ms: float) -> OpenChanges:
+    """What a batch changes in the open-request sets, by (traffic, variant): the requests noticed
+    open (start ms, request id) and the requests that ended and may have been noticed (those
+    that lasted ``notice_ms`` or more: a shorter one was never noticed)."""
+    out: OpenChanges = {}
+    for ev in events:
+        if not ev.variant or not ev.request_id:
+            continue
+        if ev.in_flight:
+            entry = out.setdefault((outcome.traffic(ev), ev.variant), ([], []))
+            entry[0].append((outcome.started_ms(ev), ev.request_id))
+        elif not ev.HasField("duration_ms") or ev.duration_ms >= notice_ms:
+            entry = out.setdefault((outcome.traffic(ev), ev.variant), ([], []))
+            entry[1].append(ev.request_id)
+    return out
+
+
+async def open_counts(
+    r: aioredis.Redis | aioredis.RedisCluster,
+    experiment: str,
+    pairs: Iterable[tuple[str, str]],
+    now_ms: int,
+) -> dict[tuple[str, str], int]:
+    """Requests still open, by (traffic, variant), for the pairs asked; one round trip."""
+    asked = list(pairs)
+    async with r.pipeline(transaction=False) as pipe:
+        for kind, variant in asked:
+            pipe.zcount(
+                keys.open_requests(experiment, kind, variant),
+                now_ms - OPEN_FOR_AT_MOST_MS,
+                "+inf",
+            )
+        counts = await pipe.execute()
+    return {pair: int(n) for pair, n in zip(asked, counts, strict=True)}

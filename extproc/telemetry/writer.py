@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -68,15 +69,19 @@ class _Batch:
 
 
 # KEYS: stream, counts, this batch's id key, the previous batch's id key (deleted; the same key
-# for an experiment's first batch), then one key per rollup bucket the batch touches.
-# ARGV: id TTL (s), stream MAXLEN, the events' field, event count, variant count, rollup
-# retention (s), the events, the variant and count pairs, then for each rollup key: its number
-# of integer fields and of float fields, and those fields as name and increment pairs.
+# for an experiment's first batch), then one key per rollup bucket the batch touches, then one
+# per open-request set it changes.
+# ARGV: id TTL (s), stream MAXLEN, the events' field, event count, variant count, retention (s)
+# of rollups and open sets, rollup key count, the oldest start (ms) an open request may have,
+# the events, the variant and count pairs; then for each rollup key: its number of integer
+# fields and of float fields, and those fields as name and increment pairs; then for each open
+# set: its number of requests added and removed, the added as score and id pairs, the removed.
 _APPLY_BATCH = """
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 if KEYS[4] ~= KEYS[3] then redis.call('DEL', KEYS[4]) end
 local n = tonumber(ARGV[4])
-local i = 7
+local rollups = tonumber(ARGV[7])
+local i = 9
 for _ = 1, n do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', ARGV[3], ARGV[i])
   i = i + 1
@@ -85,7 +90,7 @@ for _ = 1, tonumber(ARGV[5]) do
   redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
   i = i + 2
 end
-for k = 5, #KEYS do
+for k = 5, 4 + rollups do
   local ints, floats = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   i = i + 2
   for _ = 1, ints do
@@ -96,6 +101,20 @@ for k = 5, #KEYS do
     redis.call('HINCRBYFLOAT', KEYS[k], ARGV[i], ARGV[i + 1])
     i = i + 2
   end
+  redis.call('EXPIRE', KEYS[k], ARGV[6])
+end
+for k = 5 + rollups, #KEYS do
+  local added, removed = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  i = i + 2
+  for _ = 1, added do
+    redis.call('ZADD', KEYS[k], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  for _ = 1, removed do
+    redis.call('ZREM', KEYS[k], ARGV[i])
+    i = i + 1
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', '(' .. ARGV[8])
   redis.call('EXPIRE', KEYS[k], ARGV[6])
 end
 return n
@@ -124,6 +143,7 @@ class TelemetryWriter:
         flush_interval_s: float = 0.05,
         stream_maxlen: int = 1_000_000,
         rollup_retention_s: int = ROLLUP_RETENTION_S,
+        notice_ms: float = 0.0,
     ) -> None:
         self.redis = redis
         self.max_buffer = max_buffer
@@ -132,6 +152,9 @@ class TelemetryWriter:
         self.flush_interval_s = flush_interval_s
         self.stream_maxlen = stream_maxlen
         self.rollup_retention_s = rollup_retention_s
+        # The data plane's in-flight notice age: a request that ended sooner was never noticed,
+        # so its end need not be taken out of the open-request sets (0: take every end out).
+        self.notice_ms = notice_ms
         self.stats = WriterStats()
         self._buffer: deque[TelemetryEvent] = deque()
         self._pending: _Batch | None = None  # taken from the buffer, outcome not known yet
@@ -200,6 +223,7 @@ class TelemetryWriter:
             )
             batch_key = keys.batch(name, batch.id)
             rollup_keys, rollup_args = _rollups(name, events)
+            open_keys, open_args = _open_sets(name, events, self.notice_ms)
             await self._script(
                 keys=[
                     keys.events(name),
@@ -207,6 +231,7 @@ class TelemetryWriter:
                     batch_key,
                     self._last_batch.get(name, batch_key),
                     *rollup_keys,
+                    *open_keys,
                 ],
                 args=[
                     BATCH_ID_TTL_S,
@@ -215,9 +240,12 @@ class TelemetryWriter:
                     len(events),
                     len(counts),
                     self.rollup_retention_s,
+                    len(rollup_keys),
+                    int(time.time() * 1000) - rollup.OPEN_FOR_AT_MOST_MS,
                     *(ev.SerializeToString() for ev in events),
                     *(x for variant, n in counts.items() for x in (variant, n)),
                     *rollup_args,
+                    *open_args,
                 ],
             )
             self._last_batch[name] = batch_key
@@ -281,6 +309,21 @@ def _rollups(
                 args += [k, v]
             for k, f in floats.items():
                 args += [k, repr(f)]
+    return names, args
+
+
+def _open_sets(
+    experiment: str, events: list[TelemetryEvent], notice_ms: float
+) -> tuple[list[str], list[str | int]]:
+    """The open-request sets a batch changes, and the script's arguments for them."""
+    names: list[str] = []
+    args: list[str | int] = []
+    for (kind, variant), (added, removed) in rollup.open_changes(events, notice_ms).items():
+        names.append(keys.open_requests(experiment, kind, variant))
+        args += [len(added), len(removed)]
+        for start_ms, rid in added:
+            args += [start_ms, rid]
+        args += removed
     return names, args
 
 
