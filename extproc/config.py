@@ -175,10 +175,39 @@ DEFAULT_GUARDRAILS = [
 JUDGE_GUARDRAIL = {"metric": "judge_win_rate", "max_decrease": 0.05, "action": "rollback"}
 
 
-class Rollout(_Strict):
-    """How the evaluator walks the stages; every number here is per stage."""
+Gate = Literal["auto", "manual"]
 
-    stages: list[float] = Field(default=[2, 5, 10, 25, 50, 100], min_length=1)
+
+class Stage(_Strict):
+    """One canary stage with a schedule of its own: operators ramp early stages quickly and on
+    their own, later ones slowly and behind a person (``gate: manual`` waits for
+    `extproc experiment promote`). A field left out takes the rollout's default
+    (``min_stage_seconds``, ``min_stage_samples``, ``auto_advance``)."""
+
+    share: float = Field(description="percent of conversations per candidate (checked 0..100)")
+    min_seconds: float | None = Field(default=None, ge=0)
+    min_samples: int | None = Field(default=None, ge=0, description="candidate requests")
+    gate: Gate | None = None
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """A stage's resolved schedule: its own values, else the rollout's defaults."""
+
+    share: float
+    min_seconds: float
+    min_samples: int
+    gate: Gate
+
+
+class Rollout(_Strict):
+    """How the evaluator walks the stages; every number here is per stage.
+
+    ``stages`` mixes plain shares and :class:`Stage` objects; the ``min_stage_*`` fields and
+    ``auto_advance`` are the schedule of every stage that does not set its own.
+    """
+
+    stages: list[float | Stage] = Field(default=[2, 5, 10, 25, 50, 100], min_length=1)
     min_stage_seconds: float = Field(default=300, ge=0)
     min_stage_samples: int = Field(default=200, ge=0, description="candidate requests")
     auto_advance: bool = True
@@ -196,6 +225,22 @@ class Rollout(_Strict):
             "until the rollout completes: the last stage's comparison"
         ),
     )
+
+    @property
+    def shares(self) -> list[float]:
+        """Each stage's share, whether the file wrote it plain or as an object."""
+        return [s.share if isinstance(s, Stage) else s for s in self.stages]
+
+    def schedule(self, stage: int) -> StageSchedule:
+        """What stage ``stage`` (0-based) must show before it ends, and who ends it."""
+        s = self.stages[stage]
+        own = s if isinstance(s, Stage) else Stage(share=s)
+        return StageSchedule(
+            share=own.share,
+            min_seconds=self.min_stage_seconds if own.min_seconds is None else own.min_seconds,
+            min_samples=self.min_stage_samples if own.min_samples is None else own.min_samples,
+            gate=own.gate or ("auto" if self.auto_advance else "manual"),
+        )
 
 
 class Inflight(_Strict):
@@ -337,9 +382,36 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def _structural_problems(err: ValidationError) -> list[str]:
+_STAGE_FORMS = ("float", "Stage")
+"""Pydantic's names for the two forms of a ``rollout.stages`` entry, in an error's location."""
+
+
+def _stage_error_kept(loc: tuple[int | str, ...], raw: Mapping[str, Any]) -> bool:
+    """Whether an error of one form of a ``rollout.stages`` entry applies to what was written.
+
+    Pydantic reports a bad entry against both forms (a share and an object); only the form the
+    file used is the user's problem, and a plain value that is no share is reported once, by
+    the semantic check. The form's name is dropped from the path by the caller.
+    """
+    rollout = raw.get("rollout")
+    stages = rollout.get("stages") if isinstance(rollout, Mapping) else None
+    index = loc[2]
+    if not isinstance(stages, list) or not isinstance(index, int) or index >= len(stages):
+        return True
+    return loc[3] == "Stage" and isinstance(stages[index], Mapping)
+
+
+def _structural_problems(err: ValidationError, raw: Mapping[str, Any] | None = None) -> list[str]:
+    """Pydantic's errors as ``path: message``; ``raw``, the experiment document, tells which
+    form of a ``rollout.stages`` entry the file used (other documents have no stages)."""
     out = []
     for e in err.errors():
+        loc = tuple(e["loc"])
+        stage_form = len(loc) > 3 and loc[:2] == ("rollout", "stages") and loc[3] in _STAGE_FORMS
+        if raw is not None and stage_form:
+            if not _stage_error_kept(loc, raw):
+                continue
+            e["loc"] = loc[:3] + loc[4:]
         msg = e["msg"]
         if e["type"] in ("greater_than_equal", "less_than_equal") and e["loc"][-1] == "weight":
             msg = "must be 0..100"
@@ -415,11 +487,18 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
                 problems.append(f"sticky_keys.{i}: {k!r} is not a lower-case header name")
     rollout = raw.get("rollout")
     if isinstance(rollout, Mapping) and isinstance(rollout.get("stages"), list):
-        stages = rollout["stages"]
+        problems += _stage_schedule_problems(rollout, raw.get("strategy", "canary"))
+        stages = [s.get("share") if isinstance(s, Mapping) else s for s in rollout["stages"]]
         shares = [s for s in stages if isinstance(s, int | float) and not isinstance(s, bool)]
         for i, s in enumerate(stages):
-            if s not in shares or not 0 <= s <= 100:
-                problems.append(f"rollout.stages.{i}: must be a percentage 0..100")
+            if isinstance(rollout["stages"][i], Mapping):
+                if s in shares and not 0 <= s <= 100:
+                    problems.append(f"rollout.stages.{i}.share: must be a percentage 0..100")
+            elif s not in shares or not 0 <= s <= 100:
+                problems.append(
+                    f"rollout.stages.{i}: must be a percentage 0..100 or a stage "
+                    "{share, min_seconds, min_samples, gate}"
+                )
         if len(shares) == len(stages) and shares != sorted(shares):
             problems.append("rollout.stages: must increase (a ramp, e.g. [2, 5, 10, 25, 50, 100])")
         cands = [v for v in variants if v != raw.get("stable")]
@@ -469,6 +548,19 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
             if a not in variants:
                 problems.append(f"forced_routing.allow.{i}: {a!r} is not one of the variants")
     return problems
+
+
+def _stage_schedule_problems(rollout: Mapping[str, Any], strategy: Any) -> list[str]:
+    """Stage objects schedule the stages of a ramp; other strategies have one stage, scheduled
+    by ``min_stage_seconds``, ``min_stage_samples`` and ``auto_advance``."""
+    if strategy == "canary":
+        return []
+    return [
+        f"rollout.stages.{i}: a stage with its own schedule needs strategy canary; "
+        f"strategy {strategy} uses min_stage_seconds, min_stage_samples and auto_advance"
+        for i, s in enumerate(rollout["stages"])
+        if isinstance(s, Mapping)
+    ]
 
 
 def _guardrail_problems(g: Mapping[str, Any], where: str) -> list[str]:
@@ -616,7 +708,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
-        problems += _structural_problems(err)
+        problems += _structural_problems(err, raw)
     problems += _semantic_problems(raw)
     if isinstance(raw.get("variants"), Mapping):
         problems += _signal_source_problems(raw, raw["variants"])

@@ -76,6 +76,7 @@ def cmd_analyze(ns: argparse.Namespace) -> int:
             cadence_s=ns.cadence,
             every_checkpoint=ns.every_checkpoint,
             split=ns.split,
+            promote_when_ready=ns.promote_when_ready,
         )
     except EventLogError as exc:
         err(str(exc))
@@ -129,6 +130,12 @@ def register(add: AddVerb) -> None:
         default="schedule",
         help="judge the recorded split against the schedule's weights (sample-ratio check, as "
         "live; default) or under the observed split (a log recorded at another split)",
+    )
+    p.add_argument(
+        "--promote-when-ready",
+        action="store_true",
+        help="promote a stage behind a manual gate as soon as it is ready (default: it holds, "
+        "as no operator is there)",
     )
 
     p = add("plan", cmd_plan, "write a risk-graded experiment file from model metadata")

@@ -29,6 +29,9 @@ abort                  running or paused               aborted, weights: all to 
 any other intent       otherwise                       recorded as ignored, nothing else changes
 =====================  ==============================  ===========================================
 
+A stage behind a manual gate (``gate: manual``) never gets an ``advance`` verdict: the judge
+says ``none`` with ``awaiting_promote`` once it is ready, and only a promote moves it on.
+
 An advance or a promote also carries each e-valued guardrail's evidence into the next stage
 (``judge.carry_evidence``), from the verdict of the stage's last look.
 
@@ -110,7 +113,7 @@ def _advance(
     actor: str = "",
 ) -> Transition:
     s = replace(state, last_reasons=list(reasons))
-    last = s.stage >= len(spec.rollout.stages) - 1
+    last = s.stage >= len(spec.rollout.shares) - 1
     if spec.strategy != "canary" or last:
         s.status, s.last_action = "completed", "complete"
         weights: dict[str, float] | None = None

@@ -53,7 +53,7 @@ def stage_weights(spec: ExperimentSpec, stage: int, *, holdback: bool = True) ->
     """
     if spec.strategy != "canary":
         return {n: v.weight for n, v in spec.variants.items()}
-    share = spec.rollout.stages[stage]
+    share = spec.rollout.shares[stage]
     cands = [v for v in spec.variants if v != spec.stable]
     keep = spec.rollout.holdback if holdback else 0.0
     if 100 - share * len(cands) < keep:

@@ -9,20 +9,26 @@ writes a ready, validated experiment file that says why in its header.
 
 Risk, from low to high (the target's relation to the current model):
 
-============  ========================================  ====================================
+============  ========================================  ==========================================
 tier          evidence                                  plan
-============  ========================================  ====================================
-config        same ``weights_hash``                     rolling: 25 → 50 → 100%, 15 min
-fine-tune     same ``base_model`` (or a quantization)   canary from 10%, 1 h
-new-version   same ``family``                           canary from 5%, 4 h
-new-family    anything else, or nothing to compare      canary from 2%, 24 h
-============  ========================================  ====================================
+============  ========================================  ==========================================
+config        same ``weights_hash``                     rolling: 25 → 50 → 100%, 15 min, automatic
+fine-tune     same ``base_model`` (or a quantization)   canary from 10%, 1 h, 100% behind a gate
+new-version   same ``family``                           canary from 5%, 4 h, 50% on behind a gate
+new-family    anything else, or nothing to compare      canary from 2%, 24 h, 25% on behind a gate
+============  ========================================  ==========================================
 
-The evaluation time is split evenly over the stages (``min_stage_seconds``). Evidence is only
-what both files state: a field missing on either side proves nothing. A declared ``kind`` is
-taken as given unless the metadata prove the change riskier (a "config" change whose weights
-hashes differ is at least a fine-tune), and with neither a kind nor evidence the change is
-treated as a new family: unknown risk is high risk.
+Each tier is a per-stage schedule (``rollout.stages`` objects): stage times and minimum
+candidate requests grow with the share, because the later stages are where slow-onset trouble
+(memory growth, the daily load cycle) shows and where a regression reaches most users; and from
+the share where a miss would hurt many users on, a stage ends only when a person promotes it
+(``gate: manual``) after the guardrails passed. A config change keeps equal, automatic stages:
+it can only break serving, which the first stage shows.
+
+Evidence is only what both files state: a field missing on either side proves nothing. A
+declared ``kind`` is taken as given unless the metadata prove the change riskier (a "config"
+change whose weights hashes differ is at least a fine-tune), and with neither a kind nor
+evidence the change is treated as a new family: unknown risk is high risk.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from extproc.config import (
     NAME_RE,
     ConfigError,
     Experiment,
+    Gate,
     load_experiment,
     parse_experiment,
 )
@@ -86,21 +93,61 @@ class ModelMeta(BaseModel):
 
 
 @dataclass(frozen=True)
+class Step:
+    """One planned stage: its share, minimum time and candidate requests, and who ends it."""
+
+    share: float
+    seconds: int
+    samples: int
+    gate: Gate = "auto"
+
+    def describe(self) -> str:
+        gate = ", manual gate" if self.gate == "manual" else ""
+        return f"{self.share:g}% ({_duration(self.seconds)}, {self.samples} requests{gate})"
+
+
+@dataclass(frozen=True)
 class Grade:
     """The rollout parameters of a risk tier."""
 
     strategy: str
     label: str
-    stages: tuple[float, ...]
-    total_s: int
-    min_stage_samples: int
+    steps: tuple[Step, ...]
     latency_margin: float  # p99 latency and TTFT p95, relative
     error_margin: float  # error rate, relative
     error_ceiling: float  # error rate, absolute
 
     @property
+    def stages(self) -> tuple[float, ...]:
+        return tuple(s.share for s in self.steps)
+
+    @property
+    def total_s(self) -> int:
+        return sum(s.seconds for s in self.steps)
+
+    @property
     def min_stage_seconds(self) -> int:
-        return self.total_s // len(self.stages)
+        """The first stage's time: the file's default, which stages that differ override."""
+        return self.steps[0].seconds
+
+    @property
+    def min_stage_samples(self) -> int:
+        return self.steps[0].samples
+
+    def stage_entries(self) -> list[float | dict[str, Any]]:
+        """``rollout.stages`` as written: a plain share where a stage keeps the defaults (the
+        first stage's time and requests, automatic), an object with what differs elsewhere."""
+        out: list[float | dict[str, Any]] = []
+        for s in self.steps:
+            own: dict[str, Any] = {}
+            if s.seconds != self.min_stage_seconds:
+                own["min_seconds"] = s.seconds
+            if s.samples != self.min_stage_samples:
+                own["min_samples"] = s.samples
+            if s.gate != "auto":
+                own["gate"] = s.gate
+            out.append({"share": s.share, **own} if own else s.share)
+        return out
 
     def guardrails(self) -> list[dict[str, Any]]:
         """The graded guardrails; tokens and length only warn (a new model may answer longer)."""
@@ -118,14 +165,59 @@ class Grade:
         ]
 
 
+_M, _H = 60, 3600
 GRADES: dict[Tier, Grade] = {
     # Same weights: only serving can break, and it breaks for everyone alike, so big steps and
     # tight margins (a config change should cost nothing; a 25% share detects small shifts).
-    "config": Grade("canary", "rolling (quick canary)", (25, 50, 100), 900, 200, 0.10, 0.25, 0.01),
-    "fine-tune": Grade("canary", "canary", (10, 25, 50, 100), 3600, 300, 0.20, 0.50, 0.02),
-    "new-version": Grade("canary", "canary", (5, 10, 25, 50, 100), 14_400, 500, 0.20, 0.50, 0.02),
+    "config": Grade(
+        "canary",
+        "rolling (quick canary)",
+        (Step(25, 5 * _M, 200), Step(50, 5 * _M, 200), Step(100, 5 * _M, 200)),
+        0.10,
+        0.25,
+        0.01,
+    ),
+    "fine-tune": Grade(
+        "canary",
+        "canary",
+        (
+            Step(10, 10 * _M, 300),
+            Step(25, 10 * _M, 300),
+            Step(50, 20 * _M, 600),
+            Step(100, 20 * _M, 600, "manual"),
+        ),
+        0.20,
+        0.50,
+        0.02,
+    ),
+    "new-version": Grade(
+        "canary",
+        "canary",
+        (
+            Step(5, 30 * _M, 500),
+            Step(10, 30 * _M, 500),
+            Step(25, _H, 1000),
+            Step(50, _H, 1000, "manual"),
+            Step(100, _H, 2000, "manual"),
+        ),
+        0.20,
+        0.50,
+        0.02,
+    ),
     "new-family": Grade(
-        "canary", "canary", (2, 5, 10, 25, 50, 100), 86_400, 1000, 0.20, 0.50, 0.02
+        "canary",
+        "canary",
+        (
+            Step(2, 2 * _H, 1000),
+            Step(5, 2 * _H, 1000),
+            Step(10, 4 * _H, 2000),
+            Step(25, 4 * _H, 2000, "manual"),
+            Step(50, 6 * _H, 4000, "manual"),
+            Step(100, 6 * _H, 4000, "manual"),
+        ),
+        0.20,
+        0.50,
+        0.02,
     ),
 }
 
@@ -199,6 +291,15 @@ class Plan:
             "label": g.label,
             "canary_share": g.stages[0],
             "stages": list(g.stages),
+            "schedule": [
+                {
+                    "share": s.share,
+                    "min_seconds": s.seconds,
+                    "min_samples": s.samples,
+                    "gate": s.gate,
+                }
+                for s in g.steps
+            ],
             "min_stage_seconds": g.min_stage_seconds,
             "evaluation_s": g.total_s,
             "evaluation": _duration(g.total_s),
@@ -255,8 +356,9 @@ def _document(
     for name in variants:
         if name not in (stable, cand):
             variants[name]["weight"] = 0
+    rollout.pop("auto_advance", None)  # the plan's gates decide who ends each stage
     rollout.update(
-        stages=list(grade.stages),
+        stages=grade.stage_entries(),
         min_stage_seconds=grade.min_stage_seconds,
         min_stage_samples=grade.min_stage_samples,
     )
@@ -283,16 +385,17 @@ def _header(
     grade: Grade,
     base: Experiment | None,
 ) -> str:
-    ramp = " -> ".join(f"{s:g}%" for s in grade.stages)
+    ramp = " -> ".join(s.describe() for s in grade.steps)
     lines = [
         "Rollout plan written by `extproc plan`.",
         f"current: {current.describe()}",
         f"target:  {target.describe()}",
         f"risk: {tier}, because:",
         *[f"  - {r}" for r in reasons],
-        f"plan: {grade.label}, first stage {grade.stages[0]:g}%, stages {ramp};",
-        f"  {_duration(grade.min_stage_seconds)} per stage ({_duration(grade.total_s)} in all), "
-        f"and at least {grade.min_stage_samples} candidate requests per stage;",
+        f"plan: {grade.label}, {_duration(grade.total_s)} in all, each stage at least as long "
+        "and with at least as many candidate requests as:",
+        f"  {ramp};",
+        "  a manual gate waits for `extproc experiment promote` once the guardrails passed;",
         f"  rollback on p99 latency or TTFT p95 +{grade.latency_margin:.0%}, error rate "
         f"+{grade.error_margin:.0%} relative or above {grade.error_ceiling:.0%};",
         "  tokens per response and response size only warn (a new model may answer longer).",

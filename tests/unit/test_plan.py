@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -99,30 +100,47 @@ def test_risk_tiers(case: str, current: dict[str, Any], target: dict[str, Any], 
 
 
 @pytest.mark.parametrize(
-    ("tier", "first", "total_s", "stages", "p99_margin"),
+    ("tier", "first", "total_s", "stages", "p99_margin", "first_manual"),
     [
-        ("config", 25, 900, 3, 0.10),
-        ("fine-tune", 10, 3600, 4, 0.20),
-        ("new-version", 5, 4 * 3600, 5, 0.20),
-        ("new-family", 2, 24 * 3600, 6, 0.20),
+        ("config", 25, 900, 3, 0.10, None),
+        ("fine-tune", 10, 3600, 4, 0.20, 100),
+        ("new-version", 5, 4 * 3600, 5, 0.20, 50),
+        ("new-family", 2, 24 * 3600, 6, 0.20, 25),
     ],
 )
 def test_each_tier_writes_a_valid_experiment(
-    tier: str, first: float, total_s: int, stages: int, p99_margin: float
+    tier: str,
+    first: float,
+    total_s: int,
+    stages: int,
+    p99_margin: float,
+    first_manual: float | None,
 ) -> None:
     grade = GRADES[tier]  # type: ignore[index]
     assert grade.stages[0] == first
     assert len(grade.stages) == stages
     assert grade.stages[-1] == 100
-    assert grade.min_stage_seconds * stages == total_s
+    assert grade.total_s == total_s
     current = meta(name="m1")
     target = meta(name="m2", kind=tier)
     plan = make_plan(current, target)
     spec = plan.experiment.spec
     assert plan.tier == tier
     assert spec.strategy == "canary"
-    assert spec.rollout.stages == list(grade.stages)
-    assert spec.rollout.min_stage_seconds == total_s / stages
+    assert spec.rollout.shares == list(grade.stages)
+    # the schedule the file states is the tier's: times and requests never shrink along the
+    # ramp, and from the first manual stage on a person promotes every stage
+    schedule = [spec.rollout.schedule(i) for i in range(stages)]
+    assert sum(s.min_seconds for s in schedule) == total_s
+    assert [(s.share, s.min_seconds, s.min_samples, s.gate) for s in schedule] == [
+        (s.share, s.seconds, s.samples, s.gate) for s in grade.steps
+    ]
+    assert all(a.min_seconds <= b.min_seconds for a, b in itertools.pairwise(schedule))
+    assert all(a.min_samples <= b.min_samples for a, b in itertools.pairwise(schedule))
+    manual = [s.share for s in schedule if s.gate == "manual"]
+    assert manual == (
+        [] if first_manual is None else list(grade.stages)[grade.stages.index(first_manual) :]
+    )
     assert {n: v.weight for n, v in spec.variants.items()} == {
         "stable": 100 - first,
         "canary": first,
@@ -135,7 +153,7 @@ def test_each_tier_writes_a_valid_experiment(
     header = plan.text.split("\n\n", 1)[0].splitlines()
     assert all(line.startswith("#") for line in header)
     assert any(f"risk: {tier}" in line for line in header)
-    assert yaml.safe_load(plan.text)["rollout"]["stages"] == list(grade.stages)
+    assert yaml.safe_load(plan.text)["rollout"]["stages"] == grade.stage_entries()
 
 
 def test_ungraded_default_guardrails_are_kept() -> None:
@@ -200,7 +218,8 @@ def test_plan_cli_writes_a_checked_file(tmp_path: Path, capsys: pytest.CaptureFi
     assert summary["evaluation_s"] == 3600
     assert summary["output"] == str(out)
     exp = load_experiment(out)
-    assert exp.spec.rollout.stages == [10, 25, 50, 100]
+    assert exp.spec.rollout.shares == [10, 25, 50, 100]
+    assert [s["gate"] for s in summary["schedule"]] == ["auto", "auto", "auto", "manual"]
     assert out.read_text().startswith("# Rollout plan written by `extproc plan`.")
     assert cli.main(["check", str(out)]) == common.EXIT_OK
 
