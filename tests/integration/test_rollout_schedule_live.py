@@ -20,12 +20,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 GUARDRAILS = [{"metric": "error_rate", "max_increase": 0.5, "min_samples": 20}]
 
 
-def scheduled_stack(tmp: Path, stages: list[Any]) -> LiveStack:
+def scheduled_stack(tmp: Path, stages: list[Any], stage_seconds: float = 0.3) -> LiveStack:
     exp = write_experiment(
         tmp,
         rollout={
             "cadence_s": 0.2,
-            "min_stage_seconds": 0.3,
+            "min_stage_seconds": stage_seconds,
             "min_stage_samples": 15,
             "stages": stages,
         },
@@ -84,3 +84,60 @@ def test_a_manual_stage_waits_for_promote(gated: LiveStack, http: httpx.Client) 
     ]
     assert records[2]["reasons"][0].startswith("promote by ")
     assert records[2]["reasons"][0].endswith("dashboards look fine")
+
+
+@pytest.fixture
+def slow_stages(tmp_path: Path) -> Iterator[LiveStack]:
+    """Stages long enough that a healthy candidate stays at stage 1 for the whole test."""
+    s = scheduled_stack(tmp_path, [30, 60, 100], stage_seconds=600)
+    yield s
+    stack.down(s.state_dir)
+
+
+def test_restart_after_a_rollback_is_attempt_two_from_stage_one_with_fresh_evidence(
+    slow_stages: LiveStack, http: httpx.Client
+) -> None:
+    s = slow_stages
+    canary = s.state["endpoints"]["models"]["canary"]
+    http.post(f"{canary}/admin/behaviour", json={"error_rate": 0.5}).raise_for_status()
+
+    def rolled_back() -> bool:
+        send(s, http, 10)
+        return bool(s.status()["rollout"]["status"] == "rolled_back")
+
+    wait_for(rolled_back, "the evaluator to roll the failing candidate back", timeout_s=60)
+    ended = s.status()
+    assert ended["rollout"]["attempt"] == 1
+    assert ended["evaluation"]["variants"]["canary"]["errors"] > 0
+    http.post(f"{canary}/admin/behaviour", json={"error_rate": 0.0}).raise_for_status()
+    out = s.cli("experiment", "restart", "chat-upgrade", "--reason", "fixed the build")
+    assert out.returncode == 0, out.stderr
+
+    def attempt_two_judged() -> bool:
+        send(s, http, 10)
+        doc = s.status()
+        look = doc.get("evaluation") or {}
+        canary_seen = (look.get("variants") or {}).get("canary") or {}
+        return look.get("attempt") == 2 and canary_seen.get("requests", 0) >= 20
+
+    wait_for(attempt_two_judged, "attempt 2 to judge requests of its own", timeout_s=60)
+    doc = s.status()
+    rollout, look = doc["rollout"], doc["evaluation"]
+    assert (rollout["attempt"], rollout["status"], rollout["stage"]) == (2, "running", 0)
+    assert doc["routing"]["weights"] == {"stable": 70.0, "canary": 30.0}
+    # fresh evidence: none of attempt 1's failures is in attempt 2's window or its evidence
+    assert look["variants"]["canary"]["errors"] == 0
+    assert not any(c["status"] == "fail" for c in look["checks"])
+    records = audit(s)
+    assert [(r["action"], r["attempt"], r["stage"]) for r in records] == [
+        ("start", 1, 0),
+        ("rollback", 1, 0),
+        ("restart", 2, 0),
+    ]
+    archived = records[-1]["archived"]
+    moved = {k: archived[k] for k in ("updated", "commands_seen")}  # it read the restart
+    assert archived == {**ended["rollout"], **moved}
+    assert records[-1]["reasons"][1] == "attempt 2 from stage 1; attempt 1 rolled back at stage 1"
+    refused = s.cli("experiment", "restart", "chat-upgrade")
+    assert refused.returncode == 2
+    assert "rollout is running" in refused.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from extproc.evaluator.guardrails import (
     judge,
     stage_weight,
 )
-from extproc.evaluator.rollout import rollback_weights, stage_weights
+from extproc.evaluator.rollout import RolloutState, rollback_weights, stage_weights
 from extproc.evaluator.window import StageWindow
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 
@@ -549,3 +550,54 @@ def test_a_manual_gate_holds_the_machine_until_promote() -> None:
     last = window()
     t = machine.evaluate(spec, t.state, last, _split(last), 3607.0)
     assert (t.action, t.state.status) == ("complete", "completed")
+
+
+@pytest.mark.parametrize(
+    ("status", "restarted"),
+    [
+        ("running", False),
+        ("paused", False),
+        ("rolled_back", True),
+        ("completed", True),
+        ("aborted", True),
+    ],
+)
+def test_restart_table(status: str, restarted: bool) -> None:
+    """A restart starts attempt n + 1 at stage 0 with nothing of attempt n (evidence, stage
+    clock, reasons), and hands the ended state over for the audit log; it needs an ended one."""
+    spec = parse_experiment(BASE).spec
+    ended = replace(
+        machine.start(spec, 0.0).state,
+        status=status,  # type: ignore[arg-type]
+        stage=2,
+        stage_started=50.0,
+        commands_seen="9-0",
+        evidence={"canary/error_rate": 1.5},
+        attempt=3,
+        attempt_started=1.0,
+    )
+    t = machine.command(spec, ended, "restart", "ops", "new build", 100.0)
+    if not restarted:
+        assert t.action == "restart"
+        assert (t.state.status, t.state.attempt, t.weights, t.archived) == (status, 3, None, None)
+        assert t.reasons == [f"ignored 'restart' by ops: rollout is {status}"]
+        return
+    s = t.state
+    assert (t.action, s.status, s.stage, s.attempt) == ("restart", "running", 0, 4)
+    assert (s.stage_started, s.attempt_started, s.evidence) == (100.0, 100.0, {})
+    assert s.commands_seen == "9-0"  # the command stream is read on, not replayed
+    assert t.weights == stage_weights(spec, 0)
+    assert t.restart_window
+    assert t.archived == ended
+    assert t.reasons[0] == "restart by ops: new build"
+    assert t.reasons[1].startswith("attempt 4 from stage 1; attempt 3 ")
+
+
+def test_a_state_written_before_attempts_is_attempt_one() -> None:
+    old = '{"status": "completed", "stage": 2, "stage_started": 5.0, "strategy": "canary"}'
+    assert (RolloutState.from_json(old).attempt, RolloutState.from_json(old).attempt_started) == (
+        1,
+        0.0,
+    )
+    newer = old[:-1] + ', "attempt": 2, "phase": "canary"}'  # a field of a later release
+    assert RolloutState.from_json(newer).attempt == 2
