@@ -51,6 +51,9 @@ from extproc.config import (
     load_experiment,
     parse_experiment,
 )
+from extproc.contract.guardrail_metrics import METRICS
+from extproc.stats import sample_size_means, sample_size_proportions
+from extproc.stats.results import Alternative, SampleSize
 
 Kind = Literal["config", "fine-tune", "quantization", "new-version", "new-family"]
 Tier = Literal["config", "fine-tune", "new-version", "new-family"]
@@ -281,10 +284,15 @@ class Plan:
     grade: Grade
     experiment: Experiment
     text: str  # the experiment file, with the explanation in comments
+    # with stable's error rate known: what detecting the tier's error margin takes
+    error_samples: MetricSampleSize | None = None
 
     def summary(self) -> dict[str, Any]:
         g = self.grade
         return {
+            "error_rate_samples": None
+            if self.error_samples is None
+            else self.error_samples.to_json(),
             "tier": self.tier,
             "reasons": self.reasons,
             "strategy": g.strategy,
@@ -416,16 +424,62 @@ def _header(
 
 
 def make_plan(
-    current: ModelMeta, target: ModelMeta, base: Experiment | None = None, base_raw: Any = None
+    current: ModelMeta,
+    target: ModelMeta,
+    base: Experiment | None = None,
+    base_raw: Any = None,
+    error_baseline: float | None = None,
 ) -> Plan:
-    """The plan and its experiment file, validated whole before anything is written."""
+    """The plan and its experiment file, validated whole before anything is written.
+
+    With ``error_baseline`` (stable's error rate) the header also says how many candidate
+    requests detecting the tier's error margin takes, against what the ramp's stages ask.
+    """
     tier, reasons = classify(current, target)
     grade = GRADES[tier]
     doc = _document(current, target, grade, base, base_raw)
     experiment = parse_experiment(doc, "the planned experiment")
     body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=4096)
-    text = _header(current, target, tier, reasons, grade, base) + "\n" + body
-    return Plan(tier, reasons, grade, experiment, text)
+    header = _header(current, target, tier, reasons, grade, base)
+    detect = None
+    if error_baseline is not None:
+        detect = _error_samples(experiment, grade, error_baseline)
+        header += _sample_size_note(detect, grade)
+    return Plan(tier, reasons, grade, experiment, header + "\n" + body, detect)
+
+
+def _error_samples(experiment: Experiment, grade: Grade, baseline: float) -> MetricSampleSize:
+    """The tier's relative error margin at the first stage's share, at the alpha one gating
+    guardrail gets in the planned file (the evaluator splits the rollout's alpha over them)."""
+    spec = experiment.spec
+    gated = sum(1 for g in spec.guardrails if g.action in ("rollback", "hold")) or 1
+    return metric_sample_size(
+        "error_rate",
+        grade.error_margin,
+        baseline=baseline,
+        relative=True,
+        share=grade.stages[0],
+        alpha=spec.rollout.alpha / gated,
+    )
+
+
+def _sample_size_note(detect: MetricSampleSize, grade: Grade) -> str:
+    ramp = sum(s.samples for s in grade.steps)
+    verdict = (
+        "the stages' minimums cover it"
+        if ramp >= detect.size.n_treatment
+        else "more than the stages' minimums: the ramp may end before a regression of that size "
+        "is detected (raise min_samples, or accept a larger detectable effect)"
+    )
+    lines = [
+        f"sample size (extproc sample-size): an error rate of {detect.baseline:.2%} rising to "
+        f"{detect.target:.2%} (+{grade.error_margin:.0%}) is detected with "
+        f"{detect.size.power:.0%} power at alpha {detect.size.alpha:.3g} after about "
+        f"{detect.size.n_treatment} candidate requests at {detect.share:g}% (fixed horizon; "
+        "the evaluator's sequential tests need more);",
+        f"  the stages ask for {ramp} candidate requests in all: {verdict}.",
+    ]
+    return "".join(f"# {line}\n" for line in lines)
 
 
 def load_meta(path: str | Path) -> ModelMeta:
@@ -453,3 +507,96 @@ def load_base(path: str | Path) -> tuple[Experiment, Any]:
     """The base experiment, validated, and its raw mapping (to keep only what the user wrote)."""
     exp = load_experiment(path)
     return exp, yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class MetricSampleSize:
+    """Requests per arm to detect ``baseline`` becoming ``target`` on a guardrail metric."""
+
+    metric: str
+    kind: str
+    baseline: float
+    target: float
+    share: float  # the candidate's percent of traffic (50: an even A/B split)
+    size: SampleSize
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.size
+        return {
+            "metric": self.metric,
+            "kind": self.kind,
+            "baseline": self.baseline,
+            "target": self.target,
+            "share": self.share,
+            "candidate": s.n_treatment,
+            "stable": s.n_control,
+            "total": s.total,
+            "method": s.method,
+            "effect_size": round(s.effect_size, 4),
+            "alpha": s.alpha,
+            "power": s.power,
+            "alternative": s.alternative,
+        }
+
+
+def metric_sample_size(
+    metric: str,
+    mde: float,
+    *,
+    baseline: float | None = None,
+    sd: float | None = None,
+    relative: bool = False,
+    share: float = 50.0,
+    alpha: float = 0.05,
+    power: float = 0.8,
+) -> MetricSampleSize:
+    """The fixed-horizon sample size of a guardrail metric's question, tested one-sided in the
+    metric's harm direction (a guardrail asks "is it worse?", not "is it different?"; a metric
+    harmful both ways, two-sided).
+
+    ``mde`` is the size of the harm to detect, positive, absolute in the metric's units or, with
+    ``relative``, a fraction of ``baseline``. A rate needs ``baseline`` (stable's rate); a
+    quantile is judged as the evaluator judges it, by the share of candidate requests beyond
+    stable's quantile (baseline 1 - q: 0.01 for p99), so ``mde`` moves that share; a mean needs
+    ``sd`` (and ``baseline`` for a relative ``mde``). ``share`` is the candidate's percent of
+    traffic: at a 5% stage stable serves 19 requests for each of the candidate's.
+
+    Raises ValueError with what is missing or meaningless.
+    """
+    info = METRICS.get(metric)
+    if info is None:
+        raise ValueError(f"{metric!r} is not a guardrail metric (one of {sorted(METRICS)})")
+    if not mde > 0:
+        raise ValueError(f"the effect to detect must be positive (a harm), got {mde}")
+    if not 0 < share < 100:
+        raise ValueError(f"the candidate's share must be a percentage in (0, 100), got {share}")
+    # a metric harmful both ways runs one test per side at half the alpha: a two-sided test
+    sign = -1.0 if info.harm == "decrease" else 1.0
+    sides: dict[str, Alternative] = {"increase": "greater", "decrease": "less"}
+    alternative = sides.get(info.harm, "two-sided")
+    ratio = share / (100 - share)
+    if info.kind in ("rate", "quantile"):
+        if info.kind == "quantile":
+            if baseline is not None:
+                raise ValueError(f"{metric}: the baseline is the tail share {1 - info.q:g}")
+            baseline = round(1 - info.q, 10)
+        if baseline is None:
+            raise ValueError(f"{metric}: stable's rate is needed (--baseline, e.g. 0.01)")
+        effect = sign * (mde * baseline if relative else mde)
+        size = sample_size_proportions(
+            baseline, effect, alpha=alpha, power=power, ratio=ratio, alternative=alternative
+        )
+        target = round(baseline + effect, 10)
+        return MetricSampleSize(metric, info.kind, baseline, target, share, size)
+    if info.kind == "mean":
+        if sd is None:
+            raise ValueError(f"{metric}: the standard deviation of the metric is needed (--sd)")
+        if relative and baseline is None:
+            raise ValueError(f"{metric}: a relative effect needs stable's mean (--baseline)")
+        effect = sign * (mde * baseline if relative and baseline is not None else mde)
+        size = sample_size_means(
+            sd, effect, alpha=alpha, power=power, ratio=ratio, alternative=alternative
+        )
+        base = baseline if baseline is not None else 0.0
+        return MetricSampleSize(metric, info.kind, base, base + effect, share, size)
+    raise ValueError(f"{metric} is a one-sample win rate: no two-arm sample size")

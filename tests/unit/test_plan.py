@@ -13,7 +13,15 @@ import yaml
 from extproc.cli import common
 from extproc.cli import main as cli
 from extproc.config import EXAMPLE_EXPERIMENT, ConfigError, load_experiment
-from extproc.ops.plan import GRADES, ModelMeta, classify, load_base, make_plan
+from extproc.ops.plan import (
+    GRADES,
+    ModelMeta,
+    classify,
+    load_base,
+    make_plan,
+    metric_sample_size,
+)
+from extproc.stats import sample_size_means, sample_size_proportions
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -244,3 +252,70 @@ def test_plan_cli_bad_metadata_exits_2(
     assert code == common.EXIT_USAGE
     assert message in capsys.readouterr().err
     assert not out.exists()  # nothing half-written
+
+
+# --- sample sizes ----------------------------------------------------------------------------
+
+
+def test_metric_sample_sizes_are_the_stats_librarys_one_sided_in_the_harm_direction() -> None:
+    rate = metric_sample_size("error_rate", 0.5, baseline=0.01, relative=True, share=5)
+    assert (rate.baseline, rate.target, rate.kind) == (0.01, 0.015, "rate")
+    assert rate.size == sample_size_proportions(
+        0.01, 0.005, ratio=5 / 95, alternative="greater", alpha=0.05, power=0.8
+    )
+    # a quantile is judged by the share of requests beyond stable's quantile
+    tail = metric_sample_size("latency_p99", 0.8, relative=True)
+    assert (tail.baseline, tail.target) == (0.01, 0.018)
+    assert tail.size.n_treatment == tail.size.n_control  # share 50: an even split
+    mean = metric_sample_size("completion_tokens", 15, sd=60)
+    assert mean.size == sample_size_means(60, 15, alternative="greater")
+    # a harm that is a decrease is tested on the lower side
+    assert metric_sample_size("output_tokens_per_s", 5, sd=20).size.alternative == "less"
+    both = metric_sample_size("tool_call_rate", 0.05, baseline=0.3).size
+    assert both == sample_size_proportions(0.3, 0.05, alternative="two-sided")
+
+
+@pytest.mark.parametrize(
+    ("metric", "kwargs", "message"),
+    [
+        ("nope", {}, "not a guardrail metric"),
+        ("error_rate", {}, "--baseline"),
+        ("error_rate", {"baseline": 0.01, "mde": -0.01}, "positive"),
+        ("error_rate", {"baseline": 0.01, "share": 100}, "share"),
+        ("latency_p99", {"baseline": 0.05}, "tail share 0.01"),
+        ("completion_tokens", {}, "--sd"),
+        ("completion_tokens", {"sd": 5, "relative": True}, "stable's mean"),
+        ("judge_win_rate", {}, "one-sample"),
+    ],
+)
+def test_metric_sample_size_says_what_is_missing(
+    metric: str, kwargs: dict[str, Any], message: str
+) -> None:
+    mde = kwargs.pop("mde", 0.01)
+    with pytest.raises(ValueError, match=message):
+        metric_sample_size(metric, mde, **kwargs)
+
+
+def test_sample_size_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["sample-size", "error_rate", "--mde", "0.5", "--relative", "--baseline", "0.01"]
+    assert cli.main([*args, "--share", "5", "--json"]) == common.EXIT_OK
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["candidate"], doc["stable"], doc["alternative"]) == (3182, 60442, "greater")
+    assert cli.main(args) == common.EXIT_OK
+    assert "candidate 6045 requests, stable 6045" in capsys.readouterr().out
+    assert cli.main(["sample-size", "error_rate", "--mde", "0.5"]) == common.EXIT_USAGE
+    assert "--baseline" in capsys.readouterr().err
+
+
+def test_plan_with_stables_error_rate_states_what_detection_takes(tmp_path: Path) -> None:
+    plan = make_plan(meta(name="a"), meta(name="b", kind="fine-tune"), error_baseline=0.01)
+    detect = plan.summary()["error_rate_samples"]
+    # the error margin (+50%) at the first stage's 10%, at one of four gating guardrails' alpha
+    assert (detect["baseline"], detect["target"], detect["share"]) == (0.01, 0.015, 10)
+    assert detect["alpha"] == pytest.approx(0.05 / 4)
+    assert f"after about {detect['candidate']} candidate requests at 10%" in plan.text
+    assert "the stages ask for 1800 candidate requests in all" in plan.text
+    assert make_plan(meta(name="a"), meta(name="b")).summary()["error_rate_samples"] is None
+    cur, tgt = write(tmp_path / "c.yaml", {"name": "a"}), write(tmp_path / "t.yaml", {"name": "b"})
+    bad = ["plan", "--current", str(cur), "--target", str(tgt), "--error-rate", "2"]
+    assert cli.main(bad) == common.EXIT_USAGE
