@@ -737,15 +737,13 @@ def judge(
         return Verdict("none", warnings, checks, srm)
     if not ready:
         return Verdict("none", warnings, checks, srm)
+    if waiting:
+        return Verdict("none", [*warnings, "guardrails still gathering data"], checks, srm)
     if plan.gate == "manual":
         # The stage-end test is read once, when the stage ends: on a manual gate that is the
         # promote, which carries the evidence as it stands (machine.command).
-        if waiting:
-            return Verdict("none", warnings, checks, srm)
         ready_why = f"stage {stage + 1}/{len(r.shares)} ready: waiting for promote (manual gate)"
         return Verdict("none", [*warnings, ready_why], checks, srm, awaiting_promote=True)
-    if waiting:
-        return Verdict("none", [*warnings, "guardrails still gathering data"], checks, srm)
     checks = stage_end_checks(checks, carried, stage)
     gated = _gate(checks)
     if gated is not None:

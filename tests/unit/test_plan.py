@@ -319,3 +319,15 @@ def test_plan_with_stables_error_rate_states_what_detection_takes(tmp_path: Path
     cur, tgt = write(tmp_path / "c.yaml", {"name": "a"}), write(tmp_path / "t.yaml", {"name": "b"})
     bad = ["plan", "--current", str(cur), "--target", str(tgt), "--error-rate", "2"]
     assert cli.main(bad) == common.EXIT_USAGE
+
+
+def test_a_plan_on_a_base_decides_the_gates_itself(tmp_path: Path) -> None:
+    """A base's auto_advance would turn every plain stage into a manual one: the plan drops it
+    and states each stage's gate."""
+    doc = yaml.safe_load(Path(EXAMPLE_EXPERIMENT).read_text())
+    doc["rollout"]["auto_advance"] = False
+    base, raw = load_base(write(tmp_path / "base.yaml", doc))
+    spec = make_plan(meta(name="a"), meta(name="b", kind="fine-tune"), base, raw).experiment.spec
+    assert spec.rollout.auto_advance
+    gates = [spec.rollout.schedule(i).gate for i in range(len(spec.rollout.shares))]
+    assert gates == ["auto", "auto", "auto", "manual"]
