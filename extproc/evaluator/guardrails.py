@@ -123,7 +123,7 @@ class Verdict:
     reasons: list[str]
     checks: list[Check] = field(default_factory=list)
     srm_p: float | None = None
-    # a manual gate's stage has shown all it must: the replay may promote it (analyze --promote)
+    # a manual gate's stage has shown all it must (`extproc analyze --promote-when-ready`)
     awaiting_promote: bool = False
 
 
