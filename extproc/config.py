@@ -321,6 +321,25 @@ class Watchdog(_Strict):
     timeout_s: float = Field(default=60, gt=0, le=600)
 
 
+HOOK_EVENTS = ("on_start", "on_advance", "on_rollback", "on_complete")
+
+
+class Hooks(_Strict):
+    """Lifecycle webhooks: a JSON POST to a serving layer (KServe, Triton, vLLM, a script) when
+    an attempt starts (warm the candidate), a stage advances (scale it), the rollout rolls back
+    (unload it) or completes (retire stable). Delivered after the decision took effect, retried
+    with backoff, and never awaited by it: a failing hook is recorded in the audit log and
+    never delays a rollback."""
+
+    on_start: str | None = Field(default=None, description="an attempt starts (or restarts)")
+    on_advance: str | None = Field(default=None, description="a stage advances (or is promoted)")
+    on_rollback: str | None = None
+    on_complete: str | None = None
+    timeout_s: float = Field(default=5, gt=0, le=60, description="per try")
+    retries: int = Field(default=3, ge=0, le=10, description="tries after the first")
+    backoff_s: float = Field(default=1, ge=0, le=60, description="doubled after every try")
+
+
 class ExperimentSpec(_Strict):
     name: str = Field(pattern=NAME_RE)
     salt: str = Field(min_length=1, max_length=256)
@@ -345,6 +364,7 @@ class ExperimentSpec(_Strict):
     quality: Quality = Field(default_factory=Quality)
     judge: Judge | None = None
     watchdog: Watchdog | None = None
+    hooks: Hooks = Field(default_factory=Hooks)
 
 
 @dataclass(frozen=True)
@@ -604,6 +624,17 @@ def _ceiling_problems(
     return []
 
 
+def _hook_problems(hooks: Any) -> list[str]:
+    """A hook is called by the evaluator with a JSON POST: only http(s) URLs are callable."""
+    if not isinstance(hooks, Mapping):
+        return []
+    return [
+        f"hooks.{event}: {url!r} is not an http(s) URL"
+        for event in HOOK_EVENTS
+        if isinstance(url := hooks.get(event), str) and not re.match(r"^https?://[^\s/]+", url)
+    ]
+
+
 def _signal_source_problems(raw: Mapping[str, Any], variants: Mapping[str, Any]) -> list[str]:
     """The judge needs captured pairs; the watchdog needs to force each variant it probes."""
     problems: list[str] = []
@@ -712,6 +743,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
     problems += _semantic_problems(raw)
     if isinstance(raw.get("variants"), Mapping):
         problems += _signal_source_problems(raw, raw["variants"])
+    problems += _hook_problems(raw.get("hooks"))
     if raw.get("dataplane") == "native":
         problems += _native_problems(raw)
     if problems or spec is None:

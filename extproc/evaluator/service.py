@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Coroutine
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -31,7 +32,7 @@ from redis.exceptions import RedisError
 from extproc import store
 from extproc.config import Experiment
 from extproc.contract import keys, signals
-from extproc.evaluator import machine
+from extproc.evaluator import hooks, machine
 from extproc.evaluator.guardrails import Verdict
 from extproc.evaluator.rollout import RolloutState, append_audit, load_state, stage_weights
 from extproc.evaluator.window import StageWindow
@@ -146,9 +147,40 @@ class Evaluator:
             record["archived"] = asdict(archived)
         await append_audit(self.redis, self.experiment.name, record)
         if self.spec.rollout.webhook:
-            task = asyncio.create_task(self._webhook(record))
-            self._webhooks.add(task)
-            task.add_done_callback(self._webhooks.discard)
+            self._background(self._webhook(record))
+        hook = hooks.hook_url(self.spec.hooks, action)
+        if hook is not None:
+            self._background(self._lifecycle_hook(*hook, action, record))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a notification beside the ticks: the decision it reports never waits on it."""
+        task = asyncio.create_task(work)
+        self._webhooks.add(task)
+        task.add_done_callback(self._webhooks.discard)
+
+    async def _lifecycle_hook(
+        self, hook: str, url: str, action: str, record: dict[str, Any]
+    ) -> None:
+        """Deliver a lifecycle hook; one that failed every try is recorded in the audit log
+        (``action: hook_failed``), so an operator sees that the serving layer was not told."""
+        payload = hooks.body(self.spec, hook, action, record)
+        done = await hooks.deliver(url, payload, self.spec.hooks)
+        if done.ok:
+            return
+        log.warning("%s hook %s failed %d times: %s", hook, url, done.tries, done.error)
+        failed = {
+            "time": time.time(),
+            "action": "hook_failed",
+            "actor": f"evaluator {self.instance}",
+            "reasons": [f"{hook} ({action}) to {url}: {done.error} after {done.tries} tries"],
+            "attempt": record["attempt"],
+            "stage": record["stage"],
+            "status": record["status"],
+            "weights": record["weights"],
+            "hook": {"name": hook, "url": url, "tries": done.tries, "error": done.error},
+        }
+        with contextlib.suppress(RedisError, OSError):
+            await append_audit(self.redis, self.experiment.name, failed)
 
     async def _webhook(self, record: dict[str, Any]) -> None:
         url = self.spec.rollout.webhook

@@ -1,11 +1,14 @@
 """Rollouts as operators run them, on the real stack: a per-stage schedule whose second stage
-waits behind a manual gate for `extproc experiment promote`."""
+waits behind a manual gate for `extproc experiment promote`; a second attempt after a rollback;
+lifecycle hooks to a serving layer."""
 
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +144,92 @@ def test_restart_after_a_rollback_is_attempt_two_from_stage_one_with_fresh_evide
     refused = s.cli("experiment", "restart", "chat-upgrade")
     assert refused.returncode == 2
     assert "rollout is running" in refused.stderr
+
+
+class HookReceiver(BaseHTTPRequestHandler):
+    """A serving layer's hook endpoint: ``/ok`` answers 204, ``/fail`` 500; both record."""
+
+    received: list[tuple[str, dict[str, Any]]]
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length", 0))
+        self.received.append((self.path, json.loads(self.rfile.read(length))))
+        self.send_response(500 if self.path == "/fail" else 204)
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        """Quiet: the test reads what it received."""
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[tuple[str, dict[str, Any]]]]]:
+    received: list[tuple[str, dict[str, Any]]] = []
+    handler = type("Handler", (HookReceiver,), {"received": received})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)  # a free port
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", received
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_lifecycle_hooks_reach_the_serving_layer_and_a_failing_one_never_blocks_a_rollback(
+    tmp_path: Path,
+    http: httpx.Client,
+    receiver: tuple[str, list[tuple[str, dict[str, Any]]]],
+) -> None:
+    url, received = receiver
+    exp = write_experiment(
+        tmp_path,
+        rollout={
+            "cadence_s": 0.2,
+            "min_stage_seconds": 0.3,
+            "min_stage_samples": 15,
+            "stages": [10, 50, 100],
+        },
+        guardrails=GUARDRAILS,
+        hooks={
+            "on_start": f"{url}/ok",
+            "on_advance": f"{url}/ok",
+            "on_complete": f"{url}/ok",
+            "on_rollback": f"{url}/fail",
+            "retries": 2,
+            "backoff_s": 0.05,
+            "timeout_s": 2,
+        },
+    )
+    s = start_stack(tmp_path / "stack", exp)
+    try:
+
+        def completed() -> bool:
+            send(s, http, 20)
+            return bool(s.status()["rollout"]["status"] == "completed")
+
+        wait_for(completed, "the rollout to complete", timeout_s=60)
+        wait_for(lambda: len(received) >= 4, "the hooks of start, two advances and completion")
+        assert [(path, b["hook"], b["stage"]) for path, b in received] == [
+            ("/ok", "on_start", 0),
+            ("/ok", "on_advance", 1),
+            ("/ok", "on_advance", 2),
+            ("/ok", "on_complete", 2),
+        ]
+        assert received[0][1]["variants"]["canary"]["cluster"] == "model_canary"
+        assert received[-1][1]["weights"] == {"stable": 0.0, "canary": 100.0}
+        out = s.cli("experiment", "rollback", "chat-upgrade", "--reason", "late finding")
+        assert out.returncode == 0, out.stderr
+        # the rollback takes effect whatever the hook does; the hook is tried 1 + 2 times
+        wait_for(
+            lambda: s.status()["routing"]["weights"] == {"stable": 100.0, "canary": 0.0},
+            "the rollback",
+        )
+        wait_for(
+            lambda: any(r["action"] == "hook_failed" for r in audit(s)),
+            "the failed hook in the audit log",
+        )
+        failed = next(r for r in audit(s) if r["action"] == "hook_failed")
+        assert failed["hook"]["name"] == "on_rollback"
+        assert (failed["hook"]["tries"], failed["hook"]["error"]) == (3, "HTTP 500")
+        assert [p for p, b in received if b["hook"] == "on_rollback"] == ["/fail"] * 3
+    finally:
+        stack.down(s.state_dir)
