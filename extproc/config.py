@@ -175,10 +175,39 @@ DEFAULT_GUARDRAILS = [
 JUDGE_GUARDRAIL = {"metric": "judge_win_rate", "max_decrease": 0.05, "action": "rollback"}
 
 
-class Rollout(_Strict):
-    """How the evaluator walks the stages; every number here is per stage."""
+Gate = Literal["auto", "manual"]
 
-    stages: list[float] = Field(default=[2, 5, 10, 25, 50, 100], min_length=1)
+
+class Stage(_Strict):
+    """One canary stage with a schedule of its own: operators ramp early stages quickly and on
+    their own, later ones slowly and behind a person (``gate: manual`` waits for
+    `extproc experiment promote`). A field left out takes the rollout's default
+    (``min_stage_seconds``, ``min_stage_samples``, ``auto_advance``)."""
+
+    share: float = Field(description="percent of conversations per candidate (checked 0..100)")
+    min_seconds: float | None = Field(default=None, ge=0)
+    min_samples: int | None = Field(default=None, ge=0, description="candidate requests")
+    gate: Gate | None = None
+
+
+@dataclass(frozen=True)
+class StageSchedule:
+    """A stage's resolved schedule: its own values, else the rollout's defaults."""
+
+    share: float
+    min_seconds: float
+    min_samples: int
+    gate: Gate
+
+
+class Rollout(_Strict):
+    """How the evaluator walks the stages; every number here is per stage.
+
+    ``stages`` mixes plain shares and :class:`Stage` objects; the ``min_stage_*`` fields and
+    ``auto_advance`` are the schedule of every stage that does not set its own.
+    """
+
+    stages: list[float | Stage] = Field(default=[2, 5, 10, 25, 50, 100], min_length=1)
     min_stage_seconds: float = Field(default=300, ge=0)
     min_stage_samples: int = Field(default=200, ge=0, description="candidate requests")
     auto_advance: bool = True
@@ -196,6 +225,22 @@ class Rollout(_Strict):
             "until the rollout completes: the last stage's comparison"
         ),
     )
+
+    @property
+    def shares(self) -> list[float]:
+        """Each stage's share, whether the file wrote it plain or as an object."""
+        return [s.share if isinstance(s, Stage) else s for s in self.stages]
+
+    def schedule(self, stage: int) -> StageSchedule:
+        """What stage ``stage`` (0-based) must show before it ends, and who ends it."""
+        s = self.stages[stage]
+        own = s if isinstance(s, Stage) else Stage(share=s)
+        return StageSchedule(
+            share=own.share,
+            min_seconds=self.min_stage_seconds if own.min_seconds is None else own.min_seconds,
+            min_samples=self.min_stage_samples if own.min_samples is None else own.min_samples,
+            gate=own.gate or ("auto" if self.auto_advance else "manual"),
+        )
 
 
 class Inflight(_Strict):
@@ -276,6 +321,25 @@ class Watchdog(_Strict):
     timeout_s: float = Field(default=60, gt=0, le=600)
 
 
+HOOK_EVENTS = ("on_start", "on_advance", "on_rollback", "on_complete")
+
+
+class Hooks(_Strict):
+    """Lifecycle webhooks: a JSON POST to a serving layer (KServe, Triton, vLLM, a script) when
+    an attempt starts (warm the candidate), a stage advances (scale it), the rollout rolls back
+    (unload it) or completes (retire stable). Delivered after the decision took effect, retried
+    with backoff, and never awaited by it: a failing hook is recorded in the audit log and
+    never delays a rollback."""
+
+    on_start: str | None = Field(default=None, description="an attempt starts (or restarts)")
+    on_advance: str | None = Field(default=None, description="a stage advances (or is promoted)")
+    on_rollback: str | None = None
+    on_complete: str | None = None
+    timeout_s: float = Field(default=5, gt=0, le=60, description="per try")
+    retries: int = Field(default=3, ge=0, le=10, description="tries after the first")
+    backoff_s: float = Field(default=1, ge=0, le=60, description="doubled after every try")
+
+
 class ExperimentSpec(_Strict):
     name: str = Field(pattern=NAME_RE)
     salt: str = Field(min_length=1, max_length=256)
@@ -300,6 +364,7 @@ class ExperimentSpec(_Strict):
     quality: Quality = Field(default_factory=Quality)
     judge: Judge | None = None
     watchdog: Watchdog | None = None
+    hooks: Hooks = Field(default_factory=Hooks)
 
 
 @dataclass(frozen=True)
@@ -337,9 +402,36 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def _structural_problems(err: ValidationError) -> list[str]:
+_STAGE_FORMS = ("float", "Stage")
+"""Pydantic's names for the two forms of a ``rollout.stages`` entry, in an error's location."""
+
+
+def _stage_error_kept(loc: tuple[int | str, ...], raw: Mapping[str, Any]) -> bool:
+    """Whether an error of one form of a ``rollout.stages`` entry applies to what was written.
+
+    Pydantic reports a bad entry against both forms (a share and an object); only the form the
+    file used is the user's problem, and a plain value that is no share is reported once, by
+    the semantic check. The form's name is dropped from the path by the caller.
+    """
+    rollout = raw.get("rollout")
+    stages = rollout.get("stages") if isinstance(rollout, Mapping) else None
+    index = loc[2]
+    if not isinstance(stages, list) or not isinstance(index, int) or index >= len(stages):
+        return True
+    return loc[3] == "Stage" and isinstance(stages[index], Mapping)
+
+
+def _structural_problems(err: ValidationError, raw: Mapping[str, Any] | None = None) -> list[str]:
+    """Pydantic's errors as ``path: message``; ``raw``, the experiment document, tells which
+    form of a ``rollout.stages`` entry the file used (other documents have no stages)."""
     out = []
     for e in err.errors():
+        loc = tuple(e["loc"])
+        stage_form = len(loc) > 3 and loc[:2] == ("rollout", "stages") and loc[3] in _STAGE_FORMS
+        if raw is not None and stage_form:
+            if not _stage_error_kept(loc, raw):
+                continue
+            e["loc"] = loc[:3] + loc[4:]
         msg = e["msg"]
         if e["type"] in ("greater_than_equal", "less_than_equal") and e["loc"][-1] == "weight":
             msg = "must be 0..100"
@@ -415,11 +507,18 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
                 problems.append(f"sticky_keys.{i}: {k!r} is not a lower-case header name")
     rollout = raw.get("rollout")
     if isinstance(rollout, Mapping) and isinstance(rollout.get("stages"), list):
-        stages = rollout["stages"]
+        problems += _stage_schedule_problems(rollout, raw.get("strategy", "canary"))
+        stages = [s.get("share") if isinstance(s, Mapping) else s for s in rollout["stages"]]
         shares = [s for s in stages if isinstance(s, int | float) and not isinstance(s, bool)]
         for i, s in enumerate(stages):
-            if s not in shares or not 0 <= s <= 100:
-                problems.append(f"rollout.stages.{i}: must be a percentage 0..100")
+            if isinstance(rollout["stages"][i], Mapping):
+                if s in shares and not 0 <= s <= 100:
+                    problems.append(f"rollout.stages.{i}.share: must be a percentage 0..100")
+            elif s not in shares or not 0 <= s <= 100:
+                problems.append(
+                    f"rollout.stages.{i}: must be a percentage 0..100 or a stage "
+                    "{share, min_seconds, min_samples, gate}"
+                )
         if len(shares) == len(stages) and shares != sorted(shares):
             problems.append("rollout.stages: must increase (a ramp, e.g. [2, 5, 10, 25, 50, 100])")
         cands = [v for v in variants if v != raw.get("stable")]
@@ -471,6 +570,19 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _stage_schedule_problems(rollout: Mapping[str, Any], strategy: Any) -> list[str]:
+    """Stage objects schedule the stages of a ramp; other strategies have one stage, scheduled
+    by ``min_stage_seconds``, ``min_stage_samples`` and ``auto_advance``."""
+    if strategy == "canary":
+        return []
+    return [
+        f"rollout.stages.{i}: a stage with its own schedule needs strategy canary; "
+        f"strategy {strategy} uses min_stage_seconds, min_stage_samples and auto_advance"
+        for i, s in enumerate(rollout["stages"])
+        if isinstance(s, Mapping)
+    ]
+
+
 def _guardrail_problems(g: Mapping[str, Any], where: str) -> list[str]:
     """What the metric allows: its directions, which margins each side needs, its ceiling."""
     metric = g.get("metric")
@@ -510,6 +622,17 @@ def _ceiling_problems(
     if info.kind == "rate" and isinstance(ceiling, int | float) and ceiling >= 1:
         return [f"{where}.max_absolute: a rate's ceiling is a fraction below 1, got {ceiling}"]
     return []
+
+
+def _hook_problems(hooks: Any) -> list[str]:
+    """A hook is called by the evaluator with a JSON POST: only http(s) URLs are callable."""
+    if not isinstance(hooks, Mapping):
+        return []
+    return [
+        f"hooks.{event}: {url!r} is not an http(s) URL"
+        for event in HOOK_EVENTS
+        if isinstance(url := hooks.get(event), str) and not re.match(r"^https?://[^\s/]+", url)
+    ]
 
 
 def _signal_source_problems(raw: Mapping[str, Any], variants: Mapping[str, Any]) -> list[str]:
@@ -616,10 +739,11 @@ def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
-        problems += _structural_problems(err)
+        problems += _structural_problems(err, raw)
     problems += _semantic_problems(raw)
     if isinstance(raw.get("variants"), Mapping):
         problems += _signal_source_problems(raw, raw["variants"])
+    problems += _hook_problems(raw.get("hooks"))
     if raw.get("dataplane") == "native":
         problems += _native_problems(raw)
     if problems or spec is None:

@@ -1,5 +1,5 @@
 """`extproc experiment ...`: publish, list and show experiments, set weights, and record an
-operator's intent (pause, resume, promote, rollback, abort) for the evaluator to apply."""
+operator's intent (pause, resume, promote, rollback, abort, restart) for the evaluator to apply."""
 
 from __future__ import annotations
 
@@ -27,12 +27,29 @@ from extproc.contract import keys
 
 
 def cmd_command(ns: argparse.Namespace) -> int:
-    """pause | resume | promote | rollback | abort: record intent; the evaluator acts on it."""
-    from extproc.evaluator.rollout import send_command
+    """pause | resume | promote | rollback | abort | restart: record intent; the evaluator acts
+    on it.
+
+    A restart is refused here already when the rollout has not ended (the evaluator would
+    ignore it), so that the operator learns at once to roll back or abort first.
+    """
+    from extproc.evaluator.machine import RESTARTABLE
+    from extproc.evaluator.rollout import load_state, send_command
 
     async def go(r: aioredis.Redis) -> str:
         if await store.get_definition(r, ns.name) is None:
             raise ConfigError(ns.name, ["no such experiment in Redis (see `extproc status`)"])
+        if ns.action == "restart":
+            state = await load_state(r, ns.name)
+            status = "not started" if state is None else state.status
+            if status not in RESTARTABLE:
+                raise ConfigError(
+                    ns.name,
+                    [
+                        f"rollout is {status}: a new attempt follows a rollback, an abort or a "
+                        "completion (`extproc experiment rollback` first)"
+                    ],
+                )
         return await send_command(r, ns.name, ns.action, ns.actor, ns.reason)
 
     entry = with_redis(ns, go)
@@ -58,7 +75,8 @@ def cmd_create(ns: argparse.Namespace) -> int:
     if state is None:
         err(
             f"experiment {exp.name!r} already exists in Redis; "
-            "`--replace` publishes the new definition (live weights are kept)"
+            "`--replace` publishes the new definition (live weights, the rollout state and the "
+            "audit log are kept; `experiment restart` runs the rollout again)"
         )
         return EXIT_USAGE
     if ns.json:
@@ -88,6 +106,7 @@ async def _experiment_rows(r: aioredis.Redis) -> list[dict[str, Any]]:
                 "routing_version": routing.version if routing else None,
                 "status": state.status if state else "not started",
                 "stage": state.stage + 1 if state else None,
+                "attempt": state.attempt if state else None,
             }
         )
     return rows
@@ -103,6 +122,8 @@ def cmd_list(ns: argparse.Namespace) -> int:
     for row in rows:
         w = ", ".join(f"{k} {v:g}%" for k, v in (row["weights"] or {}).items())
         stage = f" stage {row['stage']}" if row["stage"] else ""
+        if (row["attempt"] or 1) > 1:
+            stage += f" (attempt {row['attempt']})"
         print(f"{row['name']:<24} {row['strategy']:<10} {row['status']}{stage}  [{w}]")
     return EXIT_OK
 
@@ -169,7 +190,11 @@ def register(add: AddVerb) -> None:
     cp = esub.add_parser("create", help="publish an experiment file to Redis")
     cp.set_defaults(fn=cmd_create)
     cp.add_argument("file", help="the experiment file (checked first; every problem listed)")
-    cp.add_argument("--replace", action="store_true", help="replace an existing definition")
+    cp.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace an existing definition (keeps live weights, rollout state and audit log)",
+    )
     cp.add_argument("--json", action="store_true")
     add_common(cp)
     lp = esub.add_parser("list", help="experiments in Redis: strategy, status, stage, weights")
@@ -195,6 +220,11 @@ def register(add: AddVerb) -> None:
         ("promote", "move to the next stage now"),
         ("rollback", "send all traffic to the stable variant"),
         ("abort", "end the experiment on the stable variant"),
+        (
+            "restart",
+            "after a rollback, an abort or a completion: a new attempt from stage 1 with fresh "
+            "evidence (the old state is archived in the audit log)",
+        ),
     ):
         ap = esub.add_parser(action, help=text, description=text)
         ap.set_defaults(fn=cmd_command)

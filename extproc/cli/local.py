@@ -74,7 +74,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     ep = state["endpoints"]
     print(f"  listener {ep['listener']}   (state and logs in {ns.state_dir}/)")
     print(f"  dashboard {stack.dashboard_url(state)}   <- open it to watch the rollout")
-    stages = ", ".join(f"{s:g}%" for s in exp.spec.rollout.stages)
+    stages = ", ".join(f"{s:g}%" for s in exp.spec.rollout.shares)
     story = (
         "the candidate degrades at 25% and the evaluator rolls it back"
         if ns.scenario == "regression"

@@ -76,6 +76,7 @@ def cmd_analyze(ns: argparse.Namespace) -> int:
             cadence_s=ns.cadence,
             every_checkpoint=ns.every_checkpoint,
             split=ns.split,
+            promote_when_ready=ns.promote_when_ready,
         )
     except EventLogError as exc:
         err(str(exc))
@@ -89,7 +90,11 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     from extproc.ops import plan
 
     base, raw = plan.load_base(ns.base) if ns.base else (None, None)
-    p = plan.make_plan(plan.load_meta(ns.current), plan.load_meta(ns.target), base, raw)
+    if ns.error_rate is not None and not 0 < ns.error_rate < 1:
+        err(f"--error-rate {ns.error_rate}: stable's error rate, a fraction in (0, 1)")
+        return EXIT_USAGE
+    current, target = plan.load_meta(ns.current), plan.load_meta(ns.target)
+    p = plan.make_plan(current, target, base, raw, ns.error_rate)
     if ns.output:
         Path(ns.output).write_text(p.text, encoding="utf-8")
     else:
@@ -104,6 +109,40 @@ def cmd_plan(ns: argparse.Namespace) -> int:
             + (f" -> {ns.output}" if ns.output else ""),
             file=sys.stderr,
         )
+    return EXIT_OK
+
+
+def cmd_sample_size(ns: argparse.Namespace) -> int:
+    """Requests per arm to detect a harm of a guardrail metric (fixed horizon, one-sided)."""
+    from extproc.ops.plan import metric_sample_size
+
+    try:
+        got = metric_sample_size(
+            ns.metric,
+            ns.mde,
+            baseline=ns.baseline,
+            sd=ns.sd,
+            relative=ns.relative,
+            share=ns.share,
+            alpha=ns.alpha,
+            power=ns.power,
+        )
+    except ValueError as exc:
+        err(str(exc))
+        return EXIT_USAGE
+    if ns.json:
+        print(json.dumps(got.to_json()))
+        return EXIT_OK
+    s = got.size
+    what = " (share of requests beyond stable's quantile)" if got.kind == "quantile" else ""
+    print(
+        f"{got.metric}{what}: {got.baseline:g} -> {got.target:g} ({s.alternative}, "
+        f"alpha {s.alpha:g}, power {s.power:.0%}, {s.method}, effect size {s.effect_size:+.3f})\n"
+        f"candidate {s.n_treatment} requests, stable {s.n_control} ({got.share:g}% candidate "
+        f"share), {s.total} in all\n"
+        "a fixed-horizon size: the evaluator's sequential tests, read at every checkpoint and "
+        "with alpha split over the gating guardrails, need more"
+    )
     return EXIT_OK
 
 
@@ -130,10 +169,40 @@ def register(add: AddVerb) -> None:
         help="judge the recorded split against the schedule's weights (sample-ratio check, as "
         "live; default) or under the observed split (a log recorded at another split)",
     )
+    p.add_argument(
+        "--promote-when-ready",
+        action="store_true",
+        help="promote a stage behind a manual gate as soon as it is ready (default: it holds, "
+        "as no operator is there)",
+    )
 
     p = add("plan", cmd_plan, "write a risk-graded experiment file from model metadata")
     p.add_argument("--current", required=True, metavar="META.yaml", help="the model serving now")
     p.add_argument("--target", required=True, metavar="META.yaml", help="the model to roll out")
     p.add_argument("--base", metavar="EXPERIMENT.yaml", help="keep this file's variants, names")
+    p.add_argument(
+        "--error-rate",
+        type=float,
+        metavar="RATE",
+        help="stable's error rate (0.01): also say how many candidate requests detecting the "
+        "tier's error margin takes",
+    )
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.add_argument("--json", action="store_true", help="print the plan's summary as JSON")
+
+    p = add(
+        "sample-size",
+        cmd_sample_size,
+        "requests per arm to detect a given harm of a guardrail metric",
+    )
+    p.add_argument("metric", help="a guardrail metric: error_rate, latency_p99, completion_tokens")
+    p.add_argument("--mde", type=float, required=True, help="the harm to detect, positive")
+    p.add_argument("--relative", action="store_true", help="--mde is a fraction of --baseline")
+    p.add_argument("--baseline", type=float, help="stable's rate (a rate) or mean (a mean)")
+    p.add_argument("--sd", type=float, help="the metric's standard deviation (a mean)")
+    p.add_argument(
+        "--share", type=float, default=50.0, help="candidate percent of traffic (default 50)"
+    )
+    p.add_argument("--alpha", type=float, default=0.05, help="one-sided (default 0.05)")
+    p.add_argument("--power", type=float, default=0.8, help="default 0.8")
+    p.add_argument("--json", action="store_true")

@@ -130,6 +130,8 @@ class Verdict:
     reasons: list[str]
     checks: list[Check] = field(default_factory=list)
     srm_p: float | None = None
+    # a manual gate's stage has shown all it must (`extproc analyze --promote-when-ready`)
+    awaiting_promote: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def budget(spec: ExperimentSpec) -> Budget:
 
 
 def _stages(spec: ExperimentSpec) -> int:
-    return len(spec.rollout.stages) if spec.strategy == "canary" else 1
+    return len(spec.rollout.shares) if spec.strategy == "canary" else 1
 
 
 def evidence_key(variant: str, metric: str, part: str = "") -> str:
@@ -736,7 +738,8 @@ def judge(
         )
     least = min((window.of(v).requests for v in cands), default=0)
     r = spec.rollout
-    ready = stage_age_s >= r.min_stage_seconds and least >= r.min_stage_samples
+    plan = r.schedule(stage)
+    ready = stage_age_s >= plan.min_seconds and least >= plan.min_samples
     # At 100% stable serves only the holdback (rollout.holdback; nothing when it is 0): the
     # checks compare the candidate with it, but those still waiting for its few samples do not
     # hold the completion, which could otherwise wait for hours.
@@ -745,7 +748,7 @@ def judge(
         c for c in checks if c.status == "waiting" and c.action == "rollback" and stable_live
     ]
     if spec.strategy == "blue-green":
-        if ready and not waiting and r.auto_advance:
+        if ready and not waiting and plan.gate == "auto":
             return Verdict("complete", [*warnings, "mirrored checks passed: flip"], checks)
         if ready and not waiting:
             return Verdict("none", [*warnings, "mirrored checks passed: promote to flip"], checks)
@@ -755,17 +758,22 @@ def judge(
             report = [f"{v}: {line}" for v in cands for line in ab_report(stable, window.of(v))]
             return Verdict("complete", [*warnings, "target sample reached", *report], checks, srm)
         return Verdict("none", warnings, checks, srm)
-    if not ready or not r.auto_advance:
+    if not ready:
         return Verdict("none", warnings, checks, srm)
     if waiting:
         return Verdict("none", [*warnings, "guardrails still gathering data"], checks, srm)
+    if plan.gate == "manual":
+        # The stage-end test is read once, when the stage ends: on a manual gate that is the
+        # promote, which carries the evidence as it stands (machine.command).
+        ready_why = f"stage {stage + 1}/{len(r.shares)} ready: waiting for promote (manual gate)"
+        return Verdict("none", [*warnings, ready_why], checks, srm, awaiting_promote=True)
     checks = stage_end_checks(checks, carried, stage)
     gated = _gate(checks)
     if gated is not None:
         return gated
     warnings = _warnings(checks)
-    last = stage >= len(r.stages) - 1
-    why = f"stage {stage + 1}/{len(r.stages)} healthy for {stage_age_s:.0f}s, {least} requests"
+    last = stage >= len(r.shares) - 1
+    why = f"stage {stage + 1}/{len(r.shares)} healthy for {stage_age_s:.0f}s, {least} requests"
     return Verdict("complete" if last else "advance", [*warnings, why], checks, srm)
 
 

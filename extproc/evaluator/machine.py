@@ -26,8 +26,14 @@ pause / resume         running / paused                paused / running
 promote                running or paused               as "advance" (the status is kept)
 rollback (operator)    running, paused or completed    as "rollback"
 abort                  running or paused               aborted, weights: all to stable
+restart                rolled_back, completed or       attempt + 1: running, k = 0, weights of
+                       aborted                         stage 0, no evidence, a window that judges
+                                                       no request of an earlier attempt
 any other intent       otherwise                       recorded as ignored, nothing else changes
 =====================  ==============================  ===========================================
+
+A stage behind a manual gate (``gate: manual``) never gets an ``advance`` verdict: the judge
+says ``none`` with ``awaiting_promote`` once it is ready, and only a promote moves it on.
 
 An advance or a promote also carries each e-valued guardrail's evidence into the next stage
 (``judge.carry_evidence``), from the verdict of the stage's last look.
@@ -53,7 +59,9 @@ class Transition:
     ``weights`` is the routing to set (None: leave it), ``weights_reason`` the reason stored with
     it, ``restart_window`` that a new stage began at ``state.stage_started`` (the caller starts a
     fresh stage window there), ``actor`` who asked ("" = the evaluator itself), and ``verdict``
-    the judgement behind it, when there was one.
+    the judgement behind it, when there was one. ``archived`` is the state a restart ended, for
+    the audit log; after a restart the caller starts the window without following the earlier
+    attempt's open requests.
     """
 
     state: RolloutState
@@ -64,19 +72,25 @@ class Transition:
     restart_window: bool = False
     actor: str = ""
     verdict: Verdict | None = None
+    archived: RolloutState | None = None
 
 
 def new_window(
-    spec: ExperimentSpec, started: float, previous: StageWindow | None = None
+    spec: ExperimentSpec,
+    started: float,
+    previous: StageWindow | None = None,
+    attempt_started: float = 0.0,
 ) -> StageWindow:
     """The empty window of a stage that began at ``started`` (seconds since the epoch).
 
     Under the shadow and blue-green strategies the mirrored answers are the candidate's samples.
     The requests still open in the ``previous`` stage's window are followed on: one that hangs
-    after the advance still counts (window.py, "stage credit").
+    after the advance still counts (window.py, "stage credit"). Requests that started before
+    ``attempt_started`` belong to an earlier attempt and are not judged at all.
     """
     window = StageWindow(
         started_ms=round(started * 1000),
+        attempt_started_ms=round(attempt_started * 1000),
         shadow_as_candidate=spec.strategy in ("shadow", "blue-green"),
         stable=spec.stable,
         notice_ms=spec.inflight.notice_ms,
@@ -101,6 +115,40 @@ def start(spec: ExperimentSpec, now: float) -> Transition:
     )
 
 
+def _restart(
+    spec: ExperimentSpec, state: RolloutState, why: list[str], now: float, actor: str
+) -> Transition:
+    """A new attempt from stage 0 with nothing of the last one: no evidence, no stage clock, and
+    (through ``attempt_started``) no request of it in any window."""
+    ended = {"rolled_back": "rolled back", "completed": "completed"}.get(state.status, state.status)
+    reasons = [
+        *why,
+        f"attempt {state.attempt + 1} from stage 1; attempt {state.attempt} {ended} "
+        f"at stage {state.stage + 1}",
+    ]
+    s = RolloutState(
+        status="running",
+        stage=0,
+        stage_started=now,
+        strategy=spec.strategy,
+        commands_seen=state.commands_seen,
+        last_action="restart",
+        last_reasons=reasons,
+        attempt=state.attempt + 1,
+        attempt_started=now,
+    )
+    return Transition(
+        s,
+        "restart",
+        reasons,
+        weights=stage_weights(spec, 0),
+        weights_reason=f"attempt {s.attempt} started at stage 1",
+        restart_window=True,
+        actor=actor,
+        archived=state,
+    )
+
+
 def _advance(
     spec: ExperimentSpec,
     state: RolloutState,
@@ -110,7 +158,7 @@ def _advance(
     actor: str = "",
 ) -> Transition:
     s = replace(state, last_reasons=list(reasons))
-    last = s.stage >= len(spec.rollout.stages) - 1
+    last = s.stage >= len(spec.rollout.shares) - 1
     if spec.strategy != "canary" or last:
         s.status, s.last_action = "completed", "complete"
         weights: dict[str, float] | None = None
@@ -164,6 +212,11 @@ def _rollback(
     )
 
 
+RESTARTABLE = ("rolled_back", "completed", "aborted")
+"""A new attempt follows an ended one only: a running rollout is rolled back or aborted first,
+so that no two attempts ever share traffic or a window."""
+
+
 def command(
     spec: ExperimentSpec,
     state: RolloutState,
@@ -173,7 +226,8 @@ def command(
     now: float,
     last_verdict: Verdict | None = None,
 ) -> Transition:
-    """An operator's intent (pause, resume, promote, rollback, abort), applied or ignored.
+    """An operator's intent (pause, resume, promote, rollback, abort, restart), applied or
+    ignored.
 
     ``last_verdict`` is the stage's latest judgement: a promote carries its evidence forward.
 
@@ -195,6 +249,8 @@ def command(
     elif intent == "abort" and s.status in ("running", "paused"):
         weights, weights_reason = rollback_weights(spec), f"aborted by {actor}"
         s.status = "aborted"
+    elif intent == "restart" and s.status in RESTARTABLE:
+        return _restart(spec, s, why, now, actor)
     else:
         why = [f"ignored {intent!r} by {actor}: rollout is {state.status}"]
     s.last_action, s.last_reasons = intent, why

@@ -21,7 +21,10 @@ the one the replayed schedule would have set, so
   instead (over the variants the schedule has live), and the sample-ratio check cannot fire;
 * a stage's candidate sample size is what the log had in that stretch of time, not what the
   stage's share would have produced: a log recorded at a 5% split replays every stage at 5%;
-* after a replayed rollback the recording still has candidate traffic; the replay stops there.
+* after a replayed rollback the recording still has candidate traffic; the replay stops there;
+* no operator is there to promote: a stage behind a manual gate (``gate: manual``, or
+  ``auto_advance: false``) holds the replay unless ``promote_when_ready`` plays an operator who
+  promotes at the first checkpoint the stage is ready (``Verdict.awaiting_promote``).
 
 Events are fed in the order an evaluator could have read them, and each checkpoint looks at the
 open requests with the replay's clock (``StageWindow.look`` in ``machine.evaluate``): a request
@@ -214,12 +217,14 @@ def replay(
     cadence_s: float | None = None,
     every_checkpoint: bool = False,
     split: Split = "schedule",
+    promote_when_ready: bool = False,
 ) -> ReplayResult:
     """Run the evaluator's decisions over ``events`` (any order), checkpoint by checkpoint.
 
     The trajectory holds the start and every decision (advance, hold, rollback, complete);
     ``every_checkpoint`` adds a row for each checkpoint (action ``none``) too. ``split`` is what
-    the judge compares the recorded split with (module docstring).
+    the judge compares the recorded split with, ``promote_when_ready`` whether manual gates
+    are promoted as soon as they are ready (module docstring).
     """
     if not events:
         raise EventLogError("the log has no events")
@@ -234,6 +239,7 @@ def replay(
         cadence_s=cadence_s,
         every_checkpoint=every_checkpoint,
         split=split,
+        promote_when_ready=promote_when_ready,
     )
     res.events = len(events)
     return res
@@ -248,6 +254,7 @@ def replay_source(
     cadence_s: float | None = None,
     every_checkpoint: bool = False,
     split: Split = "schedule",
+    promote_when_ready: bool = False,
 ) -> ReplayResult:
     """:func:`replay` over a :class:`Source` from ``start_ms`` until the rollout ends or the
     first checkpoint at or past ``end_ms``; ``events`` counts the events read."""
@@ -271,6 +278,9 @@ def replay_source(
             res.events += 1
         judged = weights if split == "schedule" else judged_weights(spec, window, weights)
         t = machine.evaluate(spec, state, window, judged, now_ms / 1000)
+        if promote_when_ready and t.verdict is not None and t.verdict.awaiting_promote:
+            why = "manual gate: promoted when ready"
+            t = machine.command(spec, t.state, "promote", "replay", why, now_ms / 1000, t.verdict)
         res.checkpoints += 1
         if t.verdict is not None:
             _record(records, t.verdict, now_ms, state.stage)
@@ -334,7 +344,7 @@ def _clock(seconds: float) -> str:
 
 def render(res: ReplayResult, spec: ExperimentSpec) -> str:
     """The trajectory and the guardrail summary for a terminal."""
-    n_stages = len(spec.rollout.stages) if spec.strategy == "canary" else 1
+    n_stages = len(spec.rollout.shares) if spec.strategy == "canary" else 1
     lines = [
         f"replay of {res.experiment}: {res.events} events, {iso_time(res.start_ms)} to "
         f"{iso_time(res.end_ms)} ({_clock((res.end_ms - res.start_ms) / 1000)}), "

@@ -11,6 +11,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
@@ -19,12 +20,19 @@ from extproc.config import ExperimentSpec
 from extproc.contract import keys
 
 Status = Literal["running", "paused", "rolled_back", "completed", "aborted"]
-COMMANDS = ("pause", "resume", "promote", "rollback", "abort")
+COMMANDS = ("pause", "resume", "promote", "rollback", "abort", "restart")
 AUDIT_FIELD = "j"
 
 
 @dataclass
 class RolloutState:
+    """One attempt's rollout, as the evaluator left it at its last decision.
+
+    ``attempt`` counts the runs of the experiment (1, then one more per `experiment restart`);
+    ``attempt_started`` is when this one began (0 for the first, which judges every event):
+    requests that started before it belong to an earlier attempt and are never judged in it.
+    """
+
     status: Status
     stage: int
     stage_started: float
@@ -35,13 +43,18 @@ class RolloutState:
     updated: float = 0.0
     # per check ("variant/metric"): log evidence carried from finished stages (judge.carry_evidence)
     evidence: dict[str, float] = field(default_factory=dict)
+    attempt: int = 1
+    attempt_started: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> RolloutState:
-        return cls(**json.loads(raw))
+        """The state, read by any release: fields a newer one added are left out, fields an
+        older one lacked take their defaults (a state written before attempts is attempt 1)."""
+        known = {f.name for f in dataclass_fields(cls)}
+        return cls(**{k: v for k, v in json.loads(raw).items() if k in known})
 
 
 def stage_weights(spec: ExperimentSpec, stage: int, *, holdback: bool = True) -> dict[str, float]:
@@ -53,7 +66,7 @@ def stage_weights(spec: ExperimentSpec, stage: int, *, holdback: bool = True) ->
     """
     if spec.strategy != "canary":
         return {n: v.weight for n, v in spec.variants.items()}
-    share = spec.rollout.stages[stage]
+    share = spec.rollout.shares[stage]
     cands = [v for v in spec.variants if v != spec.stable]
     keep = spec.rollout.holdback if holdback else 0.0
     if 100 - share * len(cands) < keep:

@@ -21,7 +21,8 @@ import os
 import signal
 import socket
 import time
-from dataclasses import replace
+from collections.abc import Coroutine
+from dataclasses import asdict, replace
 from typing import Any
 
 import aiohttp
@@ -31,7 +32,7 @@ from redis.exceptions import RedisError
 from extproc import store
 from extproc.config import Experiment
 from extproc.contract import keys, signals
-from extproc.evaluator import machine
+from extproc.evaluator import hooks, machine
 from extproc.evaluator.guardrails import Verdict
 from extproc.evaluator.rollout import RolloutState, append_audit, load_state, stage_weights
 from extproc.evaluator.window import StageWindow
@@ -102,7 +103,7 @@ class Evaluator:
             await self._apply(machine.start(self.spec, time.time()))
         else:
             self.state = state
-            self._reset_window(state.stage_started)
+            self._reset_window(state)
         assert self.state is not None
         self.events_seen = f"{int(self.state.stage_started * 1000)}-0"
         self.signals_seen = self.events_seen
@@ -125,24 +126,61 @@ class Evaluator:
         state: RolloutState,
         verdict: Verdict | None,
         actor: str = "",
+        archived: RolloutState | None = None,
     ) -> None:
+        """Append the decision; a restart's record also keeps the attempt it ended
+        (``archived``), the only copy of that state once the new attempt overwrites it."""
         routing = await store.get_routing(self.redis, self.experiment.name)
         record: dict[str, Any] = {
             "time": time.time(),
             "action": action,
             "actor": actor or f"evaluator {self.instance}",
             "reasons": reasons,
+            "attempt": state.attempt,
             "stage": state.stage,
             "status": state.status,
             "weights": routing.weights if routing else None,
             "snapshot": {v: w.summary() for v, w in self.window.variants.items()},
             "checks": [c.to_json() for c in verdict.checks] if verdict else [],
         }
+        if archived is not None:
+            record["archived"] = asdict(archived)
         await append_audit(self.redis, self.experiment.name, record)
         if self.spec.rollout.webhook:
-            task = asyncio.create_task(self._webhook(record))
-            self._webhooks.add(task)
-            task.add_done_callback(self._webhooks.discard)
+            self._background(self._webhook(record))
+        hook = hooks.hook_url(self.spec.hooks, action)
+        if hook is not None:
+            self._background(self._lifecycle_hook(*hook, action, record))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run a notification beside the ticks: the decision it reports never waits on it."""
+        task = asyncio.create_task(work)
+        self._webhooks.add(task)
+        task.add_done_callback(self._webhooks.discard)
+
+    async def _lifecycle_hook(
+        self, hook: str, url: str, action: str, record: dict[str, Any]
+    ) -> None:
+        """Deliver a lifecycle hook; one that failed every try is recorded in the audit log
+        (``action: hook_failed``), so an operator sees that the serving layer was not told."""
+        payload = hooks.body(self.spec, hook, action, record)
+        done = await hooks.deliver(url, payload, self.spec.hooks)
+        if done.ok:
+            return
+        log.warning("%s hook %s failed %d times: %s", hook, url, done.tries, done.error)
+        failed = {
+            "time": time.time(),
+            "action": "hook_failed",
+            "actor": f"evaluator {self.instance}",
+            "reasons": [f"{hook} ({action}) to {url}: {done.error} after {done.tries} tries"],
+            "attempt": record["attempt"],
+            "stage": record["stage"],
+            "status": record["status"],
+            "weights": record["weights"],
+            "hook": {"name": hook, "url": url, "tries": done.tries, "error": done.error},
+        }
+        with contextlib.suppress(RedisError, OSError):
+            await append_audit(self.redis, self.experiment.name, failed)
 
     async def _webhook(self, record: dict[str, Any]) -> None:
         url = self.spec.rollout.webhook
@@ -164,8 +202,13 @@ class Evaluator:
 
     # --- one tick -------------------------------------------------------------------------------
 
-    def _reset_window(self, started: float) -> None:
-        self.window = machine.new_window(self.spec, started, self.window)
+    def _reset_window(self, state: RolloutState, *, follow_open: bool = True) -> None:
+        """A fresh window for ``state``'s stage; ``follow_open`` keeps following the requests
+        still open in the last one (not after a restart: they belong to the ended attempt)."""
+        previous = self.window if follow_open else None
+        self.window = machine.new_window(
+            self.spec, state.stage_started, previous, state.attempt_started
+        )
         self.last_verdict = None  # a verdict belongs to its stage's window
 
     async def _read_events(self) -> int:
@@ -219,6 +262,7 @@ class Evaluator:
         assert self.state is not None
         doc = {
             "time": time.time(),
+            "attempt": self.state.attempt,
             "stage": self.state.stage,
             "status": self.state.status,
             "variants": {v: w.summary() for v, w in self.window.variants.items()},
@@ -240,12 +284,16 @@ class Evaluator:
         if t.weights is not None:
             await self._set_weights(t.weights, t.weights_reason)
         await self._save(t.state)
-        await self._audit(t.action, t.reasons, t.state, t.verdict, t.actor)
+        await self._audit(t.action, t.reasons, t.state, t.verdict, t.actor, t.archived)
         self.metrics.decision(self.experiment.name, t.action)
         if t.restart_window:
-            self._reset_window(t.state.stage_started)
+            self._reset_window(t.state, follow_open=t.archived is None)
+        what = (self.experiment.name, t.state.attempt, t.action, t.state.stage + 1)
+        why = "; ".join(t.reasons)
         if t.action == "rollback":
-            log.warning("rolled back %s: %s", self.experiment.name, "; ".join(t.reasons))
+            log.warning("%s attempt %d: %s at stage %d: %s", *what, why)
+        else:
+            log.info("%s attempt %d: %s, now at stage %d: %s", *what, why)
 
     async def _apply_commands(self) -> None:
         assert self.state is not None

@@ -13,6 +13,9 @@ stage to stage) and, at each look (``StageWindow.look``, driven by the evaluator
 the ones older than the hang bound as hung: a server error and a timeout of their variant, at
 once, while they are still open. Their final event does not count them again.
 
+An event of a request that started before the rollout's current attempt (`extproc experiment
+restart`) is not judged at all: each attempt starts from fresh evidence.
+
 An event is credited by when its request STARTED (``outcome.started_ms``). An event of a request
 that started before the current stage (it ended, or was found hung, after the advance) cannot
 reach a stage that has been decided already; it is judged in the current stage's window instead,
@@ -280,6 +283,7 @@ class StageWindow:
     """
 
     started_ms: int
+    attempt_started_ms: int = 0  # requests that started before belong to an earlier attempt
     shadow_as_candidate: bool = False  # shadow strategy: mirrored answers are the candidate's
     stable: str = ""
     notice_ms: float = 5000.0
@@ -290,6 +294,7 @@ class StageWindow:
     forced: int = 0
     shadow: int = 0
     late: int = 0  # events of requests that started before this stage, judged here
+    earlier_attempt: int = 0  # events of requests of an earlier attempt, not judged
     unattributed: int = 0  # feedback for requests this stage did not serve
     # Who served what in this stage, so that feedback (which names only a request or a
     # conversation) lands on the variant that answered it. ``by_request`` is an OrderedDict
@@ -302,6 +307,11 @@ class StageWindow:
     def add(self, ev: TelemetryEvent) -> None:
         variant = ev.variant
         if not variant:
+            return
+        if started_ms(ev) < self.attempt_started_ms:
+            # A restart promises fresh evidence: the old attempt's stragglers (final events,
+            # notices, mirrored answers) were judged in it, or never will be.
+            self.earlier_attempt += 1
             return
         if ev.shadow:
             if ev.in_flight:

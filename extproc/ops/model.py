@@ -107,6 +107,8 @@ class Rollout(_Model):
     last_reasons: list[str]
     updated: float
     evidence: dict[str, float]
+    attempt: int = Field(default=1, description="1, then one more per `experiment restart`")
+    attempt_started: float = Field(default=0.0, description="0 for the first attempt")
 
 
 class AuditRecord(_Written):
@@ -115,6 +117,10 @@ class AuditRecord(_Written):
     action: str
     actor: str = ""
     reasons: list[str] = []
+    attempt: int = 1
+    archived: dict[str, Any] | None = Field(
+        default=None, description="a restart's record: the rollout state of the attempt it ended"
+    )
     stage: int = 0
     status: str = ""
     weights: dict[str, float] | None = None

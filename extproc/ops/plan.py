@@ -9,20 +9,26 @@ writes a ready, validated experiment file that says why in its header.
 
 Risk, from low to high (the target's relation to the current model):
 
-============  ========================================  ====================================
+============  ========================================  ==========================================
 tier          evidence                                  plan
-============  ========================================  ====================================
-config        same ``weights_hash``                     rolling: 25 → 50 → 100%, 15 min
-fine-tune     same ``base_model`` (or a quantization)   canary from 10%, 1 h
-new-version   same ``family``                           canary from 5%, 4 h
-new-family    anything else, or nothing to compare      canary from 2%, 24 h
-============  ========================================  ====================================
+============  ========================================  ==========================================
+config        same ``weights_hash``                     rolling: 25 → 50 → 100%, 15 min, automatic
+fine-tune     same ``base_model`` (or a quantization)   canary from 10%, 1 h, 100% behind a gate
+new-version   same ``family``                           canary from 5%, 4 h, 50% on behind a gate
+new-family    anything else, or nothing to compare      canary from 2%, 24 h, 25% on behind a gate
+============  ========================================  ==========================================
 
-The evaluation time is split evenly over the stages (``min_stage_seconds``). Evidence is only
-what both files state: a field missing on either side proves nothing. A declared ``kind`` is
-taken as given unless the metadata prove the change riskier (a "config" change whose weights
-hashes differ is at least a fine-tune), and with neither a kind nor evidence the change is
-treated as a new family: unknown risk is high risk.
+Each tier is a per-stage schedule (``rollout.stages`` objects): stage times and minimum
+candidate requests grow with the share, because the later stages are where slow-onset trouble
+(memory growth, the daily load cycle) shows and where a regression reaches most users; and from
+the share where a miss would hurt many users on, a stage ends only when a person promotes it
+(``gate: manual``) after the guardrails passed. A config change keeps equal, automatic stages:
+it can only break serving, which the first stage shows.
+
+Evidence is only what both files state: a field missing on either side proves nothing. A
+declared ``kind`` is taken as given unless the metadata prove the change riskier (a "config"
+change whose weights hashes differ is at least a fine-tune), and with neither a kind nor
+evidence the change is treated as a new family: unknown risk is high risk.
 """
 
 from __future__ import annotations
@@ -41,9 +47,13 @@ from extproc.config import (
     NAME_RE,
     ConfigError,
     Experiment,
+    Gate,
     load_experiment,
     parse_experiment,
 )
+from extproc.contract.guardrail_metrics import METRICS
+from extproc.stats import sample_size_means, sample_size_proportions
+from extproc.stats.results import Alternative, SampleSize
 
 Kind = Literal["config", "fine-tune", "quantization", "new-version", "new-family"]
 Tier = Literal["config", "fine-tune", "new-version", "new-family"]
@@ -86,21 +96,61 @@ class ModelMeta(BaseModel):
 
 
 @dataclass(frozen=True)
+class Step:
+    """One planned stage: its share, minimum time and candidate requests, and who ends it."""
+
+    share: float
+    seconds: int
+    samples: int
+    gate: Gate = "auto"
+
+    def describe(self) -> str:
+        gate = ", manual gate" if self.gate == "manual" else ""
+        return f"{self.share:g}% ({_duration(self.seconds)}, {self.samples} requests{gate})"
+
+
+@dataclass(frozen=True)
 class Grade:
     """The rollout parameters of a risk tier."""
 
     strategy: str
     label: str
-    stages: tuple[float, ...]
-    total_s: int
-    min_stage_samples: int
+    steps: tuple[Step, ...]
     latency_margin: float  # p99 latency and TTFT p95, relative
     error_margin: float  # error rate, relative
     error_ceiling: float  # error rate, absolute
 
     @property
+    def stages(self) -> tuple[float, ...]:
+        return tuple(s.share for s in self.steps)
+
+    @property
+    def total_s(self) -> int:
+        return sum(s.seconds for s in self.steps)
+
+    @property
     def min_stage_seconds(self) -> int:
-        return self.total_s // len(self.stages)
+        """The first stage's time: the file's default, which stages that differ override."""
+        return self.steps[0].seconds
+
+    @property
+    def min_stage_samples(self) -> int:
+        return self.steps[0].samples
+
+    def stage_entries(self) -> list[float | dict[str, Any]]:
+        """``rollout.stages`` as written: a plain share where a stage keeps the defaults (the
+        first stage's time and requests, automatic), an object with what differs elsewhere."""
+        out: list[float | dict[str, Any]] = []
+        for s in self.steps:
+            own: dict[str, Any] = {}
+            if s.seconds != self.min_stage_seconds:
+                own["min_seconds"] = s.seconds
+            if s.samples != self.min_stage_samples:
+                own["min_samples"] = s.samples
+            if s.gate != "auto":
+                own["gate"] = s.gate
+            out.append({"share": s.share, **own} if own else s.share)
+        return out
 
     def guardrails(self) -> list[dict[str, Any]]:
         """The graded guardrails; tokens and length only warn (a new model may answer longer)."""
@@ -118,14 +168,59 @@ class Grade:
         ]
 
 
+_M, _H = 60, 3600
 GRADES: dict[Tier, Grade] = {
     # Same weights: only serving can break, and it breaks for everyone alike, so big steps and
     # tight margins (a config change should cost nothing; a 25% share detects small shifts).
-    "config": Grade("canary", "rolling (quick canary)", (25, 50, 100), 900, 200, 0.10, 0.25, 0.01),
-    "fine-tune": Grade("canary", "canary", (10, 25, 50, 100), 3600, 300, 0.20, 0.50, 0.02),
-    "new-version": Grade("canary", "canary", (5, 10, 25, 50, 100), 14_400, 500, 0.20, 0.50, 0.02),
+    "config": Grade(
+        "canary",
+        "rolling (quick canary)",
+        (Step(25, 5 * _M, 200), Step(50, 5 * _M, 200), Step(100, 5 * _M, 200)),
+        0.10,
+        0.25,
+        0.01,
+    ),
+    "fine-tune": Grade(
+        "canary",
+        "canary",
+        (
+            Step(10, 10 * _M, 300),
+            Step(25, 10 * _M, 300),
+            Step(50, 20 * _M, 600),
+            Step(100, 20 * _M, 600, "manual"),
+        ),
+        0.20,
+        0.50,
+        0.02,
+    ),
+    "new-version": Grade(
+        "canary",
+        "canary",
+        (
+            Step(5, 30 * _M, 500),
+            Step(10, 30 * _M, 500),
+            Step(25, _H, 1000),
+            Step(50, _H, 1000, "manual"),
+            Step(100, _H, 2000, "manual"),
+        ),
+        0.20,
+        0.50,
+        0.02,
+    ),
     "new-family": Grade(
-        "canary", "canary", (2, 5, 10, 25, 50, 100), 86_400, 1000, 0.20, 0.50, 0.02
+        "canary",
+        "canary",
+        (
+            Step(2, 2 * _H, 1000),
+            Step(5, 2 * _H, 1000),
+            Step(10, 4 * _H, 2000),
+            Step(25, 4 * _H, 2000, "manual"),
+            Step(50, 6 * _H, 4000, "manual"),
+            Step(100, 6 * _H, 4000, "manual"),
+        ),
+        0.20,
+        0.50,
+        0.02,
     ),
 }
 
@@ -189,16 +284,30 @@ class Plan:
     grade: Grade
     experiment: Experiment
     text: str  # the experiment file, with the explanation in comments
+    # with stable's error rate known: what detecting the tier's error margin takes
+    error_samples: MetricSampleSize | None = None
 
     def summary(self) -> dict[str, Any]:
         g = self.grade
         return {
+            "error_rate_samples": None
+            if self.error_samples is None
+            else self.error_samples.to_json(),
             "tier": self.tier,
             "reasons": self.reasons,
             "strategy": g.strategy,
             "label": g.label,
             "canary_share": g.stages[0],
             "stages": list(g.stages),
+            "schedule": [
+                {
+                    "share": s.share,
+                    "min_seconds": s.seconds,
+                    "min_samples": s.samples,
+                    "gate": s.gate,
+                }
+                for s in g.steps
+            ],
             "min_stage_seconds": g.min_stage_seconds,
             "evaluation_s": g.total_s,
             "evaluation": _duration(g.total_s),
@@ -255,8 +364,9 @@ def _document(
     for name in variants:
         if name not in (stable, cand):
             variants[name]["weight"] = 0
+    rollout.pop("auto_advance", None)  # the plan's gates decide who ends each stage
     rollout.update(
-        stages=list(grade.stages),
+        stages=grade.stage_entries(),
         min_stage_seconds=grade.min_stage_seconds,
         min_stage_samples=grade.min_stage_samples,
     )
@@ -283,16 +393,17 @@ def _header(
     grade: Grade,
     base: Experiment | None,
 ) -> str:
-    ramp = " -> ".join(f"{s:g}%" for s in grade.stages)
+    ramp = " -> ".join(s.describe() for s in grade.steps)
     lines = [
         "Rollout plan written by `extproc plan`.",
         f"current: {current.describe()}",
         f"target:  {target.describe()}",
         f"risk: {tier}, because:",
         *[f"  - {r}" for r in reasons],
-        f"plan: {grade.label}, first stage {grade.stages[0]:g}%, stages {ramp};",
-        f"  {_duration(grade.min_stage_seconds)} per stage ({_duration(grade.total_s)} in all), "
-        f"and at least {grade.min_stage_samples} candidate requests per stage;",
+        f"plan: {grade.label}, {_duration(grade.total_s)} in all, each stage at least as long "
+        "and with at least as many candidate requests as:",
+        f"  {ramp};",
+        "  a manual gate waits for `extproc experiment promote` once the guardrails passed;",
         f"  rollback on p99 latency or TTFT p95 +{grade.latency_margin:.0%}, error rate "
         f"+{grade.error_margin:.0%} relative or above {grade.error_ceiling:.0%};",
         "  tokens per response and response size only warn (a new model may answer longer).",
@@ -313,16 +424,62 @@ def _header(
 
 
 def make_plan(
-    current: ModelMeta, target: ModelMeta, base: Experiment | None = None, base_raw: Any = None
+    current: ModelMeta,
+    target: ModelMeta,
+    base: Experiment | None = None,
+    base_raw: Any = None,
+    error_baseline: float | None = None,
 ) -> Plan:
-    """The plan and its experiment file, validated whole before anything is written."""
+    """The plan and its experiment file, validated whole before anything is written.
+
+    With ``error_baseline`` (stable's error rate) the header also says how many candidate
+    requests detecting the tier's error margin takes, against what the ramp's stages ask.
+    """
     tier, reasons = classify(current, target)
     grade = GRADES[tier]
     doc = _document(current, target, grade, base, base_raw)
     experiment = parse_experiment(doc, "the planned experiment")
     body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=4096)
-    text = _header(current, target, tier, reasons, grade, base) + "\n" + body
-    return Plan(tier, reasons, grade, experiment, text)
+    header = _header(current, target, tier, reasons, grade, base)
+    detect = None
+    if error_baseline is not None:
+        detect = _error_samples(experiment, grade, error_baseline)
+        header += _sample_size_note(detect, grade)
+    return Plan(tier, reasons, grade, experiment, header + "\n" + body, detect)
+
+
+def _error_samples(experiment: Experiment, grade: Grade, baseline: float) -> MetricSampleSize:
+    """The tier's relative error margin at the first stage's share, at the alpha one gating
+    guardrail gets in the planned file (the evaluator splits the rollout's alpha over them)."""
+    spec = experiment.spec
+    gated = sum(1 for g in spec.guardrails if g.action in ("rollback", "hold")) or 1
+    return metric_sample_size(
+        "error_rate",
+        grade.error_margin,
+        baseline=baseline,
+        relative=True,
+        share=grade.stages[0],
+        alpha=spec.rollout.alpha / gated,
+    )
+
+
+def _sample_size_note(detect: MetricSampleSize, grade: Grade) -> str:
+    ramp = sum(s.samples for s in grade.steps)
+    verdict = (
+        "the stages' minimums cover it"
+        if ramp >= detect.size.n_treatment
+        else "more than the stages' minimums: the ramp may end before a regression of that size "
+        "is detected (raise min_samples, or accept a larger detectable effect)"
+    )
+    lines = [
+        f"sample size (extproc sample-size): an error rate of {detect.baseline:.2%} rising to "
+        f"{detect.target:.2%} (+{grade.error_margin:.0%}) is detected with "
+        f"{detect.size.power:.0%} power at alpha {detect.size.alpha:.3g} after about "
+        f"{detect.size.n_treatment} candidate requests at {detect.share:g}% (fixed horizon; "
+        "the evaluator's sequential tests need more);",
+        f"  the stages ask for {ramp} candidate requests in all: {verdict}.",
+    ]
+    return "".join(f"# {line}\n" for line in lines)
 
 
 def load_meta(path: str | Path) -> ModelMeta:
@@ -350,3 +507,96 @@ def load_base(path: str | Path) -> tuple[Experiment, Any]:
     """The base experiment, validated, and its raw mapping (to keep only what the user wrote)."""
     exp = load_experiment(path)
     return exp, yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class MetricSampleSize:
+    """Requests per arm to detect ``baseline`` becoming ``target`` on a guardrail metric."""
+
+    metric: str
+    kind: str
+    baseline: float
+    target: float
+    share: float  # the candidate's percent of traffic (50: an even A/B split)
+    size: SampleSize
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.size
+        return {
+            "metric": self.metric,
+            "kind": self.kind,
+            "baseline": self.baseline,
+            "target": self.target,
+            "share": self.share,
+            "candidate": s.n_treatment,
+            "stable": s.n_control,
+            "total": s.total,
+            "method": s.method,
+            "effect_size": round(s.effect_size, 4),
+            "alpha": s.alpha,
+            "power": s.power,
+            "alternative": s.alternative,
+        }
+
+
+def metric_sample_size(
+    metric: str,
+    mde: float,
+    *,
+    baseline: float | None = None,
+    sd: float | None = None,
+    relative: bool = False,
+    share: float = 50.0,
+    alpha: float = 0.05,
+    power: float = 0.8,
+) -> MetricSampleSize:
+    """The fixed-horizon sample size of a guardrail metric's question, tested one-sided in the
+    metric's harm direction (a guardrail asks "is it worse?", not "is it different?"; a metric
+    harmful both ways, two-sided).
+
+    ``mde`` is the size of the harm to detect, positive, absolute in the metric's units or, with
+    ``relative``, a fraction of ``baseline``. A rate needs ``baseline`` (stable's rate); a
+    quantile is judged as the evaluator judges it, by the share of candidate requests beyond
+    stable's quantile (baseline 1 - q: 0.01 for p99), so ``mde`` moves that share; a mean needs
+    ``sd`` (and ``baseline`` for a relative ``mde``). ``share`` is the candidate's percent of
+    traffic: at a 5% stage stable serves 19 requests for each of the candidate's.
+
+    Raises ValueError with what is missing or meaningless.
+    """
+    info = METRICS.get(metric)
+    if info is None:
+        raise ValueError(f"{metric!r} is not a guardrail metric (one of {sorted(METRICS)})")
+    if not mde > 0:
+        raise ValueError(f"the effect to detect must be positive (a harm), got {mde}")
+    if not 0 < share < 100:
+        raise ValueError(f"the candidate's share must be a percentage in (0, 100), got {share}")
+    # a metric harmful both ways runs one test per side at half the alpha: a two-sided test
+    sign = -1.0 if info.harm == "decrease" else 1.0
+    sides: dict[str, Alternative] = {"increase": "greater", "decrease": "less"}
+    alternative = sides.get(info.harm, "two-sided")
+    ratio = share / (100 - share)
+    if info.kind in ("rate", "quantile"):
+        if info.kind == "quantile":
+            if baseline is not None:
+                raise ValueError(f"{metric}: the baseline is the tail share {1 - info.q:g}")
+            baseline = round(1 - info.q, 10)
+        if baseline is None:
+            raise ValueError(f"{metric}: stable's rate is needed (--baseline, e.g. 0.01)")
+        effect = sign * (mde * baseline if relative else mde)
+        size = sample_size_proportions(
+            baseline, effect, alpha=alpha, power=power, ratio=ratio, alternative=alternative
+        )
+        target = round(baseline + effect, 10)
+        return MetricSampleSize(metric, info.kind, baseline, target, share, size)
+    if info.kind == "mean":
+        if sd is None:
+            raise ValueError(f"{metric}: the standard deviation of the metric is needed (--sd)")
+        if relative and baseline is None:
+            raise ValueError(f"{metric}: a relative effect needs stable's mean (--baseline)")
+        effect = sign * (mde * baseline if relative and baseline is not None else mde)
+        size = sample_size_means(
+            sd, effect, alpha=alpha, power=power, ratio=ratio, alternative=alternative
+        )
+        base = baseline if baseline is not None else 0.0
+        return MetricSampleSize(metric, info.kind, base, base + effect, share, size)
+    raise ValueError(f"{metric} is a one-sample win rate: no two-arm sample size")

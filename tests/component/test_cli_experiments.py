@@ -1,4 +1,5 @@
-"""`extproc experiment create | list | show` against a real Redis: JSON output and exit codes."""
+"""`extproc experiment create | list | show | restart` against a real Redis: JSON output and exit
+codes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from extproc.config import EXAMPLE_EXPERIMENT
+from extproc.contract import keys
+from extproc.evaluator.rollout import RolloutState
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(60)
@@ -60,3 +64,26 @@ def test_errors_say_what_to_do(redis_url: str, tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "variants.a.weight: must be 0..100" in out.stderr
     assert "variants" in out.stderr
+
+
+def test_restart_is_recorded_only_after_the_rollout_ended(redis_url: str) -> None:
+    """The evaluator would ignore a restart of a running rollout; the CLI says so at once."""
+    doc(cli(redis_url, "create", str(EXAMPLE_EXPERIMENT), "--replace", "--json"))
+    r = redis.Redis.from_url(redis_url)
+    r.delete(keys.rollout("chat-upgrade"), keys.commands("chat-upgrade"))
+    state = RolloutState(status="running", stage=2, stage_started=1.0, strategy="canary")
+    for status, refusal in ((None, "not started"), ("running", "running"), ("paused", "paused")):
+        if status is not None:
+            state.status = status
+            r.set(keys.rollout("chat-upgrade"), state.to_json())
+        out = cli(redis_url, "restart", "chat-upgrade")
+        assert out.returncode == 2, status
+        assert f"rollout is {refusal}" in out.stderr
+        assert "experiment rollback" in out.stderr
+    assert r.xlen(keys.commands("chat-upgrade")) == 0
+    state.status = "rolled_back"
+    r.set(keys.rollout("chat-upgrade"), state.to_json())
+    recorded = doc(cli(redis_url, "restart", "chat-upgrade", "--reason", "fixed", "--json"))
+    assert recorded["command"] == "restart"
+    [(_, fields)] = r.xrange(keys.commands("chat-upgrade"))
+    assert (fields[b"command"], fields[b"reason"]) == (b"restart", b"fixed")

@@ -127,3 +127,54 @@ def test_cli_check_exits_2_and_lists_problems(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "variants.stable.weight: must be 0..100" in out.stderr
     assert "variants: " in out.stderr  # min 2 variants
+
+
+def test_stages_mix_plain_shares_and_scheduled_stages() -> None:
+    doc = {
+        **GOOD,
+        "rollout": {
+            "stages": [2, {"share": 10, "min_seconds": 1800, "min_samples": 500, "gate": "manual"}],
+            "min_stage_seconds": 60,
+            "min_stage_samples": 100,
+        },
+    }
+    r = parse_experiment(doc).spec.rollout
+    assert r.shares == [2, 10]
+    first, second = r.schedule(0), r.schedule(1)
+    assert (first.share, first.min_seconds, first.min_samples, first.gate) == (2, 60, 100, "auto")
+    assert (second.min_seconds, second.min_samples, second.gate) == (1800, 500, "manual")
+
+
+def test_every_stage_problem_is_listed_with_its_path() -> None:
+    stages = [
+        "x",
+        {"share": 500},
+        {"gate": "maybe"},
+        {"share": 5, "min_seconds": -1, "colour": "red"},
+        {"share": 4, "min_samples": "many"},
+    ]
+    got = problems({**GOOD, "rollout": {"stages": stages}})
+    expected = [
+        "rollout.stages.0: must be a percentage 0..100 or a stage",
+        "rollout.stages.1.share: must be a percentage 0..100",
+        "rollout.stages.2.share: Field required",
+        "rollout.stages.2.gate: Input should be 'auto' or 'manual'",
+        "rollout.stages.3.min_seconds: ",
+        "rollout.stages.3.colour: Extra inputs are not permitted",
+        "rollout.stages.4.min_samples: ",
+    ]
+    for want in expected:
+        assert sum(p.startswith(want) for p in got) == 1, (want, got)
+    assert not [p for p in got if ".float" in p or ".Stage" in p], got  # pydantic's form names
+    # shares of objects join the ramp check
+    assert "rollout.stages: must increase" in " ".join(
+        problems({**GOOD, "rollout": {"stages": [{"share": 10}, 5]}})
+    )
+
+
+def test_a_stage_schedule_needs_the_canary_strategy() -> None:
+    doc = {**GOOD, "strategy": "ab", "rollout": {"stages": [{"share": 10, "gate": "manual"}]}}
+    assert problems(doc) == [
+        "rollout.stages.0: a stage with its own schedule needs strategy canary; strategy ab "
+        "uses min_stage_seconds, min_stage_samples and auto_advance"
+    ]

@@ -374,3 +374,41 @@ def test_export_cli_from_redis_then_analyze(redis_url: str, tmp_path: Path) -> N
     missing = extproc("export", "nope", "--redis-url", redis_url)
     assert missing.returncode == 2
     assert "no such experiment" in missing.stderr
+
+
+SCHEDULED: dict[str, Any] = {
+    **EXPERIMENT,
+    "rollout": {
+        **EXPERIMENT["rollout"],
+        "stages": [10, {"share": 50, "min_seconds": 60, "gate": "manual"}, 100],
+    },
+}
+
+
+def test_a_replay_follows_each_stages_schedule_and_holds_at_a_manual_gate() -> None:
+    """Stage 2's own 60 s replace the default 120 s; its manual gate holds the replay, unless
+    the replay plays an operator who promotes as soon as the stage is ready."""
+    spec = parse_experiment(SCHEDULED).spec
+    log = recorded(synthetic_log(seconds=600))
+    held = replay(spec, log, split="observed")
+    assert [(p.action, p.stage) for p in held.trajectory] == [("start", 0), ("advance", 1)]
+    assert (held.status, held.stage) == ("running", 1)
+    promoted = replay(spec, log, split="observed", promote_when_ready=True)
+    rows = [(p.action, p.stage) for p in promoted.trajectory]
+    assert rows == [("start", 0), ("advance", 1), ("advance", 2), ("complete", 2)]
+    _, first, second, done = (p.elapsed_s for p in promoted.trajectory)
+    assert first >= 120
+    assert 60 <= second - first < 120, (first, second)
+    assert done - second >= 120
+    assert promoted.trajectory[2].reasons == ["promote by replay: manual gate: promoted when ready"]
+
+
+def test_analyze_cli_promotes_manual_gates_on_request(tmp_path: Path) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(SCHEDULED))
+    log = write_log(tmp_path / "events.jsonl", synthetic_log(seconds=600))
+    args = ("analyze", str(log), "--config", str(config), "--split", "observed", "--json")
+    for extra, status in (((), "running"), (("--promote-when-ready",), "completed")):
+        out = extproc(*args, *extra)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["final"]["status"] == status, extra

@@ -319,3 +319,21 @@ def test_a_short_upstream_timeout_shortens_the_default_notice(
     raw = {k: v for k, v in EXPERIMENT.items() if k != "inflight"}
     spec = parse_experiment({**raw, "envoy": {"request_timeout_s": timeout_s}}).spec
     assert spec.inflight.notice_ms == notice_ms
+
+
+def test_a_new_attempt_judges_no_request_of_the_last_one(spec: Any) -> None:
+    """After `experiment restart` the stragglers of the ended attempt (a final event, a notice,
+    a hang) are not judged, not even as late stage credit; the attempt's own requests are."""
+    restart = T0 + 2000
+    w = machine.new_window(spec, restart / 1000, attempt_started=restart / 1000)
+    w.add(final("old", T0 + 500, duration_ms=3000.0))
+    w.add(notice("old-hang", T0 + 900, 1000))
+    w.add(final("new", restart + 10))
+    assert w.look(restart + 10**6) == 0
+    c = w.of("canary")
+    assert (c.requests, c.hung, w.late, w.earlier_attempt) == (1, 0, 0, 2)
+    # its next stage keeps the attempt's start: its own earlier requests are stage credit
+    later = machine.new_window(spec, (restart + 5000) / 1000, w, restart / 1000)
+    later.add(final("new-late", restart + 100))
+    later.add(final("old-late", T0 + 600))
+    assert (later.late, later.earlier_attempt) == (1, 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from extproc.evaluator.guardrails import (
     judge,
     stage_weight,
 )
-from extproc.evaluator.rollout import rollback_weights, stage_weights
+from extproc.evaluator.rollout import RolloutState, rollback_weights, stage_weights
 from extproc.evaluator.window import StageWindow
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 
@@ -477,3 +478,140 @@ def test_a_rate_without_trials_does_not_stall_the_rollout() -> None:
     assert check.status == "pass"
     assert "no JSON answers yet" in check.detail
     assert v.action == "advance"
+
+
+SCHEDULED: dict[str, Any] = {
+    **BASE,
+    "rollout": {
+        "stages": [
+            10,  # the defaults below: 10 s, 50 candidate requests, automatic
+            {"share": 50, "min_seconds": 120, "min_samples": 300, "gate": "manual"},
+            {"share": 100, "min_seconds": 5},
+        ],
+        "min_stage_seconds": 10,
+        "min_stage_samples": 50,
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "stage", "age", "kwargs", "action", "reason", "awaiting"),
+    [
+        ("plain share: defaults, ready", 0, 60, {}, "advance", "stage 1/3 healthy", False),
+        ("plain share: younger than the default", 0, 5, {}, "none", None, False),
+        ("manual: younger than its own 120 s", 1, 60, {"n_canary": 400}, "none", None, False),
+        ("manual: fewer than its own 300", 1, 200, {}, "none", None, False),
+        ("manual: ready", 1, 200, {"n_canary": 400}, "none", "waiting for promote", True),
+        (
+            "manual: a regression still rolls back",
+            1,
+            200,
+            {"err": (0.01, 0.2)},
+            "rollback",
+            "error rate",
+            False,
+        ),
+        ("own min_seconds shorter than the default", 2, 6, {}, "complete", "healthy", False),
+    ],
+)
+def test_per_stage_schedule_table(
+    case: str,
+    stage: int,
+    age: float,
+    kwargs: dict[str, Any],
+    action: str,
+    reason: str | None,
+    awaiting: bool,
+) -> None:
+    spec = parse_experiment(SCHEDULED).spec
+    w = window(**kwargs)
+    v = judge(spec, w, _split(w), stage=stage, stage_age_s=age)
+    assert v.action == action, (case, v.reasons)
+    assert v.awaiting_promote is awaiting, (case, v.reasons)
+    if reason:
+        assert any(reason in r for r in v.reasons), (case, v.reasons)
+
+
+def test_stage_gates_override_auto_advance_both_ways() -> None:
+    doc = {**BASE, "rollout": {**BASE["rollout"], "auto_advance": False}}
+    doc["rollout"]["stages"] = [10, {"share": 50, "gate": "auto"}, 100]
+    spec = parse_experiment(doc).spec
+    assert [spec.rollout.schedule(i).gate for i in range(3)] == ["manual", "auto", "manual"]
+    w = window()
+    assert judge(spec, w, _split(w), stage=0, stage_age_s=60).awaiting_promote
+    assert judge(spec, w, _split(w), stage=1, stage_age_s=60).action == "advance"
+
+
+def test_a_manual_gate_holds_the_machine_until_promote() -> None:
+    """The walk through the machine: stage 1 advances by itself, stage 2 waits for promote
+    however long it is ready, the promote advances it, and stage 3 completes by itself."""
+    spec = parse_experiment(SCHEDULED).spec
+    t = machine.start(spec, 0.0)
+    assert t.weights == {"canary": 10, "stable": 90}
+    t = machine.evaluate(spec, t.state, window(), WEIGHTS, 60.0)
+    assert (t.action, t.state.stage) == ("advance", 1)
+    assert t.weights == {"canary": 50, "stable": 50}
+    state = t.state
+    ready = window(n_stable=400, n_canary=400)
+    for now in (300.0, 600.0, 3600.0):
+        t = machine.evaluate(spec, state, ready, _split(ready), now)
+        assert (t.action, t.state.stage) == ("", 1)
+        assert t.verdict is not None
+        assert t.verdict.awaiting_promote
+    t = machine.command(spec, t.state, "promote", "ops", "looks good", 3601.0, t.verdict)
+    assert (t.action, t.state.stage, t.state.stage_started) == ("advance", 2, 3601.0)
+    assert t.reasons == ["promote by ops: looks good"]
+    last = window()
+    t = machine.evaluate(spec, t.state, last, _split(last), 3607.0)
+    assert (t.action, t.state.status) == ("complete", "completed")
+
+
+@pytest.mark.parametrize(
+    ("status", "restarted"),
+    [
+        ("running", False),
+        ("paused", False),
+        ("rolled_back", True),
+        ("completed", True),
+        ("aborted", True),
+    ],
+)
+def test_restart_table(status: str, restarted: bool) -> None:
+    """A restart starts attempt n + 1 at stage 0 with nothing of attempt n (evidence, stage
+    clock, reasons), and hands the ended state over for the audit log; it needs an ended one."""
+    spec = parse_experiment(BASE).spec
+    ended = replace(
+        machine.start(spec, 0.0).state,
+        status=status,  # type: ignore[arg-type]
+        stage=2,
+        stage_started=50.0,
+        commands_seen="9-0",
+        evidence={"canary/error_rate": 1.5},
+        attempt=3,
+        attempt_started=1.0,
+    )
+    t = machine.command(spec, ended, "restart", "ops", "new build", 100.0)
+    if not restarted:
+        assert t.action == "restart"
+        assert (t.state.status, t.state.attempt, t.weights, t.archived) == (status, 3, None, None)
+        assert t.reasons == [f"ignored 'restart' by ops: rollout is {status}"]
+        return
+    s = t.state
+    assert (t.action, s.status, s.stage, s.attempt) == ("restart", "running", 0, 4)
+    assert (s.stage_started, s.attempt_started, s.evidence) == (100.0, 100.0, {})
+    assert s.commands_seen == "9-0"  # the command stream is read on, not replayed
+    assert t.weights == stage_weights(spec, 0)
+    assert t.restart_window
+    assert t.archived == ended
+    assert t.reasons[0] == "restart by ops: new build"
+    assert t.reasons[1].startswith("attempt 4 from stage 1; attempt 3 ")
+
+
+def test_a_state_written_before_attempts_is_attempt_one() -> None:
+    old = '{"status": "completed", "stage": 2, "stage_started": 5.0, "strategy": "canary"}'
+    assert (RolloutState.from_json(old).attempt, RolloutState.from_json(old).attempt_started) == (
+        1,
+        0.0,
+    )
+    newer = old[:-1] + ', "attempt": 2, "phase": "canary"}'  # a field of a later release
+    assert RolloutState.from_json(newer).attempt == 2
