@@ -496,9 +496,9 @@ def test_quality_signals_become_chart_columns() -> None:
     [
         ("running", ["pause", "promote", "rollback", "abort"]),
         ("paused", ["resume", "promote", "rollback", "abort"]),
-        ("completed", ["rollback"]),
-        ("rolled_back", []),
-        ("aborted", []),
+        ("completed", ["rollback", "restart"]),
+        ("rolled_back", ["restart"]),
+        ("aborted", ["restart"]),
     ],
 )
 def test_actions_offered_are_those_the_evaluator_applies(

@@ -292,7 +292,7 @@ def polls(browser: WebDriver, n: int) -> None:
     until(browser, more, f"{n} more polls")
 
 
-def test_after_a_rollback_no_action_is_enabled(
+def test_after_a_rollback_only_restart_is_enabled(
     redis_url: str, page: str, browser: WebDriver, tmp_path: Path
 ) -> None:
     seed(
@@ -310,6 +310,7 @@ def test_after_a_rollback_no_action_is_enabled(
         "promote": False,
         "rollback": False,
         "abort": False,
+        "restart": True,
     }
 
 
@@ -325,6 +326,7 @@ def test_a_running_rollout_offers_what_the_evaluator_would_apply_and_abort_recor
         "promote": True,
         "rollback": True,
         "abort": True,
+        "restart": False,
     }
     # Polls that change nothing leave the buttons in place: a click lands where it was aimed.
     browser.execute_script(

@@ -12,7 +12,8 @@ const VERBS = {
   resume: ["Resume", "Continue the paused rollout from its current stage."],
   promote: ["Promote", "Move to the next stage now, without waiting for the guardrails."],
   rollback: ["Roll back", "Send all traffic to the stable variant; every sidecar follows within a second."],
-  abort: ["Abort", "End the rollout for good: all traffic to the stable variant; it cannot be resumed."],
+  abort: ["Abort", "End the rollout: all traffic to the stable variant; it cannot be resumed (Restart starts over)."],
+  restart: ["Restart", "Start a new attempt from the first stage with fresh evidence; the ended one stays in the decisions."],
 };
 // Charts in this order first; any other figure the API sends (quality scores, judge win rates)
 // gets a chart of its own when it has data. Token totals are drawn per request instead. Names
