@@ -419,7 +419,15 @@ async def test_the_worker_keeps_to_its_budget(
     for i in range(6):
         await add_pair(client, f"r{i}")
     rate = 10.0  # calls per second
-    worker = JudgeWorker(client, "exp", judges(settings(fake, calls_per_minute=rate * 60)), 0.02)
+    granted: list[float] = []
+
+    class RecordingBucket(TokenBucket):
+        async def acquire(self) -> None:
+            await super().acquire()
+            granted.append(time.monotonic())
+
+    judge = judges(settings(fake, calls_per_minute=rate * 60), bucket=RecordingBucket(rate))
+    worker = JudgeWorker(client, "exp", judge, 0.02)
     task = asyncio.create_task(worker.run())
     try:
         # Pairs are judged one after another, two calls each: the 9th call means four are done.
@@ -427,12 +435,13 @@ async def test_the_worker_keeps_to_its_budget(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    times = fake.times
-    assert len(times) >= 8
-    for i in range(len(times)):
-        for j in range(i + 1, len(times)):
-            # A token bucket of one: at most 1 + rate * t calls in any span t (20 ms slack).
-            assert j - i <= rate * (times[j] - times[i] + 0.02), (i, j, times)
+    # Every call the judge received took a token first (one may be granted and not yet sent).
+    assert 9 <= len(fake.times) <= len(granted)
+    # A token bucket of one grants at most 1 + rate * t tokens in t. The first grant is recorded
+    # without delay and a late wake only stretches the span, so a loaded machine cannot fail
+    # this; a bucket that let a burst through would (the spacing itself is checked on a virtual
+    # clock in test_the_token_bucket_spaces_acquisitions).
+    assert len(granted) - 1 <= rate * (granted[-1] - granted[0]) + 1e-6, granted
     stream = await signals.read(client, "exp")
     judged = [s.request_id for _, s in stream.signals if isinstance(s, signals.JudgeSignal)]
     assert len(judged) == len(set(judged)) == worker.judged
