@@ -25,6 +25,9 @@ Variants (``PROXIES``):
     sticky weighted routing with weights from the sidecar's RTDS layer, forced-routing routes,
     the same Lua filter and access log. The sidecar is off the request path;
     ``bench/run.py`` starts measuring once Envoy holds the weights.
+``native-16k``
+    ``native`` with Envoy's default access-log buffer (16 KiB) instead of the shipped 256 KiB:
+    what batching the access log into fewer, fuller messages saves.
 ``route``
     ``ext_proc`` without its telemetry (no Lua filter, no access log): the price of the
     package's routing decision alone, next to ``minimal``.
@@ -179,6 +182,17 @@ def native(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     return build_native(exp, layout)
 
 
+def native_16k(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    boot = build_native(exp, layout)
+    manager = _manager(boot)
+    for log in manager.access_log:
+        config = HttpGrpcAccessLogConfig()
+        log.typed_config.Unpack(config)
+        config.common_config.ClearField("buffer_size_bytes")
+        log.typed_config.CopyFrom(_pack(config))
+    return _store(boot, manager)
+
+
 def route_only(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     boot, manager = _prefixed(exp, layout)
     _without_telemetry(manager)
@@ -247,6 +261,15 @@ PROXIES: dict[str, Proxy] = {
             "native",
             "shipped dataplane native: Envoy routes, RTDS + Lua + access log",
             native,
+            sidecar=True,
+            helper=None,
+            telemetry=True,
+            dataplane="native",
+        ),
+        Proxy(
+            "native-16k",
+            "native with Envoy's default 16 KiB access-log buffer",
+            native_16k,
             sidecar=True,
             helper=None,
             telemetry=True,

@@ -710,11 +710,11 @@ def render(result: dict[str, Any]) -> str:
     lines.append(
         f"{'config':<10}{'conn':>5}{'req/s':>7}{'x bare':>7}{'[min-max]':>13}{'+p50 ms':>9}"
         f"{'[min-max]':>16}{'cpu us/req':>11}{'x bare':>7}{'[rounds]':>12}{'non2xx':>7}"
-        f"{'events/done':>14}{'canary':>7}"
+        f"{'events/reqs':>14}{'canary':>7}"
     )
     for row in result["summary"]:
         telemetry = PROXIES[row["proxy"]].telemetry
-        ev = f"{row['events']}/{row['completed']}" if telemetry else "-"
+        ev = f"{row['events']}/{row['received']}" if telemetry else "-"
         r0, r1 = row["rps_ratio_span"]
         p0, p1 = row["added_p50_span"]
         c0, c1 = row["cpu_round_span"]
@@ -741,7 +741,9 @@ def render(result: dict[str, Any]) -> str:
         "x bare, +p50, +p99 (ms): per round against bare Envoy of the same round, median over "
         "rounds.\ncpu: Envoy (+ sidecar / helper) utime+stime per request over the level "
         "(rounds: each run's own window). "
-        "events/done: events in Redis / requests completed.\ncanary: share of requests Envoy "
+        "events/reqs: events in Redis / requests Envoy received (wrk's last requests of a run, "
+        "cut off when it stops, are received, logged and not completed). "
+        "\ncanary: share of requests Envoy "
         "sent to the canary cluster (configured: 10%). msgs: ext_proc messages Envoy sent per "
         "request."
     )
