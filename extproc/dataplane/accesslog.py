@@ -196,7 +196,9 @@ def _body(seen: Observed, md: Struct, common: al.AccessLogCommon) -> None:
     f = md.fields
     if "first_token_us" in f:
         start_us = common.start_time.seconds * 1e6 + common.start_time.nanos / 1e3
-        seen.first_token_ms = (f["first_token_us"].number_value - start_us) / 1e3
+        seen.first_token_ms = _between(
+            (f["first_token_us"].number_value - start_us) / 1e3, seen.headers_ms, seen.duration_ms
+        )
     seen.tool_calls = "tool_calls" in f and f["tool_calls"].bool_value
     seen.json_asked = JSON_ASKED in f and f[JSON_ASKED].bool_value
     if JSON_VALID in f:
@@ -212,6 +214,20 @@ def _body(seen: Observed, md: Struct, common: al.AccessLogCommon) -> None:
         seen.finish_reason = finish[-1]
     if "text" in f:
         seen.answer = decode_text(f["text"].string_value)
+
+
+def _between(first_token_ms: float, headers_ms: float | None, last_ms: float | None) -> float:
+    """The first token within the response: not before its headers, not after its last byte.
+
+    Why: inspect.lua stamps the first token with the wall clock, while Envoy's durations are
+    monotonic from the request's start; on a loaded machine the two disagree by up to about half a
+    millisecond, which on a fast answer put the first token after the last byte.
+    """
+    if last_ms is not None:
+        first_token_ms = min(first_token_ms, last_ms)
+    if headers_ms is not None:
+        first_token_ms = max(first_token_ms, headers_ms)
+    return first_token_ms
 
 
 def _variant_clusters(experiment: Experiment) -> dict[str, str]:

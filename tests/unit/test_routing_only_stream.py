@@ -193,3 +193,17 @@ def test_json_signals_from_the_capture_stream_reach_the_event() -> None:
     assert judged.json_valid is True
     unjudged = m.event(entry("variant_canary", {JSON_ASKED: True}))
     assert unjudged.json_valid is False
+
+
+def test_the_first_token_stays_within_the_response() -> None:
+    """inspect.lua's wall-clock stamp past the last byte (Envoy's monotonic durations) is held to
+    it; one before the headers is held to them."""
+    exp = experiment(sample=0)
+    m = EntryMapper.for_experiment(exp, EventBuilder.for_experiment(exp, "test"))
+    start_us = 1_700_000_000_000 * 1000
+    late = m.event(entry("variant_canary", {"first_token_us": start_us + 9_500}))
+    assert (late.headers_ms, late.first_token_ms, late.duration_ms) == (5, 9, 9)
+    early = m.event(entry("variant_canary", {"first_token_us": start_us + 1_000}))
+    assert early.first_token_ms == 5
+    inside = m.event(entry("variant_canary", {"first_token_us": start_us + 7_000}))
+    assert inside.first_token_ms == 7
