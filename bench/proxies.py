@@ -28,6 +28,9 @@ Variants (``PROXIES``):
 ``native-16k``
     ``native`` with Envoy's default access-log buffer (16 KiB) instead of the shipped 256 KiB:
     what batching the access log into fewer, fuller messages saves.
+``native-lua-empty``
+    ``native`` with an empty ``envoy_on_response`` instead of ``inspect.lua``: what running any
+    Lua per response costs, apart from what the script does (events then lack body fields).
 ``route``
     ``ext_proc`` without its telemetry (no Lua filter, no access log): the price of the
     package's routing decision alone, next to ``minimal``.
@@ -60,6 +63,7 @@ from envoy.extensions.access_loggers.grpc.v3.als_pb2 import (
     HttpGrpcAccessLogConfig,
 )
 from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import ExternalProcessor
+from envoy.extensions.filters.http.lua.v3.lua_pb2 import Lua
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
@@ -193,6 +197,18 @@ def native_16k(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     return _store(boot, manager)
 
 
+def native_lua_empty(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    boot = build_native(exp, layout)
+    manager = _manager(boot)
+    for f in manager.http_filters:
+        if f.name == "envoy.filters.http.lua":
+            lua = Lua()
+            f.typed_config.Unpack(lua)
+            lua.default_source_code.inline_string = "function envoy_on_response(handle) end\n"
+            f.typed_config.CopyFrom(_pack(lua))
+    return _store(boot, manager)
+
+
 def route_only(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     boot, manager = _prefixed(exp, layout)
     _without_telemetry(manager)
@@ -270,6 +286,15 @@ PROXIES: dict[str, Proxy] = {
             "native-16k",
             "native with Envoy's default 16 KiB access-log buffer",
             native_16k,
+            sidecar=True,
+            helper=None,
+            telemetry=True,
+            dataplane="native",
+        ),
+        Proxy(
+            "native-lua-empty",
+            "native with an empty Lua script",
+            native_lua_empty,
             sidecar=True,
             helper=None,
             telemetry=True,

@@ -708,7 +708,7 @@ def render(result: dict[str, Any]) -> str:
     ]
     lines.append("Against bare Envoy, median over rounds [min-max of the rounds]:")
     lines.append(
-        f"{'config':<10}{'conn':>5}{'req/s':>7}{'x bare':>7}{'[min-max]':>13}{'+p50 ms':>9}"
+        f"{'config':<17}{'conn':>5}{'req/s':>7}{'x bare':>7}{'[min-max]':>13}{'+p50 ms':>9}"
         f"{'[min-max]':>16}{'cpu us/req':>11}{'x bare':>7}{'[rounds]':>12}{'non2xx':>7}"
         f"{'events/reqs':>14}{'canary':>7}"
     )
@@ -719,7 +719,7 @@ def render(result: dict[str, Any]) -> str:
         p0, p1 = row["added_p50_span"]
         c0, c1 = row["cpu_round_span"]
         lines.append(
-            f"{row['proxy']:<10}{row['connections']:>5}{row['rps']:>7.0f}{row['rps_ratio']:>7.2f}"
+            f"{row['proxy']:<17}{row['connections']:>5}{row['rps']:>7.0f}{row['rps_ratio']:>7.2f}"
             f"{f'[{r0:.2f}-{r1:.2f}]':>13}{row['added_p50_ms']:>+9.3f}"
             f"{f'[{p0:+.2f},{p1:+.2f}]':>16}{row['proxy_cpu_us_per_req']:>11.0f}"
             f"{row['cpu_ratio']:>7.2f}{f'[{c0:.0f}-{c1:.0f}]':>12}"
@@ -752,7 +752,7 @@ def render(result: dict[str, Any]) -> str:
     for row in result["summary"]:
         envoy, helper = row["envoy_cpu_us_per_req"], row["helper_cpu_us_per_req"]
         lines.append(
-            f"  {row['proxy']:<16}c={row['connections']:<3} Envoy {envoy:>6.0f}   helper "
+            f"  {row['proxy']:<17}c={row['connections']:<3} Envoy {envoy:>6.0f}   helper "
             f"{helper:>6.0f}   Redis {row['redis_cpu_us_per_req']:>4.0f}   wrk "
             f"{100 * row['wrk_cpu_share']:>3.0f}% of a core"
         )
