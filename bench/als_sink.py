@@ -1,17 +1,16 @@
 """An access-log sink for bench/run.py: Envoy's gRPC access log (ALS) into telemetry events.
 
-Why it exists: the ``route-als`` and ``hash-als`` configurations of ``bench/proxies.py`` send
-Envoy's ``http_grpc`` access log (one entry per request, many to a message over one long-lived
-stream) somewhere other than the package's sidecar: ``route-als`` keeps the sidecar for the
-``route`` ext_proc filter only, ``hash-als`` runs no sidecar at all. This process receives those
+Why it exists: the ``hash-als`` configuration of ``bench/proxies.py`` sends Envoy's ``http_grpc``
+access log (one entry per request, many to a message over one long-lived stream) somewhere other
+than the package's sidecar: it runs no sidecar at all. This process receives those
 entries and serves them with the package's own code:
 ``extproc.dataplane.accesslog.AccessLogService`` and ``EntryMapper`` (the mapping ``dataplane:
 native`` ships: variant from the echoed header, assignment and keyed hash of the sticky key, status,
 timings, bytes, error class, and TTFT, tokens and answer signals when a Lua filter put them in
 dynamic metadata), writing with the package's ``TelemetryWriter``. So the benchmark measures the
 whole cost of that design (Envoy's side, the Python side and Redis) with the mapping written once,
-and changes nothing in the package. Neither bench configuration has the Lua filter, so their events
-lack TTFT and tokens.
+and changes nothing in the package. The configuration has no Lua filter, so its events lack TTFT
+and tokens.
 
     .venv/bin/python bench/als_sink.py --experiment exp.json --listen 127.0.0.1:50061 \
         --redis-url redis://127.0.0.1:6390/0

@@ -11,39 +11,43 @@ Variants (``PROXIES``):
 
 ``bare``
     Envoy alone, ``weighted_clusters`` at the file's weights: the reference.
-``full``
-    what ships as ``dataplane: ext_proc`` (the default): ext_proc ``route`` (blocking, request
-    headers) + ext_proc ``observe`` (observability mode: request headers, response headers,
-    streamed response body).
+``minimal``
+    the shipped ext_proc config without its telemetry (no Lua filter, no access log), its
+    ``route`` filter served by ``bench/minimal_extproc.py``: the least a Python ext_proc server
+    can do to route (a prebuilt answer per stream). The reference the ext_proc plane is held to.
+``ext_proc``
+    what ships as ``dataplane: ext_proc`` (the default), unedited but for the filter's stat
+    prefix: ext_proc ``route`` (blocking, request headers only; bodies only for the captured
+    sample, none here), the Lua filter ``extproc/data/inspect.lua`` and a gRPC access log to the
+    sidecar, which turns each entry into an event (``extproc/dataplane/accesslog.py``).
 ``native``
     what ships as ``dataplane: native``, unedited (``envoy_config.build_native``): Envoy's own
     sticky weighted routing with weights from the sidecar's RTDS layer, forced-routing routes,
-    the Lua filter ``extproc/data/inspect.lua`` and a gRPC access log to the sidecar, which turns
-    each entry into an event (``extproc/dataplane/accesslog.py``). The sidecar is off the request
-    path; ``bench/run.py`` starts measuring once Envoy holds the weights.
+    the same Lua filter and access log. The sidecar is off the request path;
+    ``bench/run.py`` starts measuring once Envoy holds the weights.
+``native-16k``
+    ``native`` with Envoy's default access-log buffer (16 KiB) instead of the shipped 256 KiB:
+    what batching the access log into fewer, fuller messages saves.
+``native-lua-empty``
+    ``native`` with an empty ``envoy_on_response`` instead of ``inspect.lua``: what running any
+    Lua per response costs, apart from what the script does (events then lack body fields).
 ``route``
-    the ``route`` filter alone: the price of the routing decision without telemetry.
-``observe-headers``
-    ``full`` with the observing filter's response body mode ``NONE``: what streaming the body to
-    the sidecar costs (telemetry then lacks TTFT and token counts, and the sidecar emits the
-    event only when Envoy closes the stream, up to 5 s later).
-``route-als``
-    ``route`` + an ``http_grpc`` access logger to ``bench/als_sink.py`` instead of ``observe``:
-    one batched entry per request on a long-lived stream instead of a stream per request.
+    ``ext_proc`` without its telemetry (no Lua filter, no access log): the price of the
+    package's routing decision alone, next to ``minimal``.
 ``hash-als``
     no ext_proc at all: Envoy's own sticky weighted routing (``use_hash_policy`` with a salted
     hash of the sticky header, static weights) + the access logger to ``bench/als_sink.py``, no
     Lua filter: ``native`` without its body telemetry, forced routes and RTDS.
 
-The ext_proc filters get a ``stat_prefix`` (``route``, ``observe``) so Envoy counts the messages
-of each filter apart; a stat prefix changes nothing else.
+The ext_proc filter gets a ``stat_prefix`` (``route``) so Envoy counts its messages apart; a stat
+prefix changes nothing else.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.request import urlopen
 
@@ -59,7 +63,7 @@ from envoy.extensions.access_loggers.grpc.v3.als_pb2 import (
     HttpGrpcAccessLogConfig,
 )
 from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import ExternalProcessor
-from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.extensions.filters.http.lua.v3.lua_pb2 import Lua
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
@@ -84,7 +88,7 @@ class Proxy:
     summary: str
     build: Callable[[Experiment, EnvoyLayout, str], Bootstrap]  # (exp, layout, als address)
     sidecar: bool  # the package's sidecar (``extproc serve``) serves it
-    als: bool  # bench/als_sink.py serves it
+    helper: str | None  # a bench/ script that serves it: als_sink.py, minimal_extproc.py
     telemetry: bool  # an event per request is expected in Redis
     dataplane: str = "ext_proc"  # the experiment's ``dataplane`` (what the sidecar serves)
 
@@ -126,18 +130,17 @@ def _prefixed(exp: Experiment, layout: EnvoyLayout) -> tuple[Bootstrap, hcm.Http
     def route(p: ExternalProcessor) -> None:
         p.stat_prefix = "route"
 
-    def observe(p: ExternalProcessor) -> None:
-        p.stat_prefix = "observe"
-
     _edit_ext_proc(manager, "extproc.route", route)
-    _edit_ext_proc(manager, "extproc.observe", observe)
     return boot, manager
 
 
-def _drop_filter(manager: hcm.HttpConnectionManager, name: str) -> None:
-    keep = [f for f in manager.http_filters if f.name != name]
+def _without_telemetry(manager: hcm.HttpConnectionManager) -> None:
+    """No Lua filter, no access log: routing alone."""
+    keep = [f for f in manager.http_filters if f.name != "envoy.filters.http.lua"]
     del manager.http_filters[:]
     manager.http_filters.extend(keep)
+    manager.ClearField("access_log")
+    manager.ClearField("access_log_options")
 
 
 def _access_log(exp: Experiment) -> AccessLog:
@@ -173,7 +176,7 @@ def bare(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     return build_baseline(exp, layout)
 
 
-def full(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+def ext_proc(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     boot, manager = _prefixed(exp, layout)
     return _store(boot, manager)
 
@@ -183,28 +186,38 @@ def native(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     return build_native(exp, layout)
 
 
+def native_16k(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    boot = build_native(exp, layout)
+    manager = _manager(boot)
+    for log in manager.access_log:
+        config = HttpGrpcAccessLogConfig()
+        log.typed_config.Unpack(config)
+        config.common_config.ClearField("buffer_size_bytes")
+        log.typed_config.CopyFrom(_pack(config))
+    return _store(boot, manager)
+
+
+def native_lua_empty(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    boot = build_native(exp, layout)
+    manager = _manager(boot)
+    for f in manager.http_filters:
+        if f.name == "envoy.filters.http.lua":
+            lua = Lua()
+            f.typed_config.Unpack(lua)
+            lua.default_source_code.inline_string = "function envoy_on_response(handle) end\n"
+            f.typed_config.CopyFrom(_pack(lua))
+    return _store(boot, manager)
+
+
 def route_only(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     boot, manager = _prefixed(exp, layout)
-    _drop_filter(manager, "extproc.observe")
+    _without_telemetry(manager)
     return _store(boot, manager)
 
 
-def observe_headers(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
-    boot, manager = _prefixed(exp, layout)
-
-    def no_body(p: ExternalProcessor) -> None:
-        p.processing_mode.response_body_mode = ProcessingMode.NONE
-
-    _edit_ext_proc(manager, "extproc.observe", no_body)
-    return _store(boot, manager)
-
-
-def route_als(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
-    boot, manager = _prefixed(exp, layout)
-    _drop_filter(manager, "extproc.observe")
-    manager.access_log.append(_access_log(exp))
-    boot.static_resources.clusters.append(_als_cluster(exp, als))
-    return _store(boot, manager)
+def minimal(exp: Experiment, layout: EnvoyLayout, helper: str) -> Bootstrap:
+    """``route`` with its ext_proc filter pointed at the minimal server instead of the sidecar."""
+    return route_only(exp, replace(layout, sidecar=helper), helper)
 
 
 def hash_als(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
@@ -243,28 +256,59 @@ def hash_als(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
 PROXIES: dict[str, Proxy] = {
     p.name: p
     for p in (
-        Proxy("bare", "bare Envoy weighted_clusters", bare, False, False, False),
-        Proxy("full", "shipped: route + observe", full, True, False, True),
+        Proxy("bare", "bare Envoy weighted_clusters", bare, False, None, False),
+        Proxy(
+            "minimal",
+            "reference: a minimal Python ext_proc (request headers only, no telemetry)",
+            minimal,
+            sidecar=False,
+            helper="minimal_extproc.py",
+            telemetry=False,
+        ),
+        Proxy(
+            "ext_proc",
+            "shipped dataplane ext_proc: route stream + Lua + access log",
+            ext_proc,
+            sidecar=True,
+            helper=None,
+            telemetry=True,
+        ),
         Proxy(
             "native",
-            "shipped dataplane native: Envoy routes, RTDS + access log",
+            "shipped dataplane native: Envoy routes, RTDS + Lua + access log",
             native,
             sidecar=True,
-            als=False,
+            helper=None,
             telemetry=True,
             dataplane="native",
         ),
-        Proxy("route", "route filter only (no telemetry)", route_only, True, False, False),
         Proxy(
-            "observe-headers",
-            "full without response body",
-            observe_headers,
-            True,
-            False,
-            True,
+            "native-16k",
+            "native with Envoy's default 16 KiB access-log buffer",
+            native_16k,
+            sidecar=True,
+            helper=None,
+            telemetry=True,
+            dataplane="native",
         ),
-        Proxy("route-als", "route + gRPC access log", route_als, True, True, True),
-        Proxy("hash-als", "Envoy hash routing + gRPC access log", hash_als, False, True, True),
+        Proxy(
+            "native-lua-empty",
+            "native with an empty Lua script",
+            native_lua_empty,
+            sidecar=True,
+            helper=None,
+            telemetry=True,
+            dataplane="native",
+        ),
+        Proxy("route", "ext_proc route filter only (no telemetry)", route_only, True, None, False),
+        Proxy(
+            "hash-als",
+            "Envoy hash routing + gRPC access log, no Lua",
+            hash_als,
+            sidecar=False,
+            helper="als_sink.py",
+            telemetry=True,
+        ),
     )
 }
 

@@ -1,9 +1,9 @@
 """The performance benchmark: what the sidecar costs over bare Envoy, measured in one run.
 
-    .venv/bin/python bench/run.py            # ~4-5 min: every configuration, streaming, profile
-    .venv/bin/python bench/run.py --quick    # ~1 min: bare vs both shipped data planes
+    .venv/bin/python bench/run.py            # ~5 min: every configuration, streaming, profile
+    .venv/bin/python bench/run.py --quick    # ~2 min: bare, minimal ext_proc, both shipped planes
     .venv/bin/python bench/run.py --json     # the same, as one JSON document on stdout
-    .venv/bin/python bench/run.py --configs bare,full,route --rounds 6   # a chosen subset
+    .venv/bin/python bench/run.py --configs bare,ext_proc,route --rounds 6   # a chosen subset
 
 Why it is built this way:
 
@@ -20,10 +20,8 @@ Why it is built this way:
   each round) and latency and throughput are reported as a ratio or difference against bare
   Envoy *of the same round*, then the median over rounds.
 * Counts and CPU are totals over each connection level, taken from the level's start to 1.5 s
-  after its end (5.5 s with ``observe-headers``): batched access logs land up to 1 s late, and an
-  observe stream that never sees its response end (``observe-headers``, or a sidecar that reads
-  until Envoy closes) stays open for Envoy's ``deferred_close_timeout`` of 5 s; a per-run window
-  would miss that work.
+  after its end: batched access logs land up to 1 s late, and a per-run window would miss that
+  work. Per-round CPU (each run's own window) gives the min-max shown beside the total.
   CPU is utime+stime of the configuration's own processes from ``/proc/<pid>/stat``; Redis and
   the load generator are reported apart.
 * Load: ``wrk`` (Debian package) with ``bench/wrk_conversations.lua``, which sends a new
@@ -90,9 +88,7 @@ STREAM_BODY = json.dumps(
     }
 ).encode()
 FIRST_TOKEN = re.compile(rb'"content":"[^"]')
-LINGER_S = 5.5  # Envoy's default deferred_close_timeout for observability-mode streams, plus slack
-SHORT_LINGER_S = 1.5  # the access logger's 1 s flush, plus slack
-LINGERING = frozenset({"observe-headers"})  # observe streams that only end at Envoy's close
+LINGER_S = 1.5  # the access logger's flush (0.1 s shipped, 1 s in hash-als), plus slack
 
 
 class BenchError(Exception):
@@ -239,12 +235,12 @@ def start_all(
                 ],
             )
             waits.append((f"sidecar-{p.name}", sidecar_port))
-        if p.als:
+        if p.helper:
             procs.spawn(
-                f"als-{p.name}",
+                f"helper-{p.name}",
                 [
                     sys.executable,
-                    str(BENCH / "als_sink.py"),
+                    str(BENCH / p.helper),
                     "--experiment",
                     str(exp_path),
                     "--listen",
@@ -253,7 +249,7 @@ def start_all(
                     redis_url,
                 ],
             )
-            waits.append((f"als-{p.name}", als_port))
+            waits.append((f"helper-{p.name}", als_port))
         listen, admin = free(), free()
         layout = EnvoyLayout(
             listen_host="127.0.0.1",
@@ -320,8 +316,8 @@ def proxy_pids(run: Running, proxy: Proxy) -> list[int]:
     names = [f"envoy-{proxy.name}"]
     if proxy.sidecar:
         names.append(f"sidecar-{proxy.name}")
-    if proxy.als:
-        names.append(f"als-{proxy.name}")
+    if proxy.helper:
+        names.append(f"helper-{proxy.name}")
     return [run.pid(n) for n in names]
 
 
@@ -443,6 +439,11 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _span(xs: list[float]) -> tuple[float, float]:
+    """min and max over rounds: how far one round can be from the median on this machine."""
+    return (min(xs), max(xs)) if xs else (float("nan"), float("nan"))
+
+
 def summarise(
     runs: list[dict[str, Any]],
     names: list[str],
@@ -504,19 +505,18 @@ def summarise(
                 "redis_cpu_us_per_req": _median([x["redis_cpu_us_per_req"] for x in mine]),
                 "wrk_cpu_share": _median([x["wrk_cpu_share"] for x in mine]),
                 "rps_ratio": _median([x["rps"] / b["rps"] for x, b in paired]),
+                "rps_ratio_span": _span([x["rps"] / b["rps"] for x, b in paired]),
                 "added_p50_ms": _median([x["p50_ms"] - b["p50_ms"] for x, b in paired]),
+                "added_p50_span": _span([x["p50_ms"] - b["p50_ms"] for x, b in paired]),
+                "cpu_round_span": _span([x["run_cpu_us_per_req"] for x in mine]),
                 "added_p99_ms": _median([x["p99_ms"] - b["p99_ms"] for x, b in paired]),
                 "cpu_ratio": t.cpu_us / max(completed, 1) / bare_cpu,
                 "route_msgs_per_req": per_req("http.llm.ext_proc.route.stream_msgs_sent"),
-                "observe_msgs_per_req": per_req("http.llm.ext_proc.observe.stream_msgs_sent"),
                 "route_replies_per_req": per_req("http.llm.ext_proc.route.stream_msgs_received"),
-                "streams_per_req": per_req("http.llm.ext_proc.route.streams_started")
-                + per_req("http.llm.ext_proc.observe.streams_started"),
+                "streams_per_req": per_req("http.llm.ext_proc.route.streams_started"),
                 "route_timeouts": envoy["http.llm.ext_proc.route.message_timeouts"],
-                "failure_mode_allowed": envoy["http.llm.ext_proc.route.failure_mode_allowed"]
-                + envoy["http.llm.ext_proc.observe.failure_mode_allowed"],
-                "streams_failed": envoy["http.llm.ext_proc.route.streams_failed"]
-                + envoy["http.llm.ext_proc.observe.streams_failed"],
+                "failure_mode_allowed": envoy["http.llm.ext_proc.route.failure_mode_allowed"],
+                "streams_failed": envoy["http.llm.ext_proc.route.streams_failed"],
                 # Envoy's circuit breaker on the sidecar cluster: any overflow fails streams open
                 "sidecar_overflow": envoy["cluster.extproc_sidecar.upstream_rq_active_overflow"]
                 + envoy["cluster.extproc_sidecar.upstream_rq_pending_overflow"],
@@ -596,7 +596,7 @@ def streaming(
     cpu = {n: proxy_cpu(run, PROXIES[n]) - cpu0[n] for n in names}
     sent = {
         n: _delta(envoy_stats(run.envoys[n][1]), stats0[n]).get(
-            "http.llm.ext_proc.observe.stream_msgs_sent", 0
+            "http.llm.ext_proc.route.stream_msgs_sent", 0
         )
         for n in names
     }
@@ -607,7 +607,7 @@ def streaming(
             "ttft_max_ms": max(ttft[n]),
             "last_byte_p50_ms": _median(last[n]),
             "proxy_cpu_ms_per_stream": cpu[n] / TICK * 1000 / pairs,
-            "observe_msgs_per_stream": sent[n] / pairs,
+            "route_msgs_per_stream": sent[n] / pairs,
             "added_ttft_ms": _median([a - b for a, b in zip(ttft[n], ttft["bare"], strict=True)]),
             "added_last_byte_ms": _median(
                 [a - b for a, b in zip(last[n], last["bare"], strict=True)]
@@ -706,29 +706,44 @@ def render(result: dict[str, Any]) -> str:
         f"{os.cpu_count()} CPUs",
         "",
     ]
-    head = (
-        f"{'config':<16}{'conn':>5}{'req/s':>8}{'x bare':>7}{'p50 ms':>8}{'p90 ms':>8}"
-        f"{'p99 ms':>8}{'+p50':>8}{'+p99':>8}{'non2xx':>7}{'cpu us/req':>11}{'x bare':>7}"
-        f"{'events/done':>14}{'canary':>7}{'msgs':>6}"
+    lines.append("Against bare Envoy, median over rounds [min-max of the rounds]:")
+    lines.append(
+        f"{'config':<17}{'conn':>5}{'req/s':>7}{'x bare':>7}{'[min-max]':>13}{'+p50 ms':>9}"
+        f"{'[min-max]':>16}{'cpu us/req':>11}{'x bare':>7}{'[rounds]':>12}{'non2xx':>7}"
+        f"{'events/reqs':>14}{'canary':>7}"
     )
+    for row in result["summary"]:
+        telemetry = PROXIES[row["proxy"]].telemetry
+        ev = f"{row['events']}/{row['received']}" if telemetry else "-"
+        r0, r1 = row["rps_ratio_span"]
+        p0, p1 = row["added_p50_span"]
+        c0, c1 = row["cpu_round_span"]
+        lines.append(
+            f"{row['proxy']:<17}{row['connections']:>5}{row['rps']:>7.0f}{row['rps_ratio']:>7.2f}"
+            f"{f'[{r0:.2f}-{r1:.2f}]':>13}{row['added_p50_ms']:>+9.3f}"
+            f"{f'[{p0:+.2f},{p1:+.2f}]':>16}{row['proxy_cpu_us_per_req']:>11.0f}"
+            f"{row['cpu_ratio']:>7.2f}{f'[{c0:.0f}-{c1:.0f}]':>12}"
+            f"{row['non_2xx'] + row['wrk_errors']:>7}{ev:>14}{100 * row['canary_routed']:>6.1f}%"
+        )
+    lines.append("")
+    lines.append("Latency tails and ext_proc messages:")
+    head = f"{'config':<16}{'conn':>5}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'+p99':>8}{'msgs':>6}"
     lines.append(head)
     for row in result["summary"]:
-        msgs = row["route_msgs_per_req"] + row["observe_msgs_per_req"]
-        telemetry = PROXIES[row["proxy"]].telemetry
-        ev = f"{row['events']}/{row['completed']}" if telemetry else "-"
-        share = f"{100 * row['canary_routed']:.1f}%"
+        msgs = row["route_msgs_per_req"]
         lines.append(
-            f"{row['proxy']:<16}{row['connections']:>5}{row['rps']:>8.0f}{row['rps_ratio']:>7.2f}"
+            f"{row['proxy']:<16}{row['connections']:>5}"
             f"{row['p50_ms']:>8.3f}{row['p90_ms']:>8.3f}{row['p99_ms']:>8.3f}"
-            f"{row['added_p50_ms']:>+8.3f}{row['added_p99_ms']:>+8.2f}"
-            f"{row['non_2xx'] + row['wrk_errors']:>7}{row['proxy_cpu_us_per_req']:>11.0f}"
-            f"{row['cpu_ratio']:>7.2f}{ev:>14}{share:>7}{msgs:>6.2f}"
+            f"{row['added_p99_ms']:>+8.2f}{msgs:>6.2f}"
         )
     lines.append("")
     lines.append(
         "x bare, +p50, +p99 (ms): per round against bare Envoy of the same round, median over "
-        "rounds.\ncpu: Envoy (+ sidecar / ALS sink) utime+stime per request over the level. "
-        "events/done: events in Redis / requests completed.\ncanary: share of requests Envoy "
+        "rounds.\ncpu: Envoy (+ sidecar / helper) utime+stime per request over the level "
+        "(rounds: each run's own window). "
+        "events/reqs: events in Redis / requests Envoy received (wrk's last requests of a run, "
+        "cut off when it stops, are received, logged and not completed). "
+        "\ncanary: share of requests Envoy "
         "sent to the canary cluster (configured: 10%). msgs: ext_proc messages Envoy sent per "
         "request."
     )
@@ -737,7 +752,7 @@ def render(result: dict[str, Any]) -> str:
     for row in result["summary"]:
         envoy, helper = row["envoy_cpu_us_per_req"], row["helper_cpu_us_per_req"]
         lines.append(
-            f"  {row['proxy']:<16}c={row['connections']:<3} Envoy {envoy:>6.0f}   helper "
+            f"  {row['proxy']:<17}c={row['connections']:<3} Envoy {envoy:>6.0f}   helper "
             f"{helper:>6.0f}   Redis {row['redis_cpu_us_per_req']:>4.0f}   wrk "
             f"{100 * row['wrk_cpu_share']:>3.0f}% of a core"
         )
@@ -783,7 +798,7 @@ def render(result: dict[str, Any]) -> str:
                 f"{n:<16}{c['ttft_p50_ms']:>10.2f}{c['added_ttft_ms']:>+8.2f}"
                 f"{c['last_byte_p50_ms']:>10.1f}{c['added_last_byte_ms']:>+8.2f}"
                 f"{c['last_byte_ratio']:>8.4f}{c['proxy_cpu_ms_per_stream']:>14.2f}"
-                f"{c['observe_msgs_per_stream']:>6.0f}{seen}"
+                f"{c['route_msgs_per_stream']:>6.0f}{seen}"
             )
     p = result.get("profile")
     if p:
@@ -818,14 +833,17 @@ def workspace(keep: Path | None) -> Iterator[Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--quick", action="store_true", help="bare, full and native only, short runs (~1 min)"
+        "--quick",
+        action="store_true",
+        help="bare, minimal, ext_proc and native only; no streaming, no profile (~2 min)",
     )
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument(
         "--configs",
-        help=f"comma-separated, from {','.join(PROXIES)} (default: all; --quick: bare,full,native)",
+        help=f"comma-separated, from {','.join(PROXIES)} "
+        "(default: all; --quick: bare,minimal,ext_proc,native)",
     )
-    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 4; --quick 2)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--duration", type=int, help="whole seconds per wrk run (default 2)")
     ap.add_argument("--connections", default="1,16", help="comma-separated connection counts")
     ap.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads per proxy")
@@ -838,18 +856,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     quick = args.quick
-    names = (args.configs or ("bare,full,native" if quick else ",".join(PROXIES))).split(",")
+    names = (
+        args.configs or ("bare,minimal,ext_proc,native" if quick else ",".join(PROXIES))
+    ).split(",")
     unknown = [n for n in names if n not in PROXIES]
     if unknown:
         ap.error(f"unknown configs {unknown}; choose from {list(PROXIES)}")
     if "bare" not in names:
         names.insert(0, "bare")
-    rounds = args.rounds or (2 if quick else 4)
+    rounds = args.rounds
     duration = args.duration or 2
     levels = [int(c) for c in args.connections.split(",")]
     pairs = args.stream_pairs or (6 if quick else 16)
     do_profile = args.profile if args.profile is not None else not quick
-    stream = not args.no_stream and len(names) > 1
+    stream = not args.no_stream and not quick and len(names) > 1
     try:
         need_wrk()
     except BenchError as err:
@@ -877,7 +897,7 @@ def main(argv: list[str] | None = None) -> int:
             for p in proxies:
                 load_run(run, p, 16, 1.0, "warm")
             # Work a run leaves behind is counted in its level: wait it out after each level.
-            linger = LINGER_S if LINGERING & set(names) else SHORT_LINGER_S
+            linger = LINGER_S
             time.sleep(linger)
             runs: list[dict[str, Any]] = []
             totals: dict[int, dict[str, LevelTotals]] = {}
@@ -893,16 +913,16 @@ def main(argv: list[str] | None = None) -> int:
                             f"c={c:<3} round {rnd + 1}/{rounds} {n:<16}{x['rps']:>8.0f} req/s "
                             f"p50 {x['p50_ms']:.3f} ms"
                         )
-                time.sleep(linger)  # lingering observe streams, batched access logs
+                time.sleep(linger)  # batched access logs
                 totals[c] = meter.totals()
             result["runs"] = runs
             result["summary"] = summarise(runs, names, levels, totals)
             if stream:
                 log("streaming")
-                streamed = ("bare", "full", "native", "hash-als")
+                streamed = ("bare", "ext_proc", "native", "hash-als")
                 shown = [n for n in streamed if n in names]
                 result["streaming"] = streaming(run, r, shown, pairs, linger)
-            target = "full" if "full" in names else None
+            target = "ext_proc" if "ext_proc" in names else None
             if do_profile and target is not None:
                 log(f"profiling the sidecar of {target}")
                 result["profile"] = profile(

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
+from extproc.contract.headers import VARIANT
 from extproc.envoyconf.bootstrap import EnvoyLayout, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,8 +163,11 @@ def kubernetes_envoy(experiment: Experiment) -> str:
     return COMMAND + header + READY_DOC + yaml.safe_dump(boot, sort_keys=False)
 
 
-def generated_filters(experiment: Experiment) -> tuple[list[Any], list[dict[str, Any]]]:
-    """The early header mutations and the ext_proc HTTP filters of the generated main listener."""
+def generated_filters(
+    experiment: Experiment,
+) -> tuple[list[Any], list[dict[str, Any]], dict[str, Any]]:
+    """The early header mutations, the HTTP filters and the access log (with its options) of the
+    generated main listener, each gRPC service pointed at Istio's cluster for the sidecar."""
     boot = yaml.safe_load(render(experiment, EnvoyLayout()))
     (listener,) = [x for x in boot["static_resources"]["listeners"] if x["name"] == "llm"]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
@@ -171,11 +175,20 @@ def generated_filters(experiment: Experiment) -> tuple[list[Any], list[dict[str,
     for f in hcm["http_filters"]:
         if f["name"] == ROUTER:
             continue
-        f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = ISTIO_SIDECAR_CLUSTER
+        if "grpc_service" in f["typed_config"]:
+            f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = ISTIO_SIDECAR_CLUSTER
         # Disabled by default, enabled on the model's virtual host only: other hosts on the
         # same proxy never pay for the sidecar nor appear in the experiment's telemetry.
         filters.append({"name": f["name"], "disabled": True, "typed_config": f["typed_config"]})
-    return hcm["early_header_mutation_extensions"], filters
+    logs = hcm["access_log"]
+    for log in logs:
+        common = log["typed_config"]["common_config"]
+        common["grpc_service"]["envoy_grpc"]["cluster_name"] = ISTIO_SIDECAR_CLUSTER
+        # The access log belongs to the whole connection manager, other hosts included: only
+        # requests the sidecar routed (x-llm-variant set) are the experiment's.
+        log["filter"] = {"header_filter": {"header": {"name": VARIANT, "present_match": True}}}
+    telemetry = {"access_log": logs, "access_log_options": hcm["access_log_options"]}
+    return hcm["early_header_mutation_extensions"], filters, telemetry
 
 
 def envoy_filter(
@@ -186,7 +199,7 @@ def envoy_filter(
     vhost: str,
     port: int | None,
 ) -> dict[str, Any]:
-    early, filters = generated_filters(experiment)
+    early, filters, telemetry = generated_filters(experiment)
     listener: dict[str, Any] = {} if port is None else {"portNumber": port}
     hcm_match = {
         "context": context,
@@ -210,6 +223,7 @@ def envoy_filter(
                     "typed_config": {
                         "@type": hcm_type + "HttpConnectionManager",
                         "early_header_mutation_extensions": early,
+                        **telemetry,
                     }
                 },
             },
@@ -253,11 +267,13 @@ ENVOY_FILTER_DOC = """\
 #  1. NETWORK_FILTER merge: Envoy's early header mutation drops client-sent routing headers
 #     (x-llm-variant) before a route is chosen. A filter later in the chain would be too late: the
 #     route is picked when the request headers arrive, and with the sidecar down nothing clears
-#     it, so a client could pick its own variant.
-#  2. extproc.route (blocking, request headers only): the sidecar sets x-llm-variant and clears
-#     the route cache. Sidecar down or slower than message_timeout: failure_mode_allow, Envoy goes
-#     on with the catch-all route, the stable subset.
-#  3. extproc.observe (observability mode: Envoy sends and never waits): telemetry.
+#     it, so a client could pick its own variant. The same merge adds the gRPC access log to the
+#     sidecar (telemetry of every request the sidecar routed) and its in-flight flush interval.
+#  2. extproc.route (blocking, request headers only; the captured sample's bodies too): the
+#     sidecar sets x-llm-variant and clears the route cache. Sidecar down or slower than
+#     message_timeout: failure_mode_allow, Envoy goes on with the catch-all route, the stable
+#     subset.
+#  3. envoy.filters.http.lua (inspect.lua): what the response body shows, for the access log.
 #  4. VIRTUAL_HOST merge: 2 and 3 are inserted disabled and enabled on the model's virtual host
 #     only (Istio names it host:port).
 # The filter configs are those `extproc envoy-config` generates, pointed at Istio's cluster for

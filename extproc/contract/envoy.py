@@ -21,6 +21,13 @@ SHADOW_ACCESS_LOG = "extproc.shadow"
 ``x-llm-shadow-copy``, which is what the sidecar goes by)."""
 FORCED_ROUTE = "forced_"
 """Route names ``forced_<variant>``: the access log tells a forced request by its route."""
+FALLBACK_ROUTE = "fallback_stable"
+"""The ext_proc plane's route for a request the sidecar did not route (it was down or late): the
+access log tells such a request by its route, as the variant the route echoes is stable's."""
+METADATA_NAMESPACE = "extproc"
+"""The dynamic-metadata namespace the access log carries to the sidecar: written by inspect.lua
+(what the response body showed) and, on the ext_proc plane, by the sidecar's answers (whether a
+captured request asked for JSON)."""
 
 
 def lane_cluster(stable_cluster: str, candidate: str) -> str:

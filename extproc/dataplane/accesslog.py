@@ -1,16 +1,17 @@
-"""Telemetry for ``dataplane: native``: Envoy's gRPC access log turned into telemetry events.
+"""Telemetry of both data planes: Envoy's gRPC access log turned into telemetry events.
 
-With the native data plane Envoy routes by itself and the sidecar is off the request path. Envoy
-sends one access-log entry per finished request, many to a message on one long-lived stream, so
-the sidecar's cost is a fraction of an ext_proc stream per request and nothing waits for it. The
-entry has what the observer measures on its own stream: the variant (the header the route
-echoed), the sticky key (hashed here, never stored raw), status, timings, bytes and the reason
-Envoy ended the request; ``extproc/data/inspect.lua`` adds what only the body shows (first token,
-the answer's first characters, tool calls, the ``usage`` at the end) as dynamic metadata.
+Envoy sends one access-log entry per finished request, many to a message on one long-lived stream,
+so the sidecar's cost is a fraction of an ext_proc stream per request and nothing waits for it.
+The entry has what the observer measures on a stream: the variant (the header the route echoed),
+the sticky key (hashed here, never stored raw), status, timings, bytes and the reason Envoy ended
+the request; ``extproc/data/inspect.lua`` adds what only the body shows (first token, the answer's
+first characters, tool calls, the ``usage`` at the end) as dynamic metadata.
 
-What differs from the ext_proc observer: the request starts when Envoy received its headers
-(the observer also uses Envoy's ``request.time``), first token is when that chunk left the Lua
-filter, and request bodies are never seen (no capture, no JSON-mode check).
+On the ext_proc plane the route names a request the sidecar did not route (fallback) or that was
+forced, and for a captured request the sidecar's own answer added whether it asked for JSON. What
+differs from the observer: the request starts when Envoy received its headers, first token is
+when that chunk left the Lua filter, and with ``dataplane: native`` request bodies are never seen
+(no capture, no JSON-mode check).
 """
 
 from __future__ import annotations
@@ -31,15 +32,14 @@ from google.protobuf.struct_pb2 import Struct
 
 from extproc.config import Experiment
 from extproc.contract import headers as h
-from extproc.contract.envoy import FORCED_ROUTE, lane_cluster
+from extproc.contract.envoy import FALLBACK_ROUTE, FORCED_ROUTE, METADATA_NAMESPACE, lane_cluster
 from extproc.dataplane.event import EventBuilder, Observed
+from extproc.dataplane.observer import JSON_ASKED, JSON_VALID
 from extproc.quality.rules import SIGNAL_CHARS
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 
 log = logging.getLogger(__name__)
 
-METADATA = "extproc"
-"""The dynamic-metadata namespace inspect.lua writes."""
 _USAGE = re.compile(r'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
 # OpenAI chat and Responses (``*_tokens_details.cached_tokens``), Anthropic (non-streamed, or the
 # cumulative usage of a stream's last ``message_delta``).
@@ -109,17 +109,20 @@ class EntryMapper:
 
     events: EventBuilder
     clusters: Mapping[str, str]  # Envoy cluster -> variant
+    capturing: bool = False  # the sidecar captures a sample (the ext_proc plane)
 
     @classmethod
     def for_experiment(cls, experiment: Experiment, events: EventBuilder) -> EntryMapper:
         """Compiled once per sidecar, with the builder its observer uses."""
-        return cls(events, _variant_clusters(experiment))
+        return cls(events, _variant_clusters(experiment), experiment.spec.capture.sample > 0)
 
     def event(self, entry: al.HTTPAccessLogEntry) -> TelemetryEvent:
         req, resp, common = entry.request, entry.response, entry.common_properties
         hdrs = {k: v.encode() for k, v in req.request_headers.items()}
         echoed = resp.response_headers.get(h.VARIANT)
-        if echoed is not None:
+        # A request the sidecar did not route went to stable by default: a fallback, whatever
+        # the default route echoes.
+        if echoed is not None and common.route_name != FALLBACK_ROUTE:
             hdrs[h.VARIANT] = echoed.encode()
         who = self.events.attribute(hdrs)
         got_headers = common.HasField("time_to_first_downstream_tx_byte")
@@ -129,6 +132,7 @@ class EntryMapper:
             # The forcing header is stripped before the log is written; the route tells.
             assignment=_FORCED if common.route_name.startswith(FORCED_ROUTE) else who.assignment,
             key_hash=who.key_hash,
+            captured=self.capturing and self.events.rules.captures(req.request_id),
             # The shadow listener's mark, logged with the request; the primary listener strips a
             # client-sent one, and neither the client's Host nor anything else says "copy".
             shadow=h.SHADOW_COPY in req.request_headers,
@@ -145,7 +149,7 @@ class EntryMapper:
             streamed="text/event-stream" in resp.response_headers.get("content-type", ""),
             response_bytes=resp.response_body_bytes,
         )
-        md = common.metadata.filter_metadata.get(METADATA)
+        md = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
         if md is not None:
             _body(seen, md, common)
         return self.events.event(seen)
@@ -192,8 +196,13 @@ def _body(seen: Observed, md: Struct, common: al.AccessLogCommon) -> None:
     f = md.fields
     if "first_token_us" in f:
         start_us = common.start_time.seconds * 1e6 + common.start_time.nanos / 1e3
-        seen.first_token_ms = (f["first_token_us"].number_value - start_us) / 1e3
+        seen.first_token_ms = _between(
+            (f["first_token_us"].number_value - start_us) / 1e3, seen.headers_ms, seen.duration_ms
+        )
     seen.tool_calls = "tool_calls" in f and f["tool_calls"].bool_value
+    seen.json_asked = JSON_ASKED in f and f[JSON_ASKED].bool_value
+    if JSON_VALID in f:
+        seen.json_verdict = f[JSON_VALID].bool_value
     tail = f["tail"].string_value if "tail" in f else ""
     # The last believable count of each: a uint32 field, a larger count is not believable.
     tokens = {name: int(value) for name, value in _USAGE.findall(tail) if int(value) < 2**32}
@@ -205,6 +214,20 @@ def _body(seen: Observed, md: Struct, common: al.AccessLogCommon) -> None:
         seen.finish_reason = finish[-1]
     if "text" in f:
         seen.answer = decode_text(f["text"].string_value)
+
+
+def _between(first_token_ms: float, headers_ms: float | None, last_ms: float | None) -> float:
+    """The first token within the response: not before its headers, not after its last byte.
+
+    Why: inspect.lua stamps the first token with the wall clock, while Envoy's durations are
+    monotonic from the request's start; on a loaded machine the two disagree by up to about half a
+    millisecond, which on a fast answer put the first token after the last byte.
+    """
+    if last_ms is not None:
+        first_token_ms = min(first_token_ms, last_ms)
+    if headers_ms is not None:
+        first_token_ms = max(first_token_ms, headers_ms)
+    return first_token_ms
 
 
 def _variant_clusters(experiment: Experiment) -> dict[str, str]:

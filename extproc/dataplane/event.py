@@ -65,6 +65,9 @@ class Observed:
     """At most this much of the answer was kept: a JSON answer reaching it may have been cut."""
     json_asked: bool = False
     """The request asked for a JSON answer (known only where the plane saw the request body)."""
+    json_verdict: bool | None = None
+    """Whether the JSON answer parsed, judged where more of it was kept than ``answer`` holds
+    (a captured request's stream, for its access-log entry); None: judge ``answer`` here."""
 
 
 def classify(seen: Observed) -> ErrorClass.ValueType:
@@ -171,7 +174,9 @@ class EventBuilder:
         ev.empty_answer = not text.strip() and not seen.tool_calls
         ev.answer_chars = len(text)
         if seen.completed and seen.json_asked:
-            valid = json_valid(text, seen.answer_kept_bytes)
+            valid = seen.json_verdict
+            if valid is None:
+                valid = json_valid(text, seen.answer_kept_bytes)
             if valid is not None:
                 ev.json_valid = valid
 

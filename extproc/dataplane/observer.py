@@ -1,37 +1,66 @@
-"""The observing phase: turn one observability-mode ext_proc stream into one telemetry event.
+"""The capture of a sampled request: its ext_proc stream read to the end of its response.
 
-Envoy sends these messages without waiting for an answer (``observability_mode``), so nothing
-here is on the user's path: request headers (with the ``x-llm-variant`` the router set), response
-headers and every response body chunk. Times are taken when each message arrives, against the
-request start Envoy reports (the ``request.time`` attribute) when it does.
+The router answers a captured request's headers with a ``mode_override``, so Envoy goes on to send
+its request body, response headers and every response body chunk on the same stream; each waits
+for its answer (:meth:`Observation.answer`), sent as soon as the message is read. Times are taken
+when each message arrives, against the request start Envoy reports (the ``request.time``
+attribute) when it does.
 
-One stream is one request; the event is emitted exactly once: when the response ends, or, for a
-stream that closes first (client gone, upstream reset), when the stream closes.
+The observation builds the request's event with the builder the access log uses, for the capture
+(its variant, status, tokens, refusal) and, where ``emit`` is given, to emit it (tests compare it
+with the access log's). In the sidecar the event comes from the access log, as for every request,
+so a capture stream that fails loses no event; the answer to the request body tells the access log
+whether the request asked for JSON (dynamic metadata), which only the body shows.
+
+One stream is one request; the observation finishes exactly once: when the response ends, or, for
+a stream that closes first (client gone, upstream reset), when the stream closes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf.struct_pb2 import Struct
+from google.protobuf.struct_pb2 import Struct, Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from extproc.contract import headers as h
+from extproc.contract.envoy import METADATA_NAMESPACE
 from extproc.dataplane.event import EventBuilder, Observed
 from extproc.quality.rules import CAPTURE_LOOKAHEAD, SIGNAL_CHARS
 from extproc.routing.decide import read_headers
 from extproc.telemetry.inspect import ResponseInspector
-from extproc.telemetry.v1.event_pb2 import Assignment, TelemetryEvent
+from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 from extproc.telemetry.writer import Capture
 
 _RESPONSE_HEADERS = frozenset({":status", "content-type"})
-_FORCED = Assignment.ASSIGNMENT_FORCED
+JSON_ASKED = "json_asked"
+"""The access log's metadata key: the captured request asked for a JSON answer."""
+JSON_VALID = "json_valid"
+"""The access log's metadata key: whether a captured request's JSON answer parsed, judged on all
+the stream kept (the access log's own text stops at SIGNAL_CHARS)."""
+_CONTINUE = {
+    "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
+    "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
+    "request_body": pb.ProcessingResponse(request_body=pb.BodyResponse()),
+    "response_body": pb.ProcessingResponse(response_body=pb.BodyResponse()),
+    "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
+    "response_trailers": pb.ProcessingResponse(response_trailers=pb.TrailersResponse()),
+}
+
+
+def _metadata(key: str, value: bool) -> Struct:
+    """Dynamic metadata for the access log: ``key`` in the namespace the sidecar may write."""
+    inner = Struct(fields={key: Value(bool_value=value)})
+    return Struct(fields={METADATA_NAMESPACE: Value(struct_value=inner)})
+
+
+_ASKED_JSON = pb.ProcessingResponse(
+    request_body=pb.BodyResponse(), dynamic_metadata=_metadata(JSON_ASKED, True)
+)
 
 
 @dataclass(frozen=True)
@@ -40,11 +69,10 @@ class ObserverContext:
     builder's, shared with the native plane; the rest is what only this plane does."""
 
     events: EventBuilder
-    emit: Callable[[TelemetryEvent], None]
+    emit: Callable[[TelemetryEvent], None] | None = None  # None: the access log emits events
     capture: Callable[[Capture], None] | None = None
     capture_ttl_s: int = 86_400
     capture_max_pairs: int = 10_000
-    notices: InflightNotices | None = None  # None: no in-flight notices
 
 
 def _attr(attributes: Mapping[str, Struct], name: str) -> object | None:
@@ -74,6 +102,7 @@ class Observation:
         self.start_ns = time.time_ns()
         self.inspector: ResponseInspector | None = None
         self.emitted = False
+        self.event: TelemetryEvent | None = None  # once emitted
         self.request_body: list[bytes] | None = None
         self.request_bytes = 0
 
@@ -109,8 +138,19 @@ class Observation:
             # Kept for the shadow copy too: its prompt is not stored twice, but whether it asked
             # for JSON decides the json_valid signal of the candidate's answer.
             self.request_body = []
-        if ctx.notices is not None and seen.variant and seen.assignment != _FORCED:
-            ctx.notices.opened(self)
+
+    def answer(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """What Envoy waits for after ``req``: carry on unchanged; at the end of a request body
+        that asked for JSON, say so to the access log."""
+        phase = req.WhichOneof("request") or "request_headers"
+        if phase == "request_body" and req.request_body.end_of_stream and self._asked_for_json():
+            return _ASKED_JSON
+        ev = self.event
+        if phase.startswith("response_") and ev is not None and ev.HasField("json_valid"):
+            out = pb.ProcessingResponse(dynamic_metadata=_metadata(JSON_VALID, ev.json_valid))
+            out.MergeFrom(_CONTINUE[phase])
+            return out
+        return _CONTINUE[phase]
 
     def _response_headers(self, req: pb.ProcessingRequest, now: int) -> None:
         seen = self.seen
@@ -137,8 +177,6 @@ class Observation:
         if self.emitted:
             return
         self.emitted = True
-        if self.ctx.notices is not None:
-            self.ctx.notices.closed(self)
         seen = self.seen
         seen.start_unix_ms = self.start_ns // 1_000_000
         seen.completed = completed
@@ -156,10 +194,11 @@ class Observation:
             seen.tool_calls = s.tool_calls
             seen.answer = s.text
             seen.json_asked = self._asked_for_json()
-        ev = self.ctx.events.event(seen)
+        ev = self.event = self.ctx.events.event(seen)
         if self.inspector is not None and ev.captured:
             self._capture(ev, seen.answer)
-        self.ctx.emit(ev)
+        if self.ctx.emit is not None:
+            self.ctx.emit(ev)
 
     def _capture(self, ev: TelemetryEvent, text: str | None) -> None:
         ctx, rules = self.ctx, self.ctx.events.rules
@@ -207,66 +246,6 @@ class Observation:
     def close(self) -> None:
         """The stream ended; emit now if the response never completed."""
         self._finish(time.time_ns(), completed=False)
-
-    def notice(self, now_ns: int) -> None:
-        """Emit the in-flight notice of this still-open request (see :class:`InflightNotices`)."""
-        if self.emitted:
-            return
-        age_ms = (now_ns - self.start_ns) / 1e6
-        self.ctx.emit(self.ctx.events.notice(self.seen, now_ns // 1_000_000, age_ms))
-
-
-# --- in-flight notices ---------------------------------------------------------------------------
-
-
-class InflightNotices:
-    """One notice for every observed request still open ``notice_ms`` after it started.
-
-    Why: a request that hangs until the upstream timeout is otherwise seen only when it ends,
-    minutes later; the evaluator counts a request as hung while it is still open from its notice
-    (docs/EVALUATOR.md, "Hangs"). Why this shape: a timer per stream costs a timer handle and a
-    heap push and cancel per request; here each request costs one insertion and one removal in an
-    ordered dict (requests arrive in start order, so the oldest open request is always first),
-    and one timer per process is armed for the oldest one's deadline. When it fires, every
-    request past its deadline gets its notice and leaves the dict; the timer is re-armed for the
-    new oldest. Nothing waits on this: notices go to the same non-blocking telemetry buffer as
-    every event. Requests whose start Envoy reported slightly out of order are noticed at most
-    that much late.
-    """
-
-    def __init__(self, notice_ms: int) -> None:
-        self.notice_ns = notice_ms * 1_000_000
-        self.open: OrderedDict[Observation, None] = OrderedDict()
-        self._timer: asyncio.TimerHandle | None = None
-        self.sent = 0
-
-    def opened(self, obs: Observation) -> None:
-        self.open[obs] = None
-        if self._timer is None:
-            self._arm()
-
-    def closed(self, obs: Observation) -> None:
-        self.open.pop(obs, None)
-
-    def _arm(self) -> None:
-        oldest = next(iter(self.open))
-        delay_ns = oldest.start_ns + self.notice_ns - time.time_ns()
-        self._timer = asyncio.get_running_loop().call_later(max(delay_ns, 0) / 1e9, self.sweep)
-
-    def sweep(self) -> None:
-        """Notice every request past its deadline, then wait for the next oldest."""
-        self._timer = None
-        now = time.time_ns()
-        deadline = now - self.notice_ns
-        while self.open:
-            oldest = next(iter(self.open))
-            if oldest.start_ns > deadline:
-                break
-            del self.open[oldest]
-            oldest.notice(now)
-            self.sent += 1
-        if self.open:
-            self._arm()
 
 
 # --- helpers ---------------------------------------------------------------------------------

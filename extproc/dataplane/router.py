@@ -3,14 +3,21 @@
 This is the only message Envoy waits for, so it is kept small: the answer for each variant is a
 prebuilt ProcessingResponse (set ``x-llm-variant``, clear the route cache so Envoy re-selects the
 route), and any unexpected failure answers with the stable variant rather than an error.
+
+A request in the captured sample gets the same answer with a ``mode_override`` (prebuilt too):
+Envoy then sends its request body, response headers and response body on the same stream, for the
+capture; no other request's body ever reaches the sidecar. A mirrored copy (the shadow listener's
+mark) is routed by its listener, so its answer only asks for its bodies when it is captured.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3.http_status_pb2 import HttpStatus
 
@@ -59,6 +66,28 @@ def error_response(err: RoutingError) -> pb.ProcessingResponse:
     )
 
 
+CAPTURE_MODE = ProcessingMode(
+    request_header_mode=ProcessingMode.SEND,  # already sent; Envoy ignores it here
+    response_header_mode=ProcessingMode.SEND,
+    request_body_mode=ProcessingMode.STREAMED,
+    response_body_mode=ProcessingMode.STREAMED,
+    request_trailer_mode=ProcessingMode.SKIP,
+    response_trailer_mode=ProcessingMode.SKIP,
+)
+"""What a captured request's answer asks for. STREAMED rather than BUFFERED: Envoy would refuse
+a body over its buffer limit with 413, and a capture must never fail a request."""
+
+_PASS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+
+
+def capturing(answer: pb.ProcessingResponse) -> pb.ProcessingResponse:
+    """``answer`` that also asks for the request's bodies and response headers."""
+    out = pb.ProcessingResponse()
+    out.CopyFrom(answer)
+    out.mode_override.CopyFrom(CAPTURE_MODE)
+    return out
+
+
 # Answers for messages the router does not ask for; sent only if Envoy is configured differently.
 _CONTINUE = {
     "response_headers": pb.ProcessingResponse(response_headers=pb.HeadersResponse()),
@@ -70,7 +99,10 @@ _CONTINUE = {
 
 
 class Router:
-    def __init__(self, live: LiveRouting) -> None:
+    """Routes each request; ``captures`` (a pure function of the request id, so a mirrored copy
+    agrees with its primary) picks the requests whose bodies the sidecar asks for; None: none."""
+
+    def __init__(self, live: LiveRouting, captures: Callable[[str], bool] | None = None) -> None:
         self.live = live
         self.policy = Policy.compile(live.experiment)
         spec = live.experiment.spec
@@ -79,11 +111,32 @@ class Router:
         self.fallback = self.responses[live.experiment.stable]
         self.shadow = spec.shadow.variant
         self.shadow_share = spec.shadow.share / 100 if spec.shadow.variant else 0.0
+        self.captures = captures
+        # Keyed by the prebuilt answer's identity: every answer but a refusal is one of these.
+        self.captured = {
+            id(r): (r, capturing(r))
+            for r in (*self.responses.values(), *self.mirrored.values(), _PASS)
+        }
 
     def on_request_headers(self, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
-        routing = self.live.current
         try:
             hdrs = read_headers(headers.headers, self.policy.wanted)
+        except Exception:
+            log.exception("reading headers failed; sending the stable variant")
+            return self.fallback
+        answer = self._route(hdrs)
+        captures = self.captures
+        if captures is None or answer.HasField("immediate_response"):
+            return answer
+        if captures(hdrs.get(h.REQUEST_ID, b"").decode("utf-8", "replace")):
+            return self.captured[id(answer)][1]
+        return answer
+
+    def _route(self, hdrs: dict[str, bytes]) -> pb.ProcessingResponse:
+        if h.SHADOW_COPY in hdrs:
+            return _PASS  # the shadow listener's copy: its listener routes it
+        routing = self.live.current
+        try:
             variant = choose_variant(self.policy, routing, hdrs)
             if (
                 self.shadow_share

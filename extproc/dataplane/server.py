@@ -1,10 +1,12 @@
-"""The gRPC server: dispatch each ext_proc stream to the router or the observer, nothing more.
+"""The gRPC server: route each ext_proc stream, capture the sampled ones, turn the access log into
+telemetry.
 
-Envoy opens one stream per request per ext_proc filter. The first message tells which filter it
-came from (``observability_mode`` is set only by the observing filter), so one service serves both.
-For ``dataplane: native`` the same server also serves Envoy's runtime layer (RTDS, the live
-weights) and its access log (telemetry): two long-lived streams per Envoy instead of two per
-request.
+Envoy opens one ext_proc stream per request, for routing alone: the router answers the request
+headers and the stream ends. A request in the captured sample was answered with a
+``mode_override``, so its stream goes on with its bodies, which the observer reads for the
+capture. Every request's telemetry event comes from Envoy's access log (one long-lived stream per
+Envoy), on both data planes; for ``dataplane: native`` the server also serves Envoy's runtime
+layer (RTDS, the live weights) and no ext_proc stream is opened at all.
 Background tasks follow the live routing in Redis, flush telemetry, and publish this replica's
 counters with a TTL so that operators can see which replicas are alive.
 
@@ -45,9 +47,10 @@ from extproc.contract import keys
 from extproc.contract.envoy import SIDECAR_SERVICE
 from extproc.dataplane.accesslog import AccessLogService, EntryMapper
 from extproc.dataplane.event import EventBuilder
-from extproc.dataplane.observer import InflightNotices, Observation, ObserverContext
+from extproc.dataplane.observer import Observation, ObserverContext
 from extproc.dataplane.router import Router
 from extproc.dataplane.runtime import RuntimeService
+from extproc.quality.rules import QualityRules
 from extproc.routing.live import LiveRouting, Routing
 from extproc.supervise import TaskGroup, raise_if_cancelled
 from extproc.telemetry.prometheus import SidecarMetrics, serve_metrics
@@ -89,34 +92,27 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         req = await _next(context)
         if req is None:
             return
-        if req.observability_mode:
-            await self._observe(req, context)
-            return
-        answer = self.router.answer
-        while req is not None:
-            await context.write(answer(req))
-            if req.HasField("request_headers"):
-                # The only message the routing filter sends. Ending the stream here, rather than
-                # waiting in read() until Envoy resets it, avoids a cancelled pending receive,
-                # which leaks native memory in grpc.aio (grpc/grpc#43360; ~100 B a request).
-                return
-            req = await _next(context)
+        answer = self.router.answer(req)
+        await context.write(answer)
+        if answer.HasField("mode_override"):
+            await self._capture(req, context)
+        # Otherwise the request headers were the only message: ending the stream here, rather
+        # than waiting in read() until Envoy resets it, avoids a cancelled pending receive,
+        # which leaks native memory in grpc.aio (grpc/grpc#43360; ~100 B a request).
 
-    async def _observe(self, first: pb.ProcessingRequest, context: _Context) -> None:
-        """Read the observed request until its event is emitted, then end the stream.
-
-        In observability mode Envoy keeps a stream open for ``deferred_close_timeout`` (5 s)
-        after the request unless the server ends it: reading until Envoy closes would hold one
-        stream per request for 5 s (a thousand at 200 req/s) for nothing.
-        """
+    async def _capture(self, first: pb.ProcessingRequest, context: _Context) -> None:
+        """Answer a captured request's remaining messages, reading them for its capture, until
+        its response ended; then end the stream. Envoy waits for each answer, so each is sent
+        before anything else is done with the message."""
         obs = Observation(self.observer)
-        req: pb.ProcessingRequest | None = first
         try:
-            while req is not None:
-                obs.on_message(req)
-                if obs.emitted:
-                    return  # returning ends the stream with OK
+            obs.on_message(first)
+            while not obs.emitted:
                 req = await _next(context)
+                if req is None:
+                    return
+                obs.on_message(req)
+                await context.write(obs.answer(req))
         finally:
             obs.close()
 
@@ -166,8 +162,12 @@ class Sidecar:
             self.redis,
             max_buffer=settings.max_buffer,
             max_capture_bytes=settings.max_capture_bytes,
+            notice_ms=experiment.spec.inflight.notice_ms,
         )
-        self.router = Router(self.live)
+        rules = QualityRules.compile(experiment.spec)
+        self.router = Router(
+            self.live, rules.captures if experiment.spec.capture.sample > 0 else None
+        )
         self.metrics = SidecarMetrics()
         self.metrics.declare(
             experiment.name,
@@ -176,13 +176,13 @@ class Sidecar:
         )
         # One builder for both data planes: the same request makes the same event on either.
         self.events = EventBuilder.for_experiment(experiment, self.instance, self.router.policy)
+        self.emit = self.metrics.tee(self.writer.submit)
+        # Captures only: the events of captured requests come from the access log too.
         self.observer = ObserverContext(
             events=self.events,
-            emit=self.metrics.tee(self.writer.submit),
             capture=self.writer.submit_capture if experiment.spec.capture.sample > 0 else None,
             capture_ttl_s=experiment.spec.capture.ttl_s,
             capture_max_pairs=experiment.spec.capture.max_pairs,
-            notices=InflightNotices(experiment.spec.inflight.notice_ms),
         )
         self.runtime = RuntimeService(self.live)
         self.started = time.time()
@@ -196,17 +196,18 @@ class Sidecar:
         self._beat.set()
 
     def _add_services(self, server: grpc.aio.Server) -> None:
-        """ext_proc for the default data plane; RTDS and the access log for the native one."""
-        pb_grpc.add_ExternalProcessorServicer_to_server(
-            ExternalProcessor(self.router, self.observer), server
-        )
-        if self.live.experiment.spec.dataplane != "native":
-            return
-        rtds_pb2_grpc.add_RuntimeDiscoveryServiceServicer_to_server(self.runtime, server)
+        """ext_proc and the access log for the default data plane; RTDS and the access log for
+        the native one."""
         mapper = EntryMapper.for_experiment(self.live.experiment, self.events)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-            AccessLogService(mapper, self.observer.emit), server
+            AccessLogService(mapper, self.emit), server
         )
+        if self.live.experiment.spec.dataplane == "native":
+            rtds_pb2_grpc.add_RuntimeDiscoveryServiceServicer_to_server(self.runtime, server)
+        else:
+            pb_grpc.add_ExternalProcessorServicer_to_server(
+                ExternalProcessor(self.router, self.observer), server
+            )
 
     async def _heartbeat(self) -> None:
         key = keys.sidecar(self.instance)

@@ -14,11 +14,18 @@ The request path, in filter order:
    Mirrored copies keep their primary's id, and the shadow listener marks them;
 2. ext_proc ``route`` (blocking, request headers only): the sidecar sets ``x-llm-variant`` and
    clears the route cache; on failure or timeout (``failure_mode_allow``) Envoy carries on with the
-   default route, which is the stable variant;
-3. ext_proc ``observe`` (``observability_mode``: Envoy sends and never waits): request and response
-   headers and the streamed response body, for telemetry;
-4. router: one route per variant matching ``x-llm-variant``, a default route to the stable
-   variant; each route echoes its variant on the response and strips the forcing header.
+   default route, which is the stable variant. For the captured sample only, the sidecar's answer
+   overrides the processing mode (``mode_override``) so that the request body, the response
+   headers and the response body of that request reach it too;
+3. Lua ``extproc/data/inspect.lua``: what only the response body shows (first token, the answer's
+   first characters, tool calls, usage), as dynamic metadata;
+4. router: one route per variant matching ``x-llm-variant`` (and one per forced variant, so the
+   access log tells a forced request by its route), a default route to the stable variant; each
+   route echoes its variant on the response and strips the forcing header.
+
+Telemetry for every request comes from Envoy's gRPC access log to the sidecar, as with
+``dataplane: native``: one batched entry per request on one long-lived stream, instead of a
+second, observing ext_proc stream per request, which cost twice the routing itself.
 
 With ``dataplane: native`` (:func:`build_native`) the sidecar leaves the request path: Envoy
 routes by itself and the sidecar only feeds it weights (RTDS) and reads its access log.
@@ -77,7 +84,10 @@ from envoy.extensions.access_loggers.grpc.v3.als_pb2 import (
     CommonGrpcAccessLogConfig,
     HttpGrpcAccessLogConfig,
 )
-from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import ExternalProcessor
+from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import (
+    ExternalProcessor,
+    MetadataOptions,
+)
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.extensions.filters.http.lua.v3.lua_pb2 import Lua
 from envoy.extensions.filters.http.router.v3.router_pb2 import Router
@@ -106,7 +116,9 @@ from extproc.config import Experiment
 from extproc.contract import headers as h
 from extproc.contract.envoy import (
     ACCESS_LOG,
+    FALLBACK_ROUTE,
     FORCED_ROUTE,
+    METADATA_NAMESPACE,
     RUNTIME_LAYER,
     RUNTIME_PREFIX,
     SHADOW_ACCESS_LOG,
@@ -248,9 +260,9 @@ def _sidecar_cluster(layout: EnvoyLayout) -> Cluster:
     if layout.sidecar_tls is not None:
         cluster.transport_socket.CopyFrom(_upstream_tls(layout.sidecar_tls))
     if len(cluster.load_assignment.endpoints[0].lb_endpoints) > 1:
-        # Each request opens two streams, a short routing one and an observing one that lasts
-        # as long as the response: round robin would pair them off and put every observing
-        # stream on one replica. Least request balances the streams actually open.
+        # Routing streams are short, a captured request's lasts as long as its response, and
+        # each Envoy holds one access-log stream: least request balances the streams actually
+        # open, where round robin would count a long one as one short one.
         cluster.lb_policy = Cluster.LEAST_REQUEST
         # A replica that is down, draining or still without its routing (it answers
         # NOT_SERVING) stops getting streams, instead of its share of requests failing open to
@@ -268,34 +280,35 @@ def _sidecar_cluster(layout: EnvoyLayout) -> Cluster:
     return cluster
 
 
-def _ext_proc(experiment: Experiment, *, observe: bool) -> ExternalProcessor:
-    skip, send = ProcessingMode.SKIP, ProcessingMode.SEND
-    if observe:
-        mode = ProcessingMode(
-            request_header_mode=send,
-            response_header_mode=send,
-            response_body_mode=ProcessingMode.STREAMED,
-            request_trailer_mode=skip,
-            response_trailer_mode=skip,
-        )
-    else:
-        mode = ProcessingMode(
-            request_header_mode=send,
-            response_header_mode=skip,
-            request_trailer_mode=skip,
-            response_trailer_mode=skip,
-        )
+def _ext_proc(experiment: Experiment) -> ExternalProcessor:
+    """The one blocking ext_proc filter: request headers only, unless the sidecar asks for more.
+
+    With captures on, the sidecar answers a sampled request's headers with a ``mode_override``
+    (``allow_mode_override``) for its bodies and response headers, and may answer its request
+    body with dynamic metadata (whether it asked for JSON) for the access log, in the namespace
+    it is allowed to write. Every other request costs one message each way.
+    """
+    skip = ProcessingMode.SKIP
     proc = ExternalProcessor(
         grpc_service=GrpcService(envoy_grpc=GrpcService.EnvoyGrpc(cluster_name=SIDECAR_CLUSTER)),
         failure_mode_allow=True,
-        processing_mode=mode,
+        processing_mode=ProcessingMode(
+            request_header_mode=ProcessingMode.SEND,
+            response_header_mode=skip,
+            request_trailer_mode=skip,
+            response_trailer_mode=skip,
+        ),
         message_timeout=_ms(experiment.spec.envoy.message_timeout_ms),
-        observability_mode=observe,
     )
-    if observe:
-        if experiment.spec.capture.sample > 0:
-            proc.processing_mode.request_body_mode = ProcessingMode.STREAMED
-        proc.request_attributes.append("request.time")
+    if experiment.spec.capture.sample > 0:
+        proc.allow_mode_override = True
+        proc.metadata_options.CopyFrom(
+            MetadataOptions(
+                receiving_namespaces=MetadataOptions.MetadataNamespaces(
+                    untyped=[METADATA_NAMESPACE]
+                )
+            )
+        )
         proc.response_attributes.append("response.code_details")
     return proc
 
@@ -317,6 +330,27 @@ def _routes(experiment: Experiment) -> list[Route]:
         else []
     )
     routes = []
+    fr = experiment.spec.forced_routing
+    if fr.enabled:
+        # The sidecar set the variant a request forces (a forcing header it refuses gets an
+        # immediate answer), so a request with both is forced: its route says so in the access
+        # log, where the forcing header, stripped on the way upstream, no longer shows.
+        for name, v in experiment.spec.variants.items():
+            routes.append(
+                Route(
+                    name=f"{FORCED_ROUTE}{name}",
+                    match=RouteMatch(
+                        prefix="/",
+                        headers=[
+                            HeaderMatcher(name=h.VARIANT, string_match=StringMatcher(exact=name)),
+                            HeaderMatcher(name=fr.header, string_match=StringMatcher(exact=name)),
+                        ],
+                    ),
+                    route=RouteAction(cluster=v.cluster, timeout=timeout),
+                    response_headers_to_add=[_echo(name)],
+                    request_headers_to_remove=strip,
+                )
+            )
     for name, v in experiment.spec.variants.items():
         routes.append(
             Route(
@@ -335,7 +369,7 @@ def _routes(experiment: Experiment) -> list[Route]:
     stable = experiment.spec.variants[experiment.stable]
     routes.append(
         Route(
-            name="fallback_stable",
+            name=FALLBACK_ROUTE,
             match=RouteMatch(prefix="/"),
             route=RouteAction(cluster=stable.cluster, timeout=timeout),
             response_headers_to_add=[_echo(experiment.stable)],
@@ -384,18 +418,19 @@ def _http_connection_manager(
     experiment: Experiment, *, shadow: bool = False
 ) -> hcm.HttpConnectionManager:
     strip = early.HeaderMutation(mutations=_early_mutations(shadow=shadow))
-    route = hcm.HttpFilter(
-        name="extproc.route", typed_config=_any(_ext_proc(experiment, observe=False))
-    )
+    # The shadow listener routes nothing; it asks the sidecar only to capture a copy's answer.
+    ext_proc = not shadow or experiment.spec.capture.sample > 0
     filters = [
-        *([] if shadow else [route]),
-        hcm.HttpFilter(
-            name="extproc.observe", typed_config=_any(_ext_proc(experiment, observe=True))
+        *(
+            [hcm.HttpFilter(name="extproc.route", typed_config=_any(_ext_proc(experiment)))]
+            if ext_proc
+            else []
         ),
+        _inspect_filter(),
         hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(Router())),
     ]
     routes = _shadow_routes(experiment) if shadow else _routes(experiment)
-    return hcm.HttpConnectionManager(
+    manager = hcm.HttpConnectionManager(
         stat_prefix="llm_shadow" if shadow else "llm",
         codec_type=hcm.HttpConnectionManager.AUTO,
         # Users quote the request id when they send feedback; telemetry and pairs are keyed by
@@ -410,6 +445,13 @@ def _http_connection_manager(
         ),
         http_filters=filters,
     )
+    manager.access_log.append(_access_log(experiment, SHADOW_ACCESS_LOG if shadow else ACCESS_LOG))
+    # In-flight notices: Envoy logs every request still open once per interval (entries of type
+    # DownstreamPeriodic); the sidecar turns a request's first one into its notice.
+    manager.access_log_options.access_log_flush_interval.CopyFrom(
+        _ms(experiment.spec.inflight.notice_ms)
+    )
+    return manager
 
 
 def build_bootstrap(experiment: Experiment, layout: EnvoyLayout) -> Bootstrap:
@@ -480,24 +522,35 @@ def build_baseline(experiment: Experiment, layout: EnvoyLayout) -> Bootstrap:
     vhost.routes.append(Route(name="weighted", match=RouteMatch(prefix="/"), route=weighted))
     del hcm_msg.http_filters[:-1]  # the router only
     hcm_msg.ClearField("early_header_mutation_extensions")
+    hcm_msg.ClearField("access_log")
+    hcm_msg.ClearField("access_log_options")
     boot.static_resources.listeners[0].filter_chains[0].filters[0].typed_config.CopyFrom(
         _any(hcm_msg)
     )
     return boot
 
 
-# --- dataplane: native --------------------------------------------------------------------------
+# --- telemetry, shared by both data planes, and dataplane: native -------------------------------
 #
-# Envoy routes every request by itself and never waits for the sidecar; the sidecar feeds Envoy
-# the live weights over RTDS and turns Envoy's gRPC access log into telemetry events. Measured in
+# Both planes send every request's telemetry through Envoy's gRPC access log, with what the body
+# showed from inspect.lua. With native, Envoy also routes every request by itself and never waits
+# for the sidecar; the sidecar feeds Envoy the live weights over RTDS. Measured in
 # docs/PERFORMANCE.md: the ext_proc round trip is the floor of the default data path's added
-# latency, and this design removes it.
+# latency, and native removes it.
 
 INSPECT_LUA = "inspect.lua"
+ALS_BUFFER_BYTES = 256 * 1024
 
 
 def _inspect_lua() -> str:
     return (Path(__file__).parent.parent / "data" / INSPECT_LUA).read_text()
+
+
+def _inspect_filter() -> hcm.HttpFilter:
+    return hcm.HttpFilter(
+        name="envoy.filters.http.lua",
+        typed_config=_any(Lua(default_source_code=DataSource(inline_string=_inspect_lua()))),
+    )
 
 
 def _access_log(experiment: Experiment, name: str) -> AccessLog:
@@ -511,6 +564,10 @@ def _access_log(experiment: Experiment, name: str) -> AccessLog:
             transport_api_version=ApiVersion.V3,
             # Entries reach the evaluator this much later at most (Envoy's default is 1 s).
             buffer_flush_interval=_ms(100),
+            # Larger batches than Envoy's default 16 KiB (about 30 entries): each message costs
+            # both sides a fixed gRPC price, so fewer, fuller ones are cheaper per request
+            # (docs/PERFORMANCE.md). Per Envoy worker, flushed at the interval above anyway.
+            buffer_size_bytes=UInt32Value(value=ALS_BUFFER_BYTES),
         ),
         additional_request_headers_to_log=[*spec.sticky_keys, h.SHADOW_COPY],
         additional_response_headers_to_log=[h.VARIANT, "content-type"],
@@ -633,12 +690,9 @@ def _native_routes(experiment: Experiment) -> list[Route]:
 
 def _native_manager(experiment: Experiment, *, shadow: bool) -> hcm.HttpConnectionManager:
     manager = _http_connection_manager(experiment, shadow=shadow)
-    lua = hcm.HttpFilter(
-        name="envoy.filters.http.lua",
-        typed_config=_any(Lua(default_source_code=DataSource(inline_string=_inspect_lua()))),
-    )
-    del manager.http_filters[:-1]  # the ext_proc filters; the router stays last
-    manager.http_filters.insert(0, lua)
+    kept = [f for f in manager.http_filters if not f.name.startswith("extproc.")]
+    del manager.http_filters[:]  # the ext_proc filter: Envoy routes by itself
+    manager.http_filters.extend(kept)
     if not shadow:
         del manager.route_config.virtual_hosts[0].routes[:]
         manager.route_config.virtual_hosts[0].routes.extend(_native_routes(experiment))
@@ -648,12 +702,6 @@ def _native_manager(experiment: Experiment, *, shadow: bool) -> hcm.HttpConnecti
         manager.route_config.virtual_hosts[0].routes[0].response_headers_to_add.append(
             _echo(variant)
         )
-    manager.access_log.append(_access_log(experiment, SHADOW_ACCESS_LOG if shadow else ACCESS_LOG))
-    # In-flight notices: Envoy logs every request still open once per interval (entries of type
-    # DownstreamPeriodic); the sidecar turns a request's first one into its notice.
-    manager.access_log_options.access_log_flush_interval.CopyFrom(
-        _ms(experiment.spec.inflight.notice_ms)
-    )
     return manager
 
 

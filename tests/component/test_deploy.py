@@ -1050,12 +1050,23 @@ def test_envoyfilter_carries_the_generated_filters(overlay: str) -> None:
     assert [f["name"] for f in got] == list(want)
     for f in got:
         assert f.pop("disabled") is True
-        assert f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster
-        f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "extproc_sidecar"
+        if "grpc_service" in f["typed_config"]:
+            assert f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == cluster
+            f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "extproc_sidecar"
         assert f == want[f["name"]]
     assert (
         parts["hcm"]["early_header_mutation_extensions"] == hcm["early_header_mutation_extensions"]
     )
+    # Telemetry: the generated access log to Istio's sidecar cluster, for routed requests only.
+    (log,) = copy.deepcopy(parts["hcm"]["access_log"])
+    grpc = log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]
+    assert grpc["cluster_name"] == cluster
+    grpc["cluster_name"] = "extproc_sidecar"
+    assert log.pop("filter") == {
+        "header_filter": {"header": {"name": "x-llm-variant", "present_match": True}}
+    }
+    assert [log] == hcm["access_log"]
+    assert parts["hcm"]["access_log_options"] == hcm["access_log_options"]
     enabled = parts["vhost"]["typed_per_filter_config"]
     assert set(enabled) == set(want)
     for cfg in enabled.values():

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
+from extproc.contract import keys
 from extproc.dev import stack
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
@@ -63,7 +65,10 @@ def test_redis_down_traffic_flows_and_telemetry_resumes(
             "events of the outage and after to reach the restarted redis",
         )
         assert set(sent[5:]) <= set(got)  # the first 5 died with the old redis (no persistence)
-        # the sidecar re-registered the experiment in the empty redis
+        # the sidecar re-registers the experiment in the empty redis (its routing follower
+        # notices the loss on its own schedule, not with the events)
+        with redis.Redis.from_url(own_stack.redis_url) as r:
+            wait_for(lambda: r.exists(keys.definition("chat-upgrade")), "re-registration")
         assert own_stack.status()["routing"]["version"] >= 1
     finally:
         restarted.terminate()

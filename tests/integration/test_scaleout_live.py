@@ -96,12 +96,11 @@ def test_replicas_assign_every_conversation_alike(replicas: LiveStack, http: htt
     by_id = wait_for(
         lambda: events_by_request(s, NAME, set(conversation_of)), "an event for every request"
     )
-    recorders: dict[str, set[str]] = {}
-    for rid, ev in by_id.items():
-        assert ev.variant == expected[conversation_of[rid]]
-        recorders.setdefault(conversation_of[rid], set()).add(ev.recorder)
-    assert set().union(*recorders.values()) == set(heartbeats(s))  # both replicas recorded
-    assert any(len(r) == 2 for r in recorders.values())  # conversations seen by both
+    for ev in by_id.values():
+        assert ev.variant == expected[conversation_of[ev.request_id]]
+    # Events come from Envoy's access-log stream, held by one replica or the other; the routing
+    # streams of the same conversations went to both (below).
+    assert {ev.recorder for ev in by_id.values()} <= set(heartbeats(s))
 
     per_replica = streams_per_replica(s, http)
     assert len(per_replica) == 2

@@ -22,8 +22,9 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.struct_pb2 import Struct, Value
 
 from extproc.config import EXAMPLE_EXPERIMENT, parse_experiment
+from extproc.contract.envoy import METADATA_NAMESPACE as METADATA
 from extproc.dataplane import observer
-from extproc.dataplane.accesslog import METADATA, EntryMapper
+from extproc.dataplane.accesslog import EntryMapper
 from extproc.dataplane.event import EventBuilder
 from extproc.dataplane.observer import Observation, ObserverContext
 from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
@@ -265,22 +266,3 @@ def test_the_signals_each_case_is_about() -> None:
     tool = ev["tool call"]
     assert (tool.tool_calls, tool.empty_answer, tool.finish_reason) == (True, False, "tool_calls")
     assert ev["reset after headers"].error == ErrorClass.ERROR_CLASS_RESET
-
-
-def test_both_planes_send_the_same_in_flight_notice() -> None:
-    r = CASES["streamed refusal"]
-    out: list[TelemetryEvent] = []
-    observation(r, out).notice((START_MS + 6000) * 1_000_000)
-    e = al.HTTPAccessLogEntry()
-    e.request.request_id = "rid-1"
-    e.request.request_headers.update(r.request_headers)
-    c = e.common_properties
-    c.access_log_type = al.AccessLogType.DownstreamPeriodic
-    c.start_time.FromMilliseconds(START_MS)
-    c.duration.FromMilliseconds(6000)
-    c.upstream_cluster = EXPERIMENT.spec.variants[r.variant].cluster
-    c.route_name = "weighted"
-    native = mapper().notice(e)
-    assert native is not None
-    assert out == [native]
-    assert (native.in_flight, native.variant, native.duration_ms) == (True, "canary", 6000)
