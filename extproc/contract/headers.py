@@ -10,6 +10,12 @@ mirrored copies keep their primary's, which pairs them."""
 SHADOW = "x-llm-shadow"
 """Set by the sidecar on requests Envoy should mirror; its value names the mirror cluster."""
 
+FORCED = "x-llm-forced"
+"""Set (to ``1``) by the sidecar on a request it routed to the variant a tester forced, for the
+access log: the forcing header is stripped before the log is written, and on Istio no route name
+says "forced". Stripped from client requests by the primary listener: a client cannot hide its
+requests from the comparison by calling them forced."""
+
 SHADOW_COPY = "x-llm-shadow-copy"
 """Set by Envoy's shadow listener on every mirrored copy it receives, and stripped from client
 requests by the primary listener before anything reads them: the only sign of a shadow copy the

@@ -129,8 +129,7 @@ class EntryMapper:
         seen = Observed(
             request_id=req.request_id,
             variant=who.variant,
-            # The forcing header is stripped before the log is written; the route tells.
-            assignment=_FORCED if common.route_name.startswith(FORCED_ROUTE) else who.assignment,
+            assignment=_FORCED if _forced(entry) else who.assignment,
             key_hash=who.key_hash,
             captured=self.capturing and self.events.rules.captures(req.request_id),
             # The shadow listener's mark, logged with the request; the primary listener strips a
@@ -172,7 +171,7 @@ class EntryMapper:
             if shadow and shadow_variant
             else self.clusters.get(common.upstream_cluster)
         )
-        if variant is None or common.route_name.startswith(FORCED_ROUTE):
+        if variant is None or _forced(entry):
             return None
         hdrs = {k: v.encode() for k, v in entry.request.request_headers.items()}
         hdrs[h.VARIANT] = variant.encode()
@@ -228,6 +227,16 @@ def _between(first_token_ms: float, headers_ms: float | None, last_ms: float | N
     if headers_ms is not None:
         first_token_ms = max(first_token_ms, headers_ms)
     return first_token_ms
+
+
+def _forced(entry: al.HTTPAccessLogEntry) -> bool:
+    """A tester forced the request's variant. The forcing header is stripped before the log is
+    written: Envoy's forced routes say so by name, and the sidecar by its mark (which the primary
+    listener strips from clients), the only sign on Istio, whose routes bear other names."""
+    return (
+        entry.common_properties.route_name.startswith(FORCED_ROUTE)
+        or entry.request.request_headers.get(h.FORCED) == "1"
+    )
 
 
 def _variant_clusters(experiment: Experiment) -> dict[str, str]:

@@ -37,10 +37,14 @@ def _set(key: str, value: str) -> HeaderValueOption:
     )
 
 
-def variant_response(variant: str, mirror: bool = False) -> pb.ProcessingResponse:
+def variant_response(
+    variant: str, mirror: bool = False, forced: bool = False
+) -> pb.ProcessingResponse:
     headers = [_set(h.VARIANT, variant)]
     if mirror:
         headers.append(_set(h.SHADOW, SHADOW_CLUSTER))
+    if forced:
+        headers.append(_set(h.FORCED, "1"))
     mutation = pb.HeaderMutation(set_headers=headers)
     return pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(
@@ -106,8 +110,12 @@ class Router:
         self.live = live
         self.policy = Policy.compile(live.experiment)
         spec = live.experiment.spec
-        self.responses = {v: variant_response(v) for v in live.experiment.variant_names}
-        self.mirrored = {v: variant_response(v, mirror=True) for v in live.experiment.variant_names}
+        names = live.experiment.variant_names
+        self.responses = {v: variant_response(v) for v in names}
+        self.mirrored = {v: variant_response(v, mirror=True) for v in names}
+        # A forced request carries the mark the access log reads (mirrored as any other).
+        self.forced = {v: variant_response(v, forced=True) for v in names}
+        self.forced_mirrored = {v: variant_response(v, mirror=True, forced=True) for v in names}
         self.fallback = self.responses[live.experiment.stable]
         self.shadow = spec.shadow.variant
         self.shadow_share = spec.shadow.share / 100 if spec.shadow.variant else 0.0
@@ -115,7 +123,8 @@ class Router:
         # Keyed by the prebuilt answer's identity: every answer but a refusal is one of these.
         self.captured = {
             id(r): (r, capturing(r))
-            for r in (*self.responses.values(), *self.mirrored.values(), _PASS)
+            for answers in (self.responses, self.mirrored, self.forced, self.forced_mirrored)
+            for r in (*answers.values(), _PASS)
         }
 
     def on_request_headers(self, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
@@ -138,13 +147,16 @@ class Router:
         routing = self.live.current
         try:
             variant = choose_variant(self.policy, routing, hdrs)
+            # A forcing header with a value either forced the variant or raised.
+            header = self.policy.forced_header
+            forced = header is not None and bool(hdrs.get(header))
             if (
                 self.shadow_share
                 and variant != self.shadow
                 and (self.shadow_share >= 1 or random.random() < self.shadow_share)
             ):
-                return self.mirrored[variant]
-            return self.responses[variant]
+                return (self.forced_mirrored if forced else self.mirrored)[variant]
+            return (self.forced if forced else self.responses)[variant]
         except RoutingError as err:
             return error_response(err)
         except Exception:

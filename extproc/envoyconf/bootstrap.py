@@ -398,15 +398,21 @@ def _early_mutations(*, shadow: bool) -> list[HeaderMutation]:
     """What each listener does to a request's headers before anything else reads them.
 
     Both drop a client-sent ``x-llm-variant`` and ``x-llm-shadow``. The primary listener also
-    drops ``x-llm-shadow-copy`` (only the shadow listener may say a request is a copy) and
-    ``x-request-id``, so that Envoy generates a fresh one: a client cannot make two requests
+    drops ``x-llm-shadow-copy`` (only the shadow listener may say a request is a copy),
+    ``x-llm-forced`` (only the sidecar may say a tester forced it) and ``x-request-id``, so
+    that Envoy generates a fresh one: a client cannot make two requests
     share an id (one pair, the second overwriting the first) nor aim feedback at a request it
     can guess. The shadow listener keeps the id the mirrored copy carries (its primary's: that
     pairs them) and marks the copy.
     """
     out = [HeaderMutation(remove=h.VARIANT), HeaderMutation(remove=h.SHADOW)]
     if not shadow:
-        return [*out, HeaderMutation(remove=h.SHADOW_COPY), HeaderMutation(remove=h.REQUEST_ID)]
+        return [
+            *out,
+            HeaderMutation(remove=h.SHADOW_COPY),
+            HeaderMutation(remove=h.FORCED),
+            HeaderMutation(remove=h.REQUEST_ID),
+        ]
     mark = HeaderValueOption(
         header=HeaderValue(key=h.SHADOW_COPY, value="1"),
         append_action=HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
@@ -569,7 +575,7 @@ def _access_log(experiment: Experiment, name: str) -> AccessLog:
             # (docs/PERFORMANCE.md). Per Envoy worker, flushed at the interval above anyway.
             buffer_size_bytes=UInt32Value(value=ALS_BUFFER_BYTES),
         ),
-        additional_request_headers_to_log=[*spec.sticky_keys, h.SHADOW_COPY],
+        additional_request_headers_to_log=[*spec.sticky_keys, h.SHADOW_COPY, h.FORCED],
         additional_response_headers_to_log=[h.VARIANT, "content-type"],
     )
     return AccessLog(name="envoy.access_loggers.http_grpc", typed_config=_any(config))

@@ -137,7 +137,13 @@ def test_the_primary_listener_drops_what_only_envoy_may_say_and_the_shadow_liste
     }
     assert early["llm"] == [
         {"remove": h}
-        for h in ("x-llm-variant", "x-llm-shadow", "x-llm-shadow-copy", "x-request-id")
+        for h in (
+            "x-llm-variant",
+            "x-llm-shadow",
+            "x-llm-shadow-copy",
+            "x-llm-forced",
+            "x-request-id",
+        )
     ]
     assert early["llm_shadow"] == [
         {"remove": "x-llm-variant"},

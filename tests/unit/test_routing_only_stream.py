@@ -182,6 +182,22 @@ def test_the_access_log_attributes_ext_proc_routes() -> None:
     assert (fallback.variant, fallback.assignment) == ("stable", Assignment.ASSIGNMENT_FALLBACK)
     forced = m.event(entry(f"{FORCED_ROUTE}canary"))
     assert (forced.variant, forced.assignment) == ("canary", Assignment.ASSIGNMENT_FORCED)
+    # On Istio no route says "forced": the sidecar's mark does (clients' is stripped).
+    marked = m.event(entry("outbound|8000|canary|model.svc", **{"x-llm-forced": "1"}))
+    assert (marked.variant, marked.assignment) == ("canary", Assignment.ASSIGNMENT_FORCED)
+
+
+async def test_only_a_forced_request_is_marked_forced_for_the_access_log() -> None:
+    proc, _ = processor(sample=0)
+    marks = []
+    for extra in ({"x-experiment": "canary"}, {}, {"x-experiment": ""}):
+        s = Stream([headers(**{"x-request-id": "r5", "x-conversation-id": "c5", **extra})])
+        await proc.Process(None, s)
+        (answer,) = s.answers
+        mutation = answer.request_headers.response.header_mutation
+        marks.append({o.header.key: o.header.raw_value for o in mutation.set_headers})
+    assert marks[0] == {"x-llm-variant": b"canary", "x-llm-forced": b"1"}
+    assert all("x-llm-forced" not in m for m in marks[1:])
 
 
 def test_json_signals_from_the_capture_stream_reach_the_event() -> None:
