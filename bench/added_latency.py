@@ -28,7 +28,9 @@ from extproc import store
 from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.contract import keys
 from extproc.dev import stack
-from extproc.envoyconf.bootstrap import EnvoyLayout, build_baseline, to_yaml
+from extproc.envoyconf.bootstrap import to_yaml
+from extproc.envoyconf.common import EnvoyLayout
+from extproc.envoyconf.ext_proc import build_baseline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import experiment_at, start_fast_upstream

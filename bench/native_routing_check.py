@@ -1,6 +1,6 @@
 """Check that the shipped ``dataplane: native`` keeps the sidecar's routing properties.
 
-Why: with ``dataplane: native`` Envoy routes by itself (``envoy_config.build_native``: weighted
+Why: with ``dataplane: native`` Envoy routes by itself (``envoyconf.native.build_native``: weighted
 clusters with ``use_hash_policy`` on a salted hash of the first sticky header, weights in basis
 points from the sidecar's RTDS layer), and the sidecar only serves those weights. That replaces
 the sidecar's decision only if it keeps the properties users rely on, so this script checks them
@@ -34,7 +34,8 @@ from pathlib import Path
 from extproc import store
 from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
 from extproc.dev import stack
-from extproc.envoyconf.bootstrap import EnvoyLayout, build_native
+from extproc.envoyconf.common import EnvoyLayout
+from extproc.envoyconf.native import build_native
 from extproc.routing.lanes import runtime_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -2,9 +2,9 @@
 
 Why derive them rather than write YAML: each variant must differ from what ``extproc
 envoy-config`` ships in exactly one respect, so the figures measure that respect and nothing else.
-Every variant starts from ``envoy_config.build_bootstrap`` (the shipped ext_proc config),
-``envoy_config.build_native`` (the shipped ``dataplane: native`` config) or
-``envoy_config.build_baseline`` (bare weighted routing) and edits the typed messages; Envoy checks
+Every variant starts from ``envoyconf.ext_proc.build_bootstrap`` (the shipped ext_proc config),
+``envoyconf.native.build_native`` (the shipped ``dataplane: native`` config) or
+``envoyconf.ext_proc.build_baseline`` (bare weighted routing) and edits the typed messages; Envoy checks
 them when it starts, as ``envoy --mode validate`` would.
 
 Variants (``PROXIES``):
@@ -21,7 +21,7 @@ Variants (``PROXIES``):
     sample, none here), the Lua filter ``extproc/data/inspect.lua`` and a gRPC access log to the
     sidecar, which turns each entry into an event (``extproc/dataplane/accesslog.py``).
 ``native``
-    what ships as ``dataplane: native``, unedited (``envoy_config.build_native``): Envoy's own
+    what ships as ``dataplane: native``, unedited (``envoyconf.native.build_native``): Envoy's own
     sticky weighted routing with weights from the sidecar's RTDS layer, forced-routing routes,
     the same Lua filter and access log. The sidecar is off the request path;
     ``bench/run.py`` starts measuring once Envoy holds the weights.
@@ -74,7 +74,9 @@ from google.protobuf.wrappers_pb2 import BoolValue
 from extproc.config import Experiment
 from extproc.contract import headers as h
 from extproc.contract.envoy import SIDECAR_CLUSTER
-from extproc.envoyconf.bootstrap import EnvoyLayout, build_baseline, build_bootstrap, build_native
+from extproc.envoyconf.common import EnvoyLayout
+from extproc.envoyconf.ext_proc import build_baseline, build_bootstrap
+from extproc.envoyconf.native import build_native
 from extproc.routing.lanes import runtime_weights
 
 ALS_CLUSTER = "extproc_als"

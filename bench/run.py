@@ -66,7 +66,7 @@ import redis
 from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
 from extproc.contract import keys
 from extproc.dev import stack
-from extproc.envoyconf.bootstrap import EnvoyLayout
+from extproc.envoyconf.common import EnvoyLayout
 from extproc.telemetry.events import decode_event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -25,7 +25,8 @@ import yaml
 
 from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
 from extproc.contract.headers import VARIANT
-from extproc.envoyconf.bootstrap import EnvoyLayout, render
+from extproc.envoyconf.bootstrap import render
+from extproc.envoyconf.common import EnvoyLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "llm-rollout"

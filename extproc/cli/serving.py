@@ -37,7 +37,8 @@ def cmd_check(ns: argparse.Namespace) -> int:
 
 
 def cmd_envoy_config(ns: argparse.Namespace) -> int:
-    from extproc.envoyconf.bootstrap import EnvoyLayout, SidecarTls, render
+    from extproc.envoyconf.bootstrap import render
+    from extproc.envoyconf.common import EnvoyLayout, SidecarTls
 
     exp, _ = load(ns.experiment)
     tls = None

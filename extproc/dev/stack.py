@@ -31,7 +31,8 @@ from extproc import store
 from extproc.auth import FEEDBACK_TOKEN_ENV
 from extproc.config import Experiment
 from extproc.contract import keys
-from extproc.envoyconf.bootstrap import EnvoyLayout, SidecarTls, render
+from extproc.envoyconf.bootstrap import render
+from extproc.envoyconf.common import EnvoyLayout, SidecarTls
 from extproc.ops.dashboard import TOKEN_ENV
 
 T = TypeVar("T")

@@ -48,7 +48,8 @@ from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
 from extproc.contract.envoy import SIDECAR_SERVICE
 from extproc.dev import stack
 from extproc.dev.stack import envoy_binary
-from extproc.envoyconf.bootstrap import EnvoyLayout, render
+from extproc.envoyconf.bootstrap import render
+from extproc.envoyconf.common import EnvoyLayout
 from extproc.ops.dashboard import TOKEN_ENV
 
 pytestmark = pytest.mark.timeout(60)

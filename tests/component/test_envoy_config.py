@@ -9,7 +9,8 @@ import pytest
 
 from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.dev.stack import envoy_binary
-from extproc.envoyconf.bootstrap import EnvoyLayout, render
+from extproc.envoyconf.bootstrap import render
+from extproc.envoyconf.common import EnvoyLayout
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "envoy").glob("*.yaml"))

@@ -24,7 +24,9 @@ from extproc.contract.envoy import RUNTIME_LAYER, RUNTIME_PREFIX
 from extproc.dataplane.accesslog import EntryMapper, decode_text
 from extproc.dataplane.event import EventBuilder
 from extproc.dataplane.runtime import TYPE_URL, RuntimeService
-from extproc.envoyconf.bootstrap import EnvoyLayout, build_native, render, to_yaml
+from extproc.envoyconf.bootstrap import render, to_yaml
+from extproc.envoyconf.common import EnvoyLayout
+from extproc.envoyconf.native import build_native
 from extproc.routing.lanes import runtime_weights
 from extproc.routing.live import LiveRouting
 from extproc.store import RoutingState

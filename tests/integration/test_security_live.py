@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from extproc.config import load_experiment
 from extproc.dev import stack
-from extproc.envoyconf.bootstrap import SidecarTls
+from extproc.envoyconf.common import SidecarTls
 from extproc.telemetry.v1.event_pb2 import Assignment
 from tests.conftest import LiveStack, start_stack, wait_for
 from tests.integration.sidecar_probe import events_by_request, expected_variants, health
