@@ -1,33 +1,40 @@
-"""docs/dashboard.png: the dashboard after the demo's rollout (a regression rolled back at 25%).
+"""The dashboard's pictures in docs/: a running rollout and the same one rolled back, each wide
+(1400 px) and narrow (a 420 px phone, emulated), as the README shows them.
 
 Runs `extproc demo`'s stack and traffic on free ports, with every request mirrored to the canary
-and a fifth of them captured (so the pair browser has both sides), then photographs the whole
-page in headless Chromium (the browser tests' driver). About a minute and a half:
+and a fifth of them captured (so the pair browser has both sides). Once the rollout has moved past
+its first stage it photographs the running page; once the regression at 25% is rolled back, the
+page again. Whole pages, in headless Chromium (the browser tests' driver). About two minutes:
 
-    .venv/bin/python bench/dashboard_screenshot.py [-o docs/dashboard.png]
+    .venv/bin/python bench/dashboard_screenshot.py [-o docs]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import tempfile
+import threading
 from pathlib import Path
 
+import redis
 import yaml
 
 from extproc.config import load_experiment
+from extproc.contract import keys
 from extproc.dev import demo, stack
 from extproc.dev.demo import DEMO_EXPERIMENT, DEMO_MODELS
 from tests.integration.test_dashboard_browser import WAIT_S, chrome, require_browser
 
 ROOT = Path(__file__).resolve().parent.parent
+WIDE = 1400
+NARROW = 420  # emulated: a headless window is at least 500 px wide
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-o", "--output", type=Path, default=ROOT / "docs" / "dashboard.png")
-    parser.add_argument("--width", type=int, default=1400)
+    parser.add_argument("-o", "--output", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
     require_browser()
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,20 +55,46 @@ def main() -> None:
         state = stack.up(opts)
         try:
             ep = state["endpoints"]
-            end = asyncio.run(
-                demo.rollout(
-                    ep["listener"], ep["redis"], exp.name, ep["models"]["canary"], "regression", 300
+            ended: list[str] = []
+            traffic = threading.Thread(
+                target=lambda: ended.append(
+                    asyncio.run(
+                        demo.rollout(
+                            ep["listener"],
+                            ep["redis"],
+                            exp.name,
+                            ep["models"]["canary"],
+                            "regression",
+                            300,
+                        )
+                    )
                 )
             )
-            print(f"rollout ended: {end}")
-            shoot(str(stack.dashboard_url(state)), Path(tmp) / "chromium", args)
+            traffic.start()
+            url, profile = str(stack.dashboard_url(state)), Path(tmp) / "chromium"
+            r = redis.Redis.from_url(ep["redis"])
+            stack.wait_until(lambda: _stage(r, exp.name) >= 1, "the rollout's second stage", 300)
+            shoot(url, profile, args.output / "dashboard-running.png", WIDE)
+            shoot(url, profile, args.output / "dashboard-running-narrow.png", NARROW)
+            traffic.join()
+            print(f"rollout ended: {ended}")
+            shoot(url, profile, args.output / "dashboard.png", WIDE)
+            shoot(url, profile, args.output / "dashboard-narrow.png", NARROW)
         finally:
             stack.down(opts.state_dir)
 
 
-def shoot(url: str, profile: Path, args: argparse.Namespace) -> None:
-    driver = chrome(profile, args.width, 1000)
+def _stage(r: redis.Redis, name: str) -> int:
+    raw = r.get(keys.rollout(name))
+    return -1 if raw is None else int(json.loads(raw)["stage"])
+
+
+def shoot(url: str, profile: Path, output: Path, width: int) -> None:
+    driver = chrome(profile, max(width, 500), 1000)
     try:
+        if width < 500:
+            metrics = {"width": width, "height": 1000, "deviceScaleFactor": 1, "mobile": True}
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
         driver.get(url)
         stack.wait_until(
             lambda: driver.execute_script("return window.extproc.series !== null"),
@@ -69,9 +102,13 @@ def shoot(url: str, profile: Path, args: argparse.Namespace) -> None:
             WAIT_S,
         )
         height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(args.width, height)
-        driver.save_screenshot(str(args.output))
-        print(f"wrote {args.output} ({args.width}x{height})")
+        if width < 500:
+            metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": True}
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+        else:
+            driver.set_window_size(width, height)
+        driver.save_screenshot(str(output))
+        print(f"wrote {output} ({width}x{height})")
     finally:
         driver.quit()
 

@@ -122,14 +122,8 @@ def read_path_s(
     how many entries it read (fewer than written if it lost the lease on the way)."""
     with tempfile.TemporaryDirectory() as tmp:
         procs = stack.Stack(Path(tmp))
-        port = stack.free_port()
-        procs.spawn(
-            "redis",
-            [stack.redis_binary(), "--port", str(port), "--save", "", "--appendonly", "no"],
-        )
-        url = f"redis://127.0.0.1:{port}/0"
         try:
-            stack.wait_until(stack.redis_ok(url), "redis")
+            url = stack.start_redis(procs, stack.free_port(), Path(tmp))
 
             async def go() -> tuple[float, int]:
                 r = store.connect(url, timeout_s=30)

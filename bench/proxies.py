@@ -2,10 +2,10 @@
 
 Why derive them rather than write YAML: each variant must differ from what ``extproc
 envoy-config`` ships in exactly one respect, so the figures measure that respect and nothing else.
-Every variant starts from ``envoyconf.ext_proc.build_bootstrap`` (the shipped ext_proc config),
-``envoyconf.native.build_native`` (the shipped ``dataplane: native`` config) or
-``envoyconf.ext_proc.build_baseline`` (bare weighted routing) and edits the typed messages; Envoy checks
-them when it starts, as ``envoy --mode validate`` would.
+Every variant starts from ``envoyconf.ext_proc.build_bootstrap`` (the shipped ext_proc
+config), ``envoyconf.native.build_native`` (the shipped ``dataplane: native`` config) or
+``envoyconf.ext_proc.build_baseline`` (bare weighted routing) and edits the typed messages;
+Envoy checks them when it starts, as ``envoy --mode validate`` would.
 
 Variants (``PROXIES``):
 

@@ -112,14 +112,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         procs = stack.Stack(Path(tmp))
-        port = stack.free_port()
-        procs.spawn(
-            "redis",
-            [stack.redis_binary(), "--port", str(port), "--save", "", "--appendonly", "no"],
-        )
-        url = f"redis://127.0.0.1:{port}/0"
         try:
-            stack.wait_until(stack.redis_ok(url), "redis")
+            url = stack.start_redis(procs, stack.free_port(), Path(tmp))
             t0 = time.perf_counter()
             asyncio.run(fill(url, args.events, args.hours))
             print(
