@@ -264,6 +264,18 @@ class Inflight(_Strict):
     )
 
 
+class Telemetry(_Strict):
+    """What the telemetry writer keeps in Redis for this experiment's readers."""
+
+    rollup_retention_days: int = Field(
+        default=30,
+        ge=1,
+        le=3650,
+        description="keep the per-bucket rollups (status, top, the dashboard's charts) this long "
+        "after their last request; longer than the rollout runs",
+    )
+
+
 # Models write the apostrophe straight or curly (U+2019): both match.
 DEFAULT_REFUSALS = [
     r"^\s*(I['\u2019]?m|I am) (sorry|afraid)",
@@ -358,6 +370,7 @@ class ExperimentSpec(_Strict):
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     rollout: Rollout = Field(default_factory=Rollout)
     inflight: Inflight = Field(default_factory=Inflight)
+    telemetry: Telemetry = Field(default_factory=Telemetry)
     guardrails: list[Guardrail] = Field(default_factory=lambda: list(DEFAULT_GUARDRAILS))
     shadow: Shadow = Field(default_factory=Shadow)
     capture: Capture = Field(default_factory=Capture)

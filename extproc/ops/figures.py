@@ -37,7 +37,7 @@ _MS = re.compile(r"_ms(\.|$)")
 LABELS: dict[str, str] = {
     "requests": "requests (all time, forced included)",
     "weight": "weight (%)",
-    "window_requests": "requests (newest events)",
+    "window_requests": "requests (in the window)",
     "errors": "server errors (5xx, timeout, reset)",
     "client_errors": "client errors (4xx, disconnect)",
     "client_error_rate": "client error rate (4xx, disconnect)",
