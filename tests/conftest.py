@@ -195,10 +195,14 @@ def start_stack(tmp: Path, experiment_path: Path | None = None, **kw: Any) -> Li
 
 
 def write_experiment(tmp: Path, **changes: Any) -> Path:
-    """A copy of the bundled example with top-level changes (e.g. other addresses)."""
+    """A copy of the bundled example with top-level changes (e.g. other addresses); a change
+    to None leaves the setting out."""
     doc = yaml.safe_load(EXAMPLE_EXPERIMENT.read_text())
     for k, v in changes.items():
-        doc[k] = v
+        if v is None:
+            doc.pop(k, None)
+        else:
+            doc[k] = v
     path = tmp / "experiment.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path

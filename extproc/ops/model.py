@@ -114,6 +114,7 @@ class Rollout(_Model):
     evidence: dict[str, float]
     attempt: int = Field(default=1, description="1, then one more per `experiment restart`")
     attempt_started: float = Field(default=0.0, description="0 for the first attempt")
+    phase: int = Field(default=0, description="0-based index into the experiment's phases")
 
 
 class AuditRecord(_Written):

@@ -297,6 +297,10 @@ async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
     doc["srm"] = srm(doc["evaluation"])
     doc["limits"] = limits(definition, doc)
     doc["ladder"] = figures.ladder(definition, doc["rollout"], doc["evaluation"], time.time())
+    doc["phases"] = [
+        {"name": p.get("name"), "strategy": p.get("strategy")}
+        for p in definition.get("phases") or []
+    ]
     return doc
 
 

@@ -234,7 +234,7 @@ function renderSummary() {
   const variants = variantOrder(exp);
   const stage = exp.ladder
     ? `${exp.ladder.phase}${exp.ladder.attempt ? ` · attempt ${exp.ladder.attempt}` : ""} · since ${clock(ro.stage_started)}`
-    : ro ? `${ro.status} since ${clock(ro.stage_started)}` : "no rollout state yet";
+    : ro ? `${ro.status}${(exp.phases || []).length ? ` · phase ${ro.phase + 1} of ${exp.phases.length} (${exp.phases[ro.phase].name}, ${ro.strategy})` : ""} since ${clock(ro.stage_started)}` : "no rollout state yet";
   const bar = el("div", { class: "weights", "data-weights": JSON.stringify(routing.weights || {}) },
     variants.map((v) => [v, (routing.weights || {})[v] || 0]).filter(([, w]) => w > 0).map(([v, w]) => {
       const seg = el("span", { class: "segment", title: `${v} ${w}%` }, `${v} ${w}%`);
