@@ -56,6 +56,11 @@ def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def default_instance() -> str:
+    """An evaluator's name when none is given: unique per process on a host."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 class Evaluator:
     def __init__(
         self,
@@ -63,11 +68,12 @@ class Evaluator:
         redis: aioredis.Redis,
         instance: str = "",
         lease_ttl_s: float | None = None,
+        metrics: EvaluatorMetrics | None = None,
     ) -> None:
         self.experiment = experiment
         self.spec = experiment.spec
         self.redis = redis
-        self.instance = instance or f"{socket.gethostname()}-{os.getpid()}"
+        self.instance = instance or default_instance()
         cadence = self.spec.rollout.cadence_s
         self.lease_ttl_ms = int(1000 * (lease_ttl_s or max(3.0, 3 * cadence)))
         self.leader = False
@@ -78,7 +84,9 @@ class Evaluator:
         self.ticks = 0
         self.last_verdict: Verdict | None = None
         self._webhooks: set[asyncio.Task[None]] = set()
-        self.metrics = EvaluatorMetrics()
+        # One registry per process: a fleet's evaluators share it (their series differ by
+        # experiment), so one /metrics endpoint shows them all.
+        self.metrics = metrics or EvaluatorMetrics()
 
     # --- lease --------------------------------------------------------------------------------
 
@@ -362,7 +370,7 @@ class Evaluator:
         """Tick until ``stop`` is set (default: on SIGTERM/SIGINT); Redis trouble is logged and
         retried, never fatal."""
         if stop is None:
-            stop = _stop_on_signals()
+            stop = stop_on_signals()
         cadence = self.spec.rollout.cadence_s
         while not stop.is_set():
             raise_if_cancelled()
@@ -385,7 +393,8 @@ class Evaluator:
                     await self.redis.delete(keys.lease(self.experiment.name))
 
 
-def _stop_on_signals() -> asyncio.Event:
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT: how a process is told to hand its leases over."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -405,7 +414,7 @@ async def serve(
         runner = await serve_metrics(evaluator.metrics.registry, host, int(port))
     # Supervised: an unexpected exception in a tick is logged and the loop restarted with
     # backoff (its heartbeat in Redis lapses meanwhile), instead of ending the process.
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     group = TaskGroup(stop=stop)
     try:
         await group.start("evaluator", lambda: evaluator.run(stop))
