@@ -411,7 +411,7 @@ class ExperimentSpec(_Strict):
     judge: Judge | None = None
     watchdog: Watchdog | None = None
     hooks: Hooks = Field(default_factory=Hooks)
-    ab: AbTest = Field(default_factory=AbTest)
+    ab: AbTest | None = Field(default=None, description="how an ab run decides (AbTest)")
 
 
 @dataclass(frozen=True)
@@ -699,12 +699,10 @@ def _ab_problems(raw: Mapping[str, Any]) -> list[str]:
     if isinstance(implied, str) and implied in AB_METRICS and implied not in listed:
         which = "" if primary is not None else " (the default primary metric)"
         problems.append(f"ab.primary: {implied}{which} is not in ab.metrics")
-    if not judged:
-        for where, m in [("ab.primary", primary)] + [
-            (f"ab.metrics.{i}", m) for i, m in enumerate(listed) if isinstance(metrics, list)
-        ]:
-            if m in ("judge_win_rate", "rubric"):
-                problems.append(f"{where}: {m} needs a judge: section")
+    # A secondary metric without its source is reported as "no data"; a primary one could
+    # never decide anything.
+    if primary in ("judge_win_rate", "rubric") and not judged:
+        problems.append(f"ab.primary: {primary} needs a judge: section")
     variants = raw.get("variants")
     priced = isinstance(variants, Mapping) and all(
         isinstance(v, Mapping) and v.get("price") is not None for v in variants.values()

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import NDArray
 
 from extproc.config import AbTest, ExperimentSpec
 from extproc.evaluator.window import VariantWindow
@@ -136,84 +137,121 @@ def _ci(i: Interval) -> tuple[float, float] | None:
     return (i.low, i.high) if math.isfinite(i.low) and math.isfinite(i.high) else None
 
 
-def _mean(x: np.ndarray[Any, Any]) -> float | None:
+def _mean(x: NDArray[np.float64]) -> float | None:
     return float(np.mean(x)) if x.size else None
 
 
-def _welch(metric: str, label: str, unit: str, c: Any, t: Any, alpha: float) -> MetricResult:
+@dataclass(frozen=True)
+class _About:
+    """What a metric is, apart from its figures: names, unit, test, direction, scale."""
+
+    metric: str
+    label: str
+    unit: str
+    test: str
+    better: Better = "lower"
+    scale: str = "candidate - stable"
+
+    def result(
+        self,
+        n: tuple[int, int],
+        arms: tuple[float | None, float | None] = (None, None),
+        difference: float | None = None,
+        ci: tuple[float, float] | None = None,
+        p: float = math.nan,
+        note: str = "",
+    ) -> MetricResult:
+        """The comparison: ``n`` and ``arms`` are (stable, candidate); no ``p``: no data."""
+        return MetricResult(
+            metric=self.metric,
+            label=self.label,
+            unit=self.unit,
+            test=self.test,
+            better=self.better,
+            stable=arms[0],
+            candidate=arms[1],
+            difference=difference,
+            scale=self.scale,
+            ci=ci,
+            p_value=_finite(p),
+            n_stable=n[0],
+            n_candidate=n[1],
+            note=note,
+        )
+
+
+def _welch(
+    about: _About, c: NDArray[np.float64], t: NDArray[np.float64], alpha: float
+) -> MetricResult:
     """A mean per request, Welch's t (no equal-variance assumption; CLT for the difference)."""
     w = welch_t_test(c, t, alpha=alpha)
-    return MetricResult(
-        metric, label, unit, "Welch t", "lower", _mean(c), _mean(t), _finite(w.estimate),
-        "candidate - stable", _ci(w.ci), _finite(w.p_value), c.size, t.size,
-    )  # fmt: skip
+    return about.result(
+        (c.size, t.size), (_mean(c), _mean(t)), _finite(w.estimate), _ci(w.ci), w.p_value
+    )
 
 
-def _rates(
-    metric: str, label: str, cs: int, cn: int, ts: int, tn: int, alpha: float
-) -> MetricResult:
+def _rates(about: _About, cs: int, cn: int, ts: int, tn: int, alpha: float) -> MetricResult:
     """A share of trials, the pooled two-proportion z-test with Newcombe's interval."""
     z = two_proportion_z_test(cs, cn, ts, tn, alpha=alpha)
-    return MetricResult(
-        metric, label, "fraction", "two-proportion z", "lower",
-        cs / cn if cn else None, ts / tn if tn else None, _finite(z.estimate),
-        "candidate - stable", _ci(z.ci), _finite(z.p_value), cn, tn,
-    )  # fmt: skip
+    arms = (cs / cn if cn else None, ts / tn if tn else None)
+    return about.result((cn, tn), arms, _finite(z.estimate), _ci(z.ci), z.p_value)
+
+
+LATENCY_MEAN = _About("latency", "latency mean", "ms", "Welch t")
+LATENCY_P50 = _About("latency", "latency p50", "ms", "Mood's median test, order-statistic CI")
+TOKENS = _About("completion_tokens", "tokens per answer", "tokens", "Welch t")
+COST = _About("cost", "cost per request", "", "Welch t")
+ERRORS = _About("error_rate", "error rate", "fraction", "two-proportion z")
+REFUSALS = _About("refusal_rate", "refusal rate", "fraction", "two-proportion z")
+FEEDBACK = _About("negative_feedback_rate", "negative feedback", "fraction", "two-proportion z")
+WIN_RATE = _About(
+    "judge_win_rate",
+    "judge win rate",
+    "fraction",
+    "exact binomial, Wilson CI",
+    better="higher",
+    scale="candidate win rate - 50%",
+)
+RUBRIC = _About(
+    "rubric", "rubric score", "points", "Mann-Whitney U, Cohen's d CI", "higher", "Cohen's d"
+)
 
 
 def latency(s: VariantWindow, c: VariantWindow, ab: AbTest) -> MetricResult:
     x, y = s.samples("latency"), c.samples("latency")
     if ab.latency == "mean":
-        return _welch("latency", "latency mean", "ms", x, y, ab.alpha)
+        return _welch(LATENCY_MEAN, x, y, ab.alpha)
     if not (x.size and y.size):
-        return MetricResult(
-            "latency", "latency p50", "ms", "Mood's median test", "lower",
-            None, None, None, "candidate - stable", None, None, x.size, y.size,
-        )  # fmt: skip
+        return LATENCY_P50.result((x.size, y.size))
     q = quantile_difference(x, y, q=0.5, alpha=ab.alpha)
-    return MetricResult(
-        "latency", "latency p50", "ms", "Mood's median test, order-statistic CI", "lower",
-        q.control_quantile, q.treatment_quantile, q.estimate, "candidate - stable",
-        _ci(q.ci), _finite(median_test(x, y)), x.size, y.size,
-    )  # fmt: skip
+    arms = (q.control_quantile, q.treatment_quantile)
+    return LATENCY_P50.result((x.size, y.size), arms, q.estimate, _ci(q.ci), median_test(x, y))
 
 
 def completion_tokens(s: VariantWindow, c: VariantWindow, ab: AbTest) -> MetricResult:
     x, y = s.samples("completion_tokens"), c.samples("completion_tokens")
-    return _welch("completion_tokens", "tokens per answer", "tokens", x, y, ab.alpha)
+    return _welch(TOKENS, x, y, ab.alpha)
 
 
 def cost(s: VariantWindow, c: VariantWindow, ab: AbTest) -> MetricResult:
-    return _welch("cost", "cost per request", "", s.samples("cost"), c.samples("cost"), ab.alpha)
+    return _welch(COST, s.samples("cost"), c.samples("cost"), ab.alpha)
 
 
 def error_rate(s: VariantWindow, c: VariantWindow, ab: AbTest) -> MetricResult:
-    return _rates("error_rate", "error rate", s.errors, s.requests, c.errors, c.requests, ab.alpha)
+    return _rates(ERRORS, s.errors, s.requests, c.errors, c.requests, ab.alpha)
 
 
 def refusal_rate(s: VariantWindow, c: VariantWindow, ab: AbTest) -> MetricResult:
-    return _rates(
-        "refusal_rate", "refusal rate", s.refusals, s.answered, c.refusals, c.answered, ab.alpha
-    )
+    return _rates(REFUSALS, s.refusals, s.answered, c.refusals, c.answered, ab.alpha)
 
 
 def negative_feedback_rate(s: VariantWindow, c: VariantWindow, ab: AbTest) -> MetricResult:
     """Requests that drew negative feedback (down, retry, escalation); no data until any
     feedback came: an arm without feedback has no zero rate, it has no measurement."""
     if not (s.feedback or c.feedback):
-        return MetricResult(
-            "negative_feedback_rate", "negative feedback", "fraction", "two-proportion z",
-            "lower", None, None, None, "candidate - stable", None, None, s.requests, c.requests,
-        )  # fmt: skip
-    return _rates(
-        "negative_feedback_rate",
-        "negative feedback",
-        min(s.negative_feedback, s.requests),
-        s.requests,
-        min(c.negative_feedback, c.requests),
-        c.requests,
-        ab.alpha,
-    )
+        return FEEDBACK.result((s.requests, c.requests))
+    bad_s, bad_c = min(s.negative_feedback, s.requests), min(c.negative_feedback, c.requests)
+    return _rates(FEEDBACK, bad_s, s.requests, bad_c, c.requests, ab.alpha)
 
 
 def judge_win_rate(s: VariantWindow, c: VariantWindow, ab: AbTest) -> MetricResult:
@@ -221,24 +259,22 @@ def judge_win_rate(s: VariantWindow, c: VariantWindow, ab: AbTest) -> MetricResu
     counted in the note, not in the test."""
     rate, ci, p = binomial_win_rate(c.judge_wins, c.judge_losses, alpha=ab.alpha)
     n = c.judge_wins + c.judge_losses
-    return MetricResult(
-        "judge_win_rate", "judge win rate", "fraction", "exact binomial, Wilson CI", "higher",
-        _finite(1.0 - rate), _finite(rate), _finite(rate - 0.5), "candidate win rate - 50%",
-        (ci.low - 0.5, ci.high - 0.5) if n else None, _finite(p), n, n,
-        f"{c.judge_wins} wins, {c.judge_losses} losses, {c.judge_ties} ties",
-    )  # fmt: skip
+    note = f"{c.judge_wins} wins, {c.judge_losses} losses, {c.judge_ties} ties"
+    if n == 0:
+        return WIN_RATE.result((0, 0), note=note)
+    arms = (1.0 - rate, rate)
+    return WIN_RATE.result((n, n), arms, rate - 0.5, (ci.low - 0.5, ci.high - 0.5), p, note)
 
 
 def rubric(s: VariantWindow, c: VariantWindow, ab: AbTest) -> MetricResult:
     """Judge rubric scores (1-10, the mean of accuracy, clarity and completeness per answer):
     Mann-Whitney U for the p-value, Cohen's d with its interval as the difference."""
     x, y = s.samples("judge_scores"), c.samples("judge_scores")
-    p = mann_whitney_u(x, y, alpha=ab.alpha).p_value if x.size and y.size else math.nan
+    if not (x.size and y.size):
+        return RUBRIC.result((x.size, y.size), (_mean(x), _mean(y)))
+    p = mann_whitney_u(x, y, alpha=ab.alpha).p_value
     d, ci = cohens_d_interval(x, y, alpha=ab.alpha)
-    return MetricResult(
-        "rubric", "rubric score", "points", "Mann-Whitney U, Cohen's d CI", "higher",
-        _mean(x), _mean(y), _finite(d), "Cohen's d", _ci(ci), _finite(p), x.size, y.size,
-    )  # fmt: skip
+    return RUBRIC.result((x.size, y.size), (_mean(x), _mean(y)), _finite(d), _ci(ci), p)
 
 
 COMPARE: dict[str, Callable[[VariantWindow, VariantWindow, AbTest], MetricResult]] = {
@@ -256,8 +292,13 @@ COMPARE: dict[str, Callable[[VariantWindow, VariantWindow, AbTest], MetricResult
 # --- the decision -------------------------------------------------------------------------------
 
 
+def settings(spec: ExperimentSpec) -> AbTest:
+    """The file's ``ab`` section, else its defaults."""
+    return spec.ab or AbTest()
+
+
 def primary_metric(spec: ExperimentSpec) -> str:
-    return spec.ab.primary_metric(spec.judge is not None)
+    return settings(spec).primary_metric(spec.judge is not None)
 
 
 def _finding(m: MetricResult, p: float | None, alpha: float) -> MetricResult:
@@ -273,7 +314,7 @@ def _finding(m: MetricResult, p: float | None, alpha: float) -> MetricResult:
 def decide(spec: ExperimentSpec, variant: str, s: VariantWindow, c: VariantWindow) -> AbDecision:
     """Compare ``variant`` (window ``c``) with stable (``s``) on every metric of ``ab.metrics``
     and state the decision (module docstring)."""
-    ab = spec.ab
+    ab = settings(spec)
     primary = primary_metric(spec)
     raw = [COMPARE[m](s, c, ab) for m in ab.metrics]
     secondary = [m for m in raw if m.metric != primary]
@@ -307,31 +348,44 @@ def _still_needed(
     spec: ExperimentSpec, primary: str, s: VariantWindow, c: VariantWindow, prim: MetricResult
 ) -> tuple[tuple[int, int] | None, str]:
     """The sample per arm to detect the configured mde, else the observed effect."""
-    ab = spec.ab
+    ab = settings(spec)
     if ab.mde is not None:
-        size = sample_size(primary, ab, s, c, ab.mde)
-        return (
-            (None, "") if size is None else ((size.n_control, size.n_treatment), f"mde {ab.mde:g}")
-        )
+        size, text = sample_size(primary, ab, s, c, ab.mde), f"mde {ab.mde:g}"
+    else:
+        observed = _observed_effect(primary, prim)
+        if observed is None:
+            return None, ""
+        sign = math.copysign(1.0, observed)
+        size = sample_size(primary, ab, s, c, abs(observed), sign)
+        text = f"the observed effect {observed:+.3g}"
+    return (None, "") if size is None else ((size.n_control, size.n_treatment), text)
+
+
+def _observed_effect(primary: str, prim: MetricResult) -> float | None:
+    """The primary's effect on the scale of ``ab.mde``: relative to stable, or a win rate's
+    points above 50%; None when there is none to size for."""
     if prim.stable is None or prim.candidate is None or prim.candidate == prim.stable:
-        return None, ""
+        return None
     if primary == "judge_win_rate":
         observed = prim.candidate - 0.5
     else:
         observed = prim.candidate / prim.stable - 1.0 if prim.stable else math.nan
-    if not math.isfinite(observed) or observed == 0:
-        return None, ""
-    size = sample_size(primary, ab, s, c, abs(observed), sign=math.copysign(1.0, observed))
-    text = f"the observed effect {observed:+.3g}"
-    return (None, "") if size is None else ((size.n_control, size.n_treatment), text)
+    return observed if math.isfinite(observed) and observed != 0 else None
+
+
+COLUMNS = {
+    "latency": "latency",
+    "completion_tokens": "completion_tokens",
+    "cost": "cost",
+    "rubric": "judge_scores",
+}
+"""The window column of each metric that is a mean of samples (p50 latency is sized as one)."""
 
 
 def _counts(primary: str, s: VariantWindow, c: VariantWindow) -> tuple[int, int]:
     """Each arm's sample of the primary metric, in its unit."""
-    column = {"latency": "latency", "completion_tokens": "completion_tokens", "cost": "cost",
-              "rubric": "judge_scores"}  # fmt: skip
-    if primary in column:
-        return len(s.samples(column[primary])), len(c.samples(column[primary]))
+    if primary in COLUMNS:
+        return len(s.samples(COLUMNS[primary])), len(c.samples(COLUMNS[primary]))
     if primary == "judge_win_rate":
         n = c.judge_wins + c.judge_losses
         return n, n
@@ -363,13 +417,11 @@ def sample_size(
             return sample_size_proportions(
                 base, sign * mde, relative=True, alpha=ab.alpha, power=ab.power, ratio=ratio
             )
-        column = {"latency": "latency", "rubric": "judge_scores"}.get(primary, primary)
-        x = s.samples(column)
-        sd = float(np.std(x, ddof=1))
+        x = s.samples(COLUMNS[primary])
+        sd, mean = float(np.std(x, ddof=1)), float(np.mean(x))
         return sample_size_means(
-            sd, sign * mde, baseline_mean=float(np.mean(x)), alpha=ab.alpha, power=ab.power,
-            ratio=ratio,
-        )  # fmt: skip
+            sd, sign * mde, baseline_mean=mean, alpha=ab.alpha, power=ab.power, ratio=ratio
+        )
     except ValueError:
         return None
 
@@ -377,7 +429,7 @@ def sample_size(
 def ready(spec: ExperimentSpec, s: VariantWindow, c: VariantWindow) -> tuple[bool, str]:
     """Whether both arms hold the sample ``ab.min_samples`` asks (a number, or ``auto``: the
     size for ``ab.mde``); the reason when not."""
-    ab, primary = spec.ab, primary_metric(spec)
+    ab, primary = settings(spec), primary_metric(spec)
     if ab.min_samples is None:
         return True, ""
     have = _counts(primary, s, c)

@@ -272,11 +272,20 @@ def test_every_ab_problem_is_reported_with_its_path() -> None:
         "ab.alpha: Input should be less than 0.5",
         "ab: used by strategy ab only, not canary",
         "ab.primary: cost is not in ab.metrics",
-        "ab.metrics.1: rubric needs a judge: section",
         "ab.primary: cost needs a price on every variant",
         "ab.mde: required when ab.min_samples is auto",
     ):
         assert problem in text
+
+
+def test_a_primary_of_the_judge_needs_a_judge_and_a_dumped_spec_parses_again() -> None:
+    no_judge = {k: v for k, v in BASE.items() if k != "judge"}
+    with pytest.raises(ConfigError, match=r"ab\.primary: rubric needs a judge: section"):
+        parse_experiment({**no_judge, "ab": {"primary": "rubric"}})
+    # The definition in Redis is the dumped spec: with or without an ab section it must load.
+    for doc in (no_judge, {**no_judge, "strategy": "canary", "ab": None}, BASE):
+        spec = parse_experiment(doc).spec
+        assert parse_experiment(spec.model_dump(mode="json")).spec == spec
 
 
 def test_the_default_primary_must_be_among_the_metrics_and_a_win_rate_mde_below_half() -> None:
