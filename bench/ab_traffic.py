@@ -44,6 +44,7 @@ class Truth:
 EQUAL = Truth()
 BETTER = Truth(win=0.6, latency_factor=0.9, score_shift=0.5, negative_feedback=0.07)
 WORSE = Truth(win=0.4, latency_factor=1.15, score_shift=-0.5, negative_feedback=0.13)
+SLIGHTLY_BETTER = Truth(win=0.55)  # the judge only: 782 decisive verdicts for 80% power
 
 
 def _rubric(score: float) -> Rubric:
