@@ -797,9 +797,8 @@ def _ab_end(
     stable = window.of(spec.stable)
     if not scheduled:
         return Verdict("none", warnings, checks, srm)
-    short = [
-        why for v in cands for ok, why in [decision.ready(spec, stable, window.of(v))] if not ok
-    ]
+    readiness = [decision.ready(spec, stable, window.of(v)) for v in cands]
+    short = [why for ok, why in readiness if not ok]
     if short:
         return Verdict("none", [*warnings, *short], checks, srm)
     found = tuple(decision.decide(spec, v, stable, window.of(v)) for v in cands)

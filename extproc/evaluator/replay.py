@@ -298,7 +298,8 @@ def replay_source(
         res.checkpoints += 1
         if t.verdict is not None:
             _record(records, t.verdict, now_ms, state.stage)
-            res.decisions = [d.to_json() for d in t.verdict.decisions]
+            if t.verdict.decisions:
+                res.decisions = [d.to_json() for d in t.verdict.decisions]
         if t.weights is not None:
             weights = dict(t.weights)
         if t.action or every_checkpoint:

@@ -25,6 +25,8 @@ _STREAM_ID = re.compile(r"^(\d+)-\d+$")
 
 @dataclass(frozen=True)
 class RecordedSignal:
+    """A signal and when an evaluator could first read it: a replay feeds it at that time."""
+
     seen_ms: int
     signal: signals.Signal
 
