@@ -683,8 +683,9 @@ def _hook_problems(hooks: Any) -> list[str]:
 
 
 def _ab_problems(raw: Mapping[str, Any]) -> list[str]:
-    """What the A/B decision's settings need: the ab strategy, a judge for the judge's metrics,
-    prices for cost, an mde to size an automatic sample, the primary among the metrics."""
+    """What the A/B decision's settings need: the ab strategy, the primary among the metrics
+    (each listed once), the primary's source (a judge, prices), an mde to size an automatic
+    sample."""
     ab = raw.get("ab")
     if not isinstance(ab, Mapping):
         return []
@@ -693,6 +694,11 @@ def _ab_problems(raw: Mapping[str, Any]) -> list[str]:
         problems.append(f"ab: used by strategy ab only, not {raw.get('strategy', 'canary')}")
     metrics = ab.get("metrics")
     listed = metrics if isinstance(metrics, list) else list(AB_METRICS)
+    problems += [
+        f"ab.metrics.{i}: {m} is listed twice"
+        for i, m in enumerate(listed)
+        if isinstance(m, str) and m in listed[:i]
+    ]
     primary = ab.get("primary")
     judged = raw.get("judge") is not None
     implied = primary if primary is not None else ("judge_win_rate" if judged else "latency")

@@ -257,7 +257,7 @@ def test_every_ab_problem_is_reported_with_its_path() -> None:
         "ab": {
             "min_samples": "auto",
             "primary": "cost",
-            "metrics": ["latency", "rubric", "bogus"],
+            "metrics": ["latency", "rubric", "bogus", "latency"],
             "power": 1.5,
             "alpha": 0.7,
         },
@@ -272,6 +272,7 @@ def test_every_ab_problem_is_reported_with_its_path() -> None:
         "ab.alpha: Input should be less than 0.5",
         "ab: used by strategy ab only, not canary",
         "ab.primary: cost is not in ab.metrics",
+        "ab.metrics.3: latency is listed twice",
         "ab.primary: cost needs a price on every variant",
         "ab.mde: required when ab.min_samples is auto",
     ):
