@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -368,6 +368,52 @@ class Phase(_Strict):
     guardrails: list[Guardrail] | None = None
 
 
+AbMetric = Literal[
+    "latency",
+    "completion_tokens",
+    "error_rate",
+    "refusal_rate",
+    "judge_win_rate",
+    "rubric",
+    "negative_feedback_rate",
+    "cost",
+]
+AB_METRICS: tuple[AbMetric, ...] = get_args(AbMetric)
+"""What an A/B decision compares (``extproc.evaluator.decision``), in report order."""
+
+
+class AbTest(_Strict):
+    """How an ``ab`` run ends in a decision: ship the candidate, keep stable, or inconclusive.
+
+    ``primary`` is the one metric that says "better", tested at ``alpha``; the others in
+    ``metrics`` are secondary: a significant harm on any of them (Holm-adjusted, at ``alpha``)
+    keeps stable. ``min_samples: auto`` ends the run once each arm holds the sample the primary
+    metric needs to detect ``mde`` with ``power`` (relative to stable's value, except
+    ``judge_win_rate``: points above a 50% win rate); a number is that sample, counted in the
+    primary metric's unit (requests, verdicts or scores). Method: docs/STATISTICS.md.
+    """
+
+    primary: AbMetric | None = Field(
+        default=None,
+        description="the deciding metric; left out: judge_win_rate with a judge, else latency",
+    )
+    metrics: list[AbMetric] = Field(
+        default_factory=lambda: list(AB_METRICS), min_length=1, description="reported and tested"
+    )
+    latency: Literal["mean", "p50"] = "mean"
+    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="two-sided, per decision")
+    min_samples: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        default=None, description="per arm, in the primary metric's unit; auto: from mde, power"
+    )
+    mde: float | None = Field(default=None, gt=0, description="the smallest effect worth finding")
+    power: float = Field(default=0.8, gt=0, lt=1)
+
+    def primary_metric(self, judged: bool) -> str:
+        """The deciding metric: the configured one, else the judge's win rate when a judge
+        runs (``judged``), else latency."""
+        return self.primary or ("judge_win_rate" if judged else "latency")
+
+
 class ExperimentSpec(_Strict):
     name: str = Field(pattern=NAME_RE)
     salt: str = Field(min_length=1, max_length=256)
@@ -398,6 +444,7 @@ class ExperimentSpec(_Strict):
         default_factory=list,
         description="strategies run one after the other, each only once the one before passed",
     )
+    ab: AbTest | None = Field(default=None, description="how an ab run decides (AbTest)")
 
     def phase(self, index: int) -> ExperimentSpec:
         """The experiment as phase ``index`` runs it: the phase's strategy, and its rollout and
@@ -682,6 +729,48 @@ def _hook_problems(hooks: Any) -> list[str]:
     ]
 
 
+def _ab_problems(raw: Mapping[str, Any]) -> list[str]:
+    """What the A/B decision's settings need: the ab strategy, the primary among the metrics
+    (each listed once), the primary's source (a judge, prices), an mde to size an automatic
+    sample."""
+    ab = raw.get("ab")
+    if not isinstance(ab, Mapping):
+        return []
+    problems: list[str] = []
+    if raw.get("strategy", "canary") != "ab":
+        problems.append(f"ab: used by strategy ab only, not {raw.get('strategy', 'canary')}")
+    metrics = ab.get("metrics")
+    listed = metrics if isinstance(metrics, list) else list(AB_METRICS)
+    problems += [
+        f"ab.metrics.{i}: {m} is listed twice"
+        for i, m in enumerate(listed)
+        if isinstance(m, str) and m in listed[:i]
+    ]
+    primary = ab.get("primary")
+    judged = raw.get("judge") is not None
+    implied = primary if primary is not None else ("judge_win_rate" if judged else "latency")
+    if isinstance(implied, str) and implied in AB_METRICS and implied not in listed:
+        which = "" if primary is not None else " (the default primary metric)"
+        problems.append(f"ab.primary: {implied}{which} is not in ab.metrics")
+    # A secondary metric without its source is reported as "no data"; a primary one could
+    # never decide anything.
+    if primary in ("judge_win_rate", "rubric") and not judged:
+        problems.append(f"ab.primary: {primary} needs a judge: section")
+    variants = raw.get("variants")
+    priced = isinstance(variants, Mapping) and all(
+        isinstance(v, Mapping) and v.get("price") is not None for v in variants.values()
+    )
+    if primary == "cost" and not priced:
+        problems.append("ab.primary: cost needs a price on every variant")
+    mde = ab.get("mde")
+    if ab.get("min_samples") == "auto" and mde is None:
+        problems.append("ab.mde: required when ab.min_samples is auto")
+    win_rate = primary == "judge_win_rate" or (primary is None and judged)
+    if win_rate and isinstance(mde, int | float) and mde >= 0.5:
+        problems.append(f"ab.mde: points above a 50% win rate, must be < 0.5, got {mde}")
+    return problems
+
+
 def _signal_source_problems(raw: Mapping[str, Any], variants: Mapping[str, Any]) -> list[str]:
     """The judge needs captured pairs; the watchdog needs to force each variant it probes."""
     problems: list[str] = []
@@ -844,6 +933,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
     if isinstance(raw.get("variants"), Mapping):
         problems += _signal_source_problems(raw, raw["variants"])
     problems += _hook_problems(raw.get("hooks"))
+    problems += _ab_problems(raw)
     if raw.get("dataplane") == "native":
         problems += _native_problems(raw)
     if problems or spec is None:

@@ -54,7 +54,16 @@ def _render_status(doc: dict[str, Any]) -> str:
             f"last: {ro['last_action'] or '-'} {'; '.join(ro['last_reasons'])}"
         )
     lines += status.figure_lines(doc)
+    lines += _decision_lines(doc)
     return "\n".join(lines)
+
+
+def _decision_lines(doc: dict[str, Any]) -> list[str]:
+    """An A/B run's stated decisions, from the evaluator's latest look: none until it ends."""
+    from extproc.evaluator.decision import render
+
+    found = (doc.get("evaluation") or {}).get("decisions") or []
+    return [line for d in found for line in render(d)]
 
 
 def _stack_report(ns: argparse.Namespace) -> dict[str, Any] | None:

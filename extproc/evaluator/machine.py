@@ -38,8 +38,10 @@ says ``none`` with ``awaiting_promote`` once it is ready, and only a promote mov
 With ``phases:``, every rule above applies to the running phase as :meth:`ExperimentSpec.phase`
 makes it (its strategy, stages and guardrails), and the completion of any phase but the last is
 an ``advance`` into the next one instead: phase + 1, k = 0, the weights of its first stage, a
-new stage clock and window, and no evidence carried (each phase proves its own case). A
-rollback in any phase ends the rollout; a restart begins again at the first phase.
+new stage clock and window, and no evidence carried (each phase proves its own case). An A/B
+phase whose decision is not "ship" completes the rollout there (the later phases never start)
+unless an operator promotes. A rollback in any phase ends the rollout; a restart begins again
+at the first phase.
 
 An advance or a promote also carries each e-valued guardrail's evidence into the next stage
 (``judge.carry_evidence``), from the verdict of the stage's last look.
@@ -175,7 +177,17 @@ def _advance(
     phase = running(spec, state)
     last = s.stage >= len(phase.rollout.shares) - 1
     if (phase.strategy != "canary" or last) and s.phase < len(spec.phases) - 1:
-        return _next_phase(spec, s, verdict, reasons, now, actor)
+        unshipped = [d for d in (verdict.decisions if verdict else ()) if d.outcome != "ship"]
+        if not unshipped or actor:
+            return _next_phase(spec, s, verdict, reasons, now, actor)
+        # An A/B phase that did not find the candidate better ends the chain with its decision
+        # (an operator's promote still moves on).
+        reasons = [
+            *reasons,
+            f"phase {s.phase + 1} ({spec.phases[s.phase].name}) decided "
+            f"{unshipped[0].outcome}: the phases after it do not start",
+        ]
+        s.last_reasons = list(reasons)
     spec = phase
     if spec.strategy != "canary" or last:
         s.status, s.last_action = "completed", "complete"

@@ -151,6 +151,8 @@ class Evaluator:
             "snapshot": {v: w.summary() for v, w in self.window.variants.items()},
             "checks": [c.to_json() for c in verdict.checks] if verdict else [],
         }
+        if verdict is not None and verdict.decisions:
+            record["decisions"] = [d.to_json() for d in verdict.decisions]
         if archived is not None:
             record["archived"] = asdict(archived)
         await append_audit(self.redis, self.experiment.name, record)
@@ -279,6 +281,7 @@ class Evaluator:
             "reasons": verdict.reasons if verdict else [],
             "checks": [c.to_json() for c in verdict.checks] if verdict else [],
             "srm_p": verdict.srm_p if verdict else None,
+            "decisions": [d.to_json() for d in verdict.decisions] if verdict else [],
         }
         await self.redis.set(keys.evaluation(self.experiment.name), json.dumps(doc))
 

@@ -222,14 +222,14 @@ def test_blue_green_needs_a_mirrored_variant_at_zero() -> None:
         parse_experiment(raw)
 
 
-def test_ab_completes_with_a_report() -> None:
+def test_ab_completes_with_a_decision() -> None:
     spec = parse_experiment({**BASE, "strategy": "ab"}).spec
     v = judge(spec, window(latency=(800.0, 900.0)), WEIGHTS, stage=0, stage_age_s=60)
     assert v.action == "complete"
     report = " ".join(v.reasons)
-    assert "latency mean +" in report
-    assert "Welch" in report
-    assert "error rate" in report
+    assert "A/B decision for canary: KEEP STABLE: latency mean worse" in report
+    assert "(Welch t): worse" in report
+    assert "error rate (secondary, lower is better)" in report
 
 
 def test_status_reports_cost_per_request() -> None:

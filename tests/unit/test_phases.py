@@ -155,3 +155,22 @@ def test_every_phase_problem_is_reported_with_its_path(
     text = str(err.value)
     for p in problems:
         assert p in text, (p, text)
+
+
+@pytest.mark.parametrize(("outcome", "phase"), [("ship", 1), ("keep", 0), ("inconclusive", 0)])
+def test_an_ab_phase_leads_on_only_when_it_ships(outcome: str, phase: int) -> None:
+    from extproc.evaluator.decision import AbDecision
+
+    doc = {k: v for k, v in CHAIN.items() if k != "shadow"}
+    doc["variants"] = BASE["variants"]
+    doc["phases"] = [{"name": "test", "strategy": "ab"}, {"name": "ramp", "strategy": "canary"}]
+    spec = parse_experiment(doc).spec
+    state = machine.start(spec, 0.0).state
+    decision = AbDecision("canary", outcome, "latency", 0.05, "why", ())  # type: ignore[arg-type]
+    t = machine.step(spec, state, Verdict("complete", ["done"], decisions=(decision,)), 60.0)
+    assert (t.state.phase, t.state.status) == (phase, "running" if phase else "completed")
+    if phase == 0:
+        assert f"decided {outcome}: the phases after it do not start" in t.reasons[-1]
+        # An operator may still move on.
+        on = machine.command(spec, state, "promote", "ops", "", 61.0, t.verdict)
+        assert on.state.phase == 1
