@@ -314,6 +314,28 @@ def test_after_a_rollback_only_restart_is_enabled(
     }
 
 
+def test_an_ab_run_shows_its_stated_decision_as_status_states_it(
+    redis_url: str, page: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    from extproc.evaluator import decision
+    from tests.unit.test_ab_decision import arm, spec_with
+
+    # A slower candidate on the primary metric: keep stable.
+    found = decision.decide(spec_with(primary="latency"), "canary", arm(1), arm(2, latency=900))
+    doc = found.to_json()
+    seed(redis_url, tmp_path, status="completed", extra={"decisions": [doc]})
+    open_page(browser, page, "the finished A/B run")
+    card = until(browser, lambda d: d.find_element(By.ID, "decision-card"), "the decision card")
+    until(browser, lambda d: card.is_displayed(), "the decision card shown")
+    shown = [e.text for e in card.find_elements(By.CSS_SELECTOR, "#decision > *")]
+    assert shown == [line.strip() for line in decision.render(doc)]
+    assert shown[0].startswith("A/B decision for canary: KEEP STABLE")
+    # A rollout without one shows no card.
+    seed(redis_url, tmp_path)
+    open_page(browser, page, "a canary")
+    until(browser, lambda d: not d.find_element(By.ID, "decision-card").is_displayed(), "no card")
+
+
 def test_a_running_rollout_offers_what_the_evaluator_would_apply_and_abort_records_it(
     redis_url: str, page: str, browser: WebDriver, tmp_path: Path
 ) -> None:

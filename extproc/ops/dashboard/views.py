@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from extproc import store
 from extproc.config import ConfigError, Telemetry, parse_experiment
 from extproc.contract import keys, signals
-from extproc.evaluator import machine
+from extproc.evaluator import decision, machine
 from extproc.evaluator.guardrails import SRM_THRESHOLD
 from extproc.evaluator.rollout import COMMANDS, RolloutState, load_state, read_audit
 from extproc.ops import figures, status
@@ -293,6 +293,8 @@ async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
     doc["traffic"] = traffic(doc, definition)
     doc["timeline"] = [{k: rec.get(k) for k in TIMELINE_FIELDS} for rec in audit]
     doc["evaluation"] = await status.latest_evaluation(r, name)
+    found = (doc["evaluation"] or {}).get("decisions") or []
+    doc["decision"] = [line for d in found for line in decision.render(d)]
     doc["comparison"] = comparison(doc, audit, doc["evaluation"])
     doc["srm"] = srm(doc["evaluation"])
     doc["limits"] = limits(definition, doc)

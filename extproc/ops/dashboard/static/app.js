@@ -203,11 +203,18 @@ function render() {
   draw("ladder", still, renderLadder);
   tickLadder();
   draw("actions", [exp.experiment, exp.actions], renderActions);
+  $("decision-card").hidden = !exp.decision.length;
+  draw("decision", exp.decision, renderDecision);
   draw("comparison", exp.comparison, renderComparison);
   draw("checks", exp.comparison.checks, renderChecks);
   draw("timeline", exp.timeline, renderTimeline);
   draw("charts", [state.series, exp.timeline, variantOrder(exp), exp.limits], renderCharts);
   draw("pairs", state.pairs, renderPairs);
+}
+
+// An A/B run's stated decision: the evaluator's text, line by line (the first states it).
+function renderDecision(lines) {
+  return lines.map((line, i) => el(i ? "p" : "h3", { class: i ? "decision-metric" : "decision-verdict" }, line.trim()));
 }
 
 function renderNav([experiments]) {
