@@ -144,6 +144,14 @@ def cmd_sample_size(ns: argparse.Namespace) -> int:
         print(json.dumps(got.to_json()))
         return EXIT_OK
     s = got.size
+    if got.kind == "win_rate":
+        print(
+            f"{got.metric}: {got.baseline:g} -> {got.target:g} ({s.alternative}, alpha "
+            f"{s.alpha:g}, power {s.power:.0%}, {s.method}, effect size {s.effect_size:+.3f})\n"
+            f"{s.n_treatment} decisive judge verdicts (pairs whose judge picked a side; ties "
+            "are not counted), whatever the split"
+        )
+        return EXIT_OK
     what = " (share of requests beyond stable's quantile)" if got.kind == "quantile" else ""
     print(
         f"{got.metric}{what}: {got.baseline:g} -> {got.target:g} ({s.alternative}, "
