@@ -93,11 +93,11 @@ def _down_lines(report: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-async def _status_doc(ns: argparse.Namespace) -> model.StatusDoc | None:
+async def _status_doc(ns: argparse.Namespace, name: str | None = None) -> model.StatusDoc | None:
     """The status read model (``ops.status.status_doc``) plus what only the local stack knows:
     its endpoints, the dashboard's address, the feedback token and which of its parts are down."""
     st = stack_state(ns)
-    name = ns.name or st.get("experiment", {}).get("name")
+    name = name or ns.name or st.get("experiment", {}).get("name")
     doc = await using_redis(ns, lambda r: status.status_doc(r, name, ns.window))
     if doc is None:
         return None
@@ -112,10 +112,11 @@ async def _status_doc(ns: argparse.Namespace) -> model.StatusDoc | None:
     )
 
 
-async def status_json(ns: argparse.Namespace) -> dict[str, Any] | None:
+async def status_json(ns: argparse.Namespace, name: str | None = None) -> dict[str, Any] | None:
     """The read model as the JSON object `status --json` prints (what `top` renders; what the
-    tests read in-process instead of starting a CLI process per look)."""
-    doc = await _status_doc(ns)
+    tests read in-process instead of starting a CLI process per look); ``name`` instead of the
+    experiment the command line asked for."""
+    doc = await _status_doc(ns, name)
     return None if doc is None else doc.model_dump(mode="json")
 
 
@@ -160,7 +161,9 @@ def cmd_top(ns: argparse.Namespace) -> int:
         print(top.render_for(doc, sys.stdout))
         return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(top.live(lambda: status_json(ns), interval=ns.interval, stdin=sys.stdin))
+        asyncio.run(
+            top.live(lambda name: status_json(ns, name), interval=ns.interval, stdin=sys.stdin)
+        )
     return EXIT_OK
 
 
@@ -257,7 +260,12 @@ def register(add: AddVerb) -> None:
 
     from extproc.ops.top import seconds
 
-    p = add("top", cmd_top, "live per-variant table of an experiment (q or Ctrl-C quits)")
+    p = add(
+        "top",
+        cmd_top,
+        "live per-variant table of an experiment (n/p: next/previous experiment; q or Ctrl-C "
+        "quits)",
+    )
     p.add_argument("name", nargs="?", help="experiment (default: the local stack's)")
     p.add_argument("--interval", type=seconds, default=2.0, help="seconds between frames")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
