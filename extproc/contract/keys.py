@@ -25,7 +25,10 @@ key                             type    content
 ``extproc:{E}:evaluation``      string  the evaluator's latest look (JSON: figures, checks)
 ``extproc:{E}:batch:<id>``      string  id of an applied telemetry batch, with a TTL
 ``extproc:sidecar:<instance>``  hash    a sidecar replica's counters, with a TTL (liveness)
+``extproc:sidecars``            zset    sidecar instances by their last heartbeat (the list
+                                        readers take, instead of scanning every key)
 ``extproc:evaluator:<id>``      hash    an evaluator's health, with a TTL
+``extproc:evaluators``          zset    evaluator ids by their last heartbeat
 ==============================  ======  ==================================================
 """
 
@@ -33,8 +36,8 @@ from __future__ import annotations
 
 PREFIX = "extproc"
 EXPERIMENTS = f"{PREFIX}:experiments"
-SIDECAR_PATTERN = f"{PREFIX}:sidecar:*"
-EVALUATOR_PATTERN = f"{PREFIX}:evaluator:*"
+SIDECARS = f"{PREFIX}:sidecars"
+EVALUATORS = f"{PREFIX}:evaluators"
 EVENT_FIELD = b"e"
 
 

@@ -346,20 +346,20 @@ class Evaluator:
         await self._apply(t)
 
     async def _health(self) -> None:
-        key = keys.evaluator(self.instance)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                key,
-                mapping={
-                    "experiment": self.experiment.name,
-                    "active": int(self.leader),
-                    "ticks": self.ticks,
-                    "time": time.time(),
-                    "pid": os.getpid(),
-                },
-            )
-            pipe.expire(key, max(3, int(3 * self.spec.rollout.cadence_s)))
-            await pipe.execute()
+        await store.heartbeat(
+            self.redis,
+            keys.evaluator(self.instance),
+            keys.EVALUATORS,
+            self.instance,
+            {
+                "experiment": self.experiment.name,
+                "active": int(self.leader),
+                "ticks": self.ticks,
+                "time": time.time(),
+                "pid": os.getpid(),
+            },
+            max(3, int(3 * self.spec.rollout.cadence_s)),
+        )
 
     def _export_gauges(self) -> None:
         name = self.experiment.name

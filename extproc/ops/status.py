@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -94,7 +94,8 @@ async def experiment_status(
     # Whole 10 s buckets, the current one last: the dashboard's charts step the same way.
     until = (int(now) // rollup.FINE_S + 1) * rollup.FINE_S
     since = until - rollup.FINE_S * max(math.ceil(window_s / rollup.FINE_S), 1)
-    span = await rollup.read_span(r, name, since, until)
+    span = await rollup.read_span(r, name, since, until, now)
+    since = rollup.span_starts(since, until, rollup.fine_from(now))[0][1]  # as read
     prices = prices_of(definition)
     rows = {
         "assigned": list(dict.fromkeys([*definition.get("variants", {}), *seen(span, "assigned")])),
@@ -153,22 +154,29 @@ async def recent_pairs(r: aioredis.Redis, name: str, count: int = 20) -> list[di
     return out
 
 
-async def _heartbeats(r: aioredis.Redis, pattern: str) -> list[dict[str, str]]:
-    out = []
-    async for key in r.scan_iter(match=pattern, count=100):
-        raw = await r.hgetall(key)
-        doc = {_text(k): _text(v) for k, v in raw.items()}
-        doc["instance"] = _text(key).rsplit(":", 1)[-1]
-        out.append(doc)
-    return sorted(out, key=lambda d: d["instance"])
+async def _heartbeats(
+    r: aioredis.Redis, registry: str, key_of: Callable[[str], str]
+) -> list[dict[str, str]]:
+    """The health hashes of the processes in ``registry`` that are still beating."""
+    names = sorted(_text(cast(bytes, m)) for m in await r.zrange(registry, 0, -1))
+    async with r.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hgetall(key_of(name))
+        found = await pipe.execute()
+    return [
+        {**{_text(k): _text(v) for k, v in raw.items()}, "instance": name}
+        for name, raw in zip(names, found, strict=True)
+        if raw
+    ]
 
 
 async def sidecars(r: aioredis.Redis) -> list[model.Sidecar]:
-    return [model.Sidecar.model_validate(d) for d in await _heartbeats(r, keys.SIDECAR_PATTERN)]
+    found = await _heartbeats(r, keys.SIDECARS, keys.sidecar)
+    return [model.Sidecar.model_validate(d) for d in found]
 
 
 async def evaluators(r: aioredis.Redis) -> list[model.Evaluator]:
-    found = await _heartbeats(r, keys.EVALUATOR_PATTERN)
+    found = await _heartbeats(r, keys.EVALUATORS, keys.evaluator)
     return [model.Evaluator.model_validate({**d, "active": d.get("active") == "1"}) for d in found]
 
 

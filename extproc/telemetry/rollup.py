@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,11 @@ Redis: TypeAlias = aioredis.Redis | aioredis.RedisCluster
 WIDTHS_S: Final = (10, 300)
 """Bucket widths written (seconds): 10 s buckets for ranges of minutes, 5 min ones for hours."""
 FINE_S, COARSE_S = WIDTHS_S
+FINE_KEPT_S: Final = 6 * 3600
+"""How long a fine bucket is kept (at most: the retention may be shorter). A fine bucket of a
+busy experiment takes about 6 KiB of Redis; kept as long as the coarse ones (30 days by default)
+they would take over a GiB per experiment. Spans that reach further back read coarse buckets
+there (:func:`span_starts`), and a chart of more than a few hours steps by 5 minutes or more."""
 
 ALPHA: Final = 0.02
 """Relative accuracy of a sketch's quantiles."""
@@ -443,11 +449,20 @@ def merged(buckets: Iterable[tuple[int, Bucket]]) -> Bucket:
     return out
 
 
-def span_starts(since_s: int, until_s: int) -> list[tuple[int, int]]:
+def span_starts(
+    since_s: int, until_s: int, fine_from_s: int | None = None
+) -> list[tuple[int, int]]:
     """The (width, start) buckets that tile ``[since_s, until_s)`` once rounded out to whole
-    fine buckets: the coarse buckets that fit whole, fine ones at the two ragged ends."""
+    fine buckets: the coarse buckets that fit whole, fine ones at the two ragged ends. A ragged
+    end older than ``fine_from_s`` (where fine buckets may have expired) is rounded out to a
+    whole coarse bucket instead."""
     lo = since_s - since_s % FINE_S
     hi = until_s + (-until_s) % FINE_S
+    if fine_from_s is not None:
+        if lo < fine_from_s:
+            lo -= lo % COARSE_S
+        if hi - hi % COARSE_S < fine_from_s:
+            hi += (-hi) % COARSE_S
     c_lo = lo + (-lo) % COARSE_S
     c_hi = hi - hi % COARSE_S
     if c_lo >= c_hi:
@@ -459,12 +474,22 @@ def span_starts(since_s: int, until_s: int) -> list[tuple[int, int]]:
     ]
 
 
-async def read_span(r: Redis, experiment: str, since_s: int, until_s: int) -> Bucket:
-    """Everything that started in ``[since_s, until_s)`` (rounded out to whole 10 s buckets),
-    added up on the server from at most ``(until - since) / 300 + 58`` small hashes: one round
-    trip, one hash to decode."""
-    (span,) = await _added_up(r, experiment, [span_starts(since_s, until_s)])
+async def read_span(
+    r: Redis, experiment: str, since_s: int, until_s: int, now_s: float | None = None
+) -> Bucket:
+    """Everything that started in ``[since_s, until_s)`` (rounded out to whole 10 s buckets,
+    or 5 min ones older than the fine buckets are kept before ``now_s``), added up on the server
+    from at most ``(until - since) / 300 + 58`` small hashes: one round trip, one hash to
+    decode."""
+    tiles = span_starts(since_s, until_s, fine_from(now_s))
+    (span,) = await _added_up(r, experiment, [tiles])
     return span
+
+
+def fine_from(now_s: float | None = None) -> int:
+    """The oldest fine bucket sure to be kept at ``now_s`` (default: now)."""
+    now = time.time() if now_s is None else now_s
+    return int(now) - FINE_KEPT_S + FINE_S
 
 
 OpenChanges = dict[tuple[str, str], tuple[list[tuple[int, str]], list[str]]]

@@ -63,6 +63,18 @@ async def test_rollups_are_written_per_bucket_and_width_and_read_back(
     assert 0 < ttl <= 3600
 
 
+async def test_fine_buckets_are_kept_hours_and_coarse_ones_the_retention(
+    client: aioredis.Redis,
+) -> None:
+    w = TelemetryWriter(client, rollup_retention_s=30 * 86_400)
+    e = ev(1)
+    e.time_unix_ms = 1_000_000
+    w.submit(e)
+    await w.flush()
+    assert 0 < await client.ttl(keys.rollup("e", 10, 1_000)) <= rollup.FINE_KEPT_S
+    assert rollup.FINE_KEPT_S < await client.ttl(keys.rollup("e", 300, 900)) <= 30 * 86_400
+
+
 async def test_a_span_read_back_is_the_tally_of_its_events(client: aioredis.Redis) -> None:
     """Added up on the server across fine and coarse buckets: counts, sketch bins and the float
     sums (output speed) come back exactly as a tally of the raw events, refused ones counted."""

@@ -86,6 +86,13 @@ def test_a_span_is_tiled_by_whole_buckets_once(since: int, length: int) -> None:
     assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
     # Coarse hashes wherever they fit: at most 29 fine ones at each end.
     assert sum(1 for width, _ in tiles if width == rollup.FINE_S) <= 2 * 29 + 1
+    # Before the fine buckets still kept, whole coarse ones only: the old end rounds out.
+    kept = since + length // 2
+    older = rollup.span_starts(since, since + length, kept)
+    assert all(width == rollup.COARSE_S for width, start in older if start < kept)
+    assert older[0][1] <= since < older[-1][1] + older[-1][0]
+    assert older[-1][1] + older[-1][0] >= since + length
+    assert all(a[1] + a[0] == b[1] for a, b in itertools.pairwise(older))
 
 
 @settings(max_examples=200, deadline=None)

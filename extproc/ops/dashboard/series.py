@@ -28,7 +28,8 @@ from extproc.telemetry import rollup
 TARGET_BUCKETS = 60
 MAX_BUCKETS = 360
 MIN_SPAN_S = 60.0
-NICE_STEPS_S = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200)
+# No step between a minute and five: a two-hour chart of 10 s buckets would read 720 hashes.
+NICE_STEPS_S = (10, 30, 60, 300, 600, 900, 1800, 3600, 7200, 21600, 43200)
 
 Columns = dict[str, dict[str, list[Figure]]]
 Attribution = tuple[Mapping[str, str], Mapping[str, str]]

@@ -360,6 +360,8 @@ async def experiment_series(
     kept_s = 86_400 * kept
     span_s = min(max(span_s, MIN_SPAN_S), kept_s)
     step = bucket_step(span_s, step_s)
+    if now - span_s < rollup.fine_from(now):  # fine buckets that old are gone: coarse steps
+        step = rollup.COARSE_S * math.ceil(step / rollup.COARSE_S)
     until = int(now) // step * step + step
     since = until - step * math.ceil(span_s / step)
     width = width_for(step)
