@@ -24,6 +24,11 @@ key                             type    content
 ``extproc:{E}:signals``         stream  judge verdicts, feedback, watchdog probes (``j``: JSON)
 ``extproc:{E}:evaluation``      string  the evaluator's latest look (JSON: figures, checks)
 ``extproc:{E}:batch:<id>``      string  id of an applied telemetry batch, with a TTL
+``extproc:{E}:rollup:<w>:<t>``  hash    per-variant aggregates of the requests that started
+                                        in [t, t + w) seconds (w: 10, kept 6 h; 300, kept
+                                        ``telemetry.rollup_retention_days``)
+``extproc:{E}:open:<k>:<v>``    zset    requests of kind k and variant v noticed open, by
+                                        start (ms)
 ``extproc:sidecar:<instance>``  hash    a sidecar replica's counters, with a TTL (liveness)
 ``extproc:sidecars``            zset    sidecar instances by their last heartbeat (the list
                                         readers take, instead of scanning every key)
