@@ -98,10 +98,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from extproc.evaluator import warmup
     from extproc.evaluator.service import serve
 
     exp, _ = load(ns.experiment)
-    asyncio.run(serve(exp, redis_url(ns), ns.instance, ns.metrics))
+    reach = warmup.prepare(exp, ns.listener, ns.envoy_admin or ())  # ConfigError: exit 2
+    asyncio.run(serve(exp, redis_url(ns), ns.instance, ns.metrics, reach))
     return EXIT_OK
 
 
@@ -199,6 +201,16 @@ def register(add: AddVerb) -> None:
         default=None,
         metavar="HOST:PORT",
         help="serve Prometheus /metrics here (default: off)",
+    )
+    p.add_argument(
+        "--listener", help="Envoy's listener URL, for warm-up (default: lifecycle.listener)"
+    )
+    p.add_argument(
+        "--envoy-admin",
+        action="append",
+        metavar="URL",
+        help="an Envoy's admin URL, for health and drain; repeat for every Envoy "
+        "(default: lifecycle.envoy_admin)",
     )
     add_common(p)
 
