@@ -26,12 +26,13 @@ from extproc.logs import LogSetup
 
 
 def cmd_check(ns: argparse.Namespace) -> int:
+    from extproc.evaluator.warmup import prompt_file
     from extproc.quality.watchdog import load_probes, probe_file
 
     exp, p = load(ns.experiment)
-    probes = probe_file(exp)
-    if probes is not None:
-        load_probes(probes)
+    for prompts in (probe_file(exp), prompt_file(exp)):
+        if prompts is not None:
+            load_probes(prompts)
     print(f"{p}: ok: experiment {exp.name!r}, variants {exp.file_weights()}, stable {exp.stable!r}")
     return EXIT_OK
 

@@ -25,6 +25,7 @@ from extproc.evaluator import envoy_admin
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+Look = Callable[[int | None], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,11 @@ async def watch(
     settings: Drain,
     clock: Clock = time.monotonic,
     sleep: Sleep = asyncio.sleep,
+    on_look: Look | None = None,
 ) -> DrainReport:
     """Look every ``poll_s`` until no request is open on ``clusters`` on any Envoy, or
-    ``timeout_s`` passed."""
+    ``timeout_s`` passed; ``on_look`` gets each look's count (None: an Envoy did not answer),
+    for the status while the drain goes on."""
     started = clock()
     polls = 0
     first: int | None = None
@@ -106,7 +109,9 @@ async def watch(
             active = await open_requests(session, admins, clusters)
         except envoy_admin.AdminError as err:
             error = str(err)
-        else:
+        if on_look is not None:
+            await on_look(None if error else active)
+        if not error:
             first = active if first is None else first
             if active == 0:
                 return DrainReport(True, clock() - started, polls, first, 0)

@@ -283,17 +283,16 @@ class Evaluator:
         }
         await self.redis.set(keys.evaluation(self.experiment.name), json.dumps(doc))
 
-    async def _apply(self, t: machine.Transition) -> None:
+    async def _apply(self, t: machine.Transition, extra: dict[str, Any] | None = None) -> None:
         """Carry out a transition: weights first (the part that protects users), then state,
-        then the audit record. The audit snapshot is the window the decision was made on; a new
-        stage's window starts after it."""
+        then the audit record (with ``extra``, a lifecycle report). The audit snapshot is the
+        window the decision was made on; a new stage's window starts after it."""
         self.state = t.state
         if not t.action:
             return
         if t.weights is not None:
             await self._set_weights(t.weights, t.weights_reason)
         await self._save(t.state)
-        extra = {"warmup": t.state.warmup} if t.action == "warmed_up" else None
         await self._audit(t.action, t.reasons, t.state, t.verdict, t.actor, t.archived, extra)
         self.metrics.decision(self.experiment.name, t.action)
         self._follow_lifecycle(t)
@@ -372,8 +371,9 @@ class Evaluator:
             return
         report = task.result()
         reason = report.reason()
-        t = machine.warmed(self.spec, self.state, report.ok, reason, report.to_json(), time.time())
-        await self._apply(t)
+        doc = report.to_json()
+        t = machine.warmed(self.spec, self.state, report.ok, reason, doc, time.time())
+        await self._apply(t, {"warmup": doc})
 
     async def _follow_drain(self, variants: list[str], after: str, state: RolloutState) -> None:
         """Follow ``variants`` until no Envoy holds a request for them, then record the drain
@@ -394,8 +394,14 @@ class Evaluator:
         await self._save_drain(doc, state.attempt)
         settings = self.spec.lifecycle.drain
         timeout = aiohttp.ClientTimeout(total=max(1.0, settings.poll_s))
+
+        async def look(active: int | None) -> None:  # the status shows what is still open
+            if active != doc.get("active"):
+                doc["active"] = active
+                await self._save_drain(doc, state.attempt)
+
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            report = await drain.watch(session, self.reach.admins, clusters, settings)
+            report = await drain.watch(session, self.reach.admins, clusters, settings, on_look=look)
         doc.update(report.to_json(), status="drained" if report.drained else "timeout")
         await self._save_drain(doc, state.attempt)
         assert self.state is not None

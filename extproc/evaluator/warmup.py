@@ -54,6 +54,16 @@ DEFAULT_PROMPTS: tuple[Probe, ...] = (
 users send, without anyone's data."""
 
 
+def prompt_file(experiment: Experiment) -> Path | None:
+    """The warm-up's prompt set, resolved against the experiment file's folder (None: the
+    built-in set, or no warm-up)."""
+    warm = experiment.spec.lifecycle.warmup
+    if warm is None or warm.prompts is None:
+        return None
+    path = Path(warm.prompts)
+    return path if path.is_absolute() else Path(experiment.source).parent / path
+
+
 @dataclass(frozen=True)
 class Reach:
     """What the evaluator's lifecycle needs from outside the experiment: where Envoy is (the
@@ -89,9 +99,8 @@ def prepare(
     if warm.requests and secret_env and not secret:
         problems.append(f"forced_routing.secret_env: ${secret_env} is not set (warm-up forces)")
     prompts = DEFAULT_PROMPTS
-    if warm.prompts is not None:
-        path = Path(warm.prompts)
-        path = path if path.is_absolute() else Path(experiment.source).parent / path
+    path = prompt_file(experiment)
+    if path is not None:
         try:
             prompts = tuple(load_probes(path).prompts)
         except ConfigError as err:

@@ -33,7 +33,9 @@ def drain_line(drain: Mapping[str, Any]) -> str | None:
             f"({'unknown' if left is None else left} requests open)"
         )
     if status == "draining":
-        return f"drain      {which} draining since the {drain.get('after')}"
+        left = drain.get("active")
+        now = "" if left is None else f": {left} requests open"
+        return f"drain      {which} draining since the {drain.get('after')}{now}"
     return f"drain      {which}: unknown ({drain.get('error') or 'no Envoy admin address'})"
 
 

@@ -9,11 +9,11 @@ warmed up first (forced requests, kept out of the comparison) it completes the r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,39 @@ def test_a_warm_up_keeps_a_cold_candidate_from_being_rolled_back(
     assert {e.variant for e in early} <= {"stable"}
 
 
+def test_a_warm_up_that_cannot_finish_rolls_back_before_any_user_reaches_the_candidate(
+    tmp_path: Path, http: httpx.Client
+) -> None:
+    exp = write_experiment(
+        tmp_path,
+        envoy={"request_timeout_s": 0.5},
+        inflight={"notice_ms": 250},
+        rollout={"cadence_s": 0.2, "stages": [50, 100]},
+        guardrails=GUARDRAILS,
+        lifecycle={"warmup": {"requests": 5, "timeout_s": 3}},
+    )
+    never_warm = ["--cold-requests", "100000", "--cold-ms", "2000"]
+    s = start_stack(tmp_path / "stack", exp, mock_args={"canary": never_warm})
+    try:
+
+        def rolled_back() -> bool:
+            send(s, http, 5)
+            return bool(s.status()["rollout"]["status"] == "rolled_back")
+
+        wait_for(rolled_back, "the failed warm-up's rollback", timeout_s=30)
+        records = audit(s)
+        assert [r["action"] for r in records][:2] == ["start", "rollback"]
+        assert records[1]["reasons"][0].startswith(
+            "warm-up failed after 3.0 s: fewer than 5 answers from ['canary']"
+        )
+        assert records[1]["warmup"]["answered"] == {"canary": 0}
+        assert s.status()["rollout"]["warmup"]["ok"] is False
+        assigned = {e.variant for e in s.events() if not is_forced(e)}
+        assert assigned == {"stable"}  # no user request ever reached the cold candidate
+    finally:
+        stack.down(s.state_dir)
+
+
 class Receiver(BaseHTTPRequestHandler):
     """A serving layer's hook endpoint: records every body, answers 204."""
 
@@ -139,56 +172,76 @@ def receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     thread.join(timeout=5)
 
 
-def test_the_drain_after_a_rollback_is_recorded_and_on_drained_is_called(
-    tmp_path: Path, http: httpx.Client, receiver: tuple[str, list[dict[str, Any]]]
+async def test_the_drain_after_a_rollback_is_recorded_and_on_drained_is_called(
+    tmp_path: Path, receiver: tuple[str, list[dict[str, Any]]]
 ) -> None:
+    """The canary's requests hang, so they are open for as long as the test wants: after the
+    rollback the evaluator sees them on the real Envoy's stats, then the clients give up, Envoy
+    resets the upstream requests, and the canary has drained."""
     url, received = receiver
     exp = write_experiment(
         tmp_path,
         rollout={"cadence_s": 0.2, "min_stage_seconds": 600, "stages": [50, 100]},
         guardrails=GUARDRAILS,
         hooks={"on_drained": url, "backoff_s": 0.05},
-        lifecycle={"drain": {"poll_s": 0.2, "timeout_s": 30}},
+        lifecycle={"drain": {"poll_s": 0.2, "timeout_s": 60}},
     )
-    s = start_stack(tmp_path / "stack", exp, mock_args={"canary": ["--latency-ms", "3000"]})
+    s = start_stack(tmp_path / "stack", exp, mock_args={"canary": ["--hang-rate", "1"]})
     canary = s.state["endpoints"]["models"]["canary"]
+
+    def drain() -> dict[str, Any]:
+        return dict(s.status()["rollout"]["drain"])
+
     try:
-        with ThreadPoolExecutor(8) as pool:
-            # Conversations until some are open on the slow canary, then the rollback.
-            answers = [pool.submit(send_one, s) for _ in range(16)]
-            wait_for(
-                lambda: http.get(f"{canary}/admin/stats").json()["in_flight"] >= 2,
+        async with httpx.AsyncClient(timeout=60) as client:
+            url_chat = f"{s.listener}/v1/chat/completions"
+            body = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+            open_ = [
+                asyncio.create_task(
+                    client.post(url_chat, json=body, headers={"x-conversation-id": f"c{i}"})
+                )
+                for i in range(12)
+            ]
+            await asyncio.to_thread(
+                wait_for,
+                lambda: httpx.get(f"{canary}/admin/stats").json()["in_flight"] >= 2,
                 "requests open on the canary",
             )
-            out = run_cli(  # in-process: the rollback lands while they are open
-                "experiment", "rollback", "chat-upgrade", "--state-dir", str(s.state_dir)
+            out = await asyncio.to_thread(
+                run_cli, "experiment", "rollback", "chat-upgrade", "--state-dir", str(s.state_dir)
             )
             assert out.returncode == 0, out.stderr
-            statuses = [a.result(timeout=30) for a in answers]
-        assert set(statuses) == {200}  # the rollback cut no answer: they drained
-        wait_for(lambda: any(r["action"] == "drained" for r in audit(s)), "the drain record")
-        record = next(r for r in audit(s) if r["action"] == "drained")
-        doc = record["drain"]
-        assert (doc["status"], doc["variants"], doc["clusters"]) == (
-            "drained",
+            await asyncio.to_thread(
+                wait_for,
+                lambda: drain().get("status") == "draining" and (drain().get("active") or 0) >= 2,
+                "the evaluator to see the open requests on Envoy",
+            )
+            text = await asyncio.to_thread(s.cli, "status")
+            assert "drain      canary draining since the rollback: " in text.stdout
+            for task in open_:
+                task.cancel()  # the clients give up: Envoy resets the canary's requests
+            await asyncio.gather(*open_, return_exceptions=True)
+        await asyncio.to_thread(wait_for, lambda: drain()["status"] == "drained", "the drain")
+        doc = drain()
+        assert (doc["variants"], doc["clusters"], doc["after"]) == (
             ["canary"],
             ["model_canary"],
+            "rollback",
         )
-        assert doc["after"] == "rollback"
-        assert doc["first"] >= 1  # the real Envoy's stats showed the open requests
+        assert doc["first"] >= 2  # the real Envoy's stats showed the open requests
+        assert doc["active"] == 0
         assert doc["seconds"] > 0
-        assert record["reasons"][0].startswith("canary drained after ")
-        assert s.status()["rollout"]["drain"] == doc
-        text = s.cli("status")
+        records = audit(s)
+        assert [r["action"] for r in records] == ["start", "rollback", "drained"]
+        assert records[2]["drain"] == doc
+        assert records[2]["reasons"] == [
+            f"canary drained after {doc['seconds']:.1f} s "
+            f"({doc['first']} requests open at the first look)"
+        ]
+        text = await asyncio.to_thread(s.cli, "status")
         assert f"drain      canary drained after {doc['seconds']:.1f} s" in text.stdout
-        wait_for(lambda: received, "the on_drained hook")
-        assert received[0]["hook"] == "on_drained"
-        assert received[0]["action"] == "drained"
+        await asyncio.to_thread(wait_for, lambda: received, "the on_drained hook")
+        assert (received[0]["hook"], received[0]["action"]) == ("on_drained", "drained")
         assert received[0]["drain"] == doc
     finally:
         stack.down(s.state_dir)
-
-
-def send_one(s: LiveStack) -> int:
-    with httpx.Client(timeout=30) as client:
-        return s.chat(client, {"x-conversation-id": str(uuid.uuid4())}).status_code

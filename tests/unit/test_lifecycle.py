@@ -158,10 +158,16 @@ async def test_drained_when_no_envoy_holds_a_request(
 ) -> None:
     envoy.active = [{"model_canary": 3}, {"model_canary": 1}, {"model_canary": 0}]
     clock = Clock()
+    looks: list[int | None] = []
+
+    async def look(active: int | None) -> None:
+        looks.append(active)
+
     report = await drain.watch(
-        session, [envoy.url], ["model_canary"], Drain(poll_s=0.5), clock, clock.sleep
+        session, [envoy.url], ["model_canary"], Drain(poll_s=0.5), clock, clock.sleep, look
     )
     assert report == drain.DrainReport(True, 1.5, 3, first=3, active=0)
+    assert looks == [3, 1, 0]
     assert clock.slept == [0.5, 0.5, 0.5]  # the first look one poll after the decision
     assert report.reason(["canary"]) == (
         "canary drained after 1.5 s (3 requests open at the first look)"
@@ -416,4 +422,8 @@ def test_status_lines_show_the_warm_up_and_the_drain() -> None:
     assert (
         lifecycle.drain_line(timeout)
         == "drain      stable not drained after 600.4 s (3 requests open)"
+    )
+    draining = {"status": "draining", "variants": ["canary"], "after": "rollback", "active": 2}
+    assert lifecycle.drain_line(draining) == (
+        "drain      canary draining since the rollback: 2 requests open"
     )
