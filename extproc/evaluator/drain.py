@@ -23,6 +23,10 @@ from extproc.config import Drain, Experiment
 from extproc.contract.envoy import lane_cluster
 from extproc.evaluator import envoy_admin
 
+ACTIONS = ("drained", "drain_timeout")
+"""The audit log's drain records: lifecycle, not decisions; each follows a rollback, an abort or
+a completion by a drain's time."""
+
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 Look = Callable[[int | None], Awaitable[None]]

@@ -405,7 +405,7 @@ class Evaluator:
         doc.update(report.to_json(), status="drained" if report.drained else "timeout")
         await self._save_drain(doc, state.attempt)
         assert self.state is not None
-        action = "drained" if report.drained else "drain_timeout"
+        action = drain.ACTIONS[0] if report.drained else drain.ACTIONS[1]
         reasons = [report.reason(variants)]
         with contextlib.suppress(RedisError, OSError):
             await self._audit(action, reasons, self.state, None, extra={"drain": doc})

@@ -32,13 +32,6 @@ COLD = ["--cold-requests", "20", "--cold-ms", "2000"]  # the first 20 requests t
 WARMUP = {"requests": 10, "concurrency": 4, "timeout_s": 30}
 
 
-def audit(s: LiveStack) -> list[dict[str, Any]]:
-    out = s.cli("log", "chat-upgrade", "--json", "--count", "100")
-    assert out.returncode == 0, out.stderr
-    records: list[dict[str, Any]] = json.loads(out.stdout)
-    return records
-
-
 def send(s: LiveStack, http: httpx.Client, n: int) -> None:
     for _ in range(n):
         s.chat(http, {"x-conversation-id": str(uuid.uuid4())})
@@ -80,7 +73,7 @@ def test_a_warm_up_keeps_a_cold_candidate_from_being_rolled_back(
         return status if status in ("completed", "rolled_back") else None
 
     outcome = wait_for(decided, "the rollout to complete or roll back", timeout_s=60)
-    records = audit(s)
+    records = s.audit()
     actions = [r["action"] for r in records]
     if not warmed:  # the same candidate, judged on its cold start
         assert outcome == "rolled_back"
@@ -132,7 +125,7 @@ def test_a_warm_up_that_cannot_finish_rolls_back_before_any_user_reaches_the_can
             return bool(s.status()["rollout"]["status"] == "rolled_back")
 
         wait_for(rolled_back, "the failed warm-up's rollback", timeout_s=30)
-        records = audit(s)
+        records = s.audit()
         assert [r["action"] for r in records][:2] == ["start", "rollback"]
         assert records[1]["reasons"][0].startswith(
             "warm-up failed after 3.0 s: fewer than 5 answers from ['canary']"
@@ -231,7 +224,7 @@ async def test_the_drain_after_a_rollback_is_recorded_and_on_drained_is_called(
         assert doc["first"] >= 2  # the real Envoy's stats showed the open requests
         assert doc["active"] == 0
         assert doc["seconds"] > 0
-        records = audit(s)
+        records = s.audit()
         assert [r["action"] for r in records] == ["start", "rollback", "drained"]
         assert records[2]["drain"] == doc
         assert records[2]["reasons"] == [

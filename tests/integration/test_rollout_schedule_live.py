@@ -46,10 +46,7 @@ def gated(tmp_path: Path) -> Iterator[LiveStack]:
 
 
 def audit(s: LiveStack) -> list[dict[str, Any]]:
-    out = s.cli("log", "chat-upgrade", "--json", "--count", "100")
-    assert out.returncode == 0, out.stderr
-    records: list[dict[str, Any]] = json.loads(out.stdout)
-    return records
+    return s.audit(decisions=True)
 
 
 def send(s: LiveStack, http: httpx.Client, n: int) -> None:
