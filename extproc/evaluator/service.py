@@ -98,6 +98,9 @@ class Evaluator:
         if held and not self.leader:
             log.info("evaluator %s is now active for %s", self.instance, self.experiment.name)
             await self._take_over()
+        if not held and self._warmup is not None:  # the new leader warms up by itself
+            self._warmup.cancel()
+            self._warmup = None
         self.leader = held
         return held
 
