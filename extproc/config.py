@@ -264,6 +264,18 @@ class Inflight(_Strict):
     )
 
 
+class Telemetry(_Strict):
+    """What the telemetry writer keeps in Redis for this experiment's readers."""
+
+    rollup_retention_days: int = Field(
+        default=30,
+        ge=1,
+        le=3650,
+        description="keep the per-bucket rollups (status, top, the dashboard's charts) this long "
+        "after their last request; longer than the rollout runs",
+    )
+
+
 # Models write the apostrophe straight or curly (U+2019): both match.
 DEFAULT_REFUSALS = [
     r"^\s*(I['\u2019]?m|I am) (sorry|afraid)",
@@ -387,10 +399,26 @@ class Lifecycle(_Strict):
     drain: Drain = Field(default_factory=Drain)
 
 
+Strategy = Literal["canary", "ab", "shadow", "blue-green"]
+
+
+class Phase(_Strict):
+    """One link of a chain of strategies (``phases:``), e.g. a shadow comparison that must pass
+    before a canary begins. A phase names its strategy and may bring its own rollout schedule
+    and guardrails; what it leaves out is the experiment's. Variants, routing, mirroring
+    (``shadow:``) and the data plane are the experiment's in every phase: the data plane never
+    changes between phases, only what the evaluator judges and how it moves the weights."""
+
+    name: str = Field(pattern=NAME_RE)
+    strategy: Strategy
+    rollout: Rollout | None = None
+    guardrails: list[Guardrail] | None = None
+
+
 class ExperimentSpec(_Strict):
     name: str = Field(pattern=NAME_RE)
     salt: str = Field(min_length=1, max_length=256)
-    strategy: Literal["canary", "ab", "shadow", "blue-green"] = "canary"
+    strategy: Strategy = "canary"
     dataplane: Literal["ext_proc", "native"] = Field(
         default="ext_proc",
         description=(
@@ -405,6 +433,7 @@ class ExperimentSpec(_Strict):
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     rollout: Rollout = Field(default_factory=Rollout)
     inflight: Inflight = Field(default_factory=Inflight)
+    telemetry: Telemetry = Field(default_factory=Telemetry)
     guardrails: list[Guardrail] = Field(default_factory=lambda: list(DEFAULT_GUARDRAILS))
     shadow: Shadow = Field(default_factory=Shadow)
     capture: Capture = Field(default_factory=Capture)
@@ -413,6 +442,24 @@ class ExperimentSpec(_Strict):
     watchdog: Watchdog | None = None
     hooks: Hooks = Field(default_factory=Hooks)
     lifecycle: Lifecycle = Field(default_factory=Lifecycle)
+    phases: list[Phase] = Field(
+        default_factory=list,
+        description="strategies run one after the other, each only once the one before passed",
+    )
+
+    def phase(self, index: int) -> ExperimentSpec:
+        """The experiment as phase ``index`` runs it: the phase's strategy, and its rollout and
+        guardrails where it sets them. Without phases, the experiment itself."""
+        if not self.phases:
+            return self
+        p = self.phases[index]
+        return self.model_copy(
+            update={
+                "strategy": p.strategy,
+                "rollout": p.rollout or self.rollout,
+                "guardrails": self.guardrails if p.guardrails is None else p.guardrails,
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -779,6 +826,56 @@ def _native_problems(raw: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _phase_problems(raw: Mapping[str, Any], reported: list[str]) -> list[str]:
+    """Each phase checked as the experiment it makes (:meth:`ExperimentSpec.phase`): a problem
+    of the phase's own rollout or guardrails gets the phase's path, one that only its strategy
+    brings out (a shadow phase without ``shadow.variant``) says which phase; problems of the
+    experiment itself (``reported``) are not repeated."""
+    phases = raw.get("phases")
+    if not isinstance(phases, list) or not phases:
+        return []
+    problems: list[str] = []
+    if "strategy" in raw:
+        problems.append("strategy: leave it out with phases (each phase names its own)")
+    seen: set[str] = set()
+    for i, phase in enumerate(phases):
+        if not isinstance(phase, Mapping):
+            continue  # the structural check says what it should be
+        where = f"phases.{i}"
+        name, strategy = phase.get("name"), phase.get("strategy")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(f"{where}.name: {name!r} names an earlier phase too")
+            seen.add(name)
+        if strategy == "blue-green" and i < len(phases) - 1:
+            problems.append(
+                f"{where}.strategy: blue-green flips every request and ends the rollout; "
+                "only the last phase can be blue-green"
+            )
+        own = {k: phase[k] for k in ("rollout", "guardrails") if phase.get(k) is not None}
+        as_run = {k: v for k, v in raw.items() if k != "phases"} | own
+        as_run["strategy"] = strategy if isinstance(strategy, str) else "canary"
+        for problem in _semantic_problems(as_run):
+            if problem in reported:
+                continue
+            top = problem.split(":", 1)[0].split(".", 1)[0]
+            problems.append(
+                f"{where}.{problem}" if top in own else f"{where} ({as_run['strategy']}): {problem}"
+            )
+    return list(dict.fromkeys(problems))
+
+
+def _first_phase_strategy(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """With phases and no ``strategy``, the experiment's strategy is its first phase's (what
+    surfaces that know no phases show)."""
+    phases = raw.get("phases")
+    if "strategy" in raw or not isinstance(phases, list) or not phases:
+        return raw
+    first = phases[0]
+    strategy = first.get("strategy") if isinstance(first, Mapping) else None
+    return {**raw, "strategy": strategy} if isinstance(strategy, str) else raw
+
+
 def _default_notice(raw: Mapping[str, Any]) -> Mapping[str, Any]:
     """Without an explicit ``inflight.notice_ms``, notice at 5 s or half the upstream timeout,
     whichever comes first: a short timeout alone must not make the file invalid."""
@@ -828,11 +925,14 @@ def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
         }
     problems += _inflight_problems(raw)  # on what the file says, before the notice's default
     raw = _default_notice(raw)
+    semantic = _semantic_problems(raw)
+    phased = _phase_problems(raw, semantic)  # on what the file says, before the strategy's
+    raw = _first_phase_strategy(raw)
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
         problems += _structural_problems(err, raw)
-    problems += _semantic_problems(raw)
+    problems += semantic + phased
     if isinstance(raw.get("variants"), Mapping):
         problems += _signal_source_problems(raw, raw["variants"])
     problems += _hook_problems(raw.get("hooks"))

@@ -16,10 +16,12 @@ from redis.exceptions import RedisError
 from extproc.cli.common import (
     EXIT_FAIL,
     EXIT_OK,
+    WINDOW_HELP,
     AddVerb,
     add_common,
     err,
     redis_url,
+    span_s,
     stack_state,
     using_redis,
     with_redis,
@@ -221,7 +223,7 @@ def register(add: AddVerb) -> None:
     p.add_argument(
         "--schema", action="store_true", help="print the JSON schema of --json's output and exit"
     )
-    p.add_argument("--window", type=int, default=20_000, help="recent events to summarise")
+    p.add_argument("--window", type=span_s, default=status.DEFAULT_WINDOW_S, help=WINDOW_HELP)
     add_common(p)
     p = add("pairs", cmd_pairs, "captured primary and shadow answers, side by side")
     p.add_argument("name")
@@ -251,5 +253,5 @@ def register(add: AddVerb) -> None:
     p.add_argument("name", nargs="?", help="experiment (default: the local stack's)")
     p.add_argument("--interval", type=seconds, default=2.0, help="seconds between frames")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
-    p.add_argument("--window", type=int, default=20_000, help="recent events to summarise")
+    p.add_argument("--window", type=span_s, default=status.DEFAULT_WINDOW_S, help=WINDOW_HELP)
     add_common(p)

@@ -163,6 +163,7 @@ class Sidecar:
             max_buffer=settings.max_buffer,
             max_capture_bytes=settings.max_capture_bytes,
             notice_ms=experiment.spec.inflight.notice_ms,
+            rollup_retention_s=experiment.spec.telemetry.rollup_retention_days * 86_400,
         )
         rules = QualityRules.compile(experiment.spec)
         self.router = Router(

@@ -264,7 +264,7 @@ def replay_source(
     res = ReplayResult(spec.name, cadence, 0, start_ms, end_ms)
     t = machine.start(spec, start_ms / 1000)
     state, weights = t.state, dict(t.weights or {})
-    window = machine.new_window(spec, state.stage_started)
+    window = machine.new_window(machine.running(spec, state), state.stage_started)
     res.trajectory.append(
         Point(start_ms, 0.0, 0, state.status, dict(weights), t.action, t.reasons, {}, [], {})
     )
@@ -276,7 +276,8 @@ def replay_source(
         for e in source.read(now_ms, weights):
             window.add(e.event)
             res.events += 1
-        judged = weights if split == "schedule" else judged_weights(spec, window, weights)
+        phase = machine.running(spec, state)
+        judged = weights if split == "schedule" else judged_weights(phase, window, weights)
         t = machine.evaluate(spec, state, window, judged, now_ms / 1000)
         if promote_when_ready and t.verdict is not None and t.verdict.awaiting_promote:
             why = "manual gate: promoted when ready"
@@ -290,7 +291,7 @@ def replay_source(
             res.trajectory.append(_point(spec, t, now_ms, start_ms, weights, window))
         state = t.state
         if t.restart_window:
-            window = machine.new_window(spec, state.stage_started, window)
+            window = machine.new_window(machine.running(spec, state), state.stage_started, window)
         if now_ms >= end_ms:
             break
     res.status, res.stage, res.weights = state.status, state.stage, weights

@@ -219,7 +219,7 @@ class Evaluator:
         still open in the last one (not after a restart: they belong to the ended attempt)."""
         previous = self.window if follow_open else None
         self.window = machine.new_window(
-            self.spec, state.stage_started, previous, state.attempt_started
+            machine.running(self.spec, state), state.stage_started, previous, state.attempt_started
         )
         self.last_verdict = None  # a verdict belongs to its stage's window
 
@@ -437,7 +437,8 @@ class Evaluator:
         if self.state.status != "running":
             return
         routing = await store.get_routing(self.redis, self.experiment.name)
-        weights = routing.weights if routing else stage_weights(self.spec, self.state.stage)
+        phase = machine.running(self.spec, self.state)
+        weights = routing.weights if routing else stage_weights(phase, self.state.stage)
         t = machine.evaluate(self.spec, self.state, self.window, weights, time.time())
         self.last_verdict = t.verdict
         await self._publish_evaluation(t.verdict)
@@ -463,7 +464,8 @@ class Evaluator:
         name = self.experiment.name
         self.metrics.active(name, self.leader)
         if self.leader and self.state is not None:
-            self.metrics.stage(name, self.state.stage, stage_weights(self.spec, self.state.stage))
+            weights = stage_weights(machine.running(self.spec, self.state), self.state.stage)
+            self.metrics.stage(name, self.state.stage, weights)
             self.metrics.rollout_status(name, self.state.status)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from redis.exceptions import RedisError
 
-from extproc.ops.figures import countdown_text, fixed, significant, verdict
+from extproc.ops.figures import countdown_text, duration_text, fixed, significant, verdict
 
 Doc = dict[str, Any]
 Fetch = Callable[[], Awaitable[Doc | None]]
@@ -346,8 +346,9 @@ def frame_lines(
     lines.append(
         [
             (
-                f"* stable · figures over the last {doc.get('window_events', 0)} events"
-                + (f" ({refused} refused before routing)" if refused else "")
+                f"* stable · figures over the last {duration_text(doc.get('window_s') or 0)}"
+                + f" ({doc.get('window_events', 0)} requests"
+                + (f", {refused} refused before routing)" if refused else ")")
                 + "; requests are exact totals (forced included), the rest assigned traffic;"
                 + " err% counts server errors, client% the clients' own",
                 DIM,

@@ -48,6 +48,7 @@ def events(variant: str, n: int, *, duration_ms: float, errors: int = 0) -> list
                 experiment=NAME,
                 variant=variant,
                 request_id=f"{variant}-{time.monotonic_ns()}-{i}",
+                time_unix_ms=int(time.time() * 1000),  # within the figures' window
                 assignment=Assignment.ASSIGNMENT_STICKY,
                 status=502 if failed else 200,
                 error=ErrorClass.ERROR_CLASS_UPSTREAM_5XX

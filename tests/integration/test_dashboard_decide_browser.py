@@ -572,8 +572,13 @@ def test_charts_have_axis_titles_the_limit_at_the_margin_and_labelled_decisions(
     p99 = drawn["latency_ms.p99"]
     assert p99["titles"][0] == "ms"
     assert p99["titles"][1].startswith("time of day")
+    # Stable's p99 (80 ms, within the sketch's 2%) plus the 50% margin.
+    stable_p99 = page_data(browser)["experiment"]["variants"]["stable"]["latency_ms"]["p99"]
+    assert stable_p99 == pytest.approx(80.0, rel=0.02)
+    limit = stable_p99 * (1 + 0.5)
+    text = fig.value_text("latency_ms.p99", limit)
     assert p99["limits"] == [
-        ["margin", 120.0, "p99 latency limit 120.0 ms (stable +50.0%, rollback)"]
+        ["margin", limit, f"p99 latency limit {text} (stable +50.0%, rollback)"]
     ]
     assert drawn["error_rate"]["titles"][0] == "%"
     assert ["ceiling", 0.02, "error rate ceiling 2.00% (hold)"] in drawn["error_rate"]["limits"]
@@ -591,7 +596,8 @@ def test_the_range_control_sizes_the_buckets_to_the_range(
     )
     open_page(browser, page, "the experiment")
     until(browser, lambda d: page_data(d).get("series"), "the series")
-    assert page_data(browser)["series"]["step_s"] == 1  # a minute of events: 1 s buckets
+    # A minute of events: 10 s steps, the rollups' finest.
+    assert page_data(browser)["series"]["step_s"] == 10
     Select(browser.find_element(By.ID, "range")).select_by_value("3600")
     until(browser, lambda d: page_data(d)["series"]["span_s"] == 3600, "the hour's series")
     series = page_data(browser)["series"]

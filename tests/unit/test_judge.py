@@ -234,13 +234,13 @@ def test_ab_completes_with_a_report() -> None:
 
 def test_status_reports_cost_per_request() -> None:
     from extproc.config import Price
-    from extproc.ops.status import summarise
+    from extproc.telemetry import rollup
 
     ev = TelemetryEvent(variant="canary", prompt_tokens=1000, completion_tokens=500, duration_ms=1)
-    got = summarise(
-        [ev, ev], ["canary"], prices={"canary": Price(input_per_mtok=1, output_per_mtok=2)}
+    got = rollup.tally([ev, ev])[("assigned", "canary")].figures(
+        Price(input_per_mtok=1, output_per_mtok=2)
     )
-    assert got["canary"]["cost_per_request"] == pytest.approx(0.002)
+    assert got["cost_per_request"] == pytest.approx(0.002)
 
 
 def _events(
