@@ -540,7 +540,8 @@ def _weight_problems(weights: Mapping[str, Any], where: str) -> list[str]:
     problems = []
     numeric = {k: w for k, w in weights.items() if isinstance(w, int | float)}
     for name, w in numeric.items():
-        if abs(round(w / _WEIGHT_STEP) * _WEIGHT_STEP - w) > 1e-9:
+        # a weight outside 0..100 (as large as 1e306, or infinite) is reported as such
+        if 0 <= w <= 100 and abs(round(w / _WEIGHT_STEP) * _WEIGHT_STEP - w) > 1e-9:
             problems.append(f"{where}.{name}: weight {w} is finer than {_WEIGHT_STEP}%")
     if len(numeric) == len(weights) and abs(sum(numeric.values()) - 100) > 1e-6:
         problems.append(f"{where}: weights add up to {sum(numeric.values()):g}, must be 100")
