@@ -331,6 +331,24 @@ def test_a_warm_up_holds_stage_one_until_it_is_done() -> None:
     assert machine.begin(experiment().spec, 1.0).state.status == "running"  # no warm-up
 
 
+def test_with_phases_the_warm_up_comes_before_the_first_phase() -> None:
+    """Stage 1 of the first phase gets its weights when the warm-up is done: here a canary
+    phase of 20% before an A/B phase (the experiment's own first stage would be 10%)."""
+    doc = {
+        **EXPERIMENT,
+        "lifecycle": {"warmup": {"requests": 4}},
+        "phases": [
+            {"name": "ramp", "strategy": "canary", "rollout": {"stages": [20, 50]}},
+            {"name": "compare", "strategy": "ab"},
+        ],
+    }
+    spec = parse_experiment(doc).spec
+    t = machine.begin(spec, 100.0)
+    assert (t.state.status, t.state.phase, t.state.strategy) == ("warming_up", 0, "canary")
+    done = machine.warmed(spec, t.state, True, "warm-up finished", {"ok": True}, 130.0)
+    assert done.weights == {"stable": 80.0, "canary": 20.0}
+
+
 def test_an_operator_can_stop_a_warm_up_and_a_restart_warms_up_again() -> None:
     spec = experiment(warmup={"requests": 4}).spec
     warming = machine.begin(spec, 100.0).state
