@@ -333,7 +333,7 @@ class Watchdog(_Strict):
     timeout_s: float = Field(default=60, gt=0, le=600)
 
 
-HOOK_EVENTS = ("on_start", "on_advance", "on_rollback", "on_complete")
+HOOK_EVENTS = ("on_start", "on_advance", "on_rollback", "on_complete", "on_drained")
 
 
 class Hooks(_Strict):
@@ -347,9 +347,56 @@ class Hooks(_Strict):
     on_advance: str | None = Field(default=None, description="a stage advances (or is promoted)")
     on_rollback: str | None = None
     on_complete: str | None = None
+    on_drained: str | None = Field(
+        default=None, description="a variant taken out of routing has no request open any more"
+    )
     timeout_s: float = Field(default=5, gt=0, le=60, description="per try")
     retries: int = Field(default=3, ge=0, le=10, description="tries after the first")
     backoff_s: float = Field(default=1, ge=0, le=60, description="doubled after every try")
+
+
+class Warmup(_Strict):
+    """Before stage 1 takes user traffic: wait until Envoy reports the candidate's hosts
+    healthy, then send it forced requests until ``requests`` of them were answered (2xx), so a
+    cold model (loading weights, compiling kernels, filling caches) is not judged on its first
+    answers. Forced requests never enter the comparison. Not done in ``timeout_s``: rolled back.
+    """
+
+    requests: int = Field(
+        default=20, ge=0, le=100_000, description="answered requests per candidate; 0 = none"
+    )
+    prompts: str | None = Field(
+        default=None,
+        min_length=1,
+        description="a prompt set in the watchdog's format, relative to this file; "
+        "left out: a built-in set",
+    )
+    wait_healthy: bool = Field(
+        default=False, description="first wait until every Envoy reports the cluster healthy"
+    )
+    timeout_s: float = Field(default=300, gt=0, le=86_400, description="the whole warm-up")
+    concurrency: int = Field(default=4, ge=1, le=64, description="requests open at once")
+
+
+class Drain(_Strict):
+    """After a rollback or a completion: how the evaluator follows the requests still open on
+    the variant it took out of routing (``upstream_rq_active`` of its cluster, on every Envoy)."""
+
+    poll_s: float = Field(default=1, gt=0, le=60)
+    timeout_s: float = Field(default=600, gt=0, le=86_400, description="then reported undrained")
+
+
+class Lifecycle(_Strict):
+    """A candidate's life around its canary: load (``hooks.on_start``), warm up, canary, drain,
+    unload (``hooks.on_drained``). The addresses are where this evaluator reaches Envoy; the
+    command line (`extproc evaluate --listener/--envoy-admin`) overrides them."""
+
+    listener: str | None = Field(default=None, description="Envoy's listener, for warm-up")
+    envoy_admin: list[str] = Field(
+        default_factory=list, description="every Envoy's admin URL: health and drain read them"
+    )
+    warmup: Warmup | None = None
+    drain: Drain = Field(default_factory=Drain)
 
 
 Strategy = Literal["canary", "ab", "shadow", "blue-green"]
@@ -440,6 +487,7 @@ class ExperimentSpec(_Strict):
     judge: Judge | None = None
     watchdog: Watchdog | None = None
     hooks: Hooks = Field(default_factory=Hooks)
+    lifecycle: Lifecycle = Field(default_factory=Lifecycle)
     phases: list[Phase] = Field(
         default_factory=list,
         description="strategies run one after the other, each only once the one before passed",
@@ -539,7 +587,8 @@ def _weight_problems(weights: Mapping[str, Any], where: str) -> list[str]:
     problems = []
     numeric = {k: w for k, w in weights.items() if isinstance(w, int | float)}
     for name, w in numeric.items():
-        if abs(round(w / _WEIGHT_STEP) * _WEIGHT_STEP - w) > 1e-9:
+        # a weight outside 0..100 (as large as 1e306, or infinite) is reported as such
+        if 0 <= w <= 100 and abs(round(w / _WEIGHT_STEP) * _WEIGHT_STEP - w) > 1e-9:
             problems.append(f"{where}.{name}: weight {w} is finer than {_WEIGHT_STEP}%")
     if len(numeric) == len(weights) and abs(sum(numeric.values()) - 100) > 1e-6:
         problems.append(f"{where}: weights add up to {sum(numeric.values()):g}, must be 100")
@@ -718,6 +767,9 @@ def _ceiling_problems(
     return []
 
 
+_HTTP_URL = r"^https?://[^\s/]+"
+
+
 def _hook_problems(hooks: Any) -> list[str]:
     """A hook is called by the evaluator with a JSON POST: only http(s) URLs are callable."""
     if not isinstance(hooks, Mapping):
@@ -725,7 +777,7 @@ def _hook_problems(hooks: Any) -> list[str]:
     return [
         f"hooks.{event}: {url!r} is not an http(s) URL"
         for event in HOOK_EVENTS
-        if isinstance(url := hooks.get(event), str) and not re.match(r"^https?://[^\s/]+", url)
+        if isinstance(url := hooks.get(event), str) and not re.match(_HTTP_URL, url)
     ]
 
 
@@ -768,6 +820,48 @@ def _ab_problems(raw: Mapping[str, Any]) -> list[str]:
     win_rate = primary == "judge_win_rate" or (primary is None and judged)
     if win_rate and isinstance(mde, int | float) and mde >= 0.5:
         problems.append(f"ab.mde: points above a 50% win rate, must be < 0.5, got {mde}")
+
+    return problems
+
+
+def _lifecycle_problems(raw: Mapping[str, Any]) -> list[str]:
+    """Addresses must be callable, a warm-up must have something to do, and its requests are
+    forced, so forcing must be on and allowed for every candidate."""
+    life = raw.get("lifecycle")
+    if not isinstance(life, Mapping):
+        return []
+    problems: list[str] = []
+    urls = [("lifecycle.listener", life.get("listener"))]
+    admins = life.get("envoy_admin")
+    if isinstance(admins, list):
+        urls += [(f"lifecycle.envoy_admin.{i}", a) for i, a in enumerate(admins)]
+    problems += [
+        f"{where}: {url!r} is not an http(s) URL"
+        for where, url in urls
+        if isinstance(url, str) and not re.match(_HTTP_URL, url)
+    ]
+    warm = life.get("warmup")
+    if not isinstance(warm, Mapping):
+        return problems
+    requests = warm.get("requests", Warmup().requests)
+    if requests == 0 and not warm.get("wait_healthy"):
+        problems.append("lifecycle.warmup: nothing to do: set requests above 0 or wait_healthy")
+    forced = raw.get("forced_routing")
+    forced = forced if isinstance(forced, Mapping) else {}
+    if isinstance(requests, int) and requests > 0:
+        if forced.get("enabled") is False:
+            problems.append(
+                "lifecycle.warmup.requests: warm-up requests are forced: needs "
+                "forced_routing.enabled"
+            )
+        allow, variants = forced.get("allow"), raw.get("variants")
+        if isinstance(allow, list) and allow and isinstance(variants, Mapping):
+            refused = [v for v in variants if v != raw.get("stable") and v not in allow]
+            if refused:
+                problems.append(
+                    f"lifecycle.warmup.requests: forced_routing.allow refuses candidate(s) "
+                    f"{refused}, which warm-up forces"
+                )
     return problems
 
 
@@ -934,6 +1028,7 @@ def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
         problems += _signal_source_problems(raw, raw["variants"])
     problems += _hook_problems(raw.get("hooks"))
     problems += _ab_problems(raw)
+    problems += _lifecycle_problems(raw)
     if raw.get("dataplane") == "native":
         problems += _native_problems(raw)
     if problems or spec is None:

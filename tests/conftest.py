@@ -33,6 +33,7 @@ from extproc.cli.main import main as cli_main
 from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.contract import keys
 from extproc.dev import stack
+from extproc.evaluator import drain
 from extproc.telemetry import rollup
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
@@ -137,6 +138,15 @@ class LiveStack:
             timeout=60,
             check=False,
         )
+
+    def audit(self, *, decisions: bool = False) -> list[dict[str, Any]]:
+        """The experiment's audit log, oldest first (`extproc log --json`); with ``decisions``
+        without the drain records, which land a drain's time after the rollback or completion
+        they follow (so a test of the decisions' order does not race them)."""
+        out = self.cli("log", "chat-upgrade", "--json", "--count", "100")
+        assert out.returncode == 0, out.stderr
+        records: list[dict[str, Any]] = json.loads(out.stdout)
+        return [r for r in records if not decisions or r["action"] not in drain.ACTIONS]
 
     def status(self) -> dict[str, Any]:
         """What `extproc status --json` prints, read in-process (the CLI's own code path, without

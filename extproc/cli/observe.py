@@ -27,7 +27,7 @@ from extproc.cli.common import (
     with_redis,
 )
 from extproc.dev import stack
-from extproc.ops import model, status
+from extproc.ops import lifecycle, model, status
 
 
 def _render_status(doc: dict[str, Any]) -> str:
@@ -53,6 +53,7 @@ def _render_status(doc: dict[str, Any]) -> str:
             f"rollout    {ro['status']}, stage {ro['stage'] + 1} ({ro['strategy']}); "
             f"last: {ro['last_action'] or '-'} {'; '.join(ro['last_reasons'])}"
         )
+        lines += lifecycle.lines(ro)
     lines += status.figure_lines(doc)
     lines += _decision_lines(doc)
     return "\n".join(lines)

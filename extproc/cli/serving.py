@@ -26,12 +26,13 @@ from extproc.logs import LogSetup
 
 
 def cmd_check(ns: argparse.Namespace) -> int:
+    from extproc.evaluator.warmup import prompt_file
     from extproc.quality.watchdog import load_probes, probe_file
 
     exp, p = load(ns.experiment)
-    probes = probe_file(exp)
-    if probes is not None:
-        load_probes(probes)
+    for prompts in (probe_file(exp), prompt_file(exp)):
+        if prompts is not None:
+            load_probes(prompts)
     print(f"{p}: ok: experiment {exp.name!r}, variants {exp.file_weights()}, stable {exp.stable!r}")
     return EXIT_OK
 
@@ -101,12 +102,15 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     if ns.all:
         from extproc.evaluator import fleet
 
-        asyncio.run(fleet.serve(redis_url(ns), ns.instance, ns.metrics))
+        admins = tuple(ns.envoy_admin or ())
+        asyncio.run(fleet.serve(redis_url(ns), ns.instance, ns.metrics, ns.listener, admins))
         return EXIT_OK
+    from extproc.evaluator import warmup
     from extproc.evaluator.service import serve
 
     exp, _ = load(ns.experiment)
-    asyncio.run(serve(exp, redis_url(ns), ns.instance, ns.metrics))
+    reach = warmup.prepare(exp, ns.listener, ns.envoy_admin or ())  # ConfigError: exit 2
+    asyncio.run(serve(exp, redis_url(ns), ns.instance, ns.metrics, reach))
     return EXIT_OK
 
 
@@ -211,6 +215,16 @@ def register(add: AddVerb) -> None:
         default=None,
         metavar="HOST:PORT",
         help="serve Prometheus /metrics here (default: off)",
+    )
+    p.add_argument(
+        "--listener", help="Envoy's listener URL, for warm-up (default: lifecycle.listener)"
+    )
+    p.add_argument(
+        "--envoy-admin",
+        action="append",
+        metavar="URL",
+        help="an Envoy's admin URL, for health and drain; repeat for every Envoy "
+        "(default: lifecycle.envoy_admin)",
     )
     add_common(p)
 

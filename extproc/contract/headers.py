@@ -20,3 +20,8 @@ SHADOW_COPY = "x-llm-shadow-copy"
 """Set by Envoy's shadow listener on every mirrored copy it receives, and stripped from client
 requests by the primary listener before anything reads them: the only sign of a shadow copy the
 sidecar trusts (a client controls ``Host``/``:authority``, so that is never one)."""
+
+WARMUP = "x-llm-warmup"
+"""Sent (with the attempt number) by the evaluator's warm-up on its forced requests, for the
+model server's own logs and metrics. Only a label: what keeps warm-up requests out of the
+comparison is that they are forced, which the sidecar records in their events."""

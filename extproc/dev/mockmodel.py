@@ -65,7 +65,9 @@ _VOCAB: Final = tuple(_VOCAB_TEXT.split())
 
 # Which fields are which kind: the CLI, the admin endpoint and validation all derive from this, so
 # a new knob is one line here plus the dataclass field.
-_DELAY_FIELDS: Final = frozenset({"latency_ms", "latency_jitter_ms", "tail_ms", "ttft_ms"})
+_DELAY_FIELDS: Final = frozenset(
+    {"latency_ms", "latency_jitter_ms", "tail_ms", "ttft_ms", "cold_ms"}
+)
 # Model servers take long prompts; aiohttp's 1 MiB default would answer 413 to a 10 MB one.
 MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 _RATE_FIELDS: Final = frozenset(
@@ -79,7 +81,7 @@ _RATE_FIELDS: Final = frozenset(
     }
 )
 _FLOAT_FIELDS: Final = _DELAY_FIELDS | _RATE_FIELDS | {"tokens_per_s", "verbosity"}
-_INT_FIELDS: Final = frozenset({"completion_tokens"})
+_INT_FIELDS: Final = frozenset({"completion_tokens", "cold_requests"})
 
 
 def _help(text: str) -> dict[str, str]:
@@ -114,6 +116,16 @@ class MockBehaviour:
     )
     ttft_ms: float = dataclasses.field(
         default=0.0, metadata=_help("extra time to first token when streaming")
+    )
+    cold_requests: int = dataclasses.field(
+        default=0,
+        metadata=_help(
+            "a cold start: the first N chat requests since the start (or a stats reset) "
+            "take --cold-ms longer"
+        ),
+    )
+    cold_ms: float = dataclasses.field(
+        default=0.0, metadata=_help("extra delay of each of the first --cold-requests requests")
     )
     tokens_per_s: float = dataclasses.field(
         default=0.0, metadata=_help("token generation rate; 0 = as fast as possible")
@@ -573,6 +585,8 @@ async def _answer(request: web.Request, state: _State, outcome: _Outcome) -> web
         await state.stopping.wait()
         return _error(503, "Shutting down.", "server_error", name=b.name)
     delay = _first_delay(b, rng)
+    if state.requests <= b.cold_requests:
+        delay += b.cold_ms / 1000.0
     if b.error_rate and rng.random() < b.error_rate:
         await _pause(delay)
         outcome.value = "error"

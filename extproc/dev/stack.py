@@ -513,6 +513,10 @@ def up(opts: UpOptions) -> dict[str, Any]:
                     str(opts.experiment_path),
                     "--metrics",
                     f"127.0.0.1:{ports.evaluator_metrics}",
+                    "--listener",
+                    f"http://127.0.0.1:{ports.listener}",
+                    "--envoy-admin",
+                    f"http://127.0.0.1:{ports.admin}",
                 ],
                 env=secret_env,
             )

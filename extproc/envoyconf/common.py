@@ -117,6 +117,12 @@ def millis(ms: int) -> Duration:
     return Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
 
 
+def request_timeout(experiment: Experiment) -> Duration:
+    """The routes' upstream timeout, ``envoy.request_timeout_s`` to the millisecond: whole
+    seconds alone made 0.5 s a 0, which Envoy reads as no timeout at all."""
+    return millis(max(1, round(experiment.spec.envoy.request_timeout_s * 1000)))
+
+
 def socket_address(target: str) -> Address:
     if target.startswith("unix:"):
         return Address(pipe=Pipe(path=target.removeprefix("unix:")))

@@ -48,7 +48,6 @@ from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     header_mutation_pb2 as early,
 )
 from envoy.type.matcher.v3.string_pb2 import StringMatcher
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.wrappers_pb2 import UInt32Value
 
 from extproc.config import Experiment
@@ -69,6 +68,7 @@ from extproc.envoyconf.common import (
     http_listener,
     inspect_filter,
     millis,
+    request_timeout,
     sidecar_cluster,
     socket_address,
     static_cluster,
@@ -117,7 +117,7 @@ def echo(variant: str) -> HeaderValueOption:
 
 
 def _routes(experiment: Experiment) -> list[Route]:
-    timeout = Duration(seconds=int(experiment.spec.envoy.request_timeout_s))
+    timeout = request_timeout(experiment)
     strip = experiment.spec.forced_routing.strip
     # Mirror only requests the sidecar marked (x-llm-shadow names the shadow listener's cluster).
     mirror = (
@@ -179,7 +179,7 @@ def _shadow_routes(experiment: Experiment) -> list[Route]:
     """The shadow listener sends every mirrored copy to the shadow variant."""
     shadow = experiment.spec.shadow.variant
     assert shadow is not None
-    timeout = Duration(seconds=int(experiment.spec.envoy.request_timeout_s))
+    timeout = request_timeout(experiment)
     return [
         Route(
             name="shadow",

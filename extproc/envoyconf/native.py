@@ -31,7 +31,6 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.type.matcher.v3.regex_pb2 import RegexMatchAndSubstitute, RegexMatcher
 from envoy.type.matcher.v3.string_pb2 import StringMatcher
 from envoy.type.v3.percent_pb2 import FractionalPercent
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
 
 from extproc.config import Experiment
@@ -47,6 +46,7 @@ from extproc.contract.errors import ForcingNotAllowed, RoutingError, UnknownVari
 from extproc.envoyconf.common import (
     EnvoyLayout,
     millis,
+    request_timeout,
     static_cluster,
     typed,
 )
@@ -81,7 +81,7 @@ def _refusal(name: str, err: RoutingError, value: str | None, header: str) -> Ro
 
 def _native_routes(experiment: Experiment) -> list[Route]:
     spec = experiment.spec
-    timeout = Duration(seconds=int(spec.envoy.request_timeout_s))
+    timeout = request_timeout(experiment)
     strip = spec.forced_routing.strip
     routes: list[Route] = []
     fr = spec.forced_routing

@@ -14,7 +14,9 @@ with the new definition when `experiment create --replace` changes it (the rollo
 the audit log are in Redis, so it carries on where it was), and stops, handing its lease over,
 when the experiment leaves the set. A definition that no longer validates (written by a newer
 release, or by hand) is reported once and skipped until it changes; the other experiments are
-not affected. Each evaluator's health key and lease name it ``<instance>/<experiment>``.
+not affected (nor is one whose warm-up cannot run: a missing address or forcing secret, an
+unreadable prompt file). Each evaluator's health key and lease name it
+``<instance>/<experiment>``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -33,6 +34,7 @@ from redis.exceptions import RedisError
 from extproc import store
 from extproc.config import ConfigError, Experiment, parse_experiment
 from extproc.contract import keys
+from extproc.evaluator import warmup
 from extproc.evaluator.service import Evaluator, default_instance, stop_on_signals
 from extproc.supervise import TaskGroup, raise_if_cancelled
 from extproc.telemetry.prometheus import EvaluatorMetrics, serve_metrics
@@ -64,13 +66,14 @@ class Fleet:
         *,
         refresh_s: float = 1.0,
         metrics: EvaluatorMetrics | None = None,
-        make: Callable[[Experiment, str, EvaluatorMetrics], Evaluator] | None = None,
+        listener: str | None = None,
+        admins: tuple[str, ...] = (),
     ) -> None:
         self.redis = redis
         self.instance = instance
         self.refresh_s = refresh_s
         self.metrics = metrics or EvaluatorMetrics()
-        self._make = make or (lambda exp, name, m: Evaluator(exp, redis, name, metrics=m))
+        self.listener, self.admins = listener, admins  # what --listener, --envoy-admin said
         self.running: dict[str, _Running] = {}
         self.invalid: dict[str, str] = {}  # experiment -> digest of the definition refused
         self.group = TaskGroup()
@@ -92,6 +95,7 @@ class Fleet:
                 continue
             try:
                 experiment = parse_experiment(definition, source=f"experiment {name} in Redis")
+                reach = warmup.prepare(experiment, self.listener, self.admins)
             except ConfigError as err:
                 log.error("fleet: not evaluating %s: %s", name, err)
                 self.invalid[name] = digest
@@ -100,11 +104,12 @@ class Fleet:
             if have is not None:
                 log.info("fleet: %s has a new definition; its evaluator restarts with it", name)
                 await self._end(name)
-            self._start(experiment, digest)
+            self._start(experiment, reach, digest)
 
-    def _start(self, experiment: Experiment, digest: str) -> None:
+    def _start(self, experiment: Experiment, reach: warmup.Reach, digest: str) -> None:
         entry = self.running[experiment.name] = _Running(digest)
-        evaluator = self._make(experiment, f"{self.instance}/{experiment.name}", self.metrics)
+        name = f"{self.instance}/{experiment.name}"
+        evaluator = Evaluator(experiment, self.redis, name, metrics=self.metrics, reach=reach)
         self.group.start(experiment.name, lambda: evaluator.run(entry.stop))
         log.info("fleet: evaluating %s", experiment.name)
 
@@ -129,11 +134,18 @@ class Fleet:
                 await self._end(name)
 
 
-async def serve(redis_url: str, instance: str = "", metrics: str | None = None) -> None:
+async def serve(
+    redis_url: str,
+    instance: str = "",
+    metrics: str | None = None,
+    listener: str | None = None,
+    admins: tuple[str, ...] = (),
+) -> None:
     """Run a fleet evaluator until SIGTERM or SIGINT; with ``metrics`` (host:port) also serve
-    Prometheus ``/metrics`` for every experiment it evaluates."""
+    Prometheus ``/metrics`` for every experiment it evaluates. ``listener`` and ``admins``
+    (Envoy's) replace each experiment's own, for its warm-up and drain."""
     r = store.connect(redis_url)
-    fleet = Fleet(r, instance or default_instance())
+    fleet = Fleet(r, instance or default_instance(), listener=listener, admins=admins)
     runner = None
     if metrics:
         host, _, port = metrics.rpartition(":")

@@ -26,6 +26,8 @@ HOOK_OF_ACTION = {
     "advance": "on_advance",
     "rollback": "on_rollback",
     "complete": "on_complete",
+    "drained": "on_drained",  # the variant a rollback or completion took out of routing
+    "drain_timeout": "on_drained",  # ... or not, within lifecycle.drain.timeout_s: see "drain"
 }
 
 
@@ -47,7 +49,8 @@ def hook_url(hooks: Hooks, action: str) -> tuple[str, str] | None:
 
 def body(spec: ExperimentSpec, hook: str, action: str, record: dict[str, Any]) -> dict[str, Any]:
     """What a serving layer needs to act without reading Redis: which variants, which models,
-    the weights now set, and why."""
+    the weights now set, and why; ``on_drained`` also the drain (which variants, clusters,
+    ``drained``, ``seconds``)."""
     return {
         "hook": hook,
         "action": action,
@@ -60,6 +63,7 @@ def body(spec: ExperimentSpec, hook: str, action: str, record: dict[str, Any]) -
         "time": record.get("time"),
         "stable": spec.stable,
         "variants": {n: {"model": v.model, "cluster": v.cluster} for n, v in spec.variants.items()},
+        **{k: record[k] for k in ("warmup", "drain") if k in record},
     }
 
 

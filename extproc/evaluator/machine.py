@@ -13,7 +13,12 @@ The transitions (``S`` is the status, ``k`` the stage index, ``K`` the number of
 =====================  ==============================  ===========================================
 event                  when                            effect
 =====================  ==============================  ===========================================
-start                  no rollout state yet            running, k = 0, weights of stage 0
+start                  no rollout state yet            running, k = 0, weights of stage 0; with
+                                                       ``lifecycle.warmup``: warming_up, all to
+                                                       stable
+warmed_up              S = warming_up, warm-up done    running, k = 0, new stage clock, weights of
+                                                       stage 0
+warm-up failed         S = warming_up, not in time     rolled_back (as a rollback)
 verdict rollback       S = running                     rolled_back, weights: all to stable
 verdict advance        S = running, k < K - 1          k + 1, new stage clock and window, weights
 verdict complete/adv.  S = running, k = K - 1 or       completed (canary: weights of the last
@@ -24,11 +29,13 @@ verdict hold           S = running, new reasons        recorded; stage and weigh
 verdict none           S = running                     nothing
 pause / resume         running / paused                paused / running
 promote                running or paused               as "advance" (the status is kept)
-rollback (operator)    running, paused or completed    as "rollback"
-abort                  running or paused               aborted, weights: all to stable
+rollback (operator)    running, paused, completed or   as "rollback"
+                       warming_up
+abort                  running, paused or warming_up   aborted, weights: all to stable
 restart                rolled_back, completed or       attempt + 1: running, k = 0, weights of
                        aborted                         stage 0, no evidence, a window that judges
-                                                       no request of an earlier attempt
+                                                       no request of an earlier attempt (with a
+                                                       warm-up: warming_up first, as at start)
 any other intent       otherwise                       recorded as ignored, nothing else changes
 =====================  ==============================  ===========================================
 
@@ -53,8 +60,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from extproc.config import ExperimentSpec
+from extproc.config import ExperimentSpec, Warmup
 from extproc.evaluator.guardrails import Verdict, carry_evidence, judge
 from extproc.evaluator.rollout import RolloutState, flip_weights, rollback_weights, stage_weights
 from extproc.evaluator.window import StageWindow
@@ -131,6 +139,65 @@ def start(spec: ExperimentSpec, now: float) -> Transition:
     )
 
 
+def _candidates(spec: ExperimentSpec) -> list[str]:
+    return [v for v in spec.variants if v != spec.stable]
+
+
+def _warmup_plan(warm: Warmup, candidates: list[str]) -> str:
+    """The audit log's line when a warm-up starts."""
+    steps = ["wait until Envoy reports healthy hosts"] if warm.wait_healthy else []
+    if warm.requests:
+        steps.append(f"{warm.requests} answered requests to each of {', '.join(candidates)}")
+    return f"warm-up started: {', then '.join(steps)}, within {warm.timeout_s:g} s"
+
+
+def begin(spec: ExperimentSpec, now: float) -> Transition:
+    """How the live evaluator starts a rollout: with a warm-up (``lifecycle.warmup``) it first
+    warms the candidates while stable serves everything; without one, as :func:`start`. The
+    offline replay has no candidate to warm and calls :func:`start`."""
+    t = start(spec, now)
+    warm = spec.lifecycle.warmup
+    if warm is None:
+        return t
+    return replace(
+        t,
+        state=replace(t.state, status="warming_up"),
+        reasons=[*t.reasons, _warmup_plan(warm, _candidates(spec))],
+        weights=rollback_weights(spec),
+        weights_reason="warming up the candidates before stage 1",
+    )
+
+
+def warmed(
+    spec: ExperimentSpec,
+    state: RolloutState,
+    ok: bool,
+    reason: str,
+    report: dict[str, Any],
+    now: float,
+) -> Transition:
+    """The warm-up's end (``report`` is kept in the state): stage 0 begins now (its clock and
+    window start after the warm-up), or, when it failed (``ok`` False), the rollout is rolled
+    back with ``reason``. A warm-up that ends after the rollout left it (an operator's abort)
+    changes nothing."""
+    if state.status != "warming_up":
+        return Transition(state)
+    reasons = [reason]
+    s = replace(state, warmup=report)
+    if not ok:
+        return _rollback(spec, s, None, reasons)
+    s = replace(s, status="running", stage_started=now, last_action="warmed_up")
+    s.last_reasons = reasons
+    return Transition(
+        s,
+        "warmed_up",
+        reasons,
+        weights=stage_weights(running(spec, s), 0),
+        weights_reason="warm-up done: stage 1",
+        restart_window=True,
+    )
+
+
 def _restart(
     spec: ExperimentSpec, state: RolloutState, why: list[str], now: float, actor: str
 ) -> Transition:
@@ -142,23 +209,23 @@ def _restart(
         f"attempt {state.attempt + 1} from stage 1; attempt {state.attempt} {ended} "
         f"at stage {state.stage + 1}",
     ]
-    s = RolloutState(
-        status="running",
-        stage=0,
-        stage_started=now,
-        strategy=spec.phase(0).strategy,
+    begun = begin(spec, now)
+    s = replace(
+        begun.state,
         commands_seen=state.commands_seen,
         last_action="restart",
         last_reasons=reasons,
         attempt=state.attempt + 1,
         attempt_started=now,
     )
+    warming = s.status == "warming_up"
     return Transition(
         s,
         "restart",
-        reasons,
-        weights=stage_weights(spec.phase(0), 0),
-        weights_reason=f"attempt {s.attempt} started at stage 1",
+        reasons + begun.reasons[1:],
+        weights=begun.weights,
+        weights_reason=f"attempt {s.attempt}: "
+        + ("warming up before stage 1" if warming else "started at stage 1"),
         restart_window=True,
         actor=actor,
         archived=state,
@@ -312,9 +379,9 @@ def command(
         s.status = "running"
     elif intent == "promote" and s.status in ("running", "paused"):
         return _advance(spec, s, last_verdict, why, now, actor)
-    elif intent == "rollback" and s.status in ("running", "paused", "completed"):
+    elif intent == "rollback" and s.status in ("running", "paused", "completed", "warming_up"):
         return _rollback(spec, s, None, why, actor)
-    elif intent == "abort" and s.status in ("running", "paused"):
+    elif intent == "abort" and s.status in ("running", "paused", "warming_up"):
         weights, weights_reason = rollback_weights(spec), f"aborted by {actor}"
         s.status = "aborted"
     elif intent == "restart" and s.status in RESTARTABLE:

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from extproc.config import ExperimentSpec
 from extproc.contract import keys
 
-Status = Literal["running", "paused", "rolled_back", "completed", "aborted"]
+Status = Literal["warming_up", "running", "paused", "rolled_back", "completed", "aborted"]
 COMMANDS = ("pause", "resume", "promote", "rollback", "abort", "restart")
 AUDIT_FIELD = "j"
 
@@ -47,6 +47,10 @@ class RolloutState:
     evidence: dict[str, float] = field(default_factory=dict)
     attempt: int = 1
     attempt_started: float = 0.0
+    # the lifecycle around the stages: the warm-up's report (warmup.WarmupReport.to_json) and
+    # the drain of the variant the last rollback or completion took out of routing
+    warmup: dict[str, Any] = field(default_factory=dict)
+    drain: dict[str, Any] = field(default_factory=dict)
     phase: int = 0  # index into the experiment's phases (0 without any)
 
     def to_json(self) -> str:

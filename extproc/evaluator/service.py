@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from extproc import store
 from extproc.config import Experiment
 from extproc.contract import keys, signals
-from extproc.evaluator import hooks, machine
+from extproc.evaluator import drain, hooks, machine, warmup
 from extproc.evaluator.guardrails import Verdict
 from extproc.evaluator.rollout import RolloutState, append_audit, load_state, stage_weights
 from extproc.evaluator.window import StageWindow
@@ -69,8 +69,10 @@ class Evaluator:
         instance: str = "",
         lease_ttl_s: float | None = None,
         metrics: EvaluatorMetrics | None = None,
+        reach: warmup.Reach | None = None,
     ) -> None:
         self.experiment = experiment
+        self.reach = reach or warmup.Reach()
         self.spec = experiment.spec
         self.redis = redis
         self.instance = instance or default_instance()
@@ -84,6 +86,8 @@ class Evaluator:
         self.ticks = 0
         self.last_verdict: Verdict | None = None
         self._webhooks: set[asyncio.Task[None]] = set()
+        self._warmup: asyncio.Task[warmup.WarmupReport] | None = None
+        self._drain: asyncio.Task[None] | None = None
         # One registry per process: a fleet's evaluators share it (their series differ by
         # experiment), so one /metrics endpoint shows them all.
         self.metrics = metrics or EvaluatorMetrics()
@@ -102,16 +106,21 @@ class Evaluator:
         if held and not self.leader:
             log.info("evaluator %s is now active for %s", self.instance, self.experiment.name)
             await self._take_over()
+        if not held and self._warmup is not None:  # the new leader warms up by itself
+            self._warmup.cancel()
+            self._warmup = None
         self.leader = held
         return held
 
     async def _take_over(self) -> None:
         state = await load_state(self.redis, self.experiment.name)
         if state is None:
-            await self._apply(machine.start(self.spec, time.time()))
+            await self._apply(machine.begin(self.spec, time.time()))
         else:
             self.state = state
             self._reset_window(state)
+            if state.status == "warming_up":  # the last leader's warm-up ended with it
+                self._start_warmup(state)
         assert self.state is not None
         self.events_seen = f"{int(self.state.stage_started * 1000)}-0"
         self.signals_seen = self.events_seen
@@ -135,9 +144,11 @@ class Evaluator:
         verdict: Verdict | None,
         actor: str = "",
         archived: RolloutState | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """Append the decision; a restart's record also keeps the attempt it ended
-        (``archived``), the only copy of that state once the new attempt overwrites it."""
+        (``archived``), the only copy of that state once the new attempt overwrites it; a
+        lifecycle record its ``warmup`` or ``drain`` report (``extra``)."""
         routing = await store.get_routing(self.redis, self.experiment.name)
         record: dict[str, Any] = {
             "time": time.time(),
@@ -155,6 +166,7 @@ class Evaluator:
             record["decisions"] = [d.to_json() for d in verdict.decisions]
         if archived is not None:
             record["archived"] = asdict(archived)
+        record.update(extra or {})
         await append_audit(self.redis, self.experiment.name, record)
         if self.spec.rollout.webhook:
             self._background(self._webhook(record))
@@ -285,18 +297,19 @@ class Evaluator:
         }
         await self.redis.set(keys.evaluation(self.experiment.name), json.dumps(doc))
 
-    async def _apply(self, t: machine.Transition) -> None:
+    async def _apply(self, t: machine.Transition, extra: dict[str, Any] | None = None) -> None:
         """Carry out a transition: weights first (the part that protects users), then state,
-        then the audit record. The audit snapshot is the window the decision was made on; a new
-        stage's window starts after it."""
+        then the audit record (with ``extra``, a lifecycle report). The audit snapshot is the
+        window the decision was made on; a new stage's window starts after it."""
         self.state = t.state
         if not t.action:
             return
         if t.weights is not None:
             await self._set_weights(t.weights, t.weights_reason)
         await self._save(t.state)
-        await self._audit(t.action, t.reasons, t.state, t.verdict, t.actor, t.archived)
+        await self._audit(t.action, t.reasons, t.state, t.verdict, t.actor, t.archived, extra)
         self.metrics.decision(self.experiment.name, t.action)
+        self._follow_lifecycle(t)
         if t.restart_window:
             self._reset_window(t.state, follow_open=t.archived is None)
         what = (self.experiment.name, t.state.attempt, t.action, t.state.stage + 1)
@@ -326,6 +339,102 @@ class Evaluator:
             await self._apply(t)
         await self._save(self.state)
 
+    # --- lifecycle: warm-up and drain ------------------------------------------------------------
+
+    def _follow_lifecycle(self, t: machine.Transition) -> None:
+        """After a decision: a rollout that (re)starts warming up gets its warm-up; one that
+        left the warm-up (an abort, a rollback) stops it; the variants a rollback, an abort or a
+        completion took out of routing are followed until they drain."""
+        warming = t.state.status == "warming_up"
+        if self._warmup is not None and (not warming or t.action == "restart"):
+            self._warmup.cancel()
+            self._warmup = None
+        if warming and t.action in ("start", "restart"):
+            self._start_warmup(t.state)
+        if t.action == "restart" and self._drain is not None:
+            self._drain.cancel()  # the ended attempt's drain: the new attempt's state is fresh
+            self._drain = None
+        if t.weights is not None and t.action in ("rollback", "abort", "complete"):
+            out = [v for v, w in t.weights.items() if w == 0]
+            if out:
+                if self._drain is not None:
+                    self._drain.cancel()
+                self._drain = asyncio.create_task(self._follow_drain(out, t.action, t.state))
+
+    def _start_warmup(self, state: RolloutState) -> None:
+        if self._warmup is not None:
+            self._warmup.cancel()
+        self._warmup = asyncio.create_task(self._run_warmup(state.attempt))
+
+    async def _run_warmup(self, attempt: int) -> warmup.WarmupReport:
+        log.info("%s attempt %d: warming up", self.experiment.name, attempt)
+        candidates = [v for v in self.spec.variants if v != self.spec.stable]
+        async with aiohttp.ClientSession() as session:
+            runner = warmup.WarmupRunner(
+                self.experiment, candidates, self.reach, session, attempt=attempt
+            )
+            return await runner.run()
+
+    async def _finish_warmup(self) -> None:
+        """At a tick (the one writer of decisions): act on a warm-up that has ended."""
+        task = self._warmup
+        if task is None or not task.done() or self.state is None:
+            return
+        self._warmup = None
+        if task.cancelled():
+            return
+        report = task.result()
+        reason = report.reason()
+        doc = report.to_json()
+        t = machine.warmed(self.spec, self.state, report.ok, reason, doc, time.time())
+        await self._apply(t, {"warmup": doc})
+
+    async def _follow_drain(self, variants: list[str], after: str, state: RolloutState) -> None:
+        """Follow ``variants`` until no Envoy holds a request for them, then record the drain
+        (rollout state, audit log) and call ``hooks.on_drained``. Without an Envoy admin
+        address the drain is recorded as unknown, and no hook is called."""
+        clusters = drain.clusters_of(self.experiment, variants)
+        doc: dict[str, Any] = {
+            "status": "draining",
+            "variants": variants,
+            "clusters": clusters,
+            "after": after,
+            "started": time.time(),
+        }
+        if not self.reach.admins:
+            doc.update(status="unknown", error="no Envoy admin address (lifecycle.envoy_admin)")
+            await self._save_drain(doc, state.attempt)
+            return
+        await self._save_drain(doc, state.attempt)
+        settings = self.spec.lifecycle.drain
+        timeout = aiohttp.ClientTimeout(total=max(1.0, settings.poll_s))
+
+        async def look(active: int | None) -> None:  # the status shows what is still open
+            if active != doc.get("active"):
+                doc["active"] = active
+                await self._save_drain(doc, state.attempt)
+
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            report = await drain.watch(session, self.reach.admins, clusters, settings, on_look=look)
+        doc.update(report.to_json(), status="drained" if report.drained else "timeout")
+        await self._save_drain(doc, state.attempt)
+        assert self.state is not None
+        action = drain.ACTIONS[0] if report.drained else drain.ACTIONS[1]
+        reasons = [report.reason(variants)]
+        with contextlib.suppress(RedisError, OSError):
+            await self._audit(action, reasons, self.state, None, extra={"drain": doc})
+        log.info("%s: %s", self.experiment.name, reasons[0])
+
+    async def _save_drain(self, doc: dict[str, Any], attempt: int) -> None:
+        """Keep the drain in the rollout state of the attempt it belongs to."""
+        if self.state is None or self.state.attempt != attempt:
+            return
+        self.state = replace(self.state, drain=dict(doc))
+        with contextlib.suppress(RedisError, OSError):
+            await self._save(self.state)
+
+    # --- one tick -------------------------------------------------------------------------------
+
     async def tick(self) -> None:
         """Read, apply intents, judge, act: one evaluation of the experiment."""
         assert self.state is not None
@@ -334,6 +443,7 @@ class Evaluator:
             return
         await self._read_signals()
         await self._apply_commands()
+        await self._finish_warmup()
         self.ticks += 1
         if self.state.status != "running":
             return
@@ -406,11 +516,16 @@ def stop_on_signals() -> asyncio.Event:
 
 
 async def serve(
-    experiment: Experiment, redis_url: str, instance: str = "", metrics: str | None = None
+    experiment: Experiment,
+    redis_url: str,
+    instance: str = "",
+    metrics: str | None = None,
+    reach: warmup.Reach | None = None,
 ) -> None:
-    """Run an evaluator; with ``metrics`` (host:port) also serve Prometheus ``/metrics``."""
+    """Run an evaluator; with ``metrics`` (host:port) also serve Prometheus ``/metrics``;
+    ``reach`` is where the lifecycle finds Envoy (``warmup.prepare``)."""
     r = store.connect(redis_url)
-    evaluator = Evaluator(experiment, r, instance)
+    evaluator = Evaluator(experiment, r, instance, reach=reach)
     runner = None
     if metrics:
         host, _, port = metrics.rpartition(":")

@@ -367,6 +367,7 @@ def ladder(
     }
     where = f"{chain}stage {current + 1} of {len(stages)} ({here['text']['share']})"
     out["phase"] = {
+        "warming_up": f"warming up the candidates before {where}",
         "running": f"{where}, running",
         "paused": f"{where}, paused",
         "completed": "completed: every stage passed",

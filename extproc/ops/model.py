@@ -114,6 +114,15 @@ class Rollout(_Model):
     evidence: dict[str, float]
     attempt: int = Field(default=1, description="1, then one more per `experiment restart`")
     attempt_started: float = Field(default=0.0, description="0 for the first attempt")
+    warmup: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the warm-up's report: ok, seconds, sent, answered, healthy_after, error",
+    )
+    drain: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the last rollback's or completion's drain: status (draining, drained, "
+        "timeout, unknown), variants, clusters, seconds, first, active",
+    )
     phase: int = Field(default=0, description="0-based index into the experiment's phases")
 
 

@@ -34,6 +34,7 @@ Fetch = Callable[[str | None], Awaitable[Doc | None]]
 # SGR codes; a span with style "" is plain.
 BOLD, DIM, RED, GREEN, YELLOW, CYAN = "1", "2", "31", "32", "33", "36"
 _STATUS_STYLE = {
+    "warming_up": YELLOW,
     "running": GREEN,
     "completed": GREEN,
     "paused": YELLOW,

@@ -42,7 +42,16 @@ from extproc.config import ConfigError, Experiment, _structural_problems
 from extproc.contract import signals
 from extproc.supervise import raise_if_cancelled
 
-__all__ = ["Checks", "Probe", "ProbeSet", "WatchdogLoop", "load_probes", "probe_file", "score"]
+__all__ = [
+    "Checks",
+    "Probe",
+    "ProbeSet",
+    "WatchdogLoop",
+    "load_probes",
+    "probe_file",
+    "request_body",
+    "score",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +130,19 @@ def probe_file(experiment: Experiment) -> Path | None:
     return path if path.is_absolute() else Path(experiment.source).parent / path
 
 
+def request_body(probe: Probe, model: str) -> dict[str, Any]:
+    """The chat request a probe sends (the warm-up sends the same, without checks)."""
+    messages = [{"role": "user", "content": probe.prompt}]
+    if probe.system is not None:
+        messages.insert(0, {"role": "system", "content": probe.system})
+    body: dict[str, Any] = {"model": model, "messages": messages}
+    if probe.json_mode:
+        body["response_format"] = {"type": "json_object"}
+    if probe.max_tokens is not None:
+        body["max_tokens"] = probe.max_tokens
+    return body
+
+
 def score(checks: Checks, status: int, answer: str | None) -> dict[str, bool]:
     """Every check by name; an answer that did not arrive fails all of them."""
     text = answer if status == 200 and answer is not None else None
@@ -173,17 +195,7 @@ class WatchdogLoop:
         self.rounds = 0
 
     async def probe(self, variant: str, probe: Probe) -> signals.WatchdogSignal:
-        messages = [{"role": "user", "content": probe.prompt}]
-        if probe.system is not None:
-            messages.insert(0, {"role": "system", "content": probe.system})
-        body: dict[str, Any] = {
-            "model": self.experiment.spec.variants[variant].model or variant,
-            "messages": messages,
-        }
-        if probe.json_mode:
-            body["response_format"] = {"type": "json_object"}
-        if probe.max_tokens is not None:
-            body["max_tokens"] = probe.max_tokens
+        body = request_body(probe, self.experiment.spec.variants[variant].model or variant)
         started_ms = int(time.time() * 1000)
         t0 = time.monotonic()
         status, answer = 0, None

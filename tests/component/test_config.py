@@ -79,6 +79,12 @@ def test_weights_must_add_up_to_100() -> None:
     assert problems(doc) == ["variants: weights add up to 110, must be 100"]
 
 
+def test_a_huge_weight_is_a_problem_not_a_crash() -> None:
+    """A weight near the float maximum used to overflow the check of the 0.01% grid."""
+    doc = {**GOOD, "variants": {**GOOD["variants"], "canary": {"cluster": "b", "weight": 1e306}}}
+    assert problems(doc)[0] == "variants.canary.weight: must be 0..100"
+
+
 def test_candidates_beyond_their_lane_are_refused() -> None:
     doc = {
         **GOOD,

@@ -79,6 +79,28 @@ def test_forcing_headers_never_reach_a_model_server() -> None:
         assert {"x-experiment", "x-experiment-key"} <= set(route["request_headers_to_remove"])
 
 
+@pytest.mark.parametrize("dataplane", ["ext_proc", "native"])
+def test_a_fractional_upstream_timeout_is_kept(dataplane: str) -> None:
+    """``request_timeout_s: 0.5`` is half a second on every route, not 0 (no timeout)."""
+    import yaml
+
+    from extproc.config import parse_experiment
+
+    doc = yaml.safe_load(EXAMPLE_EXPERIMENT.read_text())
+    doc.update(dataplane=dataplane, envoy={"request_timeout_s": 0.5}, inflight={"notice_ms": 250})
+    config = yaml.safe_load(render(parse_experiment(doc), EnvoyLayout()))
+    timeouts = {
+        route["route"].get("timeout")
+        for listener in config["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for f in chain["filters"]
+        for vhost in f["typed_config"]["route_config"]["virtual_hosts"]
+        for route in vhost["routes"]
+        if "route" in route
+    }
+    assert timeouts == {"0.500s"}
+
+
 def test_several_sidecars_over_tls_from_the_cli(tmp_path: Path) -> None:
     """Replicas share streams by least request and are health-checked; TLS checks the name."""
     import yaml

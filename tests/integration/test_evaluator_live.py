@@ -3,7 +3,6 @@ candidate walked through every stage to 100%."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -57,10 +56,7 @@ def healthy(tmp_path: Path) -> Iterator[LiveStack]:
 
 
 def audit(s: LiveStack) -> list[dict[str, Any]]:
-    out = s.cli("log", "chat-upgrade", "--json", "--count", "100")
-    assert out.returncode == 0, out.stderr
-    records: list[dict[str, Any]] = json.loads(out.stdout)
-    return records
+    return s.audit(decisions=True)
 
 
 def test_degrading_candidate_is_rolled_back_automatically(

@@ -50,10 +50,7 @@ def gated(tmp_path: Path) -> Iterator[LiveStack]:
 
 
 def audit(s: LiveStack) -> list[dict[str, Any]]:
-    out = s.cli("log", "chat-upgrade", "--json", "--count", "100")
-    assert out.returncode == 0, out.stderr
-    records: list[dict[str, Any]] = json.loads(out.stdout)
-    return records
+    return s.audit(decisions=True)
 
 
 def send(s: LiveStack, http: httpx.Client, n: int) -> None:
@@ -142,7 +139,8 @@ def test_restart_after_a_rollback_is_attempt_two_from_stage_one_with_fresh_evide
         ("restart", 2, 0),
     ]
     archived = records[-1]["archived"]
-    moved = {k: archived[k] for k in ("updated", "commands_seen")}  # it read the restart
+    # it read the restart, and the canary drained meanwhile
+    moved = {k: archived[k] for k in ("updated", "commands_seen", "drain")}
     assert archived == {**ended["rollout"], **moved}
     assert records[-1]["reasons"][1] == "attempt 2 from stage 1; attempt 1 rolled back at stage 1"
     refused = s.cli("experiment", "restart", "chat-upgrade")

@@ -674,6 +674,27 @@ async def test_fast_mode_never_sleeps(
     assert calls  # the spy is wired: a rate does sleep
 
 
+async def test_a_cold_start_slows_only_the_first_requests(
+    start_mock: Start, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cold_requests``: the first N requests wait ``cold_ms`` more (a model that just loaded),
+    the later ones not; a stats reset makes the server cold again."""
+    calls: list[float] = []
+
+    async def spy(delay: float) -> None:
+        calls.append(delay)
+
+    monkeypatch.setattr(mockmodel, "_sleep", spy)
+    base = await start_mock(MockBehaviour(cold_requests=2, cold_ms=500))
+    for _ in range(4):
+        await post_chat(session, base, {"messages": USER})
+    assert calls == [0.5, 0.5]
+    async with session.delete(f"{base}/admin/stats") as resp:
+        assert resp.status == 200
+    await post_chat(session, base, {"messages": USER})
+    assert calls == [0.5, 0.5, 0.5]
+
+
 async def test_seed_makes_runs_reproducible(
     start_mock: Start, session: aiohttp.ClientSession
 ) -> None:
