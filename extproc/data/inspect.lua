@@ -3,30 +3,76 @@
 -- Envoy runs this on its worker for each response; bodyChunks() hands over the chunks as they
 -- pass, without buffering the response. What it finds goes into the request's dynamic metadata
 -- (namespace "extproc"), which the gRPC access log carries to the sidecar:
+--   format          the API the body speaks (FORMATS below), from the markers of its first
+--                   events or its head; absent when none was found (timing only);
 --   first_token_us  when the first chunk with answer text (or a tool call) passed; for a body
 --                   that is not SSE, when its first chunk passed. Microseconds since the epoch;
 --   text            the answer's first characters, still JSON-escaped (refusal checks); absent
 --                   when they could not be found (a JSON body cut at HEAD_BYTES before them);
 --   tool_calls      true when the answer called a tool;
---   cached_prompt_tokens  the prompt-cache hits an SSE stream reported before its answer
---                   (Anthropic's message_start); later usage is in the tail;
---   tail            the last 1 KiB of the body ("usage" and "finish_reason" are at the end).
+--   cached_prompt_tokens, prompt_tokens  the prompt-cache hits and prompt tokens an SSE stream
+--                   reported before its answer (Anthropic's message_start); later usage is in
+--                   the tail;
+--   tail            the last 1 KiB of the body ("usage" and the finish reason are at the end).
 -- SSE lines are read whole (a line cut between chunks waits for the rest) and only until
--- TEXT_BYTES of text are held; a JSON body is read from its first HEAD_BYTES. After that a chunk
--- costs a length check and a copy of its last bytes.
+-- TEXT_BYTES of text are held (or HEAD_BYTES passed without a known format); a JSON body is read
+-- from its first HEAD_BYTES. After that a chunk costs a length check and a copy of its last bytes.
 
 local TEXT_BYTES = 2400 -- the sidecar's SIGNAL_CHARS (600) at up to 4 bytes a character
 local HEAD_BYTES = 65536
 local TAIL_BYTES = 1024
-local TOOL = '"tool_calls"%s*:%s*%[%s*{'
 local CACHED = '"cache_read_input_tokens"%s*:%s*(%d+)'
+local INPUT = '"input_tokens"%s*:%s*(%d+)'
 
--- Calls found(piece) for each "content" string in s, still escaped, and for an unterminated
--- last one found(rest, true). Escapes are skipped whole, so \" never ends a string.
-local function contents(s, found)
+-- Where each API keeps its answer text: the string value of `key`, in a stream only after
+-- `sse` (the event type of a text delta; nil: every event), in a body only after `json`; and the
+-- mark of a tool call. The sidecar reads the same (extproc/telemetry/inspect.py).
+local FORMATS = {
+  chat = { key = '"content"%s*:%s*"', tool = '"tool_calls"%s*:%s*%[%s*{' },
+  completions = { key = '"text"%s*:%s*"' },
+  responses = {
+    key = '"text"%s*:%s*"', sse = '"response%.output_text%.delta"', sse_key = '"delta"%s*:%s*"',
+    json = '"output_text"', tool = '"type"%s*:%s*"function_call"',
+  },
+  messages = {
+    key = '"text"%s*:%s*"', sse = '"text_delta"', json = '"type"%s*:%s*"text"',
+    tool = '"type"%s*:%s*"tool_use"',
+  },
+}
+
+-- The format s (whole SSE lines, or a body's head) shows, else nil. The order matters: a
+-- Responses body holds "type":"message" items, an Anthropic one no "object".
+local function format_of(s)
+  if string.find(s, '"object"%s*:%s*"response"') or string.find(s, '"type"%s*:%s*"response%.') then
+    return "responses"
+  elseif string.find(s, '"type"%s*:%s*"message') then
+    return "messages"
+  elseif string.find(s, '"object"%s*:%s*"text_completion"') then
+    return "completions"
+  elseif string.find(s, '"object"%s*:%s*"chat%.completion') then
+    return "chat"
+  elseif string.find(s, '"choices"', 1, true) then -- a server that names no "object"
+    if string.find(s, '"delta"%s*:%s*{') or string.find(s, '"message"%s*:%s*{') then
+      return "chat"
+    elseif string.find(s, '"text"%s*:') then
+      return "completions"
+    end
+  end
+  return nil
+end
+
+-- Calls found(piece) for each string value of key (a pattern ending in the opening quote) in s
+-- that follows an anchor (when given), still escaped, and for an unterminated last one
+-- found(rest, true). Escapes are skipped whole, so \" never ends a string.
+local function strings(s, anchor, key, found)
   local pos = 1
   while true do
-    local _, open = string.find(s, '"content"%s*:%s*"', pos)
+    if anchor then
+      local _, at = string.find(s, anchor, pos)
+      if at == nil then return end
+      pos = at + 1
+    end
+    local _, open = string.find(s, key, pos)
     if open == nil then return end
     local i = open + 1
     while true do
@@ -51,16 +97,18 @@ end
 
 function envoy_on_response(handle)
   local sse = string.find(handle:headers():get("content-type") or "", "text/event-stream", 1, true)
-  local first, tools, cached = nil, false, nil
-  local text, held = {}, 0
+  local fmt, spec = nil, nil
+  local first, tools, cached, prompt = nil, false, nil, nil
+  local text, held, seen = {}, 0, 0
   local pending = "" -- SSE: the unfinished last line; JSON: the head of the body
   local cut = false -- JSON: the body was longer than HEAD_BYTES
   local tail = ""
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
     if n > 0 then
-      if sse and held < TEXT_BYTES then
+      if sse and held < TEXT_BYTES and (fmt or seen < HEAD_BYTES) then
         local s = pending .. chunk:getBytes(0, n)
+        seen = seen + n
         local last = 0
         repeat
           local at = string.find(s, "\n", last + 1, true)
@@ -68,17 +116,26 @@ function envoy_on_response(handle)
         until at == nil
         local lines = string.sub(s, 1, last)
         pending = string.sub(s, last + 1)
-        contents(lines, function(piece)
-          if #piece > 0 then
-            text[#text + 1] = piece
-            held = held + #piece
+        if fmt == nil then
+          fmt = format_of(lines)
+          spec = FORMATS[fmt]
+        end
+        if spec then
+          strings(lines, spec.sse, spec.sse_key or spec.key, function(piece)
+            if #piece > 0 then
+              text[#text + 1] = piece
+              held = held + #piece
+              if first == nil then first = now_us(handle) end
+            end
+          end)
+          if fmt == "messages" then
+            if cached == nil then cached = string.match(lines, CACHED) end
+            if prompt == nil then prompt = string.match(lines, INPUT) end
+          end
+          if spec.tool and not tools and string.find(lines, spec.tool) then
+            tools = true
             if first == nil then first = now_us(handle) end
           end
-        end)
-        if cached == nil then cached = string.match(lines, CACHED) end
-        if not tools and string.find(lines, TOOL) then
-          tools = true
-          if first == nil then first = now_us(handle) end
         end
       elseif not sse then
         if first == nil then first = now_us(handle) end
@@ -95,12 +152,16 @@ function envoy_on_response(handle)
     end
   end
   local md = handle:streamInfo():dynamicMetadata()
-  if sse then
+  if not sse then
+    fmt = format_of(pending)
+    spec = FORMATS[fmt]
+  end
+  if spec and sse then
     md:set("extproc", "text", string.sub(table.concat(text), 1, TEXT_BYTES))
-  else
-    tools = string.find(pending, TOOL) ~= nil
+  elseif spec then
+    tools = spec.tool ~= nil and string.find(pending, spec.tool) ~= nil
     local answer = nil
-    contents(pending, function(piece, unterminated)
+    strings(pending, spec.json, spec.key, function(piece, unterminated)
       if answer == nil and (cut or not unterminated) then answer = piece end
     end)
     if answer ~= nil then
@@ -109,8 +170,10 @@ function envoy_on_response(handle)
       md:set("extproc", "text", "")
     end
   end
-  if first ~= nil then md:set("extproc", "first_token_us", first) end
+  if fmt then md:set("extproc", "format", fmt) end
+  if first ~= nil and (spec or not sse) then md:set("extproc", "first_token_us", first) end
   if tools then md:set("extproc", "tool_calls", true) end
   if cached ~= nil then md:set("extproc", "cached_prompt_tokens", tonumber(cached)) end
+  if prompt ~= nil then md:set("extproc", "prompt_tokens", tonumber(prompt)) end
   md:set("extproc", "tail", tail)
 end

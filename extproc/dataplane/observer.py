@@ -185,6 +185,7 @@ class Observation:
             s = self.inspector.finish()
             seen.streamed = s.streamed
             seen.response_bytes = s.response_bytes
+            seen.api_format = s.api_format
             if s.first_token_ns is not None:
                 seen.first_token_ms = (s.first_token_ns - self.start_ns) / 1e6
             seen.prompt_tokens = s.prompt_tokens

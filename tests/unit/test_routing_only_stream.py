@@ -167,7 +167,7 @@ def entry(route: str, md: dict[str, Any] | None = None, **request: str) -> al.HT
     c.time_to_last_downstream_tx_byte.FromMilliseconds(9)
     c.route_name = route
     s = Struct()
-    s.update({"text": '{\\"a\\": 1', "tail": "", **(md or {})})
+    s.update({"format": "chat", "text": '{\\"a\\": 1', "tail": "", **(md or {})})
     c.metadata.CopyFrom(Metadata(filter_metadata={METADATA_NAMESPACE: s}))
     return e
 
