@@ -192,6 +192,48 @@ def write_experiment(tmp: Path, **changes: Any) -> Path:
     return path
 
 
+# On a loaded machine the sidecar may answer Envoy later than the example's 200 ms, and Envoy then
+# routes to stable whatever was forced: for tests about the response, not that fallback.
+PATIENT_ENVOY = {"request_timeout_s": 300, "message_timeout_ms": 5000}
+
+
+@contextlib.contextmanager
+def forced_stack(
+    tmp: Path, dataplane: str, changes: dict[str, Any] | None = None, **kw: Any
+) -> Iterator[LiveStack]:
+    """The example (with top-level ``changes``) on ``dataplane`` as an A/B test that never moves,
+    for tests that force each request's variant; ``kw`` as for :func:`start_stack`. Taken down
+    on leaving."""
+    path = write_experiment(
+        tmp,
+        dataplane=dataplane,
+        strategy="ab",
+        rollout={"min_stage_seconds": 3600},
+        envoy=PATIENT_ENVOY,
+        **(changes or {}),
+    )
+    s = start_stack(tmp / "stack", path, **kw)
+    try:
+        yield s
+    finally:
+        stack.down(s.state_dir)
+
+
+def forced_planes(mock_args: dict[str, list[str]]) -> Any:
+    """A module's fixture: a :func:`forced_stack` per data plane (the test runs on each), with
+    the stand-ins started with ``mock_args``, kept for the whole module."""
+
+    @pytest.fixture(scope="module", params=["ext_proc", "native"])
+    def plane(
+        request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[LiveStack]:
+        tmp = tmp_path_factory.mktemp(request.param)
+        with forced_stack(tmp, request.param, mock_args=mock_args) as s:
+            yield s
+
+    return plane
+
+
 # For `start_stack(components=...)`: the request path only (Redis, model stand-ins, sidecars,
 # Envoy), for tests of routing and telemetry that set the weights themselves.
 REQUEST_PATH: frozenset[str] = frozenset()

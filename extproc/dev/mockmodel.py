@@ -1,4 +1,7 @@
-"""An OpenAI-compatible model server stand-in with knobs for the regressions a rollout must catch.
+"""A model server stand-in with knobs for the regressions a rollout must catch.
+
+It speaks OpenAI chat completions, legacy completions and Responses, and Anthropic Messages, each
+on its API's path, whole or streamed (``mockformats.py``); every knob works in each.
 
 A regressed model still answers ``200 OK``; what changes is latency, time to first token, length,
 error and refusal rates, and how often it calls the tools a request offers (an agent's model that
@@ -158,7 +161,8 @@ class MockBehaviour:
         default=0.0,
         metadata=_help(
             "share of the prompt's tokens reported as prompt-cache hits "
-            "(usage.prompt_tokens_details.cached_tokens, rounded down); 0 = not reported, as by "
+            "(usage.prompt_tokens_details.cached_tokens or each API's own, rounded down); "
+            "0 = not reported, as by "
             "a server without prompt caching"
         ),
     )

@@ -22,37 +22,19 @@ from aiohttp import web
 
 from extproc.dev import stack
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
-from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
+from tests.conftest import (
+    LiveStack,
+    forced_planes,
+    forced_stack,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 PROMPT = "one two three four five six seven eight nine"  # 9 prompt tokens: 4 cached on stable
-# On a loaded machine the sidecar may answer Envoy later than the example's 200 ms, and Envoy
-# then routes to stable whatever was forced: these tests are about usage, not that fallback.
-ENVOY = {"request_timeout_s": 300, "message_timeout_ms": 5000}
 
 
-@pytest.fixture(scope="module", params=["ext_proc", "native"])
-def plane(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LiveStack]:
-    tmp = tmp_path_factory.mktemp(request.param)
-    path: Path = write_experiment(
-        tmp,
-        dataplane=request.param,
-        strategy="ab",
-        rollout={"min_stage_seconds": 3600},
-        envoy=ENVOY,
-    )
-    s = start_stack(
-        tmp / "stack",
-        path,
-        mock_args={"stable": ["--fast", "--cached-prompt-ratio", "0.5"], "canary": ["--fast"]},
-    )
-    try:
-        yield s
-    finally:
-        stack.down(s.state_dir)
+plane = forced_planes({"stable": ["--fast", "--cached-prompt-ratio", "0.5"], "canary": ["--fast"]})
 
 
 def ask(s: LiveStack, http: httpx.Client, variant: str, stream: bool) -> str:
@@ -173,24 +155,14 @@ def test_an_anthropic_streams_cache_arrives(
 ) -> None:
     assert len(anthropic_stream()) > 2048  # message_start is long out of the 1 KiB tail
     address = f"127.0.0.1:{anthropic_upstream}"
-    path = write_experiment(
-        tmp_path,
-        dataplane=dataplane,
-        strategy="ab",
-        rollout={"min_stage_seconds": 3600},
-        envoy=ENVOY,
-        variants={
-            "stable": {"cluster": "model_stable", "address": address, "weight": 50},
-            "canary": {"cluster": "model_canary", "address": address, "weight": 50},
-        },
-    )
-    s = start_stack(tmp_path / "stack", path, mock_models=False)
-    try:
+    variants = {
+        "stable": {"cluster": "model_stable", "address": address, "weight": 50},
+        "canary": {"cluster": "model_canary", "address": address, "weight": 50},
+    }
+    with forced_stack(tmp_path, dataplane, {"variants": variants}, mock_models=False) as s:
         r = s.chat(http, {"x-experiment": "canary"}, stream=True)
         assert r.status_code == 200, r.text
         assert b"cache_read_input_tokens" in r.content
         (ev,) = events_by_id(s, {r.headers["x-request-id"]}).values()
         assert ev.HasField("cached_prompt_tokens")
         assert ev.cached_prompt_tokens == 1800
-    finally:
-        stack.down(s.state_dir)

@@ -8,13 +8,11 @@ token event.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import suppress
+from collections.abc import Iterable, Sequence
 from typing import Any
 from unittest import mock
 
@@ -23,10 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.dev.mockmodel import MockBehaviour, serve
+from extproc.dev.mockmodel import MockBehaviour
 from extproc.telemetry import inspect as inspect_mod
 from extproc.telemetry.inspect import ResponseInspector, ResponseSummary
 from extproc.telemetry.v1.event_pb2 import ApiFormat
+from tests.unit.conftest import Start
 
 CHAT = ApiFormat.API_FORMAT_CHAT_COMPLETIONS
 SSE = "text/event-stream"
@@ -579,28 +578,6 @@ def test_garbage_never_raises_and_is_split_invariant(
 # Real mock-model output
 
 
-@pytest.fixture
-async def mock_base() -> AsyncIterator[Callable[[MockBehaviour], Any]]:
-    tasks: list[asyncio.Task[None]] = []
-
-    async def start(behaviour: MockBehaviour) -> str:
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(serve("127.0.0.1", 0, behaviour, ready.set_result))
-        tasks.append(task)
-        waiters: list[asyncio.Future[Any]] = [ready, task]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()
-        return f"http://127.0.0.1:{ready.result()}"
-
-    yield start
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with suppress(asyncio.CancelledError):
-            await task
-
-
 async def fetch(
     session: aiohttp.ClientSession, url: str, body: dict[str, Any], capture: int
 ) -> tuple[ResponseSummary, list[bytes], int, int]:
@@ -616,8 +593,8 @@ async def fetch(
 
 
 @pytest.mark.timeout(30)
-async def test_real_mock_model_output(mock_base: Callable[[MockBehaviour], Any]) -> None:
-    base = await mock_base(
+async def test_real_mock_model_output(start_mock: Start) -> None:
+    base = await start_mock(
         MockBehaviour(completion_tokens=40, tokens_per_s=2000, ttft_ms=30, seed=11)
     )
     url = f"{base}/v1/chat/completions"
@@ -733,10 +710,10 @@ def test_without_prompt_caching_the_figure_stays_unknown() -> None:
 
 @pytest.mark.timeout(30)
 async def test_the_stand_in_reports_cached_tokens(
-    mock_base: Callable[[MockBehaviour], Any],
+    start_mock: Start,
 ) -> None:
-    base = await mock_base(MockBehaviour(cached_prompt_ratio=0.5, seed=3))
-    plain = await mock_base(MockBehaviour(seed=3))
+    base = await start_mock(MockBehaviour(cached_prompt_ratio=0.5, seed=3))
+    plain = await start_mock(MockBehaviour(seed=3))
     messages = [{"role": "user", "content": "one two three four five"}]
     stream_body = {"messages": messages, "stream": True, "stream_options": {"include_usage": True}}
     async with aiohttp.ClientSession() as session:

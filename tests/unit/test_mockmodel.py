@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
 
@@ -23,10 +23,10 @@ from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolPara
 from extproc.dev import mockmodel
 from extproc.dev.mockmodel import REFUSAL, MockBehaviour, add_arguments, behaviour_from_args, serve
 from extproc.telemetry.inspect import ResponseInspector
+from tests.unit.conftest import Start
 
 pytestmark = pytest.mark.timeout(30)
 
-Start = Callable[[MockBehaviour], Awaitable[str]]
 USER: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Tell me about rollouts please"}
 ]
@@ -40,29 +40,6 @@ TOOLS: list[ChatCompletionToolParam] = [
         },
     }
 ]
-
-
-@pytest.fixture
-async def start_mock() -> AsyncIterator[Start]:
-    """Start real servers on free ports; returns their base URLs once they are listening."""
-    tasks: list[asyncio.Task[None]] = []
-
-    async def start(behaviour: MockBehaviour) -> str:
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(serve("127.0.0.1", 0, behaviour, ready.set_result))
-        tasks.append(task)
-        waiters: list[asyncio.Future[Any]] = [ready, task]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()  # surfaces the start-up error
-        return f"http://127.0.0.1:{ready.result()}"
-
-    yield start
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with suppress(asyncio.CancelledError):
-            await task
 
 
 @pytest.fixture
