@@ -26,7 +26,7 @@ local INPUT = '"input_tokens"%s*:%s*(%d+)'
 
 -- Where each API keeps its answer text: the string value of `key`, in a stream only after
 -- `sse` (the event type of a text delta; nil: every event), in a body only after `json`; and the
--- mark of a tool call. The sidecar reads the same (extproc/telemetry/inspect.py).
+-- mark of a tool call. The sidecar reads the same (extproc/telemetry/formats.py).
 local FORMATS = {
   chat = { key = '"content"%s*:%s*"', tool = '"tool_calls"%s*:%s*%[%s*{' },
   completions = { key = '"text"%s*:%s*"' },
@@ -40,17 +40,22 @@ local FORMATS = {
   },
 }
 
--- The format s (whole SSE lines, or a body's head) shows, else nil. The order matters: a
--- Responses body holds "type":"message" items, an Anthropic one no "object".
+-- The formats an "object" names, and the event "type" prefixes that name one.
+local OBJECTS = {
+  ["chat.completion"] = "chat", ["chat.completion.chunk"] = "chat",
+  text_completion = "completions", response = "responses",
+}
+
+-- The format s (whole SSE lines, or a body's head) shows, else nil: by its first "object", else
+-- its first "type", else the shape of its choices. Each costs one scan, cut short where found.
 local function format_of(s)
-  if string.find(s, '"object"%s*:%s*"response"') or string.find(s, '"type"%s*:%s*"response%.') then
+  local found = OBJECTS[string.match(s, '"object"%s*:%s*"([%w_%.]*)"') or ""]
+  if found then return found end
+  local kind = string.match(s, '"type"%s*:%s*"([%w_%.]*)"')
+  if kind and string.sub(kind, 1, 9) == "response." then
     return "responses"
-  elseif string.find(s, '"type"%s*:%s*"message') then
+  elseif kind and string.sub(kind, 1, 7) == "message" then
     return "messages"
-  elseif string.find(s, '"object"%s*:%s*"text_completion"') then
-    return "completions"
-  elseif string.find(s, '"object"%s*:%s*"chat%.completion') then
-    return "chat"
   elseif string.find(s, '"choices"', 1, true) then -- a server that names no "object"
     if string.find(s, '"delta"%s*:%s*{') or string.find(s, '"message"%s*:%s*{') then
       return "chat"

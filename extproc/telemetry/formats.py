@@ -211,19 +211,26 @@ MESSAGES: Final = Format(
 FORMATS: Final = (CHAT, COMPLETIONS, RESPONSES, MESSAGES)
 
 
+_OBJECTS: Final = {
+    "chat.completion": CHAT,
+    "chat.completion.chunk": CHAT,
+    "text_completion": COMPLETIONS,
+    "response": RESPONSES,
+}
+
+
 def detect(obj: dict[str, Any]) -> Format | None:
-    """The format a decoded event or body names, else None; in inspect.lua's order (a Responses
-    body holds ``"type": "message"`` items, an Anthropic one no ``object``)."""
-    kind, named = obj.get("type"), obj.get("object")
-    if named == "response" or (isinstance(kind, str) and kind.startswith("response.")):
+    """The format a decoded event or body names, else None, as inspect.lua's ``format_of``
+    decides: by its ``object``, else its event ``type`` (Responses' ``response.*``, Anthropic's
+    ``message*``), else the shape of its first choice (a server that names no object)."""
+    named = obj.get("object")
+    if isinstance(named, str) and named in _OBJECTS:
+        return _OBJECTS[named]
+    kind = obj.get("type")
+    if isinstance(kind, str) and kind.startswith("response."):
         return RESPONSES
     if isinstance(kind, str) and kind.startswith("message"):
         return MESSAGES
-    if named == "text_completion":
-        return COMPLETIONS
-    if isinstance(named, str) and named.startswith("chat.completion"):
-        return CHAT
-    # A server that names no object: the shape of its first choice.
     for choice in _list(obj.get("choices"))[:1]:
         choice = _dict(choice)
         if isinstance(choice.get("delta"), dict) or isinstance(choice.get("message"), dict):
