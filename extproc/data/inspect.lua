@@ -24,9 +24,10 @@ local TAIL_BYTES = 1024
 local CACHED = '"cache_read_input_tokens"%s*:%s*(%d+)'
 local INPUT = '"input_tokens"%s*:%s*(%d+)'
 
--- Where each API keeps its answer text: the string value of `key`, in a stream only after
--- `sse` (the event type of a text delta; nil: every event), in a body only after `json`; and the
--- mark of a tool call. The sidecar reads the same (extproc/telemetry/formats.py).
+-- Where each API keeps its answer text: the string value of `key` (in a stream `sse_key`, where
+-- given), in a stream only after `sse` (the event type of a text delta; nil: in every event), in a
+-- body only after `json` (the first match is the answer); and the mark of a tool call. The
+-- sidecar reads the same (extproc/telemetry/formats.py).
 local FORMATS = {
   chat = { key = '"content"%s*:%s*"', tool = '"tool_calls"%s*:%s*%[%s*{' },
   completions = { key = '"text"%s*:%s*"' },
@@ -40,7 +41,7 @@ local FORMATS = {
   },
 }
 
--- The formats an "object" names, and the event "type" prefixes that name one.
+-- The formats an "object" names (the event "type" prefixes are in format_of).
 local OBJECTS = {
   ["chat.completion"] = "chat", ["chat.completion.chunk"] = "chat",
   text_completion = "completions", response = "responses",

@@ -31,7 +31,7 @@ from typing import Any, Final, Protocol
 
 from extproc.telemetry.v1.event_pb2 import ApiFormat
 
-__all__ = ["FORMATS", "Format", "Sink", "detect"]
+__all__ = ["Format", "Sink", "detect"]
 
 
 class Sink(Protocol):
@@ -208,7 +208,6 @@ MESSAGES: Final = Format(
     _messages_event,
     _messages_body,
 )
-FORMATS: Final = (CHAT, COMPLETIONS, RESPONSES, MESSAGES)
 
 
 _OBJECTS: Final = {

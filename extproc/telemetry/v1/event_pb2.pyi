@@ -176,7 +176,9 @@ class TelemetryEvent(_message.Message):
     headers_ms: _builtins.float
     """Milliseconds from request start to response headers."""
     first_token_ms: _builtins.float
-    """Milliseconds to the first token (first SSE content chunk; first body byte otherwise)."""
+    """Milliseconds to the first token (first SSE chunk with answer text or a tool call, absent
+    for a stream of an unknown api_format; first body byte otherwise).
+    """
     duration_ms: _builtins.float
     """Milliseconds from request start to the end of the response."""
     prompt_tokens: _builtins.int
