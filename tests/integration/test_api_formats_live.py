@@ -5,8 +5,8 @@ in the events in Redis as the stand-ins made them.
 The stand-ins are set so that every figure is known in advance: the first token leaves
 ``TTFT_MS`` after the headers and the rest one every ``1000 / TOKENS_PER_S`` ms; stable answers
 in words and is cut at the request's ``MAX_TOKENS`` (its answers are 20 words or more), canary
-refuses (``REFUSAL``: 8 tokens, under the limit). A body in no known format (the stand-in's model
-list) gets timing only.
+refuses (``REFUSAL``: 8 tokens, under the limit); offered a tool, stable calls it (in the APIs that
+have tools). A body in no known format (the stand-in's model list) gets timing only.
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ TTFT_MS = 150
 TOKENS_PER_S = 50
 GAP_MS = 1000 / TOKENS_PER_S
 PACE = ["--ttft-ms", str(TTFT_MS), "--tokens-per-s", str(TOKENS_PER_S), "--completion-tokens", "40"]
+# A request offering a tool gets a call of it from stable (the stand-in's --tool-call-rate 1).
+TOOLS = {
+    "/v1/chat/completions": [{"type": "function", "function": {"name": "search_docs"}}],
+    "/v1/responses": [{"type": "function", "name": "search_docs", "parameters": {}}],
+    "/v1/messages": [{"name": "search_docs", "input_schema": {"type": "object"}}],
+}
 
 
 def request(path: str, stream: bool) -> dict[str, Any]:
@@ -52,7 +58,9 @@ FORMATS = {
 
 
 # One stack per data plane for the whole module; every request is forced to a variant.
-plane = forced_planes({"stable": PACE, "canary": [*PACE, "--refusal-rate", "1"]})
+plane = forced_planes(
+    {"stable": [*PACE, "--tool-call-rate", "1"], "canary": [*PACE, "--refusal-rate", "1"]}
+)
 
 
 def event_of(s: LiveStack, rid: str) -> TelemetryEvent:
@@ -63,10 +71,14 @@ def event_of(s: LiveStack, rid: str) -> TelemetryEvent:
     return ev
 
 
-def ask(s: LiveStack, http: httpx.Client, variant: str, path: str, stream: bool) -> str:
+def ask(
+    s: LiveStack, http: httpx.Client, variant: str, path: str, stream: bool, **extra: Any
+) -> str:
     """One forced request; its request id (as Envoy assigned and echoed it)."""
     r = http.post(
-        f"{s.listener}{path}", json=request(path, stream), headers={"x-experiment": variant}
+        f"{s.listener}{path}",
+        json=request(path, stream) | extra,
+        headers={"x-experiment": variant},
     )
     assert r.status_code == 200, r.text
     assert r.headers["x-llm-variant"] == variant
@@ -102,6 +114,18 @@ def test_each_api_format_is_read(
         # the first chunk on late on a loaded machine, never early).
         assert answer.first_token_ms >= TTFT_MS
         assert answer.duration_ms - answer.first_token_ms >= (MAX_TOKENS - 1) * GAP_MS / 2
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+@pytest.mark.parametrize("path", list(TOOLS))
+def test_each_api_formats_tool_calls(
+    plane: LiveStack, http: httpx.Client, path: str, stream: bool
+) -> None:
+    ev = event_of(plane, ask(plane, http, "stable", path, stream, tools=TOOLS[path]))
+    assert (ev.api_format, ev.tool_calls, ev.empty_answer) == (FORMATS[path][0], True, False)
+    assert ev.HasField("first_token_ms")
+    if stream:  # the call is the first token, TTFT_MS after the request came
+        assert ev.first_token_ms >= TTFT_MS
 
 
 def test_a_body_in_no_known_format_gets_timing_only(plane: LiveStack, http: httpx.Client) -> None:
