@@ -297,11 +297,12 @@ class _ChatRequest:
     tools: tuple[str, ...] = ()
 
 
-def _message_text(index: int, message: object) -> str:
+def _message_text(where: str, message: object) -> str:
+    """The text of one message; ``where`` is its path in the request (``messages[0]``)."""
     if not isinstance(message, dict):
-        raise _BadRequest(f"messages[{index}] must be an object", f"messages[{index}]")
+        raise _BadRequest(f"{where} must be an object", where)
     if not isinstance(message.get("role"), str):
-        raise _BadRequest(f"messages[{index}].role must be a string", f"messages[{index}].role")
+        raise _BadRequest(f"{where}.role must be a string", f"{where}.role")
     content = message.get("content")
     if content is None or isinstance(content, str):
         return content or ""
@@ -309,18 +310,12 @@ def _message_text(index: int, message: object) -> str:
         parts: list[str] = []
         for part in content:
             if not isinstance(part, dict):
-                raise _BadRequest(
-                    f"messages[{index}].content parts must be objects",
-                    f"messages[{index}].content",
-                )
+                raise _BadRequest(f"{where}.content parts must be objects", f"{where}.content")
             text = part.get("text")
             if isinstance(text, str):
                 parts.append(text)
         return " ".join(parts)
-    raise _BadRequest(
-        f"messages[{index}].content must be a string, an array or null",
-        f"messages[{index}].content",
-    )
+    raise _BadRequest(f"{where}.content must be a string, an array or null", f"{where}.content")
 
 
 def _tool_names(body: dict[str, Any]) -> tuple[str, ...]:
@@ -363,7 +358,7 @@ def _texts(path: str, body: dict[str, Any]) -> list[str]:
         raise _BadRequest(f"Missing required parameter: '{key}'.", key)
     if not isinstance(messages, list) or not messages:
         raise _BadRequest(f"{key} must be a non-empty array", key)
-    texts = [_message_text(i, m) for i, m in enumerate(messages)]
+    texts = [_message_text(f"{key}[{i}]", m) for i, m in enumerate(messages)]
     # Instructions outside the conversation: Responses' instructions, Anthropic's system.
     name = "instructions" if key == "input" else "system"
     extra = body.get(name) if path != "/v1/chat/completions" else None
