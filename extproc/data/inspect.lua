@@ -26,10 +26,13 @@ local INPUT = '"input_tokens"%s*:%s*(%d+)'
 
 -- Where each API keeps its answer text: the string value of `key` (in a stream `sse_key`, where
 -- given), in a stream only after `sse` (the event type of a text delta; nil: in every event), in a
--- body only after `json` (the first match is the answer); and the mark of a tool call. The
--- sidecar reads the same (extproc/telemetry/formats.py).
+-- body only after `json` (the first match is the answer); a `refusal` where the API puts one
+-- in its own field (OpenAI's structured refusal); and the mark of a tool call. The sidecar reads
+-- the same (extproc/telemetry/formats.py).
 local FORMATS = {
-  chat = { key = '"content"%s*:%s*"', tool = '"tool_calls"%s*:%s*%[%s*{' },
+  chat = {
+    key = '"content"%s*:%s*"', refusal = '"refusal"%s*:%s*"', tool = '"tool_calls"%s*:%s*%[%s*{',
+  },
   completions = { key = '"text"%s*:%s*"' },
   responses = {
     key = '"text"%s*:%s*"', sse = '"response%.output_text%.delta"', sse_key = '"delta"%s*:%s*"',
@@ -109,6 +112,13 @@ function envoy_on_response(handle)
   local pending = "" -- SSE: the unfinished last line; JSON: the head of the body
   local cut = false -- JSON: the body was longer than HEAD_BYTES
   local tail = ""
+  local function keep(piece) -- a piece of a stream's answer text
+    if #piece > 0 then
+      text[#text + 1] = piece
+      held = held + #piece
+      if first == nil then first = now_us(handle) end
+    end
+  end
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
     if n > 0 then
@@ -127,13 +137,8 @@ function envoy_on_response(handle)
           spec = FORMATS[fmt]
         end
         if spec then
-          strings(lines, spec.sse, spec.sse_key or spec.key, function(piece)
-            if #piece > 0 then
-              text[#text + 1] = piece
-              held = held + #piece
-              if first == nil then first = now_us(handle) end
-            end
-          end)
+          strings(lines, spec.sse, spec.sse_key or spec.key, keep)
+          if spec.refusal then strings(lines, nil, spec.refusal, keep) end
           if fmt == "messages" then
             if cached == nil then cached = string.match(lines, CACHED) end
             if prompt == nil then prompt = string.match(lines, INPUT) end
@@ -167,9 +172,11 @@ function envoy_on_response(handle)
   elseif spec then
     tools = spec.tool ~= nil and string.find(pending, spec.tool) ~= nil
     local answer = nil
-    strings(pending, spec.json, spec.key, function(piece, unterminated)
+    local function found(piece, unterminated)
       if answer == nil and (cut or not unterminated) then answer = piece end
-    end)
+    end
+    strings(pending, spec.json, spec.key, found)
+    if answer == nil and spec.refusal then strings(pending, nil, spec.refusal, found) end
     if answer ~= nil then
       md:set("extproc", "text", string.sub(answer, 1, TEXT_BYTES))
     elseif not cut then

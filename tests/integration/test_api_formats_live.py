@@ -11,6 +11,8 @@ have tools). A body in no known format (the stand-in's model list) gets timing o
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,7 +20,7 @@ import pytest
 
 from extproc.dev.mockmodel import REFUSAL
 from extproc.telemetry.v1.event_pb2 import ApiFormat, TelemetryEvent
-from tests.conftest import LiveStack, forced_planes, wait_for
+from tests.conftest import LiveStack, forced_planes, upstream_stack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -138,3 +140,37 @@ def test_a_body_in_no_known_format_gets_timing_only(plane: LiveStack, http: http
     assert ev.response_bytes == len(r.content)
     for name in ("prompt_tokens", "completion_tokens", "refusal", "empty_answer", "answer_chars"):
         assert not ev.HasField(name), name
+
+
+def structured_refusal(stream: bool) -> bytes:
+    """OpenAI's refusal in its own field, the content null (no stand-in knob makes one)."""
+    if not stream:
+        message = {"role": "assistant", "content": None, "refusal": REFUSAL}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        return json.dumps({"object": "chat.completion", "choices": [choice]}).encode()
+    deltas = [{"role": "assistant", "content": None, "refusal": ""}, {"refusal": REFUSAL}, {}]
+    events = [{"object": "chat.completion.chunk", "choices": [{"delta": d}]} for d in deltas]
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+
+@pytest.fixture(scope="module", params=["ext_proc", "native"])
+def refusing_plane(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveStack]:
+    answers = {
+        "/stream": ("text/event-stream", structured_refusal(True)),
+        "/json": ("application/json", structured_refusal(False)),
+    }
+    with upstream_stack(tmp_path_factory.mktemp(request.param), request.param, answers) as s:
+        yield s
+
+
+@pytest.mark.parametrize("path", ["/stream", "/json"])
+def test_a_refusal_in_its_own_field_is_the_answer(
+    refusing_plane: LiveStack, http: httpx.Client, path: str
+) -> None:
+    r = http.post(f"{refusing_plane.listener}{path}", json={}, headers={"x-experiment": "canary"})
+    assert r.status_code == 200, r.text
+    ev = event_of(refusing_plane, r.headers["x-request-id"])
+    assert ev.api_format == ApiFormat.API_FORMAT_CHAT_COMPLETIONS
+    assert (ev.refusal, ev.empty_answer, ev.answer_chars) == (True, False, len(REFUSAL))

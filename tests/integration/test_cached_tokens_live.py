@@ -10,24 +10,14 @@ inspect.lua reads as the stream passes.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from aiohttp import web
 
-from extproc.dev import stack
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
-from tests.conftest import (
-    LiveStack,
-    forced_planes,
-    forced_stack,
-    wait_for,
-)
+from tests.conftest import LiveStack, forced_planes, upstream_stack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -108,58 +98,15 @@ def anthropic_stream() -> bytes:
     return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
 
 
-@pytest.fixture(scope="module")
-def anthropic_upstream() -> Iterator[int]:
-    """A model server speaking the Messages API's stream, on a free port, in its own thread."""
-    port = stack.free_port()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    async def messages(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(anthropic_stream())
-        await resp.write_eof()
-        return resp
-
-    async def start() -> web.AppRunner:
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", messages)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        runner = loop.run_until_complete(start())
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        yield port
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-
-
 @pytest.mark.parametrize("dataplane", ["ext_proc", "native"])
 def test_an_anthropic_streams_cache_arrives(
-    dataplane: str, anthropic_upstream: int, tmp_path: Path, http: httpx.Client
+    dataplane: str, tmp_path: Path, http: httpx.Client
 ) -> None:
+    """Behind a model server speaking the Messages API's stream, the cache hits its first event
+    reported arrive."""
     assert len(anthropic_stream()) > 2048  # message_start is long out of the 1 KiB tail
-    address = f"127.0.0.1:{anthropic_upstream}"
-    variants = {
-        "stable": {"cluster": "model_stable", "address": address, "weight": 50},
-        "canary": {"cluster": "model_canary", "address": address, "weight": 50},
-    }
-    with forced_stack(tmp_path, dataplane, {"variants": variants}, mock_models=False) as s:
+    answers = {"/v1/chat/completions": ("text/event-stream", anthropic_stream())}
+    with upstream_stack(tmp_path, dataplane, answers) as s:
         r = s.chat(http, {"x-experiment": "canary"}, stream=True)
         assert r.status_code == 200, r.text
         assert b"cache_read_input_tokens" in r.content

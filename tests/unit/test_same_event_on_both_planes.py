@@ -203,6 +203,23 @@ MESSAGES_TOOL_CALL = json.dumps(
         "usage": {"input_tokens": 20, "output_tokens": 7},
     }
 ).encode()
+# OpenAI's structured refusal: the answer in its own field, the content null.
+REFUSAL_DELTAS = [
+    (55, sse({"choices": [{"delta": {"role": "assistant", "content": None, "refusal": ""}}]})),
+    (70, sse({"choices": [{"delta": {"refusal": ANSWER}}]})),
+    (900, sse({"choices": [{"delta": {}, "finish_reason": "stop"}]}) + b"data: [DONE]\n\n"),
+]
+REFUSAL_BODY = json.dumps(
+    {
+        "object": "chat.completion",
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": None, "refusal": ANSWER},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+).encode()
 UNKNOWN_STREAM = [(55, sse({"token": "hello"})), (900, sse({"token": "world", "done": True}))]
 
 CASES = {
@@ -263,6 +280,12 @@ CASES = {
         "",
         api="messages",
         tool_calls=True,
+    ),
+    "structured refusal, streamed": Request(
+        "canary", 200, "text/event-stream", REFUSAL_DELTAS, 70, ANSWER
+    ),
+    "structured refusal": Request(
+        "canary", 200, "application/json", [(700, REFUSAL_BODY)], 700, ANSWER
     ),
     "unknown format": Request(
         "canary", 200, "text/event-stream", UNKNOWN_STREAM, None, None, api=None
@@ -445,6 +468,12 @@ def test_the_other_formats_finish_reasons_and_tool_calls() -> None:
     tool = m.event(access_log_entry(CASES["messages tool call"]))
     assert (tool.tool_calls, tool.empty_answer, tool.finish_reason) == (True, False, "tool_use")
     assert (tool.prompt_tokens, tool.completion_tokens) == (20, 7)
+
+
+@pytest.mark.parametrize("case", ["structured refusal, streamed", "structured refusal"])
+def test_a_refusal_in_its_own_field_is_the_answer(case: str) -> None:
+    ev = mapper().event(access_log_entry(CASES[case]))
+    assert (ev.refusal, ev.empty_answer, ev.answer_chars) == (True, False, len(ANSWER))
 
 
 def test_an_unknown_format_gets_timing_only() -> None:
