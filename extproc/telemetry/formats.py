@@ -172,8 +172,8 @@ class Format:
     """One API's readers, and the cheap byte tests that spare decoding most stream events."""
 
     api: ApiFormat.ValueType
-    text_marks: tuple[bytes, ...]
-    """An event holding none of these carries no answer text (no need to decode it for that)."""
+    text_mark: re.Pattern[bytes]
+    """An event where this is not found carries no answer text (no need to decode it for that)."""
     tool: re.Pattern[bytes] | None
     """The mark of a tool call in an event or body (as inspect.lua finds it)."""
     event: Callable[[Any, Sink], None]
@@ -182,28 +182,28 @@ class Format:
 
 CHAT: Final = Format(
     ApiFormat.API_FORMAT_CHAT_COMPLETIONS,
-    (b'"content"', b'"refusal"'),
+    re.compile(rb'"content"|"refusal"'),
     re.compile(rb'"tool_calls"\s*:\s*\[\s*\{'),
     _choices_event(_chat_piece),
     _choices_body(_chat_text),
 )
 COMPLETIONS: Final = Format(
     ApiFormat.API_FORMAT_COMPLETIONS,
-    (b'"text"',),
+    re.compile(rb'"text"'),
     None,
     _choices_event(_completion_piece),
     _choices_body(_completion_piece),
 )
 RESPONSES: Final = Format(
     ApiFormat.API_FORMAT_RESPONSES,
-    (b'"response.output_text.delta"',),
+    re.compile(rb'"response\.output_text\.delta"'),
     re.compile(rb'"type"\s*:\s*"function_call"'),
     _responses_event,
     _responses_body,
 )
 MESSAGES: Final = Format(
     ApiFormat.API_FORMAT_MESSAGES,
-    (b'"text_delta"',),
+    re.compile(rb'"text_delta"'),
     re.compile(rb'"type"\s*:\s*"tool_use"'),
     _messages_event,
     _messages_body,

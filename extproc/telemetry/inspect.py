@@ -364,7 +364,7 @@ class ResponseInspector:
         if obj is None:
             wanted = (
                 self._first_ns is None or (self._capture and self._text_chars < self._capture)
-            ) and any(mark in data for mark in fmt.text_marks)
+            ) and fmt.text_mark.search(data) is not None
             if not wanted and _LATE_FIELDS.search(data) is None:
                 if _OBJECT_START.match(data) is None:
                     self._malformed = True
