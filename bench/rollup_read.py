@@ -9,10 +9,15 @@ random) through the writer's own functions, then times the reads a refresh makes
 
 - the last 5 minutes in 10 s buckets (30 hashes): the live figures;
 - the whole rollout in 5 min buckets (72 hashes): a chart of all six hours;
-- each merged into per-variant figures (sketch quantiles included).
+- each merged into per-variant figures (sketch quantiles included);
+- and whole refreshes, through the functions the surfaces call: `extproc status --json`'s
+  document, the dashboard's experiment document (table, comparison, ladder) and its chart
+  series over the whole rollout (the page's default range).
 
-Run: ``.venv/bin/python bench/rollup_read.py`` (about a minute to fill; ``--events`` for more or
-fewer). It prints the median and max of 20 reads of each, in milliseconds.
+The simulated rollout ends now, so the surfaces' own clocks find it. The event stream is not
+filled: no refresh reads it. Run: ``.venv/bin/python bench/rollup_read.py`` (about a minute to
+fill; ``--events`` for more or fewer). It prints the median and max of 20 reads of each, in
+milliseconds.
 """
 
 from __future__ import annotations
@@ -22,17 +27,22 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 
 from extproc import store
+from extproc.config import EXAMPLE_EXPERIMENT, load_experiment, parse_experiment
 from extproc.contract import keys
 from extproc.dev import stack
+from extproc.evaluator.rollout import RolloutState
+from extproc.ops import status
+from extproc.ops.dashboard import views
 from extproc.telemetry import rollup
 from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
 
-START_S = 1_800_000_000
+NAME = "bench"
 
 
 def bucket_events(rng: np.random.Generator, start_s: int, n: int) -> list[TelemetryEvent]:
@@ -43,7 +53,7 @@ def bucket_events(rng: np.random.Generator, start_s: int, n: int) -> list[Teleme
     failed = rng.random(n) < 0.01
     return [
         TelemetryEvent(
-            experiment="bench",
+            experiment=NAME,
             variant="canary" if canary[i] else "stable",
             time_unix_ms=start_s * 1000 + int(i * 10_000 / n),
             duration_ms=float(latency[i]),
@@ -59,18 +69,29 @@ def bucket_events(rng: np.random.Generator, start_s: int, n: int) -> list[Teleme
     ]
 
 
-async def fill(url: str, events: int, hours: float) -> None:
+async def fill(url: str, events: int, hours: float, start_s: int) -> None:
+    """The experiment, a rollout state begun at ``start_s``, and the rollups of ``events``
+    requests from then until now."""
     r = store.connect(url, timeout_s=30)
+    example = load_experiment(EXAMPLE_EXPERIMENT).to_json_dict()
+    await store.register_experiment(r, parse_experiment({**example, "name": NAME}))
+    state = RolloutState(
+        status="running",
+        stage=3,
+        stage_started=start_s + hours * 3600 / 2,
+        strategy="canary",
+        attempt_started=start_s,
+    )
+    await r.set(keys.rollout(NAME), state.to_json())
     rng = np.random.default_rng(7)
     buckets = int(hours * 3600 / 10)
     per_bucket = events // buckets
-    coarse: dict[int, rollup.Tally] = {}
     async with r.pipeline(transaction=False) as pipe:
         for b in range(buckets):
-            evs = bucket_events(rng, START_S + 10 * b, per_bucket)
+            evs = bucket_events(rng, start_s + 10 * b, per_bucket)
             for width in rollup.WIDTHS_S:
                 for start, (ints, floats) in rollup.bucket_fields(evs, width).items():
-                    key = keys.rollup("bench", width, start)
+                    key = keys.rollup(NAME, width, start)
                     for k, v in ints.items():
                         pipe.hincrby(key, k, v)
                     for k, f in floats.items():
@@ -78,29 +99,52 @@ async def fill(url: str, events: int, hours: float) -> None:
             if b % 30 == 29:
                 await pipe.execute()
         await pipe.execute()
-    del coarse
     await r.aclose()
 
 
-async def time_reads(url: str, hours: float) -> dict[str, list[float]]:
+async def _timed(what: Callable[[], Awaitable[object]], times: int = 20) -> list[float]:
+    took = []
+    for _ in range(times):
+        t0 = time.perf_counter()
+        await what()
+        took.append((time.perf_counter() - t0) * 1000)
+    return took
+
+
+async def time_reads(url: str, hours: float, start_s: int) -> dict[str, list[float]]:
     r = store.connect(url, timeout_s=30)
-    end = START_S + int(hours * 3600)
+    end = start_s + int(hours * 3600)
     cases = {
         "last 5 min, 10 s buckets": (10, end - 300, end),
-        "whole rollout, 5 min buckets": (300, START_S, end),
+        "whole rollout, 5 min buckets": (300, start_s, end),
     }
     out: dict[str, list[float]] = {}
     for name, (width, since, until) in cases.items():
-        for what in ("read", "read + figures"):
-            took = []
-            for _ in range(20):
-                t0 = time.perf_counter()
-                buckets = await rollup.read(r, "bench", width, since, until)
-                if what != "read":
-                    for t in rollup.merged(buckets).values():
-                        t.figures()
-                took.append((time.perf_counter() - t0) * 1000)
-            out[f"{name}: {what} ({len(buckets)} hashes)"] = took
+        n = len(range(since - since % width, until, width))
+
+        async def read(w: int = width, a: int = since, b: int = until) -> object:
+            return await rollup.read(r, NAME, w, a, b)
+
+        async def figures(w: int = width, a: int = since, b: int = until) -> object:
+            merged = rollup.merged(await rollup.read(r, NAME, w, a, b))
+            return [t.figures() for t in merged.tallies.values()]
+
+        out[f"{name}: read ({n} hashes)"] = await _timed(read)
+        out[f"{name}: read + figures"] = await _timed(figures)
+    out["refresh: `extproc status --json` document"] = await _timed(
+        lambda: status.status_doc(r, NAME)
+    )
+    out["refresh: dashboard experiment document"] = await _timed(lambda: views.experiment(r, NAME))
+    out["refresh: dashboard chart series, whole rollout"] = await _timed(
+        lambda: views.experiment_series(r, NAME)
+    )
+    series = await views.experiment_series(r, NAME)
+    assert series is not None
+    requests = sum(sum(x or 0 for x in c["window_requests"]) for c in series["variants"].values())
+    print(
+        f"chart series: {len(series['t'])} points of {series['step_s']} s spanning "
+        f"{series['span_s'] / 3600:.1f} h, {requests:,} requests"
+    )
     await r.aclose()
     return out
 
@@ -115,12 +159,13 @@ def main() -> None:
         try:
             url = stack.start_redis(procs, stack.free_port(), Path(tmp))
             t0 = time.perf_counter()
-            asyncio.run(fill(url, args.events, args.hours))
+            start_s = int(time.time() - args.hours * 3600) // 300 * 300
+            asyncio.run(fill(url, args.events, args.hours, start_s))
             print(
                 f"filled the rollups of {args.events:,} events over {args.hours} h "
                 f"in {time.perf_counter() - t0:.0f} s"
             )
-            for name, took in asyncio.run(time_reads(url, args.hours)).items():
+            for name, took in asyncio.run(time_reads(url, args.hours, start_s)).items():
                 print(
                     f"{name:62s} median {statistics.median(took):6.1f} ms  max {max(took):6.1f} ms"
                 )

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
+from extproc.contract.envoy import FALLBACK_ROUTE
 from extproc.contract.headers import VARIANT
 from extproc.envoyconf.bootstrap import render
 from extproc.envoyconf.common import EnvoyLayout
@@ -186,7 +187,8 @@ def generated_filters(
         common = log["typed_config"]["common_config"]
         common["grpc_service"]["envoy_grpc"]["cluster_name"] = ISTIO_SIDECAR_CLUSTER
         # The access log belongs to the whole connection manager, other hosts included: only
-        # requests the sidecar routed (x-llm-variant set) are the experiment's.
+        # requests with x-llm-variant set are the experiment's (the sidecar sets it; so does
+        # the fallback route, for the requests the sidecar did not route).
         log["filter"] = {"header_filter": {"header": {"name": VARIANT, "present_match": True}}}
     telemetry = {"access_log": logs, "access_log_options": hcm["access_log_options"]}
     return hcm["early_header_mutation_extensions"], filters, telemetry
@@ -317,7 +319,12 @@ def http_routes(experiment: Experiment) -> list[dict[str, Any]]:
                 **r,
             }
         )
-    routes.append(route("fallback-stable", experiment.stable))
+    # The sidecar did not route it (down, slow, or not run): stable. Named as the access log
+    # knows a fallback (Istio names the Envoy route after it), and marked with the variant
+    # header the access log's filter keeps (headers a route sets reach the access log).
+    fallback = route(FALLBACK_ROUTE, experiment.stable)
+    fallback["headers"]["request"]["set"] = {VARIANT: experiment.stable}
+    routes.append(fallback)
     return routes
 
 

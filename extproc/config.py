@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -264,6 +264,18 @@ class Inflight(_Strict):
     )
 
 
+class Telemetry(_Strict):
+    """What the telemetry writer keeps in Redis for this experiment's readers."""
+
+    rollup_retention_days: int = Field(
+        default=30,
+        ge=1,
+        le=3650,
+        description="keep the per-bucket rollups (status, top, the dashboard's charts) this long "
+        "after their last request; longer than the rollout runs",
+    )
+
+
 # Models write the apostrophe straight or curly (U+2019): both match.
 DEFAULT_REFUSALS = [
     r"^\s*(I['\u2019]?m|I am) (sorry|afraid)",
@@ -340,10 +352,72 @@ class Hooks(_Strict):
     backoff_s: float = Field(default=1, ge=0, le=60, description="doubled after every try")
 
 
+Strategy = Literal["canary", "ab", "shadow", "blue-green"]
+
+
+class Phase(_Strict):
+    """One link of a chain of strategies (``phases:``), e.g. a shadow comparison that must pass
+    before a canary begins. A phase names its strategy and may bring its own rollout schedule
+    and guardrails; what it leaves out is the experiment's. Variants, routing, mirroring
+    (``shadow:``) and the data plane are the experiment's in every phase: the data plane never
+    changes between phases, only what the evaluator judges and how it moves the weights."""
+
+    name: str = Field(pattern=NAME_RE)
+    strategy: Strategy
+    rollout: Rollout | None = None
+    guardrails: list[Guardrail] | None = None
+
+
+AbMetric = Literal[
+    "latency",
+    "completion_tokens",
+    "error_rate",
+    "refusal_rate",
+    "judge_win_rate",
+    "rubric",
+    "negative_feedback_rate",
+    "cost",
+]
+AB_METRICS: tuple[AbMetric, ...] = get_args(AbMetric)
+"""What an A/B decision compares (``extproc.evaluator.decision``), in report order."""
+
+
+class AbTest(_Strict):
+    """How an ``ab`` run ends in a decision: ship the candidate, keep stable, or inconclusive.
+
+    ``primary`` is the one metric that says "better", tested at ``alpha``; the others in
+    ``metrics`` are secondary: a significant harm on any of them (Holm-adjusted, at ``alpha``)
+    keeps stable. ``min_samples: auto`` ends the run once each arm holds the sample the primary
+    metric needs to detect ``mde`` with ``power`` (relative to stable's value, except
+    ``judge_win_rate``: points above a 50% win rate); a number is that sample, counted in the
+    primary metric's unit (requests, verdicts or scores). Method: docs/STATISTICS.md.
+    """
+
+    primary: AbMetric | None = Field(
+        default=None,
+        description="the deciding metric; left out: judge_win_rate with a judge, else latency",
+    )
+    metrics: list[AbMetric] = Field(
+        default_factory=lambda: list(AB_METRICS), min_length=1, description="reported and tested"
+    )
+    latency: Literal["mean", "p50"] = "mean"
+    alpha: float = Field(default=0.05, gt=0, lt=0.5, description="two-sided, per decision")
+    min_samples: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        default=None, description="per arm, in the primary metric's unit; auto: from mde, power"
+    )
+    mde: float | None = Field(default=None, gt=0, description="the smallest effect worth finding")
+    power: float = Field(default=0.8, gt=0, lt=1)
+
+    def primary_metric(self, judged: bool) -> str:
+        """The deciding metric: the configured one, else the judge's win rate when a judge
+        runs (``judged``), else latency."""
+        return self.primary or ("judge_win_rate" if judged else "latency")
+
+
 class ExperimentSpec(_Strict):
     name: str = Field(pattern=NAME_RE)
     salt: str = Field(min_length=1, max_length=256)
-    strategy: Literal["canary", "ab", "shadow", "blue-green"] = "canary"
+    strategy: Strategy = "canary"
     dataplane: Literal["ext_proc", "native"] = Field(
         default="ext_proc",
         description=(
@@ -358,6 +432,7 @@ class ExperimentSpec(_Strict):
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     rollout: Rollout = Field(default_factory=Rollout)
     inflight: Inflight = Field(default_factory=Inflight)
+    telemetry: Telemetry = Field(default_factory=Telemetry)
     guardrails: list[Guardrail] = Field(default_factory=lambda: list(DEFAULT_GUARDRAILS))
     shadow: Shadow = Field(default_factory=Shadow)
     capture: Capture = Field(default_factory=Capture)
@@ -365,6 +440,25 @@ class ExperimentSpec(_Strict):
     judge: Judge | None = None
     watchdog: Watchdog | None = None
     hooks: Hooks = Field(default_factory=Hooks)
+    phases: list[Phase] = Field(
+        default_factory=list,
+        description="strategies run one after the other, each only once the one before passed",
+    )
+    ab: AbTest | None = Field(default=None, description="how an ab run decides (AbTest)")
+
+    def phase(self, index: int) -> ExperimentSpec:
+        """The experiment as phase ``index`` runs it: the phase's strategy, and its rollout and
+        guardrails where it sets them. Without phases, the experiment itself."""
+        if not self.phases:
+            return self
+        p = self.phases[index]
+        return self.model_copy(
+            update={
+                "strategy": p.strategy,
+                "rollout": p.rollout or self.rollout,
+                "guardrails": self.guardrails if p.guardrails is None else p.guardrails,
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -635,6 +729,48 @@ def _hook_problems(hooks: Any) -> list[str]:
     ]
 
 
+def _ab_problems(raw: Mapping[str, Any]) -> list[str]:
+    """What the A/B decision's settings need: the ab strategy, the primary among the metrics
+    (each listed once), the primary's source (a judge, prices), an mde to size an automatic
+    sample."""
+    ab = raw.get("ab")
+    if not isinstance(ab, Mapping):
+        return []
+    problems: list[str] = []
+    if raw.get("strategy", "canary") != "ab":
+        problems.append(f"ab: used by strategy ab only, not {raw.get('strategy', 'canary')}")
+    metrics = ab.get("metrics")
+    listed = metrics if isinstance(metrics, list) else list(AB_METRICS)
+    problems += [
+        f"ab.metrics.{i}: {m} is listed twice"
+        for i, m in enumerate(listed)
+        if isinstance(m, str) and m in listed[:i]
+    ]
+    primary = ab.get("primary")
+    judged = raw.get("judge") is not None
+    implied = primary if primary is not None else ("judge_win_rate" if judged else "latency")
+    if isinstance(implied, str) and implied in AB_METRICS and implied not in listed:
+        which = "" if primary is not None else " (the default primary metric)"
+        problems.append(f"ab.primary: {implied}{which} is not in ab.metrics")
+    # A secondary metric without its source is reported as "no data"; a primary one could
+    # never decide anything.
+    if primary in ("judge_win_rate", "rubric") and not judged:
+        problems.append(f"ab.primary: {primary} needs a judge: section")
+    variants = raw.get("variants")
+    priced = isinstance(variants, Mapping) and all(
+        isinstance(v, Mapping) and v.get("price") is not None for v in variants.values()
+    )
+    if primary == "cost" and not priced:
+        problems.append("ab.primary: cost needs a price on every variant")
+    mde = ab.get("mde")
+    if ab.get("min_samples") == "auto" and mde is None:
+        problems.append("ab.mde: required when ab.min_samples is auto")
+    win_rate = primary == "judge_win_rate" or (primary is None and judged)
+    if win_rate and isinstance(mde, int | float) and mde >= 0.5:
+        problems.append(f"ab.mde: points above a 50% win rate, must be < 0.5, got {mde}")
+    return problems
+
+
 def _signal_source_problems(raw: Mapping[str, Any], variants: Mapping[str, Any]) -> list[str]:
     """The judge needs captured pairs; the watchdog needs to force each variant it probes."""
     problems: list[str] = []
@@ -687,6 +823,56 @@ def _native_problems(raw: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _phase_problems(raw: Mapping[str, Any], reported: list[str]) -> list[str]:
+    """Each phase checked as the experiment it makes (:meth:`ExperimentSpec.phase`): a problem
+    of the phase's own rollout or guardrails gets the phase's path, one that only its strategy
+    brings out (a shadow phase without ``shadow.variant``) says which phase; problems of the
+    experiment itself (``reported``) are not repeated."""
+    phases = raw.get("phases")
+    if not isinstance(phases, list) or not phases:
+        return []
+    problems: list[str] = []
+    if "strategy" in raw:
+        problems.append("strategy: leave it out with phases (each phase names its own)")
+    seen: set[str] = set()
+    for i, phase in enumerate(phases):
+        if not isinstance(phase, Mapping):
+            continue  # the structural check says what it should be
+        where = f"phases.{i}"
+        name, strategy = phase.get("name"), phase.get("strategy")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(f"{where}.name: {name!r} names an earlier phase too")
+            seen.add(name)
+        if strategy == "blue-green" and i < len(phases) - 1:
+            problems.append(
+                f"{where}.strategy: blue-green flips every request and ends the rollout; "
+                "only the last phase can be blue-green"
+            )
+        own = {k: phase[k] for k in ("rollout", "guardrails") if phase.get(k) is not None}
+        as_run = {k: v for k, v in raw.items() if k != "phases"} | own
+        as_run["strategy"] = strategy if isinstance(strategy, str) else "canary"
+        for problem in _semantic_problems(as_run):
+            if problem in reported:
+                continue
+            top = problem.split(":", 1)[0].split(".", 1)[0]
+            problems.append(
+                f"{where}.{problem}" if top in own else f"{where} ({as_run['strategy']}): {problem}"
+            )
+    return list(dict.fromkeys(problems))
+
+
+def _first_phase_strategy(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """With phases and no ``strategy``, the experiment's strategy is its first phase's (what
+    surfaces that know no phases show)."""
+    phases = raw.get("phases")
+    if "strategy" in raw or not isinstance(phases, list) or not phases:
+        return raw
+    first = phases[0]
+    strategy = first.get("strategy") if isinstance(first, Mapping) else None
+    return {**raw, "strategy": strategy} if isinstance(strategy, str) else raw
+
+
 def _default_notice(raw: Mapping[str, Any]) -> Mapping[str, Any]:
     """Without an explicit ``inflight.notice_ms``, notice at 5 s or half the upstream timeout,
     whichever comes first: a short timeout alone must not make the file invalid."""
@@ -736,14 +922,18 @@ def parse_experiment(raw: Any, source: str = "<experiment>") -> Experiment:
         }
     problems += _inflight_problems(raw)  # on what the file says, before the notice's default
     raw = _default_notice(raw)
+    semantic = _semantic_problems(raw)
+    phased = _phase_problems(raw, semantic)  # on what the file says, before the strategy's
+    raw = _first_phase_strategy(raw)
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
         problems += _structural_problems(err, raw)
-    problems += _semantic_problems(raw)
+    problems += semantic + phased
     if isinstance(raw.get("variants"), Mapping):
         problems += _signal_source_problems(raw, raw["variants"])
     problems += _hook_problems(raw.get("hooks"))
+    problems += _ab_problems(raw)
     if raw.get("dataplane") == "native":
         problems += _native_problems(raw)
     if problems or spec is None:

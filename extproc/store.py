@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.typing import EncodableT, FieldT
 
 from extproc.config import Experiment, validate_weights
 from extproc.contract import keys
@@ -181,3 +183,29 @@ async def get_definition(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
         return None
     doc: dict[str, Any] = json.loads(raw)
     return doc
+
+
+REGISTERED_FOR_S = 86_400
+"""How long a process that stopped beating stays in its registry (its health hash expires
+within seconds; the registry only says where to look)."""
+
+
+async def heartbeat(
+    r: aioredis.Redis,
+    key: str,
+    registry: str,
+    instance: str,
+    fields: Mapping[FieldT, EncodableT],
+    ttl_s: int,
+) -> None:
+    """Write a process's health hash (expiring after ``ttl_s``) and its name in ``registry``,
+    the list readers take: scanning for the hashes instead would cost a round trip per hundred
+    keys, and the rollups alone add thousands of keys a day. Not a transaction (the registry and
+    the hash live in different Cluster slots); the hash expires whatever happens."""
+    now = time.time()
+    async with r.pipeline(transaction=False) as pipe:
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, ttl_s)
+        pipe.zadd(registry, {instance: now})
+        pipe.zremrangebyscore(registry, "-inf", now - REGISTERED_FOR_S)
+        await pipe.execute()

@@ -122,6 +122,19 @@ class TaskGroup:
             except Exception:  # a broken report must not stop the restarts
                 log.exception("reporting the health of the background tasks failed")
 
+    async def end(self, name: str, stop: asyncio.Event, grace_s: float) -> None:
+        """End task ``name``: set ``stop`` (its own signal to finish, e.g. to hand over a
+        lease), give it ``grace_s`` to return, then cancel it; it is no longer supervised."""
+        task = self._tasks.pop(name, None)
+        stop.set()
+        if task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), grace_s)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self.down.pop(name, None)
+
     async def close(self) -> None:
         """Cancel every task and wait for them to finish."""
         for task in self._tasks.values():

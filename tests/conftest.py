@@ -34,6 +34,7 @@ from extproc.cli.main import main as cli_main
 from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.contract import keys
 from extproc.dev import stack
+from extproc.telemetry import rollup
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
 # Tools the project installs into its virtualenv (`make promtool`) are found like those on PATH.
@@ -58,6 +59,17 @@ def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 15.0) -> An
         return stack.wait_until(check, what, timeout_s)
     except stack.StackError as err:
         pytest.fail(str(err))
+
+
+def as_read(events: list[TelemetryEvent], width_s: int) -> list[tuple[int, rollup.Bucket]]:
+    """The rollup buckets the writer would make of ``events``, read back field by field as a
+    reader gets them from Redis, oldest first."""
+    out = []
+    for start, (ints, floats) in rollup.bucket_fields(events, width_s).items():
+        raw = {k.encode(): str(v).encode() for k, v in ints.items()}
+        raw |= {k.encode(): repr(v).encode() for k, v in floats.items()}
+        out.append((start, rollup.parse(raw)))
+    return sorted(out, key=lambda b: b[0])
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -184,10 +196,14 @@ def start_stack(tmp: Path, experiment_path: Path | None = None, **kw: Any) -> Li
 
 
 def write_experiment(tmp: Path, **changes: Any) -> Path:
-    """A copy of the bundled example with top-level changes (e.g. other addresses)."""
+    """A copy of the bundled example with top-level changes (e.g. other addresses); a change
+    to None leaves the setting out."""
     doc = yaml.safe_load(EXAMPLE_EXPERIMENT.read_text())
     for k, v in changes.items():
-        doc[k] = v
+        if v is None:
+            doc.pop(k, None)
+        else:
+            doc[k] = v
     path = tmp / "experiment.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path

@@ -91,6 +91,26 @@ def positive_int(text: str) -> int:
     return n
 
 
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def span_s(text: str) -> int:
+    """argparse type of a span of time: seconds, or a number with s, m, h or d ("5m", "6h")."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS_S else (text, "s")
+    try:
+        value = float(number) * _UNITS_S[unit]
+    except ValueError:
+        value = 0.0
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a span of at least 1 s, such as 300, 90s, 5m, 6h or 2d"
+        )
+    return int(value)
+
+
+WINDOW_HELP = "summarise the requests that started in this last span (default 5m)"
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state-dir",

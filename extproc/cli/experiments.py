@@ -107,6 +107,8 @@ async def _experiment_rows(r: aioredis.Redis) -> list[dict[str, Any]]:
                 "status": state.status if state else "not started",
                 "stage": state.stage + 1 if state else None,
                 "attempt": state.attempt if state else None,
+                "phase": state.phase + 1 if state and definition.get("phases") else None,
+                "phases": len(definition.get("phases") or []),
             }
         )
     return rows
@@ -122,6 +124,8 @@ def cmd_list(ns: argparse.Namespace) -> int:
     for row in rows:
         w = ", ".join(f"{k} {v:g}%" for k, v in (row["weights"] or {}).items())
         stage = f" stage {row['stage']}" if row["stage"] else ""
+        if row["phase"]:
+            stage = f" phase {row['phase']}/{row['phases']}{stage}"
         if (row["attempt"] or 1) > 1:
             stage += f" (attempt {row['attempt']})"
         print(f"{row['name']:<24} {row['strategy']:<10} {row['status']}{stage}  [{w}]")

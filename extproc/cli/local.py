@@ -18,6 +18,7 @@ from extproc.cli.common import (
 )
 from extproc.cli.observe import cmd_status
 from extproc.dev import stack
+from extproc.ops import status
 
 
 def cmd_up(ns: argparse.Namespace) -> int:
@@ -91,7 +92,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         )
     )
     ns.redis_url = ep["redis"]
-    ns.name, ns.window, ns.json, ns.schema = exp.name, 20_000, False, False
+    ns.name, ns.window, ns.json, ns.schema = exp.name, status.DEFAULT_WINDOW_S, False, False
     print(f"\nRollout ended: {end}. Per-variant figures (extproc status):\n")
     cmd_status(ns)
     print(

@@ -16,10 +16,12 @@ from redis.exceptions import RedisError
 from extproc.cli.common import (
     EXIT_FAIL,
     EXIT_OK,
+    WINDOW_HELP,
     AddVerb,
     add_common,
     err,
     redis_url,
+    span_s,
     stack_state,
     using_redis,
     with_redis,
@@ -52,7 +54,16 @@ def _render_status(doc: dict[str, Any]) -> str:
             f"last: {ro['last_action'] or '-'} {'; '.join(ro['last_reasons'])}"
         )
     lines += status.figure_lines(doc)
+    lines += _decision_lines(doc)
     return "\n".join(lines)
+
+
+def _decision_lines(doc: dict[str, Any]) -> list[str]:
+    """An A/B run's stated decisions, from the evaluator's latest look: none until it ends."""
+    from extproc.evaluator.decision import render
+
+    found = (doc.get("evaluation") or {}).get("decisions") or []
+    return [line for d in found for line in render(d)]
 
 
 def _stack_report(ns: argparse.Namespace) -> dict[str, Any] | None:
@@ -82,11 +93,11 @@ def _down_lines(report: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-async def _status_doc(ns: argparse.Namespace) -> model.StatusDoc | None:
+async def _status_doc(ns: argparse.Namespace, name: str | None = None) -> model.StatusDoc | None:
     """The status read model (``ops.status.status_doc``) plus what only the local stack knows:
     its endpoints, the dashboard's address, the feedback token and which of its parts are down."""
     st = stack_state(ns)
-    name = ns.name or st.get("experiment", {}).get("name")
+    name = name or ns.name or st.get("experiment", {}).get("name")
     doc = await using_redis(ns, lambda r: status.status_doc(r, name, ns.window))
     if doc is None:
         return None
@@ -101,10 +112,11 @@ async def _status_doc(ns: argparse.Namespace) -> model.StatusDoc | None:
     )
 
 
-async def status_json(ns: argparse.Namespace) -> dict[str, Any] | None:
+async def status_json(ns: argparse.Namespace, name: str | None = None) -> dict[str, Any] | None:
     """The read model as the JSON object `status --json` prints (what `top` renders; what the
-    tests read in-process instead of starting a CLI process per look)."""
-    doc = await _status_doc(ns)
+    tests read in-process instead of starting a CLI process per look); ``name`` instead of the
+    experiment the command line asked for."""
+    doc = await _status_doc(ns, name)
     return None if doc is None else doc.model_dump(mode="json")
 
 
@@ -149,7 +161,9 @@ def cmd_top(ns: argparse.Namespace) -> int:
         print(top.render_for(doc, sys.stdout))
         return EXIT_OK
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(top.live(lambda: status_json(ns), interval=ns.interval, stdin=sys.stdin))
+        asyncio.run(
+            top.live(lambda name: status_json(ns, name), interval=ns.interval, stdin=sys.stdin)
+        )
     return EXIT_OK
 
 
@@ -220,7 +234,7 @@ def register(add: AddVerb) -> None:
     p.add_argument(
         "--schema", action="store_true", help="print the JSON schema of --json's output and exit"
     )
-    p.add_argument("--window", type=int, default=20_000, help="recent events to summarise")
+    p.add_argument("--window", type=span_s, default=status.DEFAULT_WINDOW_S, help=WINDOW_HELP)
     add_common(p)
     p = add("pairs", cmd_pairs, "captured primary and shadow answers, side by side")
     p.add_argument("name")
@@ -246,9 +260,14 @@ def register(add: AddVerb) -> None:
 
     from extproc.ops.top import seconds
 
-    p = add("top", cmd_top, "live per-variant table of an experiment (q or Ctrl-C quits)")
+    p = add(
+        "top",
+        cmd_top,
+        "live per-variant table of an experiment (n/p: next/previous experiment; q or Ctrl-C "
+        "quits)",
+    )
     p.add_argument("name", nargs="?", help="experiment (default: the local stack's)")
     p.add_argument("--interval", type=seconds, default=2.0, help="seconds between frames")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
-    p.add_argument("--window", type=int, default=20_000, help="recent events to summarise")
+    p.add_argument("--window", type=span_s, default=status.DEFAULT_WINDOW_S, help=WINDOW_HELP)
     add_common(p)

@@ -38,10 +38,17 @@ def cmd_export(ns: argparse.Namespace) -> int:
     if ns.count is not None and ns.count < 1:
         err(f"--count {ns.count}: must be at least 1")
         return EXIT_USAGE
+    if ns.signals and (ns.since is not None or ns.count is not None):
+        err("--since and --count select events; --signals exports the whole signal stream")
+        return EXIT_USAGE
 
     async def go(out: Any) -> int:
         r = store.connect(redis_url(ns), timeout_s=10)
         try:
+            if ns.signals:
+                from extproc.evaluator.signal_log import export_signals
+
+                return await export_signals(r, ns.name, out)
             return await export.export(r, ns.name, out, since, ns.count)
         finally:
             await r.aclose()
@@ -57,13 +64,15 @@ def cmd_export(ns: argparse.Namespace) -> int:
             n = asyncio.run(go(f))
     else:
         n = asyncio.run(go(sys.stdout))
-    print(f"exported {n} events of {ns.name} to {ns.output or 'stdout'}", file=sys.stderr)
+    what = "signals" if ns.signals else "events"
+    print(f"exported {n} {what} of {ns.name} to {ns.output or 'stdout'}", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_analyze(ns: argparse.Namespace) -> int:
     """Replay the evaluator's decisions over a recorded log (what would the guardrails do?)."""
     from extproc.evaluator.replay import render, replay
+    from extproc.evaluator.signal_log import read_signals
     from extproc.telemetry.export import EventLogError, read_jsonl
 
     exp = load_experiment(ns.config)
@@ -77,6 +86,7 @@ def cmd_analyze(ns: argparse.Namespace) -> int:
             every_checkpoint=ns.every_checkpoint,
             split=ns.split,
             promote_when_ready=ns.promote_when_ready,
+            signals=read_signals(ns.signals) if ns.signals else (),
         )
     except EventLogError as exc:
         err(str(exc))
@@ -134,6 +144,14 @@ def cmd_sample_size(ns: argparse.Namespace) -> int:
         print(json.dumps(got.to_json()))
         return EXIT_OK
     s = got.size
+    if got.kind == "win_rate":
+        print(
+            f"{got.metric}: {got.baseline:g} -> {got.target:g} ({s.alternative}, alpha "
+            f"{s.alpha:g}, power {s.power:.0%}, {s.method}, effect size {s.effect_size:+.3f})\n"
+            f"{s.n_treatment} decisive judge verdicts (pairs whose judge picked a side; ties "
+            "are not counted), whatever the split"
+        )
+        return EXIT_OK
     what = " (share of requests beyond stable's quantile)" if got.kind == "quantile" else ""
     print(
         f"{got.metric}{what}: {got.baseline:g} -> {got.target:g} ({s.alternative}, "
@@ -152,12 +170,22 @@ def register(add: AddVerb) -> None:
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.add_argument("--since", help="from this time on: ISO 8601 (naive = UTC) or epoch ms")
     p.add_argument("--count", type=int, help="at most this many (without --since: the newest ones)")
+    p.add_argument(
+        "--signals",
+        action="store_true",
+        help="the quality signals (judge verdicts, feedback, probes) instead of the events",
+    )
     add_common(p)
 
     p = add("analyze", cmd_analyze, "replay the evaluator's decisions over exported events")
     p.add_argument("events", metavar="EVENTS.jsonl")
     p.add_argument("--config", required=True, help="experiment file whose guardrails to replay")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--signals",
+        metavar="SIGNALS.jsonl",
+        help="quality signals to replay beside the events (`extproc export NAME --signals`)",
+    )
     p.add_argument("--cadence", type=float, help="seconds between checkpoints (default: file's)")
     p.add_argument(
         "--every-checkpoint", action="store_true", help="a trajectory row for every checkpoint"

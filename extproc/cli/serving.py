@@ -98,6 +98,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
+    if ns.all:
+        from extproc.evaluator import fleet
+
+        asyncio.run(fleet.serve(redis_url(ns), ns.instance, ns.metrics))
+        return EXIT_OK
     from extproc.evaluator.service import serve
 
     exp, _ = load(ns.experiment)
@@ -196,7 +201,14 @@ def register(add: AddVerb) -> None:
     )
     mockmodel.add_arguments(p)
     p = add("evaluate", cmd_evaluate, "run the evaluator (one active per experiment)")
-    p.add_argument("--experiment", help=exp_help)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--experiment", help=exp_help)
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help="evaluate every experiment in Redis, following creations and removals (a lease "
+        "per experiment: several such processes share them)",
+    )
     p.add_argument("--instance", default="", help="evaluator name (default host-pid)")
     p.add_argument(
         "--metrics",

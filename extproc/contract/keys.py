@@ -24,8 +24,16 @@ key                             type    content
 ``extproc:{E}:signals``         stream  judge verdicts, feedback, watchdog probes (``j``: JSON)
 ``extproc:{E}:evaluation``      string  the evaluator's latest look (JSON: figures, checks)
 ``extproc:{E}:batch:<id>``      string  id of an applied telemetry batch, with a TTL
+``extproc:{E}:rollup:<w>:<t>``  hash    per-variant aggregates of the requests that started
+                                        in [t, t + w) seconds (w: 10, kept 6 h; 300, kept
+                                        ``telemetry.rollup_retention_days``)
+``extproc:{E}:open:<k>:<v>``    zset    requests of kind k and variant v noticed open, by
+                                        start (ms)
 ``extproc:sidecar:<instance>``  hash    a sidecar replica's counters, with a TTL (liveness)
+``extproc:sidecars``            zset    sidecar instances by their last heartbeat (the list
+                                        readers take, instead of scanning every key)
 ``extproc:evaluator:<id>``      hash    an evaluator's health, with a TTL
+``extproc:evaluators``          zset    evaluator ids by their last heartbeat
 ==============================  ======  ==================================================
 """
 
@@ -33,8 +41,8 @@ from __future__ import annotations
 
 PREFIX = "extproc"
 EXPERIMENTS = f"{PREFIX}:experiments"
-SIDECAR_PATTERN = f"{PREFIX}:sidecar:*"
-EVALUATOR_PATTERN = f"{PREFIX}:evaluator:*"
+SIDECARS = f"{PREFIX}:sidecars"
+EVALUATORS = f"{PREFIX}:evaluators"
 EVENT_FIELD = b"e"
 
 

@@ -131,8 +131,10 @@ class EntryMapper:
         hdrs = {k: v.encode() for k, v in req.request_headers.items()}
         echoed = resp.response_headers.get(h.VARIANT)
         # A request the sidecar did not route went to stable by default: a fallback, whatever
-        # the default route echoes.
-        if echoed is not None and common.route_name != FALLBACK_ROUTE:
+        # the default route echoes, or sets for the access log's filter (Istio's does).
+        if common.route_name == FALLBACK_ROUTE:
+            hdrs.pop(h.VARIANT, None)
+        elif echoed is not None:
             hdrs[h.VARIANT] = echoed.encode()
         who = self.events.attribute(hdrs)
         got_headers = common.HasField("time_to_first_downstream_tx_byte")

@@ -163,6 +163,7 @@ class Sidecar:
             max_buffer=settings.max_buffer,
             max_capture_bytes=settings.max_capture_bytes,
             notice_ms=experiment.spec.inflight.notice_ms,
+            rollup_retention_s=experiment.spec.telemetry.rollup_retention_days * 86_400,
         )
         rules = QualityRules.compile(experiment.spec)
         self.router = Router(
@@ -216,25 +217,26 @@ class Sidecar:
             self._beat.clear()
             s = self.writer.stats
             try:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.hset(
-                        key,
-                        mapping={
-                            "experiment": self.live.experiment.name,
-                            "routing_version": self.live.current.version,
-                            "routing_error": self.live.routing_error or "",
-                            "tasks_down": ",".join(sorted(self.tasks.down)),
-                            "submitted": s.submitted,
-                            "written": s.written,
-                            "dropped": s.dropped,
-                            "captures_dropped": s.captures_dropped,
-                            "buffered": self.writer.buffered,
-                            "pid": os.getpid(),
-                            "started": self.started,
-                        },
-                    )
-                    pipe.expire(key, max(3, int(self.settings.heartbeat_s * 5)))
-                    await pipe.execute()
+                await store.heartbeat(
+                    self.redis,
+                    key,
+                    keys.SIDECARS,
+                    self.instance,
+                    {
+                        "experiment": self.live.experiment.name,
+                        "routing_version": self.live.current.version,
+                        "routing_error": self.live.routing_error or "",
+                        "tasks_down": ",".join(sorted(self.tasks.down)),
+                        "submitted": s.submitted,
+                        "written": s.written,
+                        "dropped": s.dropped,
+                        "captures_dropped": s.captures_dropped,
+                        "buffered": self.writer.buffered,
+                        "pid": os.getpid(),
+                        "started": self.started,
+                    },
+                    max(3, int(self.settings.heartbeat_s * 5)),
+                )
             except (RedisError, OSError):
                 log.debug("heartbeat failed", exc_info=True)
             with contextlib.suppress(TimeoutError):

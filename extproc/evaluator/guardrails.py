@@ -31,7 +31,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from extproc.config import ExperimentSpec, Guardrail
+from extproc.evaluator import decision
 from extproc.evaluator.clusters import COUNTERS
+from extproc.evaluator.decision import AbDecision
 from extproc.evaluator.window import StageWindow, VariantWindow
 from extproc.stats import (
     HarmTest,
@@ -132,6 +134,8 @@ class Verdict:
     srm_p: float | None = None
     # a manual gate's stage has shown all it must (`extproc analyze --promote-when-ready`)
     awaiting_promote: bool = False
+    # an A/B run's end: each candidate's decision against stable (``decision.decide``)
+    decisions: tuple[AbDecision, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -753,7 +757,9 @@ def judge(
         if ready and not waiting:
             return Verdict("none", [*warnings, "mirrored checks passed: promote to flip"], checks)
         return Verdict("none", warnings, checks)
-    if spec.strategy in ("ab", "shadow"):
+    if spec.strategy == "ab":
+        return _ab_end(spec, window, cands, ready and not waiting, warnings, checks, srm)
+    if spec.strategy == "shadow":
         if ready and not waiting:
             report = [f"{v}: {line}" for v in cands for line in ab_report(stable, window.of(v))]
             return Verdict("complete", [*warnings, "target sample reached", *report], checks, srm)
@@ -775,6 +781,31 @@ def judge(
     last = stage >= len(r.shares) - 1
     why = f"stage {stage + 1}/{len(r.shares)} healthy for {stage_age_s:.0f}s, {least} requests"
     return Verdict("complete" if last else "advance", [*warnings, why], checks, srm)
+
+
+def _ab_end(
+    spec: ExperimentSpec,
+    window: StageWindow,
+    cands: list[str],
+    scheduled: bool,
+    warnings: list[str],
+    checks: list[Check],
+    srm: float | None,
+) -> Verdict:
+    """An A/B run ends once its schedule is met, no gating guardrail waits and every candidate
+    has the sample ``ab.min_samples`` asks for; it ends in one decision per candidate."""
+    stable = window.of(spec.stable)
+    if not scheduled:
+        return Verdict("none", warnings, checks, srm)
+    readiness = [decision.ready(spec, stable, window.of(v)) for v in cands]
+    short = [why for ok, why in readiness if not ok]
+    if short:
+        return Verdict("none", [*warnings, *short], checks, srm)
+    found = tuple(decision.decide(spec, v, stable, window.of(v)) for v in cands)
+    report = [line for d in found for line in decision.render(d.to_json())]
+    return Verdict(
+        "complete", [*warnings, "target sample reached", *report], checks, srm, decisions=found
+    )
 
 
 def _pct(x: float | None) -> str:

@@ -35,6 +35,14 @@ any other intent       otherwise                       recorded as ignored, noth
 A stage behind a manual gate (``gate: manual``) never gets an ``advance`` verdict: the judge
 says ``none`` with ``awaiting_promote`` once it is ready, and only a promote moves it on.
 
+With ``phases:``, every rule above applies to the running phase as :meth:`ExperimentSpec.phase`
+makes it (its strategy, stages and guardrails), and the completion of any phase but the last is
+an ``advance`` into the next one instead: phase + 1, k = 0, the weights of its first stage, a
+new stage clock and window, and no evidence carried (each phase proves its own case). An A/B
+phase whose decision is not "ship" completes the rollout there (the later phases never start)
+unless an operator promotes. A rollback in any phase ends the rollout; a restart begins again
+at the first phase.
+
 An advance or a promote also carries each e-valued guardrail's evidence into the next stage
 (``judge.carry_evidence``), from the verdict of the stage's last look.
 
@@ -75,13 +83,19 @@ class Transition:
     archived: RolloutState | None = None
 
 
+def running(spec: ExperimentSpec, state: RolloutState) -> ExperimentSpec:
+    """The experiment as the state's phase runs it (the experiment itself without phases)."""
+    return spec.phase(min(state.phase, max(len(spec.phases) - 1, 0)))
+
+
 def new_window(
     spec: ExperimentSpec,
     started: float,
     previous: StageWindow | None = None,
     attempt_started: float = 0.0,
 ) -> StageWindow:
-    """The empty window of a stage that began at ``started`` (seconds since the epoch).
+    """The empty window of a stage that began at ``started`` (seconds since the epoch), for
+    ``spec`` as its phase runs it (:func:`running`).
 
     Under the shadow and blue-green strategies the mirrored answers are the candidate's samples.
     The requests still open in the ``previous`` stage's window are followed on: one that hangs
@@ -103,13 +117,15 @@ def new_window(
 
 
 def start(spec: ExperimentSpec, now: float) -> Transition:
-    """A rollout with no recorded state begins at stage 0 (the first canary share)."""
-    state = RolloutState(status="running", stage=0, stage_started=now, strategy=spec.strategy)
+    """A rollout with no recorded state begins at stage 0 (the first canary share) of its first
+    phase."""
+    first = spec.phase(0)
+    state = RolloutState(status="running", stage=0, stage_started=now, strategy=first.strategy)
     return Transition(
         state,
         "start",
-        ["rollout started"],
-        weights=stage_weights(spec, 0),
+        ["rollout started" + (f" with phase 1 ({spec.phases[0].name})" if spec.phases else "")],
+        weights=stage_weights(first, 0),
         weights_reason="rollout started at stage 1",
         restart_window=True,
     )
@@ -130,7 +146,7 @@ def _restart(
         status="running",
         stage=0,
         stage_started=now,
-        strategy=spec.strategy,
+        strategy=spec.phase(0).strategy,
         commands_seen=state.commands_seen,
         last_action="restart",
         last_reasons=reasons,
@@ -141,7 +157,7 @@ def _restart(
         s,
         "restart",
         reasons,
-        weights=stage_weights(spec, 0),
+        weights=stage_weights(spec.phase(0), 0),
         weights_reason=f"attempt {s.attempt} started at stage 1",
         restart_window=True,
         actor=actor,
@@ -158,7 +174,21 @@ def _advance(
     actor: str = "",
 ) -> Transition:
     s = replace(state, last_reasons=list(reasons))
-    last = s.stage >= len(spec.rollout.shares) - 1
+    phase = running(spec, state)
+    last = s.stage >= len(phase.rollout.shares) - 1
+    if (phase.strategy != "canary" or last) and s.phase < len(spec.phases) - 1:
+        unshipped = [d for d in (verdict.decisions if verdict else ()) if d.outcome != "ship"]
+        if not unshipped or actor:
+            return _next_phase(spec, s, verdict, reasons, now, actor)
+        # An A/B phase that did not find the candidate better ends the chain with its decision
+        # (an operator's promote still moves on).
+        reasons = [
+            *reasons,
+            f"phase {s.phase + 1} ({spec.phases[s.phase].name}) decided "
+            f"{unshipped[0].outcome}: the phases after it do not start",
+        ]
+        s.last_reasons = list(reasons)
+    spec = phase
     if spec.strategy != "canary" or last:
         s.status, s.last_action = "completed", "complete"
         weights: dict[str, float] | None = None
@@ -187,6 +217,44 @@ def _advance(
         list(reasons),
         weights=stage_weights(spec, s.stage),
         weights_reason=f"stage {s.stage + 1}: {reasons[-1]}",
+        restart_window=True,
+        actor=actor,
+        verdict=verdict,
+    )
+
+
+def _next_phase(
+    spec: ExperimentSpec,
+    state: RolloutState,
+    verdict: Verdict | None,
+    reasons: list[str],
+    now: float,
+    actor: str,
+) -> Transition:
+    """The running phase passed: the next one starts at its first stage, with no evidence."""
+    done, following = spec.phases[state.phase], spec.phases[state.phase + 1]
+    nxt = spec.phase(state.phase + 1)
+    why = [
+        *reasons,
+        f"phase {state.phase + 1} ({done.name}, {done.strategy}) passed; "
+        f"phase {state.phase + 2} ({following.name}, {following.strategy}) starts",
+    ]
+    s = replace(
+        state,
+        phase=state.phase + 1,
+        stage=0,
+        stage_started=now,
+        strategy=nxt.strategy,
+        evidence={},
+        last_action="advance",
+        last_reasons=why,
+    )
+    return Transition(
+        s,
+        "advance",
+        why,
+        weights=stage_weights(nxt, 0),
+        weights_reason=f"phase {s.phase + 1} ({following.name}) stage 1: {why[-1]}",
         restart_window=True,
         actor=actor,
         verdict=verdict,
@@ -302,5 +370,6 @@ def evaluate(
     if state.status != "running":
         return Transition(state)
     window.look(now * 1000)
-    verdict = judge(spec, window, weights, state.stage, now - state.stage_started, state.evidence)
+    phase = running(spec, state)
+    verdict = judge(phase, window, weights, state.stage, now - state.stage_started, state.evidence)
     return step(spec, state, verdict, now)

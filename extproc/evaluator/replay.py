@@ -43,7 +43,9 @@ from typing import Any, Literal, Protocol
 
 from extproc.config import ExperimentSpec
 from extproc.evaluator import machine
+from extproc.evaluator.decision import render as render_decision
 from extproc.evaluator.guardrails import Verdict
+from extproc.evaluator.signal_log import RecordedSignal
 from extproc.evaluator.window import StageWindow
 from extproc.telemetry.export import EventLogError, RecordedEvent
 from extproc.telemetry.outcome import started_ms
@@ -104,6 +106,7 @@ class ReplayResult:
     weights: dict[str, float] = field(default_factory=dict)
     trajectory: list[Point] = field(default_factory=list)
     guardrails: list[GuardrailRecord] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # an A/B run's end
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -116,6 +119,7 @@ class ReplayResult:
             "end_ms": self.end_ms,
             "checkpoints": self.checkpoints,
             "final": {"status": self.status, "stage": self.stage, "weights": self.weights},
+            "decisions": self.decisions,
             "trajectory": [p.to_json() for p in self.trajectory],
             "guardrails": [
                 {
@@ -218,6 +222,7 @@ def replay(
     every_checkpoint: bool = False,
     split: Split = "schedule",
     promote_when_ready: bool = False,
+    signals: Sequence[RecordedSignal] = (),
 ) -> ReplayResult:
     """Run the evaluator's decisions over ``events`` (any order), checkpoint by checkpoint.
 
@@ -240,6 +245,7 @@ def replay(
         every_checkpoint=every_checkpoint,
         split=split,
         promote_when_ready=promote_when_ready,
+        signals=signals,
     )
     res.events = len(events)
     return res
@@ -255,16 +261,21 @@ def replay_source(
     every_checkpoint: bool = False,
     split: Split = "schedule",
     promote_when_ready: bool = False,
+    signals: Sequence[RecordedSignal] = (),
 ) -> ReplayResult:
     """:func:`replay` over a :class:`Source` from ``start_ms`` until the rollout ends or the
-    first checkpoint at or past ``end_ms``; ``events`` counts the events read."""
+    first checkpoint at or past ``end_ms``; ``events`` counts the events read. ``signals``
+    (judge verdicts, feedback, probes) reach the window at the first checkpoint at or past
+    their ``seen_ms``, after that checkpoint's events, as the live evaluator reads them."""
+    pending = sorted(signals, key=lambda s: s.seen_ms)
+    read = 0
     cadence = spec.rollout.cadence_s if cadence_s is None else cadence_s
     if not (math.isfinite(cadence) and cadence > 0):
         raise EventLogError(f"cadence must be a positive number of seconds, got {cadence}")
     res = ReplayResult(spec.name, cadence, 0, start_ms, end_ms)
     t = machine.start(spec, start_ms / 1000)
     state, weights = t.state, dict(t.weights or {})
-    window = machine.new_window(spec, state.stage_started)
+    window = machine.new_window(machine.running(spec, state), state.stage_started)
     res.trajectory.append(
         Point(start_ms, 0.0, 0, state.status, dict(weights), t.action, t.reasons, {}, [], {})
     )
@@ -276,7 +287,11 @@ def replay_source(
         for e in source.read(now_ms, weights):
             window.add(e.event)
             res.events += 1
-        judged = weights if split == "schedule" else judged_weights(spec, window, weights)
+        while read < len(pending) and pending[read].seen_ms <= now_ms:
+            window.add_signal(pending[read].signal)
+            read += 1
+        phase = machine.running(spec, state)
+        judged = weights if split == "schedule" else judged_weights(phase, window, weights)
         t = machine.evaluate(spec, state, window, judged, now_ms / 1000)
         if promote_when_ready and t.verdict is not None and t.verdict.awaiting_promote:
             why = "manual gate: promoted when ready"
@@ -284,13 +299,15 @@ def replay_source(
         res.checkpoints += 1
         if t.verdict is not None:
             _record(records, t.verdict, now_ms, state.stage)
+            if t.verdict.decisions:
+                res.decisions = [d.to_json() for d in t.verdict.decisions]
         if t.weights is not None:
             weights = dict(t.weights)
         if t.action or every_checkpoint:
             res.trajectory.append(_point(spec, t, now_ms, start_ms, weights, window))
         state = t.state
         if t.restart_window:
-            window = machine.new_window(spec, state.stage_started, window)
+            window = machine.new_window(machine.running(spec, state), state.stage_started, window)
         if now_ms >= end_ms:
             break
     res.status, res.stage, res.weights = state.status, state.stage, weights
@@ -378,4 +395,5 @@ def render(res: ReplayResult, spec: ExperimentSpec) -> str:
         else {"rolled_back": "rolled back", "completed": "completed"}.get(res.status, res.status)
     )
     lines += ["", f"result: {end} at stage {res.stage + 1}/{n_stages}"]
+    lines += [render_decision(d)[0] for d in res.decisions]  # in full among the reasons above
     return "\n".join(lines)

@@ -31,6 +31,8 @@ class RolloutState:
     ``attempt`` counts the runs of the experiment (1, then one more per `experiment restart`);
     ``attempt_started`` is when this one began (0 for the first, which judges every event):
     requests that started before it belong to an earlier attempt and are never judged in it.
+    ``phase`` is the running link of a chain of strategies (``phases:``); ``stage`` counts the
+    stages of that phase, and ``strategy`` is its strategy.
     """
 
     status: Status
@@ -45,6 +47,7 @@ class RolloutState:
     evidence: dict[str, float] = field(default_factory=dict)
     attempt: int = 1
     attempt_started: float = 0.0
+    phase: int = 0  # index into the experiment's phases (0 without any)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

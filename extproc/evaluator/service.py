@@ -56,6 +56,11 @@ def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def default_instance() -> str:
+    """An evaluator's name when none is given: unique per process on a host."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 class Evaluator:
     def __init__(
         self,
@@ -63,11 +68,12 @@ class Evaluator:
         redis: aioredis.Redis,
         instance: str = "",
         lease_ttl_s: float | None = None,
+        metrics: EvaluatorMetrics | None = None,
     ) -> None:
         self.experiment = experiment
         self.spec = experiment.spec
         self.redis = redis
-        self.instance = instance or f"{socket.gethostname()}-{os.getpid()}"
+        self.instance = instance or default_instance()
         cadence = self.spec.rollout.cadence_s
         self.lease_ttl_ms = int(1000 * (lease_ttl_s or max(3.0, 3 * cadence)))
         self.leader = False
@@ -78,7 +84,9 @@ class Evaluator:
         self.ticks = 0
         self.last_verdict: Verdict | None = None
         self._webhooks: set[asyncio.Task[None]] = set()
-        self.metrics = EvaluatorMetrics()
+        # One registry per process: a fleet's evaluators share it (their series differ by
+        # experiment), so one /metrics endpoint shows them all.
+        self.metrics = metrics or EvaluatorMetrics()
 
     # --- lease --------------------------------------------------------------------------------
 
@@ -143,6 +151,8 @@ class Evaluator:
             "snapshot": {v: w.summary() for v, w in self.window.variants.items()},
             "checks": [c.to_json() for c in verdict.checks] if verdict else [],
         }
+        if verdict is not None and verdict.decisions:
+            record["decisions"] = [d.to_json() for d in verdict.decisions]
         if archived is not None:
             record["archived"] = asdict(archived)
         await append_audit(self.redis, self.experiment.name, record)
@@ -207,7 +217,7 @@ class Evaluator:
         still open in the last one (not after a restart: they belong to the ended attempt)."""
         previous = self.window if follow_open else None
         self.window = machine.new_window(
-            self.spec, state.stage_started, previous, state.attempt_started
+            machine.running(self.spec, state), state.stage_started, previous, state.attempt_started
         )
         self.last_verdict = None  # a verdict belongs to its stage's window
 
@@ -271,6 +281,7 @@ class Evaluator:
             "reasons": verdict.reasons if verdict else [],
             "checks": [c.to_json() for c in verdict.checks] if verdict else [],
             "srm_p": verdict.srm_p if verdict else None,
+            "decisions": [d.to_json() for d in verdict.decisions] if verdict else [],
         }
         await self.redis.set(keys.evaluation(self.experiment.name), json.dumps(doc))
 
@@ -327,40 +338,42 @@ class Evaluator:
         if self.state.status != "running":
             return
         routing = await store.get_routing(self.redis, self.experiment.name)
-        weights = routing.weights if routing else stage_weights(self.spec, self.state.stage)
+        phase = machine.running(self.spec, self.state)
+        weights = routing.weights if routing else stage_weights(phase, self.state.stage)
         t = machine.evaluate(self.spec, self.state, self.window, weights, time.time())
         self.last_verdict = t.verdict
         await self._publish_evaluation(t.verdict)
         await self._apply(t)
 
     async def _health(self) -> None:
-        key = keys.evaluator(self.instance)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                key,
-                mapping={
-                    "experiment": self.experiment.name,
-                    "active": int(self.leader),
-                    "ticks": self.ticks,
-                    "time": time.time(),
-                    "pid": os.getpid(),
-                },
-            )
-            pipe.expire(key, max(3, int(3 * self.spec.rollout.cadence_s)))
-            await pipe.execute()
+        await store.heartbeat(
+            self.redis,
+            keys.evaluator(self.instance),
+            keys.EVALUATORS,
+            self.instance,
+            {
+                "experiment": self.experiment.name,
+                "active": int(self.leader),
+                "ticks": self.ticks,
+                "time": time.time(),
+                "pid": os.getpid(),
+            },
+            max(3, int(3 * self.spec.rollout.cadence_s)),
+        )
 
     def _export_gauges(self) -> None:
         name = self.experiment.name
         self.metrics.active(name, self.leader)
         if self.leader and self.state is not None:
-            self.metrics.stage(name, self.state.stage, stage_weights(self.spec, self.state.stage))
+            weights = stage_weights(machine.running(self.spec, self.state), self.state.stage)
+            self.metrics.stage(name, self.state.stage, weights)
             self.metrics.rollout_status(name, self.state.status)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Tick until ``stop`` is set (default: on SIGTERM/SIGINT); Redis trouble is logged and
         retried, never fatal."""
         if stop is None:
-            stop = _stop_on_signals()
+            stop = stop_on_signals()
         cadence = self.spec.rollout.cadence_s
         while not stop.is_set():
             raise_if_cancelled()
@@ -383,7 +396,8 @@ class Evaluator:
                     await self.redis.delete(keys.lease(self.experiment.name))
 
 
-def _stop_on_signals() -> asyncio.Event:
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT: how a process is told to hand its leases over."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -403,7 +417,7 @@ async def serve(
         runner = await serve_metrics(evaluator.metrics.registry, host, int(port))
     # Supervised: an unexpected exception in a tick is logged and the loop restarted with
     # backoff (its heartbeat in Redis lapses meanwhile), instead of ending the process.
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     group = TaskGroup(stop=stop)
     try:
         await group.start("evaluator", lambda: evaluator.run(stop))

@@ -96,6 +96,7 @@ class VariantWindow:
     judge_wins: int = 0  # pairwise verdicts this variant's answer won
     judge_losses: int = 0
     judge_ties: int = 0
+    judge_scores: array[float] = field(default_factory=_column)  # rubric means, 1-10 per answer
     feedback: dict[str, int] = field(default_factory=dict)  # up/down/retry/escalation counts
     probes: int = 0  # watchdog reference prompts answered
     probe_failures: int = 0
@@ -185,6 +186,7 @@ class VariantWindow:
             "output_tokens_per_s": self.output_tokens_per_s,
             "cost": self.cost,
             "cached_prompt_tokens": self.cached_prompt_tokens,
+            "judge_scores": self.judge_scores,
         }[metric]
         out = np.frombuffer(column, dtype=np.float64).copy()
         out.flags.writeable = False
@@ -401,6 +403,8 @@ class StageWindow:
             return
         if isinstance(sig, JudgeSignal):
             primary, shadow = self._window(sig.primary), self._window(sig.shadow)
+            for w, r in ((primary, sig.scores.primary), (shadow, sig.scores.shadow)):
+                w.judge_scores.append((r.accuracy + r.clarity + r.completeness) / 3)
             if sig.winner == "tie":
                 primary.judge_ties += 1
                 shadow.judge_ties += 1

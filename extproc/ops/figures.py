@@ -37,7 +37,7 @@ _MS = re.compile(r"_ms(\.|$)")
 LABELS: dict[str, str] = {
     "requests": "requests (all time, forced included)",
     "weight": "weight (%)",
-    "window_requests": "requests (newest events)",
+    "window_requests": "requests (in the window)",
     "errors": "server errors (5xx, timeout, reset)",
     "client_errors": "client errors (4xx, disconnect)",
     "client_error_rate": "client error rate (4xx, disconnect)",
@@ -310,6 +310,21 @@ def _schedule(rollout: Mapping[str, Any], entry: Any) -> dict[str, Any]:
 _STAGE_STATES = {"rolled_back": "rolled back", "aborted": "aborted", "paused": "paused"}
 
 
+def as_phase(
+    definition: Mapping[str, Any], rollout: Mapping[str, Any] | None
+) -> tuple[Mapping[str, Any], str]:
+    """The definition as the rollout's phase runs it (its strategy, and its rollout where it
+    sets one), and the phase's words for a status line ("phase 2 of 2 (ramp): "); the definition
+    itself and "" without phases."""
+    phases = definition.get("phases") or []
+    if not phases:
+        return definition, ""
+    i = min(int((rollout or {}).get("phase", 0)), len(phases) - 1)
+    p = phases[i]
+    own = {"strategy": p.get("strategy")} | ({"rollout": p["rollout"]} if p.get("rollout") else {})
+    return {**definition, **own}, f"phase {i + 1} of {len(phases)} ({p.get('name')}): "
+
+
 def ladder(
     definition: Mapping[str, Any],
     rollout: Mapping[str, Any] | None,
@@ -322,6 +337,7 @@ def ladder(
     rollback or an abort the stage it ended in is marked so, and no progress is shown: the
     weights are stable's, whatever the stage's share was. None for a strategy without stages
     or before the evaluator's first state."""
+    definition, chain = as_phase(definition, rollout)
     spec = definition.get("rollout") or {}
     entries = spec.get("stages") or []
     if rollout is None or definition.get("strategy", "canary") != "canary" or not entries:
@@ -349,7 +365,7 @@ def ladder(
         "stages": stages,
         "progress": None,
     }
-    where = f"stage {current + 1} of {len(stages)} ({here['text']['share']})"
+    where = f"{chain}stage {current + 1} of {len(stages)} ({here['text']['share']})"
     out["phase"] = {
         "running": f"{where}, running",
         "paused": f"{where}, paused",

@@ -64,7 +64,9 @@ class VariantFigures(_Model):
     tool_call_rate: float | None
     empty_answer_rate: float | None
     json_invalid_rate: float | None
-    open_requests: int = Field(description="requests still open (in-flight notices)")
+    open_requests: int = Field(
+        description="requests noticed open (in-flight notices) and not yet ended, now"
+    )
     forced_requests: int | None = Field(
         default=None, description="assigned traffic only: the same variant's forced requests"
     )
@@ -90,7 +92,10 @@ class ExperimentStatus(_Model):
     stable: str | None
     strategy: str | None
     routing: Routing | None
-    window_events: int
+    window_s: int = Field(
+        description="the figures cover the requests that started in these last seconds"
+    )
+    window_events: int = Field(description="requests in the window, of every kind")
     window_refused: int = Field(description="refused requests (400/403) in the window")
     variants: dict[str, AssignedVariant]
     forced: dict[str, VariantFigures]
@@ -109,6 +114,7 @@ class Rollout(_Model):
     evidence: dict[str, float]
     attempt: int = Field(default=1, description="1, then one more per `experiment restart`")
     attempt_started: float = Field(default=0.0, description="0 for the first attempt")
+    phase: int = Field(default=0, description="0-based index into the experiment's phases")
 
 
 class AuditRecord(_Written):

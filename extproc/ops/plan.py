@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +53,7 @@ from extproc.config import (
 )
 from extproc.contract.guardrail_metrics import METRICS
 from extproc.stats import sample_size_means, sample_size_proportions
+from extproc.stats.power import sample_size_win_rate
 from extproc.stats.results import Alternative, SampleSize
 
 Kind = Literal["config", "fine-tune", "quantization", "new-version", "new-family"]
@@ -599,4 +600,13 @@ def metric_sample_size(
         )
         base = baseline if baseline is not None else 0.0
         return MetricSampleSize(metric, info.kind, base, base + effect, share, size)
-    raise ValueError(f"{metric} is a one-sample win rate: no two-arm sample size")
+    # The judge's win rate: one sample of decisive verdicts, each pair judged once. Harm is a
+    # rate below 50% by ``mde`` points, tested one-sided: the two-sided size at twice the alpha
+    # has the same critical value.
+    if baseline is not None:
+        raise ValueError(f"{metric}: the baseline is a 50% win rate (answers as good)")
+    if not mde < 0.5:
+        raise ValueError(f"{metric}: the effect is in points below a 50% win rate, under 0.5")
+    two_sided = sample_size_win_rate(0.5 - mde, alpha=2 * alpha, power=power)
+    size = replace(two_sided, alpha=alpha, alternative="less")
+    return MetricSampleSize(metric, info.kind, 0.5, round(0.5 - mde, 10), share, size)

@@ -1,25 +1,28 @@
 """Per-variant figures for `extproc status`, read from Redis only.
 
 Request totals come from the exact per-variant counters; latency, time to first token, errors,
-tokens and answer signals are computed over the most recent events of the stream (``window`` of
-them), so the figures describe current behaviour rather than the whole history.
+tokens and answer signals are those of the requests that started in the last ``window_s``
+seconds, so the figures describe current behaviour rather than the whole history. They are read
+from the rollups the telemetry writer keeps (:mod:`extproc.telemetry.rollup`): a refresh reads a
+few dozen small hashes whether the service takes one request a second or thousands, counts and
+rates are exact, and latency quantiles are within the sketch's 2%.
 
 Every event is classified by :mod:`extproc.telemetry.outcome`, the definitions the evaluator's
 guardrails use: the error rate counts server errors (5xx, timeout, reset) over assigned requests,
 client errors are a figure of their own, forced tester traffic and shadow copies are summarised
-apart, and in-flight notices are never requests. The dashboard's figures are these.
+apart, and in-flight notices are never requests (a variant's ``open_requests`` counts its
+requests noticed open and not yet ended). The dashboard's figures are these.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections import Counter
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from typing import Any, cast
 
-import numpy as np
 import redis.asyncio as aioredis
 
 from extproc import store
@@ -27,136 +30,16 @@ from extproc.config import Price
 from extproc.contract import keys
 from extproc.evaluator.rollout import load_state, read_audit
 from extproc.ops import model
-from extproc.ops.figures import flatten, label, ladder, value_text
-from extproc.telemetry import outcome
-from extproc.telemetry.events import recent_events
-from extproc.telemetry.outcome import TokenPrice
-from extproc.telemetry.v1.event_pb2 import TelemetryEvent
+from extproc.ops.figures import duration_text, flatten, label, ladder, value_text
+from extproc.telemetry import rollup
+from extproc.telemetry.outcome import TRAFFIC
 
-DEFAULT_WINDOW = 20_000
+DEFAULT_WINDOW_S = 300
+"""The span `status`, `top` and the dashboard's table summarise by default: the last 5 minutes."""
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _pcts(values: list[float], qs: tuple[int, ...]) -> dict[str, float | None]:
-    if not values:
-        return {f"p{q}": None for q in qs}
-    arr = np.percentile(np.asarray(values), qs)
-    return {f"p{q}": round(float(v), 2) for q, v in zip(qs, arr, strict=True)}
-
-
-def _rate(k: int, n: int) -> float | None:
-    return round(k / n, 4) if n else None
-
-
-def _mean(values: list[float], places: int) -> float | None:
-    return round(sum(values) / len(values), places) if values else None
-
-
-@dataclass
-class _Acc:
-    """One variant's requests of one kind of traffic, classified as the evaluator classifies
-    them (:mod:`extproc.telemetry.outcome`), so a status figure is the guardrail's figure."""
-
-    price: TokenPrice | None = None
-    n: int = 0
-    errors: int = 0
-    client_errors: int = 0
-    timeouts: int = 0
-    successes: int = 0
-    tool_calls: int = 0
-    latency: list[float] = field(default_factory=list)
-    ttft: list[float] = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached: list[float] = field(default_factory=list)
-    output_tps: list[float] = field(default_factory=list)
-    costs: list[float] = field(default_factory=list)
-    answered: int = 0
-    refusals: int = 0
-    answer_chars: int = 0
-    inspected: int = 0
-    empty: int = 0
-    json_checked: int = 0
-    json_invalid: int = 0
-
-    def add(self, ev: TelemetryEvent) -> None:
-        self.n += 1
-        if ev.error in outcome.SERVER_ERRORS:
-            self.errors += 1
-            self.timeouts += outcome.is_timeout(ev)
-        elif ev.error in outcome.CLIENT_ERRORS:
-            self.client_errors += 1
-        self.prompt_tokens += ev.prompt_tokens
-        self.completion_tokens += ev.completion_tokens
-        if not outcome.is_success(ev):
-            return
-        self.successes += 1
-        if (c := outcome.cost(ev, self.price)) is not None:
-            self.costs.append(c)
-        if (cached := outcome.cached_prompt_tokens(ev)) is not None:
-            self.cached.append(cached)
-        self.tool_calls += outcome.called_tool(ev)
-        if ev.HasField("duration_ms"):
-            self.latency.append(ev.duration_ms)
-        if ev.HasField("first_token_ms"):
-            self.ttft.append(ev.first_token_ms)
-        if (tps := outcome.output_tokens_per_s(ev)) is not None:
-            self.output_tps.append(tps)
-        if ev.HasField("refusal"):
-            self.answered += 1
-            self.refusals += ev.refusal
-            self.answer_chars += ev.answer_chars
-        if ev.HasField("empty_answer"):
-            self.inspected += 1
-            self.empty += ev.empty_answer
-        if ev.HasField("json_valid"):
-            self.json_checked += 1
-            self.json_invalid += not ev.json_valid
-
-    def figures(self) -> dict[str, Any]:
-        n = self.n
-        return {
-            "window_requests": n,
-            "errors": self.errors,
-            "error_rate": _rate(self.errors, n),
-            "client_errors": self.client_errors,
-            "client_error_rate": _rate(self.client_errors, n),
-            "timeout_rate": _rate(self.timeouts, n),
-            "latency_ms": _pcts(self.latency, (50, 95, 99)),
-            "ttft_ms": _pcts(self.ttft, (50,)),
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cached_prompt_tokens": _mean(self.cached, 2),
-            "output_tokens_per_s": _mean(self.output_tps, 2),
-            "cost_per_request": _mean(self.costs, 8),
-            "refusal_rate": _rate(self.refusals, self.answered),
-            "answer_chars_mean": round(self.answer_chars / self.answered, 1)
-            if self.answered
-            else None,
-            "tool_call_rate": _rate(self.tool_calls, self.successes),
-            "empty_answer_rate": _rate(self.empty, self.inspected),
-            "json_invalid_rate": _rate(self.json_invalid, self.json_checked),
-        }
-
-
-TRAFFIC = ("assigned", "forced", "shadow")
-"""Kinds of traffic, counted apart: assigned live requests (what variants are compared on),
-forced tester requests, and mirrored shadow copies."""
-
-
-def traffic(ev: TelemetryEvent) -> str:
-    """Which kind of traffic an event is (see :data:`TRAFFIC`)."""
-    if ev.shadow:
-        return "shadow"
-    return "forced" if outcome.is_forced(ev) else "assigned"
-
-
-def ended_requests(events: list[TelemetryEvent]) -> set[str]:
-    """Request ids whose own (final) event is among ``events``."""
-    return {ev.request_id for ev in events if not outcome.is_notice(ev)}
 
 
 def prices_of(definition: Mapping[str, Any]) -> dict[str, Price]:
@@ -168,77 +51,63 @@ def prices_of(definition: Mapping[str, Any]) -> dict[str, Price]:
     }
 
 
-def summarise(
-    events: list[TelemetryEvent],
+def figures_of(
+    span: rollup.Bucket,
+    kind: str,
     variants: list[str],
-    *,
-    kind: str = "assigned",
-    prices: Mapping[str, TokenPrice] | None = None,
-    ended: set[str] | None = None,
+    prices: Mapping[str, Price],
+    open_requests: Mapping[tuple[str, str], int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per-variant figures over one kind of traffic (:data:`TRAFFIC`); ``variants`` get a row
-    even without events. In-flight notices are not requests: they are counted as
-    ``open_requests`` while their request's own event is not in ``events`` (or ``ended``, the
-    request ids known to have ended, when ``events`` is a slice of a longer stream).
-
-    Assigned figures carry ``forced_requests``, the tester traffic of the same variant, so the
-    comparison shows what it leaves out.
-    """
-    prices = prices or {}
-    accs = {v: _Acc(prices.get(v)) for v in variants}
-    forced: Counter[str] = Counter()
-    if ended is None:
-        ended = ended_requests(events)
-    open_requests: Counter[str] = Counter()
-    for ev in events:
-        if not ev.variant:
-            continue
-        its = traffic(ev)
-        if outcome.is_notice(ev):
-            if its == kind and ev.request_id not in ended:
-                open_requests[ev.variant] += 1
-        elif its == kind:
-            acc = accs.get(ev.variant)
-            if acc is None:
-                acc = accs[ev.variant] = _Acc(prices.get(ev.variant))
-            acc.add(ev)
-        elif its == "forced":
-            forced[ev.variant] += 1
+    """Per-variant figures over one kind of traffic (:data:`TRAFFIC`) of a span; ``variants``
+    get a row even without requests. Assigned figures carry ``forced_requests``, the tester
+    traffic of the same variant, so the comparison shows what it leaves out."""
+    open_requests = open_requests or {}
     out: dict[str, dict[str, Any]] = {}
-    for name, a in accs.items():
-        out[name] = a.figures()
-        out[name]["open_requests"] = open_requests[name]
+    for v in variants:
+        t = span.tallies.get((kind, v)) or rollup.Tally()
+        out[v] = t.figures(prices.get(v))
+        out[v]["open_requests"] = open_requests.get((kind, v), 0)
         if kind == "assigned":
-            out[name]["forced_requests"] = forced[name]
+            forced = span.tallies.get(("forced", v))
+            out[v]["forced_requests"] = forced.counts["requests"] if forced else 0
     return out
 
 
+def seen(span: rollup.Bucket, kind: str) -> list[str]:
+    """The variants with requests of ``kind`` in the span."""
+    return sorted({v for k, v in span.tallies if k == kind})
+
+
 async def experiment_status(
-    r: aioredis.Redis, name: str, window: int = DEFAULT_WINDOW
+    r: aioredis.Redis,
+    name: str,
+    window_s: float = DEFAULT_WINDOW_S,
+    now_s: float | None = None,
 ) -> model.ExperimentStatus:
+    """One experiment's figures over the requests that started in the last ``window_s``
+    seconds before ``now_s``, rounded up to whole 10 s buckets."""
+    now = time.time() if now_s is None else now_s
     definition = await store.get_definition(r, name) or {}
     routing = await store.get_routing(r, name)
-    variants = list(definition.get("variants", {}))
     raw_counts = await r.hgetall(keys.counts(name))
     counts = {_text(k): int(v) for k, v in raw_counts.items()}
-    events = await recent_events(r, name, window)
+    # Whole 10 s buckets, the current one last: the dashboard's charts step the same way.
+    until = (int(now) // rollup.FINE_S + 1) * rollup.FINE_S
+    since = until - rollup.FINE_S * max(math.ceil(window_s / rollup.FINE_S), 1)
+    span = await rollup.read_span(r, name, since, until, now)
+    since = rollup.span_starts(since, until, rollup.fine_from(now))[0][1]  # as read
     prices = prices_of(definition)
-    per_variant = summarise(events, variants, prices=prices)
-    seen: dict[str, set[str]] = {"forced": set(), "shadow": set()}
-    for ev in events:
-        if ev.variant and (kind := traffic(ev)) in seen:
-            seen[kind].add(ev.variant)
-    if shadow_variant := (definition.get("shadow") or {}).get("variant"):
-        seen["shadow"].add(shadow_variant)
-    forced, shadow = (
-        summarise(events, sorted(seen[k]), kind=k, prices=prices) if seen[k] else {}
-        for k in ("forced", "shadow")
-    )
-    weights = routing.weights if routing else {}
-    per_variant = {
-        v: {"requests": counts.get(v, 0), "weight": weights.get(v), **figures}
-        for v, figures in per_variant.items()
+    rows = {
+        "assigned": list(dict.fromkeys([*definition.get("variants", {}), *seen(span, "assigned")])),
+        "forced": seen(span, "forced"),
+        "shadow": seen(span, "shadow"),
     }
+    if shadow_variant := (definition.get("shadow") or {}).get("variant"):
+        rows["shadow"] = sorted({*rows["shadow"], shadow_variant})
+    asked = [(kind, v) for kind in TRAFFIC for v in rows[kind]]
+    opened = await rollup.open_counts(r, name, asked, int(now * 1000))
+    per_kind = {kind: figures_of(span, kind, rows[kind], prices, opened) for kind in TRAFFIC}
+    weights = routing.weights if routing else {}
     doc = {
         "experiment": name,
         "stable": definition.get("stable"),
@@ -252,11 +121,15 @@ async def experiment_status(
             "actor": routing.actor,
             "updated_at": routing.updated_at,
         },
-        "window_events": len(events),
-        "window_refused": sum(1 for ev in events if not ev.variant),
-        "variants": per_variant,
-        "forced": forced,
-        "shadow": shadow,
+        "window_s": until - since,
+        "window_events": span.events,
+        "window_refused": span.refused,
+        "variants": {
+            v: {"requests": counts.get(v, 0), "weight": weights.get(v), **figures}
+            for v, figures in per_kind["assigned"].items()
+        },
+        "forced": per_kind["forced"],
+        "shadow": per_kind["shadow"],
     }
     return model.ExperimentStatus.model_validate(doc)
 
@@ -281,27 +154,34 @@ async def recent_pairs(r: aioredis.Redis, name: str, count: int = 20) -> list[di
     return out
 
 
-async def _heartbeats(r: aioredis.Redis, pattern: str) -> list[dict[str, str]]:
-    out = []
-    async for key in r.scan_iter(match=pattern, count=100):
-        raw = await r.hgetall(key)
-        doc = {_text(k): _text(v) for k, v in raw.items()}
-        doc["instance"] = _text(key).rsplit(":", 1)[-1]
-        out.append(doc)
-    return sorted(out, key=lambda d: d["instance"])
+async def _heartbeats(
+    r: aioredis.Redis, registry: str, key_of: Callable[[str], str]
+) -> list[dict[str, str]]:
+    """The health hashes of the processes in ``registry`` that are still beating."""
+    names = sorted(_text(cast(bytes, m)) for m in await r.zrange(registry, 0, -1))
+    async with r.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hgetall(key_of(name))
+        found = await pipe.execute()
+    return [
+        {**{_text(k): _text(v) for k, v in raw.items()}, "instance": name}
+        for name, raw in zip(names, found, strict=True)
+        if raw
+    ]
 
 
 async def sidecars(r: aioredis.Redis) -> list[model.Sidecar]:
-    return [model.Sidecar.model_validate(d) for d in await _heartbeats(r, keys.SIDECAR_PATTERN)]
+    found = await _heartbeats(r, keys.SIDECARS, keys.sidecar)
+    return [model.Sidecar.model_validate(d) for d in found]
 
 
 async def evaluators(r: aioredis.Redis) -> list[model.Evaluator]:
-    found = await _heartbeats(r, keys.EVALUATOR_PATTERN)
+    found = await _heartbeats(r, keys.EVALUATORS, keys.evaluator)
     return [model.Evaluator.model_validate({**d, "active": d.get("active") == "1"}) for d in found]
 
 
 async def status_doc(
-    r: aioredis.Redis, name: str | None, window: int = DEFAULT_WINDOW
+    r: aioredis.Redis, name: str | None, window_s: float = DEFAULT_WINDOW_S
 ) -> model.StatusDoc | None:
     """Everything `extproc status` and `top` show of one experiment (``name``, else the first
     in Redis): its figures, the rollout state, the last decisions and evaluation, and the
@@ -310,7 +190,7 @@ async def status_doc(
     name = name or (names[0] if names else None)
     if name is None or name not in names:
         return None
-    figures = await experiment_status(r, name, window)
+    figures = await experiment_status(r, name, window_s)
     reps = await sidecars(r)
     state = await load_state(r, name)
     evaluation = await latest_evaluation(r, name)
@@ -357,8 +237,9 @@ def figure_lines(doc: Mapping[str, Any]) -> list[str]:
         if doc.get(kind):
             lines += ["", f"{what}, not compared:", *_table(doc[kind])]
     lines.append(
-        f"\n(figures over the newest {doc['window_events']} events: assigned requests only; "
-        "the error rate counts server errors, client errors are apart)"
+        f"\n(figures over the requests of the last {duration_text(doc['window_s'])} "
+        f"({doc['window_events']} requests): assigned requests only; the error rate counts "
+        "server errors, client errors are apart; latency quantiles within 2%)"
     )
     tele = doc.get("telemetry", {})
     lines.append(

@@ -25,10 +25,11 @@ from typing import Any, TextIO
 
 from redis.exceptions import RedisError
 
-from extproc.ops.figures import countdown_text, fixed, significant, verdict
+from extproc.ops.figures import countdown_text, duration_text, fixed, significant, verdict
 
 Doc = dict[str, Any]
-Fetch = Callable[[], Awaitable[Doc | None]]
+Fetch = Callable[[str | None], Awaitable[Doc | None]]
+"""The status document of an experiment by name (None: the one asked for at the start)."""
 
 # SGR codes; a span with style "" is plain.
 BOLD, DIM, RED, GREEN, YELLOW, CYAN = "1", "2", "31", "32", "33", "36"
@@ -260,6 +261,10 @@ def frame_lines(
     """One frame as styled lines: a pure function of the status document (testable as text)."""
     now = time.time() if now is None else now
     every = f"every {interval:g}s, q quits" if interval else "one frame"
+    names = (doc or {}).get("experiments") or []
+    if interval and len(names) > 1:
+        here = names.index(doc["experiment"]) + 1 if doc and doc["experiment"] in names else 0
+        every += f", n/p: next/previous experiment ({here} of {len(names)})"
     if doc is None:
         lines: list[Line] = [
             [("extproc top", BOLD), (f"   {_clock(now)}  {every}", DIM)],
@@ -345,8 +350,9 @@ def frame_lines(
     lines.append(
         [
             (
-                f"* stable · figures over the last {doc.get('window_events', 0)} events"
-                + (f" ({refused} refused before routing)" if refused else "")
+                f"* stable · figures over the last {duration_text(doc.get('window_s') or 0)}"
+                + f" ({doc.get('window_events', 0)} requests"
+                + (f", {refused} refused before routing)" if refused else ")")
                 + "; requests are exact totals (forced included), the rest assigned traffic;"
                 + " err% counts server errors, client% the clients' own",
                 DIM,
@@ -409,8 +415,9 @@ def use_color(out: TextIO) -> bool:
 
 
 @contextlib.contextmanager
-def _keys(stop: asyncio.Event, stdin: TextIO | None) -> Iterator[None]:
-    """Quit on 'q' from a terminal: cbreak mode (keys without Enter; Ctrl-C still works)."""
+def _keys(on_key: Callable[[bytes], None], stdin: TextIO | None) -> Iterator[None]:
+    """Hand each key read from a terminal to ``on_key``: cbreak mode (keys without Enter;
+    Ctrl-C still works). Without a terminal, no keys."""
     if stdin is None or not stdin.isatty():
         yield
         return
@@ -420,18 +427,25 @@ def _keys(stop: asyncio.Event, stdin: TextIO | None) -> Iterator[None]:
     fd = stdin.fileno()
     saved = termios.tcgetattr(fd)
     loop = asyncio.get_running_loop()
-
-    def on_key() -> None:
-        if os.read(fd, 32).lower().startswith(b"q"):
-            stop.set()
-
     tty.setcbreak(fd)
-    loop.add_reader(fd, on_key)
+    loop.add_reader(fd, lambda: on_key(os.read(fd, 32)[:1].lower()))
     try:
         yield
     finally:
         loop.remove_reader(fd)
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def step_experiment(doc: Doc | None, step: int) -> str | None:
+    """The experiment ``step`` places from the one shown, in the list Redis holds (wrapping
+    around); None when there is nothing to switch to."""
+    if doc is None:
+        return None
+    names = list(doc.get("experiments") or [])
+    here = doc.get("experiment")
+    if here not in names or len(names) < 2:
+        return None
+    return str(names[(names.index(here) + step) % len(names)])
 
 
 async def live(
@@ -442,7 +456,9 @@ async def live(
     stdin: TextIO | None = None,
     frames: int | None = None,
 ) -> None:
-    """Redraw a frame every ``interval`` seconds until 'q', Ctrl-C or ``frames`` frames.
+    """Redraw a frame every ``interval`` seconds until 'q', Ctrl-C or ``frames`` frames; 'n'
+    and 'p' switch to the next and the previous experiment in Redis (``fetch(name)``, None
+    first: the one asked for on the command line), redrawn at once.
 
     Redis trouble does not end the top: the last good frame stays, with the error above the
     table, and the next tick tries again (a rollout is most worth watching when things break).
@@ -450,19 +466,29 @@ async def live(
     out = sys.stdout if out is None else out
     tty_out = out.isatty()
     color = use_color(out)
-    stop = asyncio.Event()
+    stop, wake = asyncio.Event(), asyncio.Event()
     tracker = RateTracker()
     doc: Doc | None = None
+    name: str | None = None
     shown = 0
     text = ""
+
+    def on_key(key: bytes) -> None:
+        nonlocal name, tracker
+        if key == b"q":
+            stop.set()
+        elif key in (b"n", b"p") and (other := step_experiment(doc, 1 if key == b"n" else -1)):
+            name, tracker = other, RateTracker()  # rates are per experiment
+        wake.set()
+
     if tty_out:
         out.write(_ALT_ON)
     try:
-        with _keys(stop, stdin):
+        with _keys(on_key, stdin):
             while not stop.is_set():
                 problem = ""
                 try:
-                    doc = await fetch()
+                    doc = await fetch(name)
                     if doc is not None:
                         tracker.update(doc, time.monotonic())
                 except (RedisError, OSError) as err:
@@ -485,8 +511,9 @@ async def live(
                 shown += 1
                 if frames is not None and shown >= frames:
                     break
+                wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), interval)
+                    await asyncio.wait_for(wake.wait(), interval)
     finally:
         if tty_out:  # leave the last frame in the scrollback, as a record of what was seen
             out.write(_ALT_OFF + text + "\n")

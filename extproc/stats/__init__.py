@@ -17,7 +17,9 @@ Modules, by the question they answer:
   Mann-Whitney U, effect sizes, win rate with a Wilson interval. One look only.
 * :mod:`~extproc.stats.quantiles`: confidence intervals for a quantile and for the difference of
   a quantile between arms (order-statistic or bootstrap). One look only.
-* :mod:`~extproc.stats.power`: sample sizes for proportions and means.
+* :mod:`~extproc.stats.abtest`: the rest of an A/B decision: the exact win-rate test, Cohen's d
+  with an interval, Mood's median test, Holm's adjustment. One look only.
+* :mod:`~extproc.stats.power`: sample sizes for proportions, means and win rates.
 * :mod:`~extproc.stats.srm`: sample-ratio-mismatch checks (chi-square and always-valid).
 * :mod:`~extproc.stats.moments`: :class:`RunningMoments`, the mergeable summary behind the means.
 

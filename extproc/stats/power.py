@@ -107,6 +107,31 @@ def sample_size_means(
     )
 
 
+def sample_size_win_rate(target: float, *, alpha: float = 0.05, power: float = 0.8) -> SampleSize:
+    """Decisive pairwise verdicts to tell a win rate of ``target`` from 50% (two-sided).
+
+    One sample on the arcsine scale (Cohen's h against 0.5, as statsmodels' ``NormalIndPower``
+    with no second arm): ``n = ((z_{1-alpha/2} + z_power) / h)^2``. Both arms see the same
+    verdicts, so ``n_control == n_treatment == n``.
+    """
+    check_alpha(alpha)
+    _check_design(power, 1.0, "two-sided")
+    if not 0.0 < target < 1.0 or target == 0.5:
+        raise ValueError(f"need a win rate in (0, 1) other than 0.5, got {target}")
+    h = 2.0 * math.asin(math.sqrt(target)) - 2.0 * math.asin(math.sqrt(0.5))
+    z_sum = critical_value(alpha, "two-sided", None) + float(stats.norm.ppf(power))
+    n = math.ceil((z_sum / h) ** 2)
+    return SampleSize(
+        method="one-sample proportion (arcsine)",
+        n_control=n,
+        n_treatment=n,
+        effect_size=h,
+        alpha=alpha,
+        power=power,
+        alternative="two-sided",
+    )
+
+
 def _t_power(d: float, n_control: float, ratio: float, alpha: float, alt: Alternative) -> float:
     """Power of the pooled two-sample t-test (both tails for two-sided, as statsmodels)."""
     n_treatment = n_control * ratio

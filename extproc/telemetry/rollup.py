@@ -21,20 +21,23 @@ final event, in the same script; a reader counts members. A request whose final 
 comes (its sidecar died) stops counting after :data:`OPEN_FOR_AT_MOST_MS`.
 
 Layout in Redis (one hash per bucket, all under the experiment's hash tag): field
-``<traffic>|<variant>|<name>``; a sketch bin is ``<name>:<index>``. Buckets are written at two
-widths (:data:`WIDTHS_S`) so that a range of minutes and one of hours both read a few dozen
-hashes. Cost is not stored: a price is linear in tokens, so the priced token sums give it back
-at read time at the variant's current price.
+``<traffic>|<variant>|<name>``; a sketch bin is ``<name>:<index>``; ``refused`` counts the
+requests turned away before any variant was chosen. Buckets are written at two widths
+(:data:`WIDTHS_S`) so that a range of minutes and one of hours both read a few dozen hashes:
+:func:`read_span` covers a span's whole 5 min buckets with coarse hashes and only its ragged ends
+with fine ones. Cost is not stored: a price is linear in tokens, so the priced token sums give it
+back at read time at the variant's current price.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeAlias
 
 import redis.asyncio as aioredis
 
@@ -42,8 +45,16 @@ from extproc.contract import keys
 from extproc.telemetry import outcome
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
+Redis: TypeAlias = aioredis.Redis | aioredis.RedisCluster
+
 WIDTHS_S: Final = (10, 300)
 """Bucket widths written (seconds): 10 s buckets for ranges of minutes, 5 min ones for hours."""
+FINE_S, COARSE_S = WIDTHS_S
+FINE_KEPT_S: Final = 6 * 3600
+"""How long a fine bucket is kept (at most: the retention may be shorter). A fine bucket of a
+busy experiment takes about 6 KiB of Redis; kept as long as the coarse ones (30 days by default)
+they would take over a GiB per experiment. Spans that reach further back read coarse buckets
+there (:func:`span_starts`), and a chart of more than a few hours steps by 5 minutes or more."""
 
 ALPHA: Final = 0.02
 """Relative accuracy of a sketch's quantiles."""
@@ -53,17 +64,22 @@ _LOG_GAMMA: Final = math.log(_GAMMA)
 OPEN_FOR_AT_MOST_MS: Final = 3_600_000
 """A request noticed open longer than this is taken as lost (its final event never came)."""
 
+REFUSED: Final = "refused"
+"""The field counting a bucket's refused requests (no variant: turned away before routing)."""
+_REFUSED_FIELD: Final = REFUSED.encode()
+
 _ZERO: Final = "z"  # the sketch bin of values <= 0 (a request answered within the clock's tick)
+_ZERO_BIN: Final = -(2**31)  # its index in memory: below every other bin
 
 
 @dataclass
 class Sketch:
     """A mergeable quantile sketch of positive values (milliseconds), relative accuracy ALPHA."""
 
-    bins: Counter[str] = field(default_factory=Counter)
+    bins: Counter[int] = field(default_factory=Counter)
 
     def add(self, x: float) -> None:
-        self.bins[_ZERO if x <= 0 else str(math.ceil(math.log(x) / _LOG_GAMMA))] += 1
+        self.bins[_ZERO_BIN if x <= 0 else math.ceil(math.log(x) / _LOG_GAMMA)] += 1
 
     def merge(self, other: Sketch) -> None:
         self.bins.update(other.bins)
@@ -75,20 +91,29 @@ class Sketch:
     def quantile(self, q: float) -> float | None:
         """The value at rank ``q * (n - 1)`` (the lower one, as a sample has it), within ALPHA
         of it; None for an empty sketch."""
+        return self.quantiles((q,))[0]
+
+    def quantiles(self, qs: tuple[float, ...]) -> list[float | None]:
+        """:meth:`quantile` of each of ``qs`` (ascending), in one pass over the sorted bins."""
         n = self.count
         if n == 0:
-            return None
-        rank = q * (n - 1)
+            return [None] * len(qs)
+        out: list[float | None] = []
+        ranks = iter(q * (n - 1) for q in qs)
+        rank = next(ranks)
         seen = 0
-        for key in sorted(self.bins, key=_order):
-            seen += self.bins[key]
-            if seen > rank:
-                return 0.0 if key == _ZERO else 2 * _GAMMA ** int(key) / (_GAMMA + 1)
+        for b in sorted(self.bins):
+            seen += self.bins[b]
+            while seen > rank:
+                out.append(0.0 if b == _ZERO_BIN else 2 * _GAMMA**b / (_GAMMA + 1))
+                rank = next(ranks, math.inf)
+            if len(out) == len(qs):
+                return out
         raise AssertionError("unreachable: the ranks are covered")  # pragma: no cover
 
-
-def _order(key: str) -> float:
-    return -math.inf if key == _ZERO else int(key)
+    def fields(self, name: str) -> dict[str, int]:
+        """The sketch as hash fields ``<name>:<bin>``."""
+        return {f"{name}:{_ZERO if b == _ZERO_BIN else b}": n for b, n in self.bins.items()}
 
 
 # Counters of a tally, each an integer.
@@ -117,6 +142,7 @@ _COUNTS: Final = (
 )
 _SUMS: Final = ("tps_sum",)
 _SKETCHES: Final = ("latency", "ttft")
+_LATENCY_QS: Final = (0.5, 0.95, 0.99)
 
 
 @dataclass
@@ -200,7 +226,9 @@ class Tally:
             "client_errors": c["client_errors"],
             "client_error_rate": _rate(c["client_errors"], n),
             "timeout_rate": _rate(c["timeouts"], n),
-            "latency_ms": {f"p{q}": _round(latency.quantile(q / 100)) for q in (50, 95, 99)},
+            "latency_ms": dict(
+                zip(("p50", "p95", "p99"), map(_round, latency.quantiles(_LATENCY_QS)), strict=True)
+            ),
             "ttft_ms": {"p50": _round(ttft.quantile(0.5))},
             "prompt_tokens": c["prompt_tokens"],
             "completion_tokens": c["completion_tokens"],
@@ -218,7 +246,7 @@ class Tally:
         """The tally as hash fields: integer increments, and float ones (HINCRBYFLOAT)."""
         ints = {k: v for k, v in self.counts.items() if v}
         for name, s in self.sketches.items():
-            ints.update({f"{name}:{b}": n for b, n in s.bins.items()})
+            ints.update(s.fields(name))
         return ints, {k: v for k, v in self.sums.items() if v}
 
 
@@ -260,7 +288,8 @@ def bucket_fields(
         by_bucket.setdefault(start - start % width_s, []).append(ev)
     out: dict[int, tuple[dict[str, int], dict[str, float]]] = {}
     for start, evs in by_bucket.items():
-        ints: dict[str, int] = {}
+        refused = sum(1 for ev in evs if not ev.variant and not ev.in_flight)
+        ints: dict[str, int] = {REFUSED: refused} if refused else {}
         floats: dict[str, float] = {}
         for (kind, variant), t in tally(evs).items():
             i, f = t.fields()
@@ -272,75 +301,195 @@ def bucket_fields(
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _field(raw: bytes) -> tuple[tuple[str, str], str, str] | None:
-    """What a hash field holds: ((traffic, variant), where, name), where is ``"count"``,
-    ``"sum"`` or a sketch's name (then name is its bin). None for a field this version does not
-    know (a newer writer's), which a reader leaves out. Cached: every bucket repeats the names,
-    and a refresh reads tens of thousands of fields."""
+def _field(raw: bytes) -> tuple[tuple[str, str], str, str, int] | None:
+    """What a hash field holds: ((traffic, variant), where, name, bin), where is ``"count"``,
+    ``"sum"`` or ``"bin"`` (then name is the sketch's, bin the index). None for a field this
+    version does not know (a newer writer's), which a reader leaves out. Cached: every bucket
+    repeats the names, and a refresh reads tens of thousands of fields."""
     kind, _, rest = raw.decode(errors="replace").partition("|")
     variant, _, name = rest.rpartition("|")
     if not variant or kind not in outcome.TRAFFIC:
         return None
     sketch, _, b = name.partition(":")
     if b and sketch in _SKETCHES:
-        return (kind, variant), sketch, b
+        if b == _ZERO:
+            return (kind, variant), "bin", sketch, _ZERO_BIN
+        try:
+            return (kind, variant), "bin", sketch, int(b)
+        except ValueError:
+            return None
     if name in _COUNTS:
-        return (kind, variant), "count", name
+        return (kind, variant), "count", name, 0
     if name in _SUMS:
-        return (kind, variant), "sum", name
+        return (kind, variant), "sum", name, 0
     return None
 
 
-def parse(fields: Mapping[bytes, bytes]) -> dict[tuple[str, str], Tally]:
-    """One bucket's hash, read back by (traffic, variant): the inverse of the writer's
-    :func:`bucket_fields`."""
-    out: dict[tuple[str, str], Tally] = {}
-    for raw, value in fields.items():
-        f = _field(raw)
-        if f is None:
-            continue
-        key, where, name = f
-        t = out.get(key)
+@dataclass
+class Bucket:
+    """A bucket's (or a span's) tallies by (traffic, variant), and its refused requests."""
+
+    tallies: dict[tuple[str, str], Tally] = field(default_factory=dict)
+    refused: int = 0
+
+    def tally(self, key: tuple[str, str]) -> Tally:
+        t = self.tallies.get(key)
         if t is None:
-            t = out[key] = Tally()
-        if where == "sum":
-            t.sums[name] = float(value)
-        else:
-            # A bucket's hash holds each field once: set, not add.
-            (t.counts if where == "count" else t._sketch(where).bins)[name] = int(value)
+            t = self.tallies[key] = Tally()
+        return t
+
+    def merge(self, other: Bucket) -> None:
+        for key, t in other.tallies.items():
+            self.tally(key).merge(t)
+        self.refused += other.refused
+
+    @property
+    def events(self) -> int:
+        """Every request of the span: each variant's, of every kind of traffic, and refused."""
+        return self.refused + sum(t.counts["requests"] for t in self.tallies.values())
+
+    def add_fields(self, fields: Mapping[bytes, bytes]) -> None:
+        """Add one bucket's hash, as the writer made it (:func:`bucket_fields`). Straight into
+        this bucket's tallies, with no bucket of its own: a chart adds up tens of thousands of
+        fields per refresh."""
+        tallies = self.tallies
+        for raw, value in fields.items():
+            f = _field(raw)
+            if f is None:
+                if raw == _REFUSED_FIELD:
+                    self.refused += int(value)
+                continue
+            key, where, name, b = f
+            t = tallies.get(key)
+            if t is None:
+                t = tallies[key] = Tally()
+            if where == "count":
+                t.counts[name] += int(value)
+            elif where == "sum":
+                t.sums[name] = t.sums.get(name, 0.0) + float(value)
+            else:
+                t._sketch(name).bins[b] += int(value)
+
+
+def parse(fields: Mapping[bytes, bytes]) -> Bucket:
+    """One bucket's hash, read back: the inverse of the writer's :func:`bucket_fields`."""
+    out = Bucket()
+    out.add_fields(fields)
+    return out
+
+
+# Adds up groups of hashes on the server: a refresh then gets one hash per step (or span) to
+# decode instead of one per bucket, which halves a chart's fields and cuts a status span's
+# sixty hashes to one. Read-only; all keys of one experiment share its hash tag (one Cluster
+# slot). KEYS: the hashes; ARGV: how many keys each group takes, in order. Values are sent back
+# as %.17g text, exact for the integer counts and round-tripping the float sums.
+_ADD_UP = """
+local out, k = {}, 1
+for g = 1, #ARGV do
+  local sum, order = {}, {}
+  for _ = 1, tonumber(ARGV[g]) do
+    local flat = redis.call('HGETALL', KEYS[k])
+    k = k + 1
+    for i = 1, #flat, 2 do
+      local f, v = flat[i], tonumber(flat[i + 1])
+      local had = sum[f]
+      if had == nil then
+        order[#order + 1] = f
+        sum[f] = v
+      else
+        sum[f] = had + v
+      end
+    end
+  end
+  local reply = {}
+  for _, f in ipairs(order) do
+    reply[#reply + 1] = f
+    reply[#reply + 1] = string.format('%.17g', sum[f])
+  end
+  out[g] = reply
+end
+return out
+"""
+
+
+async def _added_up(r: Redis, experiment: str, groups: list[list[tuple[int, int]]]) -> list[Bucket]:
+    """Each group of (width, start) buckets added up into one, in one round trip."""
+    names = [keys.rollup(experiment, w, start) for group in groups for w, start in group]
+    if not names:
+        return [Bucket() for _ in groups]
+    replies = await r.register_script(_ADD_UP)(keys=names, args=[len(g) for g in groups])
+    out = []
+    for flat in replies:
+        bucket = Bucket()
+        bucket.add_fields(dict(zip(flat[::2], flat[1::2], strict=True)))
+        out.append(bucket)
     return out
 
 
 async def read(
-    r: aioredis.Redis | aioredis.RedisCluster,
-    experiment: str,
-    width_s: int,
-    since_s: int,
-    until_s: int,
-) -> list[tuple[int, dict[tuple[str, str], Tally]]]:
-    """The buckets of ``width_s`` that start in ``[since_s, until_s)``, oldest first, each by
-    (traffic, variant); a bucket no event started in reads as empty. One round trip."""
-    first = since_s - since_s % width_s
-    starts = list(range(first, until_s, width_s))
-    async with r.pipeline(transaction=False) as pipe:
-        for start in starts:
-            pipe.hgetall(keys.rollup(experiment, width_s, start))
-        hashes = await pipe.execute()
-    return [(start, parse(h)) for start, h in zip(starts, hashes, strict=True)]
+    r: Redis, experiment: str, width_s: int, since_s: int, until_s: int, step_s: int | None = None
+) -> list[tuple[int, Bucket]]:
+    """The buckets of ``width_s`` that start in ``[since_s, until_s)``, oldest first; a bucket
+    no event started in reads as empty. With ``step_s`` (a multiple of the width), the buckets
+    of each step are added up on the server, one per step. One round trip."""
+    step = step_s or width_s
+    first = since_s - since_s % step
+    steps = list(range(first, until_s, step))
+    groups = [
+        [(width_s, start) for start in range(at, min(at + step, until_s), width_s)] for at in steps
+    ]
+    return list(zip(steps, await _added_up(r, experiment, groups), strict=True))
 
 
-def merged(
-    buckets: Iterable[tuple[int, dict[tuple[str, str], Tally]]],
-) -> dict[tuple[str, str], Tally]:
-    """The buckets' tallies added together: the figures of their whole span."""
-    out: dict[tuple[str, str], Tally] = {}
-    for _, tallies in buckets:
-        for key, t in tallies.items():
-            mine = out.get(key)
-            if mine is None:
-                mine = out[key] = Tally()
-            mine.merge(t)
+def merged(buckets: Iterable[tuple[int, Bucket]]) -> Bucket:
+    """The buckets added together: the figures of their whole span."""
+    out = Bucket()
+    for _, b in buckets:
+        out.merge(b)
     return out
+
+
+def span_starts(
+    since_s: int, until_s: int, fine_from_s: int | None = None
+) -> list[tuple[int, int]]:
+    """The (width, start) buckets that tile ``[since_s, until_s)`` once rounded out to whole
+    fine buckets: the coarse buckets that fit whole, fine ones at the two ragged ends. A ragged
+    end older than ``fine_from_s`` (where fine buckets may have expired) is rounded out to a
+    whole coarse bucket instead."""
+    lo = since_s - since_s % FINE_S
+    hi = until_s + (-until_s) % FINE_S
+    if fine_from_s is not None:
+        if lo < fine_from_s:
+            lo -= lo % COARSE_S
+        if hi - hi % COARSE_S < fine_from_s:
+            hi += (-hi) % COARSE_S
+    c_lo = lo + (-lo) % COARSE_S
+    c_hi = hi - hi % COARSE_S
+    if c_lo >= c_hi:
+        return [(FINE_S, s) for s in range(lo, hi, FINE_S)]
+    return [
+        *((FINE_S, s) for s in range(lo, c_lo, FINE_S)),
+        *((COARSE_S, s) for s in range(c_lo, c_hi, COARSE_S)),
+        *((FINE_S, s) for s in range(c_hi, hi, FINE_S)),
+    ]
+
+
+async def read_span(
+    r: Redis, experiment: str, since_s: int, until_s: int, now_s: float | None = None
+) -> Bucket:
+    """Everything that started in ``[since_s, until_s)`` (rounded out to whole 10 s buckets,
+    or 5 min ones older than the fine buckets are kept before ``now_s``), added up on the server
+    from at most ``(until - since) / 300 + 58`` small hashes: one round trip, one hash to
+    decode."""
+    tiles = span_starts(since_s, until_s, fine_from(now_s))
+    (span,) = await _added_up(r, experiment, [tiles])
+    return span
+
+
+def fine_from(now_s: float | None = None) -> int:
+    """The oldest fine bucket sure to be kept at ``now_s`` (default: now)."""
+    now = time.time() if now_s is None else now_s
+    return int(now) - FINE_KEPT_S + FINE_S
 
 
 OpenChanges = dict[tuple[str, str], tuple[list[tuple[int, str]], list[str]]]
@@ -364,7 +513,7 @@ def open_changes(events: Iterable[TelemetryEvent], notice_ms: float) -> OpenChan
 
 
 async def open_counts(
-    r: aioredis.Redis | aioredis.RedisCluster,
+    r: Redis,
     experiment: str,
     pairs: Iterable[tuple[str, str]],
     now_ms: int,

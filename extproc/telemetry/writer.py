@@ -72,10 +72,11 @@ class _Batch:
 # for an experiment's first batch), then one key per rollup bucket the batch touches, then one
 # per open-request set it changes.
 # ARGV: id TTL (s), stream MAXLEN, the events' field, event count, variant count, retention (s)
-# of rollups and open sets, rollup key count, the oldest start (ms) an open request may have,
-# the events, the variant and count pairs; then for each rollup key: its number of integer
-# fields and of float fields, and those fields as name and increment pairs; then for each open
-# set: its number of requests added and removed, the added as score and id pairs, the removed.
+# of the open sets, rollup key count, the oldest start (ms) an open request may have, the
+# events, the variant and count pairs; then for each rollup key: its number of integer fields
+# and of float fields, its retention (s), and those fields as name and increment pairs; then
+# for each open set: its number of requests added and removed, the added as score and id pairs,
+# the removed.
 _APPLY_BATCH = """
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[1]) then return 0 end
 if KEYS[4] ~= KEYS[3] then redis.call('DEL', KEYS[4]) end
@@ -91,8 +92,8 @@ for _ = 1, tonumber(ARGV[5]) do
   i = i + 2
 end
 for k = 5, 4 + rollups do
-  local ints, floats = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-  i = i + 2
+  local ints, floats, ttl = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), ARGV[i + 2]
+  i = i + 3
   for _ = 1, ints do
     redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
     i = i + 2
@@ -101,7 +102,7 @@ for k = 5, 4 + rollups do
     redis.call('HINCRBYFLOAT', KEYS[k], ARGV[i], ARGV[i + 1])
     i = i + 2
   end
-  redis.call('EXPIRE', KEYS[k], ARGV[6])
+  redis.call('EXPIRE', KEYS[k], ttl)
 end
 for k = 5 + rollups, #KEYS do
   local added, removed = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
@@ -222,7 +223,7 @@ class TelemetryWriter:
                 ev.variant for ev in events if ev.variant and not ev.shadow and not ev.in_flight
             )
             batch_key = keys.batch(name, batch.id)
-            rollup_keys, rollup_args = _rollups(name, events)
+            rollup_keys, rollup_args = _rollups(name, events, self.rollup_retention_s)
             open_keys, open_args = _open_sets(name, events, self.notice_ms)
             await self._script(
                 keys=[
@@ -296,15 +297,18 @@ class TelemetryWriter:
 
 
 def _rollups(
-    experiment: str, events: list[TelemetryEvent]
+    experiment: str, events: list[TelemetryEvent], retention_s: int
 ) -> tuple[list[str], list[str | int | float]]:
-    """The rollup keys a batch adds to, and the script's arguments for them."""
+    """The rollup keys a batch adds to, and the script's arguments for them: fine buckets are
+    kept at most ``rollup.FINE_KEPT_S`` (a chart of hours reads coarse ones), coarse ones for the
+    retention."""
     names: list[str] = []
     args: list[str | int | float] = []
     for width in rollup.WIDTHS_S:
+        ttl = min(retention_s, rollup.FINE_KEPT_S) if width == rollup.FINE_S else retention_s
         for start, (ints, floats) in rollup.bucket_fields(events, width).items():
             names.append(keys.rollup(experiment, width, start))
-            args += [len(ints), len(floats)]
+            args += [len(ints), len(floats), ttl]
             for k, v in ints.items():
                 args += [k, v]
             for k, f in floats.items():

@@ -25,10 +25,11 @@ from extproc.contract import keys
 from extproc.dev import stack
 from extproc.ops import figures as fig
 from extproc.ops.dashboard import TOKEN_ENV
-from extproc.ops.dashboard.series import MAX_BUCKETS, series
+from extproc.ops.dashboard.series import MAX_BUCKETS, MIN_SPAN_S, bucket_step, series, width_for
 from extproc.ops.figures import flatten
+from extproc.telemetry import rollup
 from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
-from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
+from tests.conftest import LiveStack, as_read, start_stack, wait_for, write_experiment
 
 pytestmark = pytest.mark.timeout(120)
 NAME = "chat-upgrade"
@@ -172,8 +173,9 @@ def test_figures_and_series_are_those_of_status(dash_stack: LiveStack, http: htt
     assert p99["diff"] == pytest.approx(canary["latency_ms.p99"] - stable["latency_ms.p99"])
     assert rows["requests"]["candidates"]["canary"]["diff"] is None  # a total, not an effect
 
-    got = http.get(f"{url}/api/experiments/{NAME}/series").json()
-    assert got["window_events"] == st["window_events"]
+    # Over the status window, the charts' steps add up to the status figures.
+    got = http.get(f"{url}/api/experiments/{NAME}/series?span={st['window_s']}").json()
+    assert got["span_s"] == st["window_s"]
     assert all(b - a == got["step_s"] for a, b in itertools.pairwise(got["t"]))
     for variant, figures in st["variants"].items():
         cols = got["variants"][variant]
@@ -369,41 +371,61 @@ def event(t_ms: int, variant: str, duration: float, *, shadow: bool = False) -> 
 
 
 def test_series_buckets_events_by_start_time() -> None:
-    now = 1_000_000.0
+    now = 1_000_000
     events = [
-        event(int(now * 1000) - 25_000, "stable", 100),
-        event(int(now * 1000) - 21_000, "stable", 300),  # the same 10 s bucket
-        event(int(now * 1000) - 5_000, "canary", 2000),  # a timeout
-        event(int(now * 1000) - 5_000, "canary", 50, shadow=True),
-        event(int(now * 1000) - 120_000, "stable", 1),  # before the span: left out
+        event(1000 * now - 25_000, "stable", 100),
+        event(1000 * now - 21_000, "stable", 300),  # the same 10 s bucket
+        event(1000 * now - 5_000, "canary", 2000),  # a timeout
+        event(1000 * now - 5_000, "canary", 50, shadow=True),
+        event(1000 * now - 120_000, "stable", 1),  # before the span: left out
     ]
     variants = ["stable", "canary"]
-    got = series(events, variants, now + 1, span_s=60, step_s=10, shadow_variant="canary")
-    # every bucket the span touches, aligned to multiples of the step, the current one last
+    got = series(
+        as_read(events, 10),
+        variants,
+        since_s=now - 60,
+        until_s=now + 10,
+        step_s=10,
+        shadow_variant="canary",
+    )
+    # every step of the span, aligned to multiples of the step, the current one last
     assert got["t"] == [now - 60 + 10 * i for i in range(7)]
     stable, canary = got["variants"]["stable"], got["variants"]["canary"]
     assert stable["window_requests"] == [0, 0, 0, 2, 0, 0, 0]
-    assert stable["latency_ms.p50"] == [None, None, None, 200.0, None, None, None]
+    # The median of two, as a sample has it (the lower), within the sketch's accuracy.
+    assert stable["latency_ms.p50"][3] == pytest.approx(100, rel=rollup.ALPHA)
+    assert stable["latency_ms.p50"][:3] == [None] * 3
     assert canary["error_rate"] == [None] * 5 + [1.0, None]
     assert canary["latency_ms.p99"] == [None] * 7  # a failed request has no latency
-    assert got["shadow"]["canary"]["latency_ms.p50"] == [None] * 5 + [50.0, None]
+    assert got["shadow"]["canary"]["latency_ms.p50"][5] == pytest.approx(50, rel=rollup.ALPHA)
+    assert "open_requests" not in stable  # a figure of now, not of a step
 
 
-def test_series_cover_every_event_by_default_in_round_steps() -> None:
-    now = 1_000_000.0
-    events = [event(int(now * 1000) - 1000 * age, "stable", 10) for age in range(0, 600, 7)]
-    got = series(events, ["stable"], now)
-    assert sum(got["variants"]["stable"]["window_requests"]) == len(events)
-    assert got["step_s"] == 10  # 600 s in about 60 buckets
-    assert got["t"][0] <= min(ev.time_unix_ms for ev in events) / 1000
-    quiet = series(events[:2], ["stable"], now)  # a few seconds of data: at least a minute
-    assert (quiet["span_s"], quiet["step_s"]) == (60, 1)
+def test_steps_are_round_multiples_of_the_rollups() -> None:
+    assert bucket_step(600) == 10  # about 60 points
+    assert bucket_step(MIN_SPAN_S) == 10  # never finer than the rollups
+    assert bucket_step(6 * 3600) == 600
+    assert width_for(600) == rollup.COARSE_S
+    assert width_for(30) == rollup.FINE_S
+    assert bucket_step(3600, step_s=15) == 20  # an asked step, rounded up to whole buckets
+
+
+def test_series_of_coarse_buckets_add_up_to_the_fine_ones() -> None:
+    now = 1_000_000 - 1_000_000 % 3600
+    events = [event(1000 * (now - 7 * age), "stable", 10 + age % 50) for age in range(1, 3000)]
+    step = bucket_step(6 * 3600)
+    since = now - 6 * 3600
+    coarse = series(as_read(events, 300), ["stable"], since_s=since, until_s=now, step_s=step)
+    fine = series(as_read(events, 10), ["stable"], since_s=since, until_s=now, step_s=step)
+    assert coarse == fine
+    assert sum(coarse["variants"]["stable"]["window_requests"]) == len(events)
 
 
 def test_series_never_has_more_than_max_buckets() -> None:
-    got = series([], ["stable"], 1_000_000.0, span_s=86_400, step_s=1)
-    assert got["step_s"] == 86_400 / MAX_BUCKETS
-    assert len(got["t"]) <= MAX_BUCKETS + 1  # the partial bucket at either end
+    step = bucket_step(86_400, step_s=1)
+    assert step == 86_400 / MAX_BUCKETS
+    got = series([], ["stable"], since_s=0, until_s=86_400, step_s=step)
+    assert len(got["t"]) == MAX_BUCKETS
     assert set(got["variants"]["stable"]["window_requests"]) == {0}
 
 
@@ -456,11 +478,8 @@ def test_quality_signals_become_chart_columns() -> None:
         Rubric,
         WatchdogSignal,
     )
-    from extproc.ops.dashboard.series import series
-    from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
     r = Rubric(accuracy=5, clarity=5, completeness=5)
-    events = [TelemetryEvent(time_unix_ms=10_000, variant="canary", request_id="r1")]
     sigs = [
         JudgeSignal(
             time_ms=10_000,
@@ -479,7 +498,9 @@ def test_quality_signals_become_chart_columns() -> None:
             time_ms=10_000, variant="stable", prompt_id="p", passed=False, checks={}, latency_ms=1
         ),
     ]
-    doc = series(events, ["stable", "canary"], 70.0, span_s=60, step_s=10, signals=sigs)
+    span = {"since_s": 10, "until_s": 70, "step_s": 10}
+    answered = ({"r1": "canary"}, {})  # which variant answered request r1
+    doc = series([], ["stable", "canary"], **span, signals=sigs, attribution=answered)
     i = doc["t"].index(10.0)
     canary, stable = doc["variants"]["canary"], doc["variants"]["stable"]
     assert canary["judge_win_rate"][i] == pytest.approx(2 / 3, abs=1e-4)
@@ -487,7 +508,7 @@ def test_quality_signals_become_chart_columns() -> None:
     assert canary["feedback_negative"][i] == 1  # the unknown request's feedback is left out
     assert stable["watchdog_fail_rate"][i] == 1.0
     assert canary["judge_win_rate"][i + 1] is None
-    plain = series(events, ["stable", "canary"], 70.0, span_s=60, step_s=10)
+    plain = series([], ["stable", "canary"], **span)
     assert "judge_win_rate" not in plain["variants"]["canary"]
 
 

@@ -19,7 +19,7 @@ from extproc.config import EXAMPLE_EXPERIMENT, Price, load_experiment
 from extproc.evaluator.window import StageWindow
 from extproc.ops import status
 from extproc.ops.dashboard import views
-from extproc.telemetry import outcome
+from extproc.telemetry import outcome, rollup
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 from extproc.telemetry.writer import TelemetryWriter
 
@@ -136,7 +136,7 @@ def test_every_answer_signal_is_counted_as_outcome_defines_it() -> None:
         ev("c", "d", E.ERROR_CLASS_UPSTREAM_5XX, tool_calls=True, streamed=True,
            first_token_ms=1.0, completion_tokens=11),
     ]  # fmt: skip
-    got = status.summarise(events, ["c"], prices={"c": price})["c"]
+    got = rollup.tally(events)[("assigned", "c")].figures(price)
     assert got["window_requests"] == 4
     assert got["tool_call_rate"] == round(1 / 3, 4)  # over the three successes
     assert got["empty_answer_rate"] == round(1 / 3, 4)

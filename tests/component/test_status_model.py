@@ -26,15 +26,15 @@ async def test_the_status_doc_of_an_experiment_with_foreign_heartbeats(
     exp = load_experiment(EXAMPLE_EXPERIMENT)
     await store.register_experiment(client, exp)
     # A newer sidecar with a field this release does not know, an older one missing several.
-    await client.hset(
-        keys.sidecar("new-1"),
-        mapping={"experiment": exp.name, "routing_version": 3, "dropped": 2, "gpu": "a100"},
-    )
-    await client.hset(keys.sidecar("old-1"), mapping={"experiment": exp.name, "dropped": "5"})
-    await client.hset(
-        keys.evaluator("ev-1"),
-        mapping={"experiment": exp.name, "active": 1, "ticks": "7", "time": 1.5, "pid": 9},
-    )
+    for instance, fields in (
+        ("new-1", {"experiment": exp.name, "routing_version": 3, "dropped": 2, "gpu": "a100"}),
+        ("old-1", {"experiment": exp.name, "dropped": "5"}),
+        ("gone-1", {"experiment": exp.name, "dropped": "9"}),
+    ):
+        await store.heartbeat(client, keys.sidecar(instance), keys.SIDECARS, instance, fields, 60)
+    await client.delete(keys.sidecar("gone-1"))  # stopped beating: its hash expired
+    ev = {"experiment": exp.name, "active": 1, "ticks": "7", "time": 1.5, "pid": 9}
+    await store.heartbeat(client, keys.evaluator("ev-1"), keys.EVALUATORS, "ev-1", ev, 60)
     doc = await status.status_doc(client, None, 100)
     assert doc is not None
     assert doc.experiment == exp.name

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from extproc import store
-from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
+from extproc.config import EXAMPLE_EXPERIMENT, load_experiment, parse_experiment
 from extproc.contract import keys
 from extproc.dev import stack
 from extproc.evaluator.rollout import RolloutState, append_audit
@@ -48,6 +48,7 @@ def events(variant: str, n: int, *, duration_ms: float, errors: int = 0) -> list
                 experiment=NAME,
                 variant=variant,
                 request_id=f"{variant}-{time.monotonic_ns()}-{i}",
+                time_unix_ms=int(time.time() * 1000),  # within the figures' window
                 assignment=Assignment.ASSIGNMENT_STICKY,
                 status=502 if failed else 200,
                 error=ErrorClass.ERROR_CLASS_UPSTREAM_5XX
@@ -287,6 +288,53 @@ def test_live_redraws_in_place_updates_and_quits_on_q(seeded: str, tmp_path: Pat
         tail = _read_until(master, lambda b: b"\x1b[?1049l" in b and b.endswith(b"\n"))
         assert proc.wait(timeout=10) == 0
         assert b"\x1b[?25h" in tail  # the cursor is back
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        os.close(master)
+
+
+TOP = [sys.executable, "-m", "extproc", "top"]
+
+
+def test_n_and_p_switch_between_the_experiments_in_redis(seeded: str, tmp_path: Path) -> None:
+    other = parse_experiment({**EXP.to_json_dict(), "name": "code-upgrade", "salt": "c"})
+
+    async def add() -> None:
+        r = store.connect(seeded)
+        try:
+            await store.register_experiment(r, other)
+        finally:
+            await r.aclose()
+
+    asyncio.run(add())
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
+    proc = subprocess.Popen(
+        [*TOP, NAME, "--interval", "60", "--redis-url", seeded, "--state-dir", str(tmp_path)],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")},
+        close_fds=True,
+    )
+    os.close(slave)
+
+    def showing(name: str, seen: bytes) -> bool:
+        return f"extproc top · {name} " in _last_frame(seen)
+
+    try:
+        seen = _read_until(master, lambda b: showing(NAME, b))
+        assert "n/p: next/previous experiment (1 of 2)" in _last_frame(seen)
+        os.write(master, b"n")  # redrawn at once, not at the next tick a minute later
+        seen += _read_until(master, lambda b: showing("code-upgrade", seen + b))
+        assert "(2 of 2)" in _last_frame(seen)
+        os.write(master, b"p")
+        seen += _read_until(master, lambda b: showing(NAME, seen + b))
+        os.write(master, b"q")
+        _read_until(master, lambda b: b"\x1b[?1049l" in b)
+        assert proc.wait(timeout=10) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -44,23 +44,64 @@ async def test_rollups_are_written_per_bucket_and_width_and_read_back(
     fine = await rollup.read(client, "e", 10, 1_000, 1_100)
     assert [start for start, _ in fine] == list(range(1_000, 1_100, 10))
     # Four requests start in each 10 s bucket, two per variant.
-    assert all(t.counts["requests"] == 2 for _, b in fine for t in b.values())
+    assert all(t.counts["requests"] == 2 for _, b in fine for t in b.tallies.values())
     coarse = rollup.merged(await rollup.read(client, "e", 300, 1_000, 1_100))
     assert (
-        rollup.merged(fine).keys()
-        == coarse.keys()
+        rollup.merged(fine).tallies.keys()
+        == coarse.tallies.keys()
         == {
             ("assigned", "stable"),
             ("assigned", "canary"),
         }
     )
-    for key, t in rollup.merged(fine).items():
-        assert t.counts == coarse[key].counts
-        assert t.figures() == coarse[key].figures()
-    stable = coarse[("assigned", "stable")].figures()
+    for key, t in rollup.merged(fine).tallies.items():
+        assert t.counts == coarse.tallies[key].counts
+        assert t.figures() == coarse.tallies[key].figures()
+    stable = coarse.tallies[("assigned", "stable")].figures()
     assert (stable["window_requests"], stable["errors"]) == (20, 10)
     ttl = await client.ttl(keys.rollup("e", 300, 900))
     assert 0 < ttl <= 3600
+
+
+async def test_fine_buckets_are_kept_hours_and_coarse_ones_the_retention(
+    client: aioredis.Redis,
+) -> None:
+    w = TelemetryWriter(client, rollup_retention_s=30 * 86_400)
+    e = ev(1)
+    e.time_unix_ms = 1_000_000
+    w.submit(e)
+    await w.flush()
+    assert 0 < await client.ttl(keys.rollup("e", 10, 1_000)) <= rollup.FINE_KEPT_S
+    assert rollup.FINE_KEPT_S < await client.ttl(keys.rollup("e", 300, 900)) <= 30 * 86_400
+
+
+async def test_a_span_read_back_is_the_tally_of_its_events(client: aioredis.Redis) -> None:
+    """Added up on the server across fine and coarse buckets: counts, sketch bins and the float
+    sums (output speed) come back exactly as a tally of the raw events, refused ones counted."""
+    w = TelemetryWriter(client, batch_size=50)
+    events = []
+    for i in range(400):
+        e = ev(i, ("stable", "canary", "")[i % 3], shadow=i % 7 == 0)
+        e.time_unix_ms = 1_000_000 + i * 2_345  # 938 s: coarse buckets and ragged ends
+        e.duration_ms = 50.0 + (i * 37) % 900 + i / 7
+        e.first_token_ms = e.duration_ms / 3
+        e.streamed = True
+        e.completion_tokens = 3 + i % 50
+        events.append(e)
+        w.submit(e)
+    await w.flush()
+    span = await rollup.read_span(client, "e", 1_000, 1_000 + 940)
+    want = rollup.tally(events)
+    assert span.refused == sum(1 for e in events if not e.variant)
+    assert span.tallies.keys() == want.keys()
+    for key, t in want.items():
+        got = span.tallies[key]
+        assert got.counts == t.counts, key
+        assert {k: s.bins for k, s in got.sketches.items()} == {
+            k: s.bins for k, s in t.sketches.items()
+        }
+        assert got.sums == pytest.approx(t.sums, rel=1e-15)
+    assert len(rollup.span_starts(1_000, 1_940)) < 940 // 10  # coarse where they fit
 
 
 async def test_flush_writes_events_and_exact_counts(client: aioredis.Redis) -> None:
@@ -148,7 +189,7 @@ async def test_a_batch_whose_reply_was_lost_is_not_written_twice(
         assert sorted(ids) == sorted(f"r{i}" for i in range(10))
         assert await client.hgetall(keys.counts("e")) == {b"canary": b"5", b"stable": b"5"}
         tallies = rollup.merged(await rollup.read(client, "e", 10, 0, 10))
-        assert {v: t.counts["requests"] for (_, v), t in tallies.items()} == {
+        assert {v: t.counts["requests"] for (_, v), t in tallies.tallies.items()} == {
             "canary": 5,
             "stable": 5,
         }

@@ -65,7 +65,9 @@ def health(channel: grpc.Channel, service: str = SIDECAR_SERVICE) -> str:
 
 def heartbeats(s: LiveStack) -> dict[str, dict[bytes, bytes]]:
     r = s.redis()
-    return {k.decode().rsplit(":", 1)[1]: r.hgetall(k) for k in r.scan_iter(keys.SIDECAR_PATTERN)}
+    names = [m.decode() for m in r.zrange(keys.SIDECARS, 0, -1)]
+    beats = {name: r.hgetall(keys.sidecar(name)) for name in names}
+    return {name: beat for name, beat in beats.items() if beat}
 
 
 def events_by_request(

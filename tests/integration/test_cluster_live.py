@@ -134,6 +134,8 @@ def test_whole_data_path_on_a_redis_cluster(cluster_stack: LiveStack, http: http
     assert doc["experiment"] == NAME
     assert doc["routing"]["weights"] == half
     assert sum(v["requests"] for v in doc["variants"].values()) >= len(convs)
+    # The figures come from the rollups, added up by a script in the experiment's one slot.
+    assert sum(v["window_requests"] for v in doc["variants"].values()) >= len(convs)
     assert len(doc["sidecars"]) == 1
     wait_for(
         lambda: any(e["active"] and int(e["ticks"]) > 0 for e in s.status()["evaluators"]),

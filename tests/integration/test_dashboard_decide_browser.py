@@ -314,6 +314,28 @@ def test_after_a_rollback_only_restart_is_enabled(
     }
 
 
+def test_an_ab_run_shows_its_stated_decision_as_status_states_it(
+    redis_url: str, page: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    from extproc.evaluator import decision
+    from tests.unit.test_ab_decision import arm, spec_with
+
+    # A slower candidate on the primary metric: keep stable.
+    found = decision.decide(spec_with(primary="latency"), "canary", arm(1), arm(2, latency=900))
+    doc = found.to_json()
+    seed(redis_url, tmp_path, status="completed", extra={"decisions": [doc]})
+    open_page(browser, page, "the finished A/B run")
+    card = until(browser, lambda d: d.find_element(By.ID, "decision-card"), "the decision card")
+    until(browser, lambda d: card.is_displayed(), "the decision card shown")
+    shown = [e.text for e in card.find_elements(By.CSS_SELECTOR, "#decision > *")]
+    assert shown == [line.strip() for line in decision.render(doc)]
+    assert shown[0].startswith("A/B decision for canary: KEEP STABLE")
+    # A rollout without one shows no card.
+    seed(redis_url, tmp_path)
+    open_page(browser, page, "a canary")
+    until(browser, lambda d: not d.find_element(By.ID, "decision-card").is_displayed(), "no card")
+
+
 def test_a_running_rollout_offers_what_the_evaluator_would_apply_and_abort_records_it(
     redis_url: str, page: str, browser: WebDriver, tmp_path: Path
 ) -> None:
@@ -572,8 +594,13 @@ def test_charts_have_axis_titles_the_limit_at_the_margin_and_labelled_decisions(
     p99 = drawn["latency_ms.p99"]
     assert p99["titles"][0] == "ms"
     assert p99["titles"][1].startswith("time of day")
+    # Stable's p99 (80 ms, within the sketch's 2%) plus the 50% margin.
+    stable_p99 = page_data(browser)["experiment"]["variants"]["stable"]["latency_ms"]["p99"]
+    assert stable_p99 == pytest.approx(80.0, rel=0.02)
+    limit = stable_p99 * (1 + 0.5)
+    text = fig.value_text("latency_ms.p99", limit)
     assert p99["limits"] == [
-        ["margin", 120.0, "p99 latency limit 120.0 ms (stable +50.0%, rollback)"]
+        ["margin", limit, f"p99 latency limit {text} (stable +50.0%, rollback)"]
     ]
     assert drawn["error_rate"]["titles"][0] == "%"
     assert ["ceiling", 0.02, "error rate ceiling 2.00% (hold)"] in drawn["error_rate"]["limits"]
@@ -591,7 +618,8 @@ def test_the_range_control_sizes_the_buckets_to_the_range(
     )
     open_page(browser, page, "the experiment")
     until(browser, lambda d: page_data(d).get("series"), "the series")
-    assert page_data(browser)["series"]["step_s"] == 1  # a minute of events: 1 s buckets
+    # A minute of events: 10 s steps, the rollups' finest.
+    assert page_data(browser)["series"]["step_s"] == 10
     Select(browser.find_element(By.ID, "range")).select_by_value("3600")
     until(browser, lambda d: page_data(d)["series"]["span_s"] == 3600, "the hour's series")
     series = page_data(browser)["series"]

@@ -1,6 +1,6 @@
 """Rollouts as operators run them, on the real stack: a per-stage schedule whose second stage
 waits behind a manual gate for `extproc experiment promote`; a second attempt after a rollback;
-lifecycle hooks to a serving layer."""
+lifecycle hooks to a serving layer; a shadow comparison chained before a canary (phases)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
+from extproc.config import EXAMPLE_EXPERIMENT
+from extproc.contract import keys
 from extproc.dev import stack
+from extproc.telemetry.events import decode_event
 from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -233,3 +237,73 @@ def test_lifecycle_hooks_reach_the_serving_layer_and_a_failing_one_never_blocks_
         assert [p for p, b in received if b["hook"] == "on_rollback"] == ["/fail"] * 3
     finally:
         stack.down(s.state_dir)
+
+
+@pytest.fixture
+def chained(tmp_path: Path) -> Iterator[LiveStack]:
+    """A shadow comparison (every request mirrored to the canary, which serves nothing) that
+    must pass before a two-stage canary ramps; the shadow phase needs 40 mirrored answers."""
+    doc = yaml.safe_load(EXAMPLE_EXPERIMENT.read_text())
+    variants = doc["variants"]
+    variants["stable"]["weight"], variants["canary"]["weight"] = 100, 0
+    exp = write_experiment(
+        tmp_path,
+        strategy=None,
+        variants=variants,
+        shadow={"variant": "canary", "share": 100},
+        rollout={
+            "cadence_s": 0.2,
+            "min_stage_seconds": 0.3,
+            "min_stage_samples": 15,
+            "stages": [30, 100],
+        },
+        guardrails=GUARDRAILS,
+        phases=[
+            {
+                "name": "compare",
+                "strategy": "shadow",
+                "rollout": {"cadence_s": 0.2, "min_stage_seconds": 0.3, "min_stage_samples": 40},
+            },
+            {"name": "ramp", "strategy": "canary"},
+        ],
+    )
+    s = start_stack(tmp_path / "stack", exp)
+    yield s
+    stack.down(s.state_dir)
+
+
+def test_a_canary_phase_starts_only_after_the_shadow_phase_passed(
+    chained: LiveStack, http: httpx.Client
+) -> None:
+    s = chained
+    first = s.status()
+    assert (first["rollout"]["phase"], first["rollout"]["strategy"]) == (0, "shadow")
+    assert first["routing"]["weights"] == {"stable": 100.0, "canary": 0.0}
+
+    def ramping() -> bool:
+        send(s, http, 10)
+        return bool(s.status()["rollout"]["phase"] == 1)
+
+    wait_for(ramping, "the shadow phase to pass and the canary phase to start", timeout_s=60)
+    records = audit(s)
+    start, passed = records[0], records[1]
+    assert (start["action"], passed["action"]) == ("start", "advance")
+    assert "phase 1 (compare, shadow) passed; phase 2 (ramp, canary) starts" in passed["reasons"]
+    # The shadow phase judged mirrored answers; until it passed, no user request reached the
+    # canary, which answered mirrored copies only.
+    assert passed["snapshot"]["canary"]["requests"] >= 40
+    assert passed["weights"] == {"stable": 70.0, "canary": 30.0}
+    events = [decode_event(f) for _, f in s.redis().xrange(keys.events("chat-upgrade"))]
+    served = [ev.time_unix_ms for ev in events if ev and ev.variant == "canary" and not ev.shadow]
+    mirrored = [ev.time_unix_ms for ev in events if ev and ev.shadow]
+    assert min(mirrored) < passed["time"] * 1000
+    assert all(t >= passed["time"] * 1000 for t in served)
+
+    def completed() -> bool:
+        send(s, http, 20)
+        return bool(s.status()["rollout"]["status"] == "completed")
+
+    wait_for(completed, "the canary phase to ramp to 100% by itself", timeout_s=60)
+    actions = [(r["action"], r["stage"]) for r in audit(s)]
+    assert actions == [("start", 0), ("advance", 0), ("advance", 1), ("complete", 1)]
+    assert s.status()["routing"]["weights"] == {"stable": 0.0, "canary": 100.0}

@@ -222,25 +222,25 @@ def test_blue_green_needs_a_mirrored_variant_at_zero() -> None:
         parse_experiment(raw)
 
 
-def test_ab_completes_with_a_report() -> None:
+def test_ab_completes_with_a_decision() -> None:
     spec = parse_experiment({**BASE, "strategy": "ab"}).spec
     v = judge(spec, window(latency=(800.0, 900.0)), WEIGHTS, stage=0, stage_age_s=60)
     assert v.action == "complete"
     report = " ".join(v.reasons)
-    assert "latency mean +" in report
-    assert "Welch" in report
-    assert "error rate" in report
+    assert "A/B decision for canary: KEEP STABLE: latency mean worse" in report
+    assert "(Welch t): worse" in report
+    assert "error rate (secondary, lower is better)" in report
 
 
 def test_status_reports_cost_per_request() -> None:
     from extproc.config import Price
-    from extproc.ops.status import summarise
+    from extproc.telemetry import rollup
 
     ev = TelemetryEvent(variant="canary", prompt_tokens=1000, completion_tokens=500, duration_ms=1)
-    got = summarise(
-        [ev, ev], ["canary"], prices={"canary": Price(input_per_mtok=1, output_per_mtok=2)}
+    got = rollup.tally([ev, ev])[("assigned", "canary")].figures(
+        Price(input_per_mtok=1, output_per_mtok=2)
     )
-    assert got["canary"]["cost_per_request"] == pytest.approx(0.002)
+    assert got["cost_per_request"] == pytest.approx(0.002)
 
 
 def _events(

@@ -285,7 +285,8 @@ def test_metric_sample_sizes_are_the_stats_librarys_one_sided_in_the_harm_direct
         ("latency_p99", {"baseline": 0.05}, "tail share 0.01"),
         ("completion_tokens", {}, "--sd"),
         ("completion_tokens", {"sd": 5, "relative": True}, "stable's mean"),
-        ("judge_win_rate", {}, "one-sample"),
+        ("judge_win_rate", {"baseline": 0.5}, "50% win rate"),
+        ("judge_win_rate", {"mde": 0.5}, "under 0.5"),
     ],
 )
 def test_metric_sample_size_says_what_is_missing(
@@ -294,6 +295,21 @@ def test_metric_sample_size_says_what_is_missing(
     mde = kwargs.pop("mde", 0.01)
     with pytest.raises(ValueError, match=message):
         metric_sample_size(metric, mde, **kwargs)
+
+
+def test_the_judges_win_rate_is_sized_one_sided_in_decisive_verdicts() -> None:
+    from extproc.stats.power import sample_size_win_rate
+
+    got = metric_sample_size("judge_win_rate", 0.05)
+    assert (got.baseline, got.target, got.size.alternative, got.size.alpha) == (
+        0.5,
+        0.45,
+        "less",
+        0.05,
+    )
+    # One-sided at alpha: the two-sided size at 2 alpha (the same critical value).
+    assert got.size.n_treatment == sample_size_win_rate(0.45, alpha=0.1).n_treatment
+    assert got.size.n_treatment < sample_size_win_rate(0.45, alpha=0.05).n_treatment
 
 
 def test_sample_size_cli(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,9 +1,10 @@
-"""Rollups: the figures of merged buckets are the figures of the raw events (quantiles within the
-sketch's stated accuracy), and a bucket read back is the bucket written."""
+"""Rollups: buckets written, read back and merged give the figures of the raw events taken as one
+(sketches merge exactly, so quantiles too), a sketch's quantiles are within its stated accuracy
+of the sample's, and a span is tiled by whole buckets exactly once."""
 
 from __future__ import annotations
 
-import math
+import itertools
 
 import numpy as np
 import pytest
@@ -11,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.config import Price
-from extproc.ops.status import summarise
 from extproc.telemetry import rollup
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
+from tests.conftest import as_read
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,7 +26,7 @@ def events(draw: st.DrawFn) -> TelemetryEvent:
     ev = TelemetryEvent(
         experiment="e",
         request_id=f"r{draw(st.integers(0, 10**9))}",
-        variant=draw(st.sampled_from(["stable", "canary"])),
+        variant=draw(st.sampled_from(["stable", "canary", ""])),
         time_unix_ms=draw(st.integers(1_700_000_000_000, 1_700_000_900_000)),
         error=draw(st.sampled_from([int(e) for e in ErrorClass.values()])),
         assignment=draw(st.sampled_from([int(a) for a in Assignment.values()])),
@@ -53,37 +54,45 @@ def events(draw: st.DrawFn) -> TelemetryEvent:
     return ev
 
 
-def _close(got: object, want: object) -> bool:
-    if isinstance(want, float) and isinstance(got, float):
-        return math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-6)
-    return got == want
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(events(), max_size=60), st.sampled_from(rollup.WIDTHS_S))
 def test_merged_buckets_give_the_figures_of_the_raw_events(
     evs: list[TelemetryEvent], width: int
 ) -> None:
     # Written bucket by bucket, read back field by field, then merged: as a reader sees them.
-    buckets = []
-    for start, (ints, floats) in rollup.bucket_fields(evs, width).items():
-        raw = {k.encode(): str(v).encode() for k, v in ints.items()}
-        raw |= {k.encode(): repr(v).encode() for k, v in floats.items()}
-        buckets.append((start, rollup.parse(raw)))
-    merged = rollup.merged(buckets)
-    for kind in ("assigned", "forced", "shadow"):
-        want = summarise(evs, ["stable", "canary"], kind=kind, prices={"canary": PRICE})
-        for variant, figures in want.items():
-            t = merged.get((kind, variant), rollup.Tally())
-            got = t.figures(PRICE if variant == "canary" else None)
-            for name, value in figures.items():
-                if name in ("latency_ms", "ttft_ms", "open_requests", "forced_requests"):
-                    continue
-                assert _close(got[name], value), (kind, variant, name, got[name], value)
-            if kind == "assigned":
-                assert t.counts["requests"] + figures["forced_requests"] == sum(
-                    1 for e in evs if e.variant == variant and not e.shadow
-                )
+    merged = rollup.merged(as_read(evs, width))
+    whole = rollup.tally(evs)
+    assert merged.tallies.keys() == whole.keys()
+    for key, t in whole.items():
+        price = PRICE if key[1] == "canary" else None
+        got, want = merged.tallies[key].figures(price), t.figures(price)
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            if isinstance(value, float):
+                assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-6), (key, name)
+            else:
+                assert got[name] == value, (key, name)
+    assert merged.refused == sum(1 for e in evs if not e.variant)
+    assert merged.events == len(evs)
+
+
+@given(st.integers(0, 10**6), st.integers(1, 10**5))
+def test_a_span_is_tiled_by_whole_buckets_once(since: int, length: int) -> None:
+    tiles = rollup.span_starts(since, since + length)
+    covered = [(start, start + width) for width, start in tiles]
+    assert all(start % width == 0 for width, start in tiles)
+    assert covered[0][0] == since - since % rollup.FINE_S
+    assert covered[-1][1] >= since + length > covered[-1][1] - rollup.FINE_S
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
+    # Coarse hashes wherever they fit: at most 29 fine ones at each end.
+    assert sum(1 for width, _ in tiles if width == rollup.FINE_S) <= 2 * 29 + 1
+    # Before the fine buckets still kept, whole coarse ones only: the old end rounds out.
+    kept = since + length // 2
+    older = rollup.span_starts(since, since + length, kept)
+    assert all(width == rollup.COARSE_S for width, start in older if start < kept)
+    assert older[0][1] <= since < older[-1][1] + older[-1][0]
+    assert older[-1][1] + older[-1][0] >= since + length
+    assert all(a[1] + a[0] == b[1] for a, b in itertools.pairwise(older))
 
 
 @settings(max_examples=200, deadline=None)
@@ -123,5 +132,5 @@ def test_zero_latencies_and_unknown_fields() -> None:
     parsed = rollup.parse(
         {b"assigned|stable|novel": b"3", b"bogus": b"1", b"forced|stable|requests": b"2"}
     )
-    assert list(parsed) == [("forced", "stable")]
-    assert parsed[("forced", "stable")].counts == {"requests": 2}
+    assert list(parsed.tallies) == [("forced", "stable")]
+    assert parsed.tallies[("forced", "stable")].counts == {"requests": 2}

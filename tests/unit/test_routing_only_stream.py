@@ -181,6 +181,9 @@ def test_the_access_log_attributes_ext_proc_routes() -> None:
     assert routed.captured  # 100% sampled: the capture stream and the access log agree
     fallback = m.event(entry(FALLBACK_ROUTE))
     assert (fallback.variant, fallback.assignment) == ("stable", Assignment.ASSIGNMENT_FALLBACK)
+    # Istio's fallback route sets the variant header so that its access-log filter keeps it.
+    marked_fallback = m.event(entry(FALLBACK_ROUTE, **{"x-llm-variant": "stable"}))
+    assert marked_fallback.assignment == Assignment.ASSIGNMENT_FALLBACK
     forced = m.event(entry(f"{FORCED_ROUTE}canary"))
     assert (forced.variant, forced.assignment) == ("canary", Assignment.ASSIGNMENT_FORCED)
     # On Istio no route says "forced": the sidecar's mark does (clients' is stripped).

@@ -1,18 +1,16 @@
-"""Per-variant time series for the dashboard's charts, derived from the event stream.
+"""Per-variant time series for the dashboard's charts, read from the telemetry rollups.
 
-Why derived from events rather than sampled from `extproc status` every few seconds: the stream
-already holds every request with its start time, so the curves exist the moment the page opens
-(no warm-up, nothing lost when the dashboard restarts), every dashboard replica draws the same
-curves, and the dashboard writes nothing to Redis. A sampled status figure would also blur time:
-each sample summarises the newest 20,000 events, so a latency spike would linger in the curve for
-as long as it stays in that window.
+Why rollups rather than samples of `extproc status` taken every few seconds: the writer already
+adds every request into 10 s and 5 min buckets by its start time (:mod:`extproc.telemetry.rollup`),
+so the curves exist the moment the page opens (no warm-up, nothing lost when the dashboard
+restarts), every dashboard replica draws the same curves, the dashboard writes nothing to Redis,
+and a chart can span a whole rollout of hours for the cost of a few dozen hashes.
 
-The series cover the same events as `extproc status` (the newest ``window`` of the stream), by
-default all of them, cut into buckets by request start, and each bucket is summarised by
-:func:`extproc.ops.status.summarise`: a point means exactly what the status figure of the same name
-means, over one bucket instead of the whole window, and the buckets add up to the status totals.
-The default step gives about ``TARGET_BUCKETS`` points whether the window holds a minute of a
-busy service or a day of a quiet one.
+Each point is a step of the chart (a multiple of the rollups' 10 s, or of 5 min once the step
+allows), summarised by :func:`extproc.ops.status.figures_of`: a point means exactly what the
+status figure of the same name means, over one step instead of the status window, and counts add
+up across points. The default step gives about ``TARGET_BUCKETS`` points whether the span is five
+minutes or a day.
 """
 
 from __future__ import annotations
@@ -21,18 +19,21 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from extproc.config import Price
 from extproc.contract.signals import FeedbackSignal, JudgeSignal, Signal, WatchdogSignal
 from extproc.ops.figures import Figure, flatten
-from extproc.ops.status import ended_requests, summarise
-from extproc.telemetry.outcome import TokenPrice
-from extproc.telemetry.v1.event_pb2 import TelemetryEvent
+from extproc.ops.status import figures_of
+from extproc.telemetry import rollup
 
 TARGET_BUCKETS = 60
 MAX_BUCKETS = 360
 MIN_SPAN_S = 60.0
-NICE_STEPS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200)
+# No step between a minute and five: a two-hour chart of 10 s buckets would read 720 hashes.
+NICE_STEPS_S = (10, 30, 60, 300, 600, 900, 1800, 3600, 7200, 21600, 43200)
 
 Columns = dict[str, dict[str, list[Figure]]]
+Attribution = tuple[Mapping[str, str], Mapping[str, str]]
+"""Which variant answered: by request id, and by conversation (key hash)."""
 
 
 def _columns(rows: list[dict[str, dict[str, Figure]]]) -> Columns:
@@ -48,16 +49,15 @@ def _columns(rows: list[dict[str, dict[str, Figure]]]) -> Columns:
 
 
 def quality_rows(
-    signals: Sequence[Signal], events: Sequence[TelemetryEvent], step_ms: int
+    signals: Sequence[Signal], attribution: Attribution, step_ms: int
 ) -> dict[int, dict[str, dict[str, Figure]]]:
     """Per bucket and variant: the judge's win rate among decisive verdicts, the number of
     negative feedback posts (down, retry, escalation) and the watchdog's failure rate.
 
-    Feedback is attributed as the evaluator does, through the request or conversation of an
-    event in the window; feedback on requests older than the window is left out.
+    Feedback is attributed as the evaluator does, through the request or conversation it names
+    (``attribution``); feedback on a request the attribution does not know is left out.
     """
-    by_request = {ev.request_id: ev.variant for ev in events if ev.request_id and not ev.shadow}
-    by_key = {ev.key_hash: ev.variant for ev in events if ev.key_hash and not ev.shadow}
+    by_request, by_key = attribution
     tally: dict[int, dict[str, dict[str, int]]] = {}
 
     def count(bucket_ms: int, variant: str, name: str) -> None:
@@ -96,62 +96,69 @@ def quality_rows(
     return out
 
 
-def bucket_step(span_s: float, step_s: float | None = None) -> float:
-    """The step used: a round one giving about ``TARGET_BUCKETS`` points unless one is asked
-    for, and never more than ``MAX_BUCKETS`` steps per span."""
+def bucket_step(span_s: float, step_s: float | None = None) -> int:
+    """The step used, whole multiples of the rollups' 10 s: a round one giving about
+    ``TARGET_BUCKETS`` points unless one is asked for, never more than ``MAX_BUCKETS`` per span."""
     if step_s is None:
         wanted = span_s / TARGET_BUCKETS
         step_s = next((s for s in NICE_STEPS_S if s >= wanted), 86_400 * math.ceil(wanted / 86_400))
-    return max(step_s, span_s / MAX_BUCKETS)
+    step = max(step_s, span_s / MAX_BUCKETS)
+    return rollup.FINE_S * math.ceil(step / rollup.FINE_S)
+
+
+def width_for(step_s: int) -> int:
+    """The rollup width a step is read at: the coarse one when it divides the step."""
+    return rollup.COARSE_S if step_s % rollup.COARSE_S == 0 else rollup.FINE_S
 
 
 def series(
-    events: list[TelemetryEvent],
+    buckets: Sequence[tuple[int, rollup.Bucket]],
     variants: list[str],
-    now_s: float,
     *,
-    span_s: float | None = None,
-    step_s: float | None = None,
+    since_s: int,
+    until_s: int,
+    step_s: int,
     shadow_variant: str | None = None,
     signals: Sequence[Signal] = (),
-    prices: Mapping[str, TokenPrice] | None = None,
+    attribution: Attribution = ({}, {}),
+    prices: Mapping[str, Price] | None = None,
 ) -> dict[str, Any]:
-    """Every bucket from ``span_s`` ago (default: the oldest event's start, at least a minute)
-    until now, empty ones too so gaps show, with each variant's figures.
+    """Every step from ``since_s`` until ``until_s`` (both multiples of ``step_s``), empty
+    ones too so gaps show, with each variant's figures, from rollup ``buckets`` of a width that
+    divides the step.
 
-    ``t`` holds the buckets' start times (seconds since the epoch), aligned to multiples of the
-    step; ``variants`` and ``shadow`` map a variant to columns aligned with ``t``. ``shadow``
-    summarises the mirrored copies, as the ``shadow`` part of `extproc status` does. Quality
-    signals add ``judge_win_rate``, ``feedback_negative`` and ``watchdog_fail_rate`` columns
-    (see :func:`quality_rows`), only when there are any.
+    ``t`` holds the steps' start times (seconds since the epoch); ``variants`` and ``shadow`` map
+    a variant to columns aligned with ``t``. ``shadow`` summarises the mirrored copies, as the
+    ``shadow`` part of `extproc status` does. Quality signals add ``judge_win_rate``,
+    ``feedback_negative`` and ``watchdog_fail_rate`` columns (see :func:`quality_rows`), only
+    when there are any.
     """
-    if span_s is None:
-        oldest = min((ev.time_unix_ms / 1000 for ev in events), default=now_s)
-        span_s = max(now_s - oldest, MIN_SPAN_S)
-    step_ms = round(1000 * bucket_step(span_s, step_s))
-    now_ms = int(now_s * 1000)
-    first, last = (now_ms - int(span_s * 1000)) // step_ms, now_ms // step_ms
-    buckets: dict[int, list[TelemetryEvent]] = {b: [] for b in range(first, last + 1)}
-    for ev in events:
-        bucket = buckets.get(ev.time_unix_ms // step_ms)
-        if bucket is not None:
-            bucket.append(ev)
-    quality = quality_rows(signals, events, step_ms)
-    ended = ended_requests(events)
+    prices = prices or {}
+    steps: dict[int, rollup.Bucket] = {s: rollup.Bucket() for s in range(since_s, until_s, step_s)}
+    for start, bucket in buckets:
+        at = start - start % step_s
+        if at in steps:
+            steps[at].merge(bucket)
+    quality = quality_rows(signals, attribution, step_s * 1000)
     live, mirrored = [], []
-    for b, evs in buckets.items():
-        per_variant = summarise(evs, variants, prices=prices, ended=ended)
-        row = {v: flatten(f) for v, f in per_variant.items()}
-        for v, figures in quality.get(b, {}).items():
+    for start, span in steps.items():
+        row = {v: _points(f) for v, f in figures_of(span, "assigned", variants, prices).items()}
+        for v, figures in quality.get(start // step_s, {}).items():
             row.setdefault(v, {}).update(figures)
         live.append(row)
         if shadow_variant:
-            figs = summarise(evs, [shadow_variant], kind="shadow", prices=prices, ended=ended)
-            mirrored.append({v: flatten(f) for v, f in figs.items()})
+            figs = figures_of(span, "shadow", [shadow_variant], prices)
+            mirrored.append({v: _points(f) for v, f in figs.items()})
     return {
-        "step_s": step_ms / 1000,
-        "span_s": span_s,
-        "t": [b * step_ms / 1000 for b in buckets],
+        "step_s": step_s,
+        "span_s": until_s - since_s,
+        "t": list(steps),
         "variants": _columns(live),
         "shadow": _columns(mirrored),
     }
+
+
+def _points(figures: Mapping[str, Any]) -> dict[str, Figure]:
+    """A step's figures as chart columns: requests still open are a figure of now, not of a
+    step, and are left out."""
+    return {k: v for k, v in flatten(figures).items() if k != "open_requests"}

@@ -13,6 +13,7 @@ Each cell carries the text the page shows as given, made by :mod:`extproc.ops.fi
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict
 from typing import Any
@@ -20,18 +21,20 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from extproc import store
-from extproc.config import ConfigError, parse_experiment
+from extproc.config import ConfigError, Telemetry, parse_experiment
 from extproc.contract import keys, signals
-from extproc.evaluator import machine
+from extproc.evaluator import decision, machine
 from extproc.evaluator.guardrails import SRM_THRESHOLD
 from extproc.evaluator.rollout import COMMANDS, RolloutState, load_state, read_audit
 from extproc.ops import figures, status
-from extproc.ops.dashboard.series import series
+from extproc.ops.dashboard.series import MIN_SPAN_S, bucket_step, series, width_for
 from extproc.ops.figures import Figure, flatten
+from extproc.telemetry import rollup
 from extproc.telemetry.events import recent_events
 
 AUDIT_COUNT = 100
 SIGNAL_WINDOW = 5000  # newest quality signals charted (judge calls are budgeted, feedback sparse)
+FEEDBACK_EVENTS = 5000  # newest events feedback on the charts is attributed through
 # Totals rather than rates: shown for each variant, but a difference between them is no effect.
 COUNTERS = frozenset(
     {
@@ -290,44 +293,99 @@ async def experiment(r: aioredis.Redis, name: str) -> dict[str, Any] | None:
     doc["traffic"] = traffic(doc, definition)
     doc["timeline"] = [{k: rec.get(k) for k in TIMELINE_FIELDS} for rec in audit]
     doc["evaluation"] = await status.latest_evaluation(r, name)
+    found = (doc["evaluation"] or {}).get("decisions") or []
+    doc["decision"] = [line for d in found for line in decision.render(d)]
     doc["comparison"] = comparison(doc, audit, doc["evaluation"])
     doc["srm"] = srm(doc["evaluation"])
     doc["limits"] = limits(definition, doc)
     doc["ladder"] = figures.ladder(definition, doc["rollout"], doc["evaluation"], time.time())
+    doc["phases"] = [
+        {"name": p.get("name"), "strategy": p.get("strategy")}
+        for p in definition.get("phases") or []
+    ]
     return doc
 
 
+async def _began(r: aioredis.Redis, name: str, state: RolloutState | None) -> float | None:
+    """When the rollout on show began: this attempt's start, else the first audit record's."""
+    if state is not None and state.attempt_started:
+        return state.attempt_started
+    first = await r.xrange(keys.audit(name), count=1)
+    if not first or first[0][0] is None:
+        return None
+    return int(_text(first[0][0]).split("-")[0]) / 1000
+
+
+async def _signals(r: aioredis.Redis, name: str, since_s: int) -> list[signals.Signal]:
+    """The newest quality signals of the span (at most ``SIGNAL_WINDOW``)."""
+    found: list[signals.Signal] = []
+    entries = await r.xrevrange(keys.signals(name), min=str(since_s * 1000), count=SIGNAL_WINDOW)
+    for _id, fields in entries or []:
+        with contextlib.suppress(ValueError):  # the evaluator logs malformed entries
+            found.append(signals.parse((fields or {}).get(signals.FIELD, b"")))
+    return found
+
+
+async def _attribution(
+    r: aioredis.Redis, name: str, quality: list[signals.Signal]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Which variant answered the requests and conversations feedback names, from the newest
+    ``FEEDBACK_EVENTS`` events (read only when the span has feedback, which is what needs it)."""
+    if not any(isinstance(sig, signals.FeedbackSignal) for sig in quality):
+        return {}, {}
+    events = [ev for ev in await recent_events(r, name, FEEDBACK_EVENTS) if not ev.shadow]
+    return (
+        {ev.request_id: ev.variant for ev in events if ev.request_id},
+        {ev.key_hash: ev.variant for ev in events if ev.key_hash},
+    )
+
+
 async def experiment_series(
-    r: aioredis.Redis, name: str, span_s: float | None = None, step_s: float | None = None
+    r: aioredis.Redis,
+    name: str,
+    span_s: float | None = None,
+    step_s: float | None = None,
+    now_s: float | None = None,
 ) -> dict[str, Any] | None:
-    """Chart data over the events `extproc status` summarises; None for an unknown experiment."""
+    """Chart data over the last ``span_s`` seconds, by default the whole rollout (this attempt,
+    at least a minute); None for an unknown experiment."""
     definition = await store.get_definition(r, name)
     if definition is None:
         return None
-    events = await recent_events(r, name, status.DEFAULT_WINDOW)
-    quality: list[signals.Signal] = []
-    for _id, fields in await r.xrevrange(keys.signals(name), count=SIGNAL_WINDOW) or []:
-        with contextlib.suppress(ValueError):  # the evaluator logs malformed entries
-            quality.append(signals.parse((fields or {}).get(signals.FIELD, b"")))
+    now = time.time() if now_s is None else now_s
+    if span_s is None:
+        began = await _began(r, name, await load_state(r, name))
+        span_s = now - began if began is not None else MIN_SPAN_S
+    kept = Telemetry.model_validate(definition.get("telemetry") or {}).rollup_retention_days
+    kept_s = 86_400 * kept
+    span_s = min(max(span_s, MIN_SPAN_S), kept_s)
+    step = bucket_step(span_s, step_s)
+    if now - span_s < rollup.fine_from(now):  # fine buckets that old are gone: coarse steps
+        step = rollup.COARSE_S * math.ceil(step / rollup.COARSE_S)
+    until = int(now) // step * step + step
+    since = until - step * math.ceil(span_s / step)
+    width = width_for(step)
+    quality = await _signals(r, name, since)
     doc = series(
-        events,
+        await rollup.read(r, name, width, since, until, step),
         list(definition.get("variants", {})),
-        time.time(),
-        span_s=span_s,
-        step_s=step_s,
+        since_s=since,
+        until_s=until,
+        step_s=step,
         shadow_variant=(definition.get("shadow") or {}).get("variant"),
         signals=quality,
+        attribution=await _attribution(r, name, quality),
         prices=status.prices_of(definition),
     )
     names = {k for columns in (*doc["variants"].values(), *doc["shadow"].values()) for k in columns}
     keys_ = sorted(names | {"tokens_per_request"})
-    labels = {k: figures.label(k) for k in keys_}
-    units = {k: figures.unit(k) for k in keys_}
     return {
         "experiment": name,
-        "window_events": len(events),
-        "labels": labels,
-        "units": units,
+        "window_events": sum(
+            n or 0 for cols in doc["variants"].values() for n in cols.get("window_requests", [])
+        ),
+        "labels": {k: figures.label(k) for k in keys_},
+        "units": {k: figures.unit(k) for k in keys_},
         **doc,
     }
 

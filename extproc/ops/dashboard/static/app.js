@@ -203,11 +203,18 @@ function render() {
   draw("ladder", still, renderLadder);
   tickLadder();
   draw("actions", [exp.experiment, exp.actions], renderActions);
+  $("decision-card").hidden = !exp.decision.length;
+  draw("decision", exp.decision, renderDecision);
   draw("comparison", exp.comparison, renderComparison);
   draw("checks", exp.comparison.checks, renderChecks);
   draw("timeline", exp.timeline, renderTimeline);
   draw("charts", [state.series, exp.timeline, variantOrder(exp), exp.limits], renderCharts);
   draw("pairs", state.pairs, renderPairs);
+}
+
+// An A/B run's stated decision: the evaluator's text, line by line (the first states it).
+function renderDecision(lines) {
+  return lines.map((line, i) => el(i ? "p" : "h3", { class: i ? "decision-metric" : "decision-verdict" }, line.trim()));
 }
 
 function renderNav([experiments]) {
@@ -234,7 +241,7 @@ function renderSummary() {
   const variants = variantOrder(exp);
   const stage = exp.ladder
     ? `${exp.ladder.phase}${exp.ladder.attempt ? ` · attempt ${exp.ladder.attempt}` : ""} · since ${clock(ro.stage_started)}`
-    : ro ? `${ro.status} since ${clock(ro.stage_started)}` : "no rollout state yet";
+    : ro ? `${ro.status}${(exp.phases || []).length ? ` · phase ${ro.phase + 1} of ${exp.phases.length} (${exp.phases[ro.phase].name}, ${ro.strategy})` : ""} since ${clock(ro.stage_started)}` : "no rollout state yet";
   const bar = el("div", { class: "weights", "data-weights": JSON.stringify(routing.weights || {}) },
     variants.map((v) => [v, (routing.weights || {})[v] || 0]).filter(([, w]) => w > 0).map(([v, w]) => {
       const seg = el("span", { class: "segment", title: `${v} ${w}%` }, `${v} ${w}%`);
@@ -341,7 +348,7 @@ function renderActions([, actions]) {
 }
 
 function renderComparison(cmp) {
-  $("comparison-note").textContent = `(assigned requests of the newest ${state.experiment.window_events} events, as \`extproc status\`; forced ones are not compared)`;
+  $("comparison-note").textContent = `(assigned requests of the last ${duration(state.experiment.window_s)}, as \`extproc status\`; forced ones are not compared)`;
   const head = el("tr", {}, el("th", {}, "figure"), el("th", {}, cmp.stable || "stable"),
     cmp.candidates.map((c) => [el("th", {}, c), el("th", {}, `Δ ${c}`), el("th", {}, `Δ% ${c}`)]));
   const cell = (variant, metric, field, value, text) => el("td", {
@@ -427,7 +434,7 @@ function chartValues(columns, key) {
 
 function renderCharts([series, timeline, variants, limits]) {
   $("series-note").textContent = `(${duration(series.step_s)} buckets over the last `
-    + `${duration(Math.round(series.span_s))}: the ${series.window_events} events \`extproc status\` summarises)`;
+    + `${duration(Math.round(series.span_s))}: ${series.window_events} assigned requests)`;
   const lines = [];
   const live = Object.keys(series.variants);
   for (const v of [...variants.filter((n) => live.includes(n)), ...live.filter((n) => !variants.includes(n))]) {
