@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -216,6 +217,108 @@ def write_experiment(tmp: Path, **changes: Any) -> Path:
     path = tmp / "experiment.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+# On a loaded machine the sidecar may answer Envoy later than the example's 200 ms, and Envoy then
+# routes to stable whatever was forced: for tests about the response, not that fallback.
+PATIENT_ENVOY = {"request_timeout_s": 300, "message_timeout_ms": 5000}
+
+
+@contextlib.contextmanager
+def forced_stack(
+    tmp: Path, dataplane: str, changes: dict[str, Any] | None = None, **kw: Any
+) -> Iterator[LiveStack]:
+    """The example (with top-level ``changes``) on ``dataplane`` as an A/B test that never moves,
+    for tests that force each request's variant; ``kw`` as for :func:`start_stack`. Taken down
+    on leaving."""
+    path = write_experiment(
+        tmp,
+        dataplane=dataplane,
+        strategy="ab",
+        rollout={"min_stage_seconds": 3600},
+        envoy=PATIENT_ENVOY,
+        **(changes or {}),
+    )
+    s = start_stack(tmp / "stack", path, **kw)
+    try:
+        yield s
+    finally:
+        stack.down(s.state_dir)
+
+
+@contextlib.contextmanager
+def fixed_upstream(answers: dict[str, tuple[str, bytes]]) -> Iterator[str]:
+    """A model server answering a POST to each path with its fixed (content type, body), on a
+    free port, in its own thread; yields its address (``127.0.0.1:port``)."""
+    from aiohttp import web  # only the tests that serve a fixed answer need it
+
+    port = stack.free_port()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        content_type, body = answers[request.path]
+        resp = web.StreamResponse(headers={"Content-Type": content_type})
+        await resp.prepare(request)
+        await resp.write(body)
+        await resp.write_eof()
+        return resp
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        for path in answers:
+            app.router.add_post(path, answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        runner = loop.run_until_complete(start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def upstream_stack(
+    tmp: Path, dataplane: str, answers: dict[str, tuple[str, bytes]]
+) -> Iterator[LiveStack]:
+    """A :func:`forced_stack` whose variants are both one :func:`fixed_upstream`."""
+    with fixed_upstream(answers) as address:
+        variants = {
+            "stable": {"cluster": "model_stable", "address": address, "weight": 50},
+            "canary": {"cluster": "model_canary", "address": address, "weight": 50},
+        }
+        with forced_stack(tmp, dataplane, {"variants": variants}, mock_models=False) as s:
+            yield s
+
+
+def forced_planes(mock_args: dict[str, list[str]]) -> Any:
+    """A module's fixture: a :func:`forced_stack` per data plane (the test runs on each), with
+    the stand-ins started with ``mock_args``, kept for the whole module."""
+
+    @pytest.fixture(scope="module", params=["ext_proc", "native"])
+    def plane(
+        request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[LiveStack]:
+        tmp = tmp_path_factory.mktemp(request.param)
+        with forced_stack(tmp, request.param, mock_args=mock_args) as s:
+            yield s
+
+    return plane
 
 
 # For `start_stack(components=...)`: the request path only (Redis, model stand-ins, sidecars,

@@ -198,7 +198,11 @@ def register(add: AddVerb) -> None:
 
     from extproc.dev import mockmodel
 
-    p = add("mock-model", cmd_mock_model, "run an OpenAI-compatible model stand-in")
+    p = add(
+        "mock-model",
+        cmd_mock_model,
+        "run a model stand-in (OpenAI chat, completions and Responses; Anthropic Messages)",
+    )
     mockmodel.add_arguments(p)
     p = add("evaluate", cmd_evaluate, "run the evaluator (one active per experiment)")
     which = p.add_mutually_exclusive_group()

@@ -3,30 +3,85 @@
 -- Envoy runs this on its worker for each response; bodyChunks() hands over the chunks as they
 -- pass, without buffering the response. What it finds goes into the request's dynamic metadata
 -- (namespace "extproc"), which the gRPC access log carries to the sidecar:
+--   format          the API the body speaks (FORMATS below), from the markers of its first
+--                   events or its head; absent when none was found (timing only);
 --   first_token_us  when the first chunk with answer text (or a tool call) passed; for a body
 --                   that is not SSE, when its first chunk passed. Microseconds since the epoch;
 --   text            the answer's first characters, still JSON-escaped (refusal checks); absent
 --                   when they could not be found (a JSON body cut at HEAD_BYTES before them);
 --   tool_calls      true when the answer called a tool;
---   cached_prompt_tokens  the prompt-cache hits an SSE stream reported before its answer
---                   (Anthropic's message_start); later usage is in the tail;
---   tail            the last 1 KiB of the body ("usage" and "finish_reason" are at the end).
+--   cached_prompt_tokens, prompt_tokens  the prompt-cache hits and prompt tokens an SSE stream
+--                   reported before its answer (Anthropic's message_start); later usage is in
+--                   the tail;
+--   tail            the last 1 KiB of the body ("usage" and the finish reason are at the end).
 -- SSE lines are read whole (a line cut between chunks waits for the rest) and only until
--- TEXT_BYTES of text are held; a JSON body is read from its first HEAD_BYTES. After that a chunk
--- costs a length check and a copy of its last bytes.
+-- TEXT_BYTES of text are held (or HEAD_BYTES passed without a known format); a JSON body is read
+-- from its first HEAD_BYTES. After that a chunk costs a length check and a copy of its last bytes.
 
 local TEXT_BYTES = 2400 -- the sidecar's SIGNAL_CHARS (600) at up to 4 bytes a character
 local HEAD_BYTES = 65536
 local TAIL_BYTES = 1024
-local TOOL = '"tool_calls"%s*:%s*%[%s*{'
 local CACHED = '"cache_read_input_tokens"%s*:%s*(%d+)'
+local INPUT = '"input_tokens"%s*:%s*(%d+)'
 
--- Calls found(piece) for each "content" string in s, still escaped, and for an unterminated
--- last one found(rest, true). Escapes are skipped whole, so \" never ends a string.
-local function contents(s, found)
+-- Where each API keeps its answer text: the string value of `key` (in a stream `sse_key`, where
+-- given), in a stream only after `sse` (the event type of a text delta; nil: in every event), in a
+-- body only after `json` (the first match is the answer); a `refusal` where the API puts one
+-- in its own field (OpenAI's structured refusal); and the mark of a tool call. The sidecar reads
+-- the same (extproc/telemetry/formats.py).
+local FORMATS = {
+  chat = {
+    key = '"content"%s*:%s*"', refusal = '"refusal"%s*:%s*"', tool = '"tool_calls"%s*:%s*%[%s*{',
+  },
+  completions = { key = '"text"%s*:%s*"' },
+  responses = {
+    key = '"text"%s*:%s*"', sse = '"response%.output_text%.delta"', sse_key = '"delta"%s*:%s*"',
+    json = '"output_text"', tool = '"type"%s*:%s*"function_call"',
+  },
+  messages = {
+    key = '"text"%s*:%s*"', sse = '"text_delta"', json = '"type"%s*:%s*"text"',
+    tool = '"type"%s*:%s*"tool_use"',
+  },
+}
+
+-- The formats an "object" names (the event "type" prefixes are in format_of).
+local OBJECTS = {
+  ["chat.completion"] = "chat", ["chat.completion.chunk"] = "chat",
+  text_completion = "completions", response = "responses",
+}
+
+-- The format s (whole SSE lines, or a body's head) shows, else nil: by its first "object", else
+-- its first "type", else the shape of its choices. Each costs one scan, cut short where found.
+local function format_of(s)
+  local found = OBJECTS[string.match(s, '"object"%s*:%s*"([%w_%.]*)"') or ""]
+  if found then return found end
+  local kind = string.match(s, '"type"%s*:%s*"([%w_%.]*)"')
+  if kind and string.sub(kind, 1, 9) == "response." then
+    return "responses"
+  elseif kind and string.sub(kind, 1, 7) == "message" then
+    return "messages"
+  elseif string.find(s, '"choices"', 1, true) then -- a server that names no "object"
+    if string.find(s, '"delta"%s*:%s*{') or string.find(s, '"message"%s*:%s*{') then
+      return "chat"
+    elseif string.find(s, '"text"%s*:') then
+      return "completions"
+    end
+  end
+  return nil
+end
+
+-- Calls found(piece) for each string value of key (a pattern ending in the opening quote) in s
+-- that follows an anchor (when given), still escaped, and for an unterminated last one
+-- found(rest, true). Escapes are skipped whole, so \" never ends a string.
+local function strings(s, anchor, key, found)
   local pos = 1
   while true do
-    local _, open = string.find(s, '"content"%s*:%s*"', pos)
+    if anchor then
+      local _, at = string.find(s, anchor, pos)
+      if at == nil then return end
+      pos = at + 1
+    end
+    local _, open = string.find(s, key, pos)
     if open == nil then return end
     local i = open + 1
     while true do
@@ -51,16 +106,25 @@ end
 
 function envoy_on_response(handle)
   local sse = string.find(handle:headers():get("content-type") or "", "text/event-stream", 1, true)
-  local first, tools, cached = nil, false, nil
-  local text, held = {}, 0
+  local fmt, spec = nil, nil
+  local first, tools, cached, prompt = nil, false, nil, nil
+  local text, held, seen = {}, 0, 0
   local pending = "" -- SSE: the unfinished last line; JSON: the head of the body
   local cut = false -- JSON: the body was longer than HEAD_BYTES
   local tail = ""
+  local function keep(piece) -- a piece of a stream's answer text
+    if #piece > 0 then
+      text[#text + 1] = piece
+      held = held + #piece
+      if first == nil then first = now_us(handle) end
+    end
+  end
   for chunk in handle:bodyChunks() do
     local n = chunk:length()
     if n > 0 then
-      if sse and held < TEXT_BYTES then
+      if sse and held < TEXT_BYTES and (fmt or seen < HEAD_BYTES) then
         local s = pending .. chunk:getBytes(0, n)
+        seen = seen + n
         local last = 0
         repeat
           local at = string.find(s, "\n", last + 1, true)
@@ -68,17 +132,21 @@ function envoy_on_response(handle)
         until at == nil
         local lines = string.sub(s, 1, last)
         pending = string.sub(s, last + 1)
-        contents(lines, function(piece)
-          if #piece > 0 then
-            text[#text + 1] = piece
-            held = held + #piece
+        if fmt == nil then
+          fmt = format_of(lines)
+          spec = FORMATS[fmt]
+        end
+        if spec then
+          strings(lines, spec.sse, spec.sse_key or spec.key, keep)
+          if spec.refusal then strings(lines, nil, spec.refusal, keep) end
+          if fmt == "messages" then
+            if cached == nil then cached = string.match(lines, CACHED) end
+            if prompt == nil then prompt = string.match(lines, INPUT) end
+          end
+          if spec.tool and not tools and string.find(lines, spec.tool) then
+            tools = true
             if first == nil then first = now_us(handle) end
           end
-        end)
-        if cached == nil then cached = string.match(lines, CACHED) end
-        if not tools and string.find(lines, TOOL) then
-          tools = true
-          if first == nil then first = now_us(handle) end
         end
       elseif not sse then
         if first == nil then first = now_us(handle) end
@@ -95,22 +163,30 @@ function envoy_on_response(handle)
     end
   end
   local md = handle:streamInfo():dynamicMetadata()
-  if sse then
+  if not sse then
+    fmt = format_of(pending)
+    spec = FORMATS[fmt]
+  end
+  if spec and sse then
     md:set("extproc", "text", string.sub(table.concat(text), 1, TEXT_BYTES))
-  else
-    tools = string.find(pending, TOOL) ~= nil
+  elseif spec then
+    tools = spec.tool ~= nil and string.find(pending, spec.tool) ~= nil
     local answer = nil
-    contents(pending, function(piece, unterminated)
+    local function found(piece, unterminated)
       if answer == nil and (cut or not unterminated) then answer = piece end
-    end)
+    end
+    strings(pending, spec.json, spec.key, found)
+    if answer == nil and spec.refusal then strings(pending, nil, spec.refusal, found) end
     if answer ~= nil then
       md:set("extproc", "text", string.sub(answer, 1, TEXT_BYTES))
     elseif not cut then
       md:set("extproc", "text", "")
     end
   end
-  if first ~= nil then md:set("extproc", "first_token_us", first) end
+  if fmt then md:set("extproc", "format", fmt) end
+  if first ~= nil and (spec or not sse) then md:set("extproc", "first_token_us", first) end
   if tools then md:set("extproc", "tool_calls", true) end
   if cached ~= nil then md:set("extproc", "cached_prompt_tokens", tonumber(cached)) end
+  if prompt ~= nil then md:set("extproc", "prompt_tokens", tonumber(prompt)) end
   md:set("extproc", "tail", tail)
 end

@@ -36,15 +36,28 @@ from extproc.contract.envoy import FALLBACK_ROUTE, FORCED_ROUTE, METADATA_NAMESP
 from extproc.dataplane.event import EventBuilder, Observed
 from extproc.dataplane.observer import JSON_ASKED, JSON_VALID
 from extproc.quality.rules import SIGNAL_CHARS
-from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
+from extproc.telemetry.v1.event_pb2 import ApiFormat, Assignment, ErrorClass, TelemetryEvent
 
 log = logging.getLogger(__name__)
 
-_USAGE = re.compile(r'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+# The usage and finish reason of each format inspect.lua names, read from the body's tail:
+# OpenAI's chat and legacy completions count prompt_tokens/completion_tokens and end in
+# finish_reason; Responses and Anthropic count input_tokens/output_tokens, Anthropic ends in
+# stop_reason. A format it did not name gets none of them (timing only).
+_OPENAI_USAGE = re.compile(r'"(prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+_IO_USAGE = re.compile(r'"(input_tokens|output_tokens)"\s*:\s*(\d+)')
+_PROMPT = frozenset({"prompt_tokens", "input_tokens"})
+_FINISH = re.compile(r'"finish_reason"\s*:\s*"([a-z_]{1,32})"')
+_STOP = re.compile(r'"stop_reason"\s*:\s*"([a-z_]{1,32})"')
+_FORMATS: dict[str, tuple[ApiFormat.ValueType, re.Pattern[str], re.Pattern[str] | None]] = {
+    "chat": (ApiFormat.API_FORMAT_CHAT_COMPLETIONS, _OPENAI_USAGE, _FINISH),
+    "completions": (ApiFormat.API_FORMAT_COMPLETIONS, _OPENAI_USAGE, _FINISH),
+    "responses": (ApiFormat.API_FORMAT_RESPONSES, _IO_USAGE, None),
+    "messages": (ApiFormat.API_FORMAT_MESSAGES, _IO_USAGE, _STOP),
+}
 # OpenAI chat and Responses (``*_tokens_details.cached_tokens``), Anthropic (non-streamed, or the
 # cumulative usage of a stream's last ``message_delta``).
 _CACHED = re.compile(r'"(?:cached_tokens|cache_read_input_tokens)"\s*:\s*(\d+)')
-_FINISH = re.compile(r'"finish_reason"\s*:\s*"([a-z_]{1,32})"')
 _RESET = ErrorClass.ERROR_CLASS_RESET
 _TIMEOUT = ErrorClass.ERROR_CLASS_TIMEOUT
 _FORCED = Assignment.ASSIGNMENT_FORCED
@@ -70,13 +83,10 @@ def _cached_tokens(tail: str, md: Struct) -> int | None:
     """The prompt-cache hits of the response's last usage (the tail), else those an Anthropic
     stream reported in its first event (inspect.lua read them); None when never reported."""
     found = _CACHED.findall(tail)
-    if found:
-        count = float(found[-1])
-    elif "cached_prompt_tokens" in md.fields:
-        count = md.fields["cached_prompt_tokens"].number_value
-    else:
-        return None
-    return int(count) if 0 <= count < 2**32 and count.is_integer() else None
+    if not found:
+        return _early(md, "cached_prompt_tokens")
+    count = int(found[-1])
+    return count if count < 2**32 else None
 
 
 def _flagged_failure(flags: al.ResponseFlags) -> ErrorClass.ValueType | None:
@@ -193,28 +203,45 @@ class EntryMapper:
 
 
 def _body(seen: Observed, md: Struct, common: al.AccessLogCommon) -> None:
-    """What inspect.lua read from the body: first token, tool calls, usage, the answer."""
+    """What inspect.lua read from the body: its format, first token, tool calls, usage and the
+    answer; of a body in no format it knows, only the first byte's time."""
     f = md.fields
     if "first_token_us" in f:
         start_us = common.start_time.seconds * 1e6 + common.start_time.nanos / 1e3
         seen.first_token_ms = _between(
             (f["first_token_us"].number_value - start_us) / 1e3, seen.headers_ms, seen.duration_ms
         )
-    seen.tool_calls = "tool_calls" in f and f["tool_calls"].bool_value
     seen.json_asked = JSON_ASKED in f and f[JSON_ASKED].bool_value
     if JSON_VALID in f:
         seen.json_verdict = f[JSON_VALID].bool_value
+    known = _FORMATS.get(f["format"].string_value) if "format" in f else None
+    if known is None:
+        seen.api_format = ApiFormat.API_FORMAT_UNKNOWN
+        return
+    seen.api_format, usage, finish = known
+    seen.tool_calls = "tool_calls" in f and f["tool_calls"].bool_value
     tail = f["tail"].string_value if "tail" in f else ""
     # The last believable count of each: a uint32 field, a larger count is not believable.
-    tokens = {name: int(value) for name, value in _USAGE.findall(tail) if int(value) < 2**32}
-    seen.prompt_tokens = tokens.get("prompt_tokens")
-    seen.completion_tokens = tokens.get("completion_tokens")
+    # The last believable count of each side (True: the prompt's); a uint32 field, a larger
+    # count is not believable.
+    tokens = {name in _PROMPT: int(n) for name, n in usage.findall(tail) if int(n) < 2**32}
+    seen.prompt_tokens = tokens.get(True, _early(md, "prompt_tokens"))
+    seen.completion_tokens = tokens.get(False)
     seen.cached_prompt_tokens = _cached_tokens(tail, md)
-    finish = _FINISH.findall(tail)
-    if finish:
-        seen.finish_reason = finish[-1]
+    reasons = finish.findall(tail) if finish is not None else []
+    if reasons:
+        seen.finish_reason = reasons[-1]
     if "text" in f:
         seen.answer = decode_text(f["text"].string_value)
+
+
+def _early(md: Struct, key: str) -> int | None:
+    """A count inspect.lua read from an SSE stream's first event (Anthropic's message_start),
+    for when the tail has none; None when absent or not believable (a uint32 field)."""
+    if key not in md.fields:
+        return None
+    count = md.fields[key].number_value
+    return int(count) if 0 <= count < 2**32 and count.is_integer() else None
 
 
 def _between(first_token_ms: float, headers_ms: float | None, last_ms: float | None) -> float:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from extproc.config import Experiment
 from extproc.quality.rules import SIGNAL_CHARS, QualityRules
 from extproc.routing.decide import Attribution, Policy, attribute
-from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
+from extproc.telemetry.v1.event_pb2 import ApiFormat, Assignment, ErrorClass, TelemetryEvent
 
 
 @dataclass(slots=True)
@@ -54,6 +54,8 @@ class Observed:
     # The response.
     streamed: bool = False
     response_bytes: int = 0
+    api_format: ApiFormat.ValueType = ApiFormat.API_FORMAT_UNSPECIFIED
+    """The API the body spoke (UNKNOWN: none the plane reads); UNSPECIFIED: no body was read."""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_prompt_tokens: int | None = None
@@ -149,6 +151,8 @@ class EventBuilder:
             tool_calls=seen.tool_calls,
             captured=seen.captured,
         )
+        if seen.status < 400:  # an error body is in no answer format
+            ev.api_format = seen.api_format
         if seen.headers_ms is not None:
             ev.headers_ms = seen.headers_ms
         if seen.first_token_ms is not None:

@@ -185,6 +185,7 @@ class Observation:
             s = self.inspector.finish()
             seen.streamed = s.streamed
             seen.response_bytes = s.response_bytes
+            seen.api_format = s.api_format
             if s.first_token_ns is not None:
                 seen.first_token_ms = (s.first_token_ns - self.start_ns) / 1e6
             seen.prompt_tokens = s.prompt_tokens
@@ -233,14 +234,20 @@ class Observation:
         return self.ctx.events.rules.capture_bytes * CAPTURE_LOOKAHEAD
 
     def _asked_for_json(self) -> bool:
-        """Whether the request (if its body was seen) set a JSON response_format."""
+        """Whether the request (if its body was seen) asked for a JSON answer: a JSON
+        ``response_format`` (chat completions), or ``text.format`` (Responses)."""
         if self.request_body is None:
             return False
         try:
             doc = json.loads(b"".join(self.request_body))
         except (ValueError, RecursionError):
             return False
-        fmt = doc.get("response_format") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict):
+            return False
+        fmt = doc.get("response_format")
+        text = doc.get("text")
+        if fmt is None and isinstance(text, dict):
+            fmt = text.get("format")
         return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
 
     def close(self) -> None:
@@ -252,14 +259,22 @@ class Observation:
 
 
 def _prompt(body: bytes) -> str:
-    """The conversation a chat request sent, as ``role: content`` lines (uncut: the caller
-    redacts, then cuts)."""
+    """What the request asked, as ``role: content`` lines (uncut: the caller redacts, then
+    cuts): the conversation of chat completions and Anthropic Messages (``system`` first), the
+    ``input`` of Responses (``instructions`` first), the ``prompt`` of legacy completions."""
     try:
         doc = json.loads(body)
     except ValueError:
         return body.decode("utf-8", "replace")
+    if not isinstance(doc, dict):
+        return ""
     lines = []
-    messages = doc.get("messages") if isinstance(doc, dict) else None
+    for key in ("system", "instructions", "prompt"):
+        if isinstance(doc.get(key), str):
+            lines.append(f"{'user' if key == 'prompt' else 'system'}: {doc[key]}")
+    messages = doc.get("messages", doc.get("input"))
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
     for m in messages if isinstance(messages, list) else []:
         if isinstance(m, dict):
             content = m.get("content")

@@ -1,4 +1,7 @@
-"""An OpenAI-compatible model server stand-in with knobs for the regressions a rollout must catch.
+"""A model server stand-in with knobs for the regressions a rollout must catch.
+
+It speaks OpenAI chat completions, legacy completions and Responses, and Anthropic Messages, each
+on its API's path, whole or streamed (``mockformats.py``); every knob works in each.
 
 A regressed model still answers ``200 OK``; what changes is latency, time to first token, length,
 error and refusal rates, and how often it calls the tools a request offers (an agent's model that
@@ -37,6 +40,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from aiohttp import web
+
+from extproc.dev.mockformats import FORMATS, Answer
 
 __all__ = [
     "REFUSAL",
@@ -168,7 +173,8 @@ class MockBehaviour:
         default=0.0,
         metadata=_help(
             "share of the prompt's tokens reported as prompt-cache hits "
-            "(usage.prompt_tokens_details.cached_tokens, rounded down); 0 = not reported, as by "
+            "(usage.prompt_tokens_details.cached_tokens or each API's own, rounded down); "
+            "0 = not reported, as by "
             "a server without prompt caching"
         ),
     )
@@ -303,11 +309,12 @@ class _ChatRequest:
     tools: tuple[str, ...] = ()
 
 
-def _message_text(index: int, message: object) -> str:
+def _message_text(where: str, message: object) -> str:
+    """The text of one message; ``where`` is its path in the request (``messages[0]``)."""
     if not isinstance(message, dict):
-        raise _BadRequest(f"messages[{index}] must be an object", f"messages[{index}]")
+        raise _BadRequest(f"{where} must be an object", where)
     if not isinstance(message.get("role"), str):
-        raise _BadRequest(f"messages[{index}].role must be a string", f"messages[{index}].role")
+        raise _BadRequest(f"{where}.role must be a string", f"{where}.role")
     content = message.get("content")
     if content is None or isinstance(content, str):
         return content or ""
@@ -315,23 +322,18 @@ def _message_text(index: int, message: object) -> str:
         parts: list[str] = []
         for part in content:
             if not isinstance(part, dict):
-                raise _BadRequest(
-                    f"messages[{index}].content parts must be objects",
-                    f"messages[{index}].content",
-                )
+                raise _BadRequest(f"{where}.content parts must be objects", f"{where}.content")
             text = part.get("text")
             if isinstance(text, str):
                 parts.append(text)
         return " ".join(parts)
-    raise _BadRequest(
-        f"messages[{index}].content must be a string, an array or null",
-        f"messages[{index}].content",
-    )
+    raise _BadRequest(f"{where}.content must be a string, an array or null", f"{where}.content")
 
 
 def _tool_names(body: dict[str, Any]) -> tuple[str, ...]:
     """The names of the tools a request offers, in its order: a function tool's
-    ``function.name`` (Chat Completions), else a ``name`` of its own (other tool kinds)."""
+    ``function.name`` (Chat Completions), else a ``name`` of its own (Responses, Anthropic, other
+    tool kinds)."""
     tools = body.get("tools")
     if tools is None:
         return ()
@@ -344,23 +346,65 @@ def _tool_names(body: dict[str, Any]) -> tuple[str, ...]:
         function = tool.get("function")
         name = function.get("name") if isinstance(function, dict) else tool.get("name")
         names.append(name if isinstance(name, str) and name else "tool")
-    # tool_choice "none" forbids calls; a choice naming a function ("required", an object) allows
-    # them, and the rate decides as for "auto".
-    return () if body.get("tool_choice") == "none" else tuple(names)
+    # tool_choice "none" (Anthropic: {"type": "none"}) forbids calls; a choice naming a function
+    # ("required", an object) allows them, and the rate decides as for "auto".
+    choice = body.get("tool_choice")
+    forbidden = choice == "none" or (isinstance(choice, dict) and choice.get("type") == "none")
+    return () if forbidden else tuple(names)
 
 
-def _parse_request(body: object) -> _ChatRequest:
+def _texts(path: str, body: dict[str, Any]) -> list[str]:
+    """The prompt's texts, where each API puts them."""
+    if path == "/v1/completions":
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return prompt
+        raise _BadRequest("prompt must be a string or a non-empty array of strings", "prompt")
+    key = "input" if path == "/v1/responses" else "messages"
+    messages = body.get(key)
+    if key == "input" and isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if messages is None:
+        raise _BadRequest(f"Missing required parameter: '{key}'.", key)
+    if not isinstance(messages, list) or not messages:
+        raise _BadRequest(f"{key} must be a non-empty array", key)
+    texts = [_message_text(f"{key}[{i}]", m) for i, m in enumerate(messages)]
+    # Instructions outside the conversation: Responses' instructions, Anthropic's system.
+    name = "instructions" if key == "input" else "system"
+    extra = body.get(name) if path != "/v1/chat/completions" else None
+    if isinstance(extra, str):
+        texts.insert(0, extra)
+    elif extra is not None:
+        raise _BadRequest(f"{name} must be a string", name)
+    return texts
+
+
+def _json_mode(body: dict[str, Any]) -> bool:
+    """Whether the request asks for JSON: chat's response_format, Responses' text.format."""
+    param = "response_format"
+    response_format = body.get(param)
+    if isinstance(body.get("text"), dict):
+        param, response_format = "text.format", body["text"].get("format")
+    if response_format is None:
+        return False
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise _BadRequest(
+            f"{param}.type must be one of 'text', 'json_object', 'json_schema'", param
+        )
+    return bool(kind != "text")
+
+
+def _parse_request(body: object, path: str = "/v1/chat/completions") -> _ChatRequest:
+    """A request of the API served at ``path`` (see ``mockformats.FORMATS``)."""
     if not isinstance(body, dict):
         raise _BadRequest("The request body must be a JSON object.")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _BadRequest("model must be a string", "model")
-    messages = body.get("messages")
-    if messages is None:
-        raise _BadRequest("Missing required parameter: 'messages'.", "messages")
-    if not isinstance(messages, list) or not messages:
-        raise _BadRequest("messages must be a non-empty array", "messages")
-    texts = [_message_text(i, m) for i, m in enumerate(messages)]
+    texts = _texts(path, body)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -376,24 +420,15 @@ def _parse_request(body: object) -> _ChatRequest:
             raise _BadRequest("stream_options.include_usage must be a boolean", "stream_options")
         include_usage = flag
     max_tokens: int | None = None
-    for key in ("max_completion_tokens", "max_tokens"):
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(key)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise _BadRequest(f"{key} must be an integer >= 1", key)
         max_tokens = value if max_tokens is None else min(max_tokens, value)
-    json_mode = False
-    response_format = body.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if kind not in ("text", "json_object", "json_schema"):
-            raise _BadRequest(
-                "response_format.type must be one of 'text', 'json_object', 'json_schema'",
-                "response_format",
-            )
-        json_mode = kind != "text"
-    tools = _tool_names(body)
+    # Legacy completions call no tools.
+    tools = () if path == "/v1/completions" else _tool_names(body)
     prompt_text = "\n".join(texts)
     return _ChatRequest(
         prompt_text=prompt_text,
@@ -401,7 +436,7 @@ def _parse_request(body: object) -> _ChatRequest:
         stream=stream,
         include_usage=include_usage,
         max_tokens=max_tokens,
-        json_mode=json_mode,
+        json_mode=_json_mode(body),
         tools=tools,
     )
 
@@ -513,24 +548,8 @@ def _answer_length(b: MockBehaviour, rng: random.Random) -> int:
     return max(1, int(rng.uniform(0.5, 1.5) * mean + 0.5))
 
 
-def _chunk(
-    cid: str, created: int, model: str, delta: dict[str, Any], finish: str | None, usage: bool
-) -> bytes:
-    payload: dict[str, Any] = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-    }
-    if usage:
-        # OpenAI sends "usage": null on every chunk once include_usage is on; consumers (our own
-        # inspector first) must cope with that.
-        payload["usage"] = None
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
-async def _chat_completions(request: web.Request) -> web.StreamResponse:
+async def _completions(request: web.Request) -> web.StreamResponse:
+    """Every API's endpoint: the format is the path's (``mockformats.FORMATS``)."""
     state = request.app[_STATE]
     state.requests += 1
     state.in_flight += 1
@@ -566,7 +585,7 @@ async def _answer(request: web.Request, state: _State, outcome: _Outcome) -> web
         return _error(413, exc.text or "Request too large.", "invalid_request_error", name=b.name)
     try:
         body = json.loads(raw)
-        req = _parse_request(body)
+        req = _parse_request(body, request.path)
     except (ValueError, RecursionError):
         outcome.value = "bad_request"
         message = "We could not parse the JSON body of your request."
@@ -610,47 +629,31 @@ async def _answer(request: web.Request, state: _State, outcome: _Outcome) -> web
         tool, tokens = _tool_call(req.prompt_text, req.tools)
     else:
         tokens = _answer_tokens(req.prompt_text, _answer_length(b, rng), req.json_mode)
-    finish = "tool_calls" if calls else "stop"
-    if req.max_tokens is not None and len(tokens) > req.max_tokens:
+    cut = req.max_tokens is not None and len(tokens) > req.max_tokens
+    if cut:
         tokens = tokens[: req.max_tokens]
-        finish = "length"
-    call_id = "call_" + uuid.uuid4().hex[:24] if calls else ""
     answered = "refusal" if refused else "tool_call" if calls else "ok"
-    cid = "chatcmpl-" + uuid.uuid4().hex
-    created = int(time.time())
-    usage: dict[str, Any] = {
-        "prompt_tokens": req.prompt_tokens,
-        "completion_tokens": len(tokens),
-        "total_tokens": req.prompt_tokens + len(tokens),
-    }
-    if b.cached_prompt_ratio:
-        cached = math.floor(b.cached_prompt_ratio * req.prompt_tokens)
-        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    answer = Answer(
+        uid=uuid.uuid4().hex,
+        created=int(time.time()),
+        model=b.name,
+        tokens=tokens,
+        tool=tool,
+        cut=cut,
+        prompt_tokens=req.prompt_tokens,
+        cached_tokens=(
+            math.floor(b.cached_prompt_ratio * req.prompt_tokens) if b.cached_prompt_ratio else None
+        ),
+        include_usage=req.include_usage,
+    )
+    wire = FORMATS[request.path]
     if not req.stream:
         if b.tokens_per_s:
             # A longer answer takes longer even unstreamed: verbosity regressions show as latency.
             delay += len(tokens) / b.tokens_per_s
         await _pause(delay)
-        reply: dict[str, Any] = {"role": "assistant", "content": "".join(tokens), "refusal": None}
-        if calls:
-            reply["content"] = None
-            reply["tool_calls"] = [
-                {
-                    "id": call_id,
-                    "type": "function",
-                    "function": {"name": tool, "arguments": "".join(tokens)},
-                }
-            ]
-        body = {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": b.name,
-            "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason": finish}],
-            "usage": usage,
-        }
         outcome.value = answered
-        return web.json_response(body, headers={"x-mock-model": b.name})
+        return web.json_response(wire.body(answer), headers={"x-mock-model": b.name})
 
     response = web.StreamResponse(
         headers={
@@ -664,43 +667,19 @@ async def _answer(request: web.Request, state: _State, outcome: _Outcome) -> web
     await _pause(delay + b.ttft_ms / 1000.0)
     loop = asyncio.get_running_loop()
     interval = 1.0 / b.tokens_per_s if b.tokens_per_s else 0.0
-
-    def piece(i: int) -> dict[str, Any]:
-        """The delta of token ``i``: text, or a fragment of the call's arguments (as OpenAI
-        streams them: the call's id, type and name with the first, only ``index`` after)."""
-        if not calls:
-            return {"content": tokens[i]}
-        call: dict[str, Any] = {"index": 0, "function": {"arguments": tokens[i]}}
-        if i == 0:
-            call = {"index": 0, "id": call_id, "type": "function"}
-            call["function"] = {"name": tool, "arguments": tokens[i]}
-        return {"tool_calls": [call]}
-
     try:
-        # The role chunk travels with the first token, as with vLLM: no early byte that a
-        # first-body-byte measurement would mistake for the first token.
-        role: dict[str, Any] = {"role": "assistant", "content": None if calls else ""}
-        head = _chunk(cid, created, b.name, role, None, req.include_usage)
+        # The stream's head travels with the first token: no early byte that a first-body-byte
+        # measurement would mistake for the first token.
+        head = wire.head(answer)
         if tokens:
-            head += _chunk(cid, created, b.name, piece(0), None, req.include_usage)
+            head += wire.piece(answer, 0)
         await response.write(head)
         started = loop.time()
         for i in range(1, len(tokens)):
             if interval:
                 await _pause(started + i * interval - loop.time())
-            await response.write(_chunk(cid, created, b.name, piece(i), None, req.include_usage))
-        tail = _chunk(cid, created, b.name, {}, finish, req.include_usage)
-        if req.include_usage:
-            final = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": b.name,
-                "choices": [],
-                "usage": usage,
-            }
-            tail += b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n"
-        await response.write(tail + b"data: [DONE]\n\n")
+            await response.write(wire.piece(answer, i))
+        await response.write(wire.tail(answer))
         await response.write_eof()
     except ConnectionResetError:
         # The client went away; aiohttp finishes quietly when we return the prepared response.
@@ -804,7 +783,8 @@ def make_app(behaviour: MockBehaviour) -> web.Application:
         started=int(time.time()),
         stopping=asyncio.Event(),
     )
-    app.router.add_post("/v1/chat/completions", _chat_completions)
+    for path in FORMATS:
+        app.router.add_post(path, _completions)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/admin/behaviour", _get_behaviour)

@@ -7,10 +7,14 @@ tail of the stream between chunks.
 
 This runs for every inspected response, on the path that also forwards tokens, so the per-chunk
 work is kept small: a line terminator is never searched for twice, and an event is JSON-decoded
-only when a cheap substring test says it can change the summary (before the first token: anything
-that may carry content; after it: only events with a non-null ``usage`` or ``finish_reason``,
-unless the answer text is being captured). The price is that ``malformed`` can only report what
-was looked at: an undecoded event is checked for looking like a JSON object, no more.
+only when a cheap substring test says it can change the summary (until the API format is known:
+every event, within the first ``MAX_PROBE_BYTES``; then, before the first token: anything that may
+carry answer text; after it: only events with a non-null ``usage`` or finish reason, unless the
+answer text is being captured). The price is that ``malformed`` can only report what was looked
+at: an undecoded event is checked for looking like a JSON object, no more.
+
+Which API a response speaks, and where each keeps what is read, is ``formats.py``'s; a response
+in none of them gets timing only (for a stream, not even a first token).
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ import json
 import re
 from typing import Any, Final
 
+from extproc.telemetry.formats import Format, detect
+from extproc.telemetry.v1.event_pb2 import ApiFormat
+
 __all__ = [
     "MAX_EVENT_BYTES",
     "MAX_JSON_BYTES",
+    "MAX_PROBE_BYTES",
     "ResponseInspector",
     "ResponseSummary",
     "cached_tokens",
@@ -36,12 +44,15 @@ MAX_EVENT_BYTES: Final = 1024 * 1024
 """A single SSE event larger than this is dropped (and the summary marked malformed), which bounds
 the memory one response can pin."""
 
+MAX_PROBE_BYTES: Final = 65536
+"""A stream whose events name no API format within this much data is of a format not read (as
+inspect.lua gives up after its HEAD_BYTES)."""
+
 # Module-level bindings: one global lookup instead of an attribute lookup per event, and a seam
 # for the tests that count how often we decode.
 _loads = json.loads
 _EOL: Final = re.compile(rb"[\r\n]")
-_LATE_FIELDS: Final = re.compile(rb'"(?:usage|finish_reason)"\s*:(?!\s*null)')
-_NULL_TOOLS = re.compile(rb'"tool_calls"\s*:\s*(null|\[\s*\])')
+_LATE_FIELDS: Final = re.compile(rb'"(?:usage|finish_reason|stop_reason)"\s*:(?!\s*null)')
 _OBJECT_START: Final = re.compile(rb"[ \t\r\n]*\{")
 _BOM: Final = b"\xef\xbb\xbf"
 _CR: Final = 13
@@ -65,6 +76,7 @@ class ResponseSummary:
     text: str | None
     tool_calls: bool = False
     cached_prompt_tokens: int | None = None
+    api_format: ApiFormat.ValueType = ApiFormat.API_FORMAT_UNKNOWN
 
 
 def _token_count(value: object) -> int | None:
@@ -119,10 +131,12 @@ class ResponseInspector:
         "_events",
         "_finish_reason",
         "_first_ns",
+        "_format",
         "_in_dropped_line",
         "_json",
         "_malformed",
         "_now_ns",
+        "_probed",
         "_prompt_tokens",
         "_response_bytes",
         "_scanned",
@@ -152,6 +166,8 @@ class ResponseInspector:
         self._text_parts: list[str] = []
         self._text_chars = 0
         self._tool_calls = False
+        self._format: Format | None = None
+        self._probed = 0  # event bytes looked at for the format
         # An SSE stream's text is whatever its deltas said; a JSON body's only if it parsed.
         self._text_known = self._streamed
         # Non-streamed bodies: chunks kept by reference and joined once at the end.
@@ -199,7 +215,8 @@ class ResponseInspector:
             self._finish_body()
         # An SSE event cut off by the end of the stream is not dispatched (WHATWG).
         text: str | None = None
-        if self._capture and self._text_known:
+        fmt = self._format
+        if self._capture and self._text_known and fmt is not None:
             text = _clip("".join(self._text_parts), self._capture)
         self._summary = ResponseSummary(
             streamed=self._streamed,
@@ -213,6 +230,7 @@ class ResponseInspector:
             text=text,
             tool_calls=self._tool_calls,
             cached_prompt_tokens=self._cached_tokens,
+            api_format=ApiFormat.API_FORMAT_UNKNOWN if fmt is None else fmt.api,
         )
         self._body = None
         self._buf = bytearray()
@@ -325,71 +343,75 @@ class ResponseInspector:
             return
         if not data:
             return
-        if not self._tool_calls and b'"tool_calls"' in data and _NULL_TOOLS.search(data) is None:
-            self._tool_calls = True
-        if self._first_ns is None:
-            wanted = b'"content"' in data or b'"tool_calls"' in data or b'"refusal"' in data
+        fmt = self._format
+        if fmt is None:
+            # Until the format is known every event is decoded: its first event says which.
+            if self._probed > MAX_PROBE_BYTES:
+                return
+            self._probed += len(data)
+            obj = self._decode(data)
+            if obj is None:
+                return
+            fmt = self._format = detect(obj)
+            if fmt is None:
+                return
         else:
-            wanted = False
-        if not wanted and self._capture and self._text_chars < self._capture:
-            wanted = b'"content"' in data or b'"refusal"' in data
-        if not wanted and _LATE_FIELDS.search(data) is None:
-            if _OBJECT_START.match(data) is None:
-                self._malformed = True
-            return
+            obj = None
+        if not self._tool_calls and fmt.tool is not None and fmt.tool.search(data) is not None:
+            self._tool_calls = True
+            if self._first_ns is None:
+                self._first_ns = self._now_ns
+        if obj is None:
+            wanted = (
+                self._first_ns is None or (self._capture and self._text_chars < self._capture)
+            ) and fmt.text_mark.search(data) is not None
+            if not wanted and _LATE_FIELDS.search(data) is None:
+                if _OBJECT_START.match(data) is None:
+                    self._malformed = True
+                return
+            obj = self._decode(data)
+            if obj is None:
+                return
+        fmt.event(obj, self)
+
+    def _decode(self, data: bytes) -> dict[str, Any] | None:
+        """The event's JSON object; None (and malformed) when it is not one."""
         try:
             obj = _loads(data)
         except (ValueError, RecursionError):
             self._malformed = True
-            return
+            return None
         if not isinstance(obj, dict):
             self._malformed = True
-            return
-        self._event(obj)
+            return None
+        return obj
 
-    def _event(self, obj: dict[str, Any]) -> None:
-        choices = obj.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                if not isinstance(choice, dict):
-                    continue
-                delta = choice.get("delta")
-                if isinstance(delta, dict):
-                    self._delta(delta, choice.get("index", 0) == 0)
-                reason = choice.get("finish_reason")
-                if isinstance(reason, str):
-                    self._finish_reason = reason
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self._prompt_tokens = _token_count(usage.get("prompt_tokens"))
-            self._completion_tokens = _token_count(usage.get("completion_tokens"))
-            self._cache(usage)
-        # Streams that wrap their usage: OpenAI Responses' ``response.completed`` event, and
-        # Anthropic's ``message_start`` (the only event that reports the prompt cache).
-        for wrapper in ("response", "message"):
-            inner = obj.get(wrapper)
-            if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
-                self._cache(inner["usage"])
+    # ----------------------------------------------------------------------------------------
+    # What a format reads (formats.Sink)
 
-    def _cache(self, usage: dict[str, Any]) -> None:
-        # A later usage without the figure (Anthropic's message_delta) keeps the one reported.
+    def on_text(self, piece: str, keep: bool) -> None:
+        if piece and self._first_ns is None:
+            self._first_ns = self._now_ns
+        if keep and self._capture and self._text_chars < self._capture:
+            self._text_parts.append(piece)
+            self._text_chars += len(piece)
+
+    def on_usage(self, usage: dict[str, Any], prompt: str, completion: str) -> None:
+        # A count reported replaces the one before; one not reported (Anthropic's message_delta
+        # has no prompt, nor the prompt cache) keeps it.
+        count = _token_count(usage.get(prompt))
+        if count is not None:
+            self._prompt_tokens = count
+        count = _token_count(usage.get(completion))
+        if count is not None:
+            self._completion_tokens = count
         count = cached_tokens(usage)
         if count is not None:
             self._cached_tokens = count
 
-    def _delta(self, delta: dict[str, Any], first_choice: bool) -> None:
-        content = delta.get("content")
-        if not isinstance(content, str) or not content:
-            # A refusal streams in its own field; the user sees it as the answer all the same.
-            content = delta.get("refusal")
-        if isinstance(content, str) and content:
-            if self._first_ns is None:
-                self._first_ns = self._now_ns
-            if first_choice and self._capture and self._text_chars < self._capture:
-                self._text_parts.append(content)
-                self._text_chars += len(content)
-        elif self._first_ns is None and delta.get("tool_calls"):
-            self._first_ns = self._now_ns
+    def on_finish(self, reason: object) -> None:
+        if isinstance(reason, str):
+            self._finish_reason = reason
 
     # ----------------------------------------------------------------------------------------
     # Non-streamed bodies
@@ -402,35 +424,13 @@ class ResponseInspector:
         raw = bytes(body[0]) if len(body) == 1 else b"".join(body)
         if not self._json and _OBJECT_START.match(raw) is None:
             return  # a text/plain error page from a proxy is not ours to judge
-        try:
-            obj = _loads(raw)
-        except (ValueError, RecursionError):
-            self._malformed = True
+        obj = self._decode(raw)
+        if obj is None:
             return
-        if not isinstance(obj, dict):
-            self._malformed = True
-            return
+        fmt = self._format = detect(obj)
+        if fmt is None:
+            return  # an error body, or an API not read: timing only
         self._text_known = True
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            self._prompt_tokens = _token_count(usage.get("prompt_tokens"))
-            self._completion_tokens = _token_count(usage.get("completion_tokens"))
-            self._cache(usage)
-        choices = obj.get("choices")
-        if not isinstance(choices, list):
-            return
-        for index, choice in enumerate(choices):
-            if not isinstance(choice, dict):
-                continue
-            reason = choice.get("finish_reason")
-            if isinstance(reason, str):
-                self._finish_reason = reason
-            message = choice.get("message")
-            if isinstance(message, dict) and message.get("tool_calls"):
-                self._tool_calls = True
-            if index == 0 and self._capture and isinstance(message, dict):
-                content = message.get("content")
-                if not isinstance(content, str):
-                    content = message.get("refusal")
-                if isinstance(content, str):
-                    self._text_parts.append(content)
+        if fmt.tool is not None and fmt.tool.search(raw) is not None:
+            self._tool_calls = True
+        fmt.body(obj, self)

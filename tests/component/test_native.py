@@ -30,7 +30,7 @@ from extproc.envoyconf.native import build_native
 from extproc.routing.lanes import runtime_weights
 from extproc.routing.live import LiveRouting
 from extproc.store import RoutingState
-from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass
+from extproc.telemetry.v1.event_pb2 import ApiFormat, Assignment, ErrorClass
 from tests.component.test_envoy_config import envoy_validate
 
 pytestmark = pytest.mark.timeout(60)
@@ -213,6 +213,7 @@ def test_an_access_log_entry_becomes_the_observers_event() -> None:
         entry(
             variant="canary",
             md={
+                "format": "chat",
                 "first_token_us": 1_700_000_000_000_000 + 55_000,
                 "text": "I\\u2019m sorry, but I can\\u2019t help with that.",
                 "tail": tail,
@@ -234,6 +235,7 @@ def test_an_access_log_entry_becomes_the_observers_event() -> None:
     assert not ev.empty_answer
     assert ev.answer_chars == len("I\u2019m sorry, but I can\u2019t help with that.")
     assert ev.time_unix_ms == 1_700_000_000_000
+    assert ev.api_format == ApiFormat.API_FORMAT_CHAT_COMPLETIONS
 
 
 def test_forced_shadow_and_failed_entries() -> None:

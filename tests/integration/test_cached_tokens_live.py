@@ -10,49 +10,21 @@ inspect.lua reads as the stream passes.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from aiohttp import web
 
-from extproc.dev import stack
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
-from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
+from tests.conftest import LiveStack, forced_planes, upstream_stack, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 PROMPT = "one two three four five six seven eight nine"  # 9 prompt tokens: 4 cached on stable
-# On a loaded machine the sidecar may answer Envoy later than the example's 200 ms, and Envoy
-# then routes to stable whatever was forced: these tests are about usage, not that fallback.
-ENVOY = {"request_timeout_s": 300, "message_timeout_ms": 5000}
 
 
-@pytest.fixture(scope="module", params=["ext_proc", "native"])
-def plane(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LiveStack]:
-    tmp = tmp_path_factory.mktemp(request.param)
-    path: Path = write_experiment(
-        tmp,
-        dataplane=request.param,
-        strategy="ab",
-        rollout={"min_stage_seconds": 3600},
-        envoy=ENVOY,
-    )
-    s = start_stack(
-        tmp / "stack",
-        path,
-        mock_args={"stable": ["--fast", "--cached-prompt-ratio", "0.5"], "canary": ["--fast"]},
-    )
-    try:
-        yield s
-    finally:
-        stack.down(s.state_dir)
+plane = forced_planes({"stable": ["--fast", "--cached-prompt-ratio", "0.5"], "canary": ["--fast"]})
 
 
 def ask(s: LiveStack, http: httpx.Client, variant: str, stream: bool) -> str:
@@ -126,71 +98,18 @@ def anthropic_stream() -> bytes:
     return b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
 
 
-@pytest.fixture(scope="module")
-def anthropic_upstream() -> Iterator[int]:
-    """A model server speaking the Messages API's stream, on a free port, in its own thread."""
-    port = stack.free_port()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    async def messages(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(anthropic_stream())
-        await resp.write_eof()
-        return resp
-
-    async def start() -> web.AppRunner:
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", messages)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        runner = loop.run_until_complete(start())
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        yield port
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-
-
 @pytest.mark.parametrize("dataplane", ["ext_proc", "native"])
 def test_an_anthropic_streams_cache_arrives(
-    dataplane: str, anthropic_upstream: int, tmp_path: Path, http: httpx.Client
+    dataplane: str, tmp_path: Path, http: httpx.Client
 ) -> None:
+    """Behind a model server speaking the Messages API's stream, the cache hits its first event
+    reported arrive."""
     assert len(anthropic_stream()) > 2048  # message_start is long out of the 1 KiB tail
-    address = f"127.0.0.1:{anthropic_upstream}"
-    path = write_experiment(
-        tmp_path,
-        dataplane=dataplane,
-        strategy="ab",
-        rollout={"min_stage_seconds": 3600},
-        envoy=ENVOY,
-        variants={
-            "stable": {"cluster": "model_stable", "address": address, "weight": 50},
-            "canary": {"cluster": "model_canary", "address": address, "weight": 50},
-        },
-    )
-    s = start_stack(tmp_path / "stack", path, mock_models=False)
-    try:
+    answers = {"/v1/chat/completions": ("text/event-stream", anthropic_stream())}
+    with upstream_stack(tmp_path, dataplane, answers) as s:
         r = s.chat(http, {"x-experiment": "canary"}, stream=True)
         assert r.status_code == 200, r.text
         assert b"cache_read_input_tokens" in r.content
         (ev,) = events_by_id(s, {r.headers["x-request-id"]}).values()
         assert ev.HasField("cached_prompt_tokens")
         assert ev.cached_prompt_tokens == 1800
-    finally:
-        stack.down(s.state_dir)

@@ -8,13 +8,11 @@ token event.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import suppress
+from collections.abc import Iterable, Sequence
 from typing import Any
 from unittest import mock
 
@@ -23,10 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.dev.mockmodel import MockBehaviour, serve
+from extproc.dev.mockmodel import MockBehaviour
 from extproc.telemetry import inspect as inspect_mod
 from extproc.telemetry.inspect import ResponseInspector, ResponseSummary
+from extproc.telemetry.v1.event_pb2 import ApiFormat
+from tests.unit.conftest import Start
 
+CHAT = ApiFormat.API_FORMAT_CHAT_COMPLETIONS
 SSE = "text/event-stream"
 JSON = "application/json"
 
@@ -161,6 +162,7 @@ def test_line_endings(eol: str) -> None:
         event_count=7,
         malformed=False,
         text="Hello, world",
+        api_format=CHAT,
     )
 
 
@@ -223,7 +225,7 @@ def test_incomplete_last_event_is_not_dispatched() -> None:
     ],
 )
 def test_malformed_data_is_flagged_and_parsing_goes_on(bad: bytes) -> None:
-    body = bad + b"\n\n" + openai_stream("ok")
+    body = data_event(chunk("", role="assistant")) + bad + b"\n\n" + openai_stream("ok")
     summary = run(SSE, [body], capture=10)
     assert summary.malformed
     assert (summary.text, summary.prompt_tokens, summary.finish_reason) == ("ok", 7, "stop")
@@ -231,8 +233,11 @@ def test_malformed_data_is_flagged_and_parsing_goes_on(bad: bytes) -> None:
 
 def test_undecoded_events_are_only_shape_checked() -> None:
     """The price of not decoding every token event: broken JSON that looks like an object and
-    names no field we need passes unnoticed; data that is not an object at all does not."""
-    assert not run(SSE, [b"data: {not json\n\n" + openai_stream("x")]).malformed
+    names no field we need passes unnoticed (once the first event named the format: until then
+    every event is decoded); data that is not an object at all does not."""
+    role = data_event(chunk("", role="assistant"))
+    assert not run(SSE, [role + b"data: {not json\n\n" + openai_stream("x")]).malformed
+    assert run(SSE, [b"data: {not json\n\n" + openai_stream("x")]).malformed
     assert run(SSE, [openai_stream("x") + b"data: nope\n\n"]).malformed is False  # after [DONE]
     assert run(SSE, [openai_stream("x", done=False) + b"data: nope\n\n"]).malformed
 
@@ -357,6 +362,7 @@ def test_json_body() -> None:
         event_count=0,
         malformed=False,
         text="Hello",
+        api_format=CHAT,
     )
 
 
@@ -368,7 +374,7 @@ def test_json_body() -> None:
         (JSON, b"\xff\xfe garbage", True),
         ("text/plain", b"upstream connect error or disconnect/reset before headers", False),
         ("text/html", b"<html>502</html>", False),
-        ("", b'{"usage": {"prompt_tokens": 4}}', False),
+        ("", b'{"object": "chat.completion", "usage": {"prompt_tokens": 4}}', False),
     ],
 )
 def test_json_body_problems(content_type: str, body: bytes, malformed: bool) -> None:
@@ -382,7 +388,8 @@ def test_json_body_problems(content_type: str, body: bytes, malformed: bool) -> 
 def test_error_body_has_no_tokens_and_no_text() -> None:
     body = b'{"error": {"message": "boom", "type": "server_error"}}'
     summary = run(JSON, [body], capture=100)
-    assert (summary.malformed, summary.prompt_tokens, summary.text) == (False, None, "")
+    assert (summary.malformed, summary.prompt_tokens, summary.text) == (False, None, None)
+    assert summary.api_format == ApiFormat.API_FORMAT_UNKNOWN
 
 
 def test_oversized_json_body_is_not_parsed() -> None:
@@ -571,28 +578,6 @@ def test_garbage_never_raises_and_is_split_invariant(
 # Real mock-model output
 
 
-@pytest.fixture
-async def mock_base() -> AsyncIterator[Callable[[MockBehaviour], Any]]:
-    tasks: list[asyncio.Task[None]] = []
-
-    async def start(behaviour: MockBehaviour) -> str:
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(serve("127.0.0.1", 0, behaviour, ready.set_result))
-        tasks.append(task)
-        waiters: list[asyncio.Future[Any]] = [ready, task]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()
-        return f"http://127.0.0.1:{ready.result()}"
-
-    yield start
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with suppress(asyncio.CancelledError):
-            await task
-
-
 async def fetch(
     session: aiohttp.ClientSession, url: str, body: dict[str, Any], capture: int
 ) -> tuple[ResponseSummary, list[bytes], int, int]:
@@ -608,8 +593,8 @@ async def fetch(
 
 
 @pytest.mark.timeout(30)
-async def test_real_mock_model_output(mock_base: Callable[[MockBehaviour], Any]) -> None:
-    base = await mock_base(
+async def test_real_mock_model_output(start_mock: Start) -> None:
+    base = await start_mock(
         MockBehaviour(completion_tokens=40, tokens_per_s=2000, ttft_ms=30, seed=11)
     )
     url = f"{base}/v1/chat/completions"
@@ -671,7 +656,8 @@ async def test_real_mock_model_output(mock_base: Callable[[MockBehaviour], Any])
 )
 def test_cached_tokens_of_each_api(usage: dict[str, Any], cached: int | None) -> None:
     assert inspect_mod.cached_tokens(usage) == cached
-    assert run(JSON, [json.dumps({"usage": usage}).encode()]).cached_prompt_tokens == cached
+    body = json.dumps({"object": "chat.completion", "usage": usage}).encode()
+    assert run(JSON, [body]).cached_prompt_tokens == cached
 
 
 @given(cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=6))
@@ -724,10 +710,10 @@ def test_without_prompt_caching_the_figure_stays_unknown() -> None:
 
 @pytest.mark.timeout(30)
 async def test_the_stand_in_reports_cached_tokens(
-    mock_base: Callable[[MockBehaviour], Any],
+    start_mock: Start,
 ) -> None:
-    base = await mock_base(MockBehaviour(cached_prompt_ratio=0.5, seed=3))
-    plain = await mock_base(MockBehaviour(seed=3))
+    base = await start_mock(MockBehaviour(cached_prompt_ratio=0.5, seed=3))
+    plain = await start_mock(MockBehaviour(seed=3))
     messages = [{"role": "user", "content": "one two three four five"}]
     stream_body = {"messages": messages, "stream": True, "stream_options": {"include_usage": True}}
     async with aiohttp.ClientSession() as session:

@@ -11,7 +11,8 @@ import argparse
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
 
@@ -23,10 +24,10 @@ from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolPara
 from extproc.dev import mockmodel
 from extproc.dev.mockmodel import REFUSAL, MockBehaviour, add_arguments, behaviour_from_args, serve
 from extproc.telemetry.inspect import ResponseInspector
+from tests.unit.conftest import Start
 
 pytestmark = pytest.mark.timeout(30)
 
-Start = Callable[[MockBehaviour], Awaitable[str]]
 USER: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Tell me about rollouts please"}
 ]
@@ -40,29 +41,6 @@ TOOLS: list[ChatCompletionToolParam] = [
         },
     }
 ]
-
-
-@pytest.fixture
-async def start_mock() -> AsyncIterator[Start]:
-    """Start real servers on free ports; returns their base URLs once they are listening."""
-    tasks: list[asyncio.Task[None]] = []
-
-    async def start(behaviour: MockBehaviour) -> str:
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(serve("127.0.0.1", 0, behaviour, ready.set_result))
-        tasks.append(task)
-        waiters: list[asyncio.Future[Any]] = [ready, task]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()  # surfaces the start-up error
-        return f"http://127.0.0.1:{ready.result()}"
-
-    yield start
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with suppress(asyncio.CancelledError):
-            await task
 
 
 @pytest.fixture
@@ -83,12 +61,12 @@ async def stats(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
 
 
 async def post_chat(
-    session: aiohttp.ClientSession, base: str, body: object
+    session: aiohttp.ClientSession, base: str, body: object, path: str = "/v1/chat/completions"
 ) -> tuple[int, dict[str, Any]]:
     # BytesIO: aiohttp warns (an error here) on large raw-bytes bodies.
     data = io.BytesIO(body if isinstance(body, bytes) else json.dumps(body).encode())
     headers = {"Content-Type": "application/json"}
-    async with session.post(f"{base}/v1/chat/completions", data=data, headers=headers) as resp:
+    async with session.post(f"{base}{path}", data=data, headers=headers) as resp:
         return resp.status, await resp.json()
 
 
@@ -412,6 +390,48 @@ async def test_malformed_requests_get_400(
     assert error["error"]["message"]
     assert error["error"]["param"] == param
     assert (await stats(session, base))["outcomes"] == {"bad_request": 1}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"model": "x"}, "prompt"),
+        ("/v1/completions", {"prompt": []}, "prompt"),
+        ("/v1/completions", {"prompt": [1, 2]}, "prompt"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ("/v1/responses", {"model": "x"}, "input"),
+        ("/v1/responses", {"input": 3}, "input"),
+        ("/v1/responses", {"input": [{"content": "hi"}]}, "input[0].role"),
+        ("/v1/responses", {"input": "hi", "instructions": 3}, "instructions"),
+        ("/v1/responses", {"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+        ("/v1/responses", {"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format"),
+        ("/v1/messages", {"model": "x"}, "messages"),
+        ("/v1/messages", {"messages": USER, "system": ["be brief"]}, "system"),
+        ("/v1/messages", {"messages": USER, "tools": "search"}, "tools"),
+    ],
+)
+async def test_malformed_requests_of_each_api_get_400(
+    start_mock: Start, session: aiohttp.ClientSession, path: str, body: object, param: str
+) -> None:
+    """Each API's own fields are checked, each problem named by its path."""
+    base = await start_mock(MockBehaviour())
+    status, error = await post_chat(session, base, body, path)
+    assert (status, error["error"]["param"]) == (400, param)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/responses", "/v1/messages"])
+async def test_errors_and_latency_in_each_api(
+    start_mock: Start, session: aiohttp.ClientSession, path: str
+) -> None:
+    """The knobs the stand-in's telemetry tests do not read from the answer itself."""
+    body = {"prompt": "hi", "input": "hi", "messages": USER}
+    failing = await start_mock(MockBehaviour(error_rate=1.0))
+    assert (await post_chat(session, failing, body, path))[0] == 500
+    slow = await start_mock(MockBehaviour(latency_ms=50))
+    started = time.monotonic()
+    status, _ = await post_chat(session, slow, body, path)
+    assert status == 200
+    assert time.monotonic() - started >= 0.05
 
 
 async def test_missing_messages_through_openai_client(start_mock: Start) -> None:

@@ -22,6 +22,7 @@ from extproc.dataplane.event import EventBuilder
 from extproc.dataplane.observer import JSON_ASKED, JSON_VALID, ObserverContext
 from extproc.dataplane.router import CAPTURE_MODE, Router
 from extproc.dataplane.server import ExternalProcessor
+from extproc.dev.mockformats import FORMATS, Answer
 from extproc.routing.live import LiveRouting
 from extproc.telemetry.v1.event_pb2 import Assignment
 from extproc.telemetry.writer import Capture
@@ -167,7 +168,7 @@ def entry(route: str, md: dict[str, Any] | None = None, **request: str) -> al.HT
     c.time_to_last_downstream_tx_byte.FromMilliseconds(9)
     c.route_name = route
     s = Struct()
-    s.update({"text": '{\\"a\\": 1', "tail": "", **(md or {})})
+    s.update({"format": "chat", "text": '{\\"a\\": 1', "tail": "", **(md or {})})
     c.metadata.CopyFrom(Metadata(filter_metadata={METADATA_NAMESPACE: s}))
     return e
 
@@ -226,3 +227,52 @@ def test_the_first_token_stays_within_the_response() -> None:
     assert early.first_token_ms == 5
     inside = m.event(entry("variant_canary", {"first_token_us": start_us + 7_000}))
     assert inside.first_token_ms == 7
+
+
+def metadata_keys(answer: pb.ProcessingResponse) -> set[str]:
+    """The access-log metadata an answer sets; read without indexing, which would add the key
+    to a shared answer message."""
+    md = answer.dynamic_metadata.fields
+    return set(md[METADATA_NAMESPACE].struct_value.fields) if METADATA_NAMESPACE in md else set()
+
+
+@pytest.mark.parametrize(
+    ("path", "request_doc", "prompt", "json_asked"),
+    [
+        ("/v1/completions", {"prompt": "hi"}, "user: hi", False),
+        (
+            "/v1/responses",
+            {"instructions": "brief", "input": "hi", "text": {"format": {"type": "json_object"}}},
+            "system: brief\nuser: hi",
+            True,
+        ),
+        (
+            "/v1/messages",
+            {"system": "brief", "messages": [{"role": "user", "content": "hi"}]},
+            "system: brief\nuser: hi",
+            False,
+        ),
+    ],
+)
+async def test_a_captured_request_of_each_api_is_captured(
+    path: str, request_doc: dict[str, Any], prompt: str, json_asked: bool
+) -> None:
+    """The prompt where each API puts it, the answer where each API puts it (the stand-in's
+    rendering), and a JSON answer asked for in Responses' own way."""
+    proc, captures = processor(sample=100)
+    answer = Answer("ab12", 0, "m", ['{"a": 1}'], "", False, 3, None, False)
+    s = Stream(
+        [
+            headers(**{"x-request-id": "r3", "x-conversation-id": "c3"}),
+            body("request_body", json.dumps(request_doc).encode(), end=True),
+            response_headers(),
+            body("response_body", json.dumps(FORMATS[path].body(answer)).encode(), end=True),
+        ]
+    )
+    await proc.Process(None, s)
+    _, req_body, _, resp_body = s.answers
+    assert metadata_keys(req_body) == ({JSON_ASKED} if json_asked else set())
+    assert metadata_keys(resp_body) == ({JSON_VALID} if json_asked else set())
+    (cap,) = captures
+    doc = json.loads(cap.doc)
+    assert (doc["prompt"], doc["answer"], doc["completion_tokens"]) == (prompt, '{"a": 1}', 1)

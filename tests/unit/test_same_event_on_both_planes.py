@@ -27,7 +27,7 @@ from extproc.dataplane import observer
 from extproc.dataplane.accesslog import EntryMapper
 from extproc.dataplane.event import EventBuilder
 from extproc.dataplane.observer import Observation, ObserverContext
-from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
+from extproc.telemetry.v1.event_pb2 import ApiFormat, ErrorClass, TelemetryEvent
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -48,8 +48,10 @@ class Request:
     status: int
     content_type: str
     chunks: list[tuple[int, bytes]]
-    first_token_ms: int  # what both planes call the first token (see inspect.lua)
+    first_token_ms: int | None  # what both planes call the first token (see inspect.lua)
     answer: str | None  # the answer text inspect.lua finds, None when it finds none
+    api: str | None = "chat"  # the format inspect.lua names, None when it names none
+    early: dict[str, int] = field(default_factory=dict)  # what inspect.lua read of a stream's head
     headers_ms: int = 40
     shadow: bool = False
     code_details: str = "via_upstream"
@@ -67,6 +69,11 @@ class Request:
 
 def sse(*events: dict[str, Any]) -> bytes:
     return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+
+def named(*events: dict[str, Any]) -> bytes:
+    """Events as Responses and Anthropic stream them: an ``event:`` line names each."""
+    return b"".join(f"event: {e['type']}\n".encode() + sse(e) for e in events)
 
 
 ANSWER = "I\u2019m sorry, but I can\u2019t help with that."
@@ -106,6 +113,115 @@ TOOL_CALL = json.dumps(
     }
 ).encode()
 
+
+def text_completion(text: str, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return {"id": "cmpl-1", "object": "text_completion", "choices": [choice], **extra}
+
+
+USAGE = {"prompt_tokens": 12, "completion_tokens": 34}
+USAGE_OUT = {"output_tokens": 34}
+COMPLETIONS_STREAM = [
+    (55, sse(text_completion(ANSWER[:10]))),
+    (300, sse(text_completion(ANSWER[10:]))),
+    (900, sse(text_completion("", "stop", usage=USAGE)) + b"data: [DONE]\n\n"),
+]
+RESPONSE = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+RESPONSES_USAGE = {
+    "input_tokens": 12,
+    "input_tokens_details": {"cached_tokens": 4},
+    "output_tokens": 34,
+    "output_tokens_details": {"reasoning_tokens": 0},
+}
+RESPONSES_BODY = {
+    **RESPONSE,
+    "status": "completed",
+    "output": [
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": ANSWER, "annotations": []}],
+        }
+    ],
+    "text": {"format": {"type": "text"}},
+    "usage": RESPONSES_USAGE,
+}
+
+
+def text_delta(text: str) -> dict[str, Any]:
+    return {"type": "response.output_text.delta", "output_index": 0, "delta": text}
+
+
+RESPONSES_STREAM = [
+    (45, named({"type": "response.created", "response": {**RESPONSE, "usage": None}})),
+    (55, named(text_delta(ANSWER[:10]))),
+    (300, named(text_delta(ANSWER[10:]))),
+    (900, named({"type": "response.completed", "response": RESPONSES_BODY})),
+]
+
+
+def block_delta(text: str) -> dict[str, Any]:
+    return {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": text},
+    }
+
+
+MESSAGE = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m"}
+MESSAGES_STREAM = [
+    (
+        45,
+        named(
+            {
+                "type": "message_start",
+                "message": {
+                    **MESSAGE,
+                    "content": [],
+                    "usage": {"input_tokens": 12, "cache_read_input_tokens": 4, "output_tokens": 1},
+                },
+            },
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}},
+        ),
+    ),
+    (55, named(block_delta(ANSWER[:10]))),
+    (300, named(block_delta(ANSWER[10:]))),
+    (
+        900,
+        named(
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": USAGE_OUT},
+            {"type": "message_stop"},
+        ),
+    ),
+]
+MESSAGES_TOOL_CALL = json.dumps(
+    {
+        **MESSAGE,
+        "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"text": "x"}}],
+        "stop_reason": "tool_use",
+        "usage": {"input_tokens": 20, "output_tokens": 7},
+    }
+).encode()
+# OpenAI's structured refusal: the answer in its own field, the content null.
+REFUSAL_DELTAS = [
+    (55, sse({"choices": [{"delta": {"role": "assistant", "content": None, "refusal": ""}}]})),
+    (70, sse({"choices": [{"delta": {"refusal": ANSWER}}]})),
+    (900, sse({"choices": [{"delta": {}, "finish_reason": "stop"}]}) + b"data: [DONE]\n\n"),
+]
+REFUSAL_BODY = json.dumps(
+    {
+        "object": "chat.completion",
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": None, "refusal": ANSWER},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+).encode()
+UNKNOWN_STREAM = [(55, sse({"token": "hello"})), (900, sse({"token": "world", "done": True}))]
+
 CASES = {
     "streamed refusal": Request("canary", 200, "text/event-stream", STREAM, 55, ANSWER),
     "shadow copy": Request("stable", 200, "text/event-stream", STREAM, 55, ANSWER, shadow=True),
@@ -120,6 +236,59 @@ CASES = {
         60,
         None,
         headers_ms=60,
+    ),
+    "legacy completions, streamed": Request(
+        "canary", 200, "text/event-stream", COMPLETIONS_STREAM, 55, ANSWER, api="completions"
+    ),
+    "legacy completions": Request(
+        "canary",
+        200,
+        "application/json",
+        [(700, json.dumps(text_completion(ANSWER, "stop", usage=USAGE)).encode())],
+        700,
+        ANSWER,
+        api="completions",
+    ),
+    "responses, streamed": Request(
+        "canary", 200, "text/event-stream", RESPONSES_STREAM, 55, ANSWER, api="responses"
+    ),
+    "responses": Request(
+        "canary",
+        200,
+        "application/json",
+        [(700, json.dumps(RESPONSES_BODY).encode())],
+        700,
+        ANSWER,
+        api="responses",
+    ),
+    "messages, streamed": Request(
+        "canary",
+        200,
+        "text/event-stream",
+        MESSAGES_STREAM,
+        55,
+        ANSWER,
+        api="messages",
+        early={"prompt_tokens": 12, "cached_prompt_tokens": 4},
+    ),
+    "messages tool call": Request(
+        "canary",
+        200,
+        "application/json",
+        [(700, MESSAGES_TOOL_CALL)],
+        700,
+        "",
+        api="messages",
+        tool_calls=True,
+    ),
+    "structured refusal, streamed": Request(
+        "canary", 200, "text/event-stream", REFUSAL_DELTAS, 70, ANSWER
+    ),
+    "structured refusal": Request(
+        "canary", 200, "application/json", [(700, REFUSAL_BODY)], 700, ANSWER
+    ),
+    "unknown format": Request(
+        "canary", 200, "text/event-stream", UNKNOWN_STREAM, None, None, api=None
     ),
     "reset after headers": Request(
         "stable",
@@ -212,10 +381,11 @@ def access_log_entry(r: Request) -> al.HTTPAccessLogEntry:
     c.route_name = "weighted"
     if r.code_details != "via_upstream":
         c.response_flags.upstream_remote_reset = True
-    md: dict[str, Any] = {
-        "first_token_us": (START_MS + r.first_token_ms) * 1000,
-        "tail": r.body[-1024:].decode(),
-    }
+    md: dict[str, Any] = {"tail": r.body[-1024:].decode(), **r.early}
+    if r.first_token_ms is not None:
+        md["first_token_us"] = (START_MS + r.first_token_ms) * 1000
+    if r.api is not None:
+        md["format"] = r.api
     if r.answer is not None:
         md["text"] = json.dumps(r.answer)[1:-1]
     if r.tool_calls:
@@ -248,7 +418,7 @@ def test_both_planes_build_the_same_event(case: str, clock: Clock) -> None:
     assert ext_proc.request_id == "rid-1"
     assert ext_proc.headers_ms == r.headers_ms
     if r.status < 400:
-        assert ext_proc.HasField("answer_chars")
+        assert ext_proc.HasField("answer_chars") is (r.api is not None)
     else:
         assert not ext_proc.HasField("refusal")
         assert ext_proc.error == ErrorClass.ERROR_CLASS_UPSTREAM_5XX
@@ -266,3 +436,49 @@ def test_the_signals_each_case_is_about() -> None:
     tool = ev["tool call"]
     assert (tool.tool_calls, tool.empty_answer, tool.finish_reason) == (True, False, "tool_calls")
     assert ev["reset after headers"].error == ErrorClass.ERROR_CLASS_RESET
+    assert tool.api_format == ApiFormat.API_FORMAT_CHAT_COMPLETIONS
+    assert ev["upstream 503"].api_format == ApiFormat.API_FORMAT_UNSPECIFIED  # an error body
+
+
+@pytest.mark.parametrize(
+    ("case", "api", "first_token_ms", "cached"),
+    [
+        ("legacy completions, streamed", ApiFormat.API_FORMAT_COMPLETIONS, 55, None),
+        ("legacy completions", ApiFormat.API_FORMAT_COMPLETIONS, 700, None),
+        ("responses, streamed", ApiFormat.API_FORMAT_RESPONSES, 55, 4),
+        ("responses", ApiFormat.API_FORMAT_RESPONSES, 700, 4),
+        ("messages, streamed", ApiFormat.API_FORMAT_MESSAGES, 55, 4),
+    ],
+)
+def test_each_api_formats_answer_and_usage(
+    case: str, api: ApiFormat.ValueType, first_token_ms: int, cached: int | None
+) -> None:
+    """The refusal, first token and token counts of every format the planes read."""
+    ev = mapper().event(access_log_entry(CASES[case]))
+    assert (ev.api_format, ev.refusal, ev.first_token_ms) == (api, True, first_token_ms)
+    assert (ev.prompt_tokens, ev.completion_tokens) == (12, 34)
+    assert ev.HasField("cached_prompt_tokens") is (cached is not None)
+    assert ev.cached_prompt_tokens == (cached or 0)
+
+
+def test_the_other_formats_finish_reasons_and_tool_calls() -> None:
+    m = mapper()
+    assert m.event(access_log_entry(CASES["messages, streamed"])).finish_reason == "end_turn"
+    assert m.event(access_log_entry(CASES["legacy completions"])).finish_reason == "stop"
+    tool = m.event(access_log_entry(CASES["messages tool call"]))
+    assert (tool.tool_calls, tool.empty_answer, tool.finish_reason) == (True, False, "tool_use")
+    assert (tool.prompt_tokens, tool.completion_tokens) == (20, 7)
+
+
+@pytest.mark.parametrize("case", ["structured refusal, streamed", "structured refusal"])
+def test_a_refusal_in_its_own_field_is_the_answer(case: str) -> None:
+    ev = mapper().event(access_log_entry(CASES[case]))
+    assert (ev.refusal, ev.empty_answer, ev.answer_chars) == (True, False, len(ANSWER))
+
+
+def test_an_unknown_format_gets_timing_only() -> None:
+    ev = mapper().event(access_log_entry(CASES["unknown format"]))
+    assert ev.api_format == ApiFormat.API_FORMAT_UNKNOWN
+    assert (ev.headers_ms, ev.duration_ms, ev.status) == (40, 900, 200)
+    for name in ("first_token_ms", "prompt_tokens", "completion_tokens", "refusal", "answer_chars"):
+        assert not ev.HasField(name), name

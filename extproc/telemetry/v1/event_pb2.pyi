@@ -84,6 +84,53 @@ ERROR_CLASS_CLIENT_ERROR: ErrorClass.ValueType  # 5
 """A 4xx: the request was refused (for example, an unknown forced variant)."""
 Global___ErrorClass: _TypeAlias = ErrorClass  # noqa: Y015
 
+class _ApiFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ApiFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ApiFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    API_FORMAT_UNSPECIFIED: _ApiFormat.ValueType  # 0
+    """Not recorded: an event of an older recorder, an in-flight notice, or an error response
+    (status 4xx/5xx), whose body is an error, not an answer.
+    """
+    API_FORMAT_UNKNOWN: _ApiFormat.ValueType  # 1
+    """A response the sidecar does not read: timing, status and bytes only (no first token of a
+    stream, no tokens, no answer signals).
+    """
+    API_FORMAT_CHAT_COMPLETIONS: _ApiFormat.ValueType  # 2
+    """OpenAI Chat Completions (/v1/chat/completions) and the servers compatible with it."""
+    API_FORMAT_COMPLETIONS: _ApiFormat.ValueType  # 3
+    """OpenAI legacy Completions (/v1/completions): choices[].text."""
+    API_FORMAT_RESPONSES: _ApiFormat.ValueType  # 4
+    """OpenAI Responses (/v1/responses)."""
+    API_FORMAT_MESSAGES: _ApiFormat.ValueType  # 5
+    """Anthropic Messages (/v1/messages)."""
+
+class ApiFormat(_ApiFormat, metaclass=_ApiFormatEnumTypeWrapper):
+    """The LLM API a response spoke, as the sidecar recognised it from the response body (not from the
+    request path, which proxies rewrite). What is read from each: docs/ARCHITECTURE.md, "Response
+    formats".
+    """
+
+API_FORMAT_UNSPECIFIED: ApiFormat.ValueType  # 0
+"""Not recorded: an event of an older recorder, an in-flight notice, or an error response
+(status 4xx/5xx), whose body is an error, not an answer.
+"""
+API_FORMAT_UNKNOWN: ApiFormat.ValueType  # 1
+"""A response the sidecar does not read: timing, status and bytes only (no first token of a
+stream, no tokens, no answer signals).
+"""
+API_FORMAT_CHAT_COMPLETIONS: ApiFormat.ValueType  # 2
+"""OpenAI Chat Completions (/v1/chat/completions) and the servers compatible with it."""
+API_FORMAT_COMPLETIONS: ApiFormat.ValueType  # 3
+"""OpenAI legacy Completions (/v1/completions): choices[].text."""
+API_FORMAT_RESPONSES: ApiFormat.ValueType  # 4
+"""OpenAI Responses (/v1/responses)."""
+API_FORMAT_MESSAGES: ApiFormat.ValueType  # 5
+"""Anthropic Messages (/v1/messages)."""
+Global___ApiFormat: _TypeAlias = ApiFormat  # noqa: Y015
+
 @_typing.final
 class TelemetryEvent(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -114,6 +161,7 @@ class TelemetryEvent(_message.Message):
     JSON_VALID_FIELD_NUMBER: _builtins.int
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    API_FORMAT_FIELD_NUMBER: _builtins.int
     time_unix_ms: _builtins.int
     """Start of the request, milliseconds since the Unix epoch."""
     request_id: _builtins.str
@@ -128,7 +176,9 @@ class TelemetryEvent(_message.Message):
     headers_ms: _builtins.float
     """Milliseconds from request start to response headers."""
     first_token_ms: _builtins.float
-    """Milliseconds to the first token (first SSE content chunk; first body byte otherwise)."""
+    """Milliseconds to the first token (first SSE chunk with answer text or a tool call, absent
+    for a stream of an unknown api_format; first body byte otherwise).
+    """
     duration_ms: _builtins.float
     """Milliseconds from request start to the end of the response."""
     prompt_tokens: _builtins.int
@@ -166,6 +216,8 @@ class TelemetryEvent(_message.Message):
     the in-flight bound (duration_ms is its age then). The request's own event follows with the
     same request_id when it ends; readers that count requests must count it once.
     """
+    api_format: Global___ApiFormat.ValueType
+    """The API format of the response (absent, UNSPECIFIED, from older recorders)."""
     def __init__(
         self,
         *,
@@ -195,10 +247,11 @@ class TelemetryEvent(_message.Message):
         json_valid: _builtins.bool | None = ...,
         cached_prompt_tokens: _builtins.int | None = ...,
         in_flight: _builtins.bool = ...,
+        api_format: Global___ApiFormat.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_cached_prompt_tokens", b"_cached_prompt_tokens", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_json_valid", b"_json_valid", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "cached_prompt_tokens", b"cached_prompt_tokens", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "json_valid", b"json_valid", "prompt_tokens", b"prompt_tokens", "refusal", b"refusal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_cached_prompt_tokens", b"_cached_prompt_tokens", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_json_valid", b"_json_valid", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "assignment", b"assignment", "cached_prompt_tokens", b"cached_prompt_tokens", "captured", b"captured", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "error", b"error", "experiment", b"experiment", "finish_reason", b"finish_reason", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "in_flight", b"in_flight", "json_valid", b"json_valid", "key_hash", b"key_hash", "prompt_tokens", b"prompt_tokens", "recorder", b"recorder", "refusal", b"refusal", "request_id", b"request_id", "response_bytes", b"response_bytes", "shadow", b"shadow", "status", b"status", "streamed", b"streamed", "time_unix_ms", b"time_unix_ms", "tool_calls", b"tool_calls", "variant", b"variant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars", "_cached_prompt_tokens", b"_cached_prompt_tokens", "_completion_tokens", b"_completion_tokens", "_duration_ms", b"_duration_ms", "_empty_answer", b"_empty_answer", "_first_token_ms", b"_first_token_ms", "_headers_ms", b"_headers_ms", "_json_valid", b"_json_valid", "_prompt_tokens", b"_prompt_tokens", "_refusal", b"_refusal", "answer_chars", b"answer_chars", "api_format", b"api_format", "assignment", b"assignment", "cached_prompt_tokens", b"cached_prompt_tokens", "captured", b"captured", "completion_tokens", b"completion_tokens", "duration_ms", b"duration_ms", "empty_answer", b"empty_answer", "error", b"error", "experiment", b"experiment", "finish_reason", b"finish_reason", "first_token_ms", b"first_token_ms", "headers_ms", b"headers_ms", "in_flight", b"in_flight", "json_valid", b"json_valid", "key_hash", b"key_hash", "prompt_tokens", b"prompt_tokens", "recorder", b"recorder", "refusal", b"refusal", "request_id", b"request_id", "response_bytes", b"response_bytes", "shadow", b"shadow", "status", b"status", "streamed", b"streamed", "time_unix_ms", b"time_unix_ms", "tool_calls", b"tool_calls", "variant", b"variant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__answer_chars: _TypeAlias = _typing.Literal["answer_chars"]  # noqa: Y015
     _WhichOneofArgType__answer_chars: _TypeAlias = _typing.Literal["_answer_chars", b"_answer_chars"]  # noqa: Y015
