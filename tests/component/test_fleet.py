@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -55,17 +55,10 @@ async def lease_is(r: aioredis.Redis, name: str, holder: str | None) -> bool:
     return await lease(r, name) == holder
 
 
-@pytest.fixture
-async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = store.connect(redis_url)
-    await client.flushdb()
-    yield client
-    await client.aclose()
-
-
 async def test_a_fleet_follows_the_experiments_as_they_come_change_and_go(
-    r: aioredis.Redis, caplog: pytest.LogCaptureFixture
+    client: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
+    r = client
     for name in ("chat", "code"):
         await store.register_experiment(r, experiment(name))
     fleet = Fleet(r, "f1", refresh_s=0.05)
@@ -112,8 +105,9 @@ async def test_a_fleet_follows_the_experiments_as_they_come_change_and_go(
 
 
 async def test_two_fleets_share_the_experiments_and_one_takes_over_from_the_other(
-    r: aioredis.Redis,
+    client: aioredis.Redis,
 ) -> None:
+    r = client
     names = [f"exp{i}" for i in range(4)]
     for name in names:
         await store.register_experiment(r, experiment(name))

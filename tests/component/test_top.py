@@ -251,23 +251,14 @@ def _canary_requests(raw: bytes) -> str:
         return ""
 
 
-def test_live_redraws_in_place_updates_and_quits_on_q(seeded: str, tmp_path: Path) -> None:
+def spawn_top(url: str, tmp: Path, *args: str, columns: int) -> tuple[subprocess.Popen[bytes], int]:
+    """`extproc top NAME ARGS` on Redis ``url`` in a pseudo-terminal 40 rows by ``columns``; the
+    process and the terminal's master side (the caller closes it)."""
+    where = ["--redis-url", url, "--state-dir", str(tmp)]
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "extproc",
-            "top",
-            NAME,
-            "--interval",
-            "0.2",
-            "--redis-url",
-            seeded,
-            "--state-dir",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", "extproc", "top", NAME, *args, *where],
         stdin=slave,
         stdout=slave,
         stderr=slave,
@@ -275,6 +266,11 @@ def test_live_redraws_in_place_updates_and_quits_on_q(seeded: str, tmp_path: Pat
         close_fds=True,
     )
     os.close(slave)
+    return proc, master
+
+
+def test_live_redraws_in_place_updates_and_quits_on_q(seeded: str, tmp_path: Path) -> None:
+    proc, master = spawn_top(seeded, tmp_path, "--interval", "0.2", columns=160)
     try:
         seen = _read_until(master, lambda b: b.count(b"\x1b[H") >= 2)
         assert seen.startswith(b"\x1b[?1049h")  # the alternate screen, like top(1)
@@ -295,9 +291,6 @@ def test_live_redraws_in_place_updates_and_quits_on_q(seeded: str, tmp_path: Pat
         os.close(master)
 
 
-TOP = [sys.executable, "-m", "extproc", "top"]
-
-
 def test_n_and_p_switch_between_the_experiments_in_redis(seeded: str, tmp_path: Path) -> None:
     other = parse_experiment({**EXP.to_json_dict(), "name": "code-upgrade", "salt": "c"})
 
@@ -309,17 +302,7 @@ def test_n_and_p_switch_between_the_experiments_in_redis(seeded: str, tmp_path: 
             await r.aclose()
 
     asyncio.run(add())
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))
-    proc = subprocess.Popen(
-        [*TOP, NAME, "--interval", "60", "--redis-url", seeded, "--state-dir", str(tmp_path)],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")},
-        close_fds=True,
-    )
-    os.close(slave)
+    proc, master = spawn_top(seeded, tmp_path, "--interval", "60", columns=200)
 
     def showing(name: str, seen: bytes) -> bool:
         return f"extproc top · {name} " in _last_frame(seen)
