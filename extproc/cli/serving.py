@@ -104,9 +104,11 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
         asyncio.run(fleet.serve(redis_url(ns), ns.instance, ns.metrics))
         return EXIT_OK
     from extproc.evaluator.service import serve
+    from extproc.evaluator.takeover import SnapshotPolicy
 
     exp, _ = load(ns.experiment)
-    asyncio.run(serve(exp, redis_url(ns), ns.instance, ns.metrics))
+    snapshots = SnapshotPolicy() if ns.snapshot_s is None else SnapshotPolicy(ns.snapshot_s)
+    asyncio.run(serve(exp, redis_url(ns), ns.instance, ns.metrics, snapshots))
     return EXIT_OK
 
 
@@ -211,6 +213,14 @@ def register(add: AddVerb) -> None:
         default=None,
         metavar="HOST:PORT",
         help="serve Prometheus /metrics here (default: off)",
+    )
+    p.add_argument(
+        "--snapshot-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds between snapshots of the stage window, which a standby that takes over "
+        "loads instead of reading the whole stage (0: none; default 10, which --all uses)",
     )
     add_common(p)
 
