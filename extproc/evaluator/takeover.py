@@ -11,8 +11,8 @@ new leader still reads is therefore at most ``interval_s`` of traffic (and at mo
 Off the loop: the loop only freezes the window (``snapshot.freeze``: copies of what changes in
 place, lengths of what only grows); packing, checksums, optional zlib and the Redis write run in
 a background task and a thread, one snapshot at a time (one due while the last is still being
-written waits for the next look). The write replaces the hash in one ``MULTI`` under ``WATCH`` of the lease, so
-an evaluator that lost the lease meanwhile writes nothing.
+written waits for the next look). The write replaces the hash in one ``MULTI`` under ``WATCH``
+of the lease, so an evaluator that lost the lease meanwhile writes nothing.
 
 Bounds: Redis holds one snapshot per experiment (the hash is replaced whole, with a TTL of
 ``ttl_s``); one larger than ``max_bytes`` after compression is not written (the takeover then

@@ -15,6 +15,7 @@ from extproc.contract import keys
 from extproc.evaluator import takeover
 from extproc.evaluator.rollout import load_state
 from extproc.evaluator.service import Evaluator
+from extproc.evaluator.snapshot import Identity
 from extproc.evaluator.takeover import SnapshotPolicy, SnapshotWriter
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
 from tests.unit.test_window_snapshot import differences
@@ -166,3 +167,31 @@ async def test_an_evaluator_without_the_lease_writes_no_snapshot(client: aioredi
     assert await client.hgetall(keys.snapshot(NAME)) == before
     assert await client.ttl(keys.snapshot(NAME)) > 0
     assert active.snapshots.written == 1
+
+
+async def test_a_snapshot_is_due_by_time_or_by_events_and_only_when_the_window_moved(
+    client: aioredis.Redis,
+) -> None:
+    clock = Clock()
+    policy = SnapshotPolicy(interval_s=10, every_events=1000)
+    writer = SnapshotWriter(client, NAME, "active", policy, clock)
+    active = Evaluator(EXP, client, "active", lease_ttl_s=30)
+    assert await active._hold_lease()
+    assert active.state is not None
+    identity = Identity.of(active.state.attempt, active.state.stage, active.window)
+    assert not writer.due(identity, "5-0", "0-0")  # neither 10 s nor 1,000 events yet
+    writer.read(999)
+    assert not writer.due(identity, "5-0", "0-0")
+    writer.read(1)
+    assert writer.due(identity, "5-0", "0-0")  # 1,000 events
+    writer.start(active.window, identity, "5-0", "0-0")
+    await writer.wait()
+    assert writer.written == 1
+    clock.now = 20.0
+    assert not writer.due(identity, "5-0", "0-0")  # nothing new to write
+    assert writer.due(identity, "6-0", "0-0")
+    assert writer.due(identity, "5-0", "1-0")  # a signal moved the window too
+    off = SnapshotWriter(client, NAME, "active", SnapshotPolicy(interval_s=0), clock)
+    off.read(10**6)
+    clock.now = 10**6
+    assert not off.due(identity, "9-0", "0-0")
