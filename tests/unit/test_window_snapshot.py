@@ -362,3 +362,13 @@ def test_sample_columns_come_back_bit_for_bit(values: list[float]) -> None:
     restored = roundtrip(w, 0).window.variants["canary"]
     assert restored.latency_ms.tobytes() == canary.latency_ms.tobytes()
     assert restored.clusters.totals["requests"] == array("q", [2**40])
+
+
+def test_conversation_keys_outside_the_index_are_kept_too() -> None:
+    """Keys are stored as flags over the conversation index; one the index lacks (never so
+    through ``add``) makes them stored as strings, still exact."""
+    w = new_window()
+    feed(w, traffic(300, seed=8))
+    w.variants["canary"].keys.add("not indexed")
+    restored = roundtrip(w, 0).window
+    assert differences(restored, w) == []
