@@ -195,3 +195,22 @@ async def test_a_snapshot_is_due_by_time_or_by_events_and_only_when_the_window_m
     off.read(10**6)
     clock.now = 10**6
     assert not off.due(identity, "9-0", "0-0")
+
+
+async def test_a_snapshot_over_the_size_bound_is_not_written(
+    client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    active = Evaluator(EXP, client, "active", lease_ttl_s=30)
+    assert await active._hold_lease()
+    assert active.state is not None
+    await send(client, 0, 50)
+    await active.tick()
+    writer = SnapshotWriter(client, NAME, "active", SnapshotPolicy(max_bytes=1000), Clock())
+    identity = Identity.of(active.state.attempt, active.state.stage, active.window)
+    with caplog.at_level(logging.WARNING, "extproc.evaluator.takeover"):
+        for position in ("1-0", "2-0"):  # said once per stage, not at every look
+            writer.start(active.window, identity, position, "0-0")
+            await writer.wait()
+    assert writer.written == 0
+    assert not await client.exists(keys.snapshot(NAME))
+    assert caplog.text.count("bytes > max 1000") == 1
