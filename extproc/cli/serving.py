@@ -99,18 +99,23 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from extproc.evaluator.takeover import SnapshotPolicy
+
+    snapshots = SnapshotPolicy() if ns.snapshot_s is None else SnapshotPolicy(ns.snapshot_s)
     if ns.all:
         from extproc.evaluator import fleet
 
         admins = tuple(ns.envoy_admin or ())
-        asyncio.run(fleet.serve(redis_url(ns), ns.instance, ns.metrics, ns.listener, admins))
+        asyncio.run(
+            fleet.serve(redis_url(ns), ns.instance, ns.metrics, ns.listener, admins, snapshots)
+        )
         return EXIT_OK
     from extproc.evaluator import warmup
     from extproc.evaluator.service import serve
 
     exp, _ = load(ns.experiment)
     reach = warmup.prepare(exp, ns.listener, ns.envoy_admin or ())  # ConfigError: exit 2
-    asyncio.run(serve(exp, redis_url(ns), ns.instance, ns.metrics, reach))
+    asyncio.run(serve(exp, redis_url(ns), ns.instance, ns.metrics, reach, snapshots))
     return EXIT_OK
 
 
@@ -229,6 +234,14 @@ def register(add: AddVerb) -> None:
         metavar="URL",
         help="an Envoy's admin URL, for health and drain; repeat for every Envoy "
         "(default: lifecycle.envoy_admin)",
+    )
+    p.add_argument(
+        "--snapshot-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds between snapshots of the stage window, which a standby that takes over "
+        "loads instead of reading the whole stage (0: none; default 10)",
     )
     add_common(p)
 

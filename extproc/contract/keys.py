@@ -19,6 +19,9 @@ key                             type    content
 ``extproc:{E}:audit``           stream  every decision and operator action (field ``j``: JSON)
 ``extproc:{E}:commands``        stream  operator intents (pause, promote, ...) for the evaluator
 ``extproc:{E}:lease``           string  the active evaluator's id, with a TTL
+``extproc:{E}:snapshot``        hash    the active evaluator's stage window and the stream ids it
+                                        covers, for a standby's takeover (``meta``: JSON, ``p:*``:
+                                        packed columns), with a TTL
 ``extproc:{E}:pairs``           zset    request ids of captured pairs, scored by time
 ``extproc:{E}:pair:<rid>``      hash    ``primary``, ``shadow``, ``judge`` or ``judge_error`` (JSON)
 ``extproc:{E}:signals``         stream  judge verdicts, feedback, watchdog probes (``j``: JSON)
@@ -88,6 +91,11 @@ def commands(experiment: str) -> str:
 
 def lease(experiment: str) -> str:
     return _tagged(experiment, "lease")
+
+
+def snapshot(experiment: str) -> str:
+    """The active evaluator's latest stage-window snapshot (``evaluator/snapshot.py``)."""
+    return _tagged(experiment, "snapshot")
 
 
 def evaluator(instance: str) -> str:

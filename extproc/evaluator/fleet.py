@@ -35,6 +35,7 @@ from extproc import store
 from extproc.config import ConfigError, Experiment, parse_experiment
 from extproc.contract import keys
 from extproc.evaluator import warmup
+from extproc.evaluator.takeover import SnapshotPolicy
 from extproc.evaluator.service import Evaluator, default_instance, stop_on_signals
 from extproc.supervise import TaskGroup, raise_if_cancelled
 from extproc.telemetry.prometheus import EvaluatorMetrics, serve_metrics
@@ -68,12 +69,14 @@ class Fleet:
         metrics: EvaluatorMetrics | None = None,
         listener: str | None = None,
         admins: tuple[str, ...] = (),
+        snapshots: SnapshotPolicy | None = None,
     ) -> None:
         self.redis = redis
         self.instance = instance
         self.refresh_s = refresh_s
         self.metrics = metrics or EvaluatorMetrics()
         self.listener, self.admins = listener, admins  # what --listener, --envoy-admin said
+        self.snapshots = snapshots
         self.running: dict[str, _Running] = {}
         self.invalid: dict[str, str] = {}  # experiment -> digest of the definition refused
         self.group = TaskGroup()
@@ -109,7 +112,14 @@ class Fleet:
     def _start(self, experiment: Experiment, reach: warmup.Reach, digest: str) -> None:
         entry = self.running[experiment.name] = _Running(digest)
         name = f"{self.instance}/{experiment.name}"
-        evaluator = Evaluator(experiment, self.redis, name, metrics=self.metrics, reach=reach)
+        evaluator = Evaluator(
+            experiment,
+            self.redis,
+            name,
+            metrics=self.metrics,
+            reach=reach,
+            snapshots=self.snapshots,
+        )
         self.group.start(experiment.name, lambda: evaluator.run(entry.stop))
         log.info("fleet: evaluating %s", experiment.name)
 
@@ -140,12 +150,16 @@ async def serve(
     metrics: str | None = None,
     listener: str | None = None,
     admins: tuple[str, ...] = (),
+    snapshots: SnapshotPolicy | None = None,
 ) -> None:
     """Run a fleet evaluator until SIGTERM or SIGINT; with ``metrics`` (host:port) also serve
     Prometheus ``/metrics`` for every experiment it evaluates. ``listener`` and ``admins``
-    (Envoy's) replace each experiment's own, for its warm-up and drain."""
+    (Envoy's) replace each experiment's own, for its warm-up and drain; ``snapshots`` is when
+    each evaluator snapshots its window."""
     r = store.connect(redis_url)
-    fleet = Fleet(r, instance or default_instance(), listener=listener, admins=admins)
+    fleet = Fleet(
+        r, instance or default_instance(), listener=listener, admins=admins, snapshots=snapshots
+    )
     runner = None
     if metrics:
         host, _, port = metrics.rpartition(":")

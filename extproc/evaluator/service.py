@@ -6,9 +6,11 @@ back. The decisions are pure functions in ``machine.py``, shared with the offlin
 (`extproc analyze`) so a backtest takes the decisions production would; this module only reads
 Redis and carries them out. A rollback is one routing change in Redis: every sidecar replica
 routes the next request to the stable variant (pub/sub, well under a second). Standbys renew
-nothing and take over when the lease expires; the new leader rebuilds the stage window from the
-event stream (stream ids are millisecond timestamps) and continues from the recorded command
-position, so no intent and no decision is applied twice.
+nothing and take over when the lease expires; the new leader loads the active one's latest
+snapshot of the stage window and reads only the events after it (``takeover.py``), or, without a
+usable snapshot, rebuilds the window from the event stream (stream ids are millisecond
+timestamps); it continues from the recorded command position, so no intent and no decision is
+applied twice.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from redis.exceptions import RedisError
 from extproc import store
 from extproc.config import Experiment
 from extproc.contract import keys, signals
-from extproc.evaluator import drain, hooks, machine, warmup
+from extproc.evaluator import drain, hooks, machine, takeover, warmup
 from extproc.evaluator.guardrails import Verdict
 from extproc.evaluator.rollout import RolloutState, append_audit, load_state, stage_weights
+from extproc.evaluator.snapshot import Identity, SnapshotError
+from extproc.evaluator.takeover import SnapshotPolicy, SnapshotWriter
 from extproc.evaluator.window import StageWindow
 from extproc.supervise import TaskGroup, raise_if_cancelled
 from extproc.telemetry.events import decode_event
@@ -70,6 +74,7 @@ class Evaluator:
         lease_ttl_s: float | None = None,
         metrics: EvaluatorMetrics | None = None,
         reach: warmup.Reach | None = None,
+        snapshots: SnapshotPolicy | None = None,
     ) -> None:
         self.experiment = experiment
         self.reach = reach or warmup.Reach()
@@ -91,6 +96,9 @@ class Evaluator:
         # One registry per process: a fleet's evaluators share it (their series differ by
         # experiment), so one /metrics endpoint shows them all.
         self.metrics = metrics or EvaluatorMetrics()
+        self.snapshots = SnapshotWriter(
+            redis, experiment.name, self.instance, snapshots or SnapshotPolicy()
+        )
 
     # --- lease --------------------------------------------------------------------------------
 
@@ -124,6 +132,40 @@ class Evaluator:
         assert self.state is not None
         self.events_seen = f"{int(self.state.stage_started * 1000)}-0"
         self.signals_seen = self.events_seen
+        if state is not None:
+            await self._restore_snapshot(state)
+
+    # --- window snapshots (takeover.py) ---------------------------------------------------------
+
+    async def _restore_snapshot(self, state: RolloutState) -> None:
+        """Start from the active evaluator's last snapshot of this stage, if there is a usable
+        one: the tick then reads only the events after it. Otherwise the whole stage is read."""
+        name = self.experiment.name
+        phase = machine.running(self.spec, state)
+        fresh = machine.new_window(phase, state.stage_started, None, state.attempt_started)
+        try:
+            identity = Identity.of(state.attempt, state.stage, fresh)
+            got = await takeover.load(self.redis, name, identity, fresh)
+        except SnapshotError as err:
+            log.warning("%s: window snapshot not used, reading the whole stage: %s", name, err)
+            return
+        self.window, self.events_seen, self.signals_seen = (
+            got.window,
+            got.events_seen,
+            got.signals_seen,
+        )
+        log.info(
+            "%s: stage window restored from a snapshot written at %d ms (events up to %s)",
+            name,
+            got.written_ms,
+            got.events_seen,
+        )
+
+    def _snapshot_if_due(self) -> None:
+        assert self.state is not None
+        identity = Identity.of(self.state.attempt, self.state.stage, self.window)
+        if self.snapshots.due(identity, self.events_seen, self.signals_seen):
+            self.snapshots.start(self.window, identity, self.events_seen, self.signals_seen)
 
     # --- Redis writes ---------------------------------------------------------------------------
 
@@ -438,7 +480,7 @@ class Evaluator:
     async def tick(self) -> None:
         """Read, apply intents, judge, act: one evaluation of the experiment."""
         assert self.state is not None
-        await self._read_events()
+        self.snapshots.read(await self._read_events())
         if not self.leader:
             return
         await self._read_signals()
@@ -490,6 +532,8 @@ class Evaluator:
             try:
                 if await self._hold_lease():
                     await self.tick()
+                    if self.leader:
+                        self._snapshot_if_due()
                 await self._health()
                 self._export_gauges()
             except (RedisError, OSError) as err:
@@ -501,6 +545,7 @@ class Evaluator:
                 await asyncio.wait_for(stop.wait(), cadence if self.leader else min(cadence, 1))
         if self.leader:  # hand over at once instead of waiting for the lease to expire
             with contextlib.suppress(RedisError, OSError):
+                await self.snapshots.wait()
                 held = await self.redis.get(keys.lease(self.experiment.name))
                 if held is not None and _text(held) == self.instance:
                     await self.redis.delete(keys.lease(self.experiment.name))
@@ -521,11 +566,12 @@ async def serve(
     instance: str = "",
     metrics: str | None = None,
     reach: warmup.Reach | None = None,
+    snapshots: SnapshotPolicy | None = None,
 ) -> None:
     """Run an evaluator; with ``metrics`` (host:port) also serve Prometheus ``/metrics``;
     ``reach`` is where the lifecycle finds Envoy (``warmup.prepare``)."""
     r = store.connect(redis_url)
-    evaluator = Evaluator(experiment, r, instance, reach=reach)
+    evaluator = Evaluator(experiment, r, instance, reach=reach, snapshots=snapshots)
     runner = None
     if metrics:
         host, _, port = metrics.rpartition(":")
