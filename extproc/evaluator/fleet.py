@@ -35,8 +35,8 @@ from extproc import store
 from extproc.config import ConfigError, Experiment, parse_experiment
 from extproc.contract import keys
 from extproc.evaluator import warmup
-from extproc.evaluator.takeover import SnapshotPolicy
 from extproc.evaluator.service import Evaluator, default_instance, stop_on_signals
+from extproc.evaluator.takeover import SnapshotPolicy
 from extproc.supervise import TaskGroup, raise_if_cancelled
 from extproc.telemetry.prometheus import EvaluatorMetrics, serve_metrics
 
