@@ -82,7 +82,9 @@ def quality(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveStac
                 "endpoint": f"{judge_url}/v1",
                 "model": "judge",
                 "calls_per_minute": 1200,
-                "timeout_s": 5,
+                # Generous: a judge call that times out twice is a judge_error, not a verdict,
+                # and a loaded machine must not turn into a missing verdict.
+                "timeout_s": 60,
                 "max_retries": 1,
             },
             watchdog={"file": "probes.yaml", "interval_s": 2},  # relative to the experiment
