@@ -1,6 +1,6 @@
 """What an operator decides from, in headless Chromium: the dashboard on a Redis seeded with an
 experiment, its rollout state and an evaluator's look, so each test states exactly what the
-evaluator published and checks what the page makes of it (issue 18).
+evaluator published and checks what the page makes of it.
 
 No Envoy, sidecar or evaluator runs here: the page reads only Redis, and a seeded look is the
 only way to show a failing guardrail or a rolled-back rollout without waiting for one.
