@@ -28,7 +28,7 @@ from extproc.quality.watchdog import Checks, score
 from extproc.quality.worker import QualitySettings, prepare
 from extproc.telemetry.events import decode_event
 from extproc.telemetry.v1.event_pb2 import Assignment, TelemetryEvent
-from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
+from tests.conftest import PATIENT_ENVOY, LiveStack, start_stack, wait_for, write_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -77,6 +77,9 @@ def quality(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveStac
             },
             shadow={"variant": "canary", "share": 100},
             capture={"sample": 100},
+            # The captured bodies' signals (JSON validity) come back on the sidecar's answer to
+            # the last body chunk; a loaded machine must not let Envoy give up waiting for it.
+            envoy=PATIENT_ENVOY,
             rollout={"cadence_s": 0.5, "min_stage_seconds": 600},
             judge={
                 "endpoint": f"{judge_url}/v1",
