@@ -40,9 +40,7 @@ test: lint promtool
 	@# As root (CI, containers) the browser tests' Chromium is installed when missing; otherwise
 	@# they skip unless EXTPROC_REQUIRE_BROWSER=1 (`make browser` installs it with sudo).
 	@[ "$$(id -u)" != 0 ] || $(MAKE) --no-print-directory browser
-	@# Two workers, each module's tests on one (they share its stack): the live tests mostly
-	@# wait on processes, so two at a time take about 7 minutes instead of 10 on 2 cores.
-	$(BIN)/pytest -n 2 --dist loadscope
+	$(BIN)/pytest
 
 # The unit and component tests only (no stack, no browser), on every core: the quick loop while
 # working. `make test` runs everything, as CI does.
