@@ -33,3 +33,15 @@ captured request asked for JSON)."""
 def lane_cluster(stable_cluster: str, candidate: str) -> str:
     """The stable variant's cluster under another name, holding the unused part of a lane."""
     return f"{stable_cluster}_lane_{candidate}"
+
+# --- fleet mode: one Envoy, one sidecar fleet, every experiment in Redis ---------------------
+MODEL_KEY = "model"
+"""The request body's ``model``, written by Envoy's JSON-to-metadata filter into the
+``extproc`` namespace and forwarded to the sidecar with the request headers."""
+ROUTE_ATTRIBUTE = "xds.route_name"
+"""The ext_proc request attribute naming the gateway route a request matched before the sidecar
+routed it; experiments select by it."""
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+"""The key of ``ProcessingRequest.attributes`` under which Envoy sends the request attributes."""
+EXPERIMENT_ROUTE = "experiment"
+"""The fleet listener's route for requests the sidecar routed (``cluster_header``)."""

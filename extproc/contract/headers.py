@@ -25,3 +25,18 @@ WARMUP = "x-llm-warmup"
 """Sent (with the attempt number) by the evaluator's warm-up on its forced requests, for the
 model server's own logs and metrics. Only a label: what keeps warm-up requests out of the
 comparison is that they are forced, which the sidecar records in their events."""
+
+EXPERIMENT = "x-llm-experiment"
+"""Set by a fleet sidecar (one serving every experiment in Redis) on a request it routed: the
+experiment the request belongs to, which the access log reads to file its event. Stripped from
+client requests by the primary listener."""
+
+CLUSTER = "x-llm-cluster"
+"""Set by a fleet sidecar: the Envoy cluster of the chosen variant, which the fleet listener's
+experiment route sends the request to (``cluster_header``); Envoy discovers a cluster it does not
+know yet from the sidecar on demand. Stripped from client requests by the primary listener."""
+
+SHADOW_TARGET = "x-llm-shadow-target"
+"""Set by a fleet sidecar on a request it mirrors: the cluster of the experiment's shadow variant,
+which the fleet's shadow listener routes the copy to. Stripped from client requests by the primary
+listener, kept on the copy."""
