@@ -79,6 +79,7 @@ stubs: $(VENV)/.installed
 # Regenerate the Envoy configs and manifests derived from the example experiment (tests check them).
 generate: $(VENV)/.installed
 	$(BIN)/extproc envoy-config -o envoy/envoy.yaml
+	$(BIN)/extproc envoy-config --gateway extproc/data/gateway.yaml -o envoy/envoy-fleet.yaml
 	$(BIN)/python deploy/generate.py
 
 clean:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from extproc.contract.assignment import BUCKETS
 from extproc.contract.guardrail_metrics import METRICS, Direction, MetricInfo, sides
+from extproc.contract.selection import Override, Selector, Selectors
 
 EXAMPLE_EXPERIMENT = Path(__file__).parent / "data" / "experiment.yaml"
 """The commented example experiment that the local stack, `check` and `envoy-config` default to."""
@@ -493,6 +494,14 @@ class ExperimentSpec(_Strict):
         description="strategies run one after the other, each only once the one before passed",
     )
     ab: AbTest | None = Field(default=None, description="how an ab run decides (AbTest)")
+    match: Selectors | None = Field(
+        default=None,
+        description="the requests this experiment takes on a fleet sidecar (default: all others)",
+    )
+    overrides: list[Override] = Field(
+        default_factory=list,
+        description="classes of requests pinned to a variant before the hash",
+    )
 
     def phase(self, index: int) -> ExperimentSpec:
         """The experiment as phase ``index`` runs it: the phase's strategy, and its rollout and
@@ -705,12 +714,43 @@ def _semantic_problems(raw: Mapping[str, Any]) -> list[str]:
                     re.compile(str(pattern))
                 except re.error as err:
                     problems.append(f"{section}.{field_name}.{i}: not a valid regex ({err})")
+    problems += _selection_problems(raw, variants)
     forced = raw.get("forced_routing")
     if isinstance(forced, Mapping) and isinstance(forced.get("allow"), list):
         for i, a in enumerate(forced["allow"]):
             if a not in variants:
                 problems.append(f"forced_routing.allow.{i}: {a!r} is not one of the variants")
     return problems
+
+
+def _selection_problems(raw: Mapping[str, Any], variants: Mapping[str, Any]) -> list[str]:
+    """A ``match`` or an override that names nothing, an override to an unknown variant, and
+    two overrides claiming the same trait (which one wins would depend on the file's order)."""
+    problems: list[str] = []
+    kinds = ("models", "routes", "headers")
+    match = raw.get("match")
+    if isinstance(match, Mapping) and not any(match.get(k) for k in kinds):
+        problems.append(
+            "match: names no model, route or header (leave it out to take every request)"
+        )
+    overrides = raw.get("overrides")
+    if not isinstance(overrides, list):
+        return problems
+    parsed: dict[str, Selectors] = {}
+    for i, o in enumerate(overrides):
+        if not isinstance(o, Mapping):
+            continue
+        if not any(o.get(k) for k in kinds):
+            problems.append(f"overrides.{i}: names no model, route or header to match")
+        v = o.get("variant")
+        if isinstance(v, str) and v not in variants:
+            problems.append(f"overrides.{i}.variant: {v!r} is not one of the variants")
+        try:
+            parsed[f"overrides.{i}"] = Selectors.model_validate({k: o[k] for k in kinds if k in o})
+        except ValidationError:
+            continue  # reported by the structural check
+    _, clashes = Selector.build(parsed)
+    return problems + clashes
 
 
 def _stage_schedule_problems(rollout: Mapping[str, Any], strategy: Any) -> list[str]:

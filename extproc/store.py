@@ -132,6 +132,8 @@ async def register_experiment(r: aioredis.Redis, experiment: Experiment) -> Rout
     """Publish the definition and, if no routing exists yet, the file's weights as version 1."""
     await r.set(keys.definition(experiment.name), json.dumps(experiment.to_json_dict()))
     await r.sadd(keys.EXPERIMENTS, experiment.name)
+    await r.zrem(keys.ENDED, experiment.name)
+    await r.publish(keys.CATALOG, experiment.name)
     doc = {
         "weights": experiment.file_weights(),
         "reason": "initial weights from the experiment file",
@@ -139,6 +141,16 @@ async def register_experiment(r: aioredis.Redis, experiment: Experiment) -> Rout
         "updated_at": time.time(),
     }
     return await _write_routing(r, experiment, doc, "init")
+
+
+async def end_experiment(r: aioredis.Redis, name: str) -> bool:
+    """Retire an experiment: sidecars stop routing by it and evaluators stop judging it; its
+    definition, events, rollups and audit log stay for reading. False when it was not live."""
+    removed = await r.srem(keys.EXPERIMENTS, name)
+    if removed:
+        await r.zadd(keys.ENDED, {name: time.time()})
+        await r.publish(keys.CATALOG, name)
+    return bool(removed)
 
 
 async def set_weights(

@@ -25,11 +25,12 @@ SERVED = (
     "envoy/service/ext_proc/v3/external_processor.proto",
     "envoy/service/accesslog/v3/als.proto",
     "envoy/service/runtime/v3/rtds.proto",
+    "envoy/service/cluster/v3/cds.proto",
     "envoy/service/discovery/v3/discovery.proto",
     "envoy/data/accesslog/v3/accesslog.proto",
 )
 # Files whose services are stubbed too (the others hold messages only).
-WITH_SERVICES = SERVED[:3]
+WITH_SERVICES = SERVED[:4]
 
 
 def descriptor_set() -> descriptor_pb2.FileDescriptorSet:

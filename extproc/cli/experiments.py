@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
 from extproc import store
 from extproc.cli.common import (
@@ -22,8 +23,10 @@ from extproc.cli.common import (
     load,
     with_redis,
 )
-from extproc.config import ConfigError, parse_experiment
+from extproc.config import ConfigError, Experiment, parse_experiment
 from extproc.contract import keys
+from extproc.contract.selection import Selector, Selectors
+from extproc.evaluator.rollout import append_audit
 
 
 def cmd_command(ns: argparse.Namespace) -> int:
@@ -69,6 +72,16 @@ def cmd_create(ns: argparse.Namespace) -> int:
     async def go(r: aioredis.Redis) -> store.RoutingState | None:
         if await store.get_definition(r, exp.name) is not None and not ns.replace:
             return None
+        clashes = await _overlaps(r, exp)
+        if clashes:
+            raise ConfigError(str(p), clashes)
+        if exp.spec.match is None:
+            others = await _catch_alls(r, exp.name)
+            if others:
+                err(
+                    f"note: {', '.join(others)} also take every request (no `match`): a fleet "
+                    "sidecar files a request no `match` takes under the first by name"
+                )
         return await store.register_experiment(r, exp)
 
     state = with_redis(ns, go)
@@ -88,12 +101,50 @@ def cmd_create(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _live_matches(r: aioredis.Redis, but: str) -> dict[str, Selectors | None]:
+    """The ``match`` of every live experiment but one (None: it takes every request)."""
+    live: dict[str, Selectors | None] = {}
+    for raw in sorted(await r.smembers(keys.EXPERIMENTS)):
+        name = raw.decode() if isinstance(raw, bytes) else str(raw)
+        definition = await store.get_definition(r, name)
+        if name == but or definition is None:
+            continue
+        try:
+            found = definition.get("match")
+            live[name] = None if found is None else Selectors.model_validate(found)
+        except ValidationError:
+            continue  # a definition this release cannot read; `extproc check` says why
+    return live
+
+
+async def _overlaps(r: aioredis.Redis, exp: Experiment) -> list[str]:
+    """The models, routes and headers ``exp`` would match that a live experiment matches too:
+    a fleet sidecar files a request under one experiment only, so an overlap would silently
+    starve one of them."""
+    live = {k: v for k, v in (await _live_matches(r, exp.name)).items() if v is not None}
+    if exp.spec.match is None:
+        return []
+    _, clashes = Selector.build({**live, exp.name: exp.spec.match})
+    return [f"match: {c}" for c in clashes if exp.name in c.split()]
+
+
+async def _catch_alls(r: aioredis.Redis, name: str) -> list[str]:
+    return [n for n, m in (await _live_matches(r, name)).items() if m is None]
+
+
 async def _experiment_rows(r: aioredis.Redis) -> list[dict[str, Any]]:
     from extproc.evaluator.rollout import load_state
 
     rows = []
-    for raw in sorted(await r.smembers(keys.EXPERIMENTS)):
-        name = raw.decode() if isinstance(raw, bytes) else str(raw)
+    live = {
+        raw.decode() if isinstance(raw, bytes) else str(raw)
+        for raw in await r.smembers(keys.EXPERIMENTS)
+    }
+    ended = {
+        raw.decode() if isinstance(raw, bytes) else str(raw)
+        for raw in await r.zrange(keys.ENDED, 0, -1)
+    }
+    for name in sorted(live | ended):
         definition = await store.get_definition(r, name) or {}
         routing = await store.get_routing(r, name)
         state = await load_state(r, name)
@@ -105,6 +156,7 @@ async def _experiment_rows(r: aioredis.Redis) -> list[dict[str, Any]]:
                 "weights": routing.weights if routing else None,
                 "routing_version": routing.version if routing else None,
                 "status": state.status if state else "not started",
+                "ended": name in ended,
                 "stage": state.stage + 1 if state else None,
                 "attempt": state.attempt if state else None,
                 "phase": state.phase + 1 if state and definition.get("phases") else None,
@@ -112,6 +164,30 @@ async def _experiment_rows(r: aioredis.Redis) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def cmd_end(ns: argparse.Namespace) -> int:
+    """Retire a live experiment: fleet sidecars stop filing requests under it within a second
+    and fleet evaluators stop judging it; everything it recorded stays readable."""
+
+    async def go(r: aioredis.Redis) -> bool:
+        if await store.get_definition(r, ns.name) is None:
+            raise ConfigError(ns.name, ["no such experiment in Redis (see `extproc status`)"])
+        ended = await store.end_experiment(r, ns.name)
+        if ended:
+            await append_audit(
+                r, ns.name, {"event": "ended", "actor": ns.actor, "reason": ns.reason or ""}
+            )
+        return ended
+
+    ended = with_redis(ns, go)
+    if ns.json:
+        print(json.dumps({"experiment": ns.name, "ended": ended}))
+    elif ended:
+        print(f"{ns.name}: ended; its requests pass through from now on, its data stays")
+    else:
+        print(f"{ns.name}: already ended")
+    return EXIT_OK
 
 
 def cmd_list(ns: argparse.Namespace) -> int:
@@ -128,7 +204,8 @@ def cmd_list(ns: argparse.Namespace) -> int:
             stage = f" phase {row['phase']}/{row['phases']}{stage}"
         if (row["attempt"] or 1) > 1:
             stage += f" (attempt {row['attempt']})"
-        print(f"{row['name']:<24} {row['strategy']:<10} {row['status']}{stage}  [{w}]")
+        ended = "  (ended)" if row["ended"] else ""
+        print(f"{row['name']:<24} {row['strategy']:<10} {row['status']}{stage}  [{w}]{ended}")
     return EXIT_OK
 
 
@@ -201,6 +278,16 @@ def register(add: AddVerb) -> None:
     )
     cp.add_argument("--json", action="store_true")
     add_common(cp)
+    ep = esub.add_parser(
+        "end",
+        help="retire an experiment: fleet sidecars stop routing by it, its data stays",
+    )
+    ep.set_defaults(fn=cmd_end)
+    ep.add_argument("name")
+    ep.add_argument("--reason", default="")
+    ep.add_argument("--actor", default=os.environ.get("USER", "cli"))
+    ep.add_argument("--json", action="store_true")
+    add_common(ep)
     lp = esub.add_parser("list", help="experiments in Redis: strategy, status, stage, weights")
     lp.set_defaults(fn=cmd_list)
     lp.add_argument("--json", action="store_true")

@@ -41,7 +41,6 @@ def cmd_envoy_config(ns: argparse.Namespace) -> int:
     from extproc.envoyconf.bootstrap import render
     from extproc.envoyconf.common import EnvoyLayout, SidecarTls
 
-    exp, _ = load(ns.experiment)
     tls = None
     if ns.sidecar_ca:
         try:
@@ -64,7 +63,13 @@ def cmd_envoy_config(ns: argparse.Namespace) -> int:
         sidecar=tuple(ns.sidecar or ["127.0.0.1:50051"]),
         sidecar_tls=tls,
     )
-    text = render(exp, layout)
+    if ns.gateway:
+        from extproc.envoyconf.bootstrap import render_fleet
+        from extproc.envoyconf.gateway import load_gateway
+
+        text = render_fleet(load_gateway(ns.gateway), layout, Path(ns.gateway).name)
+    else:
+        text = render(load(ns.experiment)[0], layout)
     if ns.output:
         Path(ns.output).write_text(text)
     else:
@@ -76,7 +81,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from extproc.dataplane import workers
     from extproc.dataplane.server import Sidecar, SidecarSettings, TlsFiles
 
-    exp, _ = load(ns.experiment)
+    exp = None if ns.all else load(ns.experiment)[0]
     if (ns.tls_cert is None) != (ns.tls_key is None) or (ns.tls_client_ca and not ns.tls_cert):
         err("--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
         return EXIT_USAGE
@@ -154,7 +159,15 @@ def log_setup(ns: argparse.Namespace) -> LogSetup:
 def register(add: AddVerb) -> None:
     exp_help = EXPERIMENT_HELP
     p = add("serve", cmd_serve, "run the ext_proc sidecar in the foreground")
-    p.add_argument("--experiment", help=exp_help)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--experiment", help=exp_help)
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help="serve every experiment in Redis, following creations and ends (fleet mode: an "
+        "Envoy from `extproc envoy-config --gateway`; each request is filed under an "
+        "experiment by its model, route or a header)",
+    )
     p.add_argument("--listen", default="127.0.0.1:50051", help="host:port or unix:/path")
     p.add_argument("--instance", default="", help="replica name in Redis (default host-pid)")
     p.add_argument(
@@ -186,7 +199,14 @@ def register(add: AddVerb) -> None:
     p.add_argument("experiment", nargs="?", help=exp_help)
 
     p = add("envoy-config", cmd_envoy_config, "print the Envoy bootstrap for an experiment")
-    p.add_argument("--experiment", help=exp_help)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--experiment", help=exp_help)
+    which.add_argument(
+        "--gateway",
+        metavar="FILE",
+        help="the fleet bootstrap for this gateway file: one Envoy for every experiment in "
+        "Redis, served by `extproc serve --all` (example: extproc/data/gateway.yaml)",
+    )
     p.add_argument("--listen-host", default="0.0.0.0")
     p.add_argument("--listen-port", type=int, default=10000)
     p.add_argument("--admin-port", type=int, default=9901)

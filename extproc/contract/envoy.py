@@ -34,6 +34,7 @@ def lane_cluster(stable_cluster: str, candidate: str) -> str:
     """The stable variant's cluster under another name, holding the unused part of a lane."""
     return f"{stable_cluster}_lane_{candidate}"
 
+
 # --- fleet mode: one Envoy, one sidecar fleet, every experiment in Redis ---------------------
 MODEL_KEY = "model"
 """The request body's ``model``, written by Envoy's JSON-to-metadata filter into the
@@ -43,5 +44,8 @@ ROUTE_ATTRIBUTE = "xds.route_name"
 routed it; experiments select by it."""
 ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
 """The key of ``ProcessingRequest.attributes`` under which Envoy sends the request attributes."""
+PASSED_KEY = "passed"
+"""Dynamic metadata a fleet sidecar sets on a request no experiment took, so that the access log
+tells it from a request the sidecar never answered (which it files as a fallback)."""
 EXPERIMENT_ROUTE = "experiment"
 """The fleet listener's route for requests the sidecar routed (``cluster_header``)."""

@@ -9,7 +9,12 @@ Layout (``E`` is the experiment name):
 ==============================  ======  ==================================================
 key                             type    content
 ==============================  ======  ==================================================
-``extproc:experiments``         set     names of the experiments known to this Redis
+``extproc:experiments``         set     names of the live experiments (what sidecars serve
+                                        and evaluators judge)
+``extproc:experiments:ended``   zset    experiments ended with `experiment end`, by when:
+                                        their data is kept for reading
+``extproc:catalog``             pubsub  a message when an experiment is created, replaced or
+                                        ended (fleet sidecars follow at once)
 ``extproc:{E}:definition``      string  the experiment file as JSON
 ``extproc:{E}:routing``         string  live routing (JSON: version, weights, reason)
 ``extproc:{E}:changes``         pubsub  a message per routing change (the new version)
@@ -44,6 +49,8 @@ from __future__ import annotations
 
 PREFIX = "extproc"
 EXPERIMENTS = f"{PREFIX}:experiments"
+ENDED = f"{PREFIX}:experiments:ended"
+CATALOG = f"{PREFIX}:catalog"
 SIDECARS = f"{PREFIX}:sidecars"
 EVALUATORS = f"{PREFIX}:evaluators"
 EVENT_FIELD = b"e"

@@ -32,9 +32,16 @@ from google.protobuf.struct_pb2 import Struct
 
 from extproc.config import Experiment
 from extproc.contract import headers as h
-from extproc.contract.envoy import FALLBACK_ROUTE, FORCED_ROUTE, METADATA_NAMESPACE, lane_cluster
+from extproc.contract.envoy import (
+    FALLBACK_ROUTE,
+    FORCED_ROUTE,
+    METADATA_NAMESPACE,
+    MODEL_KEY,
+    lane_cluster,
+)
 from extproc.dataplane.event import EventBuilder, Observed
 from extproc.dataplane.observer import JSON_ASKED, JSON_VALID
+from extproc.dataplane.router import FORCED_MARK, OVERRIDE_MARK
 from extproc.quality.rules import SIGNAL_CHARS
 from extproc.telemetry.v1.event_pb2 import ApiFormat, Assignment, ErrorClass, TelemetryEvent
 
@@ -61,6 +68,7 @@ _CACHED = re.compile(r'"(?:cached_tokens|cache_read_input_tokens)"\s*:\s*(\d+)')
 _RESET = ErrorClass.ERROR_CLASS_RESET
 _TIMEOUT = ErrorClass.ERROR_CLASS_TIMEOUT
 _FORCED = Assignment.ASSIGNMENT_FORCED
+_OVERRIDE = Assignment.ASSIGNMENT_OVERRIDE
 
 
 def _ms(d: Duration) -> float:
@@ -141,7 +149,7 @@ class EntryMapper:
         seen = Observed(
             request_id=req.request_id,
             variant=who.variant,
-            assignment=_FORCED if _forced(entry) else who.assignment,
+            assignment=_pinned(entry, who.assignment),
             key_hash=who.key_hash,
             captured=self.capturing and self.events.rules.captures(req.request_id),
             # The shadow listener's mark, logged with the request; the primary listener strips a
@@ -258,13 +266,21 @@ def _between(first_token_ms: float, headers_ms: float | None, last_ms: float | N
     return first_token_ms
 
 
+def _pinned(entry: al.HTTPAccessLogEntry, who: Assignment.ValueType) -> Assignment.ValueType:
+    """The assignment of an entry: a category override's or a tester's pin (the sidecar's mark),
+    else ``who`` (what the headers say)."""
+    if entry.request.request_headers.get(h.FORCED) == OVERRIDE_MARK:
+        return _OVERRIDE
+    return _FORCED if _forced(entry) else who
+
+
 def _forced(entry: al.HTTPAccessLogEntry) -> bool:
     """A tester forced the request's variant. The forcing header is stripped before the log is
     written: Envoy's forced routes say so by name, and the sidecar by its mark (which the primary
     listener strips from clients), the only sign on Istio, whose routes bear other names."""
     return (
         entry.common_properties.route_name.startswith(FORCED_ROUTE)
-        or entry.request.request_headers.get(h.FORCED) == "1"
+        or entry.request.request_headers.get(h.FORCED) == FORCED_MARK
     )
 
 
@@ -278,6 +294,18 @@ def _variant_clusters(experiment: Experiment) -> dict[str, str]:
     return out
 
 
+MapperFor = Callable[[al.HTTPAccessLogEntry], "EntryMapper | None"]
+"""The mapper of the experiment an entry belongs to; None: the request belongs to none."""
+
+
+def model_of(entry: al.HTTPAccessLogEntry) -> str | None:
+    """The request body's model, as Envoy's JSON-to-metadata filter wrote it (fleet listener)."""
+    md = entry.common_properties.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    if md is None or MODEL_KEY not in md.fields:
+        return None
+    return md.fields[MODEL_KEY].string_value or None
+
+
 # Requests already noticed, remembered until their final entry; bounded in case it never comes.
 MAX_NOTICED = 100_000
 _PERIODIC = al.AccessLogType.DownstreamPeriodic
@@ -287,16 +315,16 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
     """Envoy's access-log stream: every HTTP entry becomes one telemetry event; the first
     periodic entry of a request still open becomes its in-flight notice."""
 
-    def __init__(self, mapper: EntryMapper, emit: Callable[[TelemetryEvent], None]) -> None:
-        self.mapper = mapper
+    def __init__(self, mapper_for: MapperFor, emit: Callable[[TelemetryEvent], None]) -> None:
+        self.mapper_for = mapper_for
         self.emit = emit
         self.noticed: OrderedDict[str, None] = OrderedDict()
 
-    def _periodic(self, entry: al.HTTPAccessLogEntry) -> None:
+    def _periodic(self, entry: al.HTTPAccessLogEntry, mapper: EntryMapper) -> None:
         rid = entry.request.request_id
         if not rid or rid in self.noticed:
             return
-        n = self.mapper.notice(entry)
+        n = mapper.notice(entry)
         if n is None:
             return
         self.noticed[rid] = None
@@ -311,16 +339,19 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
             als_pb2.StreamAccessLogsMessage, als_pb2.StreamAccessLogsResponse
         ],
     ) -> als_pb2.StreamAccessLogsResponse:
-        event, emit = self.mapper.event, self.emit
+        mapper_for, emit = self.mapper_for, self.emit
         async for msg in request_iterator:
             for entry in msg.http_logs.log_entry:
                 try:
+                    mapper = mapper_for(entry)
+                    if mapper is None:  # a request no experiment took
+                        continue
                     if entry.common_properties.access_log_type == _PERIODIC:
-                        self._periodic(entry)
+                        self._periodic(entry, mapper)
                         continue
                     if self.noticed:
                         self.noticed.pop(entry.request.request_id, None)
-                    emit(event(entry))
+                    emit(mapper.event(entry))
                 except ValueError:  # one odd entry must not end the stream and lose the rest
                     log.warning("dropped an access-log entry it could not map", exc_info=True)
         return als_pb2.StreamAccessLogsResponse()

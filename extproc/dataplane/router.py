@@ -15,19 +15,29 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.struct_pb2 import Struct, Value
 
+from extproc.config import Experiment
 from extproc.contract import headers as h
-from extproc.contract.envoy import SHADOW_CLUSTER
+from extproc.contract.envoy import METADATA_NAMESPACE, PASSED_KEY, SHADOW_CLUSTER
 from extproc.contract.errors import RoutingError
-from extproc.routing.decide import Policy, choose_variant, read_headers
+from extproc.contract.selection import RequestTraits, Selector
+from extproc.routing.decide import Policy, forced_variant, hashed_variant, read_headers
 from extproc.routing.live import LiveRouting
 
 log = logging.getLogger(__name__)
+
+Answer = pb.ProcessingResponse
+FORCED_MARK = "1"
+"""``x-llm-forced`` on a request a tester forced."""
+OVERRIDE_MARK = "override"
+"""``x-llm-forced`` on a request a category override pinned."""
 
 
 def _set(key: str, value: str) -> HeaderValueOption:
@@ -37,15 +47,67 @@ def _set(key: str, value: str) -> HeaderValueOption:
     )
 
 
+@dataclass(frozen=True)
+class FleetMarks:
+    """What a fleet sidecar adds to each answer, for the fleet listener's one experiment route:
+    the experiment (for the access log), the variant's cluster (``cluster_header``), the shadow
+    variant's cluster for a mirrored copy, and the forcing headers to strip (the route is shared
+    by every experiment, so it cannot name each one's)."""
+
+    experiment: str
+    clusters: dict[str, str]  # variant -> Envoy cluster
+    shadow_cluster: str | None
+    strip: tuple[str, ...]
+
+    @classmethod
+    def of(cls, experiment: Experiment) -> FleetMarks:
+        spec = experiment.spec
+        shadow = spec.shadow.variant
+        return cls(
+            experiment=experiment.name,
+            clusters={name: v.cluster for name, v in spec.variants.items()},
+            shadow_cluster=spec.variants[shadow].cluster if shadow else None,
+            strip=tuple(spec.forced_routing.strip),
+        )
+
+
+PASS_THROUGH = pb.ProcessingResponse(
+    request_headers=pb.HeadersResponse(response=pb.CommonResponse(clear_route_cache=True)),
+    dynamic_metadata=Struct(
+        fields={
+            METADATA_NAMESPACE: Value(
+                struct_value=Struct(fields={PASSED_KEY: Value(bool_value=True)})
+            )
+        }
+    ),
+)
+"""A fleet sidecar's answer to a request no experiment takes: untouched, but routed again, so
+that a gateway route matching the body's model (metadata that arrived after Envoy first picked
+the route) sees it; marked for the access log, which must not file it under an experiment that
+appeared meanwhile."""
+
+
 def variant_response(
-    variant: str, mirror: bool = False, forced: bool = False
+    variant: str,
+    mirror: bool = False,
+    forced: str | None = None,
+    fleet: FleetMarks | None = None,
 ) -> pb.ProcessingResponse:
+    """The prebuilt answer routing to ``variant``; ``forced`` is the mark of a pinned request
+    (``FORCED_MARK`` or ``OVERRIDE_MARK``) for the access log."""
     headers = [_set(h.VARIANT, variant)]
     if mirror:
         headers.append(_set(h.SHADOW, SHADOW_CLUSTER))
     if forced:
-        headers.append(_set(h.FORCED, "1"))
-    mutation = pb.HeaderMutation(set_headers=headers)
+        headers.append(_set(h.FORCED, forced))
+    remove: list[str] = []
+    if fleet is not None:
+        headers.append(_set(h.EXPERIMENT, fleet.experiment))
+        headers.append(_set(h.CLUSTER, fleet.clusters[variant]))
+        if mirror and fleet.shadow_cluster:
+            headers.append(_set(h.SHADOW_TARGET, fleet.shadow_cluster))
+        remove = list(fleet.strip)
+    mutation = pb.HeaderMutation(set_headers=headers, remove_headers=remove)
     return pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(
             response=pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
@@ -102,20 +164,41 @@ _CONTINUE = {
 }
 
 
-class Router:
-    """Routes each request; ``captures`` (a pure function of the request id, so a mirrored copy
-    agrees with its primary) picks the requests whose bodies the sidecar asks for; None: none."""
+def continue_answer(req: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+    """The do-nothing answer to a message other than the request headers; None for those."""
+    return _CONTINUE.get(req.WhichOneof("request") or "")
 
-    def __init__(self, live: LiveRouting, captures: Callable[[str], bool] | None = None) -> None:
+
+class Router:
+    """Routes each request of one experiment; ``captures`` (a pure function of the request id,
+    so a mirrored copy agrees with its primary) picks the requests whose bodies the sidecar asks
+    for; None: none. With ``fleet`` marks, every answer also names the experiment and the
+    variant's cluster, for a fleet listener."""
+
+    def __init__(
+        self,
+        live: LiveRouting,
+        captures: Callable[[str], bool] | None = None,
+        fleet: FleetMarks | None = None,
+    ) -> None:
         self.live = live
         self.policy = Policy.compile(live.experiment)
         spec = live.experiment.spec
         names = live.experiment.variant_names
-        self.responses = {v: variant_response(v) for v in names}
-        self.mirrored = {v: variant_response(v, mirror=True) for v in names}
+
+        def answers(*, mirror: bool = False, forced: str | None = None) -> dict[str, Answer]:
+            return {v: variant_response(v, mirror, forced, fleet) for v in names}
+
+        self.responses = answers()
+        self.mirrored = answers(mirror=True)
         # A forced request carries the mark the access log reads (mirrored as any other).
-        self.forced = {v: variant_response(v, forced=True) for v in names}
-        self.forced_mirrored = {v: variant_response(v, mirror=True, forced=True) for v in names}
+        self.forced = answers(forced=FORCED_MARK)
+        self.forced_mirrored = answers(mirror=True, forced=FORCED_MARK)
+        self.overridden = answers(forced=OVERRIDE_MARK)
+        self.overrides, _ = Selector.build(
+            {(i, o.variant): o for i, o in enumerate(spec.overrides)}
+        )
+        self.override_headers = self.overrides.header_names
         self.fallback = self.responses[live.experiment.stable]
         self.shadow = spec.shadow.variant
         self.shadow_share = spec.shadow.share / 100 if spec.shadow.variant else 0.0
@@ -123,17 +206,31 @@ class Router:
         # Keyed by the prebuilt answer's identity: every answer but a refusal is one of these.
         self.captured = {
             id(r): (r, capturing(r))
-            for answers in (self.responses, self.mirrored, self.forced, self.forced_mirrored)
-            for r in (*answers.values(), _PASS)
+            for group in (
+                self.responses,
+                self.mirrored,
+                self.forced,
+                self.forced_mirrored,
+                self.overridden,
+            )
+            for r in (*group.values(), _PASS)
         }
+        self.wanted = self.policy.wanted | self.override_headers
 
     def on_request_headers(self, headers: pb.HttpHeaders) -> pb.ProcessingResponse:
         try:
-            hdrs = read_headers(headers.headers, self.policy.wanted)
+            hdrs = read_headers(headers.headers, self.wanted)
         except Exception:
             log.exception("reading headers failed; sending the stable variant")
             return self.fallback
-        answer = self._route(hdrs)
+        return self.decide(hdrs)
+
+    def decide(
+        self, hdrs: dict[str, bytes], model: str | None = None, route: str | None = None
+    ) -> pb.ProcessingResponse:
+        """The answer for a request with these headers (read with :attr:`wanted`), body model
+        and gateway route (known on a fleet listener only)."""
+        answer = self._route(hdrs, model, route)
         captures = self.captures
         if captures is None or answer.HasField("immediate_response"):
             return answer
@@ -141,15 +238,19 @@ class Router:
             return self.captured[id(answer)][1]
         return answer
 
-    def _route(self, hdrs: dict[str, bytes]) -> pb.ProcessingResponse:
+    def _route(
+        self, hdrs: dict[str, bytes], model: str | None, route: str | None
+    ) -> pb.ProcessingResponse:
         if h.SHADOW_COPY in hdrs:
             return _PASS  # the shadow listener's copy: its listener routes it
         routing = self.live.current
         try:
-            variant = choose_variant(self.policy, routing, hdrs)
-            # A forcing header with a value either forced the variant or raised.
-            header = self.policy.forced_header
-            forced = header is not None and bool(hdrs.get(header))
+            forced = forced_variant(self.policy, routing, hdrs)
+            if forced is None and self.overrides.by_key:
+                pinned = self.overrides.pick(RequestTraits(model, route, hdrs))
+                if pinned is not None:
+                    return self.overridden[pinned[1]]
+            variant = forced or hashed_variant(self.policy, routing, hdrs)
             if (
                 self.shadow_share
                 and variant != self.shadow

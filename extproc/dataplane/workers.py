@@ -86,7 +86,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(
-    experiment: Experiment,
+    experiment: Experiment | None,
     settings: SidecarSettings,
     log_setup: LogSetup,
     parent_pid: int,
@@ -115,7 +115,11 @@ class Supervisor:
     """Starts the workers, restarts the ones that die, stops them all on SIGTERM/SIGINT."""
 
     def __init__(
-        self, experiment: Experiment, settings: SidecarSettings, workers: int, log_setup: LogSetup
+        self,
+        experiment: Experiment | None,
+        settings: SidecarSettings,
+        workers: int,
+        log_setup: LogSetup,
     ) -> None:
         self.experiment = experiment
         self.settings = settings

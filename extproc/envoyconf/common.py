@@ -17,7 +17,6 @@ from envoy.config.accesslog.v3.accesslog_pb2 import AccessLog
 from envoy.config.cluster.v3.circuit_breaker_pb2 import CircuitBreakers
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.common.mutation_rules.v3.mutation_rules_pb2 import HeaderMutation
-from envoy.config.core.v3.address_pb2 import Address, Pipe, SocketAddress
 from envoy.config.core.v3.base_pb2 import (
     DataSource,
     HeaderValue,
@@ -27,17 +26,6 @@ from envoy.config.core.v3.base_pb2 import (
 from envoy.config.core.v3.config_source_pb2 import ApiVersion
 from envoy.config.core.v3.grpc_service_pb2 import GrpcService
 from envoy.config.core.v3.health_check_pb2 import HealthCheck
-from envoy.config.core.v3.protocol_pb2 import (
-    Http1ProtocolOptions,
-    Http2ProtocolOptions,
-    KeepaliveSettings,
-)
-from envoy.config.endpoint.v3.endpoint_components_pb2 import (
-    Endpoint,
-    LbEndpoint,
-    LocalityLbEndpoints,
-)
-from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.config.listener.v3.listener_components_pb2 import Filter, FilterChain
 from envoy.config.listener.v3.listener_pb2 import Listener
 from envoy.extensions.access_loggers.grpc.v3.als_pb2 import (
@@ -54,21 +42,17 @@ from envoy.extensions.transport_sockets.tls.v3.common_pb2 import (
     TlsCertificate,
 )
 from envoy.extensions.transport_sockets.tls.v3.tls_pb2 import CommonTlsContext, UpstreamTlsContext
-from envoy.extensions.upstreams.http.v3.http_protocol_options_pb2 import HttpProtocolOptions
 from envoy.type.matcher.v3.string_pb2 import StringMatcher
-from google.protobuf import any_pb2
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import UInt32Value
 
 from extproc.config import Experiment
 from extproc.contract import headers as h
+from extproc.contract.clusters import millis, socket_address, static_cluster, typed
 from extproc.contract.envoy import (
     SIDECAR_CLUSTER,
     SIDECAR_SERVICE,
 )
-
-PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 @dataclass(frozen=True)
@@ -107,61 +91,10 @@ class EnvoyLayout:
     upstreams: dict[str, str] = field(default_factory=dict)  # variant -> host:port override
 
 
-def typed(msg: Message) -> any_pb2.Any:
-    a = any_pb2.Any()
-    a.Pack(msg)
-    return a
-
-
-def millis(ms: int) -> Duration:
-    return Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
-
-
 def request_timeout(experiment: Experiment) -> Duration:
     """The routes' upstream timeout, ``envoy.request_timeout_s`` to the millisecond: whole
     seconds alone made 0.5 s a 0, which Envoy reads as no timeout at all."""
     return millis(max(1, round(experiment.spec.envoy.request_timeout_s * 1000)))
-
-
-def socket_address(target: str) -> Address:
-    if target.startswith("unix:"):
-        return Address(pipe=Pipe(path=target.removeprefix("unix:")))
-    host, _, port = target.rpartition(":")
-    return Address(socket_address=SocketAddress(address=host, port_value=int(port)))
-
-
-def _is_ip_or_pipe(target: str) -> bool:
-    return target.startswith("unix:") or target.rpartition(":")[0].replace(".", "").isdigit()
-
-
-def static_cluster(
-    name: str, targets: str | Sequence[str], *, http2: bool, timeout_ms: int
-) -> Cluster:
-    addresses = [targets] if isinstance(targets, str) else list(targets)
-    static = all(_is_ip_or_pipe(t) for t in addresses)
-    if not static and any(t.startswith("unix:") for t in addresses):
-        raise ValueError(f"{name}: Unix sockets and DNS names cannot share a cluster")
-    endpoints = [LbEndpoint(endpoint=Endpoint(address=socket_address(t))) for t in addresses]
-    opts = HttpProtocolOptions()
-    if http2:
-        opts.explicit_http_config.http2_protocol_options.CopyFrom(
-            Http2ProtocolOptions(
-                connection_keepalive=KeepaliveSettings(
-                    interval=millis(30_000), timeout=millis(5_000)
-                )
-            )
-        )
-    else:
-        opts.explicit_http_config.http_protocol_options.CopyFrom(Http1ProtocolOptions())
-    return Cluster(
-        name=name,
-        type=Cluster.STATIC if static else Cluster.STRICT_DNS,
-        connect_timeout=millis(timeout_ms),
-        load_assignment=ClusterLoadAssignment(
-            cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=endpoints)]
-        ),
-        typed_extension_protocol_options={PROTOCOL_OPTIONS: typed(opts)},
-    )
 
 
 def _upstream_tls(tls: SidecarTls) -> TransportSocket:
@@ -296,7 +229,12 @@ def inspect_filter() -> hcm.HttpFilter:
 
 
 def access_log_to_sidecar(experiment: Experiment, name: str) -> AccessLog:
-    spec = experiment.spec
+    return grpc_access_log(name, [*experiment.spec.sticky_keys, h.SHADOW_COPY, h.FORCED])
+
+
+def grpc_access_log(name: str, request_headers: Sequence[str]) -> AccessLog:
+    """The gRPC access log to the sidecar, logging these request headers (the sticky keys the
+    sidecar hashes, and the marks it reads)."""
     config = HttpGrpcAccessLogConfig(
         common_config=CommonGrpcAccessLogConfig(
             log_name=name,
@@ -311,7 +249,7 @@ def access_log_to_sidecar(experiment: Experiment, name: str) -> AccessLog:
             # (docs/PERFORMANCE.md). Per Envoy worker, flushed at the interval above anyway.
             buffer_size_bytes=UInt32Value(value=ALS_BUFFER_BYTES),
         ),
-        additional_request_headers_to_log=[*spec.sticky_keys, h.SHADOW_COPY, h.FORCED],
+        additional_request_headers_to_log=list(request_headers),
         additional_response_headers_to_log=[h.VARIANT, "content-type"],
     )
     return AccessLog(name="envoy.access_loggers.http_grpc", typed_config=typed(config))

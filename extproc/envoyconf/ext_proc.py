@@ -52,6 +52,7 @@ from google.protobuf.wrappers_pb2 import UInt32Value
 
 from extproc.config import Experiment
 from extproc.contract import headers as h
+from extproc.contract.clusters import millis, socket_address, static_cluster, typed
 from extproc.contract.envoy import (
     ACCESS_LOG,
     FALLBACK_ROUTE,
@@ -67,12 +68,8 @@ from extproc.envoyconf.common import (
     early_mutations,
     http_listener,
     inspect_filter,
-    millis,
     request_timeout,
     sidecar_cluster,
-    socket_address,
-    static_cluster,
-    typed,
 )
 
 

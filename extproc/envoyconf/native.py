@@ -34,6 +34,7 @@ from envoy.type.v3.percent_pb2 import FractionalPercent
 from google.protobuf.wrappers_pb2 import BoolValue, UInt32Value
 
 from extproc.config import Experiment
+from extproc.contract.clusters import millis, static_cluster, typed
 from extproc.contract.envoy import (
     FORCED_ROUTE,
     RUNTIME_LAYER,
@@ -45,10 +46,7 @@ from extproc.contract.envoy import (
 from extproc.contract.errors import ForcingNotAllowed, RoutingError, UnknownVariant
 from extproc.envoyconf.common import (
     EnvoyLayout,
-    millis,
     request_timeout,
-    static_cluster,
-    typed,
 )
 from extproc.envoyconf.ext_proc import (
     build_bootstrap,

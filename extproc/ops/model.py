@@ -149,6 +149,10 @@ class Sidecar(_Written):
     instance: str
     experiment: str = ""
     routing_version: int = 0
+    versions: str = ""
+    """A fleet sidecar's (``experiment`` ``*``) routing version per experiment, as JSON."""
+    unmatched: int = 0
+    """Requests a fleet sidecar passed through because no experiment took them."""
     routing_error: str = ""
     tasks_down: str = ""
     submitted: int = 0

@@ -188,7 +188,8 @@ async def status_doc(
     sidecars, evaluators and telemetry backlog. None when there is no such experiment."""
     names = sorted(_text(n) for n in await r.smembers(keys.EXPERIMENTS))
     name = name or (names[0] if names else None)
-    if name is None or name not in names:
+    # An ended experiment is shown too when asked for by name: its data is kept for reading.
+    if name is None or (name not in names and await r.zscore(keys.ENDED, name) is None):
         return None
     figures = await experiment_status(r, name, window_s)
     reps = await sidecars(r)

@@ -113,6 +113,11 @@ def choose_variant(policy: Policy, routing: Routing, hdrs: dict[str, bytes]) -> 
     forced = forced_variant(policy, routing, hdrs)
     if forced is not None:
         return forced
+    return hashed_variant(policy, routing, hdrs)
+
+
+def hashed_variant(policy: Policy, routing: Routing, hdrs: dict[str, bytes]) -> str:
+    """The variant of the request's sticky bucket, else of a random bucket."""
     key = sticky_key(policy, hdrs)
     bucket = random_bucket() if key is None else bucket_of(policy.salt, key)
     return routing.table.variant_for(bucket)

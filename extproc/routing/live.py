@@ -53,8 +53,12 @@ class LiveRouting:
         *,
         poll_interval_s: float = 0.5,
         on_change: Callable[[Routing], None] | None = None,
+        register: bool = True,
     ) -> None:
         self.redis = redis
+        self.register = register
+        """Publish the experiment again when Redis lost it (a sidecar run from its file); a fleet
+        sidecar follows what Redis holds and never brings back an experiment someone ended."""
         self.poll_interval_s = poll_interval_s
         self.on_change = on_change
         self.current = Routing.build(experiment, 0, experiment.file_weights())
@@ -96,14 +100,19 @@ class LiveRouting:
         when any part of it is missing (Redis lost its data), then apply the routing."""
         got = None
         try:
-            if self.registered:
-                got = await store.get_registered_routing(self.redis, self.experiment.name)
-            if got is None:
-                self.registered = False
-                got = await store.register_experiment(self.redis, self.experiment)
-                self.registered = True
+            if not self.register:
+                got = await store.get_routing(self.redis, self.experiment.name)
+            else:
+                if self.registered:
+                    got = await store.get_registered_routing(self.redis, self.experiment.name)
+                if got is None:
+                    self.registered = False
+                    got = await store.register_experiment(self.redis, self.experiment)
+                    self.registered = True
         except store.MalformedRouting as err:
             self._report(str(err))
+            return
+        if got is None:  # a fleet sidecar's experiment gone from Redis: keep the last routing
             return
         self._apply(got)
         self.loaded.set()

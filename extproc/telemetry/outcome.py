@@ -26,7 +26,7 @@ CLIENT_ERRORS = frozenset(
 )
 """The caller's doing (a 4xx, a client that hung up): shown apart, never charged to a variant."""
 
-_FORCED = int(Assignment.ASSIGNMENT_FORCED)
+_PINNED = frozenset({int(Assignment.ASSIGNMENT_FORCED), int(Assignment.ASSIGNMENT_OVERRIDE)})
 _NONE = int(ErrorClass.ERROR_CLASS_NONE)
 _TIMEOUT = int(ErrorClass.ERROR_CLASS_TIMEOUT)
 
@@ -51,18 +51,20 @@ def started_ms(ev: TelemetryEvent) -> int:
 
 
 def is_forced(ev: TelemetryEvent) -> bool:
-    """Tester traffic (``x-experiment``): counted apart, never in a comparison."""
-    return ev.assignment == _FORCED
+    """Traffic pinned to a variant rather than assigned by the hash: a tester's (``x-experiment``)
+    or a category override's. Counted apart, never in a comparison: what it measures is not a
+    random sample of users."""
+    return ev.assignment in _PINNED
 
 
 def is_assigned(ev: TelemetryEvent) -> bool:
     """A live request routed by assignment: what the comparison between variants is made of."""
-    return not ev.shadow and ev.assignment != _FORCED
+    return not ev.shadow and ev.assignment not in _PINNED
 
 
 TRAFFIC = ("assigned", "forced", "shadow")
 """Kinds of traffic, counted apart: assigned live requests (what variants are compared on),
-forced tester requests, and mirrored shadow copies."""
+forced requests (a tester's, or a category override's), and mirrored shadow copies."""
 
 
 def traffic(ev: TelemetryEvent) -> str:

@@ -39,9 +39,9 @@ name                                            type       labels
 ==============================================  =========  ====================================
 
 Every figure is classified by :mod:`extproc.telemetry.outcome`, as the evaluator's guardrails
-and `extproc status` classify it. The error rate of a variant is
-``extproc_requests_total{assignment!="forced", error_class=~"upstream_5xx|timeout|reset"}`` over
-``extproc_requests_total{assignment!="forced"}``; client errors (``client_error``,
+and `extproc status` classify it. The error rate of a variant is ``extproc_requests_total``
+with ``{assignment!~"forced|override", error_class=~"upstream_5xx|timeout|reset"}`` over
+``extproc_requests_total{assignment!~"forced|override"}``; client errors (``client_error``,
 ``client_disconnect``) are their own figure. Forced tester requests are counted in
 ``extproc_requests_total{assignment="forced"}`` only: timings, tokens, cost and answer signals
 are those of assigned traffic (and, under ``shadow="true"``, of the mirrored copies), as the
@@ -69,6 +69,7 @@ Evaluator metrics (``EvaluatorMetrics``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -139,7 +140,14 @@ OVERFLOW = "_overflow"
 """Experiment and variant label once more than ``max_variants`` pairs were seen."""
 OTHER = "other"
 
-ROLLOUT_STATUSES: tuple[str, ...] = ("running", "paused", "rolled_back", "completed", "aborted")
+ROLLOUT_STATUSES: tuple[str, ...] = (
+    "warming_up",
+    "running",
+    "paused",
+    "rolled_back",
+    "completed",
+    "aborted",
+)
 """The evaluator's rollout statuses (``extproc.evaluator.rollout.Status``)."""
 DECISION_ACTIONS: tuple[str, ...] = (
     "advance",
@@ -311,6 +319,16 @@ class SidecarMetrics:
             "1 if the last Redis operation of this replica succeeded, else 0.",
             registry=reg,
         )
+        self.unmatched = Counter(
+            "extproc_unmatched_requests",
+            "Requests no experiment took (a fleet sidecar): passed through untouched.",
+            registry=reg,
+        )
+        self.experiments = Gauge(
+            "extproc_experiments_served",
+            "Experiments this replica routes by (1 for a sidecar run from a file).",
+            registry=reg,
+        )
         self._series: dict[tuple[str, str, bool], _VariantSeries] = {}
         self._overflow_warned = False
         self._dropped_seen = 0
@@ -463,6 +481,15 @@ class SidecarMetrics:
         for gone in old - set(weights):
             self.routing_weight.remove(experiment, gone)
         self._weights[experiment] = set(weights)
+
+    def forget_routing(self, experiment: str) -> None:
+        """Drop an ended experiment's routing gauges: a replica no longer applies them. Its
+        request counters stay (they are cumulative; Prometheus keeps their history)."""
+        with contextlib.suppress(KeyError):
+            self.routing_version.remove(experiment)
+        for variant in self._weights.pop(experiment, set()):
+            with contextlib.suppress(KeyError):
+                self.routing_weight.remove(experiment, variant)
 
     def set_redis_up(self, up: bool) -> None:
         self.redis_up.set(1 if up else 0)

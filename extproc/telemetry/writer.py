@@ -156,6 +156,8 @@ class TelemetryWriter:
         # The data plane's in-flight notice age: a request that ended sooner was never noticed,
         # so its end need not be taken out of the open-request sets (0: take every end out).
         self.notice_ms = notice_ms
+        # Per experiment, where a sidecar serves several with their own settings.
+        self._settings: dict[str, tuple[int, float]] = {}
         self.stats = WriterStats()
         self._buffer: deque[TelemetryEvent] = deque()
         self._pending: _Batch | None = None  # taken from the buffer, outcome not known yet
@@ -164,6 +166,10 @@ class TelemetryWriter:
         self._capture_bytes = 0
         self._script = redis.register_script(_APPLY_BATCH)
         self._wake = asyncio.Event()
+
+    def configure(self, experiment: str, rollup_retention_s: int, notice_ms: float) -> None:
+        """One experiment's retention and notice age, in place of the writer's own."""
+        self._settings[experiment] = (rollup_retention_s, notice_ms)
 
     @property
     def buffered(self) -> int:
@@ -223,8 +229,11 @@ class TelemetryWriter:
                 ev.variant for ev in events if ev.variant and not ev.shadow and not ev.in_flight
             )
             batch_key = keys.batch(name, batch.id)
-            rollup_keys, rollup_args = _rollups(name, events, self.rollup_retention_s)
-            open_keys, open_args = _open_sets(name, events, self.notice_ms)
+            retention_s, notice_ms = self._settings.get(
+                name, (self.rollup_retention_s, self.notice_ms)
+            )
+            rollup_keys, rollup_args = _rollups(name, events, retention_s)
+            open_keys, open_args = _open_sets(name, events, notice_ms)
             await self._script(
                 keys=[
                     keys.events(name),
@@ -240,7 +249,7 @@ class TelemetryWriter:
                     keys.EVENT_FIELD,
                     len(events),
                     len(counts),
-                    self.rollup_retention_s,
+                    retention_s,
                     len(rollup_keys),
                     int(time.time() * 1000) - rollup.OPEN_FOR_AT_MOST_MS,
                     *(ev.SerializeToString() for ev in events),

@@ -87,3 +87,47 @@ def test_restart_is_recorded_only_after_the_rollout_ended(redis_url: str) -> Non
     assert recorded["command"] == "restart"
     [(_, fields)] = r.xrange(keys.commands("chat-upgrade"))
     assert (fields[b"command"], fields[b"reason"]) == (b"restart", b"fixed")
+
+
+def _matching(tmp_path: Path, name: str, match: str) -> Path:
+    """The example experiment under another name, taking the requests ``match`` (YAML) names."""
+    text = EXAMPLE_EXPERIMENT.read_text().replace("name: chat-upgrade", f"name: {name}")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"{text}\nmatch: {match}\n")
+    return path
+
+
+def test_end_retires_an_experiment_and_keeps_its_data(redis_url: str, tmp_path: Path) -> None:
+    code = str(_matching(tmp_path, "code-x", "{routes: [code]}"))
+    created = doc(cli(redis_url, "create", code, "--json"))
+    assert created["experiment"] == "code-x"
+    ended = doc(cli(redis_url, "end", "code-x", "--reason", "shipped", "--json"))
+    assert ended == {"experiment": "code-x", "ended": True}
+    r = redis.Redis.from_url(redis_url)
+    assert not r.sismember(keys.EXPERIMENTS, "code-x")
+    assert r.zscore(keys.ENDED, "code-x") is not None
+    assert r.exists(keys.definition("code-x"))
+    audit = [json.loads(f[b"j"]) for _, f in r.xrange(keys.audit("code-x"))]
+    assert audit[-1]["event"] == "ended"
+    assert audit[-1]["reason"] == "shipped"
+    again = doc(cli(redis_url, "end", "code-x", "--json"))
+    assert again["ended"] is False
+    # Created again, it is live again.
+    doc(cli(redis_url, "create", code, "--replace", "--json"))
+    assert r.sismember(keys.EXPERIMENTS, "code-x")
+    assert r.zscore(keys.ENDED, "code-x") is None
+
+
+def test_create_refuses_an_experiment_overlapping_a_live_one(
+    redis_url: str, tmp_path: Path
+) -> None:
+    doc(
+        cli(redis_url, "create", str(_matching(tmp_path, "chat-a", "{models: [m1, m2]}")), "--json")
+    )
+    clash = cli(redis_url, "create", str(_matching(tmp_path, "chat-b", "{models: [m2, m3]}")))
+    assert clash.returncode == 2
+    assert "match: chat-b and chat-a both match model 'm2'" in clash.stderr
+    doc(cli(redis_url, "create", str(_matching(tmp_path, "chat-c", "{models: [m3]}")), "--json"))
+    # Once chat-a ended, its models are free.
+    doc(cli(redis_url, "end", "chat-a", "--json"))
+    doc(cli(redis_url, "create", str(_matching(tmp_path, "chat-b", "{models: [m2]}")), "--json"))

@@ -9,8 +9,9 @@ import pytest
 
 from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.dev.stack import envoy_binary
-from extproc.envoyconf.bootstrap import render
+from extproc.envoyconf.bootstrap import render, render_fleet
 from extproc.envoyconf.common import EnvoyLayout
+from extproc.envoyconf.gateway import EXAMPLE_GATEWAY, load_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "envoy").glob("*.yaml"))
@@ -178,3 +179,9 @@ def test_the_primary_listener_drops_what_only_envoy_may_say_and_the_shadow_liste
             }
         },
     ]
+
+
+def test_shipped_fleet_config_is_the_generated_one() -> None:
+    """envoy/envoy-fleet.yaml is `extproc envoy-config --gateway` of the bundled example."""
+    text = render_fleet(load_gateway(EXAMPLE_GATEWAY), EnvoyLayout(), EXAMPLE_GATEWAY.name)
+    assert (ROOT / "envoy" / "envoy-fleet.yaml").read_text() == text

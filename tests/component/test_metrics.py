@@ -130,6 +130,8 @@ async def test_sidecar_names_types_and_content_type(
         "extproc_routing_version": "gauge",
         "extproc_routing_weight_ratio": "gauge",
         "extproc_redis_up": "gauge",
+        "extproc_unmatched_requests": "counter",
+        "extproc_experiments_served": "gauge",
     }
 
 

@@ -52,7 +52,10 @@ async def test_a_dead_routing_follower_turns_health_not_serving_until_restarted(
     bound: list[str] = []
     serving = asyncio.create_task(sidecar.run(ready=bound.append))
     await until(lambda: bool(bound), "the sidecar to listen")
-    refresh = sidecar.live.refresh
+    lane = sidecar.catalog.only
+    assert lane is not None
+    live = lane.live
+    refresh = live.refresh
     armed = asyncio.Event()
 
     async def buggy_refresh() -> None:  # stands for a bug the follower does not expect
@@ -61,7 +64,7 @@ async def test_a_dead_routing_follower_turns_health_not_serving_until_restarted(
             raise RuntimeError("unexpected")
         await refresh()
 
-    sidecar.live.refresh = buggy_refresh  # type: ignore[method-assign]
+    live.refresh = buggy_refresh  # type: ignore[method-assign]
     async with grpc.aio.insecure_channel(bound[0]) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
 
@@ -79,7 +82,7 @@ async def test_a_dead_routing_follower_turns_health_not_serving_until_restarted(
         state = await store.set_weights(
             client, EXP, {"stable": 100, "canary": 0}, reason="rollback", actor="test"
         )
-        await until(lambda: sidecar.live.current.version == state.version, "the rollback")
+        await until(lambda: live.current.version == state.version, "the rollback")
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
 

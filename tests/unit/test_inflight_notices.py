@@ -61,7 +61,7 @@ async def test_native_periodic_entries_become_one_notice_per_request() -> None:
     exp = parse_experiment(doc)
     out: list[TelemetryEvent] = []
     mapper = EntryMapper.for_experiment(exp, EventBuilder.for_experiment(exp, "test"))
-    service = AccessLogService(mapper, out.append)
+    service = AccessLogService(lambda _entry: mapper, out.append)
 
     async def stream() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
         msg = als_pb2.StreamAccessLogsMessage()

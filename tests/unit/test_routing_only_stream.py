@@ -18,6 +18,7 @@ from google.protobuf.struct_pb2 import Struct
 from extproc.config import Experiment, parse_experiment
 from extproc.contract.envoy import FALLBACK_ROUTE, FORCED_ROUTE, METADATA_NAMESPACE
 from extproc.dataplane.accesslog import EntryMapper
+from extproc.dataplane.catalog import Catalog, Lane
 from extproc.dataplane.event import EventBuilder
 from extproc.dataplane.observer import JSON_ASKED, JSON_VALID, ObserverContext
 from extproc.dataplane.router import CAPTURE_MODE, Router
@@ -92,7 +93,10 @@ def processor(sample: float) -> tuple[ExternalProcessor, list[Capture]]:
     live = LiveRouting(exp, None)  # type: ignore[arg-type]  # never reads: the file's weights
     router = Router(live, events.rules.captures if sample else None)
     ctx = ObserverContext(events=events, capture=captures.append if sample else None)
-    return ExternalProcessor(router, ctx), captures
+    mapper = EntryMapper.for_experiment(exp, events)
+    lane = Lane(exp, "", live, router, events, mapper, ctx)
+    catalog = Catalog(None, lambda _exp, _digest: lane, fixed=exp)  # type: ignore[arg-type]
+    return ExternalProcessor(catalog), captures
 
 
 async def test_an_uncaptured_request_costs_one_answer_and_the_stream_ends() -> None:

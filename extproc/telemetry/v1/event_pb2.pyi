@@ -35,6 +35,10 @@ class _AssignmentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Assignment
     """Forced by the client with the forced-routing header (x-experiment)."""
     ASSIGNMENT_FALLBACK: _Assignment.ValueType  # 4
     """The sidecar did not decide in time (down, slow): Envoy's default route, the stable variant."""
+    ASSIGNMENT_OVERRIDE: _Assignment.ValueType  # 5
+    """Pinned by one of the experiment's category overrides (a header, a model alias, a route),
+    before the hash: counted with forced requests, never in the comparison.
+    """
 
 class Assignment(_Assignment, metaclass=_AssignmentEnumTypeWrapper):
     """How the variant was chosen."""
@@ -48,6 +52,10 @@ ASSIGNMENT_FORCED: Assignment.ValueType  # 3
 """Forced by the client with the forced-routing header (x-experiment)."""
 ASSIGNMENT_FALLBACK: Assignment.ValueType  # 4
 """The sidecar did not decide in time (down, slow): Envoy's default route, the stable variant."""
+ASSIGNMENT_OVERRIDE: Assignment.ValueType  # 5
+"""Pinned by one of the experiment's category overrides (a header, a model alias, a route),
+before the hash: counted with forced requests, never in the comparison.
+"""
 Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
 
 class _ErrorClass:

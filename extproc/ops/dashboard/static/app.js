@@ -249,8 +249,14 @@ function renderSummary() {
       seg.style.background = colour(v, variants);
       return seg;
     }));
-  const sidecars = state.overview.sidecars.filter((s) => !s.experiment || s.experiment === exp.experiment);
-  const versions = [...new Set(sidecars.map((s) => s.routing_version))].join(", ");
+  // A fleet sidecar (experiment "*") serves every experiment, each at its own routing version.
+  const fleetVersion = (s) => {
+    try { return JSON.parse(s.versions || "{}")[exp.experiment]; } catch (e) { return undefined; }
+  };
+  const versionOf = (s) => (s.experiment === "*" ? fleetVersion(s) : s.routing_version);
+  const sidecars = state.overview.sidecars.filter((s) => !s.experiment || s.experiment === exp.experiment
+    || (s.experiment === "*" && fleetVersion(s) !== undefined));
+  const versions = [...new Set(sidecars.map(versionOf))].join(", ");
   const active = state.overview.evaluators.filter((e) => e.experiment === exp.experiment && e.active);
   const srm = exp.srm && exp.srm.mismatch
     ? el("p", { id: "srm", class: "banner fail", role: "alert" },
