@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -181,9 +182,35 @@ def run(rounds: int, duration: int, levels: list[int], work: Path) -> dict[str, 
             n: envoy_stats(a).get("http.llm.downstream_rq_total", 0) for n, (_, a) in envoys.items()
         }
         events = {n: _events(redis_url, dbs[n]) for n in dbs}
+        fifty = (envoys["fleet-50"][0], in_db(redis_url, dbs["fleet-50"]))
+        live_s = [time_to_live(*fifty, upstream, i, work) for i in range(5)]
     finally:
         procs.stop_all()
-    return {"runs": runs, "completed": completed, "events": events}
+    return {"runs": runs, "completed": completed, "events": events, "live_s": live_s}
+
+
+def time_to_live(port: int, db: str, upstream: str, i: int, work: Path) -> float:
+    """Seconds from `extproc experiment create` returning to the first request the new
+    experiment routes (the sidecars' notice, and Envoy discovering its clusters on demand)."""
+    name = f"late-{i}"
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(experiment(name, name, upstream)))
+    body = json.dumps({"model": name, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    subprocess.run(
+        [sys.executable, "-m", "extproc", "experiment", "create", str(path), "--redis-url",
+         str(db)], check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    created = time.monotonic()
+    while True:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=body,
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            if resp.headers.get("x-llm-experiment") == name:
+                return time.monotonic() - created
+        time.sleep(0.01)
 
 
 def _events(redis_url: str, db: int) -> int:
@@ -258,6 +285,11 @@ def render(rows: list[dict[str, Any]], result: dict[str, Any]) -> str:
             f"{name}: {result['events'][name]} events for {result['completed'][name]} "
             "requests received"
         )
+    live = result["live_s"]
+    lines.append(
+        f"a new experiment routing its first request after `experiment create`: "
+        f"{statistics.median(live):.2f} s median of {len(live)} (max {max(live):.2f} s)"
+    )
     errors = sum(r["errors"] for r in rows)
     lines.append(f"wrk errors: {errors}; CPUs: {os.cpu_count()}")
     return "\n".join(lines)
@@ -280,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args.rounds, args.duration, levels, Path(tmp))
     rows = summarise(result, levels)
     if args.json:
-        print(json.dumps({"summary": rows, **{k: result[k] for k in ("completed", "events")}}))
+        shown = ("completed", "events", "live_s")
+        print(json.dumps({"summary": rows, **{k: result[k] for k in shown}}))
     else:
         print(render(rows, result))
     return 0
