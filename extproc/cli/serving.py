@@ -96,6 +96,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         metrics=ns.metrics,
         tls=TlsFiles(ns.tls_cert, ns.tls_key, ns.tls_client_ca) if ns.tls_cert else None,
         max_capture_bytes=ns.capture_buffer_mb * 1024 * 1024,
+        known_clusters=ns.known_clusters,
     )
     if ns.workers > 1:
         return workers.Supervisor(exp, settings, ns.workers, log_setup(ns)).run()
@@ -170,6 +171,13 @@ def register(add: AddVerb) -> None:
     )
     p.add_argument("--listen", default="127.0.0.1:50051", help="host:port or unix:/path")
     p.add_argument("--instance", default="", help="replica name in Redis (default host-pid)")
+    p.add_argument(
+        "--known-clusters",
+        action="store_true",
+        help="with --all: serve experiments whose variants name clusters Envoy already has and "
+        "give no address (on Istio, Services; else each variant needs an address, from which "
+        "Envoy learns its cluster on demand)",
+    )
     p.add_argument(
         "--metrics",
         default=None,

@@ -126,9 +126,13 @@ class Catalog:
         fixed: Experiment | None = None,
         poll_interval_s: float = 0.5,
         on_change: Callable[[], None] | None = None,
+        known_clusters: bool = False,
     ) -> None:
         self.redis = redis
         self.make_lane = make_lane
+        self.known_clusters = known_clusters
+        """Variants may name clusters Envoy already has (Istio's, or the gateway file's); else
+        every variant needs an address, from which Envoy learns its cluster."""
         self.fleet = fixed is None
         self.poll_interval_s = poll_interval_s
         self.on_change = on_change
@@ -218,6 +222,14 @@ class Catalog:
             problem = None
             if experiment.spec.dataplane == "native":
                 problem = "dataplane native: Envoy routes it by itself (its own Envoy config)"
+            elif not self.known_clusters:
+                # Envoy would answer 503 to every request routed to a cluster it cannot learn.
+                missing = [n for n, v in experiment.spec.variants.items() if not v.address]
+                if missing:
+                    problem = (
+                        f"variants {missing} have no address, so Envoy cannot learn their "
+                        "clusters (`serve --known-clusters` when Envoy has them already)"
+                    )
         except (ConfigError, ValueError) as err:
             experiment, problem = None, str(err)
         if problem is None:

@@ -209,6 +209,7 @@ class SidecarSettings:
     heartbeat_s: float = 1.0
     metrics: str | None = None  # host:port of the Prometheus endpoint; None = off
     tls: TlsFiles | None = None  # None: plaintext (Unix socket, or a network you trust)
+    known_clusters: bool = False  # fleet: variants may name clusters Envoy has (no address)
 
 
 class Sidecar:
@@ -229,7 +230,11 @@ class Sidecar:
         self.emit = self.metrics.tee(self.writer.submit)
         self.fleet = experiment is None
         self.catalog = Catalog(
-            self.redis, self._lane, fixed=experiment, on_change=self._catalog_changed
+            self.redis,
+            self._lane,
+            fixed=experiment,
+            on_change=self._catalog_changed,
+            known_clusters=settings.known_clusters,
         )
         only = self.catalog.only
         self.native = only is not None and only.experiment.spec.dataplane == "native"

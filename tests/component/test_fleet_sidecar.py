@@ -244,3 +244,19 @@ async def test_an_unusable_definition_is_skipped_and_the_rest_served(
     await client.set(keys.definition("broken"), '{"name": "broken"}')
     await fleet.catalog.refresh()
     assert set(fleet.catalog.lanes) == {"code"}
+
+
+async def test_a_variant_envoy_cannot_learn_is_not_served_unless_envoy_knows_it(
+    client: aioredis.Redis, redis_url: str, fleet: Sidecar
+) -> None:
+    doc = CODE.to_json_dict()
+    del doc["variants"]["canary"]["address"]
+    await store.register_experiment(client, parse_experiment(doc))
+    await fleet.catalog.refresh()
+    assert fleet.catalog.lanes == {}  # every request of it would meet a 503
+    istio = Sidecar(None, SidecarSettings(redis_url=redis_url, known_clusters=True))
+    try:
+        await istio.catalog.refresh()
+        assert set(istio.catalog.lanes) == {"code"}
+    finally:
+        await istio.redis.aclose()
