@@ -108,14 +108,6 @@ def sticky_key(policy: Policy, hdrs: dict[str, bytes]) -> bytes | None:
     return None
 
 
-def choose_variant(policy: Policy, routing: Routing, hdrs: dict[str, bytes]) -> str:
-    """The blocking path: forced, else sticky bucket, else a random bucket."""
-    forced = forced_variant(policy, routing, hdrs)
-    if forced is not None:
-        return forced
-    return hashed_variant(policy, routing, hdrs)
-
-
 def hashed_variant(policy: Policy, routing: Routing, hdrs: dict[str, bytes]) -> str:
     """The variant of the request's sticky bucket, else of a random bucket."""
     key = sticky_key(policy, hdrs)

@@ -14,7 +14,8 @@ from extproc.dataplane.router import Router
 from extproc.routing.decide import (
     Policy,
     attribute,
-    choose_variant,
+    forced_variant,
+    hashed_variant,
     read_headers,
 )
 from extproc.routing.live import LiveRouting, Routing
@@ -30,6 +31,11 @@ DOC = {
     },
     "sticky_keys": ["x-conversation-id", "x-user-id"],
 }
+
+
+def choose_variant(policy: Policy, routing: Routing, hdrs: dict[str, bytes]) -> str:
+    """The router's order: a forced variant, else the request's bucket."""
+    return forced_variant(policy, routing, hdrs) or hashed_variant(policy, routing, hdrs)
 
 
 def hmap(**headers: str) -> HeaderMap:
