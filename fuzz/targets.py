@@ -22,7 +22,13 @@ from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 
 from extproc.config import EXAMPLE_EXPERIMENT, ConfigError, parse_experiment
 from extproc.contract.errors import RoutingError
-from extproc.routing.decide import Policy, attribute, choose_variant, read_headers
+from extproc.routing.decide import (
+    Policy,
+    attribute,
+    forced_variant,
+    hashed_variant,
+    read_headers,
+)
 from extproc.routing.live import Routing
 from extproc.telemetry.inspect import ResponseInspector
 
@@ -47,7 +53,8 @@ def headers(data: bytes) -> str | None:
     """The blocking routing decision and the observer's attribution of the same request."""
     hdrs = read_headers(header_map(data), _POLICY.wanted)
     try:
-        variant: str | None = choose_variant(_POLICY, _ROUTING, hdrs)
+        forced = forced_variant(_POLICY, _ROUTING, hdrs)
+        variant: str | None = forced or hashed_variant(_POLICY, _ROUTING, hdrs)
     except RoutingError as err:
         json.loads(err.body())  # the 4xx body is always valid JSON
         variant = None
