@@ -51,6 +51,7 @@ from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     header_mutation_pb2 as early,
 )
 from envoy.type.matcher.v3.metadata_pb2 import MetadataMatcher
+from envoy.type.matcher.v3.regex_pb2 import RegexMatcher
 from envoy.type.matcher.v3.string_pb2 import StringMatcher
 from envoy.type.matcher.v3.value_pb2 import OrMatcher, ValueMatcher
 
@@ -77,6 +78,7 @@ from extproc.envoyconf.common import (
 from extproc.envoyconf.gateway import Gateway, GatewayRoute
 
 FLEET_HEADERS = (h.EXPERIMENT, h.CLUSTER, h.SHADOW_TARGET)
+JSON_CONTENT_TYPE = r"(?i)application/json\s*(;.*)?"
 
 
 def _model_to_metadata() -> hcm.HttpFilter:
@@ -88,7 +90,14 @@ def _model_to_metadata() -> hcm.HttpFilter:
             metadata_namespace=METADATA_NAMESPACE, key=MODEL_KEY, type=JsonToMetadata.STRING
         ),
     )
-    config = JsonToMetadata(request_rules=JsonToMetadata.MatchRules(rules=[rule]))
+    # By default the filter reads only a body whose content type is exactly application/json;
+    # clients that add a parameter (``; charset=utf-8``) would reach no model route and no
+    # experiment chosen by model.
+    rules = JsonToMetadata.MatchRules(
+        rules=[rule],
+        allow_content_types_regex=RegexMatcher(regex=JSON_CONTENT_TYPE),
+    )
+    config = JsonToMetadata(request_rules=rules)
     return hcm.HttpFilter(name="envoy.filters.http.json_to_metadata", typed_config=typed(config))
 
 

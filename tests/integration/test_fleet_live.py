@@ -377,4 +377,13 @@ def test_the_gateway_serves_what_no_sidecar_routes(fleet: Fleet) -> None:
         # Chat's requests fall back to the gateway's chat route (its production model, which
         # the body's model selects), unknown ones to the default route; none fails.
         assert {served_by("chat-1") for _ in range(20)} == {"chat-stable"}
+        # Also when the client names a charset (Envoy's default reads exact application/json).
+        body = json.dumps({"model": "chat-1", "messages": [{"role": "user", "content": "hi"}]})
+        r = http.post(
+            "/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/json; charset=utf-8"},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "chat-stable"
         assert served_by("mystery-9") == "gw-default"

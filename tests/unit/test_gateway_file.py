@@ -3,6 +3,7 @@ filters the bootstrap builds from it."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from extproc.config import ConfigError
 from extproc.contract import headers as h
 from extproc.contract.envoy import EXPERIMENT_ROUTE
 from extproc.envoyconf.common import EnvoyLayout
-from extproc.envoyconf.fleet import build_fleet
+from extproc.envoyconf.fleet import JSON_CONTENT_TYPE, build_fleet
 from extproc.envoyconf.gateway import EXAMPLE_GATEWAY, load_gateway, parse_gateway
 
 pytestmark = pytest.mark.timeout(10)
@@ -71,3 +72,22 @@ def test_the_example_builds_the_experiment_route_first() -> None:
         "code_production",
         "embeddings_production",
     }
+
+
+@pytest.mark.parametrize(
+    ("content_type", "read"),
+    [
+        ("application/json", True),
+        ("application/json; charset=utf-8", True),
+        ("Application/JSON;charset=UTF-8", True),
+        ("text/plain", False),
+        ("application/jsonl", False),
+    ],
+)
+def test_the_model_is_read_from_json_bodies_with_a_charset_too(
+    content_type: str, read: bool
+) -> None:
+    """Envoy's default reads only an exact ``application/json``; a client adding a charset
+    would otherwise reach no model route and no experiment chosen by model."""
+    regex = re.compile(JSON_CONTENT_TYPE)
+    assert bool(regex.fullmatch(content_type)) is read
