@@ -22,11 +22,11 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.client import PubSub
 
 from extproc.config import ConfigError, Experiment, parse_experiment
 from extproc.contract import headers as h
@@ -37,8 +37,7 @@ from extproc.dataplane.event import EventBuilder
 from extproc.dataplane.observer import ObserverContext
 from extproc.dataplane.router import FleetMarks, Router
 from extproc.quality.rules import QualityRules
-from extproc.routing.live import LiveRouting, Routing
-from extproc.supervise import raise_if_cancelled
+from extproc.routing.live import LiveRouting, Routing, follow
 from extproc.telemetry.writer import TelemetryWriter
 
 log = logging.getLogger(__name__)
@@ -281,35 +280,16 @@ class Catalog:
         if only is not None:
             await only.live.run()
             return
-        backoff = 0.1
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await self.refresh()
-                await pubsub.subscribe(keys.CATALOG)
-                await pubsub.psubscribe(keys.changes("*"))
-                while True:
-                    raise_if_cancelled()
-                    await self.refresh()
-                    if not self.redis_ok:
-                        log.info("redis reachable; serving %d experiment(s)", len(self.lanes))
-                    self.redis_ok = True
-                    backoff = 0.1
-                    await pubsub.get_message(timeout=self.poll_interval_s)
-            except (RedisError, OSError, KeyError) as err:
-                if self.redis_ok:
-                    log.warning(
-                        "redis unreachable, keeping %d experiment(s): %s", len(self.lanes), err
-                    )
-                self.redis_ok = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-            finally:
-                close: Callable[[], Awaitable[object]] = pubsub.aclose
-                try:
-                    await close()
-                except (RedisError, OSError):
-                    log.debug("pubsub close failed", exc_info=True)
+
+        async def subscribe(pubsub: PubSub) -> None:
+            await pubsub.subscribe(keys.CATALOG)
+            await pubsub.psubscribe(keys.changes("*"))
+
+        await follow(self, subscribe)
+
+    def kept(self) -> str:
+        """What the follower keeps while Redis is away, for the log."""
+        return f"{len(self.lanes)} experiment(s)"
 
     @property
     def routing_error(self) -> str | None:

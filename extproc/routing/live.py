@@ -15,8 +15,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from extproc import store
@@ -117,40 +119,65 @@ class LiveRouting:
         self._apply(got)
         self.loaded.set()
 
+    def kept(self) -> str:
+        """What the follower keeps while Redis is away, for the log."""
+        return f"routing version {self.current.version}"
+
     async def run(self) -> None:
         """Follow changes until cancelled; never raises on Redis trouble."""
-        backoff = 0.1
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        name = self.experiment.name
+
+        async def subscribe(pubsub: PubSub) -> None:
+            await pubsub.subscribe(keys.changes(name))
+
+        await follow(self, subscribe)
+
+
+class Follower(Protocol):
+    """What :func:`follow` keeps in step with Redis: a sidecar's routing, or its catalog."""
+
+    redis: aioredis.Redis
+    redis_ok: bool
+    poll_interval_s: float
+
+    async def refresh(self) -> None: ...
+
+    def kept(self) -> str: ...
+
+
+async def follow(f: Follower, subscribe: Callable[[PubSub], Awaitable[None]]) -> None:
+    """Refresh ``f`` at once when a notice arrives on what ``subscribe`` subscribes to, and at
+    least every ``poll_interval_s`` (a dropped subscription loses notices); until cancelled,
+    never raising on Redis trouble: ``f`` keeps what it has, and the loop backs off and
+    subscribes again."""
+    backoff = 0.1
+    while True:
+        pubsub = f.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            # A cluster client learns the slot map with its first command, and its pub/sub
+            # needs the map to pick the node to subscribe on; the loop reads again anyway.
+            await f.refresh()
+            await subscribe(pubsub)
+            while True:
+                raise_if_cancelled()
+                await f.refresh()
+                if not f.redis_ok:
+                    log.info("redis reachable; %s", f.kept())
+                f.redis_ok = True
+                backoff = 0.1
+                await pubsub.get_message(timeout=f.poll_interval_s)
+        # KeyError: redis-py's cluster pub/sub while its slot map is being rebuilt.
+        except (RedisError, OSError, KeyError) as err:
+            if f.redis_ok:
+                log.warning("redis unreachable, keeping %s: %s", f.kept(), err)
+            f.redis_ok = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+        finally:
+            # redis-py types `aclose` from 8.2 on; held as a typed callable, the check
+            # passes on every version the project allows.
+            close: Callable[[], Awaitable[object]] = pubsub.aclose
             try:
-                # A cluster client learns the slot map with its first command, and its pub/sub
-                # needs the map to pick the node to subscribe on; the loop reads again anyway.
-                await self.refresh()
-                await pubsub.subscribe(keys.changes(self.experiment.name))
-                while True:
-                    raise_if_cancelled()
-                    await self.refresh()
-                    if not self.redis_ok:
-                        log.info("redis reachable; routing version %d", self.current.version)
-                    self.redis_ok = True
-                    backoff = 0.1
-                    await pubsub.get_message(timeout=self.poll_interval_s)
-            # KeyError: redis-py's cluster pub/sub while its slot map is being rebuilt.
-            except (RedisError, OSError, KeyError) as err:
-                if self.redis_ok:
-                    log.warning(
-                        "redis unreachable, keeping routing version %d: %s",
-                        self.current.version,
-                        err,
-                    )
-                self.redis_ok = False
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-            finally:
-                # redis-py types `aclose` from 8.2 on; held as a typed callable, the check
-                # passes on every version the project allows.
-                close: Callable[[], Awaitable[object]] = pubsub.aclose
-                try:
-                    await close()
-                except (RedisError, OSError):
-                    log.debug("pubsub close failed", exc_info=True)
+                await close()
+            except (RedisError, OSError):
+                log.debug("pubsub close failed", exc_info=True)
