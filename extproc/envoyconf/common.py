@@ -32,6 +32,8 @@ from envoy.extensions.access_loggers.grpc.v3.als_pb2 import (
     CommonGrpcAccessLogConfig,
     HttpGrpcAccessLogConfig,
 )
+from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import ExternalProcessor
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.extensions.filters.http.lua.v3.lua_pb2 import Lua
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
@@ -159,6 +161,23 @@ def sidecar_cluster(layout: EnvoyLayout) -> Cluster:
             )
         )
     return cluster
+
+
+def routing_processor(message_timeout_ms: int) -> ExternalProcessor:
+    """The blocking ext_proc filter both ext_proc listeners start from: request headers only,
+    failing open to the default route; what a listener adds (captures, metadata) it sets."""
+    skip = ProcessingMode.SKIP
+    return ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcService.EnvoyGrpc(cluster_name=SIDECAR_CLUSTER)),
+        failure_mode_allow=True,
+        processing_mode=ProcessingMode(
+            request_header_mode=ProcessingMode.SEND,
+            response_header_mode=skip,
+            request_trailer_mode=skip,
+            response_trailer_mode=skip,
+        ),
+        message_timeout=millis(message_timeout_ms),
+    )
 
 
 def early_mutations(*, shadow: bool) -> list[HeaderMutation]:

@@ -25,7 +25,6 @@ from envoy.config.core.v3.base_pb2 import (
     HeaderValueOption,
 )
 from envoy.config.core.v3.extension_pb2 import TypedExtensionConfig
-from envoy.config.core.v3.grpc_service_pb2 import GrpcService
 from envoy.config.route.v3.route_components_pb2 import (
     HeaderMatcher,
     Route,
@@ -39,7 +38,6 @@ from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import (
     ExternalProcessor,
     MetadataOptions,
 )
-from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.extensions.filters.http.router.v3.router_pb2 import Router
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
@@ -60,7 +58,6 @@ from extproc.contract.envoy import (
     METADATA_NAMESPACE,
     SHADOW_ACCESS_LOG,
     SHADOW_CLUSTER,
-    SIDECAR_CLUSTER,
 )
 from extproc.envoyconf.common import (
     EnvoyLayout,
@@ -69,6 +66,7 @@ from extproc.envoyconf.common import (
     http_listener,
     inspect_filter,
     request_timeout,
+    routing_processor,
     sidecar_cluster,
 )
 
@@ -81,18 +79,7 @@ def _ext_proc(experiment: Experiment) -> ExternalProcessor:
     body with dynamic metadata (whether it asked for JSON) for the access log, in the namespace
     it is allowed to write. Every other request costs one message each way.
     """
-    skip = ProcessingMode.SKIP
-    proc = ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcService.EnvoyGrpc(cluster_name=SIDECAR_CLUSTER)),
-        failure_mode_allow=True,
-        processing_mode=ProcessingMode(
-            request_header_mode=ProcessingMode.SEND,
-            response_header_mode=skip,
-            request_trailer_mode=skip,
-            response_trailer_mode=skip,
-        ),
-        message_timeout=millis(experiment.spec.envoy.message_timeout_ms),
-    )
+    proc = routing_processor(experiment.spec.envoy.message_timeout_ms)
     if experiment.spec.capture.sample > 0:
         proc.allow_mode_override = True
         proc.metadata_options.CopyFrom(

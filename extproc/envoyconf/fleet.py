@@ -37,10 +37,8 @@ from envoy.config.route.v3.route_components_pb2 import (
 )
 from envoy.config.route.v3.route_pb2 import RouteConfiguration
 from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import (
-    ExternalProcessor,
     MetadataOptions,
 )
-from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.extensions.filters.http.json_to_metadata.v3.json_to_metadata_pb2 import JsonToMetadata
 from envoy.extensions.filters.http.on_demand.v3.on_demand_pb2 import OnDemand, OnDemandCds
 from envoy.extensions.filters.http.router.v3.router_pb2 import Router
@@ -73,6 +71,7 @@ from extproc.envoyconf.common import (
     grpc_access_log,
     http_listener,
     inspect_filter,
+    routing_processor,
     sidecar_cluster,
 )
 from extproc.envoyconf.gateway import Gateway, GatewayRoute
@@ -104,25 +103,14 @@ def _model_to_metadata() -> hcm.HttpFilter:
 def _ext_proc(gateway: Gateway) -> hcm.HttpFilter:
     """Request headers only, with the model and the route name; bodies only for a request the
     sidecar captures (``mode_override``), as on the single-experiment listener."""
-    skip = ProcessingMode.SKIP
     namespaces = MetadataOptions.MetadataNamespaces(untyped=[METADATA_NAMESPACE])
-    proc = ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcService.EnvoyGrpc(cluster_name=SIDECAR_CLUSTER)),
-        failure_mode_allow=True,
-        processing_mode=ProcessingMode(
-            request_header_mode=ProcessingMode.SEND,
-            response_header_mode=skip,
-            request_trailer_mode=skip,
-            response_trailer_mode=skip,
-        ),
-        message_timeout=millis(gateway.message_timeout_ms),
-        allow_mode_override=True,
-        metadata_options=MetadataOptions(
-            forwarding_namespaces=namespaces, receiving_namespaces=namespaces
-        ),
-        request_attributes=[ROUTE_ATTRIBUTE],
-        response_attributes=["response.code_details"],
+    proc = routing_processor(gateway.message_timeout_ms)
+    proc.allow_mode_override = True
+    proc.metadata_options.CopyFrom(
+        MetadataOptions(forwarding_namespaces=namespaces, receiving_namespaces=namespaces)
     )
+    proc.request_attributes.append(ROUTE_ATTRIBUTE)
+    proc.response_attributes.append("response.code_details")
     return hcm.HttpFilter(name="extproc.route", typed_config=typed(proc))
 
 
