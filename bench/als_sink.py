@@ -50,8 +50,9 @@ async def serve(experiment: Experiment, listen: str, redis_url: str) -> None:
     mapper = EntryMapper.for_experiment(
         experiment, EventBuilder.for_experiment(experiment, RECORDER)
     )
+    # One experiment: every entry is its.
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-        AccessLogService(mapper, writer.submit), server
+        AccessLogService(lambda _entry: mapper, writer.submit), server
     )
     if server.add_insecure_port(listen) == 0:
         raise OSError(f"cannot listen on {listen}")

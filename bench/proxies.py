@@ -18,13 +18,17 @@ Variants (``PROXIES``):
 ``ext_proc``
     what ships as ``dataplane: ext_proc`` (the default), unedited but for the filter's stat
     prefix: ext_proc ``route`` (blocking, request headers only; bodies only for the captured
-    sample, none here), the Lua filter ``extproc/data/inspect.lua`` and a gRPC access log to the
-    sidecar, which turns each entry into an event (``extproc/dataplane/accesslog.py``).
+    sample, none here), the inspector (``extproc/envoyconf/inspector.py``) and a gRPC access log
+    to the sidecar, which turns each entry into an event (``extproc/dataplane/accesslog.py``).
 ``native``
     what ships as ``dataplane: native``, unedited (``envoyconf.native.build_native``): Envoy's own
     sticky weighted routing with weights from the sidecar's RTDS layer, forced-routing routes,
-    the same Lua filter and access log. The sidecar is off the request path;
+    the same inspector and access log. The sidecar is off the request path;
     ``bench/run.py`` starts measuring once Envoy holds the weights.
+``native-lua``
+    ``native`` with the Lua inspector, what a stock Envoy image runs. Every other configuration
+    with telemetry uses the inspector the local stack picks (``EXTPROC_INSPECTOR``, by default
+    the compiled module when a C compiler is there; the run prints which).
 ``native-16k``
     ``native`` with Envoy's default access-log buffer (16 KiB) instead of the shipped 256 KiB:
     what batching the access log into fewer, fuller messages saves.
@@ -76,6 +80,7 @@ from extproc.contract import headers as h
 from extproc.contract.envoy import SIDECAR_CLUSTER
 from extproc.envoyconf.common import EnvoyLayout
 from extproc.envoyconf.ext_proc import build_baseline, build_bootstrap
+from extproc.envoyconf.inspector import Inspector
 from extproc.envoyconf.native import build_native
 from extproc.routing.lanes import runtime_weights
 
@@ -93,6 +98,7 @@ class Proxy:
     helper: str | None  # a bench/ script that serves it: als_sink.py, minimal_extproc.py
     telemetry: bool  # an event per request is expected in Redis
     dataplane: str = "ext_proc"  # the experiment's ``dataplane`` (what the sidecar serves)
+    inspector: Inspector | None = None  # None: what the local stack picks (module when it builds)
 
 
 def _pack(msg: Any) -> any_pb2.Any:
@@ -285,6 +291,16 @@ PROXIES: dict[str, Proxy] = {
             dataplane="native",
         ),
         Proxy(
+            "native-lua",
+            "shipped dataplane native with the Lua inspector (a stock Envoy image)",
+            native,
+            sidecar=True,
+            helper=None,
+            telemetry=True,
+            dataplane="native",
+            inspector="lua",
+        ),
+        Proxy(
             "native-16k",
             "native with Envoy's default 16 KiB access-log buffer",
             native_16k,
@@ -301,6 +317,7 @@ PROXIES: dict[str, Proxy] = {
             helper=None,
             telemetry=True,
             dataplane="native",
+            inspector="lua",
         ),
         Proxy("route", "ext_proc route filter only (no telemetry)", route_only, True, None, False),
         Proxy(

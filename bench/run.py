@@ -66,6 +66,7 @@ import redis
 from extproc.config import EXAMPLE_EXPERIMENT, Experiment, load_experiment
 from extproc.contract import keys
 from extproc.dev import stack
+from extproc.envoyconf import inspector
 from extproc.envoyconf.common import EnvoyLayout
 from extproc.telemetry.events import decode_event
 
@@ -205,6 +206,8 @@ def start_all(
     procs.spawn("upstream", _envoy_argv(up_cfg, 1))
 
     run = Running(procs, redis_url, up_port)
+    local, envoy_env, why = inspector.for_local_envoy()
+    print(f"inspector: {local}" + (f" (the module did not build: {why})" if why else ""))
     base = load_experiment(EXAMPLE_EXPERIMENT).to_json_dict()
     for name, v in base["variants"].items():
         v["address"] = f"127.0.0.1:{up_port}"
@@ -258,10 +261,11 @@ def start_all(
             shadow_port=free(),
             sidecar=f"127.0.0.1:{sidecar_port}",
             upstreams=dict.fromkeys(exp.variant_names, f"127.0.0.1:{up_port}"),
+            inspector=p.inspector or local,
         )
         cfg = workdir / f"envoy-{p.name}.json"
         cfg.write_text(json.dumps(to_json(p.build(exp, layout, f"127.0.0.1:{als_port}"))))
-        procs.spawn(f"envoy-{p.name}", _envoy_argv(cfg, concurrency))
+        procs.spawn(f"envoy-{p.name}", _envoy_argv(cfg, concurrency), env=envoy_env)
         run.envoys[p.name] = (listen, admin)
 
     _wait_envoy(run, "upstream", up_admin)
@@ -922,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
                 streamed = ("bare", "ext_proc", "native", "hash-als")
                 shown = [n for n in streamed if n in names]
                 result["streaming"] = streaming(run, r, shown, pairs, linger)
-            target = "ext_proc" if "ext_proc" in names else None
+            target = next((n for n in ("ext_proc", "native") if n in names), None)
             if do_profile and target is not None:
                 log(f"profiling the sidecar of {target}")
                 result["profile"] = profile(

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,20 @@ from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 
 # Tools the project installs into its virtualenv (`make promtool`) are found like those on PATH.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@pytest.fixture(scope="session")
+def inspector_module() -> Path:
+    """The folder of the compiled inspector, built once (a C compiler is needed). Missing, the
+    test skips, or fails where EXTPROC_REQUIRE_TOOLS=1 (CI)."""
+    from extproc.envoyconf.inspector import InspectorError, build_module
+
+    try:
+        return build_module()
+    except InspectorError as e:
+        if os.environ.get("EXTPROC_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"the inspector module is required (EXTPROC_REQUIRE_TOOLS=1): {e}")
+        pytest.skip(f"the inspector module cannot be built here: {e}")
 
 
 @pytest.fixture
@@ -247,9 +261,10 @@ def forced_stack(
 
 
 @contextlib.contextmanager
-def fixed_upstream(answers: dict[str, tuple[str, bytes]]) -> Iterator[str]:
+def fixed_upstream(answers: Mapping[str, tuple[str, bytes | list[bytes]]]) -> Iterator[str]:
     """A model server answering a POST to each path with its fixed (content type, body), on a
-    free port, in its own thread; yields its address (``127.0.0.1:port``)."""
+    free port, in its own thread; yields its address (``127.0.0.1:port``). A body given as a
+    list goes out one write (one HTTP chunk) a piece."""
     from aiohttp import web  # only the tests that serve a fixed answer need it
 
     port = stack.free_port()
@@ -261,7 +276,8 @@ def fixed_upstream(answers: dict[str, tuple[str, bytes]]) -> Iterator[str]:
         content_type, body = answers[request.path]
         resp = web.StreamResponse(headers={"Content-Type": content_type})
         await resp.prepare(request)
-        await resp.write(body)
+        for piece in body if isinstance(body, list) else [body]:
+            await resp.write(piece)
         await resp.write_eof()
         return resp
 

@@ -52,6 +52,11 @@ def cmd_up(ns: argparse.Namespace) -> int:
         print(f"  dashboard  {stack.dashboard_url(state)}")
         for v, url in ep.get("models", {}).items():
             print(f"  model      {url}   ({v} stand-in)")
+        inspecting = state.get("inspector") or {}
+        if inspecting.get("fallback"):
+            print(f"  inspector  lua: the compiled one did not build ({inspecting['fallback']})")
+        elif inspecting:
+            print(f"  inspector  {inspecting['kind']}")
         print("Try:  extproc status   |   extproc down")
     return EXIT_OK
 

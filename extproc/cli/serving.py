@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from extproc.cli.common import (
+    EXIT_FAIL,
     EXIT_OK,
     EXIT_USAGE,
     EXPERIMENT_HELP,
@@ -62,6 +63,7 @@ def cmd_envoy_config(ns: argparse.Namespace) -> int:
         admin_port=ns.admin_port,
         sidecar=tuple(ns.sidecar or ["127.0.0.1:50051"]),
         sidecar_tls=tls,
+        inspector=ns.inspector,
     )
     if ns.gateway:
         from extproc.envoyconf.bootstrap import render_fleet
@@ -74,6 +76,18 @@ def cmd_envoy_config(ns: argparse.Namespace) -> int:
         Path(ns.output).write_text(text)
     else:
         sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_build_inspector(ns: argparse.Namespace) -> int:
+    from extproc.envoyconf.inspector import InspectorError, build_module
+
+    try:
+        folder = build_module(Path(ns.out) if ns.out else None)
+    except InspectorError as exc:
+        err(str(exc))
+        return EXIT_FAIL
+    print(folder.resolve())
     return EXIT_OK
 
 
@@ -227,7 +241,26 @@ def register(add: AddVerb) -> None:
     p.add_argument("--sidecar-server-name", help="SNI, and a DNS name its certificate must have")
     p.add_argument("--sidecar-client-cert", metavar="PEM", help="Envoy's certificate (mTLS)")
     p.add_argument("--sidecar-client-key", metavar="PEM", help="the key of --sidecar-client-cert")
+    p.add_argument(
+        "--inspector",
+        choices=["lua", "module"],  # envoyconf.inspector.INSPECTORS, without importing protobufs
+        default="lua",
+        help="what reads response bodies: inspect.lua (any Envoy), or the compiled module, "
+        "which costs Envoy less but must be built for it (`extproc build-inspector`)",
+    )
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
+
+    p = add(
+        "build-inspector",
+        cmd_build_inspector,
+        "compile the inspector module for `envoy-config --inspector module`; prints the folder "
+        "to give Envoy as ENVOY_DYNAMIC_MODULES_SEARCH_PATH",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write lib<name>.so here (default: a cache folder per source version)",
+    )
 
     from extproc.dev import mockmodel
 

@@ -17,6 +17,9 @@
 -- SSE lines are read whole (a line cut between chunks waits for the rest) and only until
 -- TEXT_BYTES of text are held (or HEAD_BYTES passed without a known format); a JSON body is read
 -- from its first HEAD_BYTES. After that a chunk costs a length check and a copy of its last bytes.
+-- inspect.c is the same reading compiled as an Envoy dynamic module (cheaper for Envoy; see
+-- extproc/envoyconf/inspector.py): change both, tests/integration/test_inspector_live.py holds
+-- them to the same output.
 
 local TEXT_BYTES = 2400 -- the sidecar's SIGNAL_CHARS (600) at up to 4 bytes a character
 local HEAD_BYTES = 65536
@@ -100,6 +103,41 @@ local function strings(s, anchor, key, found)
   end
 end
 
+-- Envoy hands these strings to the sidecar in protobuf string fields, which must be UTF-8: one
+-- bad byte (the body's own, or a cut inside a character) would fail the whole access-log message
+-- that carries it, and with it every other request's entry. So each byte that does not start a
+-- valid character (RFC 3629: no overlongs or surrogates), and NUL (which this filter's
+-- dynamicMetadata():set would cut the string at), is written as "?". ASCII costs one scan.
+local function clean(s)
+  if not string.find(s, "[%z\128-\255]") then return s end
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    local k = 0
+    if c ~= 0 and c < 0x80 then k = 1
+    elseif c >= 0xC2 and c <= 0xDF then k = 2
+    elseif c >= 0xE0 and c <= 0xEF then k = 3
+    elseif c >= 0xF0 and c <= 0xF4 then k = 4 end
+    local ok = k > 0 and i + k - 1 <= n
+    local lo = (c == 0xE0 and 0xA0) or (c == 0xF0 and 0x90) or 0x80
+    local hi = (c == 0xED and 0x9F) or (c == 0xF4 and 0x8F) or 0xBF
+    for j = 1, k - 1 do
+      if not ok then break end
+      local d = string.byte(s, i + j)
+      ok = d >= lo and d <= hi
+      lo, hi = 0x80, 0xBF
+    end
+    if ok then
+      out[#out + 1] = string.sub(s, i, i + k - 1)
+      i = i + k
+    else
+      out[#out + 1] = "?"
+      i = i + 1
+    end
+  end
+  return table.concat(out)
+end
+
 local function now_us(handle)
   return tonumber(handle:timestampString(EnvoyTimestampResolution.MICROSECOND))
 end
@@ -168,7 +206,7 @@ function envoy_on_response(handle)
     spec = FORMATS[fmt]
   end
   if spec and sse then
-    md:set("extproc", "text", string.sub(table.concat(text), 1, TEXT_BYTES))
+    md:set("extproc", "text", clean(string.sub(table.concat(text), 1, TEXT_BYTES)))
   elseif spec then
     tools = spec.tool ~= nil and string.find(pending, spec.tool) ~= nil
     local answer = nil
@@ -178,7 +216,7 @@ function envoy_on_response(handle)
     strings(pending, spec.json, spec.key, found)
     if answer == nil and spec.refusal then strings(pending, nil, spec.refusal, found) end
     if answer ~= nil then
-      md:set("extproc", "text", string.sub(answer, 1, TEXT_BYTES))
+      md:set("extproc", "text", clean(string.sub(answer, 1, TEXT_BYTES)))
     elseif not cut then
       md:set("extproc", "text", "")
     end
@@ -188,5 +226,5 @@ function envoy_on_response(handle)
   if tools then md:set("extproc", "tool_calls", true) end
   if cached ~= nil then md:set("extproc", "cached_prompt_tokens", tonumber(cached)) end
   if prompt ~= nil then md:set("extproc", "prompt_tokens", tonumber(prompt)) end
-  md:set("extproc", "tail", tail)
+  md:set("extproc", "tail", clean(tail))
 end

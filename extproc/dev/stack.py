@@ -31,6 +31,7 @@ from extproc import store
 from extproc.auth import FEEDBACK_TOKEN_ENV
 from extproc.config import Experiment
 from extproc.contract import keys
+from extproc.envoyconf import inspector
 from extproc.envoyconf.bootstrap import render
 from extproc.envoyconf.common import EnvoyLayout, SidecarTls
 from extproc.ops.dashboard import TOKEN_ENV
@@ -532,6 +533,13 @@ def up(opts: UpOptions) -> dict[str, Any]:
                 env={**secret_env, TOKEN_ENV: token},
             )
 
+        # The compiled inspector when it builds here (EXTPROC_INSPECTOR decides otherwise);
+        # the state file says which one Envoy runs, and why it is Lua when it had to be.
+        try:
+            inspecting, envoy_env, fallback = inspector.for_local_envoy()
+        except inspector.InspectorError as e:
+            raise StackError(str(e)) from e
+        stack.state["inspector"] = {"kind": inspecting, "fallback": fallback}
         layout = EnvoyLayout(
             listen_host="127.0.0.1",
             listen_port=ports.listener,
@@ -540,12 +548,14 @@ def up(opts: UpOptions) -> dict[str, Any]:
             sidecar=tuple(sidecars),
             sidecar_tls=opts.sidecar_tls,
             upstreams=upstreams,
+            inspector=inspecting,
         )
         cfg = opts.state_dir / "envoy.yaml"
         cfg.write_text(render(opts.experiment, layout))
         stack.spawn(
             "envoy",
             [envoy_binary(), "-c", str(cfg), "--disable-hot-restart", "--log-level", "warning"],
+            env=envoy_env,
         )
         wait_until(
             http_ok(f"http://127.0.0.1:{ports.admin}/ready"),

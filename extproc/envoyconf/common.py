@@ -1,7 +1,8 @@
 """What both data planes' Envoy bootstraps share: the layout a deployment gives (listen
 addresses, the sidecar's replicas and TLS, the model servers), clusters, the sidecar's gRPC
 cluster, the listeners' early header mutations, the gRPC access log that carries every request's
-telemetry to the sidecar, and the Lua filter that reads what only the response body shows.
+telemetry to the sidecar. The filter that reads what only the response body shows is in
+``inspector.py``.
 
 Built from Envoy's typed API messages (``xds-protos``) rather than templated YAML: a wrong field
 name or type fails here, in Python, before Envoy sees the file.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from envoy.config.accesslog.v3.accesslog_pb2 import AccessLog
 from envoy.config.cluster.v3.circuit_breaker_pb2 import CircuitBreakers
@@ -34,7 +34,6 @@ from envoy.extensions.access_loggers.grpc.v3.als_pb2 import (
 )
 from envoy.extensions.filters.http.ext_proc.v3.ext_proc_pb2 import ExternalProcessor
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
-from envoy.extensions.filters.http.lua.v3.lua_pb2 import Lua
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm,
 )
@@ -55,6 +54,7 @@ from extproc.contract.envoy import (
     SIDECAR_CLUSTER,
     SIDECAR_SERVICE,
 )
+from extproc.envoyconf.inspector import Inspector
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class EnvoyLayout:
     sidecar: str | tuple[str, ...] = "127.0.0.1:50051"
     sidecar_tls: SidecarTls | None = None
     upstreams: dict[str, str] = field(default_factory=dict)  # variant -> host:port override
+    inspector: Inspector = "lua"  # the response-body reader: envoyconf/inspector.py
 
 
 def request_timeout(experiment: Experiment) -> Duration:
@@ -226,25 +227,11 @@ def http_listener(name: str, address: str, manager: hcm.HttpConnectionManager) -
 # --- telemetry, shared by both data planes, and dataplane: native -------------------------------
 #
 # Both planes send every request's telemetry through Envoy's gRPC access log, with what the body
-# showed from inspect.lua. With native, Envoy also routes every request by itself and never waits
-# for the sidecar; the sidecar feeds Envoy the live weights over RTDS. Measured in
-# docs/PERFORMANCE.md: the ext_proc round trip is the floor of the default data path's added
-# latency, and native removes it.
-INSPECT_LUA = "inspect.lua"
-
-
+# showed the inspector (inspect.lua, or its compiled twin: inspector.py). With native, Envoy also
+# routes every request by itself and never waits for the sidecar; the sidecar feeds Envoy the
+# live weights over RTDS. Measured in docs/PERFORMANCE.md: the ext_proc round trip is the floor
+# of the default data path's added latency, and native removes it.
 ALS_BUFFER_BYTES = 256 * 1024
-
-
-def _inspect_lua() -> str:
-    return (Path(__file__).parent.parent / "data" / INSPECT_LUA).read_text()
-
-
-def inspect_filter() -> hcm.HttpFilter:
-    return hcm.HttpFilter(
-        name="envoy.filters.http.lua",
-        typed_config=typed(Lua(default_source_code=DataSource(inline_string=_inspect_lua()))),
-    )
 
 
 def access_log_to_sidecar(experiment: Experiment, name: str) -> AccessLog:

@@ -64,11 +64,13 @@ from extproc.envoyconf.common import (
     access_log_to_sidecar,
     early_mutations,
     http_listener,
-    inspect_filter,
     request_timeout,
     routing_processor,
     sidecar_cluster,
 )
+from extproc.envoyconf.inspector import Inspector, inspect_filter
+
+ROUTE_FILTER = "extproc.route"  # the ext_proc filter, the one native drops
 
 
 def _ext_proc(experiment: Experiment) -> ExternalProcessor:
@@ -175,18 +177,18 @@ def _shadow_routes(experiment: Experiment) -> list[Route]:
 
 
 def http_connection_manager(
-    experiment: Experiment, *, shadow: bool = False
+    experiment: Experiment, *, shadow: bool = False, inspector: Inspector = "lua"
 ) -> hcm.HttpConnectionManager:
     strip = early.HeaderMutation(mutations=early_mutations(shadow=shadow))
     # The shadow listener routes nothing; it asks the sidecar only to capture a copy's answer.
     ext_proc = not shadow or experiment.spec.capture.sample > 0
     filters = [
         *(
-            [hcm.HttpFilter(name="extproc.route", typed_config=typed(_ext_proc(experiment)))]
+            [hcm.HttpFilter(name=ROUTE_FILTER, typed_config=typed(_ext_proc(experiment)))]
             if ext_proc
             else []
         ),
-        inspect_filter(),
+        inspect_filter(inspector),
         hcm.HttpFilter(name="envoy.filters.http.router", typed_config=typed(Router())),
     ]
     routes = _shadow_routes(experiment) if shadow else _routes(experiment)
@@ -227,13 +229,17 @@ def build_bootstrap(experiment: Experiment, layout: EnvoyLayout) -> Bootstrap:
         http_listener(
             "llm",
             f"{layout.listen_host}:{layout.listen_port}",
-            http_connection_manager(experiment),
+            http_connection_manager(experiment, inspector=layout.inspector),
         )
     ]
     if experiment.spec.shadow.variant:
         shadow_at = f"{layout.shadow_host}:{layout.shadow_port}"
         listeners.append(
-            http_listener("llm_shadow", shadow_at, http_connection_manager(experiment, shadow=True))
+            http_listener(
+                "llm_shadow",
+                shadow_at,
+                http_connection_manager(experiment, shadow=True, inspector=layout.inspector),
+            )
         )
         clusters.append(static_cluster(SHADOW_CLUSTER, shadow_at, http2=False, timeout_ms=250))
     return Bootstrap(

@@ -70,11 +70,11 @@ from extproc.envoyconf.common import (
     early_mutations,
     grpc_access_log,
     http_listener,
-    inspect_filter,
     routing_processor,
     sidecar_cluster,
 )
 from extproc.envoyconf.gateway import Gateway, GatewayRoute
+from extproc.envoyconf.inspector import Inspector, inspect_filter
 
 FLEET_HEADERS = (h.EXPERIMENT, h.CLUSTER, h.SHADOW_TARGET)
 JSON_CONTENT_TYPE = r"(?i)application/json\s*(;.*)?"
@@ -176,7 +176,7 @@ def _gateway_route(route: GatewayRoute, gateway: Gateway) -> Route:
     )
 
 
-def _manager(gateway: Gateway, *, shadow: bool) -> hcm.HttpConnectionManager:
+def _manager(gateway: Gateway, *, shadow: bool, inspector: Inspector) -> hcm.HttpConnectionManager:
     mutations = early_mutations(shadow=shadow)
     if not shadow:
         mutations += [HeaderMutation(remove=name) for name in FLEET_HEADERS]
@@ -195,7 +195,7 @@ def _manager(gateway: Gateway, *, shadow: bool) -> hcm.HttpConnectionManager:
         filters = [_model_to_metadata(), _ext_proc(gateway)]
     filters += [
         _on_demand_clusters(gateway),
-        inspect_filter(),
+        inspect_filter(inspector),
         hcm.HttpFilter(name="envoy.filters.http.router", typed_config=typed(Router())),
     ]
     manager = hcm.HttpConnectionManager(
@@ -230,12 +230,18 @@ def build_fleet(gateway: Gateway, layout: EnvoyLayout) -> Bootstrap:
             clusters.append(static_cluster(r.cluster, r.address, http2=False, timeout_ms=2_000))
     listeners = [
         http_listener(
-            "llm", f"{layout.listen_host}:{layout.listen_port}", _manager(gateway, shadow=False)
+            "llm",
+            f"{layout.listen_host}:{layout.listen_port}",
+            _manager(gateway, shadow=False, inspector=layout.inspector),
         )
     ]
     if gateway.shadow:
         shadow_at = f"{layout.shadow_host}:{layout.shadow_port}"
-        listeners.append(http_listener("llm_shadow", shadow_at, _manager(gateway, shadow=True)))
+        listeners.append(
+            http_listener(
+                "llm_shadow", shadow_at, _manager(gateway, shadow=True, inspector=layout.inspector)
+            )
+        )
         clusters.append(static_cluster(SHADOW_CLUSTER, shadow_at, http2=False, timeout_ms=250))
     return Bootstrap(
         # xDS (the on-demand clusters) needs a node; `envoy --service-node` overrides the id.

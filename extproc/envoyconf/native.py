@@ -49,10 +49,12 @@ from extproc.envoyconf.common import (
     request_timeout,
 )
 from extproc.envoyconf.ext_proc import (
+    ROUTE_FILTER,
     build_bootstrap,
     echo,
     http_connection_manager,
 )
+from extproc.envoyconf.inspector import Inspector
 from extproc.routing.lanes import cluster_weights
 
 
@@ -169,9 +171,11 @@ def _native_routes(experiment: Experiment) -> list[Route]:
     return routes
 
 
-def _native_manager(experiment: Experiment, *, shadow: bool) -> hcm.HttpConnectionManager:
-    manager = http_connection_manager(experiment, shadow=shadow)
-    kept = [f for f in manager.http_filters if not f.name.startswith("extproc.")]
+def _native_manager(
+    experiment: Experiment, *, shadow: bool, inspector: Inspector
+) -> hcm.HttpConnectionManager:
+    manager = http_connection_manager(experiment, shadow=shadow, inspector=inspector)
+    kept = [f for f in manager.http_filters if f.name != ROUTE_FILTER]
     del manager.http_filters[:]  # the ext_proc filter: Envoy routes by itself
     manager.http_filters.extend(kept)
     if not shadow:
@@ -188,13 +192,13 @@ def _native_manager(experiment: Experiment, *, shadow: bool) -> hcm.HttpConnecti
 
 def build_native(experiment: Experiment, layout: EnvoyLayout) -> Bootstrap:
     """The ``dataplane: native`` bootstrap: Envoy's own sticky weighted routing, weights from the
-    sidecar's RTDS layer, telemetry through the gRPC access log and a Lua filter."""
+    sidecar's RTDS layer, telemetry through the gRPC access log and the inspector."""
     boot = build_bootstrap(experiment, layout)
     res = boot.static_resources
     for listener in res.listeners:
         shadow = listener.name == "llm_shadow"
         listener.filter_chains[0].filters[0].typed_config.CopyFrom(
-            typed(_native_manager(experiment, shadow=shadow))
+            typed(_native_manager(experiment, shadow=shadow, inspector=layout.inspector))
         )
     stable = experiment.spec.variants[experiment.stable]
     target = layout.upstreams.get(experiment.stable) or stable.address

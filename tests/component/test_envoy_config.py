@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from extproc.config import EXAMPLE_EXPERIMENT, load_experiment
 from extproc.dev.stack import envoy_binary
 from extproc.envoyconf.bootstrap import render, render_fleet
 from extproc.envoyconf.common import EnvoyLayout
 from extproc.envoyconf.gateway import EXAMPLE_GATEWAY, load_gateway
+from extproc.envoyconf.inspector import SEARCH_PATH_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "envoy").glob("*.yaml"))
 
 
-def envoy_validate(path: Path) -> None:
+def envoy_validate(path: Path, env: dict[str, str] | None = None) -> None:
     out = subprocess.run(
         [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env={**os.environ, **(env or {})},
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -56,6 +60,27 @@ def test_generated_variants_validate(tmp_path: Path, layout: EnvoyLayout) -> Non
     p = tmp_path / "envoy.yaml"
     p.write_text(render(load_experiment(EXAMPLE_EXPERIMENT), layout))
     envoy_validate(p)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dataplane", ["ext_proc", "native"])
+def test_configs_with_the_compiled_inspector_validate(
+    tmp_path: Path, dataplane: str, inspector_module: Path
+) -> None:
+    """Envoy loads the module while validating: the build, its exports and the filter config
+    are checked together."""
+    from extproc.config import parse_experiment
+
+    doc = yaml.safe_load(EXAMPLE_EXPERIMENT.read_text())
+    doc["dataplane"] = dataplane
+    p = tmp_path / "envoy.yaml"
+    p.write_text(render(parse_experiment(doc), EnvoyLayout(inspector="module")))
+    assert "extproc_inspect" in p.read_text()
+    envoy_validate(p, {SEARCH_PATH_ENV: str(inspector_module)})
+    gateway = tmp_path / "fleet.yaml"
+    layout = EnvoyLayout(inspector="module")
+    gateway.write_text(render_fleet(load_gateway(EXAMPLE_GATEWAY), layout, "gateway.yaml"))
+    envoy_validate(gateway, {SEARCH_PATH_ENV: str(inspector_module)})
 
 
 def test_forcing_headers_never_reach_a_model_server() -> None:
