@@ -275,7 +275,7 @@ PROXIES: dict[str, Proxy] = {
         ),
         Proxy(
             "ext_proc",
-            "shipped dataplane ext_proc: route stream + Lua + access log",
+            "shipped dataplane ext_proc: route stream + inspector + access log",
             ext_proc,
             sidecar=True,
             helper=None,
@@ -283,7 +283,7 @@ PROXIES: dict[str, Proxy] = {
         ),
         Proxy(
             "native",
-            "shipped dataplane native: Envoy routes, RTDS + Lua + access log",
+            "shipped dataplane native: Envoy routes, RTDS + inspector + access log",
             native,
             sidecar=True,
             helper=None,

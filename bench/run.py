@@ -207,7 +207,10 @@ def start_all(
 
     run = Running(procs, redis_url, up_port)
     local, envoy_env, why = inspector.for_local_envoy()
-    print(f"inspector: {local}" + (f" (the module did not build: {why})" if why else ""))
+    print(
+        f"inspector: {local}" + (f" (the module did not build: {why})" if why else ""),
+        file=sys.stderr,
+    )
     base = load_experiment(EXAMPLE_EXPERIMENT).to_json_dict()
     for name, v in base["variants"].items():
         v["address"] = f"127.0.0.1:{up_port}"
