@@ -101,6 +101,31 @@ def test_texts_are_cut_at_the_limit_without_redaction_too() -> None:
 )
 def test_captured_text(text: str, limit: int, stored: str) -> None:
     rules = QualityRules(
-        refusal=None, redact=re.compile(EMAIL), capture_share=100, capture_bytes=limit
+        refusals=(), redact=(re.compile(EMAIL),), capture_share=100, capture_bytes=limit
     )
     assert rules.captured(text) == stored
+
+
+def test_overlapping_patterns_redact_all_they_cover_once() -> None:
+    """Two patterns matching overlapping stretches: the whole of both goes, as one mark; a
+    pattern opening with its own global flags works beside the others."""
+    rules = QualityRules(
+        refusals=(),
+        redact=(re.compile(EMAIL), re.compile(r"(?i)EXAMPLE\.COM and \w+"), re.compile("key-\\d+")),
+        capture_share=100,
+        capture_bytes=1_000,
+    )
+    got = rules.captured("mail ann@example.com and bob, key-42 key-7 end")
+    assert got == f"mail {REDACTED}, {REDACTED} {REDACTED} end"
+
+
+def test_patterns_with_their_own_global_flags_compile() -> None:
+    """Each valid alone, as `extproc check` tests them: the sidecar compiles them too."""
+    doc = yaml.safe_load(EXAMPLE_EXPERIMENT.read_text())
+    doc["capture"] = {"sample": 100, "redact": ["(?s)BEGIN.*?END", EMAIL]}
+    doc["quality"] = {"refusal_patterns": ["(?s)^I can.t.*help", r"\bI am unable\b"]}
+    rules = QualityRules.compile(parse_experiment(doc).spec)
+    assert rules.is_refusal("I can't\nreally help")
+    assert rules.is_refusal("Sorry. I am unable to.")
+    assert not rules.is_refusal("I can help")
+    assert rules.captured("a BEGIN\nsecret END b x@y.io") == f"a {REDACTED} b {REDACTED}"
