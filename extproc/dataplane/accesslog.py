@@ -77,6 +77,10 @@ def _ms(d: Duration) -> float:
 
 def decode_text(escaped: str) -> str | None:
     """The answer text inspect.lua kept, still JSON-escaped and possibly cut inside an escape."""
+    if escaped.isascii() and escaped.isprintable() and "\\" not in escaped and '"' not in escaped:
+        # Most answers' heads: nothing escaped, each character one byte; what JSON decoding
+        # below would return, for a tenth of its cost per request.
+        return escaped[:SIGNAL_CHARS]
     for trim in range(7):  # the longest escape, \\uXXXX, is 6 characters
         try:
             text = json.loads(f'"{escaped[: len(escaped) - trim]}"')
@@ -99,6 +103,8 @@ def _cached_tokens(tail: str, md: Struct) -> int | None:
 
 def _flagged_failure(flags: al.ResponseFlags) -> ErrorClass.ValueType | None:
     """The upstream troubles only Envoy's response flags name; None leaves it to the builder."""
+    if not flags.ByteSize():  # no flag set: most requests
+        return None
     if flags.upstream_request_timeout:
         return _TIMEOUT
     if (
@@ -136,7 +142,8 @@ class EntryMapper:
 
     def event(self, entry: al.HTTPAccessLogEntry) -> TelemetryEvent:
         req, resp, common = entry.request, entry.response, entry.common_properties
-        hdrs = {k: v.encode() for k, v in req.request_headers.items()}
+        logged = req.request_headers
+        hdrs = {k: logged[k].encode() for k in logged}
         echoed = resp.response_headers.get(h.VARIANT)
         # A request the sidecar did not route went to stable by default: a fallback, whatever
         # the default route echoes, or sets for the access log's filter (Istio's does).

@@ -69,6 +69,7 @@ Evaluator metrics (``EvaluatorMetrics``):
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -80,10 +81,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from extproc.telemetry import outcome
 from extproc.telemetry.outcome import TokenPrice
@@ -170,6 +171,7 @@ def _enum_labels(names: Iterable[tuple[str, int]], prefix: str) -> dict[int, str
 _ASSIGNMENT = _enum_labels(Assignment.items(), "ASSIGNMENT_")
 _ERROR_CLASS = _enum_labels(ErrorClass.items(), "ERROR_CLASS_")
 _NO_ERROR = int(ErrorClass.ERROR_CLASS_NONE)
+_STICKY = int(Assignment.ASSIGNMENT_STICKY)
 _BOOL = {False: "false", True: "true"}
 
 
@@ -178,39 +180,139 @@ def _label(value: str, fallback: str) -> str:
     return value or fallback
 
 
-@dataclass
-class _VariantSeries:
-    """The labelled children of one (experiment, variant, shadow): looked up once, then reused.
+class _Histogram:
+    """One labelled histogram's buckets as plain numbers: ``le`` is inclusive, as Prometheus has
+    it (a value on a bound counts in that bound's bucket)."""
 
-    ``Metric.labels()`` validates and hashes the label values on every call; caching the children
-    leaves one dict lookup per request on the sidecar's event loop.
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf alone)
+        self.total = 0.0
+
+    def observe(self, x: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, x)] += 1
+        self.total += x
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative counts by ``le``, as the exposition format lists them."""
+        out, seen = [], 0
+        for bound, n in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True):
+            seen += n
+            out.append((bound, float(seen)))
+        return out
+
+
+@dataclass(slots=True)
+class _VariantSeries:
+    """The figures of one (experiment, variant, shadow), as plain numbers.
+
+    Why not prometheus_client's labelled children: each of their increments takes a lock and a
+    few calls, about ten of them per request, which made the metrics a tenth of the sidecar's CPU
+    per access-log entry. These are only touched on the sidecar's event loop, and
+    :class:`_RequestCollector` turns them into metric families at scrape time.
     """
 
     labels: tuple[str, str, str]
-    requests: Counter
-    duration: Histogram
-    ttft: Histogram
-    prompt_tokens: Counter
-    completion_tokens: Counter
-    cached_tokens: Counter
-    response_bytes: Counter
-    output_tps: Histogram
-    cost: Counter
-    notices: Counter
-    answers: dict[str, Counter]
     price: TokenPrice | None = None
-    by_outcome: dict[tuple[int, int], Counter] = field(default_factory=dict)
+    by_outcome: dict[tuple[int, int], int] = field(default_factory=dict)
+    duration: _Histogram = field(default_factory=lambda: _Histogram(LATENCY_BUCKETS_S))
+    ttft: _Histogram = field(default_factory=lambda: _Histogram(LATENCY_BUCKETS_S))
+    output_tps: _Histogram = field(default_factory=lambda: _Histogram(TOKENS_PER_S_BUCKETS))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    response_bytes: int = 0
+    cost: float = 0.0
+    notices: int = 0
+    answers: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ANSWER_SIGNALS, 0))
 
-    def outcome(self, assignment: int, error: int) -> Counter:
-        child = self.by_outcome.get((assignment, error))
-        if child is None:
-            child = self.requests.labels(
-                *self.labels,
-                _ASSIGNMENT.get(assignment, "unknown"),
-                _ERROR_CLASS.get(error, "unknown"),
-            )
-            self.by_outcome[(assignment, error)] = child
-        return child
+
+class _RequestCollector:
+    """The per-request families of every :class:`_VariantSeries`, made at each scrape."""
+
+    def __init__(self, series: Mapping[tuple[str, str, bool], _VariantSeries]) -> None:
+        self.series = series
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["experiment", "variant", "shadow"]
+        requests = CounterMetricFamily(
+            "extproc_requests",
+            "Requests seen by the sidecar, by variant, how the variant was assigned, and the "
+            "error class (none for a complete response).",
+            labels=[*labels, "assignment", "error_class"],
+        )
+        duration = HistogramMetricFamily(
+            "extproc_request_duration_seconds",
+            "Time from request start to the end of the response, successful requests only "
+            "(errors are counted in extproc_requests_total), as in `extproc status`.",
+            labels=labels,
+        )
+        ttft = HistogramMetricFamily(
+            "extproc_time_to_first_token_seconds",
+            "Time from request start to the first token (first SSE content chunk; first body "
+            "byte of a JSON response), successful requests only.",
+            labels=labels,
+        )
+        tokens = CounterMetricFamily(
+            "extproc_tokens",
+            "Tokens reported in the responses' usage, by type (prompt, completion, or "
+            "cached_prompt: prompt tokens of successful requests served from the model "
+            "server's prompt cache).",
+            labels=[*labels, "type"],
+        )
+        response_bytes = CounterMetricFamily(
+            "extproc_response_bytes", "Response body bytes sent to the client.", labels=labels
+        )
+        answers = CounterMetricFamily(
+            "extproc_answers",
+            "Answer signals of successful requests, by signal: tool_call, inspected (answer "
+            "text checked), empty and refusal (of inspected), json_checked, json_invalid.",
+            labels=[*labels, "signal"],
+        )
+        output_tps = HistogramMetricFamily(
+            "extproc_output_tokens_per_second",
+            "Generation speed of each streamed successful answer: tokens after the first over "
+            "the time after the first token.",
+            labels=labels,
+        )
+        cost = CounterMetricFamily(
+            "extproc_cost",
+            "Cost of the successful requests at their variant's price (the experiment file's "
+            "currency).",
+            labels=labels,
+        )
+        notices = CounterMetricFamily(
+            "extproc_in_flight_notices",
+            "In-flight notices: requests still open past the notice bound (not requests; the "
+            "request is counted when it ends).",
+            labels=labels,
+        )
+        for s in self.series.values():
+            values = list(s.labels)
+            for (assignment, error), n in s.by_outcome.items():
+                requests.add_metric(
+                    [
+                        *values,
+                        _ASSIGNMENT.get(assignment, "unknown"),
+                        _ERROR_CLASS.get(error, "unknown"),
+                    ],
+                    n,
+                )
+            for family, h in ((duration, s.duration), (ttft, s.ttft), (output_tps, s.output_tps)):
+                family.add_metric(values, h.buckets(), h.total)
+            tokens.add_metric([*values, "prompt"], s.prompt_tokens)
+            tokens.add_metric([*values, "completion"], s.completion_tokens)
+            tokens.add_metric([*values, "cached_prompt"], s.cached_tokens)
+            response_bytes.add_metric(values, s.response_bytes)
+            for signal, n in s.answers.items():
+                answers.add_metric([*values, signal], n)
+            cost.add_metric(values, s.cost)
+            notices.add_metric(values, s.notices)
+        yield from (
+            requests, duration, ttft, tokens, answers, output_tps, cost, notices, response_bytes
+        )  # fmt: skip
 
 
 class SidecarMetrics:
@@ -225,73 +327,9 @@ class SidecarMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.max_variants = max_variants
         reg = self.registry
-        per_request = ["experiment", "variant", "shadow"]
-        self.requests = Counter(
-            "extproc_requests",
-            "Requests seen by the sidecar, by variant, how the variant was assigned, and the "
-            "error class (none for a complete response).",
-            [*per_request, "assignment", "error_class"],
-            registry=reg,
-        )
-        self.duration = Histogram(
-            "extproc_request_duration_seconds",
-            "Time from request start to the end of the response, successful requests only "
-            "(errors are counted in extproc_requests_total), as in `extproc status`.",
-            per_request,
-            buckets=LATENCY_BUCKETS_S,
-            registry=reg,
-        )
-        self.ttft = Histogram(
-            "extproc_time_to_first_token_seconds",
-            "Time from request start to the first token (first SSE content chunk; first body "
-            "byte of a JSON response), successful requests only.",
-            per_request,
-            buckets=LATENCY_BUCKETS_S,
-            registry=reg,
-        )
-        self.tokens = Counter(
-            "extproc_tokens",
-            "Tokens reported in the responses' usage, by type (prompt, completion, or "
-            "cached_prompt: prompt tokens of successful requests served from the model "
-            "server's prompt cache).",
-            [*per_request, "type"],
-            registry=reg,
-        )
-        self.answers = Counter(
-            "extproc_answers",
-            "Answer signals of successful requests, by signal: tool_call, inspected (answer "
-            "text checked), empty and refusal (of inspected), json_checked, json_invalid.",
-            [*per_request, "signal"],
-            registry=reg,
-        )
-        self.output_tps = Histogram(
-            "extproc_output_tokens_per_second",
-            "Generation speed of each streamed successful answer: tokens after the first over "
-            "the time after the first token.",
-            per_request,
-            buckets=TOKENS_PER_S_BUCKETS,
-            registry=reg,
-        )
-        self.cost = Counter(
-            "extproc_cost",
-            "Cost of the successful requests at their variant's price (the experiment file's "
-            "currency).",
-            per_request,
-            registry=reg,
-        )
-        self.notices = Counter(
-            "extproc_in_flight_notices",
-            "In-flight notices: requests still open past the notice bound (not requests; the "
-            "request is counted when it ends).",
-            per_request,
-            registry=reg,
-        )
-        self.response_bytes = Counter(
-            "extproc_response_bytes",
-            "Response body bytes sent to the client.",
-            per_request,
-            registry=reg,
-        )
+        # Per request: plain numbers, made into families at scrape (see _VariantSeries).
+        self._series: dict[tuple[str, str, bool], _VariantSeries] = {}
+        reg.register(_RequestCollector(self._series))
         self.dropped = Counter(
             "extproc_telemetry_events_dropped",
             "Telemetry events dropped because the buffer was full while Redis was away.",
@@ -329,7 +367,6 @@ class SidecarMetrics:
             "Experiments this replica routes by (1 for a sidecar run from a file).",
             registry=reg,
         )
-        self._series: dict[tuple[str, str, bool], _VariantSeries] = {}
         self._overflow_warned = False
         self._dropped_seen = 0
         self._weights: dict[str, set[str]] = {}
@@ -353,9 +390,7 @@ class SidecarMetrics:
             if price is not None:
                 self._prices[(experiment, variant)] = price
         for variant in variants:
-            self._variant(experiment, variant, False).outcome(
-                Assignment.ASSIGNMENT_STICKY, _NO_ERROR
-            )
+            self._variant(experiment, variant, False).by_outcome.setdefault((_STICKY, _NO_ERROR), 0)
 
     def _variant(self, experiment: str, variant: str, shadow: bool) -> _VariantSeries:
         key = (experiment, variant, shadow)
@@ -374,21 +409,7 @@ class SidecarMetrics:
                 )
             return self._variant(OVERFLOW, OVERFLOW, shadow)
         labels = (_label(experiment, "_none"), _label(variant, UNROUTED), _BOOL[shadow])
-        series = _VariantSeries(
-            labels=labels,
-            requests=self.requests,
-            duration=self.duration.labels(*labels),
-            ttft=self.ttft.labels(*labels),
-            prompt_tokens=self.tokens.labels(*labels, "prompt"),
-            completion_tokens=self.tokens.labels(*labels, "completion"),
-            cached_tokens=self.tokens.labels(*labels, "cached_prompt"),
-            response_bytes=self.response_bytes.labels(*labels),
-            output_tps=self.output_tps.labels(*labels),
-            cost=self.cost.labels(*labels),
-            notices=self.notices.labels(*labels),
-            answers={name: self.answers.labels(*labels, name) for name in ANSWER_SIGNALS},
-            price=self._prices.get((experiment, variant)),
-        )
+        series = _VariantSeries(labels, price=self._prices.get((experiment, variant)))
         self._series[key] = series
         return series
 
@@ -396,14 +417,15 @@ class SidecarMetrics:
         """Count one finished request; called once per request on the sidecar's event loop.
 
         No I/O and no allocation beyond the first request of a variant: a cached lookup, then
-        a handful of lock-protected increments inside prometheus_client.
+        additions to plain numbers (exposed at scrape time by :class:`_RequestCollector`).
         """
         s = self._variant(event.experiment, event.variant, event.shadow)
         if outcome.is_notice(event):
-            s.notices.inc()
+            s.notices += 1
             return
         error = event.error
-        s.outcome(event.assignment, error).inc()
+        key = (event.assignment, error)
+        s.by_outcome[key] = s.by_outcome.get(key, 0) + 1
         if outcome.is_forced(event):
             return  # tester traffic: counted above, apart, and in no comparison figure
         if error == _NO_ERROR:
@@ -414,34 +436,27 @@ class SidecarMetrics:
             if event.HasField("first_token_ms"):
                 s.ttft.observe(event.first_token_ms / 1000.0)
             self._answer(s, event)
-        if event.HasField("prompt_tokens"):
-            s.prompt_tokens.inc(event.prompt_tokens)
-        if event.HasField("completion_tokens"):
-            s.completion_tokens.inc(event.completion_tokens)
-        if event.response_bytes:
-            s.response_bytes.inc(event.response_bytes)
+        s.prompt_tokens += event.prompt_tokens
+        s.completion_tokens += event.completion_tokens
+        s.response_bytes += event.response_bytes
 
     @staticmethod
     def _answer(s: _VariantSeries, event: TelemetryEvent) -> None:
         """The figures of one successful request, as ``extproc status`` and the guardrails count
         them: answer signals, generation speed, cost and prompt-cache hits."""
-        if event.HasField("cached_prompt_tokens"):
-            s.cached_tokens.inc(event.cached_prompt_tokens)
+        s.cached_tokens += event.cached_prompt_tokens
         if (cost := outcome.cost(event, s.price)) is not None:
-            s.cost.inc(cost)
+            s.cost += cost
         a = s.answers
         if event.tool_calls:
-            a["tool_call"].inc()
+            a["tool_call"] += 1
         if event.HasField("empty_answer"):
-            a["inspected"].inc()
-            if event.empty_answer:
-                a["empty"].inc()
-            if event.refusal:
-                a["refusal"].inc()
+            a["inspected"] += 1
+            a["empty"] += event.empty_answer
+            a["refusal"] += event.refusal
         if event.HasField("json_valid"):
-            a["json_checked"].inc()
-            if not event.json_valid:
-                a["json_invalid"].inc()
+            a["json_checked"] += 1
+            a["json_invalid"] += not event.json_valid
         if (tps := outcome.output_tokens_per_s(event)) is not None:
             s.output_tps.observe(tps)
 

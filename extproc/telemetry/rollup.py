@@ -265,15 +265,37 @@ def _round(x: float | None) -> float | None:
 def tally(events: Iterable[TelemetryEvent]) -> dict[tuple[str, str], Tally]:
     """Final events by (traffic, variant); in-flight notices and unrouted requests are not
     requests of a variant and are left out."""
-    out: dict[tuple[str, str], Tally] = {}
+    span = Bucket()
     for ev in events:
-        if ev.in_flight or not ev.variant:
-            continue
-        key = (outcome.traffic(ev), ev.variant)
-        t = out.get(key)
-        if t is None:
-            t = out[key] = Tally()
-        t.add(ev)
+        span.add(ev)
+    return span.tallies
+
+
+def buckets(events: Iterable[TelemetryEvent], width_s: int) -> dict[int, Bucket]:
+    """A batch of events tallied into the buckets of ``width_s`` they started in, by bucket
+    start (unix seconds). Each event is tallied here once: wider buckets are merged from these
+    (:func:`coarser`), not counted again."""
+    out: dict[int, Bucket] = {}
+    for ev in events:
+        start = outcome.started_ms(ev) // 1000
+        start -= start % width_s
+        b = out.get(start)
+        if b is None:
+            b = out[start] = Bucket()
+        b.add(ev)
+    return out
+
+
+def coarser(fine: Mapping[int, Bucket], width_s: int) -> dict[int, Bucket]:
+    """The same buckets at ``width_s``, a multiple of their width: merged, so a coarse bucket is
+    exactly the sum of the fine ones it spans."""
+    out: dict[int, Bucket] = {}
+    for start, b in fine.items():
+        key = start - start % width_s
+        wide = out.get(key)
+        if wide is None:
+            wide = out[key] = Bucket()
+        wide.merge(b)
     return out
 
 
@@ -282,16 +304,19 @@ def bucket_fields(
 ) -> dict[int, tuple[dict[str, int], dict[str, float]]]:
     """A batch of events as increments of the buckets of ``width_s`` they started in: bucket
     start (unix seconds) -> (integer fields, float fields)."""
-    by_bucket: dict[int, list[TelemetryEvent]] = {}
-    for ev in events:
-        start = outcome.started_ms(ev) // 1000
-        by_bucket.setdefault(start - start % width_s, []).append(ev)
+    return fields_of(buckets(events, width_s))
+
+
+def fields_of(
+    tallied: Mapping[int, Bucket],
+) -> dict[int, tuple[dict[str, int], dict[str, float]]]:
+    """Buckets as the hash fields the writer adds to (the inverse of :func:`parse`); a bucket
+    with nothing to add (only in-flight notices) is left out."""
     out: dict[int, tuple[dict[str, int], dict[str, float]]] = {}
-    for start, evs in by_bucket.items():
-        refused = sum(1 for ev in evs if not ev.variant and not ev.in_flight)
-        ints: dict[str, int] = {REFUSED: refused} if refused else {}
+    for start, b in tallied.items():
+        ints: dict[str, int] = {REFUSED: b.refused} if b.refused else {}
         floats: dict[str, float] = {}
-        for (kind, variant), t in tally(evs).items():
+        for (kind, variant), t in b.tallies.items():
             i, f = t.fields()
             ints.update({f"{kind}|{variant}|{k}": v for k, v in i.items()})
             floats.update({f"{kind}|{variant}|{k}": v for k, v in f.items()})
@@ -337,6 +362,16 @@ class Bucket:
         if t is None:
             t = self.tallies[key] = Tally()
         return t
+
+    def add(self, ev: TelemetryEvent) -> None:
+        """One event: a final one into its variant's tally, a refused one counted apart; an
+        in-flight notice is no request."""
+        if ev.in_flight:
+            return
+        if not ev.variant:
+            self.refused += 1
+            return
+        self.tally((outcome.traffic(ev), ev.variant)).add(ev)
 
     def merge(self, other: Bucket) -> None:
         for key, t in other.tallies.items():

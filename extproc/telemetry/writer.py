@@ -313,9 +313,13 @@ def _rollups(
     retention."""
     names: list[str] = []
     args: list[str | int | float] = []
-    for width in rollup.WIDTHS_S:
+    fine = rollup.buckets(events, rollup.FINE_S)
+    for width, tallied in (
+        (rollup.FINE_S, fine),
+        (rollup.COARSE_S, rollup.coarser(fine, rollup.COARSE_S)),
+    ):
         ttl = min(retention_s, rollup.FINE_KEPT_S) if width == rollup.FINE_S else retention_s
-        for start, (ints, floats) in rollup.bucket_fields(events, width).items():
+        for start, (ints, floats) in rollup.fields_of(tallied).items():
             names.append(keys.rollup(experiment, width, start))
             args += [len(ints), len(floats), ttl]
             for k, v in ints.items():

@@ -76,6 +76,21 @@ def test_merged_buckets_give_the_figures_of_the_raw_events(
     assert merged.events == len(evs)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(events(), max_size=60))
+def test_coarse_buckets_merged_from_fine_ones_are_those_counted_at_their_width(
+    evs: list[TelemetryEvent],
+) -> None:
+    """The writer tallies each event once, into fine buckets, and merges them into coarse ones:
+    the fields it writes are those of counting the events at the coarse width."""
+    merged = rollup.fields_of(rollup.coarser(rollup.buckets(evs, rollup.FINE_S), rollup.COARSE_S))
+    counted = rollup.bucket_fields(evs, rollup.COARSE_S)
+    assert merged.keys() == counted.keys()
+    for start, (ints, floats) in counted.items():
+        assert merged[start][0] == ints
+        assert merged[start][1] == pytest.approx(floats, rel=1e-12)
+
+
 @given(st.integers(0, 10**6), st.integers(1, 10**5))
 def test_a_span_is_tiled_by_whole_buckets_once(since: int, length: int) -> None:
     tiles = rollup.span_starts(since, since + length)
