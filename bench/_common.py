@@ -12,6 +12,7 @@ import sys
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from extproc.config import Experiment, load_experiment
 from extproc.dev import stack
@@ -29,9 +30,12 @@ def start_fast_upstream(st: stack.Stack) -> int:
     return port
 
 
-def experiment_at(exp: Experiment, upstream_port: int, path: Path) -> Experiment:
-    """A copy of ``exp`` with every variant served by the upstream, written to ``path``."""
-    doc = exp.to_json_dict()
+def experiment_at(
+    exp: Experiment, upstream_port: int, path: Path, changes: dict[str, Any] | None = None
+) -> Experiment:
+    """A copy of ``exp`` with every variant served by the upstream (and the top-level
+    ``changes``), written to ``path``."""
+    doc = exp.to_json_dict() | (changes or {})
     for v in doc["variants"].values():
         v["address"] = f"127.0.0.1:{upstream_port}"
     path.write_text(json.dumps(doc))

@@ -1,25 +1,22 @@
 """CPU the sidecar needs per 1,000 requests/s, measured through Envoy on the local stack.
 
 The figure for sizing (docs/PRODUCTION.md, "Capacity"): CPU seconds the sidecar process(es)
-spent, from /proc/<pid>/stat, per 1,000 requests it served. CPU seconds per 1,000 requests is the
-number of cores 1,000 requests/s keep busy.
+spent, from /proc/<pid>/stat, per 1,000 requests it handled. CPU seconds per 1,000 requests is
+the number of cores 1,000 requests/s keep busy.
 
 How: the local stack (Redis, the sidecar with telemetry on, the evaluator, Envoy) in front of one
-fast upstream. A paced client sends ``--rate`` requests/s, each with a new conversation id, for
-``--duration`` seconds per round, over a few keep-alive connections. A round counts the sidecar's
-CPU from just before the load until Envoy has no stream open to the sidecar and no more telemetry
-arrives, because observing streams outlive their requests (Envoy keeps them 5 s). The sidecar's
-idle CPU (heartbeat, routing poll) is reported apart; the figure includes it, as a real replica
-pays it too.
+fast upstream, with the experiment's data plane (``--dataplane``). A paced client sends ``--rate``
+requests/s, each with a new conversation id, for ``--duration`` seconds per round, over a few
+keep-alive connections. Every request costs the sidecar its telemetry (one access-log entry
+mapped to one event, written to Redis) and, on the ext_proc plane, its routing stream. A round
+counts the sidecar's CPU from just before the load until every request's event is in Redis and
+no more arrives. The sidecar's idle CPU (heartbeat, routing follower) is reported apart; the
+figure includes it, as a real replica pays it too. At a low rate requests arrive one by one
+(small access-log batches), so the figure errs on the high side for busier replicas;
+`bench/run.py` measures saturation.
 
-Why paced, and why 150/s by default: with Envoy's default circuit breaker on the sidecar cluster
-(1,024 requests in flight) and observing streams held 5 s, more than about 200 requests/s turn
-streams away (counted as "overflow"; those requests fall back to stable unrecorded). "Served" is
-half the streams Envoy opened to the sidecar (a routing and an observing one per request), so the
-figure stays per request the sidecar really handled. At a low rate every request is handled on
-its own (no batching), so the figure errs on the high side for busier replicas.
-
-    .venv/bin/python bench/capacity.py                     # 3 rounds of 20 s at 150 req/s
+    .venv/bin/python bench/capacity.py                        # 3 rounds of 20 s at 150 req/s
+    .venv/bin/python bench/capacity.py --dataplane native --rate 400
     .venv/bin/python bench/capacity.py --workers 2 --rate 150
 """
 
@@ -105,20 +102,18 @@ def recorded(state: dict[str, Any], experiment: str) -> int:
         r.close()
 
 
-def settle(state: dict[str, Any], experiment: str) -> None:
-    """Wait until no stream is open to the sidecar and its telemetry has stopped arriving."""
-    admin = state["endpoints"]["envoy_admin"]
+def settle(state: dict[str, Any], experiment: str, expected: int) -> None:
+    """Wait until ``expected`` events are in Redis and no more arrive (the access log flushes
+    every 100 ms, the writer every 50 ms); a request whose event never comes fails the round."""
     last = {"events": -1, "since": time.monotonic()}
 
     def done() -> bool:
-        if envoy_stats(admin).get(f"{SIDECAR}.upstream_rq_active", 0):
-            return False
         n, now = recorded(state, experiment), time.monotonic()
         if n != last["events"]:
             last.update(events=n, since=now)
-        return now - last["since"] >= QUIET_S  # the writer flushes every 50 ms
+        return n >= expected and now - last["since"] >= QUIET_S
 
-    stack.wait_until(done, "the sidecar's streams and telemetry", SETTLE_TIMEOUT_S)
+    stack.wait_until(done, f"{expected} events in Redis", SETTLE_TIMEOUT_S)
 
 
 def one_round(
@@ -129,21 +124,18 @@ def one_round(
     before, recorded0 = envoy_stats(admin), recorded(state, experiment)
     cpu0, envoy0 = cpu_s(pids), cpu_s([envoy])
     load = paced_load(port, args.rate, args.duration)
-    settle(state, experiment)
+    settle(state, experiment, recorded0 + int(load["sent"]))
     sidecar, envoy_cpu = cpu_s(pids) - cpu0, cpu_s([envoy]) - envoy0
     after = envoy_stats(admin)
-
-    def delta(stat: str) -> int:
-        return after.get(stat, 0) - before.get(stat, 0)
-
-    served = delta(f"{SIDECAR}.upstream_rq_total") / 2
+    overflow = after.get(f"{SIDECAR}.upstream_rq_active_overflow", 0) - before.get(
+        f"{SIDECAR}.upstream_rq_active_overflow", 0
+    )
     return {
         **load,
-        "served": served,
-        "overflow": delta(f"{SIDECAR}.upstream_rq_active_overflow"),
+        "overflow": overflow,
         "events": recorded(state, experiment) - recorded0,
         "sidecar_cpu_s": sidecar,
-        "sidecar_per_1000": sidecar / served * 1000,
+        "sidecar_per_1000": sidecar / load["sent"] * 1000,
         "envoy_per_1000": envoy_cpu / load["sent"] * 1000,
     }
 
@@ -154,6 +146,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20, help="seconds of load per round")
     ap.add_argument("--rate", type=float, default=150, help="requests per second")
     ap.add_argument("--workers", type=int, default=1, help="extproc serve --workers")
+    ap.add_argument("--dataplane", choices=("ext_proc", "native"), default="ext_proc")
     args = ap.parse_args()
 
     exp = load_experiment(EXAMPLE_EXPERIMENT)
@@ -161,7 +154,7 @@ def main() -> None:
         d = Path(tmp)
         st = stack.Stack(d / "bench")
         exp_path = d / "experiment.json"
-        exp = experiment_at(exp, start_fast_upstream(st), exp_path)
+        exp = experiment_at(exp, start_fast_upstream(st), exp_path, {"dataplane": args.dataplane})
         state = stack.up(
             stack.UpOptions(
                 experiment=exp,
@@ -180,8 +173,9 @@ def main() -> None:
             )
             pids = process_tree(sidecar)
             port = int(state["endpoints"]["listener"].rsplit(":", 1)[1])
-            paced_load(port, args.rate, 2)  # warm-up
-            settle(state, exp.name)
+            before = recorded(state, exp.name)
+            warm = paced_load(port, args.rate, 2)
+            settle(state, exp.name, before + int(warm["sent"]))
             cpu0 = cpu_s(pids)
             time.sleep(IDLE_S)  # measuring an idle period: nothing to wait for
             idle = (cpu_s(pids) - cpu0) / IDLE_S
@@ -191,16 +185,17 @@ def main() -> None:
             st.stop_all()
 
     print(
-        f"sidecar: {args.workers} worker(s); load: {args.rate:g} requests/s for "
+        f"dataplane: {args.dataplane}; sidecar: {args.workers} worker(s); load: {args.rate:g} "
+        f"requests/s for "
         f"{args.duration:g} s per round; idle sidecar CPU {idle * 1000:.1f} ms per second"
     )
     print(
-        f"{'round':<7}{'sent':>7}{'req/s':>8}{'errors':>8}{'served':>8}{'overflow':>10}"
+        f"{'round':<7}{'sent':>7}{'req/s':>8}{'errors':>8}{'overflow':>10}"
         f"{'events':>8}{'sidecar CPU s':>15}{'sidecar s/1k':>14}{'envoy s/1k':>12}"
     )
     for i, r in enumerate(rounds, 1):
         print(
-            f"{i:<7}{r['sent']:>7.0f}{r['rate']:>8.1f}{r['errors']:>8.0f}{r['served']:>8.0f}"
+            f"{i:<7}{r['sent']:>7.0f}{r['rate']:>8.1f}{r['errors']:>8.0f}"
             f"{r['overflow']:>10.0f}{r['events']:>8.0f}{r['sidecar_cpu_s']:>15.2f}"
             f"{r['sidecar_per_1000']:>14.3f}{r['envoy_per_1000']:>12.3f}"
         )
@@ -211,7 +206,7 @@ def main() -> None:
         f"Envoy: {envoy_med:.2f} cores"
     )
     if any(r["overflow"] for r in rounds):
-        print("overflow > 0: Envoy turned streams away from the sidecar; lower --rate")
+        print("overflow > 0: Envoy turned routing streams away from the sidecar; lower --rate")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.config.core.v3.config_source_pb2 import ApiVersion
 from envoy.config.core.v3.grpc_service_pb2 import GrpcService
 from envoy.config.route.v3.route_components_pb2 import RouteAction
+from envoy.extensions.access_loggers.file.v3.file_pb2 import FileAccessLog
 from envoy.extensions.access_loggers.grpc.v3.als_pb2 import (
     CommonGrpcAccessLogConfig,
     HttpGrpcAccessLogConfig,
@@ -99,6 +100,7 @@ class Proxy:
     telemetry: bool  # an event per request is expected in Redis
     dataplane: str = "ext_proc"  # the experiment's ``dataplane`` (what the sidecar serves)
     inspector: Inspector | None = None  # None: what the local stack picks (module when it builds)
+    helper_args: tuple[str, ...] = ()  # the helper's own flags
 
 
 def _pack(msg: Any) -> any_pb2.Any:
@@ -261,6 +263,69 @@ def hash_als(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     return _store(boot, manager)
 
 
+# --- where native's cost goes: the shipped config with its access log taken apart -------------
+
+
+def native_sink(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    """The shipped native config, its access log sent to a sink that maps nothing (the sidecar
+    still serves the weights): the ceiling of any Python sidecar behind this access log."""
+    boot = build_native(exp, layout)
+    manager = _manager(boot)
+    for log in manager.access_log:
+        config = HttpGrpcAccessLogConfig()
+        log.typed_config.Unpack(config)
+        config.common_config.grpc_service.envoy_grpc.cluster_name = ALS_CLUSTER
+        log.typed_config.CopyFrom(_pack(config))
+    boot.static_resources.clusters.append(_als_cluster(exp, als))
+    return _store(boot, manager)
+
+
+def native_nolog(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    """The shipped native config without its access log: routing and the inspector alone."""
+    boot = build_native(exp, layout)
+    manager = _manager(boot)
+    manager.ClearField("access_log")
+    return _store(boot, manager)
+
+
+def _compact_line(exp: Experiment) -> str:
+    """The fields the sidecar takes from an access-log entry, as one line of Envoy's text
+    formatter (tab-separated)."""
+    fields = [
+        "%START_TIME(%s%6f)%",
+        "%REQ(x-request-id)%",
+        *(f"%REQ({key})%" for key in exp.spec.sticky_keys),
+        f"%REQ({h.SHADOW_COPY})%",
+        f"%REQ({h.FORCED})%",
+        f"%RESP({h.VARIANT})%",
+        "%RESP(content-type)%",
+        "%RESPONSE_CODE%",
+        "%RESPONSE_CODE_DETAILS%",
+        "%RESPONSE_FLAGS%",
+        "%BYTES_SENT%",
+        "%ROUTE_NAME%",
+        "%UPSTREAM_CLUSTER%",
+        "%RESPONSE_DURATION%",
+        "%DURATION%",
+        "%DYNAMIC_METADATA(extproc)%",
+    ]
+    return "\t".join(fields) + "\n"
+
+
+def native_filelog(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    """The shipped native config with its gRPC access log replaced by the same fields formatted
+    as one text line into /dev/null: what Envoy's formatting costs apart from the gRPC log."""
+    boot = build_native(exp, layout)
+    manager = _manager(boot)
+    config = FileAccessLog(path="/dev/null")
+    config.log_format.text_format_source.inline_string = _compact_line(exp)
+    manager.ClearField("access_log")
+    manager.access_log.append(
+        AccessLog(name="envoy.access_loggers.file", typed_config=_pack(config))
+    )
+    return _store(boot, manager)
+
+
 PROXIES: dict[str, Proxy] = {
     p.name: p
     for p in (
@@ -318,6 +383,34 @@ PROXIES: dict[str, Proxy] = {
             telemetry=True,
             dataplane="native",
             inspector="lua",
+        ),
+        Proxy(
+            "native-sink",
+            "native, its access log to a sink that decodes the entries and maps nothing",
+            native_sink,
+            sidecar=True,
+            helper="als_sink.py",
+            telemetry=False,
+            dataplane="native",
+            helper_args=("--discard",),
+        ),
+        Proxy(
+            "native-nolog",
+            "native without its access log (routing and inspector only)",
+            native_nolog,
+            sidecar=True,
+            helper=None,
+            telemetry=False,
+            dataplane="native",
+        ),
+        Proxy(
+            "native-filelog",
+            "native, the access log's fields as one text line to /dev/null instead of gRPC",
+            native_filelog,
+            sidecar=True,
+            helper=None,
+            telemetry=False,
+            dataplane="native",
         ),
         Proxy("route", "ext_proc route filter only (no telemetry)", route_only, True, None, False),
         Proxy(

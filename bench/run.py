@@ -253,6 +253,7 @@ def start_all(
                     f"127.0.0.1:{als_port}",
                     "--redis-url",
                     redis_url,
+                    *p.helper_args,
                 ],
             )
             waits.append((f"helper-{p.name}", als_port))
