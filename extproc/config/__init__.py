@@ -24,7 +24,7 @@ from extproc.contract.assignment import BUCKETS
 from extproc.contract.guardrail_metrics import METRICS, Direction, MetricInfo, sides
 from extproc.contract.selection import Override, Selector, Selectors
 
-EXAMPLE_EXPERIMENT = Path(__file__).parent / "data" / "experiment.yaml"
+EXAMPLE_EXPERIMENT = Path(__file__).parent.parent / "data" / "experiment.yaml"
 """The commented example experiment that the local stack, `check` and `envoy-config` default to."""
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 HEADER_RE = r"^[a-z0-9!#$%&'*+.^_`|~-]+$"
