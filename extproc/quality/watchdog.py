@@ -38,7 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from redis.exceptions import RedisError
 
-from extproc.config import ConfigError, Experiment, _structural_problems
+from extproc.config import ConfigError, Experiment, structural_problems
 from extproc.contract import signals
 from extproc.supervise import raise_if_cancelled
 
@@ -110,7 +110,7 @@ def load_probes(path: Path) -> ProbeSet:
     try:
         probes = ProbeSet.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(str(path), _structural_problems(err)) from err
+        raise ConfigError(str(path), structural_problems(err)) from err
     seen: dict[str, int] = {}
     problems = []
     for i, p in enumerate(probes.prompts):
