@@ -155,7 +155,8 @@ def semantic_problems(raw: Mapping[str, Any]) -> list[str]:
     forced = raw.get("forced_routing")
     if isinstance(forced, Mapping) and isinstance(forced.get("allow"), list):
         for i, a in enumerate(forced["allow"]):
-            if a not in variants:
+            # Not a string: the structural check reports it (it may not even be hashable).
+            if isinstance(a, str) and a not in variants:
                 problems.append(f"forced_routing.allow.{i}: {a!r} is not one of the variants")
     return problems
 
@@ -362,13 +363,17 @@ def signal_source_problems(raw: Mapping[str, Any], variants: Mapping[str, Any]) 
         forced = forced if isinstance(forced, Mapping) else {}
         if forced.get("enabled") is False:
             problems.append("watchdog: needs forced_routing.enabled (probes force each variant)")
-        allow = forced.get("allow") or []
+        listed = forced.get("allow")
+        # Entries that are not strings are the structural check's to report.
+        allow = [a for a in listed if isinstance(a, str)] if isinstance(listed, list) else []
         if not probed and allow and set(variants) - set(allow):
             problems.append(
                 "watchdog.variants: empty means every variant, but forced_routing.allow "
                 f"permits only {sorted(allow)}"
             )
         for i, v in enumerate(probed if isinstance(probed, list) else []):
+            if not isinstance(v, str):
+                continue
             if v not in variants:
                 problems.append(f"watchdog.variants.{i}: {v!r} is not one of the variants")
             elif allow and v not in allow:

@@ -68,6 +68,20 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
         assert any(p.startswith(want) for p in got), (want, got)
 
 
+def test_lists_of_names_holding_other_values_are_reported_not_raised() -> None:
+    """A mapping where a variant's name belongs (unhashable) is a problem with its path, never
+    a crash of the checks that compare names."""
+    doc = {
+        **GOOD,
+        "forced_routing": {"allow": [{}, "canary"]},
+        "watchdog": {"file": "probes.yaml", "variants": [{}, ["x"], "ghost"]},
+    }
+    got = problems(doc)
+    for want in ("forced_routing.allow.0: ", "watchdog.variants.0: ", "watchdog.variants.1: "):
+        assert any(p.startswith(want) for p in got), (want, got)
+    assert "watchdog.variants.2: 'ghost' is not one of the variants" in got
+
+
 def test_weights_must_add_up_to_100() -> None:
     doc = {
         **GOOD,
