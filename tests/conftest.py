@@ -41,6 +41,11 @@ from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 # Tools the project installs into its virtualenv (`make promtool`) are found like those on PATH.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
+# Parallel workers (pytest-xdist, as `make test` runs the suite) choose ports at the same time:
+# each from its own share of the range, so two stacks starting at once never pick the same one.
+if (_worker := os.environ.get("PYTEST_XDIST_WORKER", "")).startswith("gw"):
+    stack.share_ports(int(_worker[2:]), int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+
 
 @pytest.fixture(scope="session")
 def inspector_module() -> Path:
