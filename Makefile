@@ -40,7 +40,9 @@ test: lint promtool
 	@# As root (CI, containers) the browser tests' Chromium is installed when missing; otherwise
 	@# they skip unless EXTPROC_REQUIRE_BROWSER=1 (`make browser` installs it with sudo).
 	@[ "$$(id -u)" != 0 ] || $(MAKE) --no-print-directory browser
-	$(BIN)/pytest
+	@# Two workers, each test file's tests on one (they share its stack): a stack's processes
+	@# wait on each other as much as they compute, so two at a time fill both cores.
+	$(BIN)/pytest -n 2 --dist loadfile
 
 # The unit and component tests only (no stack, no browser), on every core: the quick loop while
 # working. `make test` runs everything, as CI does.

@@ -41,6 +41,11 @@ from extproc.telemetry.v1.event_pb2 import TelemetryEvent
 # Tools the project installs into its virtualenv (`make promtool`) are found like those on PATH.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
+# Parallel workers (pytest-xdist, as `make test` runs the suite) choose ports at the same time:
+# each from its own share of the range, so two stacks starting at once never pick the same one.
+if (_worker := os.environ.get("PYTEST_XDIST_WORKER", "")).startswith("gw"):
+    stack.share_ports(int(_worker[2:]), int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+
 
 @pytest.fixture(scope="session")
 def inspector_module() -> Path:
@@ -233,6 +238,11 @@ def write_experiment(tmp: Path, **changes: Any) -> Path:
     return path
 
 
+# For `start_stack(components=...)`: the request path only (Redis, model stand-ins, sidecars,
+# Envoy), for tests of routing and telemetry that set the weights themselves.
+REQUEST_PATH: frozenset[str] = frozenset()
+
+
 # On a loaded machine the sidecar may answer Envoy later than the example's 200 ms, and Envoy then
 # routes to stable whatever was forced: for tests about the response, not that fallback.
 PATIENT_ENVOY = {"request_timeout_s": 300, "message_timeout_ms": 5000}
@@ -243,8 +253,8 @@ def forced_stack(
     tmp: Path, dataplane: str, changes: dict[str, Any] | None = None, **kw: Any
 ) -> Iterator[LiveStack]:
     """The example (with top-level ``changes``) on ``dataplane`` as an A/B test that never moves,
-    for tests that force each request's variant; ``kw`` as for :func:`start_stack`. Taken down
-    on leaving."""
+    for tests that force each request's variant; ``kw`` as for :func:`start_stack`, by default
+    the request path only (nothing here evaluates). Taken down on leaving."""
     path = write_experiment(
         tmp,
         dataplane=dataplane,
@@ -253,7 +263,7 @@ def forced_stack(
         envoy=PATIENT_ENVOY,
         **(changes or {}),
     )
-    s = start_stack(tmp / "stack", path, **kw)
+    s = start_stack(tmp / "stack", path, **{"components": REQUEST_PATH, **kw})
     try:
         yield s
     finally:
@@ -337,11 +347,6 @@ def forced_planes(mock_args: dict[str, list[str]]) -> Any:
     return plane
 
 
-# For `start_stack(components=...)`: the request path only (Redis, model stand-ins, sidecars,
-# Envoy), for tests of routing and telemetry that set the weights themselves.
-REQUEST_PATH: frozenset[str] = frozenset()
-
-
 @pytest.fixture(scope="module")
 def data_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     """One stack without evaluator, quality worker or dashboard, shared by a module's tests."""
@@ -366,6 +371,17 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
 def own_stack(tmp_path: Path) -> Iterator[LiveStack]:
     """A stack of the test's own, for tests that kill or restart parts."""
     s = start_stack(tmp_path / "stack")
+    try:
+        yield s
+    finally:
+        stack.down(s.state_dir)
+
+
+@pytest.fixture
+def own_data_stack(tmp_path: Path) -> Iterator[LiveStack]:
+    """A request path of the test's own (no evaluator, quality worker or dashboard), for tests
+    that kill or restart its parts."""
+    s = start_stack(tmp_path / "stack", components=REQUEST_PATH)
     try:
         yield s
     finally:

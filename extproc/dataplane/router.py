@@ -135,13 +135,20 @@ def error_response(err: RoutingError) -> pb.ProcessingResponse:
 CAPTURE_MODE = ProcessingMode(
     request_header_mode=ProcessingMode.SEND,  # already sent; Envoy ignores it here
     response_header_mode=ProcessingMode.SEND,
-    request_body_mode=ProcessingMode.STREAMED,
+    request_body_mode=ProcessingMode.BUFFERED_PARTIAL,
     response_body_mode=ProcessingMode.STREAMED,
     request_trailer_mode=ProcessingMode.SKIP,
     response_trailer_mode=ProcessingMode.SKIP,
 )
-"""What a captured request's answer asks for. STREAMED rather than BUFFERED: Envoy would refuse
-a body over its buffer limit with 413, and a capture must never fail a request."""
+"""What a captured request's answer asks for. Not BUFFERED: Envoy would refuse a body over its
+buffer limit with 413, and a capture must never fail a request.
+
+The request body is BUFFERED_PARTIAL (one message, the body up to the buffer limit with its end),
+not STREAMED: streamed, Envoy sends the body and then an empty end-of-stream message, and passes
+the body on upstream as soon as the first is answered. A model that answers at once then finishes
+the response before the sidecar has answered the second: Envoy resets the upstream request it
+never finished sending and cancels the mirrored copy with it, so the shadow side of the pair was
+lost whenever the sidecar answered a little late (a loaded host)."""
 
 _PASS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 

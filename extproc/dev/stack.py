@@ -61,6 +61,20 @@ class Ports:
 
 _EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _handed_out: set[int] = set()
+_share = (0, 1)  # this process's share of the range (index, count): see share_ports
+
+
+def share_ports(index: int, count: int) -> None:
+    """Choose ports from share ``index`` of ``count`` equal shares of the range only.
+
+    ``free_port`` hands a port out once per process, but two processes choosing at once (parallel
+    test workers, each starting stacks) could pick the same free port, and the second to bind it
+    fail; each taking its own share never can.
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"share {index} of {count}")
+    global _share
+    _share = (index, count)
 
 
 def _ephemeral_low() -> int | None:
@@ -82,8 +96,11 @@ def free_port() -> int:
     low = _ephemeral_low()
     if low is not None and low > 11_000:
         rng = secrets.SystemRandom()
+        index, count = _share
+        width = (low - 10_000) // count
+        start = 10_000 + index * width
         for _ in range(200):
-            port = rng.randrange(10_000, low)
+            port = rng.randrange(start, start + width)
             if port not in _handed_out and not port_in_use(port):
                 _handed_out.add(port)
                 return port

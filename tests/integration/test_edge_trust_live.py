@@ -12,7 +12,7 @@ import pytest
 
 from extproc.dev import stack
 from extproc.telemetry.v1.event_pb2 import TelemetryEvent
-from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
+from tests.conftest import REQUEST_PATH, LiveStack, start_stack, wait_for, write_experiment
 from tests.integration.test_shadow_live import pairs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -32,7 +32,7 @@ def shadow_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack
         capture={"sample": 100},
         rollout={"cadence_s": 0.5, "min_stage_seconds": 600},
     )
-    s = start_stack(tmp / "stack", exp)
+    s = start_stack(tmp / "stack", exp, components=REQUEST_PATH)
     try:
         yield s
     finally:

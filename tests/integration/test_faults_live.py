@@ -19,7 +19,7 @@ import redis
 from extproc.contract import keys
 from extproc.dev import stack
 from extproc.telemetry.v1.event_pb2 import Assignment, ErrorClass, TelemetryEvent
-from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
+from tests.conftest import REQUEST_PATH, LiveStack, start_stack, wait_for, write_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -28,27 +28,33 @@ def recorded_ids(s: LiveStack) -> dict[str, TelemetryEvent]:
     return {ev.request_id: ev for ev in s.events()}
 
 
-def test_sidecar_killed_traffic_flows_to_stable(own_stack: LiveStack, http: httpx.Client) -> None:
-    own_stack.set_weights(stable=0, canary=100)
-    assert own_stack.chat(http, {"x-conversation-id": "a"}).headers["x-llm-variant"] == "canary"
-    os.kill(own_stack.pid("sidecar"), signal.SIGKILL)
-    wait_for(lambda: not stack._alive(own_stack.state["processes"]["sidecar"]), "sidecar to die")
+def test_sidecar_killed_traffic_flows_to_stable(
+    own_data_stack: LiveStack, http: httpx.Client
+) -> None:
+    own_data_stack.set_weights(stable=0, canary=100)
+    assert (
+        own_data_stack.chat(http, {"x-conversation-id": "a"}).headers["x-llm-variant"] == "canary"
+    )
+    os.kill(own_data_stack.pid("sidecar"), signal.SIGKILL)
+    wait_for(
+        lambda: not stack._alive(own_data_stack.state["processes"]["sidecar"]), "sidecar to die"
+    )
     for i in range(30):
-        r = own_stack.chat(http, {"x-conversation-id": f"k-{i}"}, stream=i % 2 == 0)
+        r = own_data_stack.chat(http, {"x-conversation-id": f"k-{i}"}, stream=i % 2 == 0)
         assert r.status_code == 200
         assert r.headers["x-llm-variant"] == "stable"
         assert r.headers["x-mock-model"] == "stable"
 
 
 def test_redis_down_traffic_flows_and_telemetry_resumes(
-    own_stack: LiveStack, http: httpx.Client
+    own_data_stack: LiveStack, http: httpx.Client
 ) -> None:
-    proc = own_stack.state["processes"]["redis"]
+    proc = own_data_stack.state["processes"]["redis"]
     sent: list[str] = []
 
     def send(n: int) -> None:
         for _ in range(n):
-            r = own_stack.chat(http, {"x-conversation-id": str(uuid.uuid4())})
+            r = own_data_stack.chat(http, {"x-conversation-id": str(uuid.uuid4())})
             assert r.status_code == 200
             sent.append(r.headers["x-request-id"])
 
@@ -58,18 +64,20 @@ def test_redis_down_traffic_flows_and_telemetry_resumes(
     send(20)  # Redis is down: users see no difference; events wait in the sidecar's buffer
     restarted = subprocess.Popen(proc["argv"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(stack.redis_ok(own_stack.redis_url), "redis to come back")
+        wait_for(stack.redis_ok(own_data_stack.redis_url), "redis to come back")
         send(5)
         got = wait_for(
-            lambda: (ids := recorded_ids(own_stack)) and all(i in ids for i in sent[5:]) and ids,
+            lambda: (
+                (ids := recorded_ids(own_data_stack)) and all(i in ids for i in sent[5:]) and ids
+            ),
             "events of the outage and after to reach the restarted redis",
         )
         assert set(sent[5:]) <= set(got)  # the first 5 died with the old redis (no persistence)
         # the sidecar re-registers the experiment in the empty redis (its routing follower
         # notices the loss on its own schedule, not with the events)
-        with redis.Redis.from_url(own_stack.redis_url) as r:
+        with redis.Redis.from_url(own_data_stack.redis_url) as r:
             wait_for(lambda: r.exists(keys.definition("chat-upgrade")), "re-registration")
-        assert own_stack.status()["routing"]["version"] >= 1
+        assert own_data_stack.status()["routing"]["version"] >= 1
     finally:
         restarted.terminate()
         restarted.wait(timeout=10)
@@ -134,7 +142,7 @@ def test_sse_passes_through_byte_for_byte(
             "canary": {"cluster": "b", "address": f"127.0.0.1:{port}", "weight": 50},
         },
     )
-    s = start_stack(tmp_path / "stack", exp, mock_models=False)
+    s = start_stack(tmp_path / "stack", exp, mock_models=False, components=REQUEST_PATH)
     try:
         with http.stream(
             "POST",

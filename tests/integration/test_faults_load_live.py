@@ -24,7 +24,7 @@ import pytest
 
 from extproc.dev import stack
 from extproc.telemetry.v1.event_pb2 import ErrorClass, TelemetryEvent
-from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
+from tests.conftest import REQUEST_PATH, LiveStack, start_stack, wait_for, write_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -134,8 +134,8 @@ def report(name: str, load: Load, **figures: object) -> None:
 
 
 def fixed_split_stack(tmp_path: Path, canary: float, request_timeout_s: float) -> LiveStack:
-    """A stack whose split stays put (strategy ab, a stage longer than any test): the evaluator
-    does not move the weights under a fault test."""
+    """A request path whose split stays put (strategy ab, a stage longer than any test, and no
+    evaluator): nothing moves the weights under a fault test."""
     exp = write_experiment(
         tmp_path,
         strategy="ab",
@@ -151,7 +151,7 @@ def fixed_split_stack(tmp_path: Path, canary: float, request_timeout_s: float) -
         envoy={"request_timeout_s": request_timeout_s, "message_timeout_ms": 200},
         inflight={"notice_ms": int(request_timeout_s * 500)},  # noticed before they time out
     )
-    return start_stack(tmp_path / "stack", exp)
+    return start_stack(tmp_path / "stack", exp, components=REQUEST_PATH)
 
 
 @pytest.fixture
@@ -276,8 +276,8 @@ def test_a_failing_model_is_charged_to_its_variant_only(
     report(f"canary {behaviour}", load, by_variant_and_status=dict(by_variant))
 
 
-def test_bad_input_gets_a_clear_answer_and_serving_goes_on(live_stack: LiveStack) -> None:
-    s = live_stack
+def test_bad_input_gets_a_clear_answer_and_serving_goes_on(data_stack: LiveStack) -> None:
+    s = data_stack
     with httpx.Client(timeout=30) as c:
         big = "x" * (10 * 1024 * 1024)
         r = s.chat(
@@ -306,8 +306,8 @@ def test_bad_input_gets_a_clear_answer_and_serving_goes_on(live_stack: LiveStack
     assert got.error == ErrorClass.ERROR_CLASS_CLIENT_ERROR
 
 
-def test_client_disconnect_mid_stream_is_recorded_once(live_stack: LiveStack) -> None:
-    s = live_stack
+def test_client_disconnect_mid_stream_is_recorded_once(data_stack: LiveStack) -> None:
+    s = data_stack
     models = s.state["endpoints"]["models"]
     for url in models.values():
         httpx.post(f"{url}/admin/behaviour", json={"tokens_per_s": 20}, timeout=5)
@@ -346,11 +346,11 @@ def envoy_counter(s: LiveStack, name: str) -> int:
     )
 
 
-def test_observe_streams_end_with_their_request(live_stack: LiveStack) -> None:
+def test_observe_streams_end_with_their_request(data_stack: LiveStack) -> None:
     """Streams to the sidecar stay few under load: each observing stream ends when its event is
     emitted, not 5 s later (Envoy's deferred close), so Envoy's stream limit is never reached
     and no request loses its routing or its event."""
-    s = live_stack
+    s = data_stack
     failed_before = envoy_counter(s, "ext_proc.streams_failed")
     open_streams = []
     with Load(s, clients=8) as load:

@@ -56,12 +56,29 @@ async def test_hanging_candidate_is_rolled_back_before_its_requests_end(
                 headers={"x-conversation-id": str(uuid.uuid4())},
             )
 
-        async def rolled_back() -> bool:
-            for _ in range(3):  # a wave of requests: the answered ones end, the hanging stay
-                wave = [asyncio.create_task(chat()) for _ in range(10)]
-                done, pending = await asyncio.wait(wave, timeout=2)
+        async def hanging() -> int:
+            """Requests the candidate holds without answering, so far (it counts each)."""
+            stats = (await http.get(f"{canary}/admin/stats")).json()
+            return int(stats["outcomes"].get("hang", 0))
+
+        async def wave() -> None:
+            """Ten requests, until each has either been answered or is held by the candidate:
+            the answered ones end, the hanging stay open."""
+            held_before = await hanging()
+            pending = {asyncio.create_task(chat()) for _ in range(10)}
+            deadline = asyncio.get_running_loop().time() + 60
+            while len(pending) > await hanging() - held_before:
+                assert asyncio.get_running_loop().time() < deadline, "a wave never settled"
+                # Wakes at an answer, or after a moment to look at the candidate's count again.
+                done, pending = await asyncio.wait(
+                    pending, timeout=0.05, return_when=asyncio.FIRST_COMPLETED
+                )
                 assert all(t.result().status_code == 200 for t in done)
-                open_requests.extend(pending)
+            open_requests.extend(pending)
+
+        async def rolled_back() -> bool:
+            for _ in range(3):
+                await wave()
             st = await asyncio.to_thread(s.status)
             return bool(st["rollout"]["status"] == "rolled_back")
 

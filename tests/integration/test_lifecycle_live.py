@@ -76,7 +76,7 @@ def test_a_warm_up_keeps_a_cold_candidate_from_being_rolled_back(
     records = s.audit()
     actions = [r["action"] for r in records]
     if not warmed:  # the same candidate, judged on its cold start
-        assert outcome == "rolled_back"
+        assert outcome == "rolled_back", records
         assert actions[:2] == ["start", "rollback"]
         assert records[1]["reasons"][0].startswith("canary: error rate ")
         return

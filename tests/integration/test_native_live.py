@@ -192,7 +192,7 @@ def test_refusals_and_upstream_errors_count_against_the_variant(
 def test_traffic_keeps_its_routing_while_the_sidecar_is_away(
     tmp_path: Path, http: httpx.Client
 ) -> None:
-    s = start_stack(tmp_path / "stack", native_experiment(tmp_path))
+    s = start_stack(tmp_path / "stack", native_experiment(tmp_path), components=REQUEST_PATH)
     try:
         set_weights(s, http, 50)
         convs = range(100)
@@ -221,7 +221,7 @@ def test_mirrored_copies_are_recorded_as_the_shadow_variant(
         shadow={"variant": "canary", "share": 100},
         rollout={"min_stage_seconds": 3600},
     )
-    s = start_stack(tmp_path / "stack", exp)
+    s = start_stack(tmp_path / "stack", exp, components=REQUEST_PATH)
     try:
         ids = set()
         for i in range(10):

@@ -28,7 +28,7 @@ from extproc.config import load_experiment
 from extproc.dev import stack
 from extproc.envoyconf.common import SidecarTls
 from extproc.telemetry.v1.event_pb2 import Assignment
-from tests.conftest import LiveStack, start_stack, wait_for
+from tests.conftest import REQUEST_PATH, LiveStack, start_stack, wait_for
 from tests.integration.sidecar_probe import events_by_request, expected_variants, health
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -136,6 +136,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def _tls_stack(folder: Path, pki: Pki, server_name: str) -> LiveStack:
     return start_stack(
         folder,
+        components=REQUEST_PATH,
         mock_args=FAST_MODELS,
         sidecar_args=(
             *("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)),

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from extproc.dev import stack
-from tests.conftest import LiveStack, start_stack, wait_for, write_experiment
+from tests.conftest import REQUEST_PATH, LiveStack, start_stack, wait_for, write_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -30,7 +30,7 @@ def shadow_stack(tmp_path: Path) -> Iterator[LiveStack]:
         capture={"sample": 100, "redact": [r"[\w.+-]+@[\w-]+\.\w+"]},
         rollout={"cadence_s": 0.5, "min_stage_seconds": 600},
     )
-    s = start_stack(tmp_path / "stack", exp)
+    s = start_stack(tmp_path / "stack", exp, components=REQUEST_PATH)
     yield s
     stack.down(s.state_dir)
 
@@ -105,10 +105,10 @@ def test_hanging_shadow_does_not_touch_the_primary(
 
 
 def test_refusal_and_verbosity_regressions_show_in_variant_rates(
-    live_stack: LiveStack, http: httpx.Client
+    data_stack: LiveStack, http: httpx.Client
 ) -> None:
-    canary = live_stack.state["endpoints"]["models"]["canary"]
-    before = live_stack.status()["forced"]
+    canary = data_stack.state["endpoints"]["models"]["canary"]
+    before = data_stack.status()["forced"]
 
     def counted(variant: str) -> int:
         return int((before.get(variant) or {}).get("window_requests", 0))
@@ -116,23 +116,23 @@ def test_refusal_and_verbosity_regressions_show_in_variant_rates(
     http.post(f"{canary}/admin/behaviour", json={"refusal_rate": 1.0}).raise_for_status()
     try:
         for i in range(10):
-            live_stack.chat(
+            data_stack.chat(
                 http, {"x-experiment": "canary", "x-conversation-id": f"r{i}"}, stream=i % 2 == 0
             )
-            live_stack.chat(http, {"x-experiment": "stable", "x-conversation-id": f"r{i}"})
+            data_stack.chat(http, {"x-experiment": "stable", "x-conversation-id": f"r{i}"})
     finally:
         http.post(f"{canary}/admin/behaviour", json={"refusal_rate": 0.0}).raise_for_status()
     http.post(f"{canary}/admin/behaviour", json={"verbosity": 4.0}).raise_for_status()
     try:
         for i in range(10):
-            live_stack.chat(http, {"x-experiment": "canary", "x-conversation-id": f"v{i}"})
+            data_stack.chat(http, {"x-experiment": "canary", "x-conversation-id": f"v{i}"})
     finally:
         http.post(f"{canary}/admin/behaviour", json={"verbosity": 1.0}).raise_for_status()
 
     def figures() -> dict[str, Any] | None:
         """Once every request above is counted (telemetry arrives in batches, so a first
         refusal can show before the verbose answers do)."""
-        v = live_stack.status()["forced"]  # forced tester traffic: its own figures
+        v = data_stack.status()["forced"]  # forced tester traffic: its own figures
         done = (
             v.get("canary", {}).get("window_requests", 0) >= counted("canary") + 20
             and v.get("stable", {}).get("window_requests", 0) >= counted("stable") + 10

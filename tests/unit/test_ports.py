@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from extproc.dev import stack
 
 
@@ -21,3 +23,24 @@ def test_ports_are_distinct_free_and_below_the_ephemeral_range() -> None:
             # connection lingers in TIME_WAIT is free for it, if not for a plain bind.
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", p))  # still free to bind
+
+
+def test_processes_with_their_own_shares_never_choose_the_same_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Parallel test workers choose ports at once, each in its own share of the range."""
+    monkeypatch.setattr(stack, "_handed_out", set())
+    monkeypatch.setattr(stack, "_share", stack._share)  # this worker's own, restored after
+    chosen = []
+    for index in range(3):
+        stack.share_ports(index, 3)
+        chosen.append({stack.free_port() for _ in range(30)})
+    assert not chosen[0] & chosen[1]
+    assert not chosen[1] & chosen[2]
+    assert not chosen[0] & chosen[2]
+    if (low := stack._ephemeral_low()) is not None and low > 11_000:
+        width = (low - 10_000) // 3
+        for index, ports in enumerate(chosen):
+            assert all(10_000 + index * width <= p < 10_000 + (index + 1) * width for p in ports)
+    with pytest.raises(ValueError, match="share 3 of 3"):
+        stack.share_ports(3, 3)
