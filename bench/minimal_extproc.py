@@ -4,7 +4,8 @@ Why it exists: what the ext_proc data plane costs is only meaningful next to wha
 routing in Python costs (grpcio's per-stream price, Envoy's side of the stream). This server
 answers each stream's request headers with a prebuilt answer (``x-llm-variant``, 90% stable, 10%
 canary, route cache cleared) and ends the stream: no header reading, no stickiness, no telemetry,
-no Redis. The package's sidecar aims to cost no more than this.
+no Redis. The package's sidecar aims to cost no more than this. ``--uvloop`` runs it on the event
+loop the sidecar uses (the ``minimal-uvloop`` row).
 
     .venv/bin/python bench/minimal_extproc.py --listen 127.0.0.1:50071
 """
@@ -17,6 +18,7 @@ import random
 import signal
 
 import grpc
+import uvloop
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -70,8 +72,9 @@ async def serve(listen: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--listen", required=True, help="host:port")
+    ap.add_argument("--uvloop", action="store_true", help="on uvloop's loop, as the sidecar runs")
     args, _ = ap.parse_known_args()  # bench/run.py passes every helper the same arguments
-    asyncio.run(serve(args.listen))
+    (uvloop.run if args.uvloop else asyncio.run)(serve(args.listen))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ Variants (``PROXIES``):
 ``native-lua-empty``
     ``native`` with an empty ``envoy_on_response`` instead of ``inspect.lua``: what running any
     Lua per response costs, apart from what the script does (events then lack body fields).
+``native-noinspect``
+    ``native`` without its inspector: entries have no body fields (tokens, first token, answer
+    signals), so what the body's telemetry costs Envoy and the sidecar shows against ``native``.
 ``route``
     ``ext_proc`` without its telemetry (no Lua filter, no access log): the price of the
     package's routing decision alone, next to ``minimal``.
@@ -81,7 +84,7 @@ from extproc.contract import headers as h
 from extproc.contract.envoy import SIDECAR_CLUSTER
 from extproc.envoyconf.common import EnvoyLayout
 from extproc.envoyconf.ext_proc import build_baseline, build_bootstrap
-from extproc.envoyconf.inspector import Inspector
+from extproc.envoyconf.inspector import INSPECTORS, Inspector, inspect_filter
 from extproc.envoyconf.native import build_native
 from extproc.routing.lanes import runtime_weights
 
@@ -288,6 +291,21 @@ def native_nolog(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
     return _store(boot, manager)
 
 
+_INSPECTOR_FILTERS = {inspect_filter(kind).name for kind in INSPECTORS}
+
+
+def native_noinspect(exp: Experiment, layout: EnvoyLayout, als: str) -> Bootstrap:
+    """The shipped native config without its inspector: no body fields reach the access log (no
+    tokens, first token or answer signals), so neither Envoy nor the sidecar spends anything on
+    the body. What the body's telemetry costs the native plane, on both sides."""
+    boot = build_native(exp, layout)
+    manager = _manager(boot)
+    kept = [f for f in manager.http_filters if f.name not in _INSPECTOR_FILTERS]
+    del manager.http_filters[:]
+    manager.http_filters.extend(kept)
+    return _store(boot, manager)
+
+
 def _compact_line(exp: Experiment) -> str:
     """The fields the sidecar takes from an access-log entry, as one line of Envoy's text
     formatter (tab-separated)."""
@@ -337,6 +355,15 @@ PROXIES: dict[str, Proxy] = {
             sidecar=False,
             helper="minimal_extproc.py",
             telemetry=False,
+        ),
+        Proxy(
+            "minimal-uvloop",
+            "reference: the minimal Python ext_proc on uvloop's event loop (the sidecar's)",
+            minimal,
+            sidecar=False,
+            helper="minimal_extproc.py",
+            telemetry=False,
+            helper_args=("--uvloop",),
         ),
         Proxy(
             "ext_proc",
@@ -401,6 +428,15 @@ PROXIES: dict[str, Proxy] = {
             sidecar=True,
             helper=None,
             telemetry=False,
+            dataplane="native",
+        ),
+        Proxy(
+            "native-noinspect",
+            "native without its inspector (no body fields: tokens, first token, answer signals)",
+            native_noinspect,
+            sidecar=True,
+            helper=None,
+            telemetry=True,
             dataplane="native",
         ),
         Proxy(

@@ -93,7 +93,7 @@ def cmd_build_inspector(ns: argparse.Namespace) -> int:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     from extproc.dataplane import workers
-    from extproc.dataplane.server import Sidecar, SidecarSettings, TlsFiles
+    from extproc.dataplane.server import Sidecar, SidecarSettings, TlsFiles, run_sidecar
 
     exp = None if ns.all else load(ns.experiment)[0]
     if (ns.tls_cert is None) != (ns.tls_key is None) or (ns.tls_client_ca and not ns.tls_cert):
@@ -114,7 +114,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     )
     if ns.workers > 1:
         return workers.Supervisor(exp, settings, ns.workers, log_setup(ns)).run()
-    asyncio.run(Sidecar(exp, settings).run())
+    run_sidecar(Sidecar(exp, settings))
     return EXIT_OK
 
 

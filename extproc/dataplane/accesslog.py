@@ -69,6 +69,9 @@ _RESET = ErrorClass.ERROR_CLASS_RESET
 _TIMEOUT = ErrorClass.ERROR_CLASS_TIMEOUT
 _FORCED = Assignment.ASSIGNMENT_FORCED
 _OVERRIDE = Assignment.ASSIGNMENT_OVERRIDE
+_UNKNOWN_FORMAT = ApiFormat.API_FORMAT_UNKNOWN
+_OVERRIDE_MARK = OVERRIDE_MARK.encode()
+_FORCED_MARK = FORCED_MARK.encode()
 
 
 def _ms(d: Duration) -> float:
@@ -117,15 +120,6 @@ def _flagged_failure(flags: al.ResponseFlags) -> ErrorClass.ValueType | None:
     return None
 
 
-def _duration_ms(common: al.AccessLogCommon) -> float | None:
-    """Until the last byte left, else the first; None when no byte left."""
-    if common.HasField("time_to_last_downstream_tx_byte"):
-        return _ms(common.time_to_last_downstream_tx_byte)
-    if common.HasField("time_to_first_downstream_tx_byte"):
-        return _ms(common.time_to_first_downstream_tx_byte)
-    return None
-
-
 @dataclass(frozen=True)
 class EntryMapper:
     """Turns one HTTP access-log entry into the event the observer would have emitted: it reads
@@ -141,43 +135,55 @@ class EntryMapper:
         return cls(events, _variant_clusters(experiment), experiment.spec.capture.sample > 0)
 
     def event(self, entry: al.HTTPAccessLogEntry) -> TelemetryEvent:
+        # Each protobuf field read builds a wrapper object: every field is read once, here.
         req, resp, common = entry.request, entry.response, entry.common_properties
-        logged = req.request_headers
-        hdrs = {k: logged[k].encode() for k in logged}
-        echoed = resp.response_headers.get(h.VARIANT)
+        hdrs = {k: v.encode() for k, v in req.request_headers.items()}
+        out_headers = resp.response_headers
+        echoed = out_headers.get(h.VARIANT)
         # A request the sidecar did not route went to stable by default: a fallback, whatever
         # the default route echoes, or sets for the access log's filter (Istio's does).
-        if common.route_name == FALLBACK_ROUTE:
+        route = common.route_name
+        if route == FALLBACK_ROUTE:
             hdrs.pop(h.VARIANT, None)
         elif echoed is not None:
             hdrs[h.VARIANT] = echoed.encode()
         who = self.events.attribute(hdrs)
-        got_headers = common.HasField("time_to_first_downstream_tx_byte")
+        first = (
+            _ms(common.time_to_first_downstream_tx_byte)
+            if common.HasField("time_to_first_downstream_tx_byte")
+            else None
+        )
+        last = (
+            _ms(common.time_to_last_downstream_tx_byte)
+            if common.HasField("time_to_last_downstream_tx_byte")
+            else None
+        )
+        flags = common.response_flags
+        start = common.start_time
+        start_s, start_ns = start.seconds, start.nanos
         seen = Observed(
             request_id=req.request_id,
             variant=who.variant,
-            assignment=_pinned(entry, who.assignment),
+            assignment=_pinned(route, hdrs.get(h.FORCED), who.assignment),
             key_hash=who.key_hash,
             captured=self.capturing and self.events.rules.captures(req.request_id),
             # The shadow listener's mark, logged with the request; the primary listener strips a
             # client-sent one, and neither the client's Host nor anything else says "copy".
-            shadow=h.SHADOW_COPY in req.request_headers,
-            start_unix_ms=common.start_time.seconds * 1000 + common.start_time.nanos // 1_000_000,
-            headers_ms=_ms(common.time_to_first_downstream_tx_byte) if got_headers else None,
-            duration_ms=_duration_ms(common),
+            shadow=h.SHADOW_COPY in hdrs,
+            start_unix_ms=start_s * 1000 + start_ns // 1_000_000,
+            headers_ms=first,
+            # Until the last byte left, else the first; None when no byte left.
+            duration_ms=last if last is not None else first,
             status=resp.response_code.value,
             code_details=resp.response_code_details,
-            completed=(
-                common.HasField("time_to_last_downstream_tx_byte")
-                and not common.response_flags.downstream_connection_termination
-            ),
-            upstream_failure=_flagged_failure(common.response_flags),
-            streamed="text/event-stream" in resp.response_headers.get("content-type", ""),
+            completed=last is not None and not flags.downstream_connection_termination,
+            upstream_failure=_flagged_failure(flags),
+            streamed="text/event-stream" in out_headers.get("content-type", ""),
             response_bytes=resp.response_body_bytes,
         )
         md = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
         if md is not None:
-            _body(seen, md, common)
+            _body(seen, md, start_s * 1e6 + start_ns / 1e3)
         return self.events.event(seen)
 
     # --- in-flight notices -----------------------------------------------------------------
@@ -198,9 +204,9 @@ class EntryMapper:
             if shadow and shadow_variant
             else self.clusters.get(common.upstream_cluster)
         )
-        if variant is None or _forced(entry):
-            return None
         hdrs = {k: v.encode() for k, v in entry.request.request_headers.items()}
+        if variant is None or _forced(common.route_name, hdrs.get(h.FORCED)):
+            return None
         hdrs[h.VARIANT] = variant.encode()
         who = self.events.attribute(hdrs)
         seen = Observed(
@@ -217,12 +223,12 @@ class EntryMapper:
         return self.events.notice(seen, start_ms + int(age_ms), float(int(age_ms)))
 
 
-def _body(seen: Observed, md: Struct, common: al.AccessLogCommon) -> None:
+def _body(seen: Observed, md: Struct, start_us: float) -> None:
     """What inspect.lua read from the body: its format, first token, tool calls, usage and the
-    answer; of a body in no format it knows, only the first byte's time."""
+    answer; of a body in no format it knows, only the first byte's time. ``start_us``: when the
+    request started, in Unix microseconds."""
     f = md.fields
     if "first_token_us" in f:
-        start_us = common.start_time.seconds * 1e6 + common.start_time.nanos / 1e3
         seen.first_token_ms = _between(
             (f["first_token_us"].number_value - start_us) / 1e3, seen.headers_ms, seen.duration_ms
         )
@@ -231,7 +237,7 @@ def _body(seen: Observed, md: Struct, common: al.AccessLogCommon) -> None:
         seen.json_verdict = f[JSON_VALID].bool_value
     known = _FORMATS.get(f["format"].string_value) if "format" in f else None
     if known is None:
-        seen.api_format = ApiFormat.API_FORMAT_UNKNOWN
+        seen.api_format = _UNKNOWN_FORMAT
         return
     seen.api_format, usage, finish = known
     seen.tool_calls = "tool_calls" in f and f["tool_calls"].bool_value
@@ -273,22 +279,19 @@ def _between(first_token_ms: float, headers_ms: float | None, last_ms: float | N
     return first_token_ms
 
 
-def _pinned(entry: al.HTTPAccessLogEntry, who: Assignment.ValueType) -> Assignment.ValueType:
-    """The assignment of an entry: a category override's or a tester's pin (the sidecar's mark),
-    else ``who`` (what the headers say)."""
-    if entry.request.request_headers.get(h.FORCED) == OVERRIDE_MARK:
+def _pinned(route: str, mark: bytes | None, who: Assignment.ValueType) -> Assignment.ValueType:
+    """The assignment of an entry: a category override's or a tester's pin (the sidecar's mark
+    ``x-llm-forced``, logged with the request), else ``who`` (what the headers say)."""
+    if mark == _OVERRIDE_MARK:
         return _OVERRIDE
-    return _FORCED if _forced(entry) else who
+    return _FORCED if _forced(route, mark) else who
 
 
-def _forced(entry: al.HTTPAccessLogEntry) -> bool:
+def _forced(route: str, mark: bytes | None) -> bool:
     """A tester forced the request's variant. The forcing header is stripped before the log is
     written: Envoy's forced routes say so by name, and the sidecar by its mark (which the primary
     listener strips from clients), the only sign on Istio, whose routes bear other names."""
-    return (
-        entry.common_properties.route_name.startswith(FORCED_ROUTE)
-        or entry.request.request_headers.get(h.FORCED) == FORCED_MARK
-    )
+    return route.startswith(FORCED_ROUTE) or mark == _FORCED_MARK
 
 
 def _variant_clusters(experiment: Experiment) -> dict[str, str]:

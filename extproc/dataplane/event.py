@@ -72,25 +72,35 @@ class Observed:
     (a captured request's stream, for its access-log entry); None: judge ``answer`` here."""
 
 
+# Enum members as plain values: each ``ErrorClass.X`` is a Python-level attribute lookup on the
+# generated wrapper (about 0.8 us), which the access log's path paid per request.
+_NONE = ErrorClass.ERROR_CLASS_NONE
+_DISCONNECT = ErrorClass.ERROR_CLASS_CLIENT_DISCONNECT
+_CLIENT_ERROR = ErrorClass.ERROR_CLASS_CLIENT_ERROR
+_TIMEOUT = ErrorClass.ERROR_CLASS_TIMEOUT
+_RESET = ErrorClass.ERROR_CLASS_RESET
+_UPSTREAM_5XX = ErrorClass.ERROR_CLASS_UPSTREAM_5XX
+
+
 def classify(seen: Observed) -> ErrorClass.ValueType:
     """What went wrong, if anything (see ErrorClass in proto/): the failure Envoy's flags name,
     else what the status, Envoy's code details and how far the response got say."""
     if seen.upstream_failure is not None:
         return seen.upstream_failure
     if seen.headers_ms is None:
-        return ErrorClass.ERROR_CLASS_CLIENT_DISCONNECT
+        return _DISCONNECT
     details = seen.code_details
     if "timeout" in details:
-        return ErrorClass.ERROR_CLASS_TIMEOUT
+        return _TIMEOUT
     if details.startswith(("upstream_reset", "upstream_connect")) or "reset" in details:
-        return ErrorClass.ERROR_CLASS_RESET
+        return _RESET
     if seen.status >= 500:
-        return ErrorClass.ERROR_CLASS_UPSTREAM_5XX
+        return _UPSTREAM_5XX
     if not seen.completed:
-        return ErrorClass.ERROR_CLASS_CLIENT_DISCONNECT
+        return _DISCONNECT
     if seen.status >= 400:
-        return ErrorClass.ERROR_CLASS_CLIENT_ERROR
-    return ErrorClass.ERROR_CLASS_NONE
+        return _CLIENT_ERROR
+    return _NONE
 
 
 @dataclass(frozen=True)
@@ -144,13 +154,18 @@ class EventBuilder:
             status=seen.status,
             error=classify(seen),
             response_bytes=seen.response_bytes,
-            streamed=seen.streamed,
-            shadow=seen.shadow,
             finish_reason=seen.finish_reason,
             recorder=self.recorder,
-            tool_calls=seen.tool_calls,
-            captured=seen.captured,
         )
+        # Flags only when set: each field given costs the message a lookup by name.
+        if seen.streamed:
+            ev.streamed = True
+        if seen.shadow:
+            ev.shadow = True
+        if seen.tool_calls:
+            ev.tool_calls = True
+        if seen.captured:
+            ev.captured = True
         if seen.status < 400:  # an error body is in no answer format
             ev.api_format = seen.api_format
         if seen.headers_ms is not None:

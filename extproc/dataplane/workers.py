@@ -24,7 +24,6 @@ dies, so none outlives a killed supervisor.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import logging
@@ -40,7 +39,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from extproc.config import Experiment
-from extproc.dataplane.server import Sidecar, SidecarSettings
+from extproc.dataplane.server import Sidecar, SidecarSettings, run_sidecar
 from extproc.logs import LogSetup
 
 log = logging.getLogger(__name__)
@@ -99,7 +98,7 @@ def _worker_main(
         ready.send(True)
         ready.close()
 
-    asyncio.run(Sidecar(experiment, settings).run(ready=on_ready))
+    run_sidecar(Sidecar(experiment, settings), ready=on_ready)
 
 
 @dataclass

@@ -124,6 +124,12 @@ class Attribution:
     key_hash: str
 
 
+_FALLBACK = Assignment.ASSIGNMENT_FALLBACK
+_FORCED = Assignment.ASSIGNMENT_FORCED
+_STICKY = Assignment.ASSIGNMENT_STICKY
+_RANDOM = Assignment.ASSIGNMENT_RANDOM
+
+
 def attribute(
     policy: Policy, stable: str, hdrs: dict[str, bytes], known: tuple[str, ...]
 ) -> Attribution:
@@ -131,9 +137,8 @@ def attribute(
     kh = key_hash(policy.salt, key) if key is not None else ""
     chosen = hdrs.get(h.VARIANT, b"").decode("utf-8", "replace")
     if chosen not in known:
-        return Attribution(stable, Assignment.ASSIGNMENT_FALLBACK, kh)
+        return Attribution(stable, _FALLBACK, kh)
     forced = hdrs.get(policy.forced_header) if policy.forced_header else None
     if forced and forced.decode("utf-8", "replace").strip() == chosen:
-        return Attribution(chosen, Assignment.ASSIGNMENT_FORCED, kh)
-    kind = Assignment.ASSIGNMENT_STICKY if key is not None else Assignment.ASSIGNMENT_RANDOM
-    return Attribution(chosen, kind, kh)
+        return Attribution(chosen, _FORCED, kh)
+    return Attribution(chosen, _STICKY if key is not None else _RANDOM, kh)
