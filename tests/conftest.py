@@ -295,7 +295,7 @@ def fixed_upstream(answers: Mapping[str, tuple[str, bytes | list[bytes]]]) -> It
         app = web.Application()
         for path in answers:
             app.router.add_post(path, answer)
-        runner = web.AppRunner(app)
+        runner = web.AppRunner(app, access_log=None)  # its thread outlives a test's log capture
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         return runner
