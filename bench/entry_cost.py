@@ -75,7 +75,14 @@ def message(entries: int, text: str) -> bytes:
         c.response_flags.SetInParent()
         md = Struct()
         md.update(
-            {"format": "chat", "tail": body[-1024:], "text": text, "first_token_us": 1e15 + 4e4}
+            {
+                "format": "chat",
+                "text": text,
+                "first_token_us": 1e15 + 4e4,
+                "prompt_tokens": 12,
+                "completion_tokens": 40,
+                "finish_reason": "stop",
+            }
         )
         c.metadata.CopyFrom(Metadata(filter_metadata={METADATA_NAMESPACE: md}))
     return msg.SerializeToString()

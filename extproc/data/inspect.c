@@ -7,7 +7,7 @@
  * (namespace "extproc"), which the gRPC access log carries to the sidecar; inspect.lua's header
  * says what each key means. Why it exists: a Lua filter costs Envoy a coroutine per response,
  * which on a fast machine is a fifth of what Envoy spends on a whole request; this costs a
- * function call per frame. tests/component/test_inspect_module.py holds the two to the same
+ * function call per frame. tests/integration/test_inspector_live.py holds the two to the same
  * answers, byte streams a client could not craft on purpose included.
  *
  * One deliberate difference: an SSE line longer than HEAD_BYTES (inspect.lua would hold it whole,
@@ -89,6 +89,12 @@ static const pattern MESSAGE_OBJECT = {{"\"message\"", ":", "{"}};
 static const pattern TEXT_KEY = {{"\"text\"", ":"}};
 static const pattern CACHED = {{"\"cache_read_input_tokens\"", ":"}};
 static const pattern INPUT = {{"\"input_tokens\"", ":"}};
+static const pattern OUTPUT = {{"\"output_tokens\"", ":"}};
+static const pattern PROMPT = {{"\"prompt_tokens\"", ":"}};
+static const pattern COMPLETION = {{"\"completion_tokens\"", ":"}};
+static const pattern CACHED_TOKENS = {{"\"cached_tokens\"", ":"}};
+static const pattern FINISH = {{"\"finish_reason\"", ":", "\""}};
+static const pattern STOP = {{"\"stop_reason\"", ":", "\""}};
 
 static bool is_space(char c) {
   return c == ' ' || c == '\t' || c == '\n' || c == '\v' || c == '\f' || c == '\r';
@@ -164,6 +170,47 @@ static double number_value(const char *s, size_t n, const pattern *p) {
   return -1;
 }
 
+#define MAX_COUNT 4294967296.0 /* 2^32: the counts are uint32 fields; a larger one is not believable */
+#define MAX_REASON 32
+
+/* The number of the last '"key"%s*:%s*(%d+)' in s (with where that match starts), else false;
+ * only believable numbers when so asked. Each match is sought from the character after the
+ * previous one's start, as inspect.lua does. */
+static bool last_number(const char *s, size_t n, const pattern *p, bool believable, double *value,
+                        size_t *at) {
+  size_t from = 0, start, end;
+  bool found = false;
+  while (find(s, n, from, p, &start, &end)) {
+    while (end < n && is_space(s[end])) end++;
+    double v = 0;
+    size_t i = end;
+    while (i < n && s[i] >= '0' && s[i] <= '9') v = v * 10 + (s[i++] - '0');
+    if (i > end && (!believable || v < MAX_COUNT)) {
+      *value = v;
+      *at = start;
+      found = true;
+    }
+    from = start + 1;
+  }
+  return found;
+}
+
+/* The value of the last '"key"%s*:%s*"([a-z_]+)"' in s of at most MAX_REASON characters. */
+static bool last_reason(const char *s, size_t n, const pattern *p, buffer *value) {
+  size_t from = 0, start, end;
+  bool found = false;
+  while (find(s, n, from, p, &start, &end)) {
+    size_t i = end;
+    while (i < n && ((s[i] >= 'a' && s[i] <= 'z') || s[i] == '_')) i++;
+    if (i > end && i - end <= MAX_REASON && i < n && s[i] == '"') {
+      *value = (buffer){s + end, i - end};
+      found = true;
+    }
+    from = start + 1;
+  }
+  return found;
+}
+
 static bool equals(buffer b, const char *lit) {
   size_t k = strlen(lit);
   return b.length == k && memcmp(b.ptr, lit, k) == 0;
@@ -180,16 +227,20 @@ static bool starts(buffer b, const char *lit) {
 typedef struct {
   const char *name;
   const pattern *key, *sse, *sse_key, *json, *refusal, *tool;
+  const pattern *prompt, *completion, *finish; /* the usage counts and the finish reason */
 } format;
 
 enum { CHAT, COMPLETIONS, RESPONSES, MESSAGES };
 
 static const format FORMATS[] = {
-    [CHAT] = {"chat", &CONTENT, NULL, NULL, NULL, &REFUSAL, &TOOL_CALLS},
-    [COMPLETIONS] = {"completions", &TEXT, NULL, NULL, NULL, NULL, NULL},
+    [CHAT] = {"chat", &CONTENT, NULL, NULL, NULL, &REFUSAL, &TOOL_CALLS, &PROMPT, &COMPLETION,
+              &FINISH},
+    [COMPLETIONS] = {"completions", &TEXT, NULL, NULL, NULL, NULL, NULL, &PROMPT, &COMPLETION,
+                     &FINISH},
     [RESPONSES] = {"responses", &TEXT, &OUTPUT_TEXT_DELTA, &DELTA, &OUTPUT_TEXT, NULL,
-                   &FUNCTION_CALL},
-    [MESSAGES] = {"messages", &TEXT, &TEXT_DELTA, NULL, &TYPE_TEXT, NULL, &TOOL_USE},
+                   &FUNCTION_CALL, &INPUT, &OUTPUT, NULL},
+    [MESSAGES] = {"messages", &TEXT, &TEXT_DELTA, NULL, &TYPE_TEXT, NULL, &TOOL_USE, &INPUT,
+                  &OUTPUT, &STOP},
 };
 
 /* The format s (whole SSE lines, or a body's head) shows, else NULL: by its first "object",
@@ -414,6 +465,34 @@ static void set_number(void *envoy, const response *r, buffer key, double v) {
   envoy_dynamic_module_callback_http_set_dynamic_metadata_number(envoy, r->ns, key, v);
 }
 
+/* The usage counts and the finish reason in the body's tail, where every API puts them: the
+ * last believable count of each side, else what an SSE stream's first event said; the cache hits
+ * of the last count of them (none when that one is not believable), else the first event's. */
+static void usage(void *envoy, const response *r, const format *f) {
+  const char *t = r->tail;
+  size_t n = r->tail_len, at, at2;
+  double v, v2;
+  if (last_number(t, n, f->prompt, true, &v, &at))
+    set_number(envoy, r, LIT("prompt_tokens"), v);
+  else if (r->prompt >= 0)
+    set_number(envoy, r, LIT("prompt_tokens"), r->prompt);
+  if (last_number(t, n, f->completion, true, &v, &at))
+    set_number(envoy, r, LIT("completion_tokens"), v);
+  bool got = last_number(t, n, &CACHED_TOKENS, false, &v, &at);
+  if (last_number(t, n, &CACHED, false, &v2, &at2) && (!got || at2 > at)) {
+    v = v2;
+    got = true;
+  }
+  if (got) {
+    if (v < MAX_COUNT) set_number(envoy, r, LIT("cached_prompt_tokens"), v);
+  } else if (r->cached >= 0) {
+    set_number(envoy, r, LIT("cached_prompt_tokens"), r->cached);
+  }
+  buffer reason;
+  if (f->finish && last_reason(t, n, f->finish, &reason))
+    set_string(envoy, r, LIT("finish_reason"), reason.ptr, reason.length);
+}
+
 /* The body ended: what was found goes into the request's dynamic metadata. */
 static void finish(void *envoy, response *r) {
   if (r->done) return;
@@ -439,9 +518,7 @@ static void finish(void *envoy, response *r) {
   if (r->tools)
     envoy_dynamic_module_callback_http_set_dynamic_metadata_bool(envoy, r->ns, LIT("tool_calls"),
                                                                  true);
-  if (r->cached >= 0) set_number(envoy, r, LIT("cached_prompt_tokens"), r->cached);
-  if (r->prompt >= 0) set_number(envoy, r, LIT("prompt_tokens"), r->prompt);
-  set_string(envoy, r, LIT("tail"), r->tail, r->tail_len);
+  if (f) usage(envoy, r, f);
   free(r->pending);
   r->pending = NULL;
   r->pending_len = r->pending_cap = 0;

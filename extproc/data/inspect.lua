@@ -10,10 +10,12 @@
 --   text            the answer's first characters, still JSON-escaped (refusal checks); absent
 --                   when they could not be found (a JSON body cut at HEAD_BYTES before them);
 --   tool_calls      true when the answer called a tool;
---   cached_prompt_tokens, prompt_tokens  the prompt-cache hits and prompt tokens an SSE stream
---                   reported before its answer (Anthropic's message_start); later usage is in
---                   the tail;
---   tail            the last 1 KiB of the body ("usage" and the finish reason are at the end).
+--   prompt_tokens, completion_tokens, cached_prompt_tokens  the usage counts, found in the
+--                   body's last 1 KiB (every API reports them at the end): the last believable
+--                   (uint32) count of each side, the cache hits of the last count of them; an
+--                   SSE stream's first event's (Anthropic's message_start) where the end has none;
+--   finish_reason   why the answer ended ("finish_reason", Anthropic's "stop_reason"): the last
+--                   one in the body's last 1 KiB, at most 32 of [a-z_].
 -- SSE lines are read whole (a line cut between chunks waits for the rest) and only until
 -- TEXT_BYTES of text are held (or HEAD_BYTES passed without a known format); a JSON body is read
 -- from its first HEAD_BYTES. After that a chunk costs a length check and a copy of its last bytes.
@@ -25,25 +27,36 @@ local TEXT_BYTES = 2400 -- the sidecar's SIGNAL_CHARS (600) at up to 4 bytes a c
 local HEAD_BYTES = 65536
 local TAIL_BYTES = 1024
 local CACHED = '"cache_read_input_tokens"%s*:%s*(%d+)'
+local CACHED_TOKENS = '"cached_tokens"%s*:%s*(%d+)'
 local INPUT = '"input_tokens"%s*:%s*(%d+)'
+local OUTPUT = '"output_tokens"%s*:%s*(%d+)'
+local OPENAI_USAGE = {
+  prompt = '"prompt_tokens"%s*:%s*(%d+)', completion = '"completion_tokens"%s*:%s*(%d+)',
+  finish = '"finish_reason"%s*:%s*"([a-z_]+)"',
+}
+local MAX_COUNT = 4294967296 -- 2^32: the counts are uint32 fields; a larger one is not believable
+local MAX_REASON = 32
 
 -- Where each API keeps its answer text: the string value of `key` (in a stream `sse_key`, where
 -- given), in a stream only after `sse` (the event type of a text delta; nil: in every event), in a
 -- body only after `json` (the first match is the answer); a `refusal` where the API puts one
--- in its own field (OpenAI's structured refusal); and the mark of a tool call. The sidecar reads
--- the same (extproc/telemetry/formats.py).
+-- in its own field (OpenAI's structured refusal); the mark of a tool call; and its usage counts
+-- and finish reason (`usage`). The sidecar reads the same (extproc/telemetry/formats.py).
 local FORMATS = {
   chat = {
     key = '"content"%s*:%s*"', refusal = '"refusal"%s*:%s*"', tool = '"tool_calls"%s*:%s*%[%s*{',
+    usage = OPENAI_USAGE,
   },
-  completions = { key = '"text"%s*:%s*"' },
+  completions = { key = '"text"%s*:%s*"', usage = OPENAI_USAGE },
   responses = {
     key = '"text"%s*:%s*"', sse = '"response%.output_text%.delta"', sse_key = '"delta"%s*:%s*"',
     json = '"output_text"', tool = '"type"%s*:%s*"function_call"',
+    usage = { prompt = INPUT, completion = OUTPUT },
   },
   messages = {
     key = '"text"%s*:%s*"', sse = '"text_delta"', json = '"type"%s*:%s*"text"',
     tool = '"type"%s*:%s*"tool_use"',
+    usage = { prompt = INPUT, completion = OUTPUT, finish = '"stop_reason"%s*:%s*"([a-z_]+)"' },
   },
 }
 
@@ -138,6 +151,43 @@ local function clean(s)
   return table.concat(out)
 end
 
+-- The capture of the last match of pat in s that ok accepts, and where that match starts. Each
+-- match is sought from the character after the previous one's start, as inspect.c does.
+local function last_match(s, pat, ok)
+  local value, at, init = nil, nil, 1
+  while true do
+    local a, _, v = string.find(s, pat, init)
+    if a == nil then return value, at end
+    if ok(v) then value, at = v, a end
+    init = a + 1
+  end
+end
+
+local function any() return true end
+local function believable(v) return tonumber(v) < MAX_COUNT end
+local function reason(v) return #v <= MAX_REASON end
+
+-- The usage counts and the finish reason in the body's tail (see the header), the counts with an
+-- SSE stream's first event's (cached, prompt) where the tail has none.
+local function usage(md, tail, spec, cached, prompt)
+  local u = spec.usage
+  local p = last_match(tail, u.prompt, believable) or prompt
+  if p ~= nil then md:set("extproc", "prompt_tokens", tonumber(p)) end
+  local c = last_match(tail, u.completion, believable)
+  if c ~= nil then md:set("extproc", "completion_tokens", tonumber(c)) end
+  local hit, at = last_match(tail, CACHED_TOKENS, any)
+  local hit2, at2 = last_match(tail, CACHED, any)
+  if hit2 ~= nil and (hit == nil or at2 > at) then hit = hit2 end
+  if hit == nil then
+    hit = cached
+  elseif not believable(hit) then
+    hit = nil
+  end
+  if hit ~= nil then md:set("extproc", "cached_prompt_tokens", tonumber(hit)) end
+  local why = u.finish and last_match(tail, u.finish, reason)
+  if why then md:set("extproc", "finish_reason", why) end
+end
+
 local function now_us(handle)
   return tonumber(handle:timestampString(EnvoyTimestampResolution.MICROSECOND))
 end
@@ -224,7 +274,5 @@ function envoy_on_response(handle)
   if fmt then md:set("extproc", "format", fmt) end
   if first ~= nil and (spec or not sse) then md:set("extproc", "first_token_us", first) end
   if tools then md:set("extproc", "tool_calls", true) end
-  if cached ~= nil then md:set("extproc", "cached_prompt_tokens", tonumber(cached)) end
-  if prompt ~= nil then md:set("extproc", "prompt_tokens", tonumber(prompt)) end
-  md:set("extproc", "tail", clean(tail))
+  if spec then usage(md, tail, spec, cached, prompt) end
 end

@@ -5,7 +5,7 @@ so the sidecar's cost is a fraction of an ext_proc stream per request and nothin
 The entry has what the observer measures on a stream: the variant (the header the route echoed),
 the sticky key (hashed here, never stored raw), status, timings, bytes and the reason Envoy ended
 the request; ``extproc/data/inspect.lua`` adds what only the body shows (first token, the answer's
-first characters, tool calls, the ``usage`` at the end) as dynamic metadata.
+first characters, tool calls, the usage counts and the finish reason) as dynamic metadata.
 
 On the ext_proc plane the route names a request the sidecar did not route (fallback) or that was
 forced, and for a captured request the sidecar's own answer added whether it asked for JSON. What
@@ -47,7 +47,8 @@ from extproc.telemetry.v1.event_pb2 import ApiFormat, Assignment, ErrorClass, Te
 
 log = logging.getLogger(__name__)
 
-# The usage and finish reason of each format inspect.lua names, read from the body's tail:
+# The usage and finish reason of each format inspect.lua names, read from the body's tail when an
+# earlier release's inspector sent it (the inspectors now send the counts; the rules are theirs):
 # OpenAI's chat and legacy completions count prompt_tokens/completion_tokens and end in
 # finish_reason; Responses and Anthropic count input_tokens/output_tokens, Anthropic ends in
 # stop_reason. A format it did not name gets none of them (timing only).
@@ -65,6 +66,7 @@ _FORMATS: dict[str, tuple[ApiFormat.ValueType, re.Pattern[str], re.Pattern[str] 
 # OpenAI chat and Responses (``*_tokens_details.cached_tokens``), Anthropic (non-streamed, or the
 # cumulative usage of a stream's last ``message_delta``).
 _CACHED = re.compile(r'"(?:cached_tokens|cache_read_input_tokens)"\s*:\s*(\d+)')
+_REASON = re.compile(r"[a-z_]{1,32}")  # a finish reason as the inspectors take it
 _RESET = ErrorClass.ERROR_CLASS_RESET
 _TIMEOUT = ErrorClass.ERROR_CLASS_TIMEOUT
 _FORCED = Assignment.ASSIGNMENT_FORCED
@@ -99,7 +101,7 @@ def _cached_tokens(tail: str, md: Struct) -> int | None:
     stream reported in its first event (inspect.lua read them); None when never reported."""
     found = _CACHED.findall(tail)
     if not found:
-        return _early(md, "cached_prompt_tokens")
+        return _count(md, "cached_prompt_tokens")
     count = int(found[-1])
     return count if count < 2**32 else None
 
@@ -241,24 +243,41 @@ def _body(seen: Observed, md: Struct, start_us: float) -> None:
         return
     seen.api_format, usage, finish = known
     seen.tool_calls = "tool_calls" in f and f["tool_calls"].bool_value
-    tail = f["tail"].string_value if "tail" in f else ""
-    # The last believable count of each: a uint32 field, a larger count is not believable.
+    if "tail" in f:  # an inspector of an earlier release: the counts are in the body's tail
+        _tail_usage(seen, md, f["tail"].string_value, usage, finish)
+    else:  # the inspector found them
+        seen.prompt_tokens = _count(md, "prompt_tokens")
+        seen.completion_tokens = _count(md, "completion_tokens")
+        seen.cached_prompt_tokens = _count(md, "cached_prompt_tokens")
+        if "finish_reason" in f:
+            reason = f["finish_reason"].string_value
+            if _REASON.fullmatch(reason):
+                seen.finish_reason = reason
+    if "text" in f:
+        seen.answer = decode_text(f["text"].string_value)
+
+
+def _tail_usage(
+    seen: Observed, md: Struct, tail: str, usage: re.Pattern[str], finish: re.Pattern[str] | None
+) -> None:
+    """The usage and finish reason in the body's last 1 KiB, which the inspectors of earlier
+    releases sent instead of the counts (an Envoy configured by one, during an upgrade): what
+    the inspectors now find themselves, by the same rules."""
     # The last believable count of each side (True: the prompt's); a uint32 field, a larger
     # count is not believable.
     tokens = {name in _PROMPT: int(n) for name, n in usage.findall(tail) if int(n) < 2**32}
-    seen.prompt_tokens = tokens.get(True, _early(md, "prompt_tokens"))
+    seen.prompt_tokens = tokens.get(True, _count(md, "prompt_tokens"))
     seen.completion_tokens = tokens.get(False)
     seen.cached_prompt_tokens = _cached_tokens(tail, md)
     reasons = finish.findall(tail) if finish is not None else []
     if reasons:
         seen.finish_reason = reasons[-1]
-    if "text" in f:
-        seen.answer = decode_text(f["text"].string_value)
 
 
-def _early(md: Struct, key: str) -> int | None:
-    """A count inspect.lua read from an SSE stream's first event (Anthropic's message_start),
-    for when the tail has none; None when absent or not believable (a uint32 field)."""
+def _count(md: Struct, key: str) -> int | None:
+    """A count the inspector found (with an earlier release's inspector: one read from an SSE
+    stream's first event, Anthropic's message_start, for when the tail has none); None when
+    absent or not believable (a uint32 field)."""
     if key not in md.fields:
         return None
     count = md.fields[key].number_value

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -41,6 +42,8 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import StringValue
 
 from extproc.contract.clusters import socket_address, static_cluster, typed
+from extproc.dataplane import accesslog
+from extproc.dataplane.event import Observed
 from extproc.dev import stack
 from extproc.dev.mockformats import FORMATS, Answer
 from extproc.envoyconf.common import http_listener
@@ -123,6 +126,31 @@ def _hostile_bodies() -> dict[str, Body]:
              b'{"input_tokens": 33,"cache_read_input_tokens" :\t7}}}\n\n'],
         ),
         "/plain/text": ("text/plain", [b"just text"]),
+        # The counts and the finish reason: the last believable count of each side, the cache
+        # hits of the last count of them, reasons of at most 32 of [a-z_].
+        "/usage-unbelievable/json": (
+            JSON,
+            [b'{"object":"chat.completion","choices":[{"message":{"content":"x"},'
+             b'"finish_reason":"stop"}],"usage":{"prompt_tokens" :\n 0005,"completion_tokens":7,'
+             b'"prompt_tokens":4294967296,"completion_tokens":99999999999999999999999,'
+             b'"prompt_tokens_details":{"cached_tokens":3},"cache_read_input_tokens":4294967296}}'],
+        ),
+        "/usage-cached-last/json": (
+            JSON,
+            [b'{"type":"message","content":[{"type":"text","text":"hi"}],'
+             b'"stop_reason":"end_turn","usage":{"input_tokens":9,"output_tokens":2,'
+             b'"cache_read_input_tokens":1,"cached_tokens":6},"stop_reason":"x-y"}'],
+        ),
+        "/finish-too-long/json": (
+            JSON,
+            [b'{"object":"chat.completion","choices":[{"message":{"content":"x"},'
+             b'"finish_reason":"' + b"a" * 33 + b'"finish_reason":"length"}]}'],
+        ),
+        "/finish-only-too-long/json": (
+            JSON,
+            [b'{"object":"text_completion","choices":[{"text":"x",'
+             b'"finish_reason":"' + b"b" * 33 + b'"}]}'],
+        ),
     }  # fmt: skip
 
 
@@ -131,7 +159,9 @@ _PIECES = [
     b'"object"', b'"type"', b'"content"', b'"text"', b'"delta"', b'"refusal"', b'"tool_calls"',
     b'"choices"', b'"message"', b'"output_text"', b'"response.output_text.delta"',
     b'"text_delta"', b'"function_call"', b'"tool_use"', b'"input_tokens"',
-    b'"cache_read_input_tokens"', b'"chat.completion"', b'"chat.completion.chunk"',
+    b'"cache_read_input_tokens"', b'"prompt_tokens"', b'"completion_tokens"', b'"output_tokens"',
+    b'"cached_tokens"', b'"finish_reason"', b'"stop_reason"', b'"stop"', b"4294967296",
+    b'"chat.completion"', b'"chat.completion.chunk"',
     b'"text_completion"', b'"response"', b'"message_start"', b'"response.created"',
     b":", b" ", b"\t", b"\n", b"\n\n", b"data: ", b"{", b"}", b"[", b"]", b'"', b"\\", b'\\"',
     b"42", b"word", b"\xc3\xa9", b"\xff", b",",
@@ -199,7 +229,9 @@ class Inspected:
         """By path: what each inspector wrote ("lua", "module")."""
         if not self.log.exists():
             return {}
-        return {e["path"]: e for e in map(json.loads, self.log.read_text().splitlines())}
+        # The last piece is a line Envoy may still be writing (or nothing).
+        lines = self.log.read_text().split("\n")[:-1]
+        return {e["path"]: e for e in map(json.loads, lines)}
 
 
 def _manager(log: Path) -> hcm.HttpConnectionManager:
@@ -287,9 +319,50 @@ def test_the_module_writes_what_the_lua_script_writes(inspected: Inspected) -> N
     assert not differ
 
 
+def test_the_inspectors_find_the_counts_the_sidecar_read_from_the_tail(
+    inspected: Inspected,
+) -> None:
+    """Earlier releases' inspectors sent the body's last 1 KiB and the sidecar read the usage and
+    finish reason from it (``accesslog._tail_usage``, kept for an Envoy still configured by
+    one); the inspectors now find them. Over every body: the same counts and reasons, wherever
+    the tail has them (without, an SSE stream's first event may supply a count)."""
+    with httpx.Client(timeout=10) as client:
+        for path in BODIES:
+            assert client.post(inspected.url + path, content=b"{}").status_code == 200, path
+
+    def logged() -> dict[str, dict[str, Any]] | None:
+        got = inspected.entries()
+        return got if len(got) >= len(BODIES) else None
+
+    got = wait_for(logged, "an access-log line per request")
+    compared = 0
+    for path, (_, body) in BODIES.items():
+        module = got[path]["module"] or {}
+        known = accesslog._FORMATS.get(module.get("format", ""))
+        if known is None:  # no format: no counts from either
+            assert not {"prompt_tokens", "completion_tokens", "finish_reason"} & module.keys()
+            continue
+        whole = body if isinstance(body, bytes) else b"".join(body)
+        tail = whole[-1024:].decode("utf-8", "replace")
+        seen = Observed()
+        accesslog._tail_usage(seen, Struct(), tail, known[1], known[2])
+        assert module.get("completion_tokens") == seen.completion_tokens, path
+        assert module.get("finish_reason", "") == seen.finish_reason, path
+        if seen.prompt_tokens is not None:
+            assert module.get("prompt_tokens") == seen.prompt_tokens, path
+        if accesslog._CACHED.search(tail):
+            assert module.get("cached_prompt_tokens") == seen.cached_prompt_tokens, path
+        compared += 1
+    assert compared > len(_format_bodies())  # generated and hostile bodies too, not only those
+
+
 def test_what_the_module_finds_in_each_format(inspected: Inspected) -> None:
     """Not only agreement: the fields themselves, for some of the formats' answers."""
-    paths = ("/completions/text/sse", "/messages/tool/json", "/messages/text/sse")
+    paths = (
+        "/completions/text/sse", "/messages/tool/json", "/messages/text/sse",
+        "/usage-unbelievable/json", "/usage-cached-last/json", "/finish-too-long/json",
+        "/finish-only-too-long/json",
+    )  # fmt: skip
     with httpx.Client(timeout=10) as client:
         for path in paths:
             assert client.post(inspected.url + path, content=b"{}").status_code == 200
@@ -303,7 +376,9 @@ def test_what_the_module_finds_in_each_format(inspected: Inspected) -> None:
     assert text["format"] == "completions"
     assert text["text"] == 'Hello, \\"wo\\\\rld\\" \\u00e9t\\u00e9 \\u2603 \\ud83d\\ude00.'
     assert text["first_token_us"] > 1.7e15
-    assert text["tail"].endswith("data: [DONE]\n\n")
+    assert (text["prompt_tokens"], text["completion_tokens"]) == (12, 5)
+    assert (text["cached_prompt_tokens"], text["finish_reason"]) == (4, "stop")
+    assert "tail" not in text  # the counts, not the body's last 1 KiB
     assert got["/messages/tool/json"]["tool_calls"] is True
     stream = got["/messages/text/sse"]
     # Anthropic counts cache hits apart from input_tokens: 12 prompt tokens, 4 of them cached.
@@ -312,6 +387,19 @@ def test_what_the_module_finds_in_each_format(inspected: Inspected) -> None:
         8,
         4,
     )
+    assert stream["finish_reason"] == "end_turn"
+    usage = got
+    assert usage["/usage-unbelievable/json"] == {
+        "format": "chat", "text": "x", "first_token_us": ANY,
+        "prompt_tokens": 5, "completion_tokens": 7, "finish_reason": "stop",
+    }  # fmt: skip
+    assert usage["/usage-cached-last/json"] == {
+        "format": "messages", "text": "hi", "first_token_us": ANY,
+        "prompt_tokens": 9, "completion_tokens": 2, "cached_prompt_tokens": 6,
+        "finish_reason": "end_turn",
+    }  # fmt: skip
+    assert usage["/finish-too-long/json"]["finish_reason"] == "length"
+    assert "finish_reason" not in usage["/finish-only-too-long/json"]
 
 
 @pytest.mark.parametrize("kind", ["lua", "module"])

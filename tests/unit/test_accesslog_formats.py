@@ -1,7 +1,8 @@
 """The native data plane's reading of each API format: the access-log mapping takes the format
-inspect.lua named, reads that format's usage and finish reason from the body's tail (or the
-prompt tokens of an Anthropic stream's first event), and of a body in no format nothing but
-its timing."""
+inspect.lua named and the usage counts and finish reason it found; from an inspector of an earlier
+release, which sent the body's tail instead, it reads that format's usage and finish reason from
+the tail (or the prompt tokens of an Anthropic stream's first event). Of a body in no format it
+takes nothing but the timing."""
 
 from __future__ import annotations
 
@@ -110,3 +111,49 @@ def test_each_formats_usage_and_finish(
 def test_an_error_response_records_no_format() -> None:
     ev = mapper().event(entry(variant="canary", status=500, md={"format": "chat", "tail": ""}))
     assert ev.api_format == ApiFormat.API_FORMAT_UNSPECIFIED
+
+
+@pytest.mark.parametrize(
+    ("md", "tokens", "cached", "finish"),
+    [
+        (
+            {
+                "format": "chat",
+                "prompt_tokens": 9,
+                "completion_tokens": 10,
+                "cached_prompt_tokens": 4,
+                "finish_reason": "length",
+            },
+            (9, 10),
+            4,
+            "length",
+        ),
+        ({"format": "responses", "prompt_tokens": 9}, (9, None), None, ""),
+        # What no inspector sends is not believed: a count past a uint32 or not whole, a reason
+        # that is not at most 32 of [a-z_].
+        (
+            {
+                "format": "messages",
+                "prompt_tokens": 2**32,
+                "completion_tokens": 2.5,
+                "cached_prompt_tokens": -1,
+                "finish_reason": "end turn",
+            },
+            (None, None),
+            None,
+            "",
+        ),
+        ({"format": "chat", "finish_reason": "x" * 33}, (None, None), None, ""),
+        # Counts under an unknown format are not read.
+        ({"format": "gemini", "prompt_tokens": 9, "finish_reason": "stop"}, (None, None), None, ""),
+    ],
+)
+def test_the_counts_and_finish_reason_the_inspector_found(
+    md: dict[str, Any], tokens: tuple[int | None, int | None], cached: int | None, finish: str
+) -> None:
+    ev = mapper().event(entry(variant="canary", md=md))
+    prompt = ev.prompt_tokens if ev.HasField("prompt_tokens") else None
+    completion = ev.completion_tokens if ev.HasField("completion_tokens") else None
+    assert (prompt, completion) == tokens
+    assert (ev.cached_prompt_tokens if ev.HasField("cached_prompt_tokens") else None) == cached
+    assert ev.finish_reason == finish
