@@ -15,6 +15,8 @@ Variants (``PROXIES``):
     the shipped ext_proc config without its telemetry (no Lua filter, no access log), its
     ``route`` filter served by ``bench/minimal_extproc.py``: the least a Python ext_proc server
     can do to route (a prebuilt answer per stream). The reference the ext_proc plane is held to.
+``minimal-uvloop``
+    ``minimal`` on uvloop's event loop, the one the sidecar runs on: what the loop alone changes.
 ``ext_proc``
     what ships as ``dataplane: ext_proc`` (the default), unedited but for the filter's stat
     prefix: ext_proc ``route`` (blocking, request headers only; bodies only for the captured

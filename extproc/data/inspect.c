@@ -170,7 +170,8 @@ static double number_value(const char *s, size_t n, const pattern *p) {
   return -1;
 }
 
-#define MAX_COUNT 4294967296.0 /* 2^32: the counts are uint32 fields; a larger one is not believable */
+/* 2^32: the counts are uint32 fields; a larger one is not believable. */
+#define MAX_COUNT 4294967296.0
 #define MAX_REASON 32
 
 /* The number of the last '"key"%s*:%s*(%d+)' in s (with where that match starts), else false;

@@ -388,18 +388,17 @@ def test_what_the_module_finds_in_each_format(inspected: Inspected) -> None:
         4,
     )
     assert stream["finish_reason"] == "end_turn"
-    usage = got
-    assert usage["/usage-unbelievable/json"] == {
+    assert got["/usage-unbelievable/json"] == {
         "format": "chat", "text": "x", "first_token_us": ANY,
         "prompt_tokens": 5, "completion_tokens": 7, "finish_reason": "stop",
     }  # fmt: skip
-    assert usage["/usage-cached-last/json"] == {
+    assert got["/usage-cached-last/json"] == {
         "format": "messages", "text": "hi", "first_token_us": ANY,
         "prompt_tokens": 9, "completion_tokens": 2, "cached_prompt_tokens": 6,
         "finish_reason": "end_turn",
     }  # fmt: skip
-    assert usage["/finish-too-long/json"]["finish_reason"] == "length"
-    assert "finish_reason" not in usage["/finish-only-too-long/json"]
+    assert got["/finish-too-long/json"]["finish_reason"] == "length"
+    assert "finish_reason" not in got["/finish-only-too-long/json"]
 
 
 @pytest.mark.parametrize("kind", ["lua", "module"])
