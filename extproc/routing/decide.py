@@ -124,6 +124,8 @@ class Attribution:
     key_hash: str
 
 
+# Read once: each ``Assignment.X`` is a Python-level lookup on the generated enum wrapper, and the
+# access log attributes every request.
 _FALLBACK = Assignment.ASSIGNMENT_FALLBACK
 _FORCED = Assignment.ASSIGNMENT_FORCED
 _STICKY = Assignment.ASSIGNMENT_STICKY
