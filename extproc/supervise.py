@@ -97,6 +97,9 @@ class TaskGroup:
             except Exception as err:  # anything but cancellation: that is what we are here for
                 log.exception("background task %s died; restarting it", name)
                 self.down[name] = f"{type(err).__name__}: {err}"
+            # A task that swallowed its cancel and then raised is not restarted: close() would
+            # wait for it forever.
+            raise_if_cancelled()
             delay = self.backoff.next(delay, self.clock() - started)
             await self._changed()
             if await self._stopped_within(delay):

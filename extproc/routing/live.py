@@ -152,6 +152,9 @@ async def follow(f: Follower, subscribe: Callable[[PubSub], Awaitable[None]]) ->
     subscribes again."""
     backoff = 0.1
     while True:
+        # Here too, not only in the inner loop: with Redis away, a cancel swallowed by a command
+        # in flight ends in the retry below, and the inner loop is never reached again.
+        raise_if_cancelled()
         pubsub = f.redis.pubsub(ignore_subscribe_messages=True)
         try:
             # A cluster client learns the slot map with its first command, and its pub/sub

@@ -1,0 +1,87 @@
+"""Shutdown when a library swallows the cancel: redis-py's asyncio client can catch the
+``CancelledError`` delivered while a command is in flight and raise a connection error instead.
+With Redis gone, the tasks that follow it must still end, or the sidecar never exits on SIGTERM
+(seen: a sidecar whose Redis was stopped with it kept running, SIGTERM after SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from extproc.dev import stack
+from extproc.routing.live import follow
+from extproc.supervise import Backoff, TaskGroup
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class GoneRedisFollower:
+    """A :class:`extproc.routing.live.Follower` whose Redis goes away as the cancel arrives:
+    the first refresh waits on Redis and turns the cancel into a connection error (what redis-py
+    can do), every later one fails at once. Refreshing again after that is the hang."""
+
+    def __init__(self) -> None:
+        # A real client of a port nothing listens on: nothing here reaches it before the
+        # refreshes fail, but the follower's pub/sub is redis-py's own.
+        self.redis = aioredis.Redis(port=stack.free_port())
+        self.redis_ok = True
+        self.poll_interval_s = 0.01
+        self.waiting = asyncio.Event()
+        self.refreshes = 0
+
+    async def refresh(self) -> None:
+        self.refreshes += 1
+        if self.refreshes == 1:
+            self.waiting.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise RedisConnectionError("connection lost") from None
+        if self.refreshes > 3:
+            raise AssertionError("still refreshing after the cancel")
+        raise RedisConnectionError("connection refused")
+
+    def kept(self) -> str:
+        return "routing version 1"
+
+
+async def _never_subscribed(_: object) -> None:
+    raise AssertionError("never subscribed: no refresh succeeds")
+
+
+async def test_following_redis_ends_on_a_swallowed_cancel_with_redis_gone() -> None:
+    f = GoneRedisFollower()
+    task = asyncio.create_task(follow(f, _never_subscribed))
+    await f.waiting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert f.refreshes == 1
+    assert f.redis_ok is False  # the lost connection was seen as Redis trouble, then it stopped
+    await f.redis.aclose()
+
+
+async def test_a_task_that_swallows_its_cancel_and_dies_is_not_restarted() -> None:
+    group = TaskGroup(backoff=Backoff(first=0.01))
+    runs = 0
+    started = asyncio.Event()
+
+    async def swallows() -> None:
+        nonlocal runs
+        runs += 1
+        if runs > 1:
+            return  # restarted after the cancel: close() would wait on it forever
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RedisConnectionError("connection lost") from None
+
+    group.start("follower", swallows)
+    await started.wait()
+    await group.close()
+    assert runs == 1
+    assert group.restarts == {}
