@@ -42,7 +42,9 @@ class QualityRules:
     def compile(cls, spec: ExperimentSpec) -> QualityRules:
         refusal_flags = re.IGNORECASE | re.MULTILINE
         return cls(
-            refusals=tuple(re.compile(p, refusal_flags) for p in spec.quality.refusal_patterns),
+            refusals=tuple(
+                re.compile(boundary_last(p), refusal_flags) for p in spec.quality.refusal_patterns
+            ),
             redact=tuple(re.compile(p) for p in spec.capture.redact),
             capture_share=spec.capture.sample,
             capture_bytes=spec.capture.max_bytes,
@@ -83,6 +85,34 @@ class QualityRules:
             return False
         digest = hashlib.blake2b(request_id.encode(), digest_size=8, person=b"extproc-cap").digest()
         return int.from_bytes(digest, "big") % BUCKETS < self.capture_share * BUCKETS / 100
+
+
+_LEADING_WORD = re.compile(r"\\b(\w+)")
+_QUANTIFIERS = frozenset("?*+{")
+
+
+def boundary_last(pattern: str) -> str:
+    """``pattern`` with a leading word boundary checked after the word it guards: ``\\bI ...``
+    becomes ``I(?<!\\w\\w) ...``, which matches the same strings at the same places.
+
+    Why: the refusal patterns run over the first 600 characters of every answer, and Python's
+    ``re`` tries a pattern opening with ``\\b`` at every position; one opening with a literal
+    skips ahead to where that literal is. The default patterns cost a third less
+    (docs/PERFORMANCE.md). The same: ``\\b`` before a word character holds where the character
+    before it is no word character (or there is none), which is what the lookbehind checks once
+    the word's k characters, all word characters, are matched: not k + 1 word characters in a
+    row. A character a quantifier applies to stays out of the word, and a pattern that does not
+    open with ``\\b`` and a word is left as it is.
+    """
+    m = _LEADING_WORD.match(pattern)
+    if m is None:
+        return pattern
+    word = m.group(1)
+    if pattern[m.end() : m.end() + 1] in _QUANTIFIERS:
+        word = word[:-1]
+    if not word:
+        return pattern
+    return f"{word}(?<!\\w{{{len(word) + 1}}}){pattern[2 + len(word) :]}"
 
 
 def _chars_within(text: str, limit: int) -> int:
