@@ -105,6 +105,21 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def worker_ticks(pid: int) -> int:
+    """utime + stime of an Envoy's worker threads (named ``wrk:worker_N``), in clock ticks: the
+    request path, its access log and its filters, without the main thread (xDS, stats, admin).
+    What a request costs Envoy itself, whatever else the machine runs."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            stat = (task / "stat").read_text()
+            comm, rest = stat.split("(", 1)[1].rsplit(")", 1)
+            if comm.startswith("wrk:worker_"):
+                fields = rest.split()
+                total += int(fields[11]) + int(fields[12])
+    return total
+
+
 def children_cpu_s() -> float:
     """CPU seconds of reaped children: wrk's, since it is the only child that exits mid-run."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -418,6 +433,7 @@ class LevelTotals:
 
     cpu_us: float
     envoy_cpu_us: float  # the configuration's Envoy alone
+    worker_cpu_us: float  # its worker threads alone
     envoy: Counter[str]
     events: Counter[str]
 
@@ -429,6 +445,7 @@ class LevelMeter:
         self.run, self.r, self.names = run, r, names
         self.cpu = {n: proxy_cpu(run, PROXIES[n]) for n in names}
         self.envoy_cpu = {n: cpu_ticks(run.pid(f"envoy-{n}")) for n in names}
+        self.worker_cpu = {n: worker_ticks(run.pid(f"envoy-{n}")) for n in names}
         self.stats = {n: envoy_stats(run.envoys[n][1]) for n in names}
         self.events = {n: events_recorded(r, run.experiments[n].name) for n in names}
 
@@ -436,10 +453,12 @@ class LevelMeter:
         out = {}
         for n in self.names:
             cpu = (proxy_cpu(self.run, PROXIES[n]) - self.cpu[n]) / TICK * 1e6
-            envoy_cpu = (cpu_ticks(self.run.pid(f"envoy-{n}")) - self.envoy_cpu[n]) / TICK * 1e6
+            pid = self.run.pid(f"envoy-{n}")
+            envoy_cpu = (cpu_ticks(pid) - self.envoy_cpu[n]) / TICK * 1e6
+            worker_cpu = (worker_ticks(pid) - self.worker_cpu[n]) / TICK * 1e6
             envoy = Counter(_delta(envoy_stats(self.run.envoys[n][1]), self.stats[n]))
             events = events_recorded(self.r, self.run.experiments[n].name) - self.events[n]
-            out[n] = LevelTotals(cpu, envoy_cpu, envoy, events)
+            out[n] = LevelTotals(cpu, envoy_cpu, worker_cpu, envoy, events)
         return out
 
 
@@ -483,7 +502,9 @@ def summarise(
                 return envoy[stat] / received if received else 0.0
 
             bare_t = totals[c]["bare"]
-            bare_cpu = bare_t.cpu_us / max(bare_t.envoy["http.llm.downstream_rq_completed"], 1)
+            bare_completed = max(bare_t.envoy["http.llm.downstream_rq_completed"], 1)
+            bare_cpu = bare_t.cpu_us / bare_completed
+            worker_cpu = t.worker_cpu_us / max(completed, 1)
             row: dict[str, Any] = {
                 "proxy": name,
                 "connections": c,
@@ -510,6 +531,10 @@ def summarise(
                 "proxy_cpu_us_per_req": t.cpu_us / max(completed, 1),
                 "envoy_cpu_us_per_req": t.envoy_cpu_us / max(completed, 1),
                 "helper_cpu_us_per_req": (t.cpu_us - t.envoy_cpu_us) / max(completed, 1),
+                "worker_cpu_us_per_req": worker_cpu,
+                # Envoy's throughput against bare's where its worker has a core to itself (the
+                # sidecar on cores of its own): bare's worker CPU per request over this one's.
+                "worker_capacity": bare_t.worker_cpu_us / bare_completed / max(worker_cpu, 1e-9),
                 "redis_cpu_us_per_req": _median([x["redis_cpu_us_per_req"] for x in mine]),
                 "wrk_cpu_share": _median([x["wrk_cpu_share"] for x in mine]),
                 "rps_ratio": _median([x["rps"] / b["rps"] for x, b in paired]),
@@ -756,13 +781,18 @@ def render(result: dict[str, Any]) -> str:
         "request."
     )
     lines.append("")
-    lines.append("CPU per request, us (Envoy / sidecar or ALS sink; Redis apart):")
+    lines.append(
+        "CPU per request, us (Envoy, its worker thread / sidecar or ALS sink; Redis apart), and "
+        "Envoy's capacity against bare's with a core to itself (bare's worker CPU per request "
+        "over this one's):"
+    )
     for row in result["summary"]:
         envoy, helper = row["envoy_cpu_us_per_req"], row["helper_cpu_us_per_req"]
         lines.append(
-            f"  {row['proxy']:<17}c={row['connections']:<3} Envoy {envoy:>6.0f}   helper "
-            f"{helper:>6.0f}   Redis {row['redis_cpu_us_per_req']:>4.0f}   wrk "
-            f"{100 * row['wrk_cpu_share']:>3.0f}% of a core"
+            f"  {row['proxy']:<17}c={row['connections']:<3} Envoy {envoy:>6.0f}   worker "
+            f"{row['worker_cpu_us_per_req']:>6.0f}   helper {helper:>6.0f}   Redis "
+            f"{row['redis_cpu_us_per_req']:>4.0f}   wrk {100 * row['wrk_cpu_share']:>3.0f}% of a "
+            f"core   capacity {row['worker_capacity']:.2f}"
         )
     notes = []
     for row in result["summary"]:
