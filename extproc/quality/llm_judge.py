@@ -544,6 +544,9 @@ class JudgeWorker:
 
     async def _consume(self, queue: asyncio.Queue[Pair]) -> None:
         while True:
+            # A cancel swallowed while judging (by redis-py) ends in the except below; without
+            # this the consumer would wait on the queue forever and the worker never stop.
+            raise_if_cancelled()
             pair = await queue.get()
             try:
                 await self.judge(pair)

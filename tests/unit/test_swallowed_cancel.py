@@ -11,7 +11,10 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from extproc.config import Judge
+from extproc.contract import signals
 from extproc.dev import stack
+from extproc.quality.llm_judge import JudgeClient, JudgeWorker, Pair
 from extproc.routing.live import follow
 from extproc.supervise import Backoff, TaskGroup
 
@@ -85,3 +88,43 @@ async def test_a_task_that_swallows_its_cancel_and_dies_is_not_restarted() -> No
     await group.close()
     assert runs == 1
     assert group.restarts == {}
+
+
+class JudgedAgain(BaseException):
+    """Raised by a judge asked for another pair after its cancel: the consumer went on."""
+
+
+class SwallowingJudge(JudgeWorker):
+    """Judges the first pair until cancelled, and turns that cancel into a connection error."""
+
+    def __init__(self) -> None:
+        client = JudgeClient(Judge(endpoint=f"http://127.0.0.1:{stack.free_port()}/v1", model="m"))
+        super().__init__(aioredis.Redis(port=stack.free_port()), "exp", client)
+        self.judging = asyncio.Event()
+        self.calls = 0
+
+    async def judge(self, pair: Pair) -> signals.JudgeSignal | None:
+        self.calls += 1
+        if self.calls > 1:
+            raise JudgedAgain
+        self.judging.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RedisConnectionError("connection lost") from None
+        return None
+
+
+async def test_a_judge_consumer_ends_on_a_swallowed_cancel() -> None:
+    worker = SwallowingJudge()
+    queue: asyncio.Queue[Pair] = asyncio.Queue()
+    for rid in ("r1", "r2"):
+        queue.put_nowait(Pair(rid, 0, "prompt", "stable", "an answer", "candidate", "another"))
+    consumer = asyncio.create_task(worker._consume(queue))
+    await worker.judging.wait()
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    assert worker.calls == 1
+    await worker.client.close()
+    await worker.redis.aclose()
