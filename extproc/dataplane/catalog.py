@@ -144,6 +144,7 @@ class Catalog:
         self.unmatched = 0
         """Requests no experiment took (fleet): passed through untouched."""
         self._skipped: dict[str, str] = {}  # name -> digest of a definition reported unusable
+        self._refreshing = asyncio.Lock()
         if fixed is not None:
             self._install({fixed.name: make_lane(fixed, "")})
 
@@ -269,9 +270,11 @@ class Catalog:
                 self.on_change()
 
     async def refresh(self) -> None:
-        """One round of the follower: the catalog, then every lane's routing."""
-        await self.sync()
-        await asyncio.gather(*(lane.live.refresh() for lane in self.lanes.values()))
+        """One round of the follower: the catalog, then every lane's routing. One round at a
+        time: the cluster discovery asks for one of its own (``ClusterDiscovery``)."""
+        async with self._refreshing:
+            await self.sync()
+            await asyncio.gather(*(lane.live.refresh() for lane in self.lanes.values()))
         self.loaded.set()
 
     async def run(self) -> None:

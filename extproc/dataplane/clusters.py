@@ -10,7 +10,9 @@ Protocol (delta xDS, one stream per Envoy): Envoy subscribes to names as request
 server answers each subscribed name it knows with the cluster and a version (a hash of the
 cluster's definition), and lists a name it does not know in ``removed_resources``, which tells
 Envoy the cluster does not exist, so that the request fails at once rather than at the
-discovery timeout. When the experiments change, every stream gets the new version of each
+discovery timeout; but first it reads the experiments again (``refresh``): another replica may
+already route requests to an experiment this one has not read yet, and Envoy would answer 503 to
+each of them. When the experiments change, every stream gets the new version of each
 subscribed cluster whose definition changed, and the removal of each that no live experiment
 names any more (a request already on its way to it finishes). A rejection (``error_detail``)
 goes to the log.
@@ -22,7 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
@@ -32,6 +34,7 @@ from envoy.service.discovery.v3.discovery_pb2 import (
     DeltaDiscoveryResponse,
     Resource,
 )
+from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,10 @@ class _Stream:
         if req.resource_names_subscribe:
             self.wake.set()
 
+    def asks_unknown(self, clusters: Mapping[str, Cluster]) -> bool:
+        """Whether Envoy asks for a cluster it was not told of and ``clusters`` lacks."""
+        return any(n not in self.told and n not in clusters for n in self.subscribed)
+
     def answer(self, clusters: Mapping[str, Cluster], nonce: int) -> DeltaDiscoveryResponse | None:
         """The changes Envoy has not been told yet; None when there are none."""
         out = DeltaDiscoveryResponse(type_url=TYPE_URL, nonce=str(nonce))
@@ -93,12 +100,38 @@ class _Stream:
 
 
 class ClusterDiscovery(cds_pb2_grpc.ClusterDiscoveryServiceServicer):
-    """Serves ``provider()`` (cluster name -> Cluster, what exists now) on demand."""
+    """Serves ``provider()`` (cluster name -> Cluster, what exists now) on demand; ``refresh``
+    reads the experiments again before a cluster Envoy asks for is called nonexistent."""
 
-    def __init__(self, provider: Callable[[], Mapping[str, Cluster]]) -> None:
+    def __init__(
+        self,
+        provider: Callable[[], Mapping[str, Cluster]],
+        refresh: Callable[[], Awaitable[object]] | None = None,
+        *,
+        refresh_timeout_s: float = 1.0,
+    ) -> None:
         self.provider = provider
+        self.refresh = refresh
+        self.refresh_timeout_s = refresh_timeout_s
         self._streams: set[_Stream] = set()
         self._nonce = 0
+        self._refreshing = asyncio.Lock()
+        self._refreshes = 0  # reads begun
+
+    async def _catch_up(self) -> None:
+        """Read the experiments again, once for every stream that asks meanwhile. On Redis
+        trouble the clusters stay as they are (Envoy then hears "does not exist")."""
+        if self.refresh is None:
+            return
+        asked = self._refreshes
+        async with self._refreshing:
+            if self._refreshes > asked:  # a read that began after this asked has ended
+                return
+            self._refreshes += 1
+            try:
+                await asyncio.wait_for(self.refresh(), self.refresh_timeout_s)
+            except (RedisError, OSError, TimeoutError) as err:
+                log.warning("clusters: reading the experiments again failed: %s", err)
 
     def changed(self) -> None:
         """Wake every stream: the experiments, so the clusters, changed."""
@@ -125,8 +158,12 @@ class ClusterDiscovery(cds_pb2_grpc.ClusterDiscoveryServiceServicer):
                 await asyncio.wait({waiting, reader}, return_when=asyncio.FIRST_COMPLETED)
                 waiting.cancel()
                 stream.wake.clear()
+                clusters = self.provider()
+                if stream.asks_unknown(clusters):
+                    await self._catch_up()
+                    clusters = self.provider()
                 self._nonce += 1
-                answer = stream.answer(self.provider(), self._nonce)
+                answer = stream.answer(clusters, self._nonce)
                 if answer is not None:
                     yield answer
         finally:

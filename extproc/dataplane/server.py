@@ -240,7 +240,9 @@ class Sidecar:
         only = self.catalog.only
         self.native = only is not None and only.experiment.spec.dataplane == "native"
         self.runtime = None if only is None else RuntimeService(only.live)
-        self.clusters = ClusterDiscovery(self._clusters)
+        # A fleet reads the experiments again before telling Envoy a cluster does not exist.
+        catalog = self.catalog
+        self.clusters = ClusterDiscovery(self._clusters, catalog.refresh if catalog.fleet else None)
         self.started = time.time()
         self.health = health.aio.HealthServicer()
         self.tasks = TaskGroup(self._report_health)

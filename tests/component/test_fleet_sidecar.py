@@ -4,6 +4,7 @@ through, and files access-log entries (its own and those it never routed) under 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
+from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.struct_pb2 import Struct
 
@@ -25,6 +27,7 @@ from extproc.contract.envoy import (
     PASSED_KEY,
     ROUTE_ATTRIBUTE,
 )
+from extproc.dataplane.clusters import TYPE_URL
 from extproc.dataplane.router import PASS_THROUGH
 from extproc.dataplane.server import ExternalProcessor, Sidecar, SidecarSettings
 from extproc.telemetry.v1.event_pb2 import Assignment
@@ -260,3 +263,26 @@ async def test_a_variant_envoy_cannot_learn_is_not_served_unless_envoy_knows_it(
         assert set(istio.catalog.lanes) == {"code"}
     finally:
         await istio.redis.aclose()
+
+
+async def test_clusters_of_an_experiment_not_yet_read_are_found_not_refused(
+    client: aioredis.Redis, fleet: Sidecar
+) -> None:
+    """Another replica read a new experiment first and routes to its clusters; Envoy asks this
+    one, which has not: it reads Redis again rather than answer "does not exist" (a 503)."""
+    await fleet.catalog.refresh()
+    await store.register_experiment(client, CODE)  # in Redis; this replica has not read it
+
+    answered = asyncio.Event()
+
+    async def subscribe() -> AsyncIterator[DeltaDiscoveryRequest]:
+        yield DeltaDiscoveryRequest(type_url=TYPE_URL, resource_names_subscribe=["code_canary"])
+        await answered.wait()  # then Envoy goes away
+
+    answers = fleet.clusters.DeltaClusters(subscribe(), None)  # type: ignore[arg-type]
+    first = await anext(answers)
+    answered.set()
+    assert [r.name for r in first.resources] == ["code_canary"]
+    assert list(first.removed_resources) == []
+    with pytest.raises(StopAsyncIteration):
+        await anext(answers)

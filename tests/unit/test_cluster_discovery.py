@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.service.discovery.v3.discovery_pb2 import DeltaDiscoveryRequest, DeltaDiscoveryResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from extproc.contract.clusters import variant_cluster
 from extproc.dataplane.clusters import TYPE_URL, ClusterDiscovery
@@ -59,5 +60,45 @@ async def test_subscriptions_are_answered_and_changes_pushed() -> None:
     assert names(await anext(answers)) == (["nope"], ["chat_canary"])
 
     envoy.requests.put_nowait(None)  # Envoy goes away: the stream ends
+    with pytest.raises(StopAsyncIteration):
+        await anext(answers)
+
+
+async def test_an_unknown_cluster_is_looked_up_again_before_it_is_called_nonexistent() -> None:
+    """Another replica may route to an experiment this one has not read yet: its clusters are
+    read again, and only what is still unknown is answered "does not exist"."""
+    clusters: dict[str, Cluster] = {}
+    reads = 0
+
+    async def refresh() -> None:
+        nonlocal reads
+        reads += 1
+        clusters["legacy_stable"] = variant_cluster("legacy_stable", "127.0.0.1:9004")
+
+    server = ClusterDiscovery(lambda: dict(clusters), refresh)
+    envoy = Envoy()
+    answers = server.DeltaClusters(envoy.stream(), None)  # type: ignore[arg-type]
+
+    envoy.subscribe("legacy_stable")
+    assert names(await anext(answers)) == (["legacy_stable"], [])
+    assert reads == 1
+    envoy.subscribe("nope")
+    assert names(await anext(answers)) == ([], ["nope"])
+    assert reads == 2
+    envoy.requests.put_nowait(None)
+    with pytest.raises(StopAsyncIteration):
+        await anext(answers)
+
+
+async def test_a_failed_lookup_answers_with_what_is_known() -> None:
+    async def refresh() -> None:
+        raise RedisConnectionError("redis went away")
+
+    server = ClusterDiscovery(dict, refresh)
+    envoy = Envoy()
+    answers = server.DeltaClusters(envoy.stream(), None)  # type: ignore[arg-type]
+    envoy.subscribe("legacy_stable")
+    assert names(await anext(answers)) == ([], ["legacy_stable"])
+    envoy.requests.put_nowait(None)
     with pytest.raises(StopAsyncIteration):
         await anext(answers)
