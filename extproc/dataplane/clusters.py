@@ -130,7 +130,8 @@ class ClusterDiscovery(cds_pb2_grpc.ClusterDiscoveryServiceServicer):
             self._refreshes += 1
             try:
                 await asyncio.wait_for(self.refresh(), self.refresh_timeout_s)
-            except (RedisError, OSError, TimeoutError) as err:
+            # KeyError: redis-py's cluster client while its slot map is being rebuilt.
+            except (RedisError, OSError, TimeoutError, KeyError) as err:
                 log.warning("clusters: reading the experiments again failed: %s", err)
 
     def changed(self) -> None:

@@ -93,7 +93,7 @@ _QUANTIFIERS = frozenset("?*+{")
 
 def boundary_last(pattern: str) -> str:
     """``pattern`` with a leading word boundary checked after the word it guards: ``\\bI ...``
-    becomes ``I(?<!\\w\\w) ...``, which matches the same strings at the same places.
+    becomes ``I(?<!\\w{2}) ...``, which matches the same strings at the same places.
 
     Why: the refusal patterns run over the first 600 characters of every answer, and Python's
     ``re`` tries a pattern opening with ``\\b`` at every position; one opening with a literal

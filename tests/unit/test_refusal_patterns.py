@@ -32,7 +32,7 @@ PATTERNS = [
     r"\bx{2}",
     r"\bxx\b",
     r"\b_9",
-    r"\b\u00e9(x)",
+    "\\b\u00e9(x)",  # a word of a letter beyond ASCII
     r"\bI(?P<rest>.*)$",
 ]
 
