@@ -156,8 +156,10 @@ class ClusterDiscovery(cds_pb2_grpc.ClusterDiscoveryServiceServicer):
         try:
             while not reader.done():
                 waiting = asyncio.create_task(stream.wake.wait())
-                await asyncio.wait({waiting, reader}, return_when=asyncio.FIRST_COMPLETED)
-                waiting.cancel()
+                try:
+                    await asyncio.wait({waiting, reader}, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # cancelled here too (Envoy reset the stream): no task left waiting
+                    waiting.cancel()
                 stream.wake.clear()
                 clusters = self.provider()
                 if stream.asks_unknown(clusters):

@@ -22,6 +22,7 @@ import aiohttp
 from extproc.config import Drain, Experiment
 from extproc.contract.envoy import lane_cluster
 from extproc.evaluator import envoy_admin
+from extproc.supervise import raise_if_cancelled
 
 ACTIONS = ("drained", "drain_timeout")
 """The audit log's drain records: lifecycle, not decisions; each follows a rollback, an abort or
@@ -115,6 +116,9 @@ async def watch(
             error = str(err)
         if on_look is not None:
             await on_look(None if error else active)
+            # A cancel redis-py swallowed in the look's write would otherwise leave the drain
+            # polling Envoy until its timeout, and the process waiting for it at exit.
+            raise_if_cancelled()
         if not error:
             first = active if first is None else first
             if active == 0:

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from redis.exceptions import RedisError
 
 from extproc.ops.figures import countdown_text, duration_text, fixed, significant, verdict
+from extproc.supervise import raise_if_cancelled
 
 Doc = dict[str, Any]
 Fetch = Callable[[str | None], Awaitable[Doc | None]]
@@ -487,6 +488,7 @@ async def live(
     try:
         with _keys(on_key, stdin):
             while not stop.is_set():
+                raise_if_cancelled()  # Ctrl-C's cancel, swallowed by a stalled Redis's command
                 problem = ""
                 try:
                     doc = await fetch(name)

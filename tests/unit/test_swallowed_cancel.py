@@ -6,14 +6,17 @@ With Redis gone, the tasks that follow it must still end, or the sidecar never e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from extproc.config import Judge
+from extproc.config import Drain, Judge
 from extproc.contract import signals
 from extproc.dev import stack
+from extproc.evaluator import drain
 from extproc.quality.llm_judge import JudgeClient, JudgeWorker, Pair
 from extproc.routing.live import follow
 from extproc.supervise import Backoff, TaskGroup
@@ -128,3 +131,25 @@ async def test_a_judge_consumer_ends_on_a_swallowed_cancel() -> None:
     assert worker.calls == 1
     await worker.client.close()
     await worker.redis.aclose()
+
+
+async def test_a_drain_ends_on_a_cancel_its_look_swallowed() -> None:
+    """The evaluator writes each look of a drain to Redis, where redis-py can swallow the cancel
+    (``_save_drain`` then suppresses the error): the drain must stop there, not poll Envoy until
+    its timeout while the process waits for it at exit."""
+    looking = asyncio.Event()
+
+    async def look(_: int | None) -> None:
+        looking.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+
+    async with aiohttp.ClientSession() as session:
+        # No Envoy to ask: every look counts 0 open requests, which would end the drain at once.
+        watching = asyncio.create_task(
+            drain.watch(session, [], ["c"], Drain(poll_s=0.01), on_look=look)
+        )
+        await looking.wait()
+        watching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watching
