@@ -99,10 +99,16 @@ class BenchError(Exception):
 # --- processes ------------------------------------------------------------------------------
 
 
+def _stat_ticks(stat: Path) -> tuple[str, int]:
+    """The command name and utime + stime (clock ticks) of a ``/proc`` stat file."""
+    comm, rest = stat.read_text().split("(", 1)[1].rsplit(")", 1)
+    fields = rest.split()
+    return comm, int(fields[11]) + int(fields[12])
+
+
 def cpu_ticks(pid: int) -> int:
     """utime + stime of a process (all its threads, live and exited), in clock ticks."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return _stat_ticks(Path(f"/proc/{pid}/stat"))[1]
 
 
 def worker_ticks(pid: int) -> int:
@@ -112,11 +118,9 @@ def worker_ticks(pid: int) -> int:
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(FileNotFoundError):  # a thread that just ended
-            stat = (task / "stat").read_text()
-            comm, rest = stat.split("(", 1)[1].rsplit(")", 1)
+            comm, ticks = _stat_ticks(task / "stat")
             if comm.startswith("wrk:worker_"):
-                fields = rest.split()
-                total += int(fields[11]) + int(fields[12])
+                total += ticks
     return total
 
 
